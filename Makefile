@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Both create the virtualenv and install on first use.
+VENV        ?= .venv
+PYTHON      ?= python3
+# The CPU build of torch 2.13 is the default on machines without CUDA; override e.g. TORCH_SPEC="torch==2.12.*".
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.dalle_ds-installed
+RUN_DIR     ?= runs/demo
+PYTEST_ARGS ?=
+# DeepSpeed would fall back to CPU with a warning; say it explicitly where there is no NVIDIA driver.
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test setup bench info clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash launch/demo.sh "$(RUN_DIR)"
+
+test: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+
+info: $(STAMP)
+	$(PY) -m dalle_ds.info
+
+bench: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash benchmarks/run_all.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache build *.egg-info
