@@ -1,0 +1,346 @@
+"""Run configuration: dataclasses with presets, dotted overrides, and validation before any work starts.
+
+DeepSpeed owns its own JSON schema (batch size, optimizer, scheduler, ZeRO, precision, monitors); everything else a
+run needs lives here. A run is built from a named preset, then an optional JSON file, then ``--set a.b=value``
+overrides; ``validate()`` runs on the result and any problem is reported as one :class:`ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad key, value, path or combination in a run configuration."""
+
+
+def _fail(where: str, msg: str) -> None:
+    raise ConfigError(f"{where}: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generic helpers for nested dataclasses
+# ----------------------------------------------------------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(where: str, key: str, valid: list[str]) -> None:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    _fail(where, f"unknown key '{key}'{hint}; valid keys: {', '.join(sorted(valid))}")
+
+
+def _coerce(where: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` (from JSON or a command-line string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(where, args[0], value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            _fail(where, f"expected a mapping, got {value!r}")
+        return apply_overrides(tp(), value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        _fail(where, f"expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            _fail(where, f"expected a number, got {value!r}")
+        try:
+            if tp is int:
+                f = float(value)
+                if not f.is_integer():
+                    raise ValueError
+                return int(f)
+            return float(value)
+        except (TypeError, ValueError):
+            _fail(where, f"expected {tp.__name__}, got {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(where, f"expected a string, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        (elem,) = typing.get_args(tp)[:1] or (Any,)
+        return [(_coerce(where, elem, v) if elem is not Any else v) for v in value]
+    return value
+
+
+def apply_overrides(obj: Any, overrides: dict[str, Any], where: str = "config") -> Any:
+    """Return a copy of dataclass ``obj`` with ``overrides`` applied.
+
+    Keys may be nested mappings (``{"data": {"image_size": 64}}``) or dotted (``{"data.image_size": "64"}``).
+    """
+    types = _field_types(type(obj))
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in types:
+            _unknown_key(where, head, list(types))
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        elif dataclasses.is_dataclass(types[head]) and isinstance(value, dict):
+            nested.setdefault(head, {}).update(value)
+        else:
+            changes[head] = _coerce(f"{where}.{head}", types[head], value)
+    for head, sub in nested.items():
+        base = changes.get(head, getattr(obj, head))
+        changes[head] = apply_overrides(base, sub, f"{where}.{head}")
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_set_args(items: list[str] | None) -> dict[str, str]:
+    """``["train.steps=100", "data.name=shapes"]`` → ``{"train.steps": "100", ...}``."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n")
+
+
+def load_json_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a JSON object")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: the dVAE
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DVAEConfig:
+    """Shape of the discrete VAE (paper: 256×256 → 32×32 grid, K = 8192, 4 groups × 2 blocks, 256 hidden)."""
+
+    image_size: int = 256
+    """Side of the square input image, in pixels."""
+    channels: int = 3
+    """Image channels (RGB)."""
+    vocab_size: int = 8192
+    """K, the number of codes."""
+    hidden: int = 256
+    """Width of the first group; each later group doubles it."""
+    blocks_per_group: int = 2
+    """Resblocks per group."""
+    groups: int = 4
+    """Groups; a ×2 max-pool sits between consecutive groups, so the downsampling factor is 2**(groups-1)."""
+    decoder_init: int = 128
+    """Width of the decoder's 1×1 input conv."""
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.groups - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size ** 2
+
+    def validate(self, where: str = "model") -> "DVAEConfig":
+        for name in ("image_size", "channels", "vocab_size", "hidden", "blocks_per_group", "groups", "decoder_init"):
+            if getattr(self, name) < 1:
+                _fail(f"{where}.{name}", f"must be ≥ 1, got {getattr(self, name)}")
+        if self.vocab_size < 2:
+            _fail(f"{where}.vocab_size", "needs at least 2 codes")
+        if self.image_size % self.downsample:
+            _fail(where, f"image_size {self.image_size} is not divisible by the downsampling factor "
+                         f"{self.downsample} (= 2**(groups-1) with groups={self.groups})")
+        return self
+
+
+DVAE_PRESETS: dict[str, DVAEConfig] = {
+    # CPU demo and tests: 64×64 → 16×16 grid (a CPU trial found an 8×8 grid caps the shapes scorer near 20%).
+    "tiny": DVAEConfig(image_size=64, vocab_size=512, hidden=32, blocks_per_group=1, groups=3, decoder_init=64),
+    # 64×64 → 8×8, for the smallest prior contexts.
+    "tiny8": DVAEConfig(image_size=64, vocab_size=512, hidden=32, blocks_per_group=1, groups=4, decoder_init=64),
+    # 128×128 → 16×16.
+    "small": DVAEConfig(image_size=128, vocab_size=1024, hidden=64, blocks_per_group=2, groups=4, decoder_init=128),
+    # The paper's: 256×256 → 32×32, K = 8192 (Appendix A.1; widths as in the openai/DALL-E release).
+    "paper": DVAEConfig(),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+DATASET_NAMES = ("shapes", "fashion_mnist", "imagefolder", "webdataset")
+_KNOWN_SPLITS = {"shapes": ("train", "test_id", "test_ood"), "fashion_mnist": ("train", "test")}
+_DEFAULT_EVAL_SPLIT = {"shapes": "test_id", "fashion_mnist": "test", "imagefolder": "train", "webdataset": "train"}
+
+
+@dataclass
+class DataConfig:
+    """Which images (and captions) to train on."""
+
+    name: str = "shapes"
+    """One of: shapes, fashion_mnist, imagefolder, webdataset."""
+    path: str | None = None
+    """imagefolder: the folder; webdataset: a shard file, glob or brace pattern; fashion_mnist: the idx folder."""
+    train_samples: int = 20000
+    """shapes only: number of training scenes (rendered on the fly)."""
+    eval_samples: int = 256
+    """Held-out images used for evaluation during and after training."""
+    train_split: str = "train"
+    eval_split: str | None = None
+    """Split for evaluation; default: test_id (shapes), test (fashion_mnist), train (imagefolder, webdataset)."""
+    seed: int = 0
+    """shapes only: the dataset seed (samples are a pure function of seed, split and index)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+
+    def validate(self, image_size: int, where: str = "data") -> "DataConfig":
+        if self.name not in DATASET_NAMES:
+            close = difflib.get_close_matches(self.name, DATASET_NAMES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            _fail(f"{where}.name", f"unknown dataset '{self.name}'{hint}; choose one of {', '.join(DATASET_NAMES)}")
+        if self.name in ("imagefolder", "webdataset"):
+            if not self.path:
+                _fail(f"{where}.path", f"dataset '{self.name}' needs a path")
+            if self.name == "imagefolder" and not Path(self.path).is_dir():
+                _fail(f"{where}.path", f"no such directory: {self.path}")
+        if self.name == "fashion_mnist" and self.path and not Path(self.path).is_dir():
+            _fail(f"{where}.path", f"no such directory: {self.path}")
+        if self.name == "shapes" and image_size not in (64, 128):
+            _fail(where, f"the shapes dataset renders 64 or 128 px images, but the model expects {image_size}")
+        if self.name in _KNOWN_SPLITS:
+            for key in ("train_split", "eval_split"):
+                split = getattr(self, key)
+                if split is not None and split not in _KNOWN_SPLITS[self.name]:
+                    _fail(f"{where}.{key}", f"'{split}' is not a split of {self.name} "
+                                            f"({', '.join(_KNOWN_SPLITS[self.name])})")
+        if self.train_samples < 1 or self.eval_samples < 0 or self.num_workers < 0:
+            _fail(where, "train_samples must be ≥ 1, eval_samples and num_workers ≥ 0")
+        return self
+
+    @property
+    def resolved_eval_split(self) -> str:
+        return self.eval_split or _DEFAULT_EVAL_SPLIT[self.name]
+
+    def dataset_kwargs(self, split: str, image_size: int) -> dict[str, Any]:
+        """Keyword arguments for :func:`dalle_ds.data.registry.build_dataset` for one split."""
+        kw: dict[str, Any] = {"image_size": image_size}
+        if self.name == "shapes":
+            kw.update(num_samples=self.train_samples if split == self.train_split else self.eval_samples,
+                      seed=self.seed)
+        elif self.name == "fashion_mnist":
+            if self.path:
+                kw["root"] = self.path
+        else:
+            kw["path"] = self.path
+        return kw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage-1 training run
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DVAETrainConfig:
+    """Everything a dVAE run needs besides the DeepSpeed JSON (which owns batch size, optimizer and scheduler)."""
+
+    model: DVAEConfig = field(default_factory=lambda: DVAE_PRESETS["paper"])
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 3_000_000
+    """Optimizer updates (paper: 3M). Fills a scheduler's "auto" total_num_steps in the DeepSpeed config."""
+    tau_start: float = 1.0
+    tau_end: float = 1.0 / 16
+    """Relaxation temperature, annealed with a cosine from tau_start to tau_end (paper: 1 → 1/16)."""
+    tau_anneal_steps: int = 150_000
+    """Paper: the first 150,000 updates ("a linear schedule typically led to divergence")."""
+    kl_weight: float = 6.6
+    """β at the end of its anneal (paper: 6.6, chosen for codebook usage and reconstruction error)."""
+    kl_anneal_steps: int = 5_000
+    """Paper: β rises from 0 with a cosine over the first 5,000 updates."""
+    ema_decay: float = 0.999
+    """Exponential moving average of the weights (paper: 0.999); the EMA weights are what gets exported."""
+    log_every: int = 10
+    eval_every: int = 500
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 1234
+    """Seeds parameter init, data order and Gumbel noise (all derived per step, so resume is exact)."""
+
+    def validate(self, where: str = "dvae_run") -> "DVAETrainConfig":
+        self.model.validate(f"{where}.model")
+        self.data.validate(self.model.image_size, f"{where}.data")
+        if self.steps < 1:
+            _fail(f"{where}.steps", "must be ≥ 1")
+        if not (0 < self.tau_end <= self.tau_start):
+            _fail(where, f"need 0 < tau_end ≤ tau_start, got {self.tau_end}, {self.tau_start}")
+        if self.kl_weight < 0:
+            _fail(f"{where}.kl_weight", "must be ≥ 0")
+        if not (0 <= self.ema_decay < 1):
+            _fail(f"{where}.ema_decay", "must be in [0, 1)")
+        for name in ("tau_anneal_steps", "kl_anneal_steps", "log_every", "eval_every", "save_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                _fail(f"{where}.{name}", "must be ≥ 0")
+        return self
+
+
+DVAE_RUN_PRESETS: dict[str, DVAETrainConfig] = {
+    # Needs your data: --set data.name=imagefolder --set data.path=DIR (or webdataset with a shard pattern).
+    "paper": DVAETrainConfig(data=DataConfig(name="imagefolder", num_workers=4)),
+    # The CPU demo: shapes at 64×64 → 16×16 codes; schedules compressed to a few minutes on 2 cores.
+    "demo": DVAETrainConfig(
+        model=DVAE_PRESETS["tiny"],
+        data=DataConfig(name="shapes", train_samples=20000, eval_samples=256, num_workers=0),
+        steps=1200, tau_anneal_steps=1000, kl_anneal_steps=300, kl_weight=6.6, ema_decay=0.99,
+        log_every=10, eval_every=400, save_every=400),
+    # Unit tests: seconds.
+    "test": DVAETrainConfig(
+        model=DVAEConfig(image_size=64, vocab_size=64, hidden=8, blocks_per_group=1, groups=3, decoder_init=16),
+        data=DataConfig(name="shapes", train_samples=256, eval_samples=16, num_workers=0),
+        steps=20, tau_anneal_steps=20, kl_anneal_steps=10, ema_decay=0.9,
+        log_every=5, eval_every=0, save_every=10),
+}
+
+
+def build_run_config(cls: type, presets: dict[str, Any], preset: str, config_file: str | None = None,
+                     sets: list[str] | None = None) -> Any:
+    """Preset → JSON file → ``--set`` overrides → validate. Raises :class:`ConfigError` on any problem."""
+    if preset not in presets:
+        _unknown_key("--preset", preset, list(presets))
+    cfg = dataclasses.replace(presets[preset])
+    if config_file:
+        cfg = apply_overrides(cfg, load_json_config(config_file), where=str(config_file))
+    cfg = apply_overrides(cfg, parse_set_args(sets), where="--set")
+    return cfg.validate()

@@ -1,0 +1,218 @@
+"""Stage 1: the discrete VAE of DALL-E (Ramesh et al., 2021, §2.1 and Appendix A).
+
+The encoder maps an image to a grid of logits over K codes; the decoder maps a (relaxed) one-hot grid back to the
+parameters of a logit-Laplace distribution over pixels. Architecture (Appendix A.1, and the layout of the openai/DALL-E
+release):
+
+* encoder: 7×7 input conv → ``groups`` groups of ``blocks_per_group`` resblocks, each group but the last followed by a
+  2×2 max-pool (so the image is downsampled by ``2**(groups-1)``) → ReLU → **1×1 conv** to K logits;
+* decoder: **1×1 conv** from K to ``decoder_init`` channels → groups of resblocks with nearest-neighbour ×2
+  upsampling between them → ReLU → 1×1 conv to 2·C maps (location μ and log-scale ln b per channel);
+* every resblock output is multiplied by ``1 / n_layers**2`` (n_layers = groups · blocks_per_group) before it joins
+  the identity path: the paper's "multiplication of the outgoing activations ... by a small constant", with the
+  constant of the official release.
+
+Training objective (the ELBO with a β-weighted KL, Appendix A.2): Gumbel-softmax relaxation at temperature τ (added
+noise and division by τ in the forward and the backward pass), logit-Laplace negative log-likelihood of the image,
+and β·KL(q(z|x) ‖ uniform) summed over the grid. Both terms are summed per image as in the paper and divided by the
+number of pixel values (3·H·W), so the loss is reported in nats per pixel value and β keeps its meaning.
+Tokens for stage 2 are the **argmax** of the encoder logits, no Gumbel noise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle_ds.config import DVAEConfig
+
+# Appendix A.3: pixels are mapped into (ε, 1 − ε) before the logit-Laplace likelihood is evaluated.
+LOGIT_LAPLACE_EPS = 0.1
+
+
+def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """[0, 1] → [ε, 1 − ε], the support on which the logit-Laplace density is evaluated."""
+    return (1 - 2 * eps) * x + eps
+
+
+def unmap_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """Inverse of :func:`map_pixels`, clamped to [0, 1]."""
+    return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
+
+
+def logit_laplace_nll(x01: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor,
+                      eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """Element-wise negative log-density of the logit-Laplace distribution at the mapped pixels.
+
+    If logit(y) ~ Laplace(μ, b) then p(y) = exp(−|logit y − μ| / b) / (2 b y (1 − y)); y = map_pixels(x).
+    """
+    y = map_pixels(x01, eps)
+    logit_y = torch.log(y) - torch.log1p(-y)
+    return (logit_y - mu).abs() * torch.exp(-log_b) + log_b + math.log(2.0) + torch.log(y) + torch.log1p(-y)
+
+
+class EncoderBlock(nn.Module):
+    """Bottleneck resblock: id + gain · (relu→3×3→relu→3×3→relu→3×3→relu→1×1)."""
+
+    def __init__(self, c_in: int, c_out: int, post_gain: float):
+        super().__init__()
+        hid = max(c_out // 4, 1)
+        self.id_path = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.res_path = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(c_in, hid, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(hid, hid, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(hid, hid, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(hid, c_out, 1),
+        )
+        self.post_gain = post_gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DecoderBlock(nn.Module):
+    """Bottleneck resblock: id + gain · (relu→1×1→relu→3×3→relu→3×3→relu→3×3)."""
+
+    def __init__(self, c_in: int, c_out: int, post_gain: float):
+        super().__init__()
+        hid = max(c_out // 4, 1)
+        self.id_path = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.res_path = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(c_in, hid, 1),
+            nn.ReLU(), nn.Conv2d(hid, hid, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(hid, hid, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(hid, c_out, 3, padding=1),
+        )
+        self.post_gain = post_gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+def _group_widths(cfg: DVAEConfig) -> list[int]:
+    # Channel width doubles per group: n_hid, 2·n_hid, 4·n_hid, 8·n_hid for the paper's 4 groups.
+    return [cfg.hidden * 2 ** g for g in range(cfg.groups)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        n_layers = cfg.groups * cfg.blocks_per_group
+        gain = 1.0 / n_layers ** 2
+        widths = _group_widths(cfg)
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, widths[0], 7, padding=3)]
+        c = widths[0]
+        for g, w in enumerate(widths):
+            for _ in range(cfg.blocks_per_group):
+                layers.append(EncoderBlock(c, w, gain))
+                c = w
+            if g < cfg.groups - 1:
+                layers.append(nn.MaxPool2d(2))
+        layers += [nn.ReLU(), nn.Conv2d(c, cfg.vocab_size, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        n_layers = cfg.groups * cfg.blocks_per_group
+        gain = 1.0 / n_layers ** 2
+        widths = list(reversed(_group_widths(cfg)))
+        # The 1×1 input conv doubles as a code embedding: decode_tokens() indexes its weight directly.
+        self.input = nn.Conv2d(cfg.vocab_size, cfg.decoder_init, 1)
+        layers: list[nn.Module] = []
+        c = cfg.decoder_init
+        for g, w in enumerate(widths):
+            for _ in range(cfg.blocks_per_group):
+                layers.append(DecoderBlock(c, w, gain))
+                c = w
+            if g < cfg.groups - 1:
+                layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        layers += [nn.ReLU(), nn.Conv2d(c, 2 * cfg.channels, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.input(z))
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Decode integer codes [B, h, w] without building the K-channel one-hot tensor."""
+        weight = self.input.weight[:, :, 0, 0]  # [init, K]
+        h = F.embedding(tokens, weight.t()) + self.input.bias  # [B, h, w, init]
+        return self.net(h.permute(0, 3, 1, 2).contiguous())
+
+
+@dataclass
+class DVAEOutput:
+    loss: torch.Tensor          # scalar: (NLL + β·KL) / (3·H·W), averaged over the batch
+    nll: torch.Tensor           # scalar: logit-Laplace NLL, nats per pixel value
+    kl: torch.Tensor            # scalar: KL(q ‖ uniform), nats per grid cell
+    logits: torch.Tensor        # [B, K, h, w] encoder logits
+    recon: torch.Tensor         # [B, C, H, W] reconstruction in [0, 1] (detached)
+
+
+class DiscreteVAE(nn.Module):
+    """The dVAE: ``forward`` computes the training loss, ``encode``/``decode`` map images ↔ tokens."""
+
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    # -- inference ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def preprocess(images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W] in 0..255 (or float in [0, 1]) → float in [ε, 1 − ε], the network's input domain."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return map_pixels(x)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images → integer codes [B, h, w] (argmax of the encoder logits; no Gumbel noise, as in the paper)."""
+        return self.encoder(self.preprocess(images)).argmax(dim=1)
+
+    def decode_stats(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder.forward_tokens(tokens)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Integer codes [B, h, w] (or flat [B, h·w]) → images in [0, 1], float [B, C, H, W]."""
+        if tokens.dim() == 2:
+            side = self.cfg.grid_size
+            tokens = tokens.view(tokens.shape[0], side, side)
+        stats = self.decoder.forward_tokens(tokens.long())
+        return unmap_pixels(torch.sigmoid(stats[:, : self.cfg.channels].float()))
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, tau: float, kl_weight: float,
+                generator: torch.Generator | None = None) -> DVAEOutput:
+        x01 = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        logits = self.encoder(map_pixels(x01))
+        # Gumbel noise from Exp(1): −log E ~ Gumbel(0, 1). An explicit generator keeps resume exact.
+        expo = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=generator)
+        gumbel = -expo.log()
+        z = torch.softmax((logits.float() + gumbel) / tau, dim=1).to(logits.dtype)
+        stats = self.decoder(z).float()
+        c = self.cfg.channels
+        mu, log_b = stats[:, :c], stats[:, c:]
+        nll = logit_laplace_nll(x01, mu, log_b)
+        log_q = torch.log_softmax(logits.float(), dim=1)
+        # KL(q ‖ uniform over K) = Σ_k q_k log q_k + log K, per grid cell.
+        kl = (log_q.exp() * log_q).sum(dim=1) + math.log(self.cfg.vocab_size)
+        n_pix = x01[0].numel()
+        per_image = nll.flatten(1).sum(1) + kl_weight * kl.flatten(1).sum(1)
+        loss = (per_image / n_pix).mean()
+        with torch.no_grad():
+            recon = unmap_pixels(torch.sigmoid(mu))
+        return DVAEOutput(loss=loss, nll=nll.mean(), kl=kl.mean(), logits=logits, recon=recon)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

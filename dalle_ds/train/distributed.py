@@ -1,0 +1,78 @@
+"""Process-group helpers shared by the launch scripts (they all run under the ``deepspeed`` launcher)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU); a no-op when already set up.
+
+    Works without a launcher too: a single process gets a world of one (DeepSpeed's MPI discovery is skipped).
+    """
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain `python script.py`: a world of one
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_init_required=True)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share the machine: without this each rank would start one thread per core.
+        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_size, 1)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device(f"{name}:{local_rank()}") if name == "cuda" else torch.device(name)
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average a few Python scalars across ranks (for logging)."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
+    dist.all_reduce(t)
+    t /= world_size()
+    return {k: float(v) for k, v in zip(keys, t.tolist())}

@@ -1,0 +1,109 @@
+"""Loading a DeepSpeed JSON config for a run: fill the ``"auto"`` values from the run, check what DeepSpeed would
+only notice late (or with a cryptic message), and report every problem with the key that caused it.
+
+DeepSpeed owns the schema (https://www.deepspeed.ai/docs/config-json/); this module only fills and checks:
+
+* ``scheduler.params.total_num_steps: "auto"`` → the run's ``steps``;
+* ``tensorboard`` / ``csv_monitor`` ``output_path: "auto"`` → ``<run dir>/monitor``, ``job_name: "auto"`` → the job;
+* ``train_batch_size`` / ``train_micro_batch_size_per_gpu`` / ``gradient_accumulation_steps`` must be consistent
+  with the world size;
+* on a CPU accelerator, fp16 is refused (DeepSpeed's fp16 mode needs a GPU).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from dalle_ds.config import ConfigError
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--deepspeed_config: file not found: {p}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {p}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--deepspeed_config {p}: the top level must be a JSON object")
+    return cfg
+
+
+def resolve_batch_sizes(cfg: dict[str, Any], world_size: int, where: str = "deepspeed config") -> tuple[int, int, int]:
+    """Return (train_batch_size, micro_batch_per_gpu, grad_accum) after checking they agree with ``world_size``."""
+    given = {k: cfg.get(k) for k in _BATCH_KEYS if cfg.get(k) is not None}
+    for k, v in given.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{where}: {k} must be a positive integer, got {v!r}")
+    tb, mb, ga = (given.get(k) for k in _BATCH_KEYS)
+    if mb is None and tb is None:
+        raise ConfigError(f"{where}: set train_micro_batch_size_per_gpu (or train_batch_size)")
+    if tb is None:
+        ga = ga or 1
+        tb = mb * ga * world_size
+    elif mb is None:
+        ga = ga or 1
+        if tb % (ga * world_size):
+            raise ConfigError(f"{where}: train_batch_size {tb} is not divisible by gradient_accumulation_steps "
+                              f"{ga} × world size {world_size}")
+        mb = tb // (ga * world_size)
+    elif ga is None:
+        if tb % (mb * world_size):
+            raise ConfigError(f"{where}: train_batch_size {tb} is not divisible by "
+                              f"train_micro_batch_size_per_gpu {mb} × world size {world_size}")
+        ga = tb // (mb * world_size)
+    if tb != mb * ga * world_size:
+        raise ConfigError(f"{where}: train_batch_size {tb} ≠ train_micro_batch_size_per_gpu {mb} × "
+                          f"gradient_accumulation_steps {ga} × world size {world_size}")
+    return tb, mb, ga
+
+
+def prepare_ds_config(cfg: dict[str, Any], *, steps: int, run_dir: str | Path, job_name: str, world_size: int,
+                      accelerator: str, where: str = "deepspeed config") -> dict[str, Any]:
+    """Return a copy of ``cfg`` with "auto" values filled and consistency checked (raises :class:`ConfigError`)."""
+    cfg = copy.deepcopy(cfg)
+    tb, mb, ga = resolve_batch_sizes(cfg, world_size, where)
+    cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = tb, mb, ga
+
+    sched = cfg.get("scheduler")
+    if sched is not None:
+        params = sched.setdefault("params", {})
+        for key in ("total_num_steps", "warmup_num_steps"):
+            if params.get(key) == "auto":
+                params[key] = steps if key == "total_num_steps" else max(2, steps // 20)
+        warm = params.get("warmup_num_steps")
+        if isinstance(warm, int) and warm > steps:
+            raise ConfigError(f"{where}: scheduler.params.warmup_num_steps {warm} exceeds the run's {steps} steps")
+
+    for mon in ("tensorboard", "csv_monitor", "wandb", "comet"):
+        section = cfg.get(mon)
+        if isinstance(section, dict) and section.get("enabled"):
+            if section.get("output_path") == "auto":
+                section["output_path"] = str(Path(run_dir) / "monitor") + "/"
+            if section.get("job_name") == "auto":
+                section["job_name"] = job_name
+
+    for key, value in _walk(cfg):
+        if value == "auto":
+            raise ConfigError(f"{where}: '{key}' is \"auto\" but this trainer has no value to fill it with")
+
+    if accelerator == "cpu" and cfg.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{where}: fp16.enabled is true, but DeepSpeed's fp16 mode needs a GPU; "
+                          "use bf16 or fp32 on CPU")
+    zero = cfg.get("zero_optimization", {}).get("stage", 0)
+    if zero not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero!r}")
+    return cfg
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else k)
+    else:
+        yield prefix, node

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from dalle_ds.config import (DVAE_PRESETS, DVAE_RUN_PRESETS, ConfigError, DVAEConfig, DVAETrainConfig,
+                             apply_overrides, build_run_config, parse_set_args)
+
+
+def test_presets_are_valid_and_paper_shape(tmp_path):
+    for name, cfg in DVAE_RUN_PRESETS.items():
+        if name == "paper":  # needs the user's data
+            with pytest.raises(ConfigError, match="needs a path"):
+                cfg.validate()
+            cfg = apply_overrides(cfg, {"data.path": str(tmp_path)})
+        cfg.validate()
+    paper = DVAE_PRESETS["paper"]
+    assert (paper.image_size, paper.grid_size, paper.vocab_size) == (256, 32, 8192)
+    assert DVAE_PRESETS["tiny"].grid_size == 16 and DVAE_PRESETS["tiny8"].grid_size == 8
+
+
+def test_dotted_and_nested_overrides_with_types():
+    cfg = DVAE_RUN_PRESETS["demo"]
+    out = apply_overrides(cfg, {"steps": "12", "data.name": "fashion_mnist", "model": {"vocab_size": 128},
+                                "kl_weight": "0.5"})
+    assert out.steps == 12 and out.data.name == "fashion_mnist" and out.model.vocab_size == 128
+    assert out.kl_weight == 0.5
+    assert cfg.steps != 12 and cfg.model.vocab_size == 512  # the preset itself is untouched
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"stepz": 3}, "did you mean 'steps'"),
+    ({"data.nmae": "x"}, "did you mean 'name'"),
+    ({"steps": "ten"}, "expected int"),
+    ({"steps": 2.5}, "expected int"),
+])
+def test_bad_keys_and_values_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        apply_overrides(DVAE_RUN_PRESETS["demo"], overrides)
+
+
+def test_validation_catches_shape_path_and_dataset_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not divisible"):
+        DVAEConfig(image_size=62, groups=3).validate()
+    with pytest.raises(ConfigError, match="no such directory"):
+        build_run_config(DVAETrainConfig, DVAE_RUN_PRESETS, "demo",
+                         sets=["data.name=imagefolder", f"data.path={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match="unknown dataset 'shape'.*did you mean 'shapes'"):
+        build_run_config(DVAETrainConfig, DVAE_RUN_PRESETS, "demo", sets=["data.name=shape"])
+    with pytest.raises(ConfigError, match="64 or 128"):
+        build_run_config(DVAETrainConfig, DVAE_RUN_PRESETS, "demo", sets=["model.image_size=256"])
+    with pytest.raises(ConfigError, match="tau_end"):
+        build_run_config(DVAETrainConfig, DVAE_RUN_PRESETS, "demo", sets=["tau_end=2"])
+
+
+def test_json_file_then_set_precedence(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps({"steps": 50, "data": {"eval_samples": 8}}))
+    cfg = build_run_config(DVAETrainConfig, DVAE_RUN_PRESETS, "demo", str(f), ["steps=60"])
+    assert cfg.steps == 60 and cfg.data.eval_samples == 8
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        build_run_config(DVAETrainConfig, DVAE_RUN_PRESETS, "demo", str(bad))
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        build_run_config(DVAETrainConfig, DVAE_RUN_PRESETS, "nope")
+
+
+def test_parse_set_args_rejects_missing_equals():
+    assert parse_set_args(["a.b=1", "c= x "]) == {"a.b": "1", "c": "x"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set_args(["steps"])
