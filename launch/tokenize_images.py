@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Turn a dataset into image-token shards for stage 2 (dVAE encoder argmax, no Gumbel noise).
+
+    deepspeed --num_gpus 2 launch/tokenize_images.py --dvae runs/demo/dvae/dvae.pt \
+        --data shapes --split train --num_samples 20000 --out runs/demo/tokens/train
+    python launch/tokenize_images.py --dvae dvae.pt --data imagefolder --path DIR --out tokens/train
+
+Each rank encodes every world_size-th sample and writes its own parts; rank 0 writes meta.json last. Captions (and
+the shapes scene, when there is one) are stored next to the codes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from dalle_ds.config import DATASET_NAMES, ConfigError, DataConfig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dvae", required=True, help="dvae.pt written by launch/train_dvae.py")
+    p.add_argument("--data", default="shapes", choices=DATASET_NAMES)
+    p.add_argument("--path", default=None, help="imagefolder dir / webdataset shards / fashion-mnist dir")
+    p.add_argument("--split", default="train")
+    p.add_argument("--num_samples", type=int, default=20000, help="shapes only: how many scenes")
+    p.add_argument("--seed", type=int, default=0, help="shapes only: dataset seed")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--rows_per_shard", type=int, default=8192)
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not Path(args.dvae).is_file():
+        print(f"error: --dvae {args.dvae}: file not found", file=sys.stderr)
+        return 2
+    data = DataConfig(name=args.data, path=args.path, train_split=args.split, train_samples=args.num_samples,
+                      seed=args.seed)
+    from dalle_ds.data.images import collate_samples
+    from dalle_ds.data.registry import build_dataset
+    from dalle_ds.data.token_shards import ShardWriter, write_meta
+    from dalle_ds.train.distributed import barrier, device, init_distributed, is_rank0, rank, world_size
+    from dalle_ds.train.dvae_trainer import load_dvae
+
+    dvae = load_dvae(args.dvae)
+    try:
+        data.validate(dvae.cfg.image_size, where="arguments")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    init_distributed()
+    if is_rank0():  # a re-run replaces the folder's contents; meta.json goes first so it is never stale
+        out = Path(args.out)
+        for old in [out / "meta.json", *out.glob("part-*")]:
+            old.unlink(missing_ok=True)
+    barrier()
+    dev = device()
+    dvae = dvae.to(dev)
+    ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, dvae.cfg.image_size))
+    mine = Subset(ds, range(rank(), len(ds), world_size()))
+    loader = DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_samples)
+    writer = ShardWriter(args.out, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
+    position = 0
+    for batch in tqdm(loader, desc=f"tokenize {args.split}", disable=not is_rank0(), dynamic_ncols=True):
+        tokens = dvae.encode(batch["image"].to(dev))
+        records = []
+        for j, caption in enumerate(batch["caption"]):
+            rec = {"index": mine.indices[position + j], "caption": caption}
+            if "scene" in batch:
+                rec["scene"] = batch["scene"][j]
+            records.append(rec)
+        position += len(records)
+        writer.add(tokens, records)
+    writer.flush()
+    barrier()
+    if is_rank0():
+        parts = sorted(p.name[: -len(".tokens.npy")] for p in Path(args.out).glob("part-*.tokens.npy"))
+        write_meta(args.out, parts, dvae.cfg.grid_size, dvae.cfg.vocab_size,
+                   {"dvae": os.path.abspath(args.dvae), "dataset": data.name, "split": args.split,
+                    "path": args.path, "seed": args.seed})
+        meta = json.loads((Path(args.out) / "meta.json").read_text())
+        print(f"wrote {meta['num_samples']} token rows ({meta['grid_size']}×{meta['grid_size']} codes, "
+              f"K={meta['vocab_size']}) in {len(parts)} parts to {args.out}")
+    barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

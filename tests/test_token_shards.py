@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dalle_ds.config import DVAEConfig
+from dalle_ds.data.token_shards import ShardWriter, TokenShardDataset, read_meta, write_meta
+from dalle_ds.models.dvae import DiscreteVAE
+from dalle_ds.train.dvae_trainer import export_dvae
+from launch_utils import ROOT
+
+
+def test_writer_reader_round_trip(tmp_path):
+    rows = []
+    w0 = ShardWriter(tmp_path, rank=0, grid_size=4, vocab_size=1000, rows_per_shard=3)
+    w1 = ShardWriter(tmp_path, rank=1, grid_size=4, vocab_size=1000, rows_per_shard=3)
+    for i in range(7):
+        tok = torch.randint(0, 1000, (1, 4, 4))
+        rec = {"index": i, "caption": f"caption {i}", "scene": {"n": i}}
+        (w0 if i % 2 == 0 else w1).add(tok, [rec])
+        rows.append((tok.flatten(), rec))
+    w0.flush(), w1.flush()
+    assert not (tmp_path / "meta.json").exists()
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        TokenShardDataset(tmp_path)
+    write_meta(tmp_path, sorted(w0.parts + [p for p in w1.parts]), 4, 1000, {"dataset": "unit"})
+    ds = TokenShardDataset(tmp_path)
+    assert len(ds) == 7 and read_meta(tmp_path)["num_samples"] == 7
+    by_index = {ds[i]["index"]: ds[i] for i in range(len(ds))}
+    for tok, rec in rows:
+        item = by_index[rec["index"]]
+        assert torch.equal(item["image_tokens"], tok) and item["caption"] == rec["caption"]
+        assert item["scene"] == rec["scene"] and item["image_tokens"].dtype == torch.int64
+    with pytest.raises(ValueError, match="tokens per image"):
+        w0.add(torch.zeros(1, 5, dtype=torch.long), [{}])
+
+
+def test_tokenize_images_cli_matches_the_encoder(tmp_path):
+    torch.manual_seed(0)
+    cfg = DVAEConfig(image_size=64, vocab_size=32, hidden=8, blocks_per_group=1, groups=3, decoder_init=8)
+    model = DiscreteVAE(cfg)
+    export_dvae(tmp_path / "dvae.pt", cfg, model.state_dict(), step=0)
+    out = tmp_path / "tok"
+    cmd = [sys.executable, str(ROOT / "launch/tokenize_images.py"), "--dvae", str(tmp_path / "dvae.pt"),
+           "--data", "shapes", "--split", "test_ood", "--num_samples", "10", "--batch_size", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ds = TokenShardDataset(out)
+    assert len(ds) == 10 and ds.grid_size == 16
+    from dalle_ds.data.shapes import ShapesDataset
+
+    src = ShapesDataset("test_ood", num_samples=10, seed=0, image_size=64)
+    for i in (0, 7):
+        item = ds[i]
+        expect = model.eval().encode(src[item["index"]]["image"][None])[0].flatten()
+        assert torch.equal(item["image_tokens"], expect)
+        assert item["caption"] == src[item["index"]]["caption"] and "objects" in json.dumps(item["scene"])
+
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "missing.pt")] + cmd[4:], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "file not found" in bad.stderr
