@@ -1,0 +1,442 @@
+"""Launchers, tile-size tuning, the ``torch.library`` custom ops and the autograd function for the Triton kernels.
+
+Public pieces:
+
+* ``sparse_attention(q, k, v, spec, scale)``: differentiable block-sparse attention (raster-order tensors);
+* ``sparse_attention_decode(q_new, k_cache, v_cache, spec, position, scale)``: one query against a KV cache;
+* ``not_supported_reasons(...)`` / ``status()``: what this backend can run here, and why not;
+* ``kernel_config(...)``: a context manager that pins tile sizes (tests, benchmarks).
+
+The custom ops ``dalle_ds::sparse_attn_fwd``, ``dalle_ds::sparse_attn_bwd`` and ``dalle_ds::sparse_attn_decode``
+have fake (meta) implementations, so ``torch.compile`` traces through them without graph breaks; the autograd
+function calls the forward and backward ops (the pattern FlashAttention's interface uses).
+
+Tile sizes. A kernel's block layout depends on its tile sizes, so Triton's ``autotune`` (which varies constexprs
+under fixed arguments) does not fit; instead, on a GPU the first call for a given (kernel, T, W, head dim, dtype,
+batch*heads bucket) times each candidate with ``triton.testing.do_bench`` and keeps the fastest (shared by the
+mask kinds of that geometry). Candidates that
+fail to compile (shared memory) are dropped. ``DALLE_DS_ATTN_TUNE=0`` uses the first candidate. Under the
+interpreter a fixed small configuration is used (speed there is per tile, not per element).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .layouts import block_layout, decode_table
+from .masks import MaskSpec
+
+KIND_CODE = {"causal": 0, "row": 1, "column": 2, "conv": 3}
+WRAP_CODE = {"raster": 0, "none": 1}
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MIN_CUDA_CAPABILITY = (8, 0)
+LOG2E = 1.4426950408889634
+# FMA contraction on (triton's long-standing default), stated explicitly: triton 3.9 warns when it is left unset.
+_LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+_kernels_module = None
+_kernels_error: str | None = None
+
+
+def _kernels():
+    """Import the kernel module on first use (importing triton is slow, and optional on CPU)."""
+    global _kernels_module, _kernels_error
+    if _kernels_module is None and _kernels_error is None:
+        try:
+            from . import triton_kernels
+
+            _kernels_module = triton_kernels
+        except Exception as e:  # ImportError, or a triton that cannot build these kernels
+            _kernels_error = f"triton kernels unavailable: {type(e).__name__}: {e}"
+    if _kernels_module is None:
+        raise RuntimeError(_kernels_error)
+    return _kernels_module
+
+
+# The probes below are marked constant for torch.compile: dynamo calls them once while tracing and bakes the
+# answer into the graph, so that `attention(...)` dispatches inside compiled models without graph breaks.
+@torch.compiler.assume_constant_result
+def _import_error() -> str:
+    """Why the kernel module cannot be imported ("" if it can)."""
+    try:
+        _kernels()
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+@torch.compiler.assume_constant_result
+def interpreted() -> bool:
+    """True if the kernels were created under ``TRITON_INTERPRET=1`` (they then run on CPU tensors only)."""
+    if _import_error():
+        return False
+    return type(_kernels()._attn_fwd).__name__ == "InterpretedFunction"
+
+
+@torch.compiler.assume_constant_result
+def _cuda_capability(index: int) -> tuple:
+    """(major, minor) of CUDA device ``index`` (-1: the current device)."""
+    return tuple(torch.cuda.get_device_capability(None if index < 0 else index))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# capabilities
+# ----------------------------------------------------------------------------------------------------------------
+def status() -> tuple[bool, str]:
+    """(available, reason) for ``backend_status``: can this backend run on some device of this machine?"""
+    err = _import_error()
+    if err:
+        return False, err
+    import triton
+
+    if interpreted():
+        return True, f"triton {triton.__version__} under TRITON_INTERPRET=1: CPU tensors, for tests (slow)"
+    if torch.cuda.is_available():
+        cc = _cuda_capability(-1)
+        if cc >= MIN_CUDA_CAPABILITY:
+            return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()} (sm{cc[0]}{cc[1]})"
+        return False, f"GPU is sm{cc[0]}{cc[1]}; the kernels need sm80+"
+    return False, "no CUDA device (CPU runs need TRITON_INTERPRET=1 set before the kernels are imported)"
+
+
+def not_supported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, *, auto: bool = False):
+    """Why this backend cannot run these inputs (empty list: it can). ``auto``: also refuse the slow interpreter."""
+    reasons = []
+    err = _import_error()
+    if err:
+        return [err]
+    dev = q.device
+    if dev.type == "cuda":
+        if interpreted():
+            reasons.append("kernels were created under TRITON_INTERPRET=1 and run on CPU tensors only")
+        else:
+            cc = _cuda_capability(-1 if dev.index is None else dev.index)
+            if cc < MIN_CUDA_CAPABILITY:
+                reasons.append(f"device is sm{cc[0]}{cc[1]}; needs sm80+")
+    elif dev.type == "cpu":
+        if not interpreted():
+            reasons.append("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)")
+        elif auto:
+            reasons.append("the Triton interpreter is for tests; ask for backend='triton' explicitly")
+    else:
+        reasons.append(f"device type {dev.type!r} unsupported (cuda, or cpu under the interpreter)")
+    if q.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype={q.dtype} (supported: {', '.join(str(d) for d in SUPPORTED_DTYPES)})")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        reasons.append(f"head dim {q.shape[-1]} (supported: {SUPPORTED_HEAD_DIMS})")
+    return reasons
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tile configurations
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes and launch options of one kernel. For dK/dV ``block_n`` is the key tile a program owns and
+    ``block_m`` the query tile it steps through; for the forward and dQ it is the other way round."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Candidates per kernel and head dim (sm80/sm90). Tiles of 64/128 rows feed the tensor cores; the text prefix
+# (256 tokens in the paper) is then made of FULL tiles. First entry = default when tuning is off.
+_CANDIDATES = {
+    "fwd": {
+        "small": [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 3),
+                  Config(64, 128, 4, 3), Config(128, 32, 4, 4)],
+        "large": [Config(128, 64, 8, 3), Config(64, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 32, 4, 3)],
+    },
+    "dkdv": {
+        "small": [Config(32, 128, 8, 3), Config(64, 128, 8, 2), Config(32, 64, 4, 3), Config(64, 64, 4, 3),
+                  Config(16, 128, 8, 3)],
+        "large": [Config(32, 64, 8, 2), Config(32, 64, 8, 3), Config(64, 64, 8, 2), Config(32, 128, 8, 2)],
+    },
+    "dq": {
+        "small": [Config(128, 32, 4, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 32, 4, 3)],
+        "large": [Config(128, 32, 8, 2), Config(64, 64, 8, 2), Config(64, 32, 4, 3), Config(128, 64, 8, 2)],
+    },
+}
+# Checked with ptxas for sm_90 (triton.compile(..., target=GPUTarget("cuda", 90, 32)) + cuobjdump -res-usage, no GPU
+# needed): every candidate compiles to wgmma code for every mask; at D = 64 none spills registers; at D = 128 the
+# last two dK/dV candidates spill a little (dK and dV accumulators of 64-128 x 128 fp32) and stay only as options.
+_INTERPRETER_CONFIG = Config(32, 32, 4, 1)
+_DECODE_BLOCK = 64
+_tuned: dict = {}
+_forced: dict = {}
+_poison = False
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Inside the block, launchers allocate outputs (and lse, delta) filled with NaN instead of uninitialized:
+    tests use it so that any element a kernel fails to write is caught."""
+    global _poison
+    saved, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = saved
+
+
+def _alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    if _poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+@contextlib.contextmanager
+def kernel_config(fwd: Config | None = None, dkdv: Config | None = None, dq: Config | None = None):
+    """Pin the tile configuration of the forward / dK-dV / dQ kernels inside the ``with`` block."""
+    saved = dict(_forced)
+    for name, cfg in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
+        if cfg is not None:
+            _forced[name] = cfg
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
+def _pick(kernel: str, q: torch.Tensor, spec: MaskSpec, launch) -> Config:
+    """The configuration to launch ``kernel`` with: forced, interpreter default, cached, default, or tuned."""
+    if kernel in _forced:
+        return _forced[kernel]
+    if q.device.type == "cpu":
+        return _INTERPRETER_CONFIG
+    B, H, N, D = q.shape
+    cands = _CANDIDATES[kernel]["small" if D <= 64 else "large"]
+    cands = [c for c in cands if max(c.block_m, c.block_n) <= max(16, triton_next_pow2(N))] or cands[-1:]
+    # One tuning per geometry, shared by the mask kinds (they have the same tile mix: text tiles + a band), so a
+    # model compiles every candidate once, not once per layer kind.
+    key = (kernel, spec.text_len, spec.grid, D, q.dtype, str(q.device), triton_next_pow2(B * H))
+    if key in _tuned:
+        return _tuned[key]
+    if os.environ.get("DALLE_DS_ATTN_TUNE", "1") == "0" or len(cands) == 1:
+        return cands[0]
+    import triton.testing
+
+    times = {}
+    for cfg in cands:
+        try:
+            times[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
+        except Exception as e:  # out of shared memory / registers for this tile size: skip it
+            if "OutOfResources" not in type(e).__name__ and "resources" not in str(e).lower():
+                raise
+    if not times:
+        raise RuntimeError(f"no tile configuration of {kernel} fits this GPU")
+    best = min(times, key=times.get)
+    _tuned[key] = best
+    return best
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def tuned_configs() -> dict:
+    """The configurations chosen so far (for benchmark reports)."""
+    out = {}
+    for (kernel, T, W, D, dtype, _device, bh), cfg in _tuned.items():
+        out[f"{kernel}:T{T}:W{W}:d{D}:{str(dtype).replace('torch.', '')}:bh{bh}"] = cfg
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _geometry(spec: MaskSpec, dtype: torch.dtype, head_dim: int) -> dict:
+    return dict(
+        T=spec.text_len, W=spec.grid, N=spec.seq_len, KIND=KIND_CODE[spec.kind], TRANSPOSED=spec.transposed,
+        CONV_R=spec.conv_radius, CONV_WRAP=WRAP_CODE[spec.conv_wrap], HEAD_DIM=head_dim,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+
+
+def _forward(q, k, v, spec: MaskSpec, scale: float):
+    kern = _kernels()
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, N, D = q.shape
+    out = _alloc((B, H, N, D), q)
+    lse = _alloc((B, H, N), q, torch.float32)  # base-2, kernel order
+    geo = _geometry(spec, q.dtype, D)
+
+    def launch(cfg: Config):
+        lay = block_layout(spec, cfg.block_m, cfg.block_n, "kernel", q.device)
+        kern._attn_fwd[(B * H, lay.num_q_blocks)](
+            q, k, v, out, lse, lay.kv_index, lay.kv_full, lay.kv_count, lay.kv_index.stride(0),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            H, scale * LOG2E, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
+        )
+
+    launch(_pick("fwd", q, spec, launch))
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, spec: MaskSpec, scale: float):
+    kern = _kernels()
+    do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
+    B, H, N, D = q.shape
+    geo = _geometry(spec, q.dtype, D)
+    delta = _alloc(lse.shape, lse)
+    pre_block = 64
+    kern._attn_bwd_preprocess[(B * H, triton_cdiv(N, pre_block))](
+        out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, T=geo["T"], W=geo["W"], N=N, TRANSPOSED=geo["TRANSPOSED"], HEAD_DIM=D, BLOCK_M=pre_block,
+        **_LAUNCH_OPTIONS,
+    )
+    dq, dk, dv = _alloc(q.shape, q), _alloc(k.shape, k), _alloc(v.shape, v)
+
+    def launch_dkdv(cfg: Config):
+        lay = block_layout(spec, cfg.block_m, cfg.block_n, "kernel", q.device)
+        kern._attn_bwd_dkdv[(B * H, lay.num_k_blocks)](
+            q, k, v, do, dk, dv, lse, delta, lay.q_index, lay.q_full, lay.q_count, lay.q_index.stride(0),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            H, scale * LOG2E, scale, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
+        )
+
+    def launch_dq(cfg: Config):
+        lay = block_layout(spec, cfg.block_m, cfg.block_n, "kernel", q.device)
+        kern._attn_bwd_dq[(B * H, lay.num_q_blocks)](
+            q, k, v, do, dq, lse, delta, lay.kv_index, lay.kv_full, lay.kv_count, lay.kv_index.stride(0),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            H, scale * LOG2E, scale, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
+        )
+
+    launch_dkdv(_pick("dkdv", q, spec, launch_dkdv))
+    launch_dq(_pick("dq", q, spec, launch_dq))
+    return dq, dk, dv
+
+
+def _decode(q_new, k_cache, v_cache, spec: MaskSpec, position: int, scale: float):
+    kern = _kernels()
+    q_new, k_cache, v_cache = _unit_last(q_new), _unit_last(k_cache), _unit_last(v_cache)
+    B, H, _, D = q_new.shape
+    out = _alloc((B, H, 1, D), q_new)
+    contiguous = spec.kind == "causal"
+    if contiguous:
+        table = count = torch.zeros(1, dtype=torch.int32, device=q_new.device)
+        stride_table = 0
+    else:
+        table, count = decode_table(spec, q_new.device)
+        stride_table = table.stride(0)
+    block = _DECODE_BLOCK if q_new.is_cuda else 32
+    kern._attn_decode[(B * H,)](
+        q_new, k_cache, v_cache, out, table, count, stride_table, int(position),
+        q_new.stride(0), q_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        H, scale * LOG2E, HEAD_DIM=D, BLOCK_N=block, CONTIGUOUS=contiguous, num_warps=4,
+        **_LAUNCH_OPTIONS,
+    )
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile, with fake implementations) and autograd
+# ----------------------------------------------------------------------------------------------------------------
+def _spec(kind: str, text_len: int, grid: int, conv_kernel: int, conv_wrap: str) -> MaskSpec:
+    return MaskSpec(kind, text_len, grid, conv_kernel, conv_wrap)
+
+
+@torch.library.custom_op("dalle_ds::sparse_attn_fwd", mutates_args=())
+def sparse_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kind: str, text_len: int, grid: int, conv_kernel: int, conv_wrap: str, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, N, D) contiguous, lse (B, H, N) fp32: base-2 log-sum-exp of the scaled scores, kernel order)."""
+    return _forward(q, k, v, _spec(kind, text_len, grid, conv_kernel, conv_wrap), scale)
+
+
+@sparse_attn_fwd.register_fake
+def _(q, k, v, kind, text_len, grid, conv_kernel, conv_wrap, scale):
+    B, H, N, D = q.shape
+    return q.new_empty(B, H, N, D), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("dalle_ds::sparse_attn_bwd", mutates_args=())
+def sparse_attn_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    kind: str, text_len: int, grid: int, conv_kernel: int, conv_wrap: str, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, in the dtypes of q, k, v."""
+    return _backward(do, q, k, v, out, lse, _spec(kind, text_len, grid, conv_kernel, conv_wrap), scale)
+
+
+@sparse_attn_bwd.register_fake
+def _(do, q, k, v, out, lse, kind, text_len, grid, conv_kernel, conv_wrap, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("dalle_ds::sparse_attn_decode", mutates_args=())
+def sparse_attn_decode(
+    q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    kind: str, text_len: int, grid: int, conv_kernel: int, conv_wrap: str, position: int, scale: float,
+) -> torch.Tensor:
+    """One query (B, H, 1, D) at sequence index ``position`` against a raster-order KV cache (B, H, L, D)."""
+    return _decode(q_new, k_cache, v_cache, _spec(kind, text_len, grid, conv_kernel, conv_wrap), position, scale)
+
+
+@sparse_attn_decode.register_fake
+def _(q_new, k_cache, v_cache, kind, text_len, grid, conv_kernel, conv_wrap, position, scale):
+    return q_new.new_empty(q_new.shape)
+
+
+class SparseAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: forward saves (q, k, v, out, lse); backward recomputes tile by tile."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kind, text_len, grid, conv_kernel, conv_wrap, scale):
+        out, lse = torch.ops.dalle_ds.sparse_attn_fwd(q, k, v, kind, text_len, grid, conv_kernel, conv_wrap, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (kind, text_len, grid, conv_kernel, conv_wrap, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.dalle_ds.sparse_attn_bwd(do, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def sparse_attention(q, k, v, spec: MaskSpec, scale: float | None = None) -> torch.Tensor:
+    """Block-sparse attention with the Triton kernels; q, k, v (B, H, N, D) in raster order."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return SparseAttentionFunction.apply(
+        q, k, v, spec.kind, spec.text_len, spec.grid, spec.conv_kernel, spec.conv_wrap, float(scale)
+    )
+
+
+def sparse_attention_decode(q_new, k_cache, v_cache, spec: MaskSpec, position: int, scale: float | None = None):
+    """KV-cached decoding step with the Triton decode kernel (no autograd)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q_new.shape[-1])
+    return torch.ops.dalle_ds.sparse_attn_decode(
+        q_new, k_cache, v_cache, spec.kind, spec.text_len, spec.grid, spec.conv_kernel, spec.conv_wrap,
+        position, float(scale),
+    )

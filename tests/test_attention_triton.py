@@ -1,0 +1,345 @@
+"""Parity of the Triton block-sparse attention kernels with the dense reference: forward, backward, decode.
+
+Where the tests run:
+
+* on CPU, under the Triton interpreter. ``TRITON_INTERPRET`` must be set before the kernels are created, and
+  setting it in this pytest process would leak into other tests, so ``test_parity_under_interpreter`` re-runs this
+  file in a subprocess with ``TRITON_INTERPRET=1``; inside it (and only there) the parity tests run on CPU;
+* on a CUDA GPU, directly (plus the ``gpu``-marked tests at the paper's shape, in bf16).
+
+Every test draws fresh random inputs (no fixed seed) and poisons the outputs first (``poisoned_outputs``: the
+launchers allocate every output, lse and delta filled with NaN instead of uninitialized), so an element a kernel
+fails to write shows up as NaN. Tolerances: fp32 absolute 2e-4 (relative to the reference's magnitude); fp16/bf16 use
+FlashAttention's rule (error <= 2 x the error of plain PyTorch attention in that dtype + a small atol), for the
+output and for dq, dk, dv.
+
+Under the interpreter bf16 is not tested: Triton's interpreter computes ``tl.dot`` on bf16 from the raw bits
+(checked with triton 3.9: a 16x16 bf16 dot is off by ~1e10), so bf16 runs on GPU only.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dalle_ds.ops.attention import MaskSpec, attention, attention_decode, reference_attention
+from dalle_ds.ops.attention import triton_backend as tb
+from dalle_ds.ops.attention.triton_backend import Config
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ON_GPU = torch.cuda.is_available() and not INTERPRET
+RUN_HERE = INTERPRET or ON_GPU
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+here = pytest.mark.skipif(not RUN_HERE, reason="runs inside test_parity_under_interpreter (TRITON_INTERPRET=1)")
+ATOL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _no_tuning(monkeypatch):
+    """Parity tests use the default tiles (tuning compiles every candidate: minutes of GPU time); one test tunes."""
+    monkeypatch.setenv("DALLE_DS_ATTN_TUNE", "0")
+
+
+def test_parity_under_interpreter():
+    """Run this file's CPU parity tests in a subprocess with TRITON_INTERPRET=1 (keeps this process clean)."""
+    if INTERPRET:
+        pytest.skip("already inside the interpreter subprocess")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
+           os.path.abspath(__file__)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    tail = (proc.stdout[-8000:] + "\n" + proc.stderr[-4000:]).strip()
+    print(f"interpreter subprocess: {time.time() - t0:.1f}s\n{tail[-1500:]}")
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+def make_inputs(spec, B, H, D, dtype, layout="bhnd"):
+    n = spec.seq_len
+    if layout == "bhnd":
+        qkv = [torch.randn(B, H, n, D, device=DEVICE, dtype=dtype) for _ in range(3)]
+    else:  # a packed projection output (B, N, 3, H, D) viewed as (B, H, N, D): non-contiguous strides
+        packed = torch.randn(B, n, 3, H, D, device=DEVICE, dtype=dtype)
+        qkv = [packed[:, :, i].transpose(1, 2) for i in range(3)]
+    return [t.requires_grad_() for t in qkv]
+
+
+def references(q, k, v, spec, do, scale=None):
+    """(out, grads) in float64, and (out, grads) of plain attention in the inputs' dtype."""
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = reference_attention(*leaves64, spec, scale, compute_dtype=torch.float64)
+    g64 = torch.autograd.grad(out64, leaves64, do.double())
+    if q.dtype == torch.float32:
+        return (out64, g64), None
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_lp = reference_attention(*leaves, spec, scale, upcast=False)
+    g_lp = torch.autograd.grad(out_lp, leaves, do)
+    return (out64, g64), (out_lp, g_lp)
+
+
+def assert_parity(name, got, ref64, ref_lp, dtype):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or overflowed elements)"
+    err = (got.double() - ref64).abs().max().item()
+    scale = max(1.0, ref64.abs().max().item())
+    if ref_lp is None:
+        tol = ATOL[dtype] * scale
+    else:
+        tol = 2 * (ref_lp.double() - ref64).abs().max().item() + ATOL[dtype] * scale
+    assert err <= tol, f"{name}: max |err| {err:.3g} > tol {tol:.3g}"
+
+
+def check_forward_backward(spec, B, H, D, dtype, layout="bhnd", scale=None):
+    q, k, v = make_inputs(spec, B, H, D, dtype, layout)
+    with tb.poisoned_outputs():  # outputs start as NaN: an element the kernels do not write fails the test
+        out = attention(q, k, v, spec, backend="triton", scale=scale)
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    (out64, g64), lp = references(q, k, v, spec, do, scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_parity("out", out, out64, None if lp is None else lp[0], dtype)
+    for name, g, r, i in zip(("dq", "dk", "dv"), grads, g64, range(3)):
+        assert_parity(name, g, r, None if lp is None else lp[1][i], dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# parity: small odd shapes (every mask, several tile shapes, dtypes, head dims)
+# --------------------------------------------------------------------------------------------------------------
+SMALL = Config(16, 16, 4, 1)
+TALL = Config(32, 16, 4, 1)
+WIDE = Config(16, 32, 4, 1)
+CASES = [
+    # (kind, T, W, D, B, H, fwd/dq config, dkdv config)
+    *[(kind, 3, 5, 32, 2, 3, SMALL, SMALL) for kind in ("causal", "row", "column", "conv")],
+    *[(kind, 0, 8, 64, 1, 2, TALL, WIDE) for kind in ("causal", "row", "column", "conv")],
+    ("conv", 5, 8, 32, 1, 2, WIDE, TALL),
+]
+
+
+@here
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,T,W,D,B,H,cfg,cfg_dkdv", CASES,
+                         ids=[f"{c[0]}-T{c[1]}-W{c[2]}-d{c[3]}-{c[6].block_m}x{c[6].block_n}" for c in CASES])
+def test_forward_backward_small(kind, T, W, D, B, H, cfg, cfg_dkdv, dtype):
+    spec = MaskSpec(kind, T, W)
+    with tb.kernel_config(fwd=cfg, dq=cfg, dkdv=cfg_dkdv):
+        check_forward_backward(spec, B, H, D, dtype)
+
+
+@here
+@pytest.mark.parametrize("wrap", ["raster", "none"])
+def test_conv_wraparound_choices(wrap):
+    spec = MaskSpec("conv", 3, 8, conv_wrap=wrap, conv_kernel=5)
+    with tb.kernel_config(fwd=SMALL, dq=SMALL, dkdv=SMALL):
+        check_forward_backward(spec, 1, 2, 32, torch.float32)
+
+
+@here
+def test_non_contiguous_inputs_and_custom_scale():
+    spec = MaskSpec("column", 2, 6)
+    with tb.kernel_config(fwd=SMALL, dq=SMALL, dkdv=SMALL):
+        check_forward_backward(spec, 2, 2, 32, torch.float32, layout="packed", scale=0.3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# parity at the paper's geometry (T = 256, W = 32: 1280 tokens) with tensor-core-sized tiles
+# --------------------------------------------------------------------------------------------------------------
+@here
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_forward_backward_paper_geometry(kind):
+    spec = MaskSpec(kind, 256, 32)
+    dtype = torch.float16 if kind == "column" else torch.float32
+    with tb.kernel_config(fwd=Config(128, 64), dq=Config(128, 64), dkdv=Config(64, 128)):
+        check_forward_backward(spec, 1, 1, 64, dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# decode
+# --------------------------------------------------------------------------------------------------------------
+def check_decode(spec, B, H, D, dtype, positions):
+    q, k, v = (t.detach() for t in make_inputs(spec, B, H, D, dtype))
+    full = reference_attention(q.double(), k.double(), v.double(), spec)
+    for p in positions:
+        kc, vc = k.clone(), v.clone()
+        kc[:, :, p + 1 :] = float("nan")  # not yet generated: must not be read
+        vc[:, :, p + 1 :] = float("nan")
+        with tb.poisoned_outputs():
+            out = attention_decode(q[:, :, p : p + 1], kc, vc, spec, p, backend="triton")
+        assert out.shape == (B, H, 1, D) and out.dtype == dtype
+        err = (out[:, :, 0].double() - full[:, :, p]).abs().max().item()
+        assert err <= ATOL[dtype] * 4, f"position {p}: max |err| {err:.3g}"
+
+
+@here
+@pytest.mark.parametrize("kind", ["causal", "row", "column", "conv"])
+def test_decode_matches_full_forward_every_position(kind):
+    spec = MaskSpec(kind, 3, 5)
+    check_decode(spec, 1, 2, 32, torch.float32, range(spec.seq_len))
+
+
+@here
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_decode_paper_geometry(kind):
+    spec = MaskSpec(kind, 256, 32)
+    check_decode(spec, 1, 2, 64, torch.float16, [0, 255, 256, 257, 300, 700, 1279])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# custom op and torch.compile
+# --------------------------------------------------------------------------------------------------------------
+@here
+def test_custom_op_registration():
+    spec = MaskSpec("column", 0, 4)
+    q, k, v = (t.detach() for t in make_inputs(spec, 1, 1, 16, torch.float32))
+    with tb.kernel_config(fwd=SMALL, dq=SMALL, dkdv=SMALL):
+        torch.library.opcheck(
+            torch.ops.dalle_ds.sparse_attn_fwd.default, (q, k, v, "column", 0, 4, 11, "raster", 0.25),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+
+
+@here
+def test_works_under_torch_compile():
+    spec = MaskSpec("conv", 2, 5, conv_kernel=3)
+    q, k, v = make_inputs(spec, 1, 2, 32, torch.float32)
+
+    def step(q, k, v):
+        return (attention(q, k, v, spec, backend="triton") ** 2).sum()
+
+    backend = "inductor" if ON_GPU else "aot_eager"  # no C++ toolchain needed on CPU
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    with tb.kernel_config(fwd=SMALL, dq=SMALL, dkdv=SMALL):
+        loss = compiled(q, k, v)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        ref_loss = (reference_attention(q, k, v, spec) ** 2).sum()
+        ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU only: the paper's shape in bf16 with tuned tiles, W = 64, head dim 128
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["causal", "row", "column", "conv"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_paper_shape(kind, dtype):
+    check_forward_backward(MaskSpec(kind, 256, 32), 2, 4, 64, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_gpu_large_grid_and_head_dim_128(kind):
+    check_forward_backward(MaskSpec(kind, 256, 64), 1, 2, 64, torch.bfloat16)
+    check_forward_backward(MaskSpec(kind, 256, 32), 1, 2, 128, torch.bfloat16)
+    check_forward_backward(MaskSpec(kind, 77, 16), 3, 5, 32, torch.bfloat16, layout="packed")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_tuned_tiles(monkeypatch):
+    """The tile tuner: times every candidate, keeps one per kernel, and the tuned kernels still match."""
+    monkeypatch.setenv("DALLE_DS_ATTN_TUNE", "1")
+    spec = MaskSpec("row", 256, 32)
+    tb._tuned.clear()
+    check_forward_backward(spec, 4, 8, 64, torch.bfloat16)
+    chosen = tb.tuned_configs()
+    assert {k.split(":")[0] for k in chosen} == {"fwd", "dkdv", "dq"}, chosen
+    check_forward_backward(MaskSpec("column", 256, 32), 4, 8, 64, torch.bfloat16)  # reuses the tuned tiles
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_gpu_decode_paper_shape(kind):
+    spec = MaskSpec(kind, 256, 32)
+    check_decode(spec, 4, 8, 64, torch.bfloat16, [0, 1, 255, 256, 288, 700, 1279])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU-only check that the kernels lower to Hopper code: triton.compile for sm_90 with the wheel's ptxas
+# --------------------------------------------------------------------------------------------------------------
+def _compile_for_sm90(fn, constexprs, dtype="bf16", num_warps=4, num_stages=3):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.startswith("stride") or name in ("H", "position"):
+            sig[name] = "i32"
+        elif name in ("Lse", "Delta"):
+            sig[name] = "*fp32"
+        elif name.endswith(("Index", "Full", "Count", "Table")):
+            sig[name] = "*i32"
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:  # Q, K, V, Out, DO, DK, DV, DQ
+            sig[name] = "*" + dtype
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
+                                                                          "num_stages": num_stages,
+                                                                          "enable_fp_fusion": True})
+
+
+def _spill_bytes(compiled) -> int | None:
+    """Stack bytes from cuobjdump -res-usage (0 = no register spills); None if cuobjdump is unavailable."""
+    import re
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"STACK:(\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+@pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process")
+@pytest.mark.parametrize("kind", ["column", "conv"])
+def test_kernels_compile_for_sm90_without_spills(kind):
+    try:
+        kernels = tb._kernels()
+        import triton.compiler  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except Exception as e:  # no triton / no NVIDIA backend in this wheel
+        pytest.skip(f"triton NVIDIA backend unavailable: {e}")
+    if tb.interpreted():
+        pytest.skip("kernels were created under TRITON_INTERPRET=1 in this process")
+    spec = MaskSpec(kind, 256, 32)
+    geo = tb._geometry(spec, torch.bfloat16, 64)
+    jobs = []
+    for name, fn in (("fwd", kernels._attn_fwd), ("dkdv", kernels._attn_bwd_dkdv), ("dq", kernels._attn_bwd_dq)):
+        cfg = tb._CANDIDATES[name]["small"][0]  # the default configuration when tuning is off
+        jobs.append((name, fn, dict(geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg.num_warps, cfg.num_stages))
+    jobs.append(("preprocess", kernels._attn_bwd_preprocess,
+                 dict(T=256, W=32, N=1280, TRANSPOSED=spec.transposed, HEAD_DIM=64, BLOCK_M=64), 4, 2))
+    jobs.append(("decode", kernels._attn_decode, dict(HEAD_DIM=64, BLOCK_N=64, CONTIGUOUS=False), 4, 2))
+    for name, fn, consts, nw, ns in jobs:
+        try:
+            compiled = _compile_for_sm90(fn, consts, num_warps=nw, num_stages=ns)
+        except (TypeError, KeyError, AttributeError) as e:  # ASTSource's API differs across triton versions
+            pytest.skip(f"ahead-of-time compile API differs in this triton: {e}")
+        assert compiled.asm["cubin"], name
+        if name in ("fwd", "dkdv", "dq"):
+            assert "wgmma" in compiled.asm["ptx"], f"{name}: no Hopper tensor-core (wgmma) instructions"
+        spill = _spill_bytes(compiled)
+        assert spill in (None, 0), f"{name}: {spill} bytes of register spills"

@@ -1,0 +1,88 @@
+"""The attention benchmark harness on tiny CPU shapes: JSON structure and FLOP counting (not speed)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import bench_attention  # noqa: E402
+
+
+def test_flop_counting_by_hand():
+    # T = 3, W = 4, row mask: text 3*4/2 = 6 pairs, image->text 16*3 = 48, image->image 15 + 11*5 = 70
+    kept = 6 + 48 + 70
+    assert bench_attention.attention_flops(kept, 1, 2, 16, "fwd") == 2 * 2 * 2 * 16 * kept  # 2 matmuls x 2 FLOP/MAC
+    assert bench_attention.attention_flops(kept, 1, 2, 16, "bwd") == 2.5 * 4 * 16 * kept * 2
+    assert bench_attention.attention_flops(kept, 3, 5, 64, "fwd_bwd") == 3.5 * 4 * 64 * kept * 15
+    assert bench_attention.mix_counts(64) == {"row": 47, "column": 16, "conv": 1}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """Run the harness once, tiny, in a subprocess with the Triton interpreter so every provider is exercised."""
+    out = str(tmp_path_factory.mktemp("bench") / "attn")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention.py"), "--quick", "--reps", "1",
+           "--cases", "tiny", "--out", out]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out + ".json") as f:
+        report = json.load(f)
+    with open(out + ".md") as f:
+        md = f.read()
+    return report, md, proc.stdout
+
+
+def test_report_structure(quick_report):
+    report, md, stdout = quick_report
+    for key in ("device", "versions", "date", "command", "matmul_tflops", "flop_convention", "cases"):
+        assert key in report
+    assert report["device"].startswith("CPU") and report["matmul_tflops"] > 0
+    (case,) = report["cases"]
+    assert (case["T"], case["W"], case["N"], case["B"], case["H"], case["D"]) == (3, 4, 19, 1, 2, 16)
+    assert set(case["masks"]) == {"row", "column", "conv"}
+    assert md.strip().splitlines()[0].startswith("# bench_attention") and "| case | mask | provider |" in md
+    assert stdout.strip().endswith(md.strip().splitlines()[-1])  # the markdown table is printed last
+
+
+def test_report_flops_and_floors(quick_report):
+    report, _, _ = quick_report
+    case = report["cases"][0]
+    row = case["masks"]["row"]
+    assert row["kept_elements"] == 124  # hand count above
+    assert row["flops"]["fwd"] == 4 * 16 * 124 * 1 * 2
+    assert row["flops"]["fwd_bwd"] == 3.5 * row["flops"]["fwd"]
+    assert case["masks"]["column"]["kept_elements"] == 6 + 48 + 40  # query at image row r sees r + 1 keys
+    rate = report["matmul_tflops"] * 1e12
+    assert row["floor_ms"]["fwd"] == pytest.approx(row["flops"]["fwd"] / rate * 1e3)
+    mix = case["mix"]
+    assert mix["counts"] == {"row": 47, "column": 16, "conv": 1}
+    expect = sum(mix["counts"][k] * case["masks"][k]["flops"]["fwd"] for k in mix["counts"]) / 64
+    assert mix["flops"]["fwd"] == pytest.approx(expect)
+
+
+def test_report_timings_and_speedups(quick_report):
+    report, _, _ = quick_report
+    case = report["cases"][0]
+    for kind, entry in case["masks"].items():
+        provs = entry["providers"]
+        assert set(provs) == {"triton", "flex", "sdpa_causal", "sdpa_mask", "dense"}
+        for name in ("triton", "sdpa_causal", "sdpa_mask", "dense"):
+            res = provs[name]
+            assert "error" not in res, (kind, name, res)
+            for m in ("fwd", "bwd", "fwd_bwd"):
+                assert res[f"{m}_ms"] > 0
+                assert res["tflops"][m] == pytest.approx(entry["flops"][m] / (res[f"{m}_ms"] * 1e-3) / 1e12)
+        # the kernels were checked against fp32 masked SDPA before timing
+        assert provs["triton"]["max_abs_err_vs_fp32_masked"] < 1e-4
+        # FlexAttention has no CPU backward: forward timed, the refusal recorded
+        assert provs["flex"]["fwd_ms"] > 0 and "backward" in provs["flex"]["bwd_error"]
+        sp = entry["triton_speedup"]["sdpa_causal"]["fwd_bwd"]
+        assert sp == pytest.approx(provs["sdpa_causal"]["fwd_bwd_ms"] / provs["triton"]["fwd_bwd_ms"])
+    tri_mix = case["mix"]["providers"]["triton"]
+    per = [case["masks"][k]["providers"]["triton"]["fwd_ms"] for k in ("row", "column", "conv")]
+    assert tri_mix["fwd_ms"] == pytest.approx((47 * per[0] + 16 * per[1] + 1 * per[2]) / 64)
