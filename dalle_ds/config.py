@@ -198,6 +198,93 @@ DVAE_PRESETS: dict[str, DVAEConfig] = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Stage 2: the transformer prior
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DalleConfig:
+    """Shape of the prior. Paper (12B): 64 layers, 62 heads × 64 = d_model 3968, 256 text + 32×32 image tokens."""
+
+    text_vocab_size: int = 16384
+    """BPE vocabulary size (size it from the trained tokenizer; ≤ 16384 in the paper)."""
+    text_len: int = 256
+    """T: text positions, including the leading <bos> (so captions get T − 1 tokens)."""
+    image_vocab_size: int = 8192
+    """K: dVAE codes."""
+    image_grid: int = 32
+    """W: the image is a W × W grid of codes."""
+    d_model: int = 3968
+    n_layers: int = 64
+    n_heads: int = 62
+    mlp_ratio: int = 4
+    conv_kernel: int = 11
+    """Side of the conv mask's window in the last layer (paper: 11 × 11)."""
+    attn_backend: str = "auto"
+    """Attention backend: auto, triton, flex or dense (see dalle_ds.ops.attention)."""
+    dropout: float = 0.0
+    init_std: float = 0.02
+    bos_id: int = 1
+    """The tokenizer's <bos> id, put at text position 0."""
+
+    @property
+    def image_len(self) -> int:
+        return self.image_grid ** 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_len
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def text_classes(self) -> int:
+        """Text output classes: the BPE vocabulary plus one padding token per text position."""
+        return self.text_vocab_size + self.text_len
+
+    def validate(self, where: str = "model") -> "DalleConfig":
+        for name in ("text_vocab_size", "text_len", "image_vocab_size", "image_grid", "d_model", "n_layers",
+                     "n_heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(self, name)}")
+        if self.text_len < 2:
+            raise ConfigError(f"{where}.text_len: needs ≥ 2 positions (<bos> and one caption token)")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"{where}: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.attn_backend not in ("auto", "triton", "flex", "dense"):
+            raise ConfigError(f"{where}.attn_backend: choose auto, triton, flex or dense, got {self.attn_backend!r}")
+        if not 0 <= self.bos_id < self.text_vocab_size:
+            raise ConfigError(f"{where}.bos_id {self.bos_id} is outside the text vocabulary")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ConfigError(f"{where}.conv_kernel: must be odd, got {self.conv_kernel}")
+        return self
+
+
+def _paper_family(d_model: int, n_layers: int, **kw) -> DalleConfig:
+    return DalleConfig(d_model=d_model, n_layers=n_layers, n_heads=d_model // 64, **kw)
+
+
+DALLE_PRESETS: dict[str, DalleConfig] = {
+    # CPU demo on shapes: 16×16 image codes, short captions.
+    "tiny": DalleConfig(text_vocab_size=512, text_len=24, image_vocab_size=512, image_grid=16, d_model=256,
+                        n_layers=4, n_heads=4, conv_kernel=5),
+    # Unit tests.
+    "test": DalleConfig(text_vocab_size=300, text_len=16, image_vocab_size=32, image_grid=4, d_model=32,
+                        n_layers=4, n_heads=2, conv_kernel=3),
+    # GPT-style sizes at the paper's 256 + 32×32 tokens (head dim 64), for throughput work.
+    "125M": _paper_family(768, 12),
+    "350M": _paper_family(1024, 24),
+    "1.3B": _paper_family(2048, 24),
+    # The paper's Table 1 widths (2.8B: d 1920, 5.6B: d 2688, 12B: d 3968), 64 layers.
+    "2.8B": _paper_family(1920, 64),
+    "5.6B": _paper_family(2688, 64),
+    "12B": DalleConfig(),
+}
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -344,3 +431,147 @@ def build_run_config(cls: type, presets: dict[str, Any], preset: str, config_fil
         cfg = apply_overrides(cfg, load_json_config(config_file), where=str(config_file))
     cfg = apply_overrides(cfg, parse_set_args(sets), where="--set")
     return cfg.validate()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage-2 training run
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DalleDataConfig:
+    """Where the prior's (caption, image codes) pairs come from.
+
+    Either token shards written by ``launch/tokenize_images.py`` (``train_tokens``/``val_tokens``), or images encoded
+    on the fly by a trained dVAE (``dvae`` + ``images``). The text side needs a tokenizer: ``tokenizer`` names a
+    saved one, otherwise one is trained on the training captions and saved in the run folder.
+    """
+
+    train_tokens: str | None = None
+    val_tokens: str | None = None
+    dvae: str | None = None
+    """dvae.pt for on-the-fly encoding (used when train_tokens is not set)."""
+    images: DataConfig = field(default_factory=DataConfig)
+    """The image dataset for on-the-fly encoding."""
+    tokenizer: str | None = None
+    """A saved caption tokenizer folder; None trains one on the training captions (saved as <run>/tokenizer)."""
+    tokenizer_vocab_size: int = 16384
+    """Upper bound for a tokenizer trained here (paper: 16,384)."""
+    val_batches: int = 8
+    """Micro-batches of the held-out split per validation."""
+    num_workers: int = 0
+
+    def validate(self, where: str = "data") -> "DalleDataConfig":
+        if self.train_tokens:
+            for key in ("train_tokens", "val_tokens"):
+                path = getattr(self, key)
+                if path and not (Path(path) / "meta.json").is_file():
+                    _fail(f"{where}.{key}", f"{path} is not a token-shard folder (no meta.json); "
+                                            "write one with launch/tokenize_images.py")
+        elif self.dvae:
+            if not Path(self.dvae).is_file():
+                _fail(f"{where}.dvae", f"file not found: {self.dvae}")
+        else:
+            _fail(where, "set train_tokens (token shards) or dvae (+ images) for on-the-fly encoding")
+        if self.tokenizer and not Path(self.tokenizer).is_dir():
+            _fail(f"{where}.tokenizer", f"no such directory: {self.tokenizer}")
+        if self.val_batches < 0 or self.num_workers < 0:
+            _fail(where, "val_batches and num_workers must be ≥ 0")
+        return self
+
+
+@dataclass
+class DalleTrainConfig:
+    """A prior training run. ``model`` sizes that come from the data (text vocabulary from the tokenizer, image
+    vocabulary and grid from the shards or the dVAE) are filled in at start-up."""
+
+    model: DalleConfig = field(default_factory=lambda: DALLE_PRESETS["12B"])
+    data: DalleDataConfig = field(default_factory=DalleDataConfig)
+    steps: int = 430_000
+    """Optimizer updates (paper: 430k at batch 1024). Fills a scheduler's "auto" total_num_steps."""
+    ema_decay: float = 0.999
+    log_every: int = 10
+    eval_every: int = 1000
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 1234
+
+    def validate(self, where: str = "dalle_run") -> "DalleTrainConfig":
+        self.model.validate(f"{where}.model")
+        self.data.validate(f"{where}.data")
+        if self.steps < 1:
+            _fail(f"{where}.steps", "must be ≥ 1")
+        if not (0 <= self.ema_decay < 1):
+            _fail(f"{where}.ema_decay", "must be in [0, 1)")
+        for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                _fail(f"{where}.{name}", "must be ≥ 0")
+        return self
+
+
+DALLE_RUN_PRESETS: dict[str, DalleTrainConfig] = {
+    "paper": DalleTrainConfig(),
+    "demo": DalleTrainConfig(model=DALLE_PRESETS["tiny"], steps=1500, ema_decay=0.99, log_every=10,
+                             eval_every=500, save_every=500),
+    "test": DalleTrainConfig(model=DALLE_PRESETS["test"], steps=20, ema_decay=0.9, log_every=1, eval_every=0,
+                             save_every=10, data=DalleDataConfig(val_batches=2)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The contrastive reranker
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ClipModelConfig:
+    """A small CLIP for reranking samples of the project's own data (widths and depths for CPU training)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    projection_dim: int = 128
+    text_len: int = 32
+    """Text positions including <bos> and <|endoftext|>."""
+
+
+@dataclass
+class ClipTrainConfig:
+    """Training a small CLIP (``transformers.CLIPModel``) on the project's own (image, caption) data for reranking."""
+
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(num_workers=0))
+    tokenizer: str | None = None
+    """A saved caption tokenizer folder (e.g. the prior's <run>/tokenizer); None trains one on the captions."""
+    steps: int = 800
+    ema_decay: float = 0.0
+    """0 exports the final weights."""
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 400
+    keep_checkpoints: int = 1
+    seed: int = 1234
+
+    def validate(self, where: str = "clip_run") -> "ClipTrainConfig":
+        m = self.model
+        for name in ("image_size", "patch_size", "width", "layers", "heads", "projection_dim", "text_len"):
+            if getattr(m, name) < 1:
+                _fail(f"{where}.model.{name}", "must be ≥ 1")
+        if m.image_size % m.patch_size:
+            _fail(f"{where}.model", f"image_size {m.image_size} is not divisible by patch_size {m.patch_size}")
+        if m.width % m.heads:
+            _fail(f"{where}.model", f"width {m.width} is not divisible by heads {m.heads}")
+        self.data.validate(m.image_size, f"{where}.data")
+        if self.tokenizer and not Path(self.tokenizer).is_dir():
+            _fail(f"{where}.tokenizer", f"no such directory: {self.tokenizer}")
+        if self.steps < 1 or not (0 <= self.ema_decay < 1):
+            _fail(where, "steps must be ≥ 1 and ema_decay in [0, 1)")
+        return self
+
+
+CLIP_RUN_PRESETS: dict[str, ClipTrainConfig] = {
+    "demo": ClipTrainConfig(),
+    "test": ClipTrainConfig(model=ClipModelConfig(width=32, layers=1, heads=2, projection_dim=32, text_len=24),
+                            data=DataConfig(train_samples=256, eval_samples=32, num_workers=0), steps=10,
+                            log_every=1, save_every=5),
+}

@@ -17,7 +17,7 @@ The DALL-E paper lowercases captions and encodes them with BPE into at most 256 
 * **vocab_size is an upper bound**: the trainer stops when no pair occurs ``min_frequency`` times, so small caption
   sets give smaller vocabularies. Size embeddings from :attr:`CaptionTokenizer.vocab_size` (the trained size).
 * **Truncation**: captions longer than ``max_length`` tokens keep their first ``max_length`` tokens; each ``encode``
-  call that truncates logs one warning with the count, and :attr:`CaptionTokenizer.truncated_count` keeps the
+  call that truncates (the 1st, 2nd, 4th, 8th... such call) logs one warning with the count, and :attr:`CaptionTokenizer.truncated_count` keeps the
   running total (per process: DataLoader workers each count their own). Tokens are bytes or byte sequences, so a
   cut can fall inside a multi-byte character; decoding then shows U+FFFD for the partial character.
 
@@ -202,6 +202,9 @@ class CaptionTokenizer:
             lengths[row] = len(toks)
         if truncated:
             self.truncated_count += truncated
+            self._truncating_calls = getattr(self, "_truncating_calls", 0) + 1
+        # Warn on the 1st, 2nd, 4th, 8th... call that truncates, so a training loop is not flooded.
+        if truncated and self._truncating_calls & (self._truncating_calls - 1) == 0:
             logger.warning(
                 "caption tokenizer: truncated %d of %d captions to max_length=%d tokens (longest had %d); "
                 "%d truncated so far",

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dalle_ds.train.distributed import barrier, is_rank0
+from dalle_ds.train.distributed import rank as dist_rank
 
 _TAG = re.compile(r"^step(\d+)$")
 
@@ -70,10 +71,17 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     return tag if (Path(ckpt_dir) / tag).is_dir() else None
 
 
-def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep: int = 2) -> str:
-    """Collective: every rank must call it. Returns the tag written."""
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep: int = 2,
+                    rank_state: dict[str, Any] | None = None) -> str:
+    """Collective: every rank must call it. Returns the tag written.
+
+    ``client_state`` goes into DeepSpeed's model-states file (written by data-parallel rank 0 only); ``rank_state``
+    is this rank's own state (e.g. its ZeRO-3 share of the EMA), written by every rank as ``<tag>/rank<R>.pt``.
+    """
     tag = step_tag(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    if rank_state is not None:
+        atomic_torch_save(rank_state, Path(ckpt_dir) / tag / f"rank{dist_rank()}.pt")
     barrier()
     if is_rank0():
         atomic_write_bytes(Path(ckpt_dir) / "latest", tag.encode())
@@ -85,12 +93,17 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[
     return tag
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path) -> dict[str, Any] | None:
-    """Load the latest committed checkpoint into ``engine``; returns its client state, or None if there is none."""
+def load_checkpoint(engine, ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """Load the latest committed checkpoint into ``engine``.
+
+    Returns (client_state, this rank's rank_state or None), or None when there is no committed checkpoint.
+    """
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
-    return client_state or {}
+    own = Path(ckpt_dir) / tag / f"rank{dist_rank()}.pt"
+    rank_state = torch.load(own, map_location="cpu", weights_only=False) if own.is_file() else None
+    return client_state or {}, rank_state

@@ -1,0 +1,232 @@
+"""Stage 2: the DALL-E transformer prior (Ramesh et al., 2021, §2.2 and Appendix B.1).
+
+The stream is ``[T text positions][W·W image positions]`` (paper: 256 + 32·32 = 1280), modelled autoregressively by
+a decoder-only transformer in which position p predicts token p + 1:
+
+* **text**: position 0 holds ``<bos>``, then the lowercased BPE caption, then **per-position padding tokens**: each of
+  the T text positions i has its own learned padding token (id ``text_vocab_size + i``), used where the caption is
+  shorter (not a shared pad id and not masked out). Text positions also get a learned position embedding.
+* **image**: dVAE codes in raster order, each embedding summed with a learned **row** and **column** embedding.
+* **attention**: one jointly normalised softmax per layer; text→text causal, every image token sees all text, and
+  image→image uses the layer's sparse mask: column if (i − 2) mod 4 = 0, row otherwise, conv on the last layer
+  (1-based i). The masks, their block layouts and the kernels live in :mod:`dalle_ds.ops.attention`.
+* **loss**: cross-entropy on text targets (positions 0..T−2 predict text 1..T−1, padding tokens included: predicting
+  where a caption ends is part of modelling text) and on image targets (positions T−1..N−2 predict the W² codes),
+  each averaged over its own token count, combined as 1/8 text + 7/8 image. Logits are computed in fp32.
+
+Pre-LayerNorm resblocks; the attention block and the MLP block are separate resblocks (``ResBlock``), which is the
+granularity of the paper's per-resblock gradient scaling.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle_ds.config import DALLE_PRESETS, DalleConfig
+from dalle_ds.ops.attention import MaskSpec, attention, attention_decode, layer_kind
+
+TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 1.0 / 8.0, 7.0 / 8.0  # paper §2.2
+
+
+def prepare_text(ids: torch.Tensor, lengths: torch.Tensor, cfg: DalleConfig) -> torch.Tensor:
+    """Tokenizer output (ids [B, L] without <bos>, lengths [B]) → the model's T text ids.
+
+    Position 0 is <bos>; positions 1..len hold the caption (cut to T − 1 tokens); every later position i holds its
+    own padding token ``text_vocab_size + i``.
+    """
+    B, T = ids.shape[0], cfg.text_len
+    out = torch.empty(B, T, dtype=torch.long, device=ids.device)
+    out[:, 0] = cfg.bos_id
+    n = min(ids.shape[1], T - 1)
+    out[:, 1:1 + n] = ids[:, :n]
+    pos = torch.arange(T, device=ids.device)
+    pad = pos[None, :] > lengths.clamp(max=T - 1)[:, None]
+    return torch.where(pad, cfg.text_vocab_size + pos[None, :], out)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DalleConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kind = layer_kind(layer, cfg.n_layers)
+        self.spec = MaskSpec(self.kind, cfg.text_len, cfg.image_grid, conv_kernel=cfg.conv_kernel)
+        self.backend = cfg.attn_backend
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each [B, H, N, D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        out = attention(q, k, v, self.spec, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+    # -- KV-cached inference ---------------------------------------------------------------------------------------
+    def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Text positions 0..T−1: causal in every layer kind (the masks differ only image→image)."""
+        q, k, v = self._heads(x)
+        n = x.shape[1]
+        cache["k"][:, :, :n], cache["v"][:, :, :n] = k, v
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+    def decode(self, x: torch.Tensor, cache: dict, position: int) -> torch.Tensor:
+        q, k, v = self._heads(x)  # [B, H, 1, D]
+        cache["k"][:, :, position], cache["v"][:, :, position] = k[:, :, 0], v[:, :, 0]
+        out = attention_decode(q, cache["k"], cache["v"], self.spec, position, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DalleConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class ResBlock(nn.Module):
+    """``x + dropout(f(LayerNorm(x)))``: one resblock in the paper's sense (attention and MLP count separately)."""
+
+    def __init__(self, cfg: DalleConfig, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.fn = fn
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.fn(self.norm(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: DalleConfig, layer: int):
+        super().__init__()
+        self.attn = ResBlock(cfg, Attention(cfg, layer))
+        self.mlp = ResBlock(cfg, MLP(cfg))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attn(x))
+
+    def step(self, x: torch.Tensor, cache: dict, position: int | None) -> torch.Tensor:
+        """Prefill (position None) or one cached decode step at ``position``."""
+        a = self.attn
+        h = a.norm(x)
+        h = a.fn.prefill(h, cache) if position is None else a.fn.decode(h, cache, position)
+        return self.mlp(x + a.drop(h))
+
+
+@dataclass
+class DalleOutput:
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    image_loss: torch.Tensor
+    image_logits: torch.Tensor | None = field(default=None)
+
+
+class DALLE(nn.Module):
+    def __init__(self, cfg: DalleConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.text_emb = nn.Embedding(cfg.text_classes, d)
+        self.text_pos = nn.Embedding(cfg.text_len, d)
+        self.image_emb = nn.Embedding(cfg.image_vocab_size, d)
+        self.row_emb = nn.Embedding(cfg.image_grid, d)
+        self.col_emb = nn.Embedding(cfg.image_grid, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(1, cfg.n_layers + 1))
+        self.final_norm = nn.LayerNorm(d)
+        self.text_head = nn.Linear(d, cfg.text_classes, bias=False)
+        self.image_head = nn.Linear(d, cfg.image_vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            elif name.endswith("fn.proj.weight"):  # output projections of resblocks: GPT-2 style 1/sqrt(2L)
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, std=std)
+
+    @property
+    def mask_schedule(self) -> list[str]:
+        return [layer.attn.fn.kind for layer in self.layers]
+
+    # -- embeddings and heads ------------------------------------------------------------------------------------
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(text.shape[1], device=text.device)
+        return self.text_emb(text) + self.text_pos(pos)[None]
+
+    def embed_image(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Image codes at raster positions start, start+1, ... with their row and column embeddings."""
+        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        W = self.cfg.image_grid
+        return self.image_emb(tokens) + self.row_emb(pos // W)[None] + self.col_emb(pos % W)[None]
+
+    def _logits(self, head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+        # fp32 logits (paper: text and image logits in fp32), whatever the compute dtype.
+        return F.linear(self.final_norm(h).float(), head.weight.float())
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def forward(self, text: torch.Tensor, image_tokens: torch.Tensor, return_logits: bool = False) -> DalleOutput:
+        """``text``: [B, T] from :func:`prepare_text`; ``image_tokens``: [B, W²] raster-order codes."""
+        cfg = self.cfg
+        if text.shape[1] != cfg.text_len or image_tokens.shape[1] != cfg.image_len:
+            raise ValueError(f"expected text [B, {cfg.text_len}] and image [B, {cfg.image_len}], got "
+                             f"{tuple(text.shape)} and {tuple(image_tokens.shape)}")
+        x = torch.cat([self.embed_text(text), self.embed_image(image_tokens)], dim=1)
+        x = self.drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        T = cfg.text_len
+        text_logits = self._logits(self.text_head, x[:, : T - 1])
+        image_logits = self._logits(self.image_head, x[:, T - 1: -1])
+        text_loss = F.cross_entropy(text_logits.reshape(-1, cfg.text_classes), text[:, 1:].reshape(-1))
+        image_loss = F.cross_entropy(image_logits.reshape(-1, cfg.image_vocab_size), image_tokens.reshape(-1))
+        loss = TEXT_LOSS_WEIGHT * text_loss + IMAGE_LOSS_WEIGHT * image_loss
+        return DalleOutput(loss, text_loss.detach(), image_loss.detach(), image_logits if return_logits else None)
+
+    # -- KV-cached inference (used by dalle_ds.sample) -----------------------------------------------------------
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> list[dict]:
+        cfg = self.cfg
+        ref = self.text_emb.weight
+        shape = (batch, cfg.n_heads, cfg.seq_len, cfg.head_dim)
+        return [{"k": torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device),
+                 "v": torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)}
+                for _ in self.layers]
+
+    @torch.no_grad()
+    def prefill(self, text: torch.Tensor, cache: list[dict]) -> torch.Tensor:
+        """Run the T text positions; return the fp32 logits for the first image code [B, K]."""
+        x = self.embed_text(text)
+        for layer, c in zip(self.layers, cache):
+            x = layer.step(x, c, None)
+        return self._logits(self.image_head, x[:, -1])
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, image_pos: int, cache: list[dict]) -> torch.Tensor:
+        """Feed image code ``tokens`` [B] at raster position ``image_pos``; return logits for the next code [B, K]."""
+        x = self.embed_image(tokens[:, None], start=image_pos)
+        position = self.cfg.text_len + image_pos
+        for layer, c in zip(self.layers, cache):
+            x = layer.step(x, c, position)
+        return self._logits(self.image_head, x[:, -1])
+
+
+def count_parameters(cfg: DalleConfig) -> int:
+    """Parameter count without allocating (built on the meta device)."""
+    with torch.device("meta"):
+        model = DALLE(cfg)
+    return sum(p.numel() for p in model.parameters())

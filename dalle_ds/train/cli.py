@@ -1,0 +1,68 @@
+"""The command line shared by the training entry points in ``launch/`` (they differ in config class and trainer)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+
+def build_parser(description: str, presets: dict[str, Any], default_preset: str) -> argparse.ArgumentParser:
+    import deepspeed
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default=default_preset,
+                   help=f"run preset: {', '.join(presets)} (default: {default_preset})")
+    p.add_argument("--config", default=None, help="JSON file overriding the preset (nested or dotted keys)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set steps=500 (repeatable)")
+    p.add_argument("--out", required=True, help="run folder (created; resumed from if it holds checkpoints)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
+    p.add_argument("--stop_at", type=int, default=None,
+                   help="checkpoint and exit after this many steps, as a preempted job would (rerun to resume)")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+def run_training(argv: list[str] | None, *, description: str, cfg_class: type, presets: dict[str, Any],
+                 default_preset: str, job_name: str, make_trainer: Callable[[Any, dict, str, bool], Any],
+                 artifacts: Callable[[str], str]) -> int:
+    """Parse → validate the run config and the DeepSpeed JSON (before any process group exists) → init → train."""
+    from dalle_ds.config import ConfigError, build_run_config
+    from dalle_ds.train.distributed import init_distributed, is_rank0, world_size
+    from dalle_ds.train.ds_config import load_ds_config, prepare_ds_config
+
+    parser = build_parser(description, presets, default_preset)
+    args = parser.parse_args(argv)
+    if not args.deepspeed_config:
+        parser.error("--deepspeed_config is required (see ds_configs/)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = build_run_config(cfg_class, presets, args.preset, args.config, args.set)
+        ds_raw = load_ds_config(args.deepspeed_config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    init_distributed()
+    from deepspeed.accelerator import get_accelerator
+
+    try:
+        ds_cfg = prepare_ds_config(ds_raw, steps=cfg.steps, run_dir=args.out, job_name=job_name,
+                                   world_size=world_size(), accelerator=get_accelerator().device_name())
+    except ConfigError as e:
+        if is_rank0():
+            print(f"config error: {e}", file=sys.stderr)
+        return 2
+    trainer = make_trainer(cfg, ds_cfg, args.out, args.resume)
+    summary = trainer.train(stop_at=args.stop_at)
+    if is_rank0():
+        ev = summary["eval"] or {}
+        shown = {k: round(v, 4) for k, v in ev.items() if isinstance(v, float) and "/" not in k}
+        print(json.dumps({"steps": summary["steps"], "train_seconds": round(summary["train_seconds"], 1), **shown},
+                         indent=1))
+        if summary["steps"] >= cfg.steps:
+            print(artifacts(args.out))
+    return 0

@@ -1,0 +1,176 @@
+"""Stage-2 training loop: the transformer prior on a DeepSpeed engine.
+
+Data: (caption, image codes) pairs from token shards, or images encoded on the fly by a trained dVAE. Captions are
+tokenized in the DataLoader (the tokenizer is trained on the training captions on first use and saved in the run
+folder, so a run is self-contained) and laid out by :func:`dalle_ds.models.dalle.prepare_text`.
+
+Optimization comes from the DeepSpeed config (AdamW, warm-up then decay, gradient clipping at 4 in the shipped
+configs, ZeRO stage, precision). The EMA of the weights is what gets exported and sampled from; the validation loss
+is reported for both the live and the EMA weights (live only under ZeRO-3, where the EMA is sharded).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from dalle_ds.config import DalleConfig, DalleTrainConfig
+from dalle_ds.data.registry import build_dataset
+from dalle_ds.data.token_shards import TokenShardDataset
+from dalle_ds.data.tokenizer import CaptionTokenizer
+from dalle_ds.models.dalle import DALLE, prepare_text
+from dalle_ds.train import checkpoint as ckpt
+from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
+from dalle_ds.train.engine_loop import EngineLoop
+from dalle_ds.train.extensions import build_extensions
+from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
+
+log = logging.getLogger("dalle_ds.dalle")
+
+
+class CaptionCollate:
+    """Batch samples into {"text": [B, T] prepared ids, "image_tokens": [B, W²] | "image": uint8 [B, 3, H, W]}."""
+
+    def __init__(self, tokenizer: CaptionTokenizer, model_cfg: DalleConfig):
+        self.tokenizer, self.model_cfg = tokenizer, model_cfg
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        captions = [s.get("caption") or "" for s in samples]
+        ids, lengths = self.tokenizer.encode(captions)
+        out: dict[str, Any] = {"text": prepare_text(ids, lengths, self.model_cfg), "caption": captions}
+        if "image_tokens" in samples[0]:
+            out["image_tokens"] = torch.stack([s["image_tokens"] for s in samples])
+        else:
+            out["image"] = torch.stack([s["image"] for s in samples])
+        if "scene" in samples[0]:
+            out["scene"] = [s["scene"] for s in samples]
+        return out
+
+
+def export_dalle(path: Path, model_cfg: DalleConfig, state_dict: dict, step: int, extra: dict) -> None:
+    ckpt.atomic_torch_save({"kind": "dalle_ds.dalle", "config": asdict(model_cfg), "state_dict": state_dict,
+                            "step": step, **extra}, path)
+
+
+def load_dalle(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DALLE, dict]:
+    """Load an exported prior; returns (model, the export's metadata: tokenizer and dvae paths, step...)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prior file not found: {p}")
+    blob = torch.load(p, map_location=map_location, weights_only=False)
+    if not isinstance(blob, dict) or blob.get("kind") != "dalle_ds.dalle":
+        raise ValueError(f"{p} is not a prior exported by dalle_ds (expected the dalle.pt a run writes)")
+    model = DALLE(DalleConfig(**blob.pop("config")))
+    model.load_state_dict(blob.pop("state_dict"))
+    return model.eval(), blob
+
+
+class DalleTrainer(EngineLoop):
+    job_name = "dalle"
+    postfix_keys = ("loss", "text_loss", "image_loss")
+
+    def __init__(self, cfg: DalleTrainConfig, ds_config: dict, run_dir: str | Path, resume: bool = True):
+        run_dir = Path(run_dir)
+        d = cfg.data
+        self.dvae = None
+        if d.train_tokens:
+            train_ds = TokenShardDataset(d.train_tokens)
+            val_ds = TokenShardDataset(d.val_tokens) if d.val_tokens else None
+            grid, vocab = train_ds.grid_size, train_ds.vocab_size
+            if val_ds is not None and (val_ds.grid_size, val_ds.vocab_size) != (grid, vocab):
+                raise ValueError(f"train and val shards disagree: {grid}/{vocab} vs {val_ds.grid_size}/"
+                                 f"{val_ds.vocab_size} (grid/vocabulary): were they made by the same dVAE?")
+        else:
+            from dalle_ds.train.dvae_trainer import load_dvae
+
+            self.dvae = load_dvae(d.dvae)
+            img = d.images
+            img.validate(self.dvae.cfg.image_size, "data.images")
+            train_ds = build_dataset(img.name, img.train_split, **img.dataset_kwargs(img.train_split,
+                                                                                      self.dvae.cfg.image_size))
+            split = img.resolved_eval_split
+            val_ds = build_dataset(img.name, split, **img.dataset_kwargs(split, self.dvae.cfg.image_size))
+            grid, vocab = self.dvae.cfg.grid_size, self.dvae.cfg.vocab_size
+        if is_rank0():
+            run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        self.tokenizer = ensure_run_tokenizer(d.tokenizer, train_ds, run_dir / "tokenizer", d.tokenizer_vocab_size,
+                                              cfg.model.text_len - 1)
+        model_cfg = replace(cfg.model, text_vocab_size=self.tokenizer.vocab_size, image_vocab_size=vocab,
+                            image_grid=grid, bos_id=self.tokenizer.bos_id).validate()
+        cfg = replace(cfg, model=model_cfg)
+        self.val_ds = val_ds
+        self.collate = CaptionCollate(self.tokenizer, model_cfg)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = DALLE(model_cfg)
+        super().__init__(cfg, model, ds_config, run_dir, train_ds, self.collate, seed=cfg.seed,
+                         num_workers=d.num_workers, ema_decay=cfg.ema_decay, resume=resume,
+                         extensions=build_extensions(cfg))
+        if self.dvae is not None:
+            self.dvae = self.dvae.to(self.device)
+        if is_rank0():
+            n = sum(p.numel() for p in model.parameters())
+            log.info("prior: %.2fM parameters, %d layers (%s), T=%d text + %d×%d image tokens, text vocab %d, "
+                     "image vocab %d; %d training pairs; world size %d; resumed from step %s",
+                     n / 1e6, model_cfg.n_layers, ",".join(model.mask_schedule), model_cfg.text_len, grid, grid,
+                     model_cfg.text_vocab_size, vocab, len(train_ds), world_size(), self.resumed_from)
+
+    def image_tokens(self, batch: dict) -> torch.Tensor:
+        if "image_tokens" in batch:
+            return batch["image_tokens"].to(self.device)
+        return self.dvae.encode(batch["image"].to(self.device)).flatten(1)
+
+    def train_step(self, batches) -> dict[str, float]:
+        eng = self.engine
+        outs = self.micro_steps(batches, lambda b, i: eng(b["text"].to(self.device), self.image_tokens(b)))
+        stats = {k: sum(float(getattr(o, k).detach()) for o in outs) / len(outs)
+                 for k in ("loss", "text_loss", "image_loss")}
+        stats["lr"] = float(eng.get_lr()[0])
+        return stats
+
+    @torch.no_grad()
+    def _val_loss(self, model: torch.nn.Module) -> dict[str, float]:
+        """Mean losses over this rank's share of ``val_batches`` micro-batches, averaged across ranks."""
+        mb = self.engine.train_micro_batch_size_per_gpu()
+        n = min(len(self.val_ds), self.cfg.data.val_batches * mb * world_size())
+        mine = Subset(self.val_ds, range(rank(), n, world_size()))
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        was_training = model.training
+        model.eval()
+        for batch in DataLoader(mine, batch_size=mb, collate_fn=self.collate):
+            out = model(batch["text"].to(self.device), self.image_tokens(batch))
+            k = len(batch["caption"])
+            totals += torch.tensor([float(out.loss) * k, float(out.text_loss) * k, float(out.image_loss) * k, k],
+                                   dtype=torch.float64, device=self.device)
+        model.train(was_training)
+        if world_size() > 1:
+            dist.all_reduce(totals)
+        c = float(totals[3].clamp(min=1))
+        return {"loss": float(totals[0]) / c, "text_loss": float(totals[1]) / c, "image_loss": float(totals[2]) / c,
+                "pairs": float(totals[3])}
+
+    def evaluate(self, tag: str) -> dict[str, Any] | None:
+        if self.val_ds is None or self.cfg.data.val_batches == 0:
+            return None
+        metrics = {f"val_{k}": v for k, v in self._val_loss(self.engine.module).items()}
+        if not self.ema.sharded:
+            ema_model = DALLE(self.cfg.model).to(self.device)
+            self.ema.copy_to(ema_model)
+            metrics.update({f"val_ema_{k}": v for k, v in self._val_loss(ema_model).items() if k != "pairs"})
+        if is_rank0():
+            self.log("dalle_eval", metrics, self.engine.global_steps)
+            log.info("step %d: %s", self.engine.global_steps,
+                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "loss" in k))
+        return metrics
+
+    def finish(self, summary: dict[str, Any], ema_weights: dict[str, torch.Tensor]) -> None:
+        meta = {"tokenizer": "tokenizer", "dvae": self.cfg.data.dvae or self._shard_dvae(), "metrics": summary["eval"]}
+        export_dalle(self.run_dir / "dalle.pt", self.cfg.model, ema_weights, summary["steps"], meta)
+
+    def _shard_dvae(self) -> str | None:
+        return getattr(self.batches.dataset, "meta", {}).get("dvae")

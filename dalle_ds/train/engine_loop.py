@@ -1,0 +1,165 @@
+"""What every trainer here shares: a DeepSpeed engine around the model, an fp32 EMA of the weights, a resumable
+data order, atomic checkpoints with exact resume, a tqdm bar on rank 0, and metrics through DeepSpeed's monitors.
+
+A subclass provides ``train_step(batches) -> dict`` (one optimizer update; it may call ``self.micro_steps``),
+``evaluate(tag) -> dict | None`` and ``finish(summary, ema_weights)``; ``train()`` runs the loop.
+
+Extensions (e.g. a gradient reducer) plug into the engine's life cycle; each may define any of:
+``before_initialize(model, ds_config)`` (before ``deepspeed.initialize``; may edit the config dict),
+``setup(loop)`` (after it, before resume), ``after_backward(loop, micro)`` (after every ``engine.backward``),
+``stats() -> dict`` (merged into the logged step statistics), ``state_dict()`` / ``load_state_dict(state)``
+(this rank's state, saved in the checkpoint's per-rank file). Each has a unique ``name``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from dalle_ds.train import checkpoint as ckpt
+from dalle_ds.train.data_loading import StepBatches
+from dalle_ds.train.distributed import all_reduce_mean, barrier, device, is_rank0, rank, world_size
+from dalle_ds.train.ema import EMA
+
+
+class EngineLoop:
+    job_name = "train"
+
+    def __init__(self, cfg: Any, model: torch.nn.Module, ds_config: dict, run_dir: str | Path, train_ds: Dataset,
+                 collate_fn: Callable, *, seed: int, num_workers: int, ema_decay: float, resume: bool = True,
+                 extensions: list | tuple = ()):
+        import deepspeed
+
+        self.extensions = list(extensions)
+        for ext in self.extensions:
+            if hasattr(ext, "before_initialize"):
+                ext.before_initialize(model, ds_config)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = device()
+        self.seed = seed
+        if is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / f"{self.job_name}_run_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            (self.run_dir / f"{self.job_name}_ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                     config=ds_config)
+        self.ema = EMA(self.engine.module, ema_decay)
+        for ext in self.extensions:
+            if hasattr(ext, "setup"):
+                ext.setup(self)
+        self.batches = StepBatches(train_ds, self.engine.train_micro_batch_size_per_gpu(), world_size(), rank(),
+                                   seed, num_workers, collate_fn)
+        self.resumed_from = None
+        if resume:
+            loaded = ckpt.load_checkpoint(self.engine, self.ckpt_dir)
+            if loaded is not None:
+                state, own = loaded
+                if (self.ema.sharded or self._stateful_extensions()) and own is None:
+                    raise RuntimeError(f"checkpoint in {self.ckpt_dir} lacks this rank's own state (rank{rank()}.pt): "
+                                       "was it written with a different number of ranks, ZeRO stage or extensions?")
+                self.ema.load_state_dict(own["ema"] if self.ema.sharded else state["ema"])
+                for ext in self._stateful_extensions():
+                    ext.load_state_dict(own["extensions"][ext.name])
+                self.batches.load_state_dict(state["data"])
+                self.load_extra_state(state.get("extra", {}))
+                self.resumed_from = self.engine.global_steps
+
+    # -- hooks for subclasses -----------------------------------------------------------------------------------
+    def train_step(self, batches) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, tag: str) -> dict[str, Any] | None:
+        return None
+
+    def finish(self, summary: dict[str, Any], ema_weights: dict[str, torch.Tensor]) -> None:
+        """Rank 0 only: write the exported artifacts (``ema_weights``: the full averaged weights)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- shared machinery ---------------------------------------------------------------------------------------
+    def _stateful_extensions(self) -> list:
+        return [e for e in self.extensions if hasattr(e, "state_dict")]
+
+    def micro_steps(self, batches, fn: Callable[[dict, int], Any]) -> list[Any]:
+        """Run ``fn(batch, micro) -> output with .loss`` for each micro-batch of one optimizer update."""
+        outs = []
+        for micro in range(self.engine.gradient_accumulation_steps()):
+            out = fn(next(batches), micro)
+            self.engine.backward(out.loss)
+            for ext in self.extensions:
+                if hasattr(ext, "after_backward"):
+                    ext.after_backward(self, micro)
+            self.engine.step()
+            outs.append(out)
+        self.ema.update(self.engine.module.parameters())
+        return outs
+
+    def save(self) -> None:
+        ema = self.ema.state_dict()
+        state = {"data": self.batches.state_dict(), "run_config": asdict(self.cfg), "extra": self.extra_state()}
+        own: dict[str, Any] = {}
+        if self.ema.sharded:
+            own["ema"] = ema
+        else:
+            state["ema"] = ema
+        if self._stateful_extensions():
+            own["extensions"] = {e.name: e.state_dict() for e in self._stateful_extensions()}
+        ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.engine.global_steps, state,
+                             keep=self.cfg.keep_checkpoints, rank_state=own or None)
+
+    def log(self, prefix: str, values: dict[str, float], step: int) -> None:
+        self.engine.monitor.write_events([(f"{prefix}/{k}", float(v), step) for k, v in values.items()
+                                          if isinstance(v, (int, float))])
+
+    def train(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train to ``cfg.steps``; ``stop_at`` stops early after a checkpoint, as a preempted job would."""
+        c, eng = self.cfg, self.engine
+        end = c.steps if stop_at is None else min(stop_at, c.steps)
+        batches = iter(self.batches)
+        bar = tqdm(total=c.steps, initial=eng.global_steps, desc=self.job_name, disable=not is_rank0(),
+                   dynamic_ncols=True, mininterval=1.0)
+        t0, history = time.time(), []
+        while eng.global_steps < end:
+            stats = self.train_step(batches)
+            for ext in self.extensions:
+                if hasattr(ext, "stats"):
+                    stats.update(ext.stats())
+            step = eng.global_steps
+            bar.update(1)
+            if c.log_every and (step % c.log_every == 0 or step == c.steps):
+                stats = all_reduce_mean(stats)
+                history.append({"step": step, **stats})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k in self.postfix_keys})
+                self.log(self.job_name, stats, step)
+            if c.save_every and step % c.save_every == 0 and step < c.steps:
+                self.save()
+            if c.eval_every and step % c.eval_every == 0 and step < c.steps:
+                self.evaluate(f"step{step:06d}")
+        bar.close()
+        summary = {"steps": eng.global_steps, "train_seconds": time.time() - t0, "world_size": world_size(),
+                   "resumed_from": self.resumed_from, "eval": None, "history": history}
+        self.save()
+        if eng.global_steps < c.steps:  # stopped early: the checkpoint is the artifact
+            if is_rank0():
+                (self.run_dir / f"{self.job_name}_partial_metrics.json").write_text(json.dumps(summary, indent=2))
+            return summary
+        summary["eval"] = self.evaluate("final")
+        ema_weights = self.ema.model_state_dict()  # a collective under ZeRO-3
+        if is_rank0():
+            self.finish(summary, ema_weights)
+            (self.run_dir / f"{self.job_name}_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        barrier()
+        return summary
+
+    postfix_keys: tuple[str, ...] = ("loss",)

@@ -1,0 +1,9 @@
+"""Which trainer extensions (see :class:`dalle_ds.train.engine_loop.EngineLoop`) a run config turns on."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def build_extensions(cfg: Any) -> list:
+    """Extensions for a run config, in the order their hooks run."""
+    return []

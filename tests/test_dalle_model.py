@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle_ds.models.dalle import DALLE, DALLE_PRESETS, DalleConfig, count_parameters, prepare_text
+from dalle_ds.sample.generate import SamplingConfig, filter_logits, sample_image_tokens
+
+CFG = DalleConfig(text_vocab_size=50, text_len=6, image_vocab_size=20, image_grid=4, d_model=32, n_layers=6,
+                  n_heads=2, conv_kernel=3, attn_backend="dense")
+
+
+def _batch(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 50, (B, 8), generator=g)
+    lengths = torch.tensor([0, 3, 8][:B])
+    text = prepare_text(ids, lengths, CFG)
+    image = torch.randint(0, 20, (B, 16), generator=g)
+    return ids, lengths, text, image
+
+
+def test_mask_schedule_per_layer():
+    assert DALLE(CFG).mask_schedule == ["row", "column", "row", "row", "row", "conv"]
+    big = DalleConfig(n_layers=64, d_model=64, n_heads=1, text_len=4, image_grid=4)
+    with torch.device("meta"):
+        sched = DALLE(big).mask_schedule
+    assert sched[:4] == ["row", "column", "row", "row"] and sched[-1] == "conv"
+    assert [i + 1 for i, k in enumerate(sched) if k == "column"] == list(range(2, 63, 4))
+    assert sched.count("row") == 47
+
+
+def test_per_position_padding_tokens():
+    ids, lengths, text, _ = _batch()
+    assert text[:, 0].tolist() == [CFG.bos_id] * 3
+    # caption of length 0: every position after <bos> is its own padding token 50 + i
+    assert text[0, 1:].tolist() == [50 + i for i in range(1, 6)]
+    assert text[1, 1:4].tolist() == ids[1, :3].tolist() and text[1, 4:].tolist() == [54, 55]
+    assert text[2, 1:].tolist() == ids[2, :5].tolist()  # truncated to T - 1 caption tokens
+    # the padding tokens are distinct learned embeddings, not one shared id
+    model = DALLE(CFG)
+    e = model.text_emb.weight
+    assert e.shape[0] == 50 + 6 and not torch.equal(e[54], e[55])
+
+
+def test_loss_is_one_eighth_text_seven_eighths_image():
+    _, _, text, image = _batch()
+    model = DALLE(CFG)
+    out = model(text, image, return_logits=True)
+    assert out.image_logits.dtype == torch.float32 and out.image_logits.shape == (3, 16, 20)
+    assert float(out.loss) == pytest.approx(float(out.text_loss) / 8 + 7 * float(out.image_loss) / 8, rel=1e-6)
+    # each part is normalised by its own token count: compare with a hand computation
+    h = model(text, image, return_logits=True)
+    manual_img = F.cross_entropy(h.image_logits.reshape(-1, 20), image.reshape(-1))
+    assert float(out.image_loss) == pytest.approx(float(manual_img), rel=1e-6)
+    assert 0 < float(out.text_loss) < 2 * math.log(56) and 0 < float(out.image_loss) < 2 * math.log(20)
+
+
+def test_image_positions_only_see_what_their_mask_allows():
+    """Changing a future image code must not change earlier logits; the last (conv) layer limits the reach."""
+    _, _, text, image = _batch(B=1)
+    model = DALLE(CFG).eval()
+    base = model(text, image, return_logits=True).image_logits
+    changed = image.clone()
+    changed[0, 10] = (changed[0, 10] + 1) % 20
+    after = model(text, changed, return_logits=True).image_logits
+    # logits at index i predict code i from codes < i: indices ≤ 10 are unchanged, some later ones change
+    torch.testing.assert_close(after[:, :11], base[:, :11], rtol=0, atol=0)
+    assert not torch.allclose(after[:, 11:], base[:, 11:])
+
+
+def test_cached_sampling_equals_full_forward():
+    torch.manual_seed(0)
+    model = DALLE(CFG).eval()
+    _, _, text, _ = _batch()
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    tok_c, logits_c = sample_image_tokens(model, text, generator=g1, use_cache=True, return_logits=True)
+    tok_f, logits_f = sample_image_tokens(model, text, generator=g2, use_cache=False, return_logits=True)
+    assert torch.equal(tok_c, tok_f)
+    torch.testing.assert_close(logits_c, logits_f, rtol=1e-5, atol=1e-5)
+    full = model(text, tok_c, return_logits=True).image_logits  # one pass over the sampled sequence
+    torch.testing.assert_close(logits_c, full, rtol=1e-5, atol=1e-5)
+
+
+def test_filtering():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, SamplingConfig(top_k=2))).tolist() == [[False, False, True, True]]
+    p = torch.softmax(logits, -1)[0]  # ≈ [0.64, 0.24, 0.09, 0.03]
+    kept = ~torch.isinf(filter_logits(logits, SamplingConfig(top_p=float(p[0] + p[1]) - 1e-3)))
+    assert kept.tolist() == [[True, True, False, False]]
+    torch.testing.assert_close(filter_logits(logits, SamplingConfig(temperature=2.0)), logits / 2)
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0).validate()
+
+
+def test_preset_parameter_counts_on_meta_device():
+    n12 = count_parameters(DALLE_PRESETS["12B"])
+    assert 11.5e9 < n12 < 12.5e9
+    c = DALLE_PRESETS["12B"]
+    assert (c.n_layers, c.n_heads, c.d_model, c.text_len, c.image_len) == (64, 62, 3968, 256, 1024)
+    # hand count: 12 d² + 13 d per layer, embeddings, heads
+    d, L = c.d_model, c.n_layers
+    emb = (c.text_classes + c.text_len + c.image_vocab_size + 2 * c.image_grid) * d
+    per_layer = 12 * d * d + 13 * d
+    heads = (c.text_classes + c.image_vocab_size) * d
+    assert n12 == emb + L * per_layer + 2 * d + heads
+
+
+def test_bad_config():
+    from dalle_ds.config import ConfigError
+
+    with pytest.raises(ConfigError, match="divisible"):
+        DALLE(DalleConfig(d_model=30, n_heads=4, n_layers=1, text_len=4, image_grid=2))
