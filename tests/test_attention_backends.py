@@ -76,16 +76,16 @@ def test_scale_argument():
     torch.testing.assert_close(attention(q * 2, k, v, spec, scale=0.5 / math.sqrt(32)), default)
 
 
-def test_auto_on_cpu_uses_dense_and_explains_refusals():
+def test_auto_on_cpu_uses_sdpa_and_explains_refusals():
     spec = MaskSpec("row", 3, 5)
     q, k, v = rand_qkv(spec, requires_grad=True)
-    assert select_backend(q, k, v, spec) == "dense"
+    assert select_backend(q, k, v, spec) == "sdpa"
     with pytest.raises(NotImplementedError, match="no CPU backward"):
         attention(q, k, v, spec, backend="flex")
     with pytest.raises(NotImplementedError) as err:
         attention(*(t.detach().to(torch.int32) for t in (q, k, v)), spec)
     msg = str(err.value)
-    for name in ("triton:", "flex:", "dense:"):
+    for name in ("triton:", "flex:", "sdpa:", "dense:"):
         assert name in msg
     assert "dtype=torch.int32" in msg
 
@@ -116,10 +116,24 @@ def test_input_validation():
 
 def test_backend_status_lists_every_backend():
     rows = backend_status()
-    assert [r["name"] for r in rows] == ["triton", "flex", "dense"]
+    assert [r["name"] for r in rows] == ["triton", "flex", "sdpa", "dense"]
     for r in rows:
         assert set(r) == {"name", "available", "reason"} and isinstance(r["reason"], str) and r["reason"]
-    assert rows[2]["available"]
+    assert rows[2]["available"] and rows[3]["available"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,W", [(0, 5), (3, 8), (7, 4)])
+def test_sdpa_matches_dense_forward_and_backward(kind, T, W):
+    spec = MaskSpec(kind, T, W, conv_kernel=3)
+    q, k, v = rand_qkv(spec, requires_grad=True)
+    ref = attention(q, k, v, spec, backend="dense")
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    out = attention(q, k, v, spec, backend="sdpa")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -5,8 +5,10 @@ Backends (in ``auto`` priority order):
 * ``triton``: the block-sparse FlashAttention-style kernels (CUDA sm80+; CPU only under ``TRITON_INTERPRET=1``,
   and then only when asked for by name);
 * ``flex``: FlexAttention with the same mask (CUDA: compiled, forward + backward; CPU: forward only, unfused);
-* ``dense``: masked dense attention computed in fp32 (any device, any float dtype; O(N^2) memory). Used by
-  ``auto`` on CPU.
+* ``sdpa``: ``F.scaled_dot_product_attention`` with the dense boolean mask built from the same definition (any
+  device, any float dtype, computed in the input dtype; O(N^2) mask memory, fused kernels where torch has them: on
+  CPU about 2.6x faster than ``dense`` for forward+backward at 280 tokens). Used by ``auto`` on CPU.
+* ``dense``: masked dense attention computed in fp32 (any device, any float dtype; O(N^2) memory): the reference.
 
 Each backend states why it cannot run a given call; when none can, the error lists every reason (the
 xformers dispatch pattern). q, k, v are always (B, H, N, D) in raster order: backends that transpose image states
@@ -19,13 +21,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import flex as _flex
 from . import triton_backend as _triton
 from .masks import MaskSpec
-from .reference import reference_attention, reference_decode
+from .reference import dense_mask, reference_attention, reference_decode
 
-BACKEND_NAMES = ("triton", "flex", "dense")
+BACKEND_NAMES = ("triton", "flex", "sdpa", "dense")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,13 @@ _BACKENDS = {
     "flex": _Backend(
         "flex", _flex_reasons, lambda q, k, v, spec, scale: _flex.flex_sparse_attention(q, k, v, spec, scale),
         None, None, _flex_status,
+    ),
+    "sdpa": _Backend(
+        "sdpa", _dense_reasons,
+        lambda q, k, v, spec, scale: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(spec, q.device),
+                                                                    scale=scale),
+        None, None,
+        lambda: (True, "always (torch SDPA with the dense boolean mask; input dtype)"),
     ),
     "dense": _Backend(
         "dense", _dense_reasons, lambda q, k, v, spec, scale: reference_attention(q, k, v, spec, scale),
