@@ -1,19 +1,47 @@
 #!/usr/bin/env bash
-# The CPU demo behind `make demo`: everything on built-in data, 2 ranks under the deepspeed launcher.
-#   launch/demo.sh [RUN_DIR]        (default runs/demo; DEMO_NPROC=2 ranks)
+# The CPU demo behind `make demo`: the whole text-to-image system on built-in shapes data, 2 ranks under the
+# deepspeed launcher (gloo on CPU): dVAE → image-token shards → prior → CLIP reranker → samples for test_id and
+# test_ood captions → shapes scorer → RUN_DIR/metrics.json.
+#   launch/demo.sh [RUN_DIR]        (default runs/demo; DEMO_NPROC=2 ranks; DEMO_CAPTIONS=64 per split)
+# Each stage resumes from its checkpoints or is skipped when its output exists, so an interrupted demo continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/demo}
 NPROC=${DEMO_NPROC:-2}
+CAPTIONS=${DEMO_CAPTIONS:-64}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$RUN"
 start=$(date +%s)
+TIMES="$RUN/stage_seconds.txt"; : > "$TIMES"
 log() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
+stage() {  # stage NAME OUTPUT_FILE COMMAND...
+  local name=$1 want=$2; shift 2
+  if [ -e "$want" ]; then log "$name: $want exists, skipped"; return; fi
+  local t0; t0=$(date +%s)
+  log "$name"
+  "$@"
+  test -e "$want" || { echo "demo: stage '$name' did not produce $want (see above)"; exit 1; }
+  echo "$name $(( $(date +%s) - t0 ))" >> "$TIMES"
+}
+ds() { deepspeed --num_gpus "$NPROC" "$@"; }
 
-log "stage 1: training the dVAE on shapes (64x64 -> 16x16 codes) on $NPROC ranks"
-deepspeed --num_gpus "$NPROC" launch/train_dvae.py --deepspeed_config ds_configs/cpu_dvae.json \
-  --preset demo --out "$RUN/dvae" 2>&1 | grep -v -E '^\[20[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]' || true
-test -f "$RUN/dvae/dvae.pt" || { echo "demo: the dVAE run did not finish (see above)"; exit 1; }
-
-log "done. Pictures: $RUN/dvae/reconstructions_final.png (originals above, reconstructions below)"
-log "metrics: $RUN/dvae/dvae_metrics.json; TensorBoard: tensorboard --logdir $RUN/dvae/monitor"
+stage "stage 1: dVAE on shapes (64x64 -> 16x16 codes)" "$RUN/dvae/dvae.pt" \
+  ds launch/train_dvae.py --deepspeed_config ds_configs/cpu_dvae.json --preset demo --out "$RUN/dvae"
+for split in train test_id; do
+  n=20000; [ "$split" = test_id ] && n=512
+  stage "image tokens: $split" "$RUN/tokens/$split/meta.json" \
+    ds launch/tokenize_images.py --dvae "$RUN/dvae/dvae.pt" --split "$split" --num_samples "$n" \
+      --out "$RUN/tokens/$split"
+done
+stage "stage 2: the prior (ZeRO-2)" "$RUN/dalle/dalle.pt" \
+  ds launch/train_dalle.py --deepspeed_config ds_configs/cpu_dalle.json --preset demo \
+    --set data.train_tokens="$RUN/tokens/train" --set data.val_tokens="$RUN/tokens/test_id" --out "$RUN/dalle"
+stage "CLIP reranker" "$RUN/clip/clip" \
+  ds launch/train_clip.py --deepspeed_config ds_configs/cpu_clip.json --preset demo \
+    --set tokenizer="$RUN/dalle/tokenizer" --out "$RUN/clip"
+for split in test_id test_ood; do
+  stage "samples: $CAPTIONS $split captions" "$RUN/samples_$split/metrics.json" \
+    ds launch/sample.py --prior "$RUN/dalle/dalle.pt" --clip "$RUN/clip/clip" --shapes_split "$split" \
+      --num_captions "$CAPTIONS" --num_candidates 16 --keep 4 --out "$RUN/samples_$split"
+done
+python launch/demo_report.py "$RUN" --total_seconds $(( $(date +%s) - start ))

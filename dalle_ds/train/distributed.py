@@ -16,6 +16,11 @@ def init_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
+    # DeepSpeed logs every engine detail at INFO on every rank; keep warnings unless DALLE_DS_VERBOSE=1.
+    if os.environ.get("DALLE_DS_VERBOSE", "0") in ("", "0"):
+        import logging
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if "RANK" not in os.environ:  # plain `python script.py`: a world of one
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")

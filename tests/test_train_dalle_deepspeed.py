@@ -1,0 +1,104 @@
+"""Stage 2 under the real `deepspeed` launcher (2 CPU ranks, ZeRO-2): the prior learns a caption → image-code
+mapping, a preempted run resumes exactly, and the exported prior samples and scores through launch/sample.py."""
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from dalle_ds.config import DVAEConfig
+from dalle_ds.data.token_shards import ShardWriter, write_meta
+from dalle_ds.models.dvae import DiscreteVAE
+from dalle_ds.train.dvae_trainer import export_dvae
+from launch_utils import ROOT, deepspeed_launch
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "cyan", "white", "orange"]
+GRID, VOCAB = 4, 16
+
+
+def _codes(caption: str) -> torch.Tensor:
+    """A caption-determined image: colour c fills the grid with code c, 'small' leaves a border of code 15."""
+    words = caption.split()
+    codes = torch.full((GRID, GRID), COLOURS.index(words[-2]), dtype=torch.long)
+    if words[1] == "small":
+        codes[0, :], codes[-1, :], codes[:, 0], codes[:, -1] = 15, 15, 15, 15
+    return codes
+
+
+def _write_shards(out, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = ShardWriter(out, rank=0, grid_size=GRID, vocab_size=VOCAB, rows_per_shard=64)
+    for i in range(n):
+        size = ["small", "large"][int(torch.randint(2, (1,), generator=g))]
+        colour = COLOURS[int(torch.randint(len(COLOURS), (1,), generator=g))]
+        caption = f"a {size} {colour} square"
+        w.add(_codes(caption)[None], [{"index": i, "caption": caption}])
+    w.flush()
+    write_meta(out, w.parts, GRID, VOCAB, {"dataset": "unit"})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dalle_shards")
+    _write_shards(root / "train", 512, 0)
+    _write_shards(root / "val", 64, 1)
+    return root
+
+
+def _args(shards, out, *extra):
+    return ["--deepspeed_config", "ds_configs/cpu_dalle.json", "--preset", "test",
+            "--set", f"data.train_tokens={shards / 'train'}", "--set", f"data.val_tokens={shards / 'val'}",
+            "--set", "steps=100", "--set", "save_every=50", "--set", "log_every=1", "--out", str(out), *extra]
+
+
+def _history(run):
+    return {h["step"]: h for h in json.loads((run / "dalle_metrics.json").read_text())["history"]}
+
+
+def test_zero2_prior_learns_resumes_and_samples(shards, tmp_path):
+    full, parted = tmp_path / "full", tmp_path / "parted"
+    deepspeed_launch("launch/train_dalle.py", _args(shards, full))
+    deepspeed_launch("launch/train_dalle.py", _args(shards, parted, "--stop_at", "50"))
+    assert not (parted / "dalle.pt").exists()
+    deepspeed_launch("launch/train_dalle.py", _args(shards, parted))
+
+    cfg = json.loads((full / "dalle_ds_config.json").read_text())
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["gradient_clipping"] == 4.0
+    a, b = _history(full), _history(parted)
+    assert sorted(b) == list(range(51, 101))
+    for step in b:  # same data order, same initial weights: the resumed run is the uninterrupted one
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
+    # It learns: over 100 updates the image loss (16 codes, ln 16 = 2.77 nats at chance) falls by more than half
+    # (a 40-update run measured 2.75 -> 1.94), on the training batches and on the held-out pairs.
+    first, last = a[1]["image_loss"], sum(a[s]["image_loss"] for s in range(96, 101)) / 5
+    assert last < 0.5 * first, (first, last)
+    metrics = json.loads((full / "dalle_metrics.json").read_text())["eval"]
+    assert metrics["val_image_loss"] < 0.5 * first, metrics
+    assert (full / "monitor" / "dalle" / "dalle_loss.csv").is_file()
+    assert (full / "tokenizer" / "tokenizer.json").is_file()
+
+    # The exported prior samples through the CLI (a random-weight dVAE decodes; scoring needs shapes captions).
+    dvae_cfg = DVAEConfig(image_size=16, vocab_size=VOCAB, hidden=4, blocks_per_group=1, groups=3, decoder_init=8)
+    torch.manual_seed(0)
+    export_dvae(tmp_path / "dvae.pt", dvae_cfg, DiscreteVAE(dvae_cfg).state_dict(), 0)
+    out = tmp_path / "samples"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), "--prior", str(full / "dalle.pt"),
+                           "--dvae", str(tmp_path / "dvae.pt"), "--caption", "a large blue square",
+                           "--caption", "a small red square", "--num_candidates", "4", "--keep", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "samples.json").read_text())
+    assert [r["caption"] for r in result["captions"]] == ["a large blue square", "a small red square"]
+    assert all(len(r["kept"]) == 2 and sorted(r["order"]) == [0, 1, 2, 3] for r in result["captions"])
+    assert (out / "grids" / "0000.png").stat().st_size > 200
+
+
+def test_sample_cli_rejects_bad_arguments(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), "--prior", str(tmp_path / "no.pt"),
+                           "--caption", "x", "--num_candidates", "2", "--keep", "3", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--keep" in proc.stderr
