@@ -412,8 +412,8 @@ DVAE_RUN_PRESETS: dict[str, DVAETrainConfig] = {
     "demo": DVAETrainConfig(
         model=DVAE_PRESETS["tiny"],
         data=DataConfig(name="shapes", train_samples=20000, eval_samples=256, num_workers=0),
-        steps=500, tau_anneal_steps=400, kl_anneal_steps=150, kl_weight=6.6, ema_decay=0.99,
-        log_every=10, eval_every=250, save_every=250),
+        steps=400, tau_anneal_steps=320, kl_anneal_steps=120, kl_weight=6.6, ema_decay=0.99,
+        log_every=10, eval_every=200, save_every=200),
     # Unit tests: seconds.
     "test": DVAETrainConfig(
         model=DVAEConfig(image_size=64, vocab_size=64, hidden=8, blocks_per_group=1, groups=3, decoder_init=16),
@@ -512,8 +512,8 @@ class DalleTrainConfig:
 
 DALLE_RUN_PRESETS: dict[str, DalleTrainConfig] = {
     "paper": DalleTrainConfig(),
-    "demo": DalleTrainConfig(model=DALLE_PRESETS["tiny"], steps=600, ema_decay=0.99, log_every=10,
-                             eval_every=300, save_every=300),
+    "demo": DalleTrainConfig(model=DALLE_PRESETS["tiny"], steps=400, ema_decay=0.99, log_every=10,
+                             eval_every=200, save_every=200),
     "test": DalleTrainConfig(model=DALLE_PRESETS["test"], steps=20, ema_decay=0.9, log_every=1, eval_every=0,
                              save_every=10, data=DalleDataConfig(val_batches=2)),
 }
@@ -572,7 +572,8 @@ class ClipTrainConfig:
 
 
 CLIP_RUN_PRESETS: dict[str, ClipTrainConfig] = {
-    "demo": ClipTrainConfig(steps=500, save_every=250),
+    "demo": ClipTrainConfig(steps=300, save_every=150,
+                            data=DataConfig(train_samples=10000, eval_samples=256, num_workers=0)),
     "test": ClipTrainConfig(model=ClipModelConfig(width=32, layers=1, heads=2, projection_dim=32, text_len=24),
                             data=DataConfig(train_samples=256, eval_samples=32, num_workers=0), steps=10,
                             log_every=1, save_every=5),

@@ -17,7 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 

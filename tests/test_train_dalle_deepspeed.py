@@ -3,7 +3,6 @@ mapping, a preempted run resumes exactly, and the exported prior samples and sco
 import json
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
 import torch

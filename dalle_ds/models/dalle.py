@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle_ds.config import DALLE_PRESETS, DalleConfig
+from dalle_ds.config import DalleConfig
 from dalle_ds.ops.attention import MaskSpec, attention, attention_decode, layer_kind
 
 TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 1.0 / 8.0, 7.0 / 8.0  # paper §2.2

@@ -51,6 +51,18 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def load_artifact(path: str | Path, kind: str, what: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load an exported artifact (``{"kind": kind, "config": ..., "state_dict": ...}``), with clear errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {p}")
+    blob = torch.load(p, map_location=map_location, weights_only=False)
+    if not isinstance(blob, dict) or blob.get("kind") != kind:
+        raise ValueError(f"{p} is not a {what} exported by dalle_ds (found kind "
+                         f"{blob.get('kind') if isinstance(blob, dict) else type(blob).__name__!r}, want {kind!r})")
+    return blob
+
+
 def step_tag(step: int) -> str:
     return f"step{step:08d}"
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from dalle_ds.config import DalleConfig, DalleTrainConfig
 from dalle_ds.data.registry import build_dataset
@@ -59,12 +59,7 @@ def export_dalle(path: Path, model_cfg: DalleConfig, state_dict: dict, step: int
 
 def load_dalle(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DALLE, dict]:
     """Load an exported prior; returns (model, the export's metadata: tokenizer and dvae paths, step...)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prior file not found: {p}")
-    blob = torch.load(p, map_location=map_location, weights_only=False)
-    if not isinstance(blob, dict) or blob.get("kind") != "dalle_ds.dalle":
-        raise ValueError(f"{p} is not a prior exported by dalle_ds (expected the dalle.pt a run writes)")
+    blob = ckpt.load_artifact(path, "dalle_ds.dalle", "prior", map_location)
     model = DALLE(DalleConfig(**blob.pop("config")))
     model.load_state_dict(blob.pop("state_dict"))
     return model.eval(), blob

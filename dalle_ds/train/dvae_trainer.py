@@ -64,12 +64,7 @@ def export_dvae(path: Path, model_cfg: DVAEConfig, state_dict: dict, step: int, 
 
 
 def load_dvae(path: str | Path, map_location: str | torch.device = "cpu") -> DiscreteVAE:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"dVAE file not found: {p}")
-    blob = torch.load(p, map_location=map_location, weights_only=False)
-    if not isinstance(blob, dict) or blob.get("kind") != "dalle_ds.dvae":
-        raise ValueError(f"{p} is not a dVAE exported by dalle_ds (expected the dvae.pt a run writes)")
+    blob = ckpt.load_artifact(path, "dalle_ds.dvae", "dVAE", map_location)
     model = DiscreteVAE(DVAEConfig(**blob["config"]))
     model.load_state_dict(blob["state_dict"])
     return model.eval()

@@ -1,0 +1,188 @@
+"""Sampling throughput: images per second with and without the key/value cache, and where the time goes.
+
+For a prior preset (random weights: throughput does not depend on what was learned) and each batch size, it draws
+every image code of a batch of captions with ``sample_image_tokens(use_cache=True)`` (one prefill of the text, then
+one decode step per code, each attending to the cache under the layer's sparse mask) and with ``use_cache=False``
+(a full forward pass of the whole sequence per code, the reference), then decodes with a dVAE of the matching grid
+and vocabulary and reranks with a small CLIP, and reports
+
+* images/s for sampling alone, cached and uncached, and the speedup;
+* the split of one cached generate (sample / dVAE decode / CLIP rerank), so the reranker's time share is visible.
+
+Work per image without the cache is about n/2 full forward passes of n tokens (O(n^2) per layer in the attention
+and O(n) matmuls per token, repeated n times); with the cache each code costs one token's matmuls plus one row of
+attention. So the speedup should grow roughly linearly with the number of image tokens.
+
+    python benchmarks/bench_sample.py --preset tiny --batch-sizes 1,8,32 --out benchmarks/results/sample_cpu_<date>
+    python benchmarks/bench_sample.py --quick            # the test preset, seconds (tests the harness)
+    python benchmarks/bench_sample.py --preset 350M --device cuda --dtype bfloat16 --batch-sizes 1,8,32,128 \
+        --no-uncached-above 8
+
+On CUDA, ``--batch-sizes auto`` doubles the batch until it runs out of memory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dalle_ds.config import DALLE_PRESETS, ClipModelConfig, DVAEConfig  # noqa: E402
+from dalle_ds.data.tokenizer import train_caption_tokenizer  # noqa: E402
+from dalle_ds.models.dalle import DALLE, prepare_text  # noqa: E402
+from dalle_ds.models.dvae import DiscreteVAE  # noqa: E402
+from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for  # noqa: E402
+from dalle_ds.sample.generate import SamplingConfig, sample_image_tokens  # noqa: E402
+
+CAPTIONS = ["a large red circle above a small blue square", "a small green triangle in the top left",
+            "a white cross to the left of a yellow square", "a large purple star in the center"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps: int) -> float:
+    """Median seconds of ``reps`` calls after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def build(preset: str, device: torch.device, dtype: torch.dtype):
+    tok = train_caption_tokenizer(CAPTIONS * 4, vocab_size=400, max_length=DALLE_PRESETS[preset].text_len - 1)
+    cfg = dataclasses.replace(DALLE_PRESETS[preset], text_vocab_size=tok.vocab_size, bos_id=tok.bos_id).validate()
+    torch.manual_seed(0)
+    prior = DALLE(cfg).to(device=device, dtype=dtype).eval()
+    groups = 3  # 4x downsampling: 4 pixels per code
+    dvae = DiscreteVAE(DVAEConfig(image_size=cfg.image_grid * 4, vocab_size=cfg.image_vocab_size, hidden=16,
+                                  blocks_per_group=1, groups=groups, decoder_init=32)).to(device).eval()
+    clip_cfg = ClipModelConfig(image_size=cfg.image_grid * 4, patch_size=4 if cfg.image_grid <= 8 else 8)
+    clip_tok = clip_tokenizer_from_caption_tokenizer(tok, clip_cfg.text_len)
+    reranker = ClipReranker(build_clip(clip_cfg, clip_tok), clip_tok, image_processor_for(clip_cfg.image_size), device)
+    return tok, prior, dvae, reranker
+
+
+def run_case(prior, dvae, reranker, text, batch: int, device, reps: int, uncached: bool) -> dict:
+    sampling = SamplingConfig()
+    t = text[:1].expand(batch, -1).contiguous()
+    gen = torch.Generator(device=device)
+    row: dict = {"batch": batch, "image_tokens": prior.cfg.image_len}
+    with torch.no_grad():
+        cached = timed(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=True), device, reps)
+        row["cached_s"] = cached
+        row["cached_images_per_s"] = batch / cached
+        if uncached:
+            full = timed(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=False),
+                         device, max(1, reps // 2))
+            row["uncached_s"] = full
+            row["uncached_images_per_s"] = batch / full
+            row["cache_speedup"] = full / cached
+        codes = sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=True)
+        dec = timed(lambda: dvae.decode(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid)), device, reps)
+        images = (dvae.decode(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid)) * 255).round().byte()
+        rr = timed(lambda: reranker.rerank(images, CAPTIONS[0], keep=1), device, reps)
+    total = cached + dec + rr
+    row.update(decode_s=dec, rerank_s=rr, share_sample=cached / total, share_decode=dec / total,
+               share_rerank=rr / total)
+    return row
+
+
+def auto_batches(limit: int = 4096) -> list[int]:
+    out, b = [], 1
+    while b <= limit:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# bench_sample: {result['preset']} on {result['device_name']} ({result['dtype']})", "",
+             f"{result['image_tokens']} image tokens per image; random weights; median of {result['reps']} runs. "
+             f"Command: `{result['command']}`", "",
+             "| batch | cached img/s | uncached img/s | cache speedup | sample % | decode % | rerank % |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        unc = f"{r['uncached_images_per_s']:.3g}" if "uncached_images_per_s" in r else "-"
+        sp = f"{r['cache_speedup']:.1f}x" if "cache_speedup" in r else "-"
+        lines.append(f"| {r['batch']} | {r['cached_images_per_s']:.3g} | {unc} | {sp} | {100 * r['share_sample']:.1f} "
+                     f"| {100 * r['share_decode']:.1f} | {100 * r['share_rerank']:.1f} |")
+    if result.get("oom_at"):
+        lines.append(f"\nOut of memory at batch {result['oom_at']}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help="prior preset (default: tiny; test with --quick)")
+    p.add_argument("--quick", action="store_true", help="the test preset with batch sizes 1,4 (tests the harness)")
+    p.add_argument("--batch-sizes", default=None, help="comma list, or 'auto' (CUDA: double until out of memory)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-uncached-above", type=int, default=32,
+                   help="skip the (slow) uncached reference for larger batches")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    preset = args.preset or ("test" if args.quick else "tiny")
+    if preset not in DALLE_PRESETS:
+        p.error(f"--preset must be one of {', '.join(DALLE_PRESETS)}")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    spec = args.batch_sizes or ("1,4" if args.quick else "1,8,32")
+    batches = auto_batches() if spec == "auto" else [int(b) for b in spec.split(",")]
+    if any(b < 1 for b in batches):
+        p.error("batch sizes must be ≥ 1")
+    tok, prior, dvae, reranker = build(preset, device, dtype)
+    ids, lengths = tok.encode(CAPTIONS[:1])
+    text = prepare_text(ids, lengths, prior.cfg).to(device)
+    rows, oom_at = [], None
+    for b in batches:
+        try:
+            rows.append(run_case(prior, dvae, reranker, text, b, device, args.reps, b <= args.no_uncached_above))
+        except torch.OutOfMemoryError:
+            oom_at = b
+            torch.cuda.empty_cache()
+            break
+        r = rows[-1]
+        print(f"batch {b}: cached {r['cached_images_per_s']:.3g} img/s"
+              + (f", uncached {r['uncached_images_per_s']:.3g} img/s ({r['cache_speedup']:.1f}x)"
+                 if "cache_speedup" in r else ""), flush=True)
+    result = {"bench": "sample", "preset": preset, "device": device.type,
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+              or platform.machine(),
+              "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
+              "image_tokens": prior.cfg.image_len, "reps": args.reps, "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "command": " ".join(["python", "benchmarks/bench_sample.py",
+                                                                             *(argv if argv is not None else sys.argv[1:])]),
+              "rows": rows, "oom_at": oom_at}
+    md = markdown(result)
+    print(md)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.out + ".md").write_text(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()

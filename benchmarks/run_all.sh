@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# `make bench`: every benchmark, results under benchmarks/results/ named by device and date.
+# On a machine without a GPU the attention benchmark runs its tiny CPU harness only (TRITON_INTERPRET=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATE=$(date +%Y%m%d)
+if command -v nvidia-smi >/dev/null 2>&1 && python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  DEV=$(python -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower())")
+  python benchmarks/bench_attention.py --out "benchmarks/results/attention_${DEV}_${DATE}"
+  python benchmarks/bench_fp169.py --save
+  python benchmarks/bench_sample.py --preset 350M --dtype bfloat16 --batch-sizes 1,8,32,128 --no-uncached-above 1 \
+    --out "benchmarks/results/sample_${DEV}_${DATE}"
+else
+  TRITON_INTERPRET=1 python benchmarks/bench_attention.py --quick --out "/tmp/attention_quick_${DATE}"
+  python benchmarks/bench_fp169.py --device cpu --save
+  python benchmarks/bench_sample.py --preset tiny --batch-sizes 1,8,32 --out "benchmarks/results/sample_cpu_${DATE}"
+fi
