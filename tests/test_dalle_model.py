@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_ds.models.dalle import DALLE, DALLE_PRESETS, DalleConfig, count_parameters, prepare_text
+from dalle_ds.config import DALLE_PRESETS, DalleConfig
+from dalle_ds.models.dalle import DALLE, count_parameters, prepare_text
 from dalle_ds.sample.generate import SamplingConfig, filter_logits, sample_image_tokens
 
 CFG = DalleConfig(text_vocab_size=50, text_len=6, image_vocab_size=20, image_grid=4, d_model=32, n_layers=6,

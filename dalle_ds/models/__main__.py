@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dalle_ds.models.dalle import DALLE_PRESETS, count_parameters
+from dalle_ds.config import DALLE_PRESETS
+from dalle_ds.models.dalle import count_parameters
 
 
 def main(argv=None) -> int:
