@@ -28,9 +28,7 @@ import math
 import os
 import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,29 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from dalle_ds.ops import fp169  # noqa: E402
 from dalle_ds.ops.fp169 import _ext  # noqa: E402
+from timing import time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
-# ---- timing -------------------------------------------------------------------------------------------------------
-def time_fn(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def throughput_rows(device: torch.device, n_op: int, n_ref: int, repeats: int, providers: list[str]) -> list[dict]:

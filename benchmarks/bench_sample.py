@@ -28,7 +28,6 @@ import datetime
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,27 +41,10 @@ from dalle_ds.models.dalle import DALLE, prepare_text  # noqa: E402
 from dalle_ds.models.dvae import DiscreteVAE  # noqa: E402
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for  # noqa: E402
 from dalle_ds.sample.generate import SamplingConfig, sample_image_tokens  # noqa: E402
+from timing import time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 CAPTIONS = ["a large red circle above a small blue square", "a small green triangle in the top left",
             "a white cross to the left of a yellow square", "a large purple star in the center"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def build(preset: str, device: torch.device, dtype: torch.dtype):
@@ -85,19 +67,21 @@ def run_case(prior, dvae, reranker, text, batch: int, device, reps: int, uncache
     gen = torch.Generator(device=device)
     row: dict = {"batch": batch, "image_tokens": prior.cfg.image_len}
     with torch.no_grad():
-        cached = timed(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=True), device, reps)
+        cached = time_fn(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=True),
+                         device, reps, warmup=1)
         row["cached_s"] = cached
         row["cached_images_per_s"] = batch / cached
         if uncached:
-            full = timed(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=False),
-                         device, max(1, reps // 2))
+            full = time_fn(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=False),
+                           device, max(1, reps // 2), warmup=1)
             row["uncached_s"] = full
             row["uncached_images_per_s"] = batch / full
             row["cache_speedup"] = full / cached
         codes = sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=True)
-        dec = timed(lambda: dvae.decode(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid)), device, reps)
+        dec = time_fn(lambda: dvae.decode(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid)), device, reps,
+                      warmup=1)
         images = (dvae.decode(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid)) * 255).round().byte()
-        rr = timed(lambda: reranker.rerank(images, CAPTIONS[0], keep=1), device, reps)
+        rr = time_fn(lambda: reranker.rerank(images, CAPTIONS[0], keep=1), device, reps, warmup=1)
     total = cached + dec + rr
     row.update(decode_s=dec, rerank_s=rr, share_sample=cached / total, share_decode=dec / total,
                share_rerank=rr / total)
