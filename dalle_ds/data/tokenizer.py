@@ -158,6 +158,7 @@ class CaptionTokenizer:
                 )
         self.settings = dict(settings or {})
         self.truncated_count = 0
+        self._truncating_calls = 0  # encode calls that truncated; warnings go out on powers of two
 
     # ----- sizes and ids ---------------------------------------------------------------------------------------
     @property
@@ -202,7 +203,7 @@ class CaptionTokenizer:
             lengths[row] = len(toks)
         if truncated:
             self.truncated_count += truncated
-            self._truncating_calls = getattr(self, "_truncating_calls", 0) + 1
+            self._truncating_calls += 1
         # Warn on the 1st, 2nd, 4th, 8th... call that truncates, so a training loop is not flooded.
         if truncated and self._truncating_calls & (self._truncating_calls - 1) == 0:
             logger.warning(

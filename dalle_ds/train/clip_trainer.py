@@ -40,9 +40,6 @@ class ClipTrainer(EngineLoop):
         train_ds = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, m.image_size))
         split = d.resolved_eval_split
         self.eval_ds = build_dataset(d.name, split, **d.dataset_kwargs(split, m.image_size))
-        if is_rank0():
-            run_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
         caption_tok = ensure_run_tokenizer(cfg.tokenizer, train_ds, run_dir / "caption_tokenizer", 16384,
                                            m.text_len - 2)
         tokenizer = clip_tokenizer_from_caption_tokenizer(caption_tok, m.text_len)
@@ -64,7 +61,7 @@ class ClipTrainer(EngineLoop):
         eng = self.engine
         outs = self.micro_steps(batches, lambda b, i: eng(**{k: v.to(self.device) for k, v in b.items()},
                                                          return_loss=True))
-        return {"loss": sum(float(o.loss.detach()) for o in outs) / len(outs), "lr": float(eng.get_lr()[0]),
+        return {**self.mean_over(outs, ("loss",)), "lr": float(eng.get_lr()[0]),
                 "logit_scale": float(eng.module.logit_scale.detach().exp().squeeze())}
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ from dalle_ds.data.token_shards import TokenShardDataset
 from dalle_ds.data.tokenizer import CaptionTokenizer
 from dalle_ds.models.dalle import DALLE, prepare_text
 from dalle_ds.train import checkpoint as ckpt
-from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
+from dalle_ds.train.distributed import is_rank0, rank, world_size
 from dalle_ds.train.engine_loop import EngineLoop
 from dalle_ds.train.extensions import build_extensions
 from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
@@ -91,9 +91,6 @@ class DalleTrainer(EngineLoop):
             split = img.resolved_eval_split
             val_ds = build_dataset(img.name, split, **img.dataset_kwargs(split, self.dvae.cfg.image_size))
             grid, vocab = self.dvae.cfg.grid_size, self.dvae.cfg.vocab_size
-        if is_rank0():
-            run_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
         self.tokenizer = ensure_run_tokenizer(d.tokenizer, train_ds, run_dir / "tokenizer", d.tokenizer_vocab_size,
                                               cfg.model.text_len - 1)
         model_cfg = replace(cfg.model, text_vocab_size=self.tokenizer.vocab_size, image_vocab_size=vocab,
@@ -123,8 +120,7 @@ class DalleTrainer(EngineLoop):
     def train_step(self, batches) -> dict[str, float]:
         eng = self.engine
         outs = self.micro_steps(batches, lambda b, i: eng(b["text"].to(self.device), self.image_tokens(b)))
-        stats = {k: sum(float(getattr(o, k).detach()) for o in outs) / len(outs)
-                 for k in ("loss", "text_loss", "image_loss")}
+        stats = self.mean_over(outs, ("loss", "text_loss", "image_loss"))
         stats["lr"] = float(eng.get_lr()[0])
         return stats
 

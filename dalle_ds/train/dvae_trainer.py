@@ -105,7 +105,7 @@ class DVAETrainer(EngineLoop):
             return eng(batch["image"].to(self.device), tau=tau, kl_weight=beta, generator=gen)
 
         outs = self.micro_steps(batches, micro)
-        stats = {k: sum(float(getattr(o, k).detach()) for o in outs) / len(outs) for k in ("loss", "nll", "kl")}
+        stats = self.mean_over(outs, ("loss", "nll", "kl"))
         stats.update(tau=tau, kl_weight=beta, lr=float(eng.get_lr()[0]))
         return stats
 

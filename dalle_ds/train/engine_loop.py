@@ -105,6 +105,11 @@ class EngineLoop:
         self.ema.update(self.engine.module.parameters())
         return outs
 
+    @staticmethod
+    def mean_over(outs: list[Any], keys: tuple[str, ...]) -> dict[str, float]:
+        """The mean of each scalar output attribute in ``keys`` over one update's micro-batches."""
+        return {k: sum(float(getattr(o, k).detach()) for o in outs) / len(outs) for k in keys}
+
     def save(self) -> None:
         ema = self.ema.state_dict()
         state = {"data": self.batches.state_dict(), "run_config": asdict(self.cfg), "extra": self.extra_state()}
