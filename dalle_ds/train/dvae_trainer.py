@@ -76,7 +76,8 @@ class DVAETrainer(EngineLoop):
 
     def __init__(self, cfg: DVAETrainConfig, ds_config: dict, run_dir: str | Path, resume: bool = True):
         if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ValueError("the dVAE trainer keeps a full EMA copy and supports ZeRO stages 0-2; "
+            # Its evaluation runs on rank 0 alone, and gathering ZeRO-3 EMA shards there would need every rank.
+            raise ValueError("the dVAE trainer supports ZeRO stages 0-2 (its evaluation runs on rank 0 only); "
                              "use a stage ≤ 2 config (the dVAE is small enough)")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = DiscreteVAE(cfg.model)
