@@ -225,6 +225,13 @@ class DalleConfig:
     init_std: float = 0.02
     bos_id: int = 1
     """The tokenizer's <bos> id, put at text position 0."""
+    resblock_grad_scaling: bool = False
+    """Per-resblock gradient scaling (paper §2.4, App. D; dalle_ds.precision): one scale per attention/MLP block."""
+    resblock_dtype: str = "float32"
+    """Compute dtype of the resblock branches (float32, float16, bfloat16) via autocast; the residual stream, gains,
+    biases, embeddings and logits stay fp32. float16 needs resblock_grad_scaling."""
+    activation_checkpointing: bool = False
+    """Recompute every resblock's branch in the backward pass (torch non-reentrant checkpoint)."""
 
     @property
     def image_len(self) -> int:
@@ -259,6 +266,11 @@ class DalleConfig:
             raise ConfigError(f"{where}.bos_id {self.bos_id} is outside the text vocabulary")
         if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ConfigError(f"{where}.conv_kernel: must be odd, got {self.conv_kernel}")
+        if self.resblock_dtype not in ("float32", "float16", "bfloat16"):
+            _fail(f"{where}.resblock_dtype", f"choose float32, float16 or bfloat16, got {self.resblock_dtype!r}")
+        if self.resblock_dtype == "float16" and not self.resblock_grad_scaling:
+            _fail(f"{where}.resblock_dtype", "float16 resblocks underflow without gradient scaling: set "
+                                             "resblock_grad_scaling=true (or use bfloat16)")
         return self
 
 

@@ -1,4 +1,11 @@
-"""``python -m dalle_ds.models --preset 12B``: parameter counts of the presets, computed on the meta device."""
+"""``python -m dalle_ds.models --preset 12B``: parameter counts of the presets, computed on the meta device.
+
+``--memory`` adds a per-GPU memory estimate (parameters, gradients, Adam state, activations with and without
+activation checkpointing) for a ZeRO stage, GPU count, precision and micro-batch (see dalle_ds.models.memory):
+
+    python -m dalle_ds.models --preset 12B --memory --zero 3 --gpus 64
+    python -m dalle_ds.models --preset 2.8B --memory --zero 2 --gpus 16 --precision fp16-resblock --micro-batch 2
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,14 +13,27 @@ import sys
 
 from dalle_ds.config import DALLE_PRESETS
 from dalle_ds.models.dalle import count_parameters
+from dalle_ds.models.memory import PRECISIONS, estimate_per_gpu, format_estimate
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None, help=f"one of {', '.join(DALLE_PRESETS)} (default: all)")
+    p.add_argument("--memory", action="store_true", help="print a per-GPU memory estimate")
+    p.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3], help="ZeRO stage (with --memory)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (with --memory)")
+    p.add_argument("--precision", default="bf16", choices=PRECISIONS, help="(with --memory)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (with --memory)")
+    p.add_argument("--offload", action="store_true", help="optimizer state in CPU memory (with --memory)")
+    p.add_argument("--attention", default="flash", choices=["flash", "dense"],
+                   help="flash: O(n) attention memory (Triton/flex kernels); dense: O(n²) probabilities saved")
     args = p.parse_args(argv)
     if args.preset is not None and args.preset not in DALLE_PRESETS:
         p.error(f"unknown preset {args.preset!r}; choose from {', '.join(DALLE_PRESETS)}")
+    if args.memory and (args.gpus < 1 or args.micro_batch < 1):
+        p.error("--gpus and --micro-batch must be ≥ 1")
+    if args.offload and args.zero == 0:
+        p.error("--offload needs --zero 1, 2 or 3")
     names = [args.preset] if args.preset else list(DALLE_PRESETS)
     print(f"{'preset':<8} {'params':>16} {'layers':>6} {'d_model':>7} {'heads':>5} {'text+image tokens':>18}")
     for name in names:
@@ -21,6 +41,13 @@ def main(argv=None) -> int:
         n = count_parameters(cfg)
         print(f"{name:<8} {n:>16,} {cfg.n_layers:>6} {cfg.d_model:>7} {cfg.n_heads:>5} "
               f"{f'{cfg.text_len} + {cfg.image_len}':>18}   ({n / 1e9:.2f} B)")
+    if args.memory:
+        for name in names:
+            est = estimate_per_gpu(DALLE_PRESETS[name], zero=args.zero, gpus=args.gpus, precision=args.precision,
+                                   micro_batch=args.micro_batch, offload=args.offload, attention=args.attention)
+            print()
+            print(format_estimate(name, est, zero=args.zero, gpus=args.gpus, precision=args.precision,
+                                  micro_batch=args.micro_batch, offload=args.offload))
     return 0
 
 

@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dalle_ds.config import DalleConfig
 from dalle_ds.ops.attention import MaskSpec, attention, attention_decode, layer_kind
+from dalle_ds.precision.resblock_scaling import (ResblockGradScaler, scaled_branch_input, scaled_branch_output,
+                                                 unscale_block_grads_)
 
 TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 1.0 / 8.0, 7.0 / 8.0  # paper §2.2
 
@@ -95,16 +98,50 @@ class MLP(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """``x + dropout(f(LayerNorm(x)))``: one resblock in the paper's sense (attention and MLP count separately)."""
+    """``x + dropout(f(LayerNorm(x)))``: one resblock in the paper's sense (attention and MLP count separately).
+
+    Opt-in (DalleConfig): the branch ``dropout(f(LayerNorm(x)))`` may run under autocast in fp16/bf16 while the
+    residual stream stays fp32; with per-resblock gradient scaling (``scaler`` and ``index`` are set by
+    :class:`DALLE`) the branch is wrapped in the scale/unscale-and-filter ops of :mod:`dalle_ds.precision`; with
+    activation checkpointing the branch is recomputed in the backward pass (non-reentrant: parameter gradients
+    are kept even when the input needs no grad).
+    """
 
     def __init__(self, cfg: DalleConfig, fn: nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
         self.fn = fn
         self.drop = nn.Dropout(cfg.dropout)
+        self.compute_dtype = getattr(torch, cfg.resblock_dtype)
+        self.checkpoint = cfg.activation_checkpointing
+        self.scaler: ResblockGradScaler | None = None  # set by DALLE when cfg.resblock_grad_scaling
+        self.index = -1  # this block's scale index
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        scaler = self.scaler if torch.is_grad_enabled() else None
+        h = scaled_branch_input(x, scaler, self.index) if scaler is not None else x
+        if self.compute_dtype != torch.float32 and x.dtype == torch.float32:
+            with torch.autocast(x.device.type, dtype=self.compute_dtype):
+                y = self.drop(self.fn(self.norm(h)))
+        else:
+            y = self.drop(self.fn(self.norm(h)))
+        if scaler is not None:
+            return scaled_branch_output(y, scaler, self.index, x.dtype)
+        return y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop(self.fn(self.norm(x)))
+        if self.checkpoint and torch.is_grad_enabled():
+            return x + checkpoint(self.branch, x, use_reentrant=False)
+        return x + self.branch(x)
+
+
+class FP32Head(nn.Linear):
+    """An output head whose logits are computed in fp32 whatever the parameter dtype (paper App. D.2: text and image
+    logits in fp32). Called as a module, so ZeRO-3 gathers its weight for the forward and the backward (a bare
+    ``F.linear(x, head.weight)`` outside the head's own forward finds the weight partitioned in the backward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
 
 
 class Layer(nn.Module):
@@ -146,9 +183,29 @@ class DALLE(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(1, cfg.n_layers + 1))
         self.final_norm = nn.LayerNorm(d)
-        self.text_head = nn.Linear(d, cfg.text_classes, bias=False)
-        self.image_head = nn.Linear(d, cfg.image_vocab_size, bias=False)
+        self.text_head = FP32Head(d, cfg.text_classes, bias=False)
+        self.image_head = FP32Head(d, cfg.image_vocab_size, bias=False)
+        self.grad_scaler: ResblockGradScaler | None = None
+        if cfg.resblock_grad_scaling:
+            self.grad_scaler = ResblockGradScaler(len(self.resblocks))
+            for k, block in enumerate(self.resblocks):
+                block.scaler, block.index = self.grad_scaler, k
         self.reset_parameters()
+
+    @property
+    def resblocks(self) -> list[ResBlock]:
+        """The 2·n_layers resblocks in order (layer i's attention block is 2i, its MLP block 2i + 1)."""
+        return [b for layer in self.layers for b in (layer.attn, layer.mlp)]
+
+    def unscale_grads_(self) -> bool:
+        """With per-resblock scaling: divide each resblock's parameter gradients by its scale, check every gradient
+        for Inf/NaN (all-reduced over ranks) and return True when this update must be skipped; then call
+        ``self.grad_scaler.update()``. A no-op returning False without scaling."""
+        if self.grad_scaler is None:
+            return False
+        inside = {id(p) for b in self.resblocks for p in b.parameters()}
+        return unscale_block_grads_(self.resblocks, self.grad_scaler,
+                                    [p for p in self.parameters() if id(p) not in inside])
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -175,9 +232,8 @@ class DALLE(nn.Module):
         W = self.cfg.image_grid
         return self.image_emb(tokens) + self.row_emb(pos // W)[None] + self.col_emb(pos % W)[None]
 
-    def _logits(self, head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-        # fp32 logits (paper: text and image logits in fp32), whatever the compute dtype.
-        return F.linear(self.final_norm(h).float(), head.weight.float())
+    def _logits(self, head: FP32Head, h: torch.Tensor) -> torch.Tensor:
+        return head(self.final_norm(h))  # fp32 logits (paper: text and image logits in fp32)
 
     # -- training ------------------------------------------------------------------------------------------------
     def forward(self, text: torch.Tensor, image_tokens: torch.Tensor, return_logits: bool = False) -> DalleOutput:

@@ -7,6 +7,10 @@ folder, so a run is self-contained) and laid out by :func:`dalle_ds.models.dalle
 Optimization comes from the DeepSpeed config (AdamW, warm-up then decay, gradient clipping at 4 in the shipped
 configs, ZeRO stage, precision). The EMA of the weights is what gets exported and sampled from; the validation loss
 is reported for both the live and the EMA weights (live only under ZeRO-3, where the EMA is sharded).
+
+With ``model.resblock_grad_scaling`` (fp16 resblocks, paper §2.4) the scale manager's state is saved in the
+checkpoint, every logged step carries each block's log2 scale (``grad_scale_log2/<k>_<attn|mlp>``, plotted by
+``launch/plot_scales.py``), and ``grad_scale_skip`` marks updates skipped for nonfinite gradients.
 """
 from __future__ import annotations
 
@@ -19,11 +23,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from dalle_ds.config import DalleConfig, DalleTrainConfig
+from dalle_ds.config import ConfigError, DalleConfig, DalleTrainConfig
 from dalle_ds.data.registry import build_dataset
 from dalle_ds.data.token_shards import TokenShardDataset
 from dalle_ds.data.tokenizer import CaptionTokenizer
 from dalle_ds.models.dalle import DALLE, prepare_text
+from dalle_ds.precision.resblock_scaling import install_unscale_hooks
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.distributed import is_rank0, rank, world_size
 from dalle_ds.train.engine_loop import EngineLoop
@@ -100,9 +105,13 @@ class DalleTrainer(EngineLoop):
         self.collate = CaptionCollate(self.tokenizer, model_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = DALLE(model_cfg)
+        self.grad_scaler = model.grad_scaler
+        if self.grad_scaler is not None:
+            self._setup_resblock_scaling(model, ds_config)
         super().__init__(cfg, model, ds_config, run_dir, train_ds, self.collate, seed=cfg.seed,
                          num_workers=d.num_workers, ema_decay=cfg.ema_decay, resume=resume,
                          extensions=build_extensions(cfg))
+        self._ds_skipped = self.engine.skipped_steps  # restored on resume
         if self.dvae is not None:
             self.dvae = self.dvae.to(self.device)
         if is_rank0():
@@ -111,6 +120,31 @@ class DalleTrainer(EngineLoop):
                      "image vocab %d; %d training pairs; world size %d; resumed from step %s",
                      n / 1e6, model_cfg.n_layers, ",".join(model.mask_schedule), model_cfg.text_len, grid, grid,
                      model_cfg.text_vocab_size, vocab, len(train_ds), world_size(), self.resumed_from)
+
+    def _setup_resblock_scaling(self, model: DALLE, ds_config: dict) -> None:
+        """Per-resblock gradient scaling (paper §2.4, App. D) under DeepSpeed: the model keeps fp32 parameters and
+        scales each resblock itself, so DeepSpeed's fp16 mode (one global loss scale, every parameter cast) must be
+        off. Gradients are unscaled as they are produced (hooks: ZeRO moves them out of ``.grad`` during the
+        backward) and a nonfinite one is left in place for DeepSpeed's overflow check to skip the step, which ZeRO
+        stages 1-3 do in fp32 and bf16 mode; stage 0 in fp32 would apply it, hence refused."""
+        where = "deepspeed config"
+        if ds_config.get("fp16", {}).get("enabled"):
+            raise ConfigError(f"{where}: fp16.enabled must be false with model.resblock_grad_scaling (the model "
+                              "scales per resblock; DeepSpeed's fp16 mode would cast every parameter and add a "
+                              "global loss scale); see ds_configs/zero*_fp16_resblock.json")
+        if ds_config.get("zero_optimization", {}).get("stage", 0) < 1:
+            raise ConfigError(f"{where}: model.resblock_grad_scaling needs zero_optimization.stage ≥ 1 (stage 0 "
+                              "does not skip an update whose gradients are not finite)")
+        self.grad_scaler.reset(replicas=world_size())  # M: init M·2^13, clamp [M·2^7, M·2^24]
+        install_unscale_hooks(model.resblocks, self.grad_scaler)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"grad_scaler": self.grad_scaler.state_dict()} if self.grad_scaler is not None else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+            self.grad_scaler.set_replicas(world_size())
 
     def image_tokens(self, batch: dict) -> torch.Tensor:
         if "image_tokens" in batch:
@@ -122,6 +156,13 @@ class DalleTrainer(EngineLoop):
         outs = self.micro_steps(batches, lambda b, i: eng(b["text"].to(self.device), self.image_tokens(b)))
         stats = self.mean_over(outs, ("loss", "text_loss", "image_loss"))
         stats["lr"] = float(eng.get_lr()[0])
+        if self.grad_scaler is not None:
+            skip = self.grad_scaler.update()  # flags all-reduced: every rank moves its scales identically
+            ds_skipped = eng.skipped_steps - self._ds_skipped
+            self._ds_skipped = eng.skipped_steps
+            stats["grad_scale_skip"] = float(skip)
+            stats["grad_scale_skip_mismatch"] = float(skip != (ds_skipped > 0))  # should stay 0
+            stats.update(self.grad_scaler.log_dict())
         return stats
 
     @torch.no_grad()

@@ -1,0 +1,164 @@
+"""Training memory of the prior: a measurement of saved activations, and a per-GPU estimate for a preset.
+
+Why: at 12B parameters the model state alone (fp32 master weights, gradients and two Adam moments: 16 bytes per
+parameter) is ~190 GB, so whether a run fits a GPU depends on the ZeRO stage, the GPU count, the precision and
+activation checkpointing (paper §2.4: "we also use activation checkpointing and recompute the activations within
+the resblocks during the backward pass"). This module answers "does it fit" before launching, and measures what
+autograd actually saves on a small model so the activation arithmetic is checked rather than assumed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.autograd.graph import saved_tensors_hooks
+
+from dalle_ds.config import DalleConfig
+
+
+def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """Run ``run()`` (a forward pass returning the loss) and return (bytes autograd keeps for the backward, loss).
+
+    Counts each storage once, excluding the model's parameters (a matmul saves its weight, which costs nothing
+    extra). Under torch's non-reentrant activation checkpointing the tensors saved inside a checkpointed region are
+    not kept (the checkpoint's own hooks take precedence over these), but the region's input is: resblocks with
+    ``checkpoint`` set have their input counted through a forward pre-hook.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def note(t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.nbytes() > 0:
+            kept[st.data_ptr()] = st.nbytes()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        note(t)
+        return t
+
+    def pre_hook(mod: nn.Module, args: tuple) -> None:
+        if getattr(mod, "checkpoint", False) is True and torch.is_grad_enabled():
+            note(args[0])
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules() if hasattr(m, "checkpoint")]
+    try:
+        with saved_tensors_hooks(pack, lambda t: t):
+            loss = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(kept.values()), loss
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Per-GPU estimate
+# ------------------------------------------------------------------------------------------------------------------
+
+PRECISIONS = ("bf16", "fp16-resblock", "fp32")
+"""bf16: DeepSpeed bf16 mode (16-bit params/grads/activations, fp32 master weights and Adam moments in the
+optimizer). fp16-resblock: fp32 parameters, gradients and Adam moments in DeepSpeed's fp32 mode, the resblock
+branches computed in fp16 by the model with per-resblock gradient scaling (fp32 residual stream). fp32: no 16-bit."""
+
+
+def parameter_breakdown(cfg: DalleConfig) -> dict[str, int]:
+    """Closed-form parameter counts: ``matmul`` (resblock weight matrices, 16-bit in the paper's scheme) and
+    ``fp32_islands`` (gains, biases, embeddings, unembeddings: fp32 in the paper, App. D.2)."""
+    d, L, f = cfg.d_model, cfg.n_layers, cfg.mlp_ratio
+    emb = (cfg.text_classes + cfg.text_len + cfg.image_vocab_size + 2 * cfg.image_grid) * d
+    heads = (cfg.text_classes + cfg.image_vocab_size) * d
+    matmul = L * (3 * d * d + d * d + 2 * f * d * d)
+    gains_biases = L * (2 * d + 3 * d + d + 2 * d + f * d + d) + 2 * d
+    return {"matmul": matmul, "fp32_islands": emb + heads + gains_biases, "per_layer_matmul": matmul // L,
+            "total": matmul + emb + heads + gains_biases}
+
+
+def activation_bytes(cfg: DalleConfig, micro_batch: int, precision: str, checkpointing: bool,
+                     attention: str = "flash") -> dict[str, float]:
+    """Bytes autograd keeps for one micro-batch: ``kept`` after the forward pass (resblocks + outside), and
+    ``total`` = kept + ``recompute_peak`` (with checkpointing, the one block being recomputed in the backward).
+
+    Per resblock, what this model saves (b·n·d = one activation, r = residual-stream bytes, a = branch bytes):
+    attention: LN input (r) + LN output cast (a) + qkv (3a) + attention output (a) + proj input (a) = r + 6a;
+    MLP: LN input (r) + fc input (a) + gelu input (f·a) + proj input (f·a) = r + (1 + 2f)a; LayerNorm statistics
+    8·b·n each. ``attention="dense"`` adds the fp32 probabilities, 4·b·h·n². fp16-resblock also keeps the fp16
+    copies of the weights that autocast makes (2 bytes × matmul parameters per block). With checkpointing only each
+    resblock's input is kept (r per block), plus one block's full activations during its recomputation.
+    Outside the resblocks: the embedding sum, the final LayerNorm input, fp32 logits and their log-softmax.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if attention not in ("flash", "dense"):
+        raise ValueError(f"attention must be flash or dense, got {attention!r}")
+    r, a = {"bf16": (2, 2), "fp16-resblock": (4, 2), "fp32": (4, 4)}[precision]
+    b, n, d, h, f = micro_batch, cfg.seq_len, cfg.d_model, cfg.n_heads, cfg.mlp_ratio
+    act = b * n * d
+    ln_stats = 8 * b * n
+    attn = (r + 6 * a) * act + ln_stats + (4 * b * h * n * n if attention == "dense" else 4 * b * h * n)
+    mlp = (r + (1 + 2 * f) * a) * act + ln_stats
+    if precision == "fp16-resblock":
+        attn += 2 * 4 * d * d
+        mlp += 2 * 2 * f * d * d
+    blocks = cfg.n_layers * (attn + mlp)
+    recompute = 0
+    if checkpointing:
+        blocks, recompute = 2 * cfg.n_layers * r * act, max(attn, mlp)
+    logits = b * ((cfg.text_len - 1) * cfg.text_classes + cfg.image_len * cfg.image_vocab_size) * 4
+    rest = 2 * r * act + 4 * act + 2 * logits
+    return {"resblocks": float(blocks), "outside": float(rest), "kept": float(blocks + rest),
+            "recompute_peak": float(recompute), "total": float(blocks + rest + recompute)}
+
+
+def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str = "bf16", micro_batch: int = 1,
+                     offload: bool = False, attention: str = "flash") -> dict[str, float]:
+    """Bytes per GPU for the model state under a ZeRO stage (ZeRO paper, Rajbhandari et al. 2020, §3: with Ψ
+    parameters, 16-bit training keeps 2Ψ params + 2Ψ grads + 12Ψ optimizer state (fp32 master copy, Adam m and v);
+    stage 1 partitions the optimizer state over the data-parallel GPUs, stage 2 also the gradients, stage 3 also the
+    parameters). fp32 / fp16-resblock keep 4Ψ params + 4Ψ grads + 8Ψ Adam moments (the params are the master copy).
+    ``offload``: the optimizer state lives in CPU memory (reported as ``host_optimizer``).
+
+    Not counted: DeepSpeed's communication buckets (``reduce_bucket_size``, ``allgather_bucket_size``,
+    ``stage3_prefetch_bucket_size``), ZeRO-3's gathered working set, allocator fragmentation, the CUDA context.
+    """
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero}")
+    if gpus < 1 or micro_batch < 1:
+        raise ValueError("gpus and micro_batch must be ≥ 1")
+    if offload and zero == 0:
+        raise ValueError("optimizer offload needs ZeRO stage ≥ 1")
+    psi = parameter_breakdown(cfg)["total"]
+    p_bytes, g_bytes, o_bytes = {"bf16": (2, 2, 12), "fp16-resblock": (4, 4, 8), "fp32": (4, 4, 8)}[precision]
+    params, grads, optim = p_bytes * psi, g_bytes * psi, o_bytes * psi
+    if zero >= 1:
+        optim /= gpus
+    if zero >= 2:
+        grads /= gpus
+    if zero >= 3:
+        params /= gpus
+    out = {"parameters": params, "gradients": grads, "optimizer": 0.0 if offload else optim,
+           "host_optimizer": optim if offload else 0.0}
+    for ckpt in (False, True):
+        acts = activation_bytes(cfg, micro_batch, precision, ckpt, attention)["total"]
+        key = "activations_checkpointed" if ckpt else "activations"
+        out[key] = acts
+        out["total_checkpointed" if ckpt else "total"] = params + grads + out["optimizer"] + acts
+    out["num_parameters"] = float(psi)
+    return out
+
+
+def format_estimate(name: str, est: dict[str, float], *, zero: int, gpus: int, precision: str, micro_batch: int,
+                    offload: bool) -> str:
+    gib = 2.0 ** 30
+    lines = [f"{name}: {est['num_parameters'] / 1e9:.3f} B parameters; ZeRO-{zero} over {gpus} GPU(s), {precision}, "
+             f"micro-batch {micro_batch}{', optimizer offloaded to CPU' if offload else ''}",
+             f"  {'parameters':<34} {est['parameters'] / gib:10.2f} GiB",
+             f"  {'gradients':<34} {est['gradients'] / gib:10.2f} GiB",
+             f"  {'optimizer state (Adam)':<34} {est['optimizer'] / gib:10.2f} GiB"]
+    if offload:
+        lines.append(f"  {'  (in host memory, per GPU)':<34} {est['host_optimizer'] / gib:10.2f} GiB")
+    lines += [f"  {'activations, no checkpointing':<34} {est['activations'] / gib:10.2f} GiB",
+              f"  {'activations, checkpointed':<34} {est['activations_checkpointed'] / gib:10.2f} GiB",
+              f"  {'total per GPU, no checkpointing':<34} {est['total'] / gib:10.2f} GiB",
+              f"  {'total per GPU, checkpointed':<34} {est['total_checkpointed'] / gib:10.2f} GiB",
+              "  (not counted: DeepSpeed communication buckets, ZeRO-3 gathered layers, fragmentation, CUDA context)"]
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""The per-GPU memory estimate (dalle_ds.models.memory, ``python -m dalle_ds.models --memory``) and the ZeRO ×
+precision DeepSpeed configs in ds_configs/."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from dalle_ds.config import DALLE_PRESETS, DalleConfig
+from dalle_ds.models.__main__ import main as models_main
+from dalle_ds.models.dalle import DALLE, count_parameters
+from dalle_ds.models.memory import (activation_bytes, estimate_per_gpu, parameter_breakdown,
+                                    saved_activation_bytes)
+from dalle_ds.train.ds_config import load_ds_config, prepare_ds_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = DALLE_PRESETS["tiny"]
+
+
+@pytest.mark.parametrize("preset", ["test", "tiny", "125M", "12B"])
+def test_closed_form_parameter_count_matches_the_model(preset):
+    cfg = DALLE_PRESETS[preset]
+    parts = parameter_breakdown(cfg)
+    assert parts["total"] == count_parameters(cfg)
+    assert parts["matmul"] + parts["fp32_islands"] == parts["total"]
+    if preset == "tiny":  # the split by hand: resblock weight matrices vs gains, biases, embeddings, heads
+        with torch.device("meta"):
+            model = DALLE(cfg)
+        matrices = sum(p.numel() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2)
+        assert parts["matmul"] == matrices
+
+
+def test_state_bytes_follow_the_zero_stages():
+    psi = count_parameters(TINY)
+    e = {z: estimate_per_gpu(TINY, zero=z, gpus=8, precision="bf16") for z in (0, 1, 2, 3)}
+    assert (e[0]["parameters"], e[0]["gradients"], e[0]["optimizer"]) == (2 * psi, 2 * psi, 12 * psi)
+    assert (e[1]["parameters"], e[1]["gradients"], e[1]["optimizer"]) == (2 * psi, 2 * psi, 12 * psi / 8)
+    assert (e[2]["parameters"], e[2]["gradients"], e[2]["optimizer"]) == (2 * psi, 2 * psi / 8, 12 * psi / 8)
+    assert (e[3]["parameters"], e[3]["gradients"], e[3]["optimizer"]) == (2 * psi / 8, 2 * psi / 8, 12 * psi / 8)
+    f = estimate_per_gpu(TINY, zero=3, gpus=4, precision="fp16-resblock", offload=True)
+    assert (f["parameters"], f["gradients"], f["optimizer"], f["host_optimizer"]) == (psi, psi, 0, 2 * psi)
+    for est in e.values():
+        assert est["total"] == pytest.approx(est["parameters"] + est["gradients"] + est["optimizer"]
+                                             + est["activations"])
+        assert est["activations_checkpointed"] < est["activations"]
+    with pytest.raises(ValueError, match="offload needs ZeRO"):
+        estimate_per_gpu(TINY, zero=0, gpus=1, offload=True)
+    with pytest.raises(ValueError, match="precision"):
+        activation_bytes(TINY, 1, "fp8", False)
+
+
+def test_activation_arithmetic_against_what_autograd_saves():
+    cfg0 = DalleConfig(text_vocab_size=50, text_len=8, image_vocab_size=32, image_grid=8, d_model=64, n_layers=4,
+                       n_heads=2, conv_kernel=3, attn_backend="dense")
+    B = 4
+    g = torch.Generator().manual_seed(0)
+    text, image = torch.randint(2, 50, (B, 8), generator=g), torch.randint(0, 32, (B, 64), generator=g)
+    for kw, precision in [({}, "fp32"), ({"resblock_grad_scaling": True, "resblock_dtype": "float16"},
+                                         "fp16-resblock")]:
+        for ckpt in (False, True):
+            cfg = dataclasses.replace(cfg0, activation_checkpointing=ckpt, **kw)
+            model = DALLE(cfg)
+            measured, _ = saved_activation_bytes(model, lambda: model(text, image).loss)
+            est = activation_bytes(cfg, B, precision, ckpt, attention="dense")
+            assert 0.75 < measured / est["kept"] < 1.1, (precision, ckpt, measured, est)
+
+
+def test_cli_prints_the_estimate(capsys):
+    assert models_main(["--preset", "12B", "--memory", "--zero", "3", "--gpus", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "12,293,824,256" in out and "ZeRO-3 over 64 GPU(s), bf16" in out
+    est = estimate_per_gpu(DALLE_PRESETS["12B"], zero=3, gpus=64)
+    assert f"{est['optimizer'] / 2 ** 30:10.2f} GiB" in out and "checkpointed" in out
+
+
+CONFIGS = sorted(ROOT.joinpath("ds_configs").glob("zero*.json"))
+
+
+def test_the_zero_precision_matrix_is_shipped():
+    names = {p.stem for p in CONFIGS}
+    assert {f"zero{z}_{p}" for z in (1, 2, 3) for p in ("bf16", "fp16_resblock")} <= names
+    assert any("offload" in n for n in names)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_configs_load_and_deepspeed_accepts_them(path, tmp_path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    raw = load_ds_config(path)
+    stage = int(path.stem[4])
+    assert raw["zero_optimization"]["stage"] == stage
+    if "fp16_resblock" in path.stem:  # fp32 params; the model scales per resblock: DeepSpeed's fp16 mode is off
+        assert not raw.get("fp16", {}).get("enabled") and not raw.get("bf16", {}).get("enabled")
+    else:
+        assert raw["bf16"]["enabled"] is True
+    prepare_ds_config(raw, steps=1000, run_dir=tmp_path, job_name="t", world_size=64, accelerator="cuda")
+    # DeepSpeed's own parser (strict: unknown keys are errors) sees world size 1 without a process group
+    cfg = prepare_ds_config(raw, steps=1000, run_dir=tmp_path, job_name="t", world_size=1, accelerator="cpu")
+    ds = DeepSpeedConfig(cfg)
+    assert ds.zero_optimization_stage == stage
+    assert ds.bfloat16_config.enabled == ("bf16" in path.stem)
+    assert (ds.zero_config.offload_optimizer is not None) == ("offload" in path.stem)
