@@ -10,8 +10,14 @@ if command -v nvidia-smi >/dev/null 2>&1 && python -c "import torch,sys; sys.exi
   python benchmarks/bench_fp169.py --save
   python benchmarks/bench_sample.py --preset 350M --dtype bfloat16 --batch-sizes 1,8,32,128 --no-uncached-above 1 \
     --out "benchmarks/results/sample_${DEV}_${DATE}"
+  deepspeed --num_gpus 1 benchmarks/bench_train.py --presets 125M,350M,1.3B --zero 2 --precision bf16 \
+    --attn-backend triton --checkpointing off,on --micro-batch 8 --trace "/tmp/train_trace_${DATE}.json" \
+    --out "benchmarks/results/train_${DEV}_${DATE}"
 else
   TRITON_INTERPRET=1 python benchmarks/bench_attention.py --quick --out "/tmp/attention_quick_${DATE}"
   python benchmarks/bench_fp169.py --device cpu --save
   python benchmarks/bench_sample.py --preset tiny --batch-sizes 1,8,32 --out "benchmarks/results/sample_cpu_${DATE}"
+  python benchmarks/bench_train.py --quick --threads 1 --checkpointing off,on --out "benchmarks/results/train_cpu_${DATE}"
 fi
+# fp16 underflow, global vs per-resblock scaling: a numerics measurement, device-independent in what it counts
+python benchmarks/bench_underflow.py --out "benchmarks/results/underflow_cpu_${DATE}"

@@ -1,0 +1,401 @@
+"""Training throughput of the prior on the real DeepSpeed engine: tokens/s, model TFLOP/s, MFU, peak memory and the
+split of a step into forward / backward / optimizer / communication.
+
+For every combination of ``--presets``, ``--zero``, ``--precision`` and ``--checkpointing`` it builds the DALL-E
+prior (random weights, random token batches: throughput does not depend on the data), wraps it with
+``deepspeed.initialize`` (AdamW, gradient clipping 4, the given ZeRO stage and precision), runs ``--warmup`` steps,
+then times ``--steps`` steps (median step time), then profiles ``--profile-steps`` more under ``torch.profiler``.
+
+* **tokens/s** = train_batch_size × S / step time, S = T + W² positions per sequence (256 + 1024 for the GPT-size
+  presets).
+* **model TFLOP/s** = useful FLOPs per step / step time, FLOPs from :mod:`dalle_ds.models.flops`:
+  6 · Σ(matmul weights × positions they run on) + 12 · d_model · Σ_layers kept mask pairs, per sequence
+  (Kaplan et al. 2020 §2.1 / PaLM App. B; attention on the sparse masks' kept (query, key) pairs only;
+  activation-checkpointing recomputation not counted as useful: it is reported separately as ``hardware_flops``).
+* **MFU** = model FLOP/s per device / the matmul rate measured in the same process: a square ``--matmul-size``
+  torch.matmul in the run's dtype (8192 on GPU: the anchor shape; 1024 on CPU), median of repeated calls. This is an
+  *achieved* peak, not the datasheet one (H100 SXM bf16: ≈ 798 measured vs 989 spec, research/kernel_anchors.md).
+  On a CPU without native bf16 the bf16 matmul is emulated and much slower than fp32, so a CPU bf16 MFU says little.
+* **peak memory**: ``torch.cuda.max_memory_allocated`` over the timed steps on GPU; on CPU the process's peak RSS
+  (``resource.getrusage``: whole process lifetime, including Python, torch and DeepSpeed), labelled as such.
+* **phases** from ``torch.profiler`` over the profiled steps: ``record_function`` ranges around the engine's forward,
+  ``engine.backward`` and ``engine.step`` (on GPU each range ends with a device synchronize, so its CPU span is the
+  device time of its work; the profiled steps are therefore not the timed ones). **communication** = the union of
+  the time spans of collective ops seen by the profiler (``c10d::*``, ``gloo:*``/``nccl:*`` ops, NCCL kernels); it
+  lies inside the phases (ZeRO-2 gradient reduce in backward, the parameter all-gather in the optimizer step), so it
+  is reported beside them with its share in each, not added. One process exchanges nothing (DeepSpeed's
+  all-reduces then run over a group of one; their small time is still what is shown).
+
+Why the engine is built here rather than through ``DalleTrainer``: the trainer needs a data set, a tokenizer, a run
+folder, an EMA and checkpoints, none of which is step throughput, and its ``train_step`` hides forward / backward /
+step inside one call, so the phases could not be ranged without editing it. The model, the engine and the
+DeepSpeed config keys are the same ones the trainer uses. Not timed: the EMA update and data loading.
+
+    python benchmarks/bench_train.py --quick                                  # test preset on CPU, seconds
+    deepspeed --num_gpus 2 benchmarks/bench_train.py --quick                  # 2 CPU ranks (DS_ACCELERATOR=cpu)
+    deepspeed --num_gpus 1 benchmarks/bench_train.py --presets 125M,350M,1.3B --zero 2 --precision bf16 \
+        --attn-backend triton --micro-batch 8 --out benchmarks/results/train_h100_<date> --trace /tmp/train_trace.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch.distributed as dist  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+from dalle_ds.config import DALLE_PRESETS  # noqa: E402
+from dalle_ds.models.dalle import DALLE  # noqa: E402
+from dalle_ds.models.flops import count_flops, recompute_flops_per_sequence  # noqa: E402
+from dalle_ds.train.distributed import device as ds_device, init_distributed, rank, world_size  # noqa: E402
+from timing import time_fn  # noqa: E402  (benchmarks/timing.py)
+
+PHASES = ("forward", "backward", "optimizer")
+COMM_PREFIXES = ("c10d::", "gloo:", "nccl:", "record_param_comms")
+COMM_KERNEL_MARKERS = ("nccl",)
+
+
+# -- the engine --------------------------------------------------------------------------------------------------
+def ds_config(zero: int, precision: str, micro_batch: int, grad_accum: int, torch_adam: bool) -> dict:
+    """The DeepSpeed config of a benchmark case: the shipped configs' optimizer and clipping, no scheduler (a constant
+    learning rate costs the same), no monitors."""
+    zero_cfg: dict = {"stage": zero}
+    if zero in (1, 2):
+        zero_cfg.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=50_000_000,
+                        allgather_bucket_size=50_000_000)
+    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": 4.0, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.96], "eps": 1e-8,
+                                                      "weight_decay": 0.045, "torch_adam": torch_adam}},
+            "zero_optimization": zero_cfg, "bf16": {"enabled": precision == "bf16"}}
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def make_step(engine, cfg, micro_batch: int, grad_accum: int, dev: torch.device):
+    g = torch.Generator(device="cpu").manual_seed(1234 + rank())
+    batches = [(torch.randint(0, cfg.text_classes, (micro_batch, cfg.text_len), generator=g).to(dev),
+                torch.randint(0, cfg.image_vocab_size, (micro_batch, cfg.image_len), generator=g).to(dev))
+               for _ in range(grad_accum)]
+
+    def step(sync_phases: bool = False) -> float:
+        loss = None
+        for text, image in batches:  # DeepSpeed: step() after every backward; it updates at the boundary only
+            with record_function("bench/forward"):
+                loss = engine(text, image).loss
+                if sync_phases:
+                    _sync(dev)
+            with record_function("bench/backward"):
+                engine.backward(loss)
+                if sync_phases:
+                    _sync(dev)
+            with record_function("bench/optimizer"):
+                engine.step()
+                if sync_phases:
+                    _sync(dev)
+        return loss
+
+    return step
+
+
+# -- measurements ------------------------------------------------------------------------------------------------
+def matmul_rate(dev: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
+    """FLOP/s of an n×n×n torch.matmul in ``dtype`` on ``dev`` (median of ``reps``): the MFU denominator."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dev, dtype)
+    b = torch.randn(n, n, generator=g).to(dev, dtype)
+    t = time_fn(lambda: a @ b, dev, reps, warmup=2)
+    return 2 * n**3 / t
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def _overlap_us(spans: list[tuple[float, float]], within: list[tuple[float, float]]) -> float:
+    """Time of the union of ``spans`` that lies inside the union of ``within``."""
+    clipped = [(max(s, a), min(e, b)) for s, e in spans for a, b in within if min(e, b) > max(s, a)]
+    return _union_us(clipped)
+
+
+def phase_split(prof, steps: int) -> dict:
+    """Per-step milliseconds of the bench/* ranges and of collectives, from the profiler's events."""
+    ranges: dict[str, list[tuple[float, float]]] = {p: [] for p in (*PHASES, "step")}
+    comm: list[tuple[float, float]] = []
+    comm_names: set[str] = set()
+    for e in prof.events():
+        name = e.name
+        tr = e.time_range
+        span = (float(tr.start), float(tr.end))
+        is_device = "cuda" in str(e.device_type).lower()
+        if name.startswith("bench/") and not is_device:
+            key = name[len("bench/"):]
+            if key in ranges:
+                ranges[key].append(span)
+        elif (not is_device and name.startswith(COMM_PREFIXES)) or \
+                (is_device and any(m in name.lower() for m in COMM_KERNEL_MARKERS)):
+            comm.append(span)
+            comm_names.add(name)
+    out = {f"{k}_ms": _union_us(v) / 1e3 / steps for k, v in ranges.items()}
+    out["communication_ms"] = _union_us(comm) / 1e3 / steps
+    out["communication_in_phase_ms"] = {p: _overlap_us(comm, ranges[p]) / 1e3 / steps for p in PHASES}
+    out["other_ms"] = out["step_ms"] - sum(out[f"{p}_ms"] for p in PHASES)
+    out["collective_ops"] = sorted(comm_names)
+    return out
+
+
+def peak_memory(dev: torch.device) -> tuple[int, str]:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev), "torch.cuda.max_memory_allocated (timed steps)"
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
+    return kb * 1024, "peak RSS of the process (ru_maxrss, whole lifetime)"
+
+
+def trace_path(base: str, case: str, multi_case: bool) -> str:
+    p = Path(base)
+    stem = p.name[: -len(".json")] if p.name.endswith(".json") else p.name
+    if multi_case:
+        stem += f".{case}"
+    if world_size() > 1:
+        stem += f".rank{rank()}"
+    return str(p.with_name(stem + ".json"))
+
+
+def run_case(preset: str, zero: int, precision: str, ckpt: bool, args, dev: torch.device, multi_case: bool) -> dict:
+    import deepspeed
+
+    cfg = dataclasses.replace(DALLE_PRESETS[preset], attn_backend=args.attn_backend, activation_checkpointing=ckpt,
+                              dropout=0.0).validate()
+    case = f"{preset}_z{zero}_{precision}_{'ckpt' if ckpt else 'nockpt'}"
+    torch.manual_seed(0)  # identical weights on every rank
+    model = DALLE(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    torch_adam = dev.type != "cuda" if args.torch_adam == "auto" else args.torch_adam == "on"
+    conf = ds_config(zero, precision, args.micro_batch, args.grad_accum, torch_adam)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=conf)
+    step = make_step(engine, cfg, args.micro_batch, args.grad_accum, dev)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    mm_rate = matmul_rate(dev, dtype, args.matmul_size, args.matmul_reps)
+
+    for _ in range(args.warmup):
+        step()
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(args.steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    mem, mem_kind = peak_memory(dev)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            with record_function("bench/step"):
+                step(sync_phases=True)
+                _sync(dev)
+    phases = phase_split(prof, args.profile_steps)
+    trace = None
+    if args.trace:
+        trace = trace_path(args.trace, case, multi_case)
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(trace)
+
+    mine = {"step_s": step_s, "step_times_s": times, "peak_memory_bytes": mem, "matmul_flops_per_s": mm_rate,
+            "phases": phases, "trace": trace}
+    ranks = [None] * world_size()
+    if world_size() > 1:
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    del engine, model, step
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    fc = count_flops(cfg)
+    W = world_size()
+    train_batch = args.micro_batch * args.grad_accum * W
+    tokens_per_step = train_batch * cfg.seq_len
+    flops_per_step = train_batch * fc.training_flops
+    recompute = train_batch * recompute_flops_per_sequence(cfg) if ckpt else 0
+    step_s = max(r["step_s"] for r in ranks)  # ranks wait for each other in the collectives: the slowest one
+    mm = statistics.mean(r["matmul_flops_per_s"] for r in ranks)
+    per_device = flops_per_step / step_s / W
+    return {
+        "case": case, "preset": preset, "zero": zero, "precision": precision, "activation_checkpointing": ckpt,
+        "attn_backend": args.attn_backend, "params": n_params, "seq_len": cfg.seq_len, "text_len": cfg.text_len,
+        "image_tokens": cfg.image_len, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
+        "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "world_size": W,
+        "train_batch_size": train_batch, "tokens_per_step": tokens_per_step,
+        "flops_per_sequence": fc.training_flops, "matmul_flops_per_sequence": fc.matmul_flops,
+        "attention_flops_per_sequence": fc.attention_flops, "flops_per_step": flops_per_step,
+        "hardware_flops_per_step": flops_per_step + recompute,
+        "warmup_steps": args.warmup, "timed_steps": args.steps, "profiled_steps": args.profile_steps,
+        "step_s": step_s, "tokens_per_s": tokens_per_step / step_s,
+        "model_tflops_per_s": flops_per_step / step_s / 1e12, "model_tflops_per_s_per_device": per_device / 1e12,
+        "matmul_tflops_per_s": mm / 1e12, "matmul_size": args.matmul_size, "mfu": per_device / mm,
+        "hfu": (flops_per_step + recompute) / step_s / W / mm,
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks), "peak_memory_kind": mem_kind,
+        "phases": ranks[0]["phases"], "per_rank": ranks,
+    }
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+def markdown(result: dict) -> str:
+    lines = [f"# bench_train on {result['device_name']} ({result['device']}, {result['world_size']} rank(s))", "",
+             f"{result['date']}; torch {result['torch']}, deepspeed {result['deepspeed']}; "
+             f"{result['threads']} CPU thread(s) per rank ({result['cpu_count']} cores, 1-min load average "
+             f"{result['load_average_1m']:.1f} at the end). Command: `{result['command']}`", "",
+             *([f"**Note:** {result['note']}", ""] if result.get("note") else []),
+             "Model FLOPs = 6·Σ(matmul weights × positions) + 12·d·Σ_layers(kept mask pairs) per sequence "
+             "(dalle_ds/models/flops.py; recomputation not counted); MFU against the "
+             "matmul rate measured in the same run. Random weights and tokens.", "",
+             "| case | params | batch×S | step ms | tokens/s | model TFLOP/s/dev | matmul TFLOP/s | MFU | "
+             f"peak mem GiB ({'allocated' if result['device'] == 'cuda' else 'RSS'}) | fwd ms | bwd ms | opt ms | "
+             "comm ms | other ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        ph = r["phases"]
+        lines.append(
+            f"| {r['case']} | {r['params'] / 1e6:.3g}M | {r['train_batch_size']}×{r['seq_len']} | "
+            f"{1e3 * r['step_s']:.4g} | {r['tokens_per_s']:.4g} | {r['model_tflops_per_s_per_device']:.3g} | "
+            f"{r['matmul_tflops_per_s']:.3g} | {100 * r['mfu']:.1f}% | {r['peak_memory_bytes'] / 2**30:.3g} | "
+            f"{ph['forward_ms']:.3g} | {ph['backward_ms']:.3g} | {ph['optimizer_ms']:.3g} | "
+            f"{ph['communication_ms']:.3g} | {ph['other_ms']:.3g} |")
+    lines += ["", "Phases are per step from torch.profiler over the profiled steps (phase-synchronised, so their "
+                  "step time differs from the timed one); communication is the union of collective spans and lies "
+                  "inside the phases, not beside them. " + result["memory_note"]]
+    if result["world_size"] == 1:
+        lines.append("One rank: nothing is exchanged; the collectives DeepSpeed still calls (e.g. the gradient-norm "
+                     "all-reduce) run over a group of one and are what the comm column shows.")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default=None, help="comma list of DALLE_PRESETS (default: 125M; --quick: test)")
+    p.add_argument("--quick", action="store_true", help="test preset, tiny step counts: checks the harness")
+    p.add_argument("--zero", default="2", help="ZeRO stage(s), comma list of 0-3")
+    p.add_argument("--precision", default=None, help="fp32 and/or bf16 (DeepSpeed bf16 mode), comma list "
+                                                     "(default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--checkpointing", default="off", help="activation checkpointing: off, on or off,on")
+    p.add_argument("--attn-backend", default="auto", choices=["auto", "triton", "flex", "sdpa", "dense"])
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per rank per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps")
+    p.add_argument("--profile-steps", type=int, default=None)
+    p.add_argument("--matmul-size", type=int, default=None, help="n of the n×n×n matmul (GPU 8192, CPU 1024)")
+    p.add_argument("--matmul-reps", type=int, default=None)
+    p.add_argument("--torch-adam", default="auto", choices=["auto", "on", "off"],
+                   help="torch.optim.AdamW instead of DeepSpeed's FusedAdam (auto: on CPU only)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank")
+    p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps (FILE[.case][.rankN].json)")
+    p.add_argument("--out", default=None, help="write OUT.md and OUT.json (rank 0)")
+    p.add_argument("--note", default=None, help="a line saying what the run is (goes into OUT.md and OUT.json)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    q = args.quick
+    args.presets = [s for s in (args.presets or ("test" if q else "125M")).split(",") if s]
+    for s in args.presets:
+        if s not in DALLE_PRESETS:
+            p.error(f"unknown preset {s!r}; choose from {', '.join(DALLE_PRESETS)}")
+    args.zero = [int(z) for z in args.zero.split(",")]
+    if any(z not in (0, 1, 2, 3) for z in args.zero):
+        p.error("--zero takes stages 0-3")
+    args.precision = (args.precision or ("bf16" if cuda else "fp32")).split(",")
+    if any(x not in ("fp32", "bf16") for x in args.precision):
+        p.error("--precision takes fp32 and/or bf16")
+    ck = args.checkpointing.split(",")
+    if not ck or any(c not in ("off", "on") for c in ck):
+        p.error("--checkpointing takes off and/or on")
+    args.checkpointing = [c == "on" for c in ck]
+    args.micro_batch = args.micro_batch or (4 if q else (8 if cuda else 1))
+    args.warmup = args.warmup if args.warmup is not None else (2 if q else 5)
+    args.steps = args.steps or (3 if q else 10)
+    args.profile_steps = args.profile_steps or (2 if q else 3)
+    args.matmul_size = args.matmul_size or (8192 if cuda else (256 if q else 1024))
+    args.matmul_reps = args.matmul_reps or (3 if q else 10)
+    if args.micro_batch < 1 or args.grad_accum < 1 or args.warmup < 0 or args.steps < 1:
+        p.error("--micro-batch, --grad-accum and --steps must be ≥ 1, --warmup ≥ 0")
+    return args
+
+
+def main(argv=None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import deepspeed
+
+    dev = ds_device()
+    cases = list(itertools.product(args.presets, args.zero, args.precision, args.checkpointing))
+    rows = []
+    for preset, zero, precision, ckpt in cases:
+        rows.append(run_case(preset, zero, precision, ckpt, args, dev, len(cases) > 1))
+        r = rows[-1]
+        if rank() == 0:
+            print(f"{r['case']}: {1e3 * r['step_s']:.4g} ms/step, {r['tokens_per_s']:.4g} tokens/s, "
+                  f"{r['model_tflops_per_s_per_device']:.3g} TFLOP/s/device, MFU {100 * r['mfu']:.1f}%", flush=True)
+    if rank() != 0:
+        return None
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    mem_kind = rows[0]["peak_memory_kind"]
+    launcher = "deepspeed" if "LOCAL_RANK" in os.environ and world_size() > 1 else "python"
+    result = {"bench": "train", "device": dev.type, "device_name": name, "world_size": world_size(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join([launcher if launcher == "python" else f"deepspeed --num_gpus {world_size()}",
+                                   "benchmarks/bench_train.py",
+                                   shlex.join(a for a in argv if not a.startswith("--local_rank"))]),
+              "flop_formula": "per sequence: 6*sum(matmul weights x positions they run on) + "
+                              "12*d_model*sum_layers(kept mask pairs); see dalle_ds/models/flops.py",
+              "memory_note": f"Peak memory: {mem_kind}, max over ranks.",
+              "load_average_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(), "note": args.note,
+              "rows": rows}
+    md = markdown(result)
+    print(md)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.out + ".md").write_text(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()

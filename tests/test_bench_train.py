@@ -1,0 +1,98 @@
+"""The training benchmark's harness on CPU (test preset): once as one plain process, once under the deepspeed launcher
+with 2 ranks. Checks that the report is complete and self-consistent; timings themselves are not checked."""
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from launch_utils import ROOT, deepspeed_launch
+
+from dalle_ds.config import DALLE_PRESETS
+from dalle_ds.models.flops import recompute_flops_per_sequence, training_flops_per_sequence
+
+FIELDS = ("case", "preset", "zero", "precision", "activation_checkpointing", "attn_backend", "params", "seq_len",
+          "world_size", "train_batch_size", "tokens_per_step", "flops_per_step", "hardware_flops_per_step", "step_s",
+          "tokens_per_s", "model_tflops_per_s", "model_tflops_per_s_per_device", "matmul_tflops_per_s", "mfu",
+          "peak_memory_bytes", "peak_memory_kind", "phases", "per_rank")
+PHASE_FIELDS = ("forward_ms", "backward_ms", "optimizer_ms", "step_ms", "communication_ms",
+                "communication_in_phase_ms", "other_ms", "collective_ops")
+
+
+def _close(a, b, rel=1e-9):
+    return abs(a - b) <= rel * max(abs(a), abs(b))
+
+
+def _check(result: dict, world: int, micro: int, accum: int, ckpt: bool) -> dict:
+    assert result["bench"] == "train" and result["device"] == "cpu" and result["world_size"] == world
+    assert result["date"] and result["command"].split()[0] in ("python", "deepspeed")
+    (row,) = result["rows"]
+    for f in FIELDS:
+        assert f in row, f
+    cfg = dataclasses.replace(DALLE_PRESETS["test"], activation_checkpointing=ckpt)
+    batch = micro * accum * world
+    assert row["activation_checkpointing"] is ckpt and row["train_batch_size"] == batch
+    assert row["tokens_per_step"] == batch * cfg.seq_len
+    assert row["flops_per_step"] == batch * training_flops_per_sequence(cfg)
+    assert row["hardware_flops_per_step"] == row["flops_per_step"] + (batch * recompute_flops_per_sequence(cfg)
+                                                                     if ckpt else 0)
+    ranks = row["per_rank"]
+    assert len(ranks) == world
+    for r in ranks:
+        assert len(r["step_times_s"]) == result["rows"][0]["timed_steps"]
+        assert _close(r["step_s"], statistics.median(r["step_times_s"]))
+        assert r["peak_memory_bytes"] > 0 and r["matmul_flops_per_s"] > 0
+    assert row["step_s"] == max(r["step_s"] for r in ranks) > 0
+    assert _close(row["tokens_per_s"], row["tokens_per_step"] / row["step_s"])
+    assert _close(row["model_tflops_per_s"] * 1e12, row["flops_per_step"] / row["step_s"])
+    assert _close(row["model_tflops_per_s_per_device"] * world, row["model_tflops_per_s"])
+    mm = statistics.mean(r["matmul_flops_per_s"] for r in ranks)
+    assert _close(row["mfu"], row["model_tflops_per_s_per_device"] * 1e12 / mm)
+    assert row["peak_memory_bytes"] == max(r["peak_memory_bytes"] for r in ranks)
+    assert "RSS" in row["peak_memory_kind"]
+    ph = row["phases"]
+    for f in PHASE_FIELDS:
+        assert f in ph, f
+    eps = 1e-6
+    parts = [ph["forward_ms"], ph["backward_ms"], ph["optimizer_ms"]]
+    assert all(p > 0 for p in parts) and sum(parts) <= ph["step_ms"] + eps
+    assert _close(ph["other_ms"], ph["step_ms"] - sum(parts), 1e-6)
+    inside = ph["communication_in_phase_ms"]
+    assert set(inside) == {"forward", "backward", "optimizer"}
+    assert all(0 <= v <= ph["communication_ms"] + eps for v in inside.values())
+    assert sum(inside.values()) <= ph["communication_ms"] + eps <= ph["step_ms"] + eps
+    return row
+
+
+def test_bench_train_quick_one_process(tmp_path):
+    out, trace = tmp_path / "train", tmp_path / "trace.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick", "--threads", "1",
+                           "--grad-accum", "2", "--checkpointing", "on", "--trace", str(trace), "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "train.json").read_text())
+    row = _check(result, world=1, micro=4, accum=2, ckpt=True)
+    assert row["hardware_flops_per_step"] > row["flops_per_step"]
+    assert "| case |" in (tmp_path / "train.md").read_text()
+    assert "traceEvents" in json.loads(trace.read_text())
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_bench_train_quick_deepspeed_two_ranks(tmp_path):
+    out = tmp_path / "train2"
+    deepspeed_launch("benchmarks/bench_train.py", ["--quick", "--zero", "2", "--out", str(out)], num_procs=2,
+                     timeout=400)
+    result = json.loads((tmp_path / "train2.json").read_text())
+    assert result["command"].startswith("deepspeed --num_gpus 2")
+    row = _check(result, world=2, micro=4, accum=1, ckpt=False)
+    # ZeRO-2 over 2 ranks must move gradients and parameters: the profiler saw collectives
+    ops = " ".join(row["phases"]["collective_ops"])
+    assert "all_reduce" in ops or "reduce_scatter" in ops or "allreduce" in ops
+    assert row["phases"]["communication_ms"] > 0
