@@ -494,6 +494,50 @@ class DalleDataConfig:
 
 
 @dataclass
+class PowerSGDConfig:
+    """The hierarchical PowerSGD gradient all-reduce (paper §2.5, Appendix E; ``dalle_ds.dist.powersgd``)."""
+
+    enabled: bool = False
+    rank: int = 896
+    """Total compression rank per machine; each GPU compresses its shards with rank // local_size (paper B.2: 896,
+    i.e. 112 per GPU with 8 GPUs per machine, for the 12B model)."""
+    start_step: int = 0
+    """Optimizer steps reduced uncompressed in fp32 before compression starts."""
+    local_size: int = 0
+    """GPUs per machine; 0 = from the launcher (LOCAL_WORLD_SIZE / LOCAL_SIZE), else the whole job is one machine.
+    A smaller value makes one box emulate several machines."""
+    compress: str = r"^layers\.\d+\.(attn|mlp)\.fn\.\w+\.weight$"
+    """Regular expression on parameter names: the matrices to compress (default: the four of every resblock)."""
+    orthogonalization: str = "householder"
+    warm_start: bool = False
+    """Not the paper (which keeps Q fixed): reuse last step's Q' as Q, as torch's powerSGD_hook does."""
+    checkpoint_buffers: str = "sum"
+    """"sum": the paper's sum of error buffers over machines per local rank; "per_rank": every rank's own codes
+    (bit-exact resume, machines x the storage)."""
+    seed: int = 0
+    """Seed of the fixed Gaussian Q matrices."""
+
+    def validate(self, where: str = "powersgd") -> "PowerSGDConfig":
+        import re
+        from dalle_ds.dist.orthogonalize import ORTHOGONALIZERS
+        if self.rank < 1:
+            _fail(f"{where}.rank", "must be ≥ 1")
+        if self.start_step < 0:
+            _fail(f"{where}.start_step", "must be ≥ 0")
+        if self.local_size < 0:
+            _fail(f"{where}.local_size", "must be ≥ 0 (0 = from the launcher)")
+        try:
+            re.compile(self.compress)
+        except re.error as e:
+            _fail(f"{where}.compress", f"not a valid regular expression ({e})")
+        if self.orthogonalization not in ORTHOGONALIZERS:
+            _fail(f"{where}.orthogonalization", f"must be one of {sorted(ORTHOGONALIZERS)}")
+        if self.checkpoint_buffers not in ("sum", "per_rank"):
+            _fail(f"{where}.checkpoint_buffers", 'must be "sum" or "per_rank"')
+        return self
+
+
+@dataclass
 class DalleTrainConfig:
     """A prior training run. ``model`` sizes that come from the data (text vocabulary from the tokenizer, image
     vocabulary and grid from the shards or the dVAE) are filled in at start-up."""
@@ -508,10 +552,12 @@ class DalleTrainConfig:
     save_every: int = 1000
     keep_checkpoints: int = 2
     seed: int = 1234
+    powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)
 
     def validate(self, where: str = "dalle_run") -> "DalleTrainConfig":
         self.model.validate(f"{where}.model")
         self.data.validate(f"{where}.data")
+        self.powersgd.validate(f"{where}.powersgd")
         if self.steps < 1:
             _fail(f"{where}.steps", "must be ≥ 1")
         if not (0 <= self.ema_decay < 1):

@@ -7,22 +7,14 @@ exact float64 sum, which it must match to the format's precision. The byte count
 the tensors actually handed to the collectives (recorded by wrapping them) and against the ring formula.
 """
 import math
-import os
-import socket
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_utils import free_port, init_gloo
 
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(seed: int, rank: int, shapes, scale_exp=(-20, 1)):
@@ -36,11 +28,7 @@ def _inputs(seed: int, rank: int, shapes, scale_exp=(-20, 1)):
 
 
 def _rank_main(rank: int, world: int, port: int, backend: str, seed: int) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         _wrap_collectives()
         _checks(None, backend, seed)
@@ -147,4 +135,4 @@ def test_fp169_allreduce_gloo_world_of_4_and_subgroups_of_2():
     backend = "auto" if _ext.load()["cpu"] else "reference"  # build once here, not in every rank
     seed = int(torch.randint(0, 10_000, ()).item())  # fresh inputs each run
     print("seed", seed)
-    mp.spawn(_rank_main, args=(4, _free_port(), backend, seed), nprocs=4, join=True)
+    mp.spawn(_rank_main, args=(4, free_port(), backend, seed), nprocs=4, join=True)

@@ -8,43 +8,18 @@ import pytest
 import torch
 
 from dalle_ds.config import DVAEConfig
-from dalle_ds.data.token_shards import ShardWriter, write_meta
 from dalle_ds.models.dvae import DiscreteVAE
 from dalle_ds.train.dvae_trainer import export_dvae
 from launch_utils import ROOT, deepspeed_launch
+from unit_shards import VOCAB, write_unit_shards
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-COLOURS = ["red", "green", "blue", "yellow", "purple", "cyan", "white", "orange"]
-GRID, VOCAB = 4, 16
-
-
-def _codes(caption: str) -> torch.Tensor:
-    """A caption-determined image: colour c fills the grid with code c, 'small' leaves a border of code 15."""
-    words = caption.split()
-    codes = torch.full((GRID, GRID), COLOURS.index(words[-2]), dtype=torch.long)
-    if words[1] == "small":
-        codes[0, :], codes[-1, :], codes[:, 0], codes[:, -1] = 15, 15, 15, 15
-    return codes
-
-
-def _write_shards(out, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = ShardWriter(out, rank=0, grid_size=GRID, vocab_size=VOCAB, rows_per_shard=64)
-    for i in range(n):
-        size = ["small", "large"][int(torch.randint(2, (1,), generator=g))]
-        colour = COLOURS[int(torch.randint(len(COLOURS), (1,), generator=g))]
-        caption = f"a {size} {colour} square"
-        w.add(_codes(caption)[None], [{"index": i, "caption": caption}])
-    w.flush()
-    write_meta(out, w.parts, GRID, VOCAB, {"dataset": "unit"})
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("dalle_shards")
-    _write_shards(root / "train", 512, 0)
-    _write_shards(root / "val", 64, 1)
+    write_unit_shards(root / "train", 512, 0)
+    write_unit_shards(root / "val", 64, 1)
     return root
 
 

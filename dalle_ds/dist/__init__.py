@@ -1,5 +1,9 @@
-"""Distributed pieces of dalle_ds: process-group topology, the PowerSGD reducer and 16-bit collectives.
+"""Distributed pieces of dalle_ds (docs/powersgd.md):
 
+``topology``: machines and ordinals (local and global process groups, emulable on one box);
+``powersgd``: the hierarchical PowerSGD reducer with 1-6-9 error buffers (paper §2.5, Appendix E);
+``orthogonalize``: Householder / QR / Gram-Schmidt for its P matrices;
+``deepspeed_powersgd``: the reducer inside a DeepSpeed engine (ZeRO 0, 1, 2) as a trainer extension;
 ``fp169_allreduce``: all-reduce of 1-6-9 codes over any process group (gloo or NCCL) with byte counting.
 """
 from .fp169_allreduce import (
@@ -10,5 +14,8 @@ from .fp169_allreduce import (
     padded_chunk,
     ring_allreduce_bytes,
 )
+from .powersgd import HierarchicalPowerSGD, PowerSGDSettings, ReduceReport
+from .topology import Topology
 
-__all__ = ["COUNTER", "CommCounter", "all_reduce_fp169_", "allreduce_bytes", "padded_chunk", "ring_allreduce_bytes"]
+__all__ = ["COUNTER", "CommCounter", "all_reduce_fp169_", "allreduce_bytes", "padded_chunk", "ring_allreduce_bytes",
+           "HierarchicalPowerSGD", "PowerSGDSettings", "ReduceReport", "Topology"]

@@ -6,4 +6,9 @@ from typing import Any
 
 def build_extensions(cfg: Any) -> list:
     """Extensions for a run config, in the order their hooks run."""
-    return []
+    exts: list = []
+    psgd = getattr(cfg, "powersgd", None)
+    if psgd is not None and psgd.enabled:
+        from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
+        exts.append(PowerSGDExtension(psgd))
+    return exts

@@ -1,0 +1,74 @@
+"""Compare a stock and a PowerSGD prior run (benchmarks/powersgd_shapes.sh) and write the result files.
+
+    python benchmarks/powersgd_report.py RUNS_DIR --tag cpu_20261123 [--command "..."]
+
+Reads RUNS_DIR/{stock,powersgd}/dalle_metrics.json and writes benchmarks/results/powersgd_shapes_<tag>.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _summary(run: Path) -> dict:
+    m = json.loads((run / "dalle_metrics.json").read_text())
+    hist = m["history"]
+    last = hist[-1]
+    tail = hist[-5:]
+    wall = run / "wall_seconds.txt"
+    out = {"steps": m["steps"], "world_size": m["world_size"], "train_seconds": round(m["train_seconds"], 1),
+           "wall_seconds": int(wall.read_text()) if wall.is_file() else None,
+           "train_loss_last5": sum(h["loss"] for h in tail) / len(tail),
+           "val_loss": m["eval"]["val_loss"], "val_image_loss": m["eval"]["val_image_loss"],
+           "val_text_loss": m["eval"]["val_text_loss"], "val_ema_loss": m["eval"]["val_ema_loss"]}
+    for k, v in last.items():
+        if k.startswith("powersgd/"):
+            out[k.split("/", 1)[1]] = v
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path)
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--command", default="benchmarks/powersgd_shapes.sh")
+    args = ap.parse_args()
+    stock, psgd = _summary(args.runs / "stock"), _summary(args.runs / "powersgd")
+    cfg = json.loads((args.runs / "powersgd" / "dalle_run_config.json").read_text())
+    gap = psgd["val_loss"] / stock["val_loss"] - 1
+    result = {"date": datetime.date.today().isoformat(), "device": f"CPU ({platform.machine()}), gloo, 4 ranks as "
+              "2 machines x 2 GPUs", "command": args.command, "powersgd_config": cfg["powersgd"],
+              "model": cfg["model"], "stock": stock, "powersgd": psgd, "val_loss_gap": gap,
+              "within_2_percent": abs(gap) <= 0.02}
+    out = ROOT / "benchmarks" / "results" / f"powersgd_shapes_{args.tag}"
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [("validation loss (live weights)", "val_loss", "{:.4f}"), ("validation image loss", "val_image_loss",
+            "{:.4f}"), ("validation text loss", "val_text_loss", "{:.4f}"), ("validation loss (EMA)", "val_ema_loss",
+            "{:.4f}"), ("train loss, mean of last 5 logged", "train_loss_last5", "{:.4f}"),
+            ("training seconds", "train_seconds", "{}")]
+    md = [f"# PowerSGD vs the stock all-reduce on the shapes prior ({result['date']})", "",
+          f"Device: {result['device']}. Command: `{args.command}`.", "",
+          f"Model: d_model {cfg['model']['d_model']}, {cfg['model']['n_layers']} layers; {stock['steps']} steps; "
+          f"PowerSGD rank {cfg['powersgd']['rank']} per machine ({cfg['powersgd']['rank'] // 2} per GPU), "
+          f"compression rate {psgd.get('compression_rate', float('nan')):.4f} of the resblock matrices; Q "
+          f"{'warm-started from the last Q (not the paper)' if cfg['powersgd'].get('warm_start') else 'fixed (paper)'}.",
+          "",
+          "| | stock fp32 all-reduce | hierarchical PowerSGD |", "|---|---|---|"]
+    for label, key, fmt in rows:
+        md.append(f"| {label} | {fmt.format(stock[key])} | {fmt.format(psgd[key])} |")
+    md.append(f"| bytes sent per rank per step (intra + inter + fp32 rest) | {psgd.get('bytes_baseline_fp32', 0):.0f}"
+              f" (fp32 ring) | {psgd.get('bytes_sent', 0):.0f} |")
+    md.append(f"| of which across machines (P, Q' in 1-6-9) | - | {psgd.get('bytes_inter_machine', 0):.0f} |")
+    md += ["", f"Validation-loss gap: {100 * gap:+.2f}% ({'within' if abs(gap) <= 0.02 else 'outside'} the 2% "
+           "target). Times on a 2-core CPU with 4 ranks are not throughput numbers."]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

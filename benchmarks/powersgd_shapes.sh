@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 6's quality check: the demo prior on shapes image tokens, 4 CPU ranks emulating 2 machines x 2 GPUs (ZeRO-2),
+# trained for the same steps with the stock fp32 all-reduce and with hierarchical PowerSGD; compares validation
+# loss and writes benchmarks/results/powersgd_shapes_<tag>.{md,json}.
+#   benchmarks/powersgd_shapes.sh [TOKENS_DIR] [OUT_DIR]   (default runs/demo/tokens from `make demo`; runs/psgd)
+#   PSGD_RANK=16 (per machine; 8 per GPU) PSGD_STEPS=400 PSGD_TAG=cpu_<date>
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOKENS=${1:-runs/demo/tokens}
+OUT=${2:-runs/psgd}
+RANK=${PSGD_RANK:-16}
+STEPS=${PSGD_STEPS:-400}
+TAG=${PSGD_TAG:-cpu_$(date +%Y%m%d)}
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
+test -f "$TOKENS/train/meta.json" || { echo "no token shards in $TOKENS/train: run make demo first (or pass a folder)"; exit 1; }
+common=(--deepspeed_config ds_configs/cpu_dalle.json --preset demo --set "steps=$STEPS" --set eval_every=0
+        --set "data.train_tokens=$TOKENS/train" --set "data.val_tokens=$TOKENS/test_id" --set data.val_batches=16)
+for mode in stock powersgd; do
+  extra=()
+  [ "$mode" = powersgd ] && extra=(--set powersgd.enabled=true --set "powersgd.rank=$RANK" --set powersgd.local_size=2
+    --set "powersgd.warm_start=${PSGD_WARM_START:-false}")
+  if [ ! -f "$OUT/$mode/dalle_metrics.json" ]; then
+    t0=$(date +%s)
+    deepspeed --num_gpus 4 launch/train_dalle.py "${common[@]}" "${extra[@]}" --out "$OUT/$mode"
+    echo "$(( $(date +%s) - t0 ))" > "$OUT/$mode/wall_seconds.txt"
+  fi
+done
+python benchmarks/powersgd_report.py "$OUT" --tag "$TAG" --command "$0 $*"

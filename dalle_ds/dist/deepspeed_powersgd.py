@@ -1,0 +1,170 @@
+"""The hierarchical PowerSGD reducer inside a DeepSpeed engine, as a trainer extension (see
+:class:`dalle_ds.train.engine_loop.EngineLoop`).
+
+DeepSpeed 0.19.8 has no communication-hook API; the hook points below were read in its source (and shown in
+../shared/research/comm_anchors.md §3.4 to reproduce the stock reduction bit for bit):
+
+* **ZeRO-0**: ``engine.enable_backward_allreduce = False`` turns the engine's own all-reduce off; at each
+  gradient-accumulation boundary ``after_backward`` reduces every ``p.grad`` in place before ``engine.step()``.
+  The fp32 ZeRO-0 engine never looks for overflow, so the optimizer's ``step`` is wrapped to skip (and report
+  ``overflow``, which the engine reads to count the skipped step and hold the LR schedule) when the reducer says so.
+* **ZeRO-1 and 2**: the engine's ``DeepSpeedZeroOptimizer`` is swapped (for the duration of ``deepspeed.initialize``)
+  for a subclass whose ``gradient_reduction_w_predivide`` -- the call that receives each flat gradient bucket when
+  ``zero_optimization.reduce_scatter`` is false -- runs the reducer on the bucket's parameters. ``reduce_scatter`` is
+  therefore forced to false. The optimizer's own overflow check sees the Inf the reducer writes on a nonfinite flag
+  and skips the step. ZeRO-2 reduces at every micro-batch (its buckets fill during backward), so with gradient
+  accumulation each micro-batch is compressed on its own (error feedback carries what is lost).
+* **ZeRO-3** is refused: its reduction is a sharded reduce-scatter of flat chunks that do not line up with matrix
+  rows, so it needs the strided chunk assignment sketched in comm_anchors §3.4; not built yet.
+
+Which parameters are compressed is a regular expression on parameter names (default: the four matrices of every
+resblock; embeddings, unembeddings, gains and biases stay fp32, paper E); a matching matrix whose longer side does
+not split over the machine's ranks also stays fp32.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from .powersgd import HierarchicalPowerSGD, PowerSGDSettings, ReduceReport
+from .topology import Topology
+
+__all__ = ["PowerSGDExtension"]
+
+_SUMMED = ("shard_elements", "factor_elements", "uncompressed_elements", "bytes_intra", "bytes_inter",
+           "bytes_uncompressed", "bytes_baseline", "nonfinite_grads", "zeroed_buffers")
+
+
+def _zero_stage(ds_config: dict) -> int:
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+class PowerSGDExtension:
+    name = "powersgd"
+
+    def __init__(self, cfg: Any):
+        """``cfg``: a :class:`dalle_ds.config.PowerSGDConfig`."""
+        self.cfg = cfg
+        self.pattern = re.compile(cfg.compress)
+        self.reducer: HierarchicalPowerSGD | None = None
+        self._names: dict[int, str] = {}
+        self._restore: tuple[Any, Any] | None = None
+        self._acc = ReduceReport()
+        self.skipped_steps = 0
+        self.compressed_keys: list[str] = []
+        self._pending_skip = False
+
+    # -- EngineLoop hooks ---------------------------------------------------------------------------------------
+    def before_initialize(self, model: torch.nn.Module, ds_config: dict) -> None:
+        self.stage = _zero_stage(ds_config)
+        if self.stage >= 3:
+            raise ValueError("powersgd: ZeRO stage 3 is not supported (its flat reduce-scatter chunks do not follow "
+                             "matrix rows); use ZeRO stage 0, 1 or 2 with powersgd.enabled")
+        if self.stage in (1, 2):
+            zo = ds_config.setdefault("zero_optimization", {})
+            zo["reduce_scatter"] = False  # route every bucket through gradient_reduction_w_predivide
+            import deepspeed.runtime.engine as ds_engine
+            base = ds_engine.DeepSpeedZeroOptimizer
+            self._restore = (ds_engine, base)
+            ds_engine.DeepSpeedZeroOptimizer = _zero_optimizer_with(base, self)
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+
+    def setup(self, loop) -> None:
+        if self._restore is not None:
+            module, base = self._restore
+            module.DeepSpeedZeroOptimizer = base
+            self._restore = None
+        self.engine = loop.engine
+        topo = Topology.build(self.cfg.local_size)
+        settings = PowerSGDSettings(rank=self.cfg.rank, start_step=self.cfg.start_step, seed=self.cfg.seed,
+                                    orthogonalization=self.cfg.orthogonalization,
+                                    warm_start=self.cfg.warm_start)
+        self.reducer = HierarchicalPowerSGD(topo, settings, device=loop.device)
+        self.compressed_keys = [n for n, shape in self._shapes
+                                if self.pattern.search(n) and self.reducer.register(n, shape)]
+        if not self.compressed_keys:
+            raise ValueError(f"powersgd: no parameter matches powersgd.compress={self.cfg.compress!r} (or none "
+                             f"splits over {topo.local_size} ranks per machine); nothing would be compressed")
+        if self.stage == 0:
+            self.engine.enable_backward_allreduce = False
+            self._wrap_optimizer_step(self.engine.optimizer)
+
+    def after_backward(self, loop, micro: int) -> None:
+        if self.stage != 0 or not self.engine.is_gradient_accumulation_boundary():
+            return
+        grads = [(self._names[id(p)], p.grad) for p in self.engine.module.parameters() if p.grad is not None]
+        self.reduce(grads)
+
+    def stats(self) -> dict[str, float]:
+        a, self._acc = self._acc, ReduceReport()
+        out = {"powersgd/skipped_steps": float(self.skipped_steps)}
+        if a.shard_elements:
+            out["powersgd/compression_rate"] = 1.0 - a.factor_elements / a.shard_elements
+        sent = a.bytes_intra + a.bytes_inter + a.bytes_uncompressed
+        if sent:
+            out.update({"powersgd/bytes_sent": float(sent), "powersgd/bytes_inter_machine": float(a.bytes_inter),
+                        "powersgd/bytes_uncompressed": float(a.bytes_uncompressed),
+                        "powersgd/bytes_baseline_fp32": float(a.bytes_baseline)})
+        if self.reducer is not None and self.reducer.shards:
+            sq = sum(float(e.double().pow(2).sum()) for e in self.reducer.error_buffers().values())
+            out["powersgd/error_norm"] = sq ** 0.5
+        return out
+
+    def state_dict(self) -> dict:
+        return {"reducer": self.reducer.state_dict(self.cfg.checkpoint_buffers), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reducer.load_state_dict(state["reducer"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+    # -- the reduction ------------------------------------------------------------------------------------------
+    def reduce(self, grads: list[tuple[str, torch.Tensor]]) -> ReduceReport:
+        rep = self.reducer.reduce_(grads, step=self.engine.global_steps)
+        for k in _SUMMED:
+            setattr(self._acc, k, getattr(self._acc, k) + getattr(rep, k))
+        if rep.skip and not self._acc.skip:
+            self.skipped_steps += 1
+        self._acc.skip = self._acc.skip or rep.skip
+        self._pending_skip = self._pending_skip or rep.skip
+        return rep
+
+    def name_of(self, param: torch.nn.Parameter) -> str:
+        return self._names[id(param)]
+
+    def _wrap_optimizer_step(self, opt) -> None:
+        """ZeRO-0 fp32: skip the optimizer step when the reducer flagged a nonfinite value, and tell the engine."""
+        real_step = opt.step
+
+        def step(*args, **kwargs):
+            skip, self._pending_skip = self._pending_skip, False
+            opt.overflow = skip
+            return None if skip else real_step(*args, **kwargs)
+
+        opt.overflow = False
+        opt.step = step
+
+
+def _zero_optimizer_with(base: type, ext: PowerSGDExtension) -> type:
+    """A ``DeepSpeedZeroOptimizer`` subclass whose full-bucket all-reduce is the PowerSGD reducer."""
+
+    class PowerSGDZeroOptimizer(base):
+        def gradient_reduction_w_predivide(self, tensor, communication_data_type):
+            if tensor.numel() == 0:
+                return tensor
+            bucket = self.ipg_buckets[communication_data_type]
+            grads, offset = [], 0
+            for group, index, _ in bucket.params:
+                p = self.bit16_groups[group][index]
+                grads.append((ext.name_of(p), tensor.narrow(0, offset, p.numel()).view(p.shape)))
+                offset += p.numel()
+            if offset != tensor.numel():
+                raise RuntimeError(f"powersgd: bucket layout mismatch ({offset} parameter elements, bucket of "
+                                   f"{tensor.numel()}); this DeepSpeed version lays buckets out differently")
+            ext.reduce(grads)
+            return tensor
+
+    PowerSGDZeroOptimizer.__name__ = PowerSGDZeroOptimizer.__qualname__ = f"PowerSGD{base.__name__}"
+    return PowerSGDZeroOptimizer

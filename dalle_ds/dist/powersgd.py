@@ -1,0 +1,369 @@
+"""Hierarchical PowerSGD with 1-6-9 error buffers: DALL-E's compressed gradient all-reduce (arXiv 2102.12092, §2.5,
+Appendix E.2), independent of DeepSpeed (``dalle_ds.dist.deepspeed_powersgd`` plugs it into the engine).
+
+:meth:`HierarchicalPowerSGD.reduce_` takes this rank's full gradients (each rank's gradient of its own mean loss) and
+writes back, on every rank, an estimate of their average over all ranks. For each compressed matrix:
+
+1. intra-machine reduce-scatter (fp32, an all-to-all on the machine's group): local rank j receives the sum over the
+   machine of its row block ("shard") and divides by the world size, so that summing the shards of all machines gives
+   the global average ("global-sum units", the paper's loss divided by the global batch);
+2. if the shard is finite, add it (divided by the resblock's gradient scale, 1 without per-resblock scaling) into the
+   1-6-9 error buffer in place; otherwise leave the buffer alone;
+3. P = E Q with Q a fixed Gaussian drawn once from (seed, parameter, local rank) and never resampled; Q is stored in
+   1-6-9 with columns of unit expected norm (entries N(0, 1/cols));
+4. P is all-reduced (averaged) across machines among ranks of this ordinal, in 1-6-9 scaled by ``p_scale``, one grouped
+   call for all matrices of the call; infinities are clamped to the format's maximum with their sign;
+5. P + eps I is orthogonalized (Householder); the result is stored in 1-6-9 without scaling;
+6. Q' = E^T P, all-reduced the same way (scaled by ``q_scale``) and multiplied by the number of machines (a sum);
+7. the shard's estimate P Q'^T is formed in fp32;
+8. if P and Q' were finite everywhere: E -= (P Q'^T) / machines; otherwise E is kept if finite, zeroed if not;
+9. everything not compressed (1-D gains and biases, embeddings, matrices whose rows do not split evenly) goes in one
+   fp32 all-reduce over the world; the global norm is sum ||Q'||^2 over shards plus ||g||^2 of the rest, infinite if
+   any nonfinite flag (synchronized over the world in one small all-reduce) was raised, and then a nonfinite value is
+   written into the output so that the optimizer wrapped around it skips the step;
+10. an intra-machine all-gather (fp32) puts the estimated shards back into full gradients (the DeepSpeed ZeRO-0/1/2
+    hook contract is a fully reduced gradient).
+
+Choices the paper leaves open, made here:
+
+* **Shard axis.** Shards are row blocks of the gradient matrix viewed so that its longer side is the row axis: the
+  torch weights ``[out, in]`` of qkv, attention out and the first MLP matrix are split along ``out``, the second MLP
+  matrix ``[d, 4d]`` along ``in`` -- the paper's "axis 1 except the second MLP matrix" in its [in, out] convention.
+* **Scales.** ``p_scale = q_scale = 2**-8``: P and Q' entries are column/row norms of the error buffer, so the
+  format's ceiling of ~16 would be close for large gradients, while its floor (2^-67) is ~50 binades below any
+  gradient; dividing by 256 moves the ceiling to ~4096 at no cost.
+* **eps.** The paper adds eps = 1e-6 to an O(1)-scaled P. Gradients here are not rescaled to O(1) (loss units), so eps
+  is taken relative to max |P| (absolute 1e-6 when P is zero): the same regularization for any gradient magnitude.
+* **Averages.** P and Q' are averaged in the 1-6-9 all-reduce (an average of values below the ceiling stays below
+  it, so a local overflow flag is exact); Q' is multiplied back by the number of machines in fp32.
+* **Per-GPU rank** = total rank per machine / local size (paper B.2: 896 per machine, 112 per GPU), capped by the
+  shard's shape (at the cap the compression is lossless up to 1-6-9 rounding).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..ops import fp169
+from .fp169_allreduce import CommCounter, all_reduce_fp169_
+from .orthogonalize import add_eps_identity, get_orthogonalizer
+from .topology import Topology
+
+__all__ = ["PowerSGDSettings", "HierarchicalPowerSGD", "ReduceReport", "fp32_ring_bytes"]
+
+FP169_MAX = fp169.MAX
+
+
+def fp32_ring_bytes(numel: int, world: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``numel`` fp32 values over ``world`` ranks."""
+    return 2 * (world - 1) * math.ceil(numel / world) * 4 if world > 1 else 0
+
+
+@dataclass
+class PowerSGDSettings:
+    rank: int = 32
+    """Total compression rank per machine; each GPU uses rank // local_size for its shards."""
+    start_step: int = 0
+    """Optimizer steps reduced uncompressed (fp32 all-reduce) before compression starts."""
+    seed: int = 0
+    p_scale: float = 2.0 ** -8
+    q_scale: float = 2.0 ** -8
+    eps: float = 1e-6
+    orthogonalization: str = "householder"
+    warm_start: bool = False
+    """Not the paper: use last step's all-reduced Q' (columns normalized) as this step's Q, a power iteration across
+    steps as in Vogels et al. (2019) and torch's powerSGD_hook, instead of the fixed Gaussian."""
+
+    def per_gpu_rank(self, local_size: int) -> int:
+        return max(1, self.rank // local_size)
+
+
+@dataclass
+class _Shard:
+    """One compressed matrix: this rank's row block of the (possibly transposed) gradient and its state."""
+    key: str
+    shape: tuple[int, int]
+    transposed: bool
+    rows: int
+    cols: int
+    shard_rows: int
+    k: int
+    q: torch.Tensor       # int16 1-6-9 codes [cols, k], fixed
+    err: torch.Tensor     # int16 1-6-9 codes [shard_rows, cols]
+
+
+@dataclass
+class ReduceReport:
+    """What one :meth:`HierarchicalPowerSGD.reduce_` call did (this rank's view)."""
+    compressed: bool = False
+    skip: bool = False
+    """Some rank saw a nonfinite gradient, P or Q': the optimizer step must be skipped."""
+    sq_norm: float = 0.0
+    """Global squared norm of the reduced gradient (sum ||Q'||^2 + ||uncompressed||^2); inf when skipping."""
+    shard_elements: int = 0
+    factor_elements: int = 0
+    """P + Q' elements sent across machines for this rank's shards (the paper's compression accounting)."""
+    uncompressed_elements: int = 0
+    bytes_intra: int = 0
+    bytes_inter: int = 0
+    bytes_uncompressed: int = 0
+    bytes_baseline: int = 0
+    """What a plain fp32 ring all-reduce of the same gradients over the world would send from this rank."""
+    nonfinite_grads: int = 0
+    zeroed_buffers: int = 0
+
+
+class HierarchicalPowerSGD:
+    """The reducer. Create it on every rank with the same settings, :meth:`register` the compressible matrices in the
+    same order everywhere, then call :meth:`reduce_` with every rank's gradients in the same order."""
+
+    def __init__(self, topology: Topology, settings: PowerSGDSettings, device: torch.device | str = "cpu"):
+        self.topo, self.s = topology, settings
+        self.device = torch.device(device)
+        self.orthogonalize = get_orthogonalizer(settings.orthogonalization)
+        self.shards: dict[str, _Shard] = {}
+        self.counter = CommCounter()
+        self.grad_scale: Callable[[str], float] = lambda key: 1.0
+        """Per-resblock gradient scale of a parameter (step 2 divides by it); 1 without per-resblock scaling."""
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+    def _q_seed(self, key: str) -> int:
+        digest = hashlib.sha256(f"{self.s.seed}:{key}:{self.topo.local_rank}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+    def register(self, key: str, shape: Sequence[int]) -> bool:
+        """Register a parameter for compression; returns False (it stays uncompressed) unless it is a matrix whose
+        longer side splits evenly over the machine's ranks."""
+        if len(shape) != 2:
+            return False
+        a, b = int(shape[0]), int(shape[1])
+        transposed = b > a
+        rows, cols = (b, a) if transposed else (a, b)
+        m = self.topo.local_size
+        if rows % m:
+            return False
+        shard_rows = rows // m
+        k = min(self.s.per_gpu_rank(m), shard_rows, cols)
+        gen = torch.Generator().manual_seed(self._q_seed(key))
+        q = torch.randn(cols, k, generator=gen) / math.sqrt(cols)
+        self.shards[key] = _Shard(key=key, shape=(a, b), transposed=transposed, rows=rows, cols=cols,
+                                  shard_rows=shard_rows, k=k,
+                                  q=fp169.encode(q.to(self.device), saturate=True),
+                                  err=torch.zeros(shard_rows, cols, dtype=torch.int16, device=self.device))
+        return True
+
+    def is_compressed(self, key: str) -> bool:
+        return key in self.shards
+
+    # -- the reduction ------------------------------------------------------------------------------------------
+    def reduce_(self, grads: Sequence[tuple[str, torch.Tensor]], step: int) -> ReduceReport:
+        """Replace each gradient by the all-rank average (compressed ones by their PowerSGD estimate)."""
+        rep = ReduceReport()
+        W = self.topo.world_size
+        total = sum(g.numel() for _, g in grads)
+        rep.bytes_baseline = fp32_ring_bytes(total, W)
+        if step < self.s.start_step:
+            self._plain_all_reduce([g for _, g in grads], rep)
+            return rep
+        comp = [(self.shards[k], g) for k, g in grads if k in self.shards]
+        unc = [g for k, g in grads if k not in self.shards]
+        rep.compressed = bool(comp)
+        sent_before = self.counter.bytes_sent
+        unc_flag = self._plain_all_reduce(unc, rep) if unc else 0.0
+        n_mach = self.topo.machines
+        flags = torch.zeros(3 * len(comp) + 2, dtype=torch.float64)
+        flags[-2] = unc_flag
+        estimates = []
+        if comp:
+            shard_vals = self._reduce_scatter(comp, rep)
+            p_codes, errs = [], []
+            for i, ((sh, _), s) in enumerate(zip(comp, shard_vals)):
+                finite = fp169.error_add_(sh.err, s, scale=self.grad_scale(sh.key))
+                flags[3 * i] = 0.0 if finite else 1.0
+                e = fp169.decode(sh.err)
+                errs.append(e)
+                p = e @ fp169.decode(sh.q)
+                flags[3 * i + 1] = self._overflow(p, self.s.p_scale)
+                p_codes.append(fp169.encode(p, saturate=True, scale=self.s.p_scale))
+            all_reduce_fp169_(p_codes, self.topo.global_group, average=True, counter=self.counter)
+            q_codes, ps = [], []
+            for i, ((sh, _), e, pc) in enumerate(zip(comp, errs, p_codes)):
+                p = fp169.decode(pc, scale=self.s.p_scale)
+                maxabs = float(p.abs().max()) if p.numel() else 0.0
+                eps = self.s.eps * maxabs if maxabs > 0 else self.s.eps
+                p_hat = fp169.decode(fp169.encode(self.orthogonalize(add_eps_identity(p, eps)), saturate=True))
+                ps.append(p_hat)
+                qp = e.t() @ p_hat
+                flags[3 * i + 2] = self._overflow(qp, self.s.q_scale)
+                q_codes.append(fp169.encode(qp, saturate=True, scale=self.s.q_scale))
+                rep.shard_elements += sh.shard_rows * sh.cols
+                rep.factor_elements += (sh.shard_rows + sh.cols) * sh.k
+            all_reduce_fp169_(q_codes, self.topo.global_group, average=True, counter=self.counter)
+            sq = 0.0
+            for (sh, _), p_hat, qc in zip(comp, ps, q_codes):
+                q_sum = fp169.decode(qc, scale=self.s.q_scale) * n_mach
+                sq += float(q_sum.double().pow(2).sum())
+                estimates.append(p_hat @ q_sum.t())
+                if self.s.warm_start:
+                    self._warm_start(sh, q_sum)
+            flags[-1] = sq / n_mach  # every machine holds the same Q': count it once over the world
+        if W > 1:
+            dist.all_reduce(flags, group=self.topo.world_group)  # step 10: flags and the norm in one call
+        unc_sq = sum(float(g.double().pow(2).sum()) for g in unc)
+        for i, ((sh, _), est) in enumerate(zip(comp, estimates)):
+            p_ok, q_ok = flags[3 * i + 1] == 0, flags[3 * i + 2] == 0
+            if p_ok and q_ok:
+                fp169.error_add_(sh.err, est, scale=-float(n_mach))
+            if not bool(fp169.all_finite(sh.err)):  # step 12: zero a buffer only when it is itself nonfinite
+                sh.err.zero_()
+                rep.zeroed_buffers += 1
+        if comp:
+            self._all_gather(comp, estimates, rep)
+        rep.bytes_inter = self.counter.bytes_sent - sent_before
+        nonfinite = flags[:-1].clone()
+        rep.nonfinite_grads = int((flags[0:3 * len(comp):3] > 0).sum()) + int(flags[-2] > 0)
+        rep.skip = bool((nonfinite > 0).any())
+        rep.sq_norm = math.inf if rep.skip else float(flags[-1]) + unc_sq
+        if rep.skip and grads:
+            grads[0][1].view(-1)[0] = math.inf  # make the optimizer's own overflow check skip the step
+        return rep
+
+    @staticmethod
+    def _warm_start(sh: _Shard, q_sum: torch.Tensor) -> None:
+        """Next step's Q: this step's Q' with unit columns (a column that is zero or nonfinite keeps its old value).
+        Q' is the same on every machine (decoded from the same all-reduced codes), so Q stays consistent."""
+        norms = torch.linalg.vector_norm(q_sum, dim=0)
+        ok = torch.isfinite(norms) & (norms > 0)
+        new = torch.where(ok, q_sum / torch.where(ok, norms, torch.ones_like(norms)), fp169.decode(sh.q))
+        sh.q.copy_(fp169.encode(new, saturate=True))
+
+    @staticmethod
+    def _overflow(x: torch.Tensor, scale: float) -> float:
+        """1.0 if ``x * scale`` holds a nonfinite value or one beyond the 1-6-9 maximum (which encoding would clamp)."""
+        return 0.0 if bool(torch.isfinite(x).all()) and float(x.abs().max()) * scale <= FP169_MAX else 1.0
+
+    def _plain_all_reduce(self, grads: list[torch.Tensor], rep: ReduceReport) -> float:
+        """Average ``grads`` over the world in one fp32 all-reduce; returns 1.0 if the result is nonfinite."""
+        if not grads:
+            return 0.0
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        W = self.topo.world_size
+        if W > 1:
+            dist.all_reduce(flat, group=self.topo.world_group)
+        flat /= W
+        off = 0
+        for g in grads:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+        rep.uncompressed_elements += flat.numel()
+        rep.bytes_uncompressed += fp32_ring_bytes(flat.numel(), W)
+        return 0.0 if bool(torch.isfinite(flat).all()) else 1.0
+
+    @staticmethod
+    def _matrix(sh: _Shard, g: torch.Tensor) -> torch.Tensor:
+        g = g.view(sh.shape)
+        return g.t() if sh.transposed else g
+
+    def _reduce_scatter(self, comp, rep: ReduceReport) -> list[torch.Tensor]:
+        m = self.topo.local_size
+        sizes = [sh.shard_rows * sh.cols for sh, _ in comp]
+        send = torch.empty(m, sum(sizes), dtype=torch.float32, device=self.device)
+        off = 0
+        for (sh, g), n in zip(comp, sizes):
+            send[:, off:off + n].copy_(self._matrix(sh, g).reshape(m, n))
+            off += n
+        if m > 1:
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send, group=self.topo.local_group)
+            rep.bytes_intra += (m - 1) * send.shape[1] * 4
+        else:
+            recv = send
+        total = recv.sum(dim=0) / self.topo.world_size
+        out, off = [], 0
+        for (sh, _), n in zip(comp, sizes):
+            out.append(total[off:off + n].view(sh.shard_rows, sh.cols))
+            off += n
+        return out
+
+    def _all_gather(self, comp, estimates: list[torch.Tensor], rep: ReduceReport) -> None:
+        m = self.topo.local_size
+        mine = torch.cat([e.reshape(-1) for e in estimates])
+        if m > 1:
+            full = torch.empty(m, mine.numel(), dtype=mine.dtype, device=mine.device)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather(full.view(-1), mine, group=self.topo.local_group)
+            rep.bytes_intra += (m - 1) * mine.numel() * 4
+        else:
+            full = mine.view(1, -1)
+        off = 0
+        for (sh, g), e in zip(comp, estimates):
+            n = e.numel()
+            block = full[:, off:off + n].reshape(sh.rows, sh.cols)
+            self._matrix(sh, g).copy_(block)
+            off += n
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def error_buffers(self) -> dict[str, torch.Tensor]:
+        """This rank's error buffers decoded to fp32."""
+        return {k: fp169.decode(sh.err) for k, sh in self.shards.items()}
+
+    def state_dict(self, mode: str = "sum") -> dict:
+        """``mode="sum"`` (the paper): the sum of the error buffers over machines for this local ordinal, held by the
+        rank on machine 0 (others store none) -- a collective over the ordinal's group. ``"per_rank"``: this rank's
+        own 1-6-9 codes, for a bit-exact resume on the same topology."""
+        meta = {"machines": self.topo.machines, "local_size": self.topo.local_size, "mode": mode,
+                "settings": dict(vars(self.s)), "keys": list(self.shards)}
+        if self.s.warm_start:  # Q evolves: it is state (identical across machines for an ordinal)
+            meta["q_codes"] = ({k: sh.q.clone().cpu() for k, sh in self.shards.items()}
+                               if mode == "per_rank" or self.topo.machine == 0 else None)
+        if mode == "per_rank":
+            return {**meta, "err_codes": {k: sh.err.clone().cpu() for k, sh in self.shards.items()}}
+        if mode != "sum":
+            raise ValueError(f"unknown error-buffer checkpoint mode {mode!r} (sum or per_rank)")
+        sums = {}
+        dst = self.topo.global_rank_of(0)
+        for k, sh in self.shards.items():
+            e = fp169.decode(sh.err)
+            if self.topo.machines > 1:
+                dist.reduce(e, dst=dst, group=self.topo.global_group)
+            sums[k] = e.cpu()
+        return {**meta, "err_sum": sums if self.topo.machine == 0 else None}
+
+    def _load_q(self, state: dict) -> None:
+        src = self.topo.global_rank_of(0)
+        for k, sh in self.shards.items():
+            if state["mode"] == "per_rank" or self.topo.machine == 0:
+                sh.q.copy_(state["q_codes"][k].to(sh.q.device))
+            if state["mode"] == "sum" and self.topo.machines > 1:
+                dist.broadcast(sh.q.view(torch.uint8), src=src, group=self.topo.global_group)  # bytes: any backend
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["machines"] != self.topo.machines or state["local_size"] != self.topo.local_size:
+            raise ValueError(f"PowerSGD error buffers were saved with {state['machines']} machine(s) x "
+                             f"{state['local_size']} rank(s) but this job has {self.topo.machines} x "
+                             f"{self.topo.local_size}; resume on the same topology")
+        if list(state["keys"]) != list(self.shards):
+            raise ValueError("PowerSGD error buffers were saved for a different set of compressed parameters")
+        if bool(state["settings"].get("warm_start")) != self.s.warm_start:
+            raise ValueError("PowerSGD state was saved with warm_start="
+                             f"{state['settings'].get('warm_start')}; this run has {self.s.warm_start}")
+        if self.s.warm_start:
+            self._load_q(state)
+        if state["mode"] == "per_rank":
+            for k, sh in self.shards.items():
+                sh.err.copy_(state["err_codes"][k].to(sh.err.device))
+            return
+        src = self.topo.global_rank_of(0)
+        for k, sh in self.shards.items():
+            if self.topo.machine == 0:
+                e = state["err_sum"][k].to(self.device).float() / self.topo.machines
+            else:
+                e = torch.empty(sh.shard_rows, sh.cols, dtype=torch.float32, device=self.device)
+            if self.topo.machines > 1:
+                dist.broadcast(e, src=src, group=self.topo.global_group)
+            sh.err.copy_(fp169.encode(e))
