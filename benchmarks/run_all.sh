@@ -21,3 +21,5 @@ else
 fi
 # fp16 underflow, global vs per-resblock scaling: a numerics measurement, device-independent in what it counts
 python benchmarks/bench_underflow.py --out "benchmarks/results/underflow_cpu_${DATE}"
+# PowerSGD reduction bytes/time, orthogonalization, side by side with torch's powerSGD_hook (gloo, 4 local ranks)
+python benchmarks/bench_powersgd.py --out "benchmarks/results/powersgd_cpu_${DATE}"
