@@ -208,14 +208,19 @@ class DALLE(nn.Module):
                                     [p for p in self.parameters() if id(p) not in inside])
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-            elif name.endswith("fn.proj.weight"):  # output projections of resblocks: GPT-2 style 1/sqrt(2L)
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, std=std)
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor) -> None:
+        """The initialization of one parameter (called per parameter under ZeRO-3, where each is gathered in turn)."""
+        std = self.cfg.init_std
+        if p.dim() == 1:
+            nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+        elif name.endswith("fn.proj.weight"):  # output projections of resblocks: GPT-2 style 1/sqrt(2L)
+            nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
+        else:
+            nn.init.normal_(p, std=std)
 
     @property
     def mask_schedule(self) -> list[str]:

@@ -57,6 +57,21 @@ class CaptionCollate:
         return out
 
 
+def build_prior(model_cfg: DalleConfig, ds_config: dict) -> DALLE:
+    """The prior, built so that under ZeRO-3 no rank ever holds all of it: inside ``deepspeed.zero.Init`` every
+    parameter is partitioned as soon as its module is constructed, then each is gathered in turn for its
+    initialization (rank 0's values are kept, so every rank agrees) and released. Other stages build it plainly."""
+    if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) < 3:
+        return DALLE(model_cfg)
+    import deepspeed
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = DALLE(model_cfg)
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            model.init_parameter(name, p)
+    return model
+
+
 def export_dalle(path: Path, model_cfg: DalleConfig, state_dict: dict, step: int, extra: dict) -> None:
     ckpt.atomic_torch_save({"kind": "dalle_ds.dalle", "config": asdict(model_cfg), "state_dict": state_dict,
                             "step": step, **extra}, path)
@@ -104,7 +119,7 @@ class DalleTrainer(EngineLoop):
         self.val_ds = val_ds
         self.collate = CaptionCollate(self.tokenizer, model_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = DALLE(model_cfg)
+        model = build_prior(model_cfg, ds_config)
         self.grad_scaler = model.grad_scaler
         if self.grad_scaler is not None:
             self._setup_resblock_scaling(model, ds_config)
