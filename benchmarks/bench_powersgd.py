@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
@@ -44,7 +43,7 @@ from dalle_ds.dist.orthogonalize import ORTHOGONALIZERS  # noqa: E402
 from dalle_ds.dist.powersgd import HierarchicalPowerSGD, PowerSGDSettings, fp32_ring_bytes  # noqa: E402
 from dalle_ds.dist.topology import Topology  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
-from timing import time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 WORLD, LOCAL = 4, 2
 COMPRESS = r"^layers\.\d+\.(attn|mlp)\.fn\.\w+\.weight$"
@@ -264,7 +263,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16, help="PowerSGD rank per machine")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    ap.add_argument("--out", help="write OUT.json and OUT.md")
     args = ap.parse_args()
     parts = args.parts.split(",")
     res = {"date": datetime.date.today().isoformat(), "device": f"CPU {platform.machine()}, {os.cpu_count()} cores, "
@@ -284,12 +283,7 @@ def main() -> None:
         runs = [_spawn(_ddp_part, mode, "tiny" if not args.quick else "test", over, steps, 8, rk)
                 for mode in ("ddp", "torch_hook", "ours")]
         res["ddp"] = {"steps": steps, "batch": 8, "rank_per_gpu": rk // LOCAL, "model": over, "runs": runs}
-    md = _markdown(res)
-    print(md)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(md)
+    emit(res, _markdown(res), str(args.out) if args.out else None)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import platform
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ from dalle_ds.models.dalle import DALLE, prepare_text  # noqa: E402
 from dalle_ds.models.dvae import DiscreteVAE  # noqa: E402
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for  # noqa: E402
 from dalle_ds.sample.generate import SamplingConfig, sample_image_tokens  # noqa: E402
-from timing import time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 CAPTIONS = ["a large red circle above a small blue square", "a small green triangle in the top left",
             "a white cross to the left of a yellow square", "a large purple star in the center"]
@@ -159,13 +158,7 @@ def main(argv=None) -> dict:
               "date": datetime.date.today().isoformat(), "command": " ".join(["python", "benchmarks/bench_sample.py",
                                                                              *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows, "oom_at": oom_at}
-    md = markdown(result)
-    print(md)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out + ".md").write_text(md)
-    return result
+    return emit(result, markdown(result), args.out)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import datetime
 import itertools
-import json
 import os
 import platform
 import resource
@@ -68,7 +67,7 @@ from dalle_ds.config import DALLE_PRESETS  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
 from dalle_ds.models.flops import count_flops, recompute_flops_per_sequence  # noqa: E402
 from dalle_ds.train.distributed import device as ds_device, init_distributed, rank, world_size  # noqa: E402
-from timing import time_fn  # noqa: E402  (benchmarks/timing.py)
+from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
 COMM_PREFIXES = ("c10d::", "gloo:", "nccl:", "record_param_comms")
@@ -388,13 +387,7 @@ def main(argv=None) -> dict | None:
               "memory_note": f"Peak memory: {mem_kind}, max over ranks.",
               "load_average_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(), "note": args.note,
               "rows": rows}
-    md = markdown(result)
-    print(md)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out + ".md").write_text(md)
-    return result
+    return emit(result, markdown(result), args.out)
 
 
 if __name__ == "__main__":

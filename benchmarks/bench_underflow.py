@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import platform
 import sys
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from dalle_ds.config import DalleConfig  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
+from timing import emit  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 MIN_LOG2, MAX_LOG2 = 7, 24
 
@@ -216,13 +216,7 @@ def main(argv=None) -> dict:
         "global_settled_log2": global_max, "per_block_settled_log2": per_block_settled,
         "branch_grad_rms_fp32": rms, "fp32_reference_zero": ref_zero, "modes": modes, "results": results,
     }
-    md = markdown(result)
-    print(md)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out + ".md").write_text(md)
-    return result
+    return emit(result, markdown(result), args.out)
 
 
 def markdown(r: dict) -> str:

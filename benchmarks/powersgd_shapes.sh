@@ -3,7 +3,7 @@
 # trained for the same steps with the stock fp32 all-reduce and with hierarchical PowerSGD; compares validation
 # loss and writes benchmarks/results/powersgd_shapes_<tag>.{md,json}.
 #   benchmarks/powersgd_shapes.sh [TOKENS_DIR] [OUT_DIR]   (default runs/demo/tokens from `make demo`; runs/psgd)
-#   PSGD_RANK=16 (per machine; 8 per GPU) PSGD_STEPS=400 PSGD_TAG=cpu_<date>
+#   PSGD_RANK=16 (per machine; 8 per GPU) PSGD_STEPS=400 PSGD_WARM_START=false PSGD_PORT=29500 PSGD_TAG=cpu_<date>
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENS=${1:-runs/demo/tokens}
@@ -21,7 +21,7 @@ for mode in stock powersgd; do
     --set "powersgd.warm_start=${PSGD_WARM_START:-false}")
   if [ ! -f "$OUT/$mode/dalle_metrics.json" ]; then
     t0=$(date +%s)
-    deepspeed --num_gpus 4 launch/train_dalle.py "${common[@]}" "${extra[@]}" --out "$OUT/$mode"
+    deepspeed --num_gpus 4 --master_port "${PSGD_PORT:-29500}" launch/train_dalle.py "${common[@]}" "${extra[@]}" --out "$OUT/$mode"
     echo "$(( $(date +%s) - t0 ))" > "$OUT/$mode/wall_seconds.txt"
   fi
 done

@@ -27,3 +27,15 @@ def time_fn(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def emit(result: dict, md: str, out: "str | None") -> dict:
+    """Print a benchmark's markdown and, with ``out``, write ``out.json`` (the result) and ``out.md``."""
+    import json
+    from pathlib import Path
+    print(md)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(str(out) + ".json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(str(out) + ".md").write_text(md)
+    return result

@@ -6,18 +6,16 @@ import pytest
 import torch
 
 from dalle_ds.config import DalleConfig
-from dalle_ds.models.dalle import DALLE, ResBlock, MLP, prepare_text
+from dalle_ds.models.dalle import DALLE, ResBlock, MLP
 from dalle_ds.models.memory import saved_activation_bytes
+from prior_batches import random_batch
 
 CFG = DalleConfig(text_vocab_size=50, text_len=6, image_vocab_size=20, image_grid=4, d_model=32, n_layers=4,
                   n_heads=2, conv_kernel=3, attn_backend="dense")
 
 
 def _batch(B=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 50, (B, 8), generator=g)
-    text = prepare_text(ids, torch.tensor([0, 3, 8, 5][:B]), CFG)
-    return text, torch.randint(0, 20, (B, 16), generator=g)
+    return random_batch(CFG, B, seed)
 
 
 def _run(ckpt: bool, **kw) -> tuple[float, dict[str, torch.Tensor], int]:

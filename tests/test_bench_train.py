@@ -74,7 +74,7 @@ def test_bench_train_quick_one_process(tmp_path):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick", "--threads", "1",
                            "--grad-accum", "2", "--checkpointing", "on", "--trace", str(trace), "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "train.json").read_text())
     row = _check(result, world=1, micro=4, accum=2, ckpt=True)

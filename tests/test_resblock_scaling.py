@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dalle_ds.config import ConfigError, DalleConfig
-from dalle_ds.models.dalle import DALLE, prepare_text
+from dalle_ds.models.dalle import DALLE
+from prior_batches import random_batch
 from dalle_ds.precision import ResblockGradScaler, unscale_block_grads_
 from dalle_ds.precision.resblock_scaling import BACKOFF_WINDOW, GROWTH
 
@@ -17,10 +18,7 @@ CFG = DalleConfig(text_vocab_size=50, text_len=6, image_vocab_size=20, image_gri
 
 
 def _batch(B=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 50, (B, 8), generator=g)
-    text = prepare_text(ids, torch.tensor([0, 3, 8, 5][:B]), CFG)
-    return text, torch.randint(0, 20, (B, 16), generator=g)
+    return random_batch(CFG, B, seed)
 
 
 def _model(**kw) -> DALLE:

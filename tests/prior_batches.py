@@ -1,0 +1,12 @@
+"""A random (text, image-code) batch for a tiny prior config, shared by the model-level tests."""
+import torch
+
+from dalle_ds.models.dalle import prepare_text
+
+
+def random_batch(cfg, B: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption lengths 0, 3, 8, 5 (cut to the batch): empty, short, longer than the text context, in between."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, cfg.text_vocab_size, (B, 8), generator=g)
+    text = prepare_text(ids, torch.tensor([0, 3, 8, 5][:B]), cfg)
+    return text, torch.randint(0, cfg.image_vocab_size, (B, cfg.image_len), generator=g)
