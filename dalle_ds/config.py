@@ -508,7 +508,9 @@ class PowerSGDConfig:
     A smaller value makes one box emulate several machines."""
     compress: str = r"^layers\.\d+\.(attn|mlp)\.fn\.\w+\.weight$"
     """Regular expression on parameter names: the matrices to compress (default: the four of every resblock)."""
-    orthogonalization: str = "householder"
+    orthogonalization: str = "qr"
+    """"qr": torch.linalg.qr (LAPACK / cuSOLVER Householder QR, the fastest here); "householder": ours in torch ops
+    (same method, slower: benchmarks/results/powersgd_cpu_20261123.md); "gram_schmidt": for comparison only."""
     warm_start: bool = False
     """Not the paper (which keeps Q fixed): reuse last step's Q' as Q, as torch's powerSGD_hook does."""
     checkpoint_buffers: str = "sum"

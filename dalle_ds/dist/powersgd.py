@@ -74,7 +74,7 @@ class PowerSGDSettings:
     p_scale: float = 2.0 ** -8
     q_scale: float = 2.0 ** -8
     eps: float = 1e-6
-    orthogonalization: str = "householder"
+    orthogonalization: str = "qr"
     warm_start: bool = False
     """Not the paper: use last step's all-reduced Q' (columns normalized) as this step's Q, a power iteration across
     steps as in Vogels et al. (2019) and torch's powerSGD_hook, instead of the fixed Gaussian."""
