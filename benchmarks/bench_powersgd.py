@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dalle_ds.config import DALLE_PRESETS  # noqa: E402
+from dalle_ds.config import DALLE_PRESETS, PowerSGDConfig  # noqa: E402
+from dalle_ds.dist.local_ranks import run_local_ranks  # noqa: E402
 from dalle_ds.dist.orthogonalize import ORTHOGONALIZERS  # noqa: E402
 from dalle_ds.dist.powersgd import HierarchicalPowerSGD, PowerSGDSettings, fp32_ring_bytes  # noqa: E402
 from dalle_ds.dist.topology import Topology  # noqa: E402
@@ -46,43 +46,6 @@ from dalle_ds.models.dalle import DALLE  # noqa: E402
 from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 WORLD, LOCAL = 4, 2
-COMPRESS = r"^layers\.\d+\.(attn|mlp)\.fn\.\w+\.weight$"
-
-
-# -- process plumbing ------------------------------------------------------------------------------------------------
-def _spawn(fn, *args) -> list:
-    """Run ``fn(rank, *args) -> result`` on WORLD gloo ranks; return rank 0's result."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_entry, args=(r, port, fn, args, q)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    result = q.get()
-    for p in procs:
-        p.join()
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
-def _entry(rank, port, fn, args, q):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        out = fn(rank, *args)
-        if rank == 0:
-            q.put(out)
-    except BaseException as e:  # report rank 0's failure instead of hanging
-        if rank == 0:
-            q.put(RuntimeError(f"rank 0 failed: {e!r}"))
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def _model(preset: str, **over) -> DALLE:
@@ -94,13 +57,13 @@ def _reducer(model, rank_total: int, start_step: int = 0) -> HierarchicalPowerSG
     import re
     red = HierarchicalPowerSGD(Topology.build(LOCAL), PowerSGDSettings(rank=rank_total, start_step=start_step))
     for n, p in model.named_parameters():
-        if re.search(COMPRESS, n):
+        if re.search(PowerSGDConfig().compress, n):
             red.register(n, p.shape)
     return red
 
 
 # -- reduce ----------------------------------------------------------------------------------------------------------
-def _reduce_part(rank, preset, rank_total, repeats):
+def _reduce_part(rank, world, preset, rank_total, repeats):
     model = _model(preset)
     d, m = model.cfg.d_model, LOCAL
     g = torch.Generator().manual_seed(rank)
@@ -161,7 +124,7 @@ def _batch(cfg, step, rank, batch):
     return text, image
 
 
-def _ddp_part(rank, mode, preset, over, steps, batch, rank_total):
+def _ddp_part(rank, world, mode, preset, over, steps, batch, rank_total):
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ph
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = _model(preset, **over)
@@ -273,14 +236,14 @@ def main() -> None:
     else:
         preset, steps, shapes, repeats = args.preset, args.steps, [(256, 8), (1024, 32), (2048, 64)], 5
     if "reduce" in parts:
-        res["reduce"] = _spawn(_reduce_part, preset, args.rank if not args.quick else 4, repeats)
+        res["reduce"] = run_local_ranks(_reduce_part, WORLD, preset, args.rank if not args.quick else 4, repeats)
     if "orth" in parts:
         res["orth"] = orth_part(shapes, repeats)
     if "ddp" in parts:
         over = dict(d_model=64, n_layers=2, n_heads=2, text_len=16, image_grid=8, image_vocab_size=64,
                     text_vocab_size=64) if not args.quick else {}
         rk = args.rank if not args.quick else 4
-        runs = [_spawn(_ddp_part, mode, "tiny" if not args.quick else "test", over, steps, 8, rk)
+        runs = [run_local_ranks(_ddp_part, WORLD, mode, "tiny" if not args.quick else "test", over, steps, 8, rk)
                 for mode in ("ddp", "torch_hook", "ours")]
         res["ddp"] = {"steps": steps, "batch": 8, "rank_per_gpu": rk // LOCAL, "model": over, "runs": runs}
     emit(res, _markdown(res), str(args.out) if args.out else None)

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from dist_utils import free_port, init_gloo
+
+from dalle_ds.dist.local_ranks import run_local_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -27,15 +27,11 @@ def _inputs(seed: int, rank: int, shapes, scale_exp=(-20, 1)):
     return out
 
 
-def _rank_main(rank: int, world: int, port: int, backend: str, seed: int) -> None:
-    init_gloo(rank, world, port)
-    try:
-        _wrap_collectives()
-        _checks(None, backend, seed)
-        sub, _ = dist.new_subgroups(group_size=2)  # ranks {0, 1} and {2, 3}
-        _checks(sub, backend, seed + 7)
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank: int, world: int, backend: str, seed: int) -> None:
+    _wrap_collectives()
+    _checks(None, backend, seed)
+    sub, _ = dist.new_subgroups(group_size=2)  # ranks {0, 1} and {2, 3}
+    _checks(sub, backend, seed + 7)
 
 
 HANDED = []  # (collective, bytes of the input it was handed)
@@ -135,4 +131,4 @@ def test_fp169_allreduce_gloo_world_of_4_and_subgroups_of_2():
     backend = "auto" if _ext.load()["cpu"] else "reference"  # build once here, not in every rank
     seed = int(torch.randint(0, 10_000, ()).item())  # fresh inputs each run
     print("seed", seed)
-    mp.spawn(_rank_main, args=(4, free_port(), backend, seed), nprocs=4, join=True)
+    run_local_ranks(_rank_main, 4, backend, seed)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dalle_ds.ops import fp169
-from dist_utils import run_on_ranks
+from dalle_ds.dist.local_ranks import run_local_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -232,4 +232,4 @@ def _all_checks(rank, world):
 def test_reducer_on_2_machines_x_2_gpus():
     """lossless rank = plain average; error-feedback invariant; Inf -> skip + buffer rules; overflowing buffer
     zeroed; checkpoint round trips; compression rate = r (m + 3) / (3 d m) accounting within 1%."""
-    run_on_ranks(_all_checks, 4)
+    run_local_ranks(_all_checks, 4)

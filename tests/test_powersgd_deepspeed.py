@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from dist_utils import run_on_ranks
+from dalle_ds.dist.local_ranks import run_local_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -99,7 +99,7 @@ def _all_stages(rank, world):
 
 
 def test_powersgd_in_the_deepspeed_engine_zero_0_1_2():
-    run_on_ranks(_all_stages, 4)
+    run_local_ranks(_all_stages, 4)
 
 
 def test_zero3_is_refused():

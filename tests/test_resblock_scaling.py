@@ -240,29 +240,18 @@ def test_unscale_checks_block_count():
 # Two ranks: flags are all-reduced so every rank takes the same decision
 # ------------------------------------------------------------------------------------------------------------------
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        s = ResblockGradScaler(4, replicas=2)
-        s.record_nonfinite(rank + 1, torch.tensor(True))  # rank 0 overflows in block 1, rank 1 in block 2
-        skip = s.update()
-        torch.save({"skip": skip, "scales": s.scales.tolist(), "flags": s.last_flags},
-                   os.path.join(out_dir, f"r{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    s = ResblockGradScaler(4, replicas=2)
+    s.record_nonfinite(rank + 1, torch.tensor(True))  # rank 0 overflows in block 1, rank 1 in block 2
+    skip = s.update()
+    torch.save({"skip": skip, "scales": s.scales.tolist(), "flags": s.last_flags},
+               os.path.join(out_dir, f"r{rank}.pt"))
 
 
 def test_flags_are_all_reduced_across_ranks(tmp_path):
-    import socket
+    from dalle_ds.dist.local_ranks import run_local_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_local_ranks(_worker, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"r{r}.pt") for r in (0, 1))
     assert r0 == r1
     assert r0["skip"] is True and r0["flags"] == [False, True, True, False]

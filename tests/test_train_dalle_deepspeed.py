@@ -11,16 +11,14 @@ from dalle_ds.config import DVAEConfig
 from dalle_ds.models.dvae import DiscreteVAE
 from dalle_ds.train.dvae_trainer import export_dvae
 from launch_utils import ROOT, deepspeed_launch
-from unit_shards import VOCAB, write_unit_shards
+from unit_shards import VOCAB, write_unit_splits
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dalle_shards")
-    write_unit_shards(root / "train", 512, 0)
-    write_unit_shards(root / "val", 64, 1)
-    return root
+    return write_unit_splits(tmp_path_factory.mktemp("dalle_shards"), 512, 64)
 
 
 def _args(shards, out, *extra):

@@ -6,17 +6,14 @@ import json
 import pytest
 
 from launch_utils import deepspeed_launch
-from unit_shards import write_unit_shards
+from unit_shards import write_unit_splits
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("psgd_shards")
-    write_unit_shards(root / "train", 256, 0)
-    write_unit_shards(root / "val", 32, 1)
-    return root
+    return write_unit_splits(tmp_path_factory.mktemp("psgd_shards"), 256, 32)
 
 
 def _args(shards, out, ds_config, *extra):

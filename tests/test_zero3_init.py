@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dist_utils import run_on_ranks
+from dalle_ds.dist.local_ranks import run_local_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -32,4 +32,4 @@ def _check(rank, world):
 
 
 def test_zero3_prior_is_built_partitioned_with_the_plain_init():
-    run_on_ranks(_check, 2)
+    run_local_ranks(_check, 2)

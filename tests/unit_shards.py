@@ -27,3 +27,10 @@ def write_unit_shards(out, n, seed):
         w.add(_codes(caption)[None], [{"index": i, "caption": caption}])
     w.flush()
     write_meta(out, w.parts, GRID, VOCAB, {"dataset": "unit"})
+
+
+def write_unit_splits(root, n_train: int, n_val: int):
+    """``root/train`` (seed 0) and ``root/val`` (seed 1) shard folders; returns ``root``."""
+    write_unit_shards(root / "train", n_train, 0)
+    write_unit_shards(root / "val", n_val, 1)
+    return root

@@ -26,7 +26,7 @@ def init_distributed() -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(dist_init_required=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
@@ -36,7 +36,8 @@ def init_distributed() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_size, 1)))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a local rendezvous)."""
     import socket
 
     with socket.socket() as s:

@@ -1,0 +1,73 @@
+"""Run a function on N gloo processes of this machine: the harness behind the multi-rank tests and benchmarks.
+
+``run_local_ranks(fn, world, *args)`` starts ``world`` spawned processes, exports in each what a launcher would
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``/``PORT``: DeepSpeed's engine insists
+on ``LOCAL_RANK``), pins one thread per process, initializes a gloo process group, calls ``fn(rank, world, *args)``
+and returns rank 0's return value. If a rank raises, the others are terminated (they may be blocked in a collective
+the failed rank will never join) and a RuntimeError carries the failed rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dalle_ds.train.distributed import free_port
+
+__all__ = ["run_local_ranks"]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out = fn(rank, world, *args)
+        results.put((rank, True, out if rank == 0 else None))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local_ranks(fn: Callable, world: int, *args) -> Any:
+    """``fn(rank, world, *args)`` on ``world`` local gloo ranks; returns rank 0's result (see the module doc)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    done, failure, value = 0, None, None
+    while done < world and failure is None:
+        try:
+            rank, ok, payload = results.get(timeout=1.0)
+        except queue.Empty:
+            crashed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if crashed:  # died without reporting (e.g. killed by a signal)
+                failure = f"rank {crashed[0]} exited with code {procs[crashed[0]].exitcode}"
+            continue
+        done += 1
+        if not ok:
+            failure = f"rank {rank} raised:\n{payload}"
+        elif rank == 0:
+            value = payload
+    if failure is not None:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    for p in procs:
+        p.join()
+    if failure is not None:
+        raise RuntimeError(failure)
+    return value

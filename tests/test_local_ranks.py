@@ -1,0 +1,27 @@
+"""The local multi-rank harness: rank 0's return value comes back, and a rank that raises fails the call with its
+traceback instead of leaving the other ranks blocked in a collective it never joins."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from dalle_ds.dist.local_ranks import run_local_ranks
+
+pytestmark = pytest.mark.distributed
+
+
+def _sum_of_ranks(rank, world):
+    t = torch.tensor(float(rank))
+    dist.all_reduce(t)
+    return {"world": world, "sum": float(t)}
+
+
+def _rank1_fails(rank, world):
+    if rank == 1:
+        raise ValueError("boom on rank 1")
+    dist.all_reduce(torch.zeros(1))  # rank 0 waits here for a rank that never comes
+
+
+def test_returns_rank0_result_and_reports_a_failing_rank():
+    assert run_local_ranks(_sum_of_ranks, 3) == {"world": 3, "sum": 3.0}
+    with pytest.raises(RuntimeError, match="rank 1 raised:(.|\n)*boom on rank 1"):
+        run_local_ranks(_rank1_fails, 2)
