@@ -51,7 +51,9 @@ class PowerSGDExtension:
         self.reducer: HierarchicalPowerSGD | None = None
         self._names: dict[int, str] = {}
         self._restore: tuple[Any, Any] | None = None
-        self._acc = ReduceReport()
+        self._acc = ReduceReport()  # summed over the reductions since the last stats() call
+        self._acc_since_step = 0  # engine step at the last stats() call
+        self._skip_counted_step = -1  # the step whose skip was last counted (ZeRO-1/2 reduce several buckets a step)
         self.skipped_steps = 0
         self.compressed_keys: list[str] = []
         self._pending_skip = False
@@ -78,6 +80,7 @@ class PowerSGDExtension:
             module.DeepSpeedZeroOptimizer = base
             self._restore = None
         self.engine = loop.engine
+        self._acc_since_step = self.engine.global_steps
         topo = Topology.build(self.cfg.local_size)
         settings = PowerSGDSettings(rank=self.cfg.rank, start_step=self.cfg.start_step, seed=self.cfg.seed,
                                     orthogonalization=self.cfg.orthogonalization,
@@ -99,15 +102,19 @@ class PowerSGDExtension:
         self.reduce(grads)
 
     def stats(self) -> dict[str, float]:
+        """Since the previous call: compression rate, bytes per optimizer step (intra + inter + fp32 rest, and a
+        fp32 ring all-reduce of everything for comparison); now: skipped steps so far, error-buffer norm."""
         a, self._acc = self._acc, ReduceReport()
+        steps = max(1, self.engine.global_steps - self._acc_since_step)
+        self._acc_since_step = self.engine.global_steps
         out = {"powersgd/skipped_steps": float(self.skipped_steps)}
         if a.shard_elements:
             out["powersgd/compression_rate"] = 1.0 - a.factor_elements / a.shard_elements
         sent = a.bytes_intra + a.bytes_inter + a.bytes_uncompressed
         if sent:
-            out.update({"powersgd/bytes_sent": float(sent), "powersgd/bytes_inter_machine": float(a.bytes_inter),
-                        "powersgd/bytes_uncompressed": float(a.bytes_uncompressed),
-                        "powersgd/bytes_baseline_fp32": float(a.bytes_baseline)})
+            out.update({"powersgd/bytes_sent": sent / steps, "powersgd/bytes_inter_machine": a.bytes_inter / steps,
+                        "powersgd/bytes_uncompressed": a.bytes_uncompressed / steps,
+                        "powersgd/bytes_baseline_fp32": a.bytes_baseline / steps})
         if self.reducer is not None and self.reducer.shards:
             sq = sum(float(e.double().pow(2).sum()) for e in self.reducer.error_buffers().values())
             out["powersgd/error_norm"] = sq ** 0.5
@@ -125,9 +132,9 @@ class PowerSGDExtension:
         rep = self.reducer.reduce_(grads, step=self.engine.global_steps)
         for k in _SUMMED:
             setattr(self._acc, k, getattr(self._acc, k) + getattr(rep, k))
-        if rep.skip and not self._acc.skip:
+        if rep.skip and self._skip_counted_step != self.engine.global_steps:
             self.skipped_steps += 1
-        self._acc.skip = self._acc.skip or rep.skip
+            self._skip_counted_step = self.engine.global_steps
         self._pending_skip = self._pending_skip or rep.skip
         return rep
 

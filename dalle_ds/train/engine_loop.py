@@ -7,7 +7,8 @@ A subclass provides ``train_step(batches) -> dict`` (one optimizer update; it ma
 Extensions (e.g. a gradient reducer) plug into the engine's life cycle; each may define any of:
 ``before_initialize(model, ds_config)`` (before ``deepspeed.initialize``; may edit the config dict),
 ``setup(loop)`` (after it, before resume), ``after_backward(loop, micro)`` (after every ``engine.backward``),
-``stats() -> dict`` (merged into the logged step statistics), ``state_dict()`` / ``load_state_dict(state)``
+``stats() -> dict`` (called at each logged step, merged into its statistics; it covers the steps since the previous
+call), ``state_dict()`` / ``load_state_dict(state)``
 (this rank's state, saved in the checkpoint's per-rank file). Each has a unique ``name``.
 """
 from __future__ import annotations
@@ -137,12 +138,12 @@ class EngineLoop:
         t0, history = time.time(), []
         while eng.global_steps < end:
             stats = self.train_step(batches)
-            for ext in self.extensions:
-                if hasattr(ext, "stats"):
-                    stats.update(ext.stats())
             step = eng.global_steps
             bar.update(1)
             if c.log_every and (step % c.log_every == 0 or step == c.steps):
+                for ext in self.extensions:  # only when logging: they summarize the steps since their last call
+                    if hasattr(ext, "stats"):
+                        stats.update(ext.stats())
                 stats = all_reduce_mean(stats)
                 history.append({"step": step, **stats})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k in self.postfix_keys})
