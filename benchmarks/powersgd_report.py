@@ -54,6 +54,7 @@ def main() -> None:
     md = [f"# PowerSGD vs the stock all-reduce on the shapes prior ({result['date']})", "",
           f"Device: {result['device']}. Command: `{args.command}`.", "",
           f"Model: d_model {cfg['model']['d_model']}, {cfg['model']['n_layers']} layers; {stock['steps']} steps; "
+          f"run seed {cfg.get('seed')} (both runs), Q seed {cfg['powersgd'].get('seed')}; "
           f"PowerSGD rank {cfg['powersgd']['rank']} per machine ({cfg['powersgd']['rank'] // 2} per GPU), "
           f"compression rate {psgd.get('compression_rate', float('nan')):.4f} of the resblock matrices; Q "
           f"{'warm-started from the last Q (not the paper)' if cfg['powersgd'].get('warm_start') else 'fixed (paper)'}.",

@@ -4,6 +4,7 @@
 # loss and writes benchmarks/results/powersgd_shapes_<tag>.{md,json}.
 #   benchmarks/powersgd_shapes.sh [TOKENS_DIR] [OUT_DIR]   (default runs/demo/tokens from `make demo`; runs/psgd)
 #   PSGD_RANK=16 (per machine; 8 per GPU) PSGD_STEPS=400 PSGD_WARM_START=false PSGD_PORT=29500 PSGD_TAG=cpu_<date>
+#   PSGD_SEED=1234 (run seed: init, data order, both runs) PSGD_QSEED=0 (seed of the fixed Q) for seed-spread repeats
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENS=${1:-runs/demo/tokens}
@@ -13,12 +14,13 @@ STEPS=${PSGD_STEPS:-400}
 TAG=${PSGD_TAG:-cpu_$(date +%Y%m%d)}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 test -f "$TOKENS/train/meta.json" || { echo "no token shards in $TOKENS/train: run make demo first (or pass a folder)"; exit 1; }
-common=(--deepspeed_config ds_configs/cpu_dalle.json --preset demo --set "steps=$STEPS" --set eval_every=0
+SEED=${PSGD_SEED:-1234}
+common=(--deepspeed_config ds_configs/cpu_dalle.json --preset demo --set "steps=$STEPS" --set eval_every=0 --set "seed=$SEED"
         --set "data.train_tokens=$TOKENS/train" --set "data.val_tokens=$TOKENS/test_id" --set data.val_batches=16)
 for mode in stock powersgd; do
   extra=()
   [ "$mode" = powersgd ] && extra=(--set powersgd.enabled=true --set "powersgd.rank=$RANK" --set powersgd.local_size=2
-    --set "powersgd.warm_start=${PSGD_WARM_START:-false}")
+    --set "powersgd.warm_start=${PSGD_WARM_START:-false}" --set "powersgd.seed=${PSGD_QSEED:-0}")
   if [ ! -f "$OUT/$mode/dalle_metrics.json" ]; then
     t0=$(date +%s)
     deepspeed --num_gpus 4 --master_port "${PSGD_PORT:-29500}" launch/train_dalle.py "${common[@]}" "${extra[@]}" --out "$OUT/$mode"
