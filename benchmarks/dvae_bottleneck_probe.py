@@ -9,7 +9,7 @@ test_id images, plus the mean object colour of 8 originals vs reconstructions. D
 import time, math, torch, argparse
 
 from dalle_ds.config import DVAE_PRESETS
-from dalle_ds.models.dvae import DiscreteVAE, logit_laplace_nll, map_pixels, unmap_pixels
+from dalle_ds.models.dvae import DiscreteVAE, kmeans_init_head, logit_laplace_nll, map_pixels, unmap_pixels
 from dalle_ds.data.shapes import ShapesDataset
 from dalle_ds.eval.dvae_eval import evaluate_reconstructions
 from dalle_ds.train.dvae_trainer import shapes_score_fn
@@ -21,7 +21,7 @@ p.add_argument('--tau0', type=float, default=1.0); p.add_argument('--tau1', type
 p.add_argument('--nonoise', action='store_true'); p.add_argument('--bs', type=int, default=32)
 p.add_argument('--K', type=int, default=512); p.add_argument('--hidden', type=int, default=32)
 p.add_argument('--init', type=int, default=64); p.add_argument('--gain', type=float, default=None)
-p.add_argument('--mse', action='store_true'); p.add_argument('--plain', action='store_true'); p.add_argument('--oinit', action='store_true'); p.add_argument('--hard', action='store_true'); p.add_argument('--eps', type=float, default=1e-8); p.add_argument('--dist', type=int, default=0); p.add_argument('--restart', type=int, default=0); p.add_argument('--usage', type=float, default=0.0); p.add_argument('--sgd_head', type=float, default=None); p.add_argument('--emb_std', type=float, default=None); p.add_argument('--logit_scale', type=float, default=None)
+p.add_argument('--mse', action='store_true'); p.add_argument('--plain', action='store_true'); p.add_argument('--oinit', action='store_true'); p.add_argument('--hard', action='store_true'); p.add_argument('--eps', type=float, default=1e-8); p.add_argument('--dist', type=int, default=0); p.add_argument('--restart', type=int, default=0); p.add_argument('--usage', type=float, default=0.0); p.add_argument('--kmeans', type=float, default=0.0); p.add_argument('--sgd_head', type=float, default=None); p.add_argument('--emb_std', type=float, default=None); p.add_argument('--logit_scale', type=float, default=None)
 a = p.parse_args()
 torch.manual_seed(0); torch.set_num_threads(2)
 cfg = dataclasses.replace(DVAE_PRESETS['tiny'], vocab_size=a.K, hidden=a.hidden, decoder_init=a.init)
@@ -40,6 +40,9 @@ if a.logit_scale is not None:
 ds = ShapesDataset('train', 4096, seed=0)
 t0=time.time(); pool = torch.stack([ds[i]['image'] for i in range(2048)]); print('render', time.time()-t0, flush=True)
 ev = ShapesDataset('test_id', 128, seed=0)
+if a.kmeans:  # data-dependent init of the encoder head (dalle_ds.models.dvae.kmeans_init_head)
+    used = kmeans_init_head(m, pool[:256], scale=a.kmeans, generator=torch.Generator().manual_seed(0))
+    print('kmeans init: codes used', used, flush=True)
 if a.dist:
     class DistHead(torch.nn.Module):
         def __init__(s, cin, d, K):

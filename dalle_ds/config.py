@@ -142,6 +142,9 @@ def load_json_config(path: str | Path) -> dict[str, Any]:
 # Stage 1: the dVAE
 # ----------------------------------------------------------------------------------------------------------------
 
+DVAE_LIKELIHOODS = ("logit_laplace", "gaussian")
+
+
 @dataclass
 class DVAEConfig:
     """Shape of the discrete VAE (paper: 256×256 → 32×32 grid, K = 8192, 4 groups × 2 blocks, 256 hidden)."""
@@ -160,6 +163,14 @@ class DVAEConfig:
     """Groups; a ×2 max-pool sits between consecutive groups, so the downsampling factor is 2**(groups-1)."""
     decoder_init: int = 128
     """Width of the decoder's 1×1 input conv."""
+    likelihood: str = "logit_laplace"
+    """Pixel likelihood: "logit_laplace" (the paper's, Appendix A.3) or "gaussian" (fixed σ = 0.1 in the mapped pixel
+    space, i.e. a scaled MSE). On the CPU demo's 64×64 shapes the logit-Laplace's learned scale lets the model spend its
+    codes on the black background and decode every object in one colour; the Gaussian learns colour in a few hundred
+    updates (docs/dvae_cpu_trials.md, "Bottleneck probe")."""
+    code_embedding_std: float = 0.0
+    """If > 0, the decoder's input 1×1 conv (the code embeddings) starts as N(0, std²) with zero bias instead of
+    PyTorch's default U(±1/√K), so that codes are distinguishable to the decoder from the first update."""
 
     @property
     def downsample(self) -> int:
@@ -182,6 +193,10 @@ class DVAEConfig:
         if self.image_size % self.downsample:
             _fail(where, f"image_size {self.image_size} is not divisible by the downsampling factor "
                          f"{self.downsample} (= 2**(groups-1) with groups={self.groups})")
+        if self.likelihood not in DVAE_LIKELIHOODS:
+            _fail(f"{where}.likelihood", f"must be one of {', '.join(DVAE_LIKELIHOODS)}, got '{self.likelihood}'")
+        if self.code_embedding_std < 0:
+            _fail(f"{where}.code_embedding_std", "must be ≥ 0 (0 = PyTorch's default init)")
         return self
 
 
@@ -392,6 +407,11 @@ class DVAETrainConfig:
     """Paper: β rises from 0 with a cosine over the first 5,000 updates."""
     ema_decay: float = 0.999
     """Exponential moving average of the weights (paper: 0.999); the EMA weights are what gets exported."""
+    head_init: str = "default"
+    """"default" (PyTorch's init) or "kmeans": the encoder's last 1×1 conv starts as the nearest-centroid rule of a
+    k-means on its input features over the first ``head_init_images`` training images (see
+    ``dalle_ds.models.dvae.kmeans_init_head``; not in the paper, which does not state its init)."""
+    head_init_images: int = 256
     log_every: int = 10
     eval_every: int = 500
     save_every: int = 1000
@@ -410,6 +430,10 @@ class DVAETrainConfig:
             _fail(f"{where}.kl_weight", "must be ≥ 0")
         if not (0 <= self.ema_decay < 1):
             _fail(f"{where}.ema_decay", "must be in [0, 1)")
+        if self.head_init not in ("default", "kmeans"):
+            _fail(f"{where}.head_init", f'must be "default" or "kmeans", got "{self.head_init}"')
+        if self.head_init_images < 1:
+            _fail(f"{where}.head_init_images", "must be ≥ 1")
         for name in ("tau_anneal_steps", "kl_anneal_steps", "log_every", "eval_every", "save_every",
                      "keep_checkpoints"):
             if getattr(self, name) < 0:
@@ -420,11 +444,14 @@ class DVAETrainConfig:
 DVAE_RUN_PRESETS: dict[str, DVAETrainConfig] = {
     # Needs your data: --set data.name=imagefolder --set data.path=DIR (or webdataset with a shard pattern).
     "paper": DVAETrainConfig(data=DataConfig(name="imagefolder", num_workers=4)),
-    # The CPU demo: shapes at 64×64 → 16×16 codes; schedules compressed to a few minutes on 2 cores.
+    # The CPU demo: shapes at 64×64 → 16×16 codes; schedules compressed to a few minutes on 2 cores. The paper's
+    # schedule shapes (τ 1 → 1/16, β 0 → 6.6) with three small-budget options: a Gaussian likelihood, N(0, 1) code
+    # embeddings and a k-means init of the encoder head. With the paper's logit-Laplace and default init the codes
+    # carry no colour at this budget (scorer colour 0.127, exact 0.004); see docs/dvae_cpu_trials.md.
     "demo": DVAETrainConfig(
-        model=DVAE_PRESETS["tiny"],
+        model=dataclasses.replace(DVAE_PRESETS["tiny"], likelihood="gaussian", code_embedding_std=1.0),
         data=DataConfig(name="shapes", train_samples=20000, eval_samples=256, num_workers=0),
-        steps=400, tau_anneal_steps=320, kl_anneal_steps=120, kl_weight=6.6, ema_decay=0.99,
+        steps=600, tau_anneal_steps=480, kl_anneal_steps=180, kl_weight=6.6, ema_decay=0.99, head_init="kmeans",
         log_every=10, eval_every=200, save_every=200),
     # Unit tests: seconds.
     "test": DVAETrainConfig(

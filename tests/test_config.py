@@ -38,6 +38,17 @@ def test_bad_keys_and_values_name_the_key(overrides, needle):
         apply_overrides(DVAE_RUN_PRESETS["demo"], overrides)
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    ({"head_init": "kmeanz"}, "head_init"),
+    ({"head_init_images": 0}, "head_init_images"),
+    ({"model.likelihood": "bernoulli"}, "model.likelihood"),
+    ({"model.code_embedding_std": -1.0}, "code_embedding_std"),
+])
+def test_dvae_init_and_likelihood_options_are_validated(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        apply_overrides(DVAE_RUN_PRESETS["demo"], overrides).validate()
+
+
 def test_validation_catches_shape_path_and_dataset_errors(tmp_path):
     with pytest.raises(ConfigError, match="not divisible"):
         DVAEConfig(image_size=62, groups=3).validate()

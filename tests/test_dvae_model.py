@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from dalle_ds.config import DVAEConfig
-from dalle_ds.models.dvae import DiscreteVAE, logit_laplace_nll, map_pixels, unmap_pixels
+from dalle_ds.models.dvae import (GAUSSIAN_SIGMA, DiscreteVAE, gaussian_nll, kmeans_init_head, logit_laplace_nll,
+                                  map_pixels, unmap_pixels)
 
 CFG = DVAEConfig(image_size=32, vocab_size=16, hidden=8, blocks_per_group=1, groups=3, decoder_init=8)
 
@@ -88,3 +89,67 @@ def test_small_model_learns_to_reconstruct():
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="not divisible"):
         DiscreteVAE(DVAEConfig(image_size=30, groups=3))
+
+
+def test_gaussian_likelihood_is_the_scaled_squared_error_of_the_sigmoid_mean():
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    mu = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    s = GAUSSIAN_SIGMA
+    ref = -torch.distributions.Normal(torch.sigmoid(mu), s).log_prob(map_pixels(x))
+    torch.testing.assert_close(gaussian_nll(x, mu), ref)
+    # The model uses it when asked, and only the μ half of the decoder output then gets gradient.
+    m = DiscreteVAE(DVAEConfig(**{**CFG.__dict__, "likelihood": "gaussian"}))
+    xu = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    out = m(xu, tau=1.0, kl_weight=0.0, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    g = m.decoder.net[-1].weight.grad
+    assert g[:3].abs().sum() > 0 and g[3:].abs().sum() == 0
+    with pytest.raises(ValueError, match="likelihood"):
+        DVAEConfig(likelihood="bernoulli").validate()
+
+
+def test_code_embedding_init():
+    torch.manual_seed(0)
+    cfg = DVAEConfig(**{**CFG.__dict__, "vocab_size": 512, "decoder_init": 64, "code_embedding_std": 1.0})
+    w = DiscreteVAE(cfg).decoder.input
+    assert abs(float(w.weight.std()) - 1.0) < 0.05 and float(w.bias.abs().max()) == 0.0
+    default = DiscreteVAE(DVAEConfig(**{**cfg.__dict__, "code_embedding_std": 0.0})).decoder.input
+    assert float(default.weight.abs().max()) <= 1 / math.sqrt(512) + 1e-6  # PyTorch's U(±1/√fan_in)
+
+
+def _blob_images(n: int, seed: int) -> torch.Tensor:
+    """Black 32×32 images with one flat-coloured square of a random colour at a random place."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    for i in range(n):
+        r, c = torch.randint(0, 20, (2,), generator=g).tolist()
+        x[i, :, r:r + 12, c:c + 12] = torch.randint(40, 256, (3, 1, 1), generator=g, dtype=torch.uint8)
+    return x
+
+
+def test_kmeans_head_init_spreads_codes_and_is_deterministic():
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    images = _blob_images(32, seed)
+    torch.manual_seed(seed)
+    cfg = DVAEConfig(**{**CFG.__dict__, "vocab_size": 32})
+    m = DiscreteVAE(cfg)
+    default_used = int(torch.unique(m.encode(images)).numel())
+    m2 = DiscreteVAE(cfg)
+    m2.load_state_dict(m.state_dict())
+    used = kmeans_init_head(m, images, generator=torch.Generator().manual_seed(1))
+    assert used == int(torch.unique(m.encode(images)).numel())
+    assert used >= 24 and used > default_used, (used, default_used)  # of 32 codes
+    kmeans_init_head(m2, images, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    # The rule it installs is nearest-centroid: W_k = s·μ_k and b_k = −s·|μ_k|²/2 with one s for all codes, so the
+    # argmax code of each cell is the centroid closest to its features.
+    head = m.encoder.net[-1]
+    w, b = head.weight[:, :, 0, 0].double(), head.bias.double()
+    s_k = -(w ** 2).sum(1) / (2 * b)
+    torch.testing.assert_close(s_k, s_k.mean().expand_as(s_k), rtol=1e-4, atol=0)
+    mu = w / s_k.mean()
+    feats = m.encoder.net[:-1](m.preprocess(images)).permute(0, 2, 3, 1).reshape(-1, mu.shape[1]).double()
+    d2 = torch.cdist(feats, mu) ** 2
+    chosen = d2.gather(1, m.encode(images).flatten()[:, None].long())[:, 0]
+    slack = (chosen - d2.min(1).values) * s_k.mean() / 2  # in logit units; identical centroids tie exactly
+    assert float(slack.max()) < 1e-3, float(slack.max())

@@ -17,6 +17,10 @@ noise and division by τ in the forward and the backward pass), logit-Laplace ne
 and β·KL(q(z|x) ‖ uniform) summed over the grid. Both terms are summed per image as in the paper and divided by the
 number of pixel values (3·H·W), so the loss is reported in nats per pixel value and β keeps its meaning.
 Tokens for stage 2 are the **argmax** of the encoder logits, no Gumbel noise.
+
+Options for small budgets (off by default, used by the CPU demo; docs/dvae_cpu_trials.md has the measurements):
+``likelihood="gaussian"`` (fixed σ, a scaled squared error) instead of the logit-Laplace, ``code_embedding_std`` for
+the decoder's code embeddings, and :func:`kmeans_init_head`, a data-dependent init of the encoder's last conv.
 """
 from __future__ import annotations
 
@@ -52,6 +56,20 @@ def logit_laplace_nll(x01: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor,
     y = map_pixels(x01, eps)
     logit_y = torch.log(y) - torch.log1p(-y)
     return (logit_y - mu).abs() * torch.exp(-log_b) + log_b + math.log(2.0) + torch.log(y) + torch.log1p(-y)
+
+
+# Fixed scale of the optional Gaussian likelihood, in the mapped pixel space [ε, 1 − ε].
+GAUSSIAN_SIGMA = 0.1
+
+
+def gaussian_nll(x01: torch.Tensor, mu: torch.Tensor, sigma: float = GAUSSIAN_SIGMA,
+                 eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """Element-wise negative log-density of N(sigmoid(μ), σ²) at the mapped pixels (a scaled squared error).
+
+    The mean is sigmoid(μ) so that reconstructions are read out exactly as for the logit-Laplace (its median).
+    """
+    y = map_pixels(x01, eps)
+    return (y - torch.sigmoid(mu)) ** 2 / (2 * sigma ** 2) + math.log(sigma * math.sqrt(2 * math.pi))
 
 
 class EncoderBlock(nn.Module):
@@ -126,6 +144,9 @@ class Decoder(nn.Module):
         widths = list(reversed(_group_widths(cfg)))
         # The 1×1 input conv doubles as a code embedding: decode_tokens() indexes its weight directly.
         self.input = nn.Conv2d(cfg.vocab_size, cfg.decoder_init, 1)
+        if cfg.code_embedding_std > 0:
+            nn.init.normal_(self.input.weight, std=cfg.code_embedding_std)
+            nn.init.zeros_(self.input.bias)
         layers: list[nn.Module] = []
         c = cfg.decoder_init
         for g, w in enumerate(widths):
@@ -202,7 +223,7 @@ class DiscreteVAE(nn.Module):
         stats = self.decoder(z).float()
         c = self.cfg.channels
         mu, log_b = stats[:, :c], stats[:, c:]
-        nll = logit_laplace_nll(x01, mu, log_b)
+        nll = logit_laplace_nll(x01, mu, log_b) if self.cfg.likelihood == "logit_laplace" else gaussian_nll(x01, mu)
         log_q = torch.log_softmax(logits.float(), dim=1)
         # KL(q ‖ uniform over K) = Σ_k q_k log q_k + log K, per grid cell.
         kl = (log_q.exp() * log_q).sum(dim=1) + math.log(self.cfg.vocab_size)
@@ -212,6 +233,38 @@ class DiscreteVAE(nn.Module):
         with torch.no_grad():
             recon = unmap_pixels(torch.sigmoid(mu))
         return DVAEOutput(loss=loss, nll=nll.mean(), kl=kl.mean(), logits=logits, recon=recon)
+
+
+@torch.no_grad()
+def kmeans_init_head(model: DiscreteVAE, images: torch.Tensor, iters: int = 15, scale: float = 4.0,
+                     generator: torch.Generator | None = None) -> int:
+    """Data-dependent init of the encoder's last 1×1 conv: k-means on the features it reads.
+
+    The K centroids μ_k of the encoder's final features over ``images`` (uint8 or [0, 1]) become a nearest-centroid
+    rule, logit_k = s·(μ_k·f − ‖μ_k‖²/2) with s = ``scale`` / total feature variance, so every code starts out owning
+    a region of feature space (with PyTorch's default init the argmax is the same code almost everywhere). Only an
+    initialisation: the model and objective are unchanged. Returns the number of codes the argmax uses on ``images``.
+    """
+    head = model.encoder.net[-1]
+    body = model.encoder.net[:-1]
+    feats = body(model.preprocess(images))
+    f = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).float()
+    k = head.out_channels
+    pick = torch.randint(0, len(f), (k,), generator=generator) if len(f) < k else \
+        torch.randperm(len(f), generator=generator)[:k]
+    mu = f[pick].clone()
+    for _ in range(iters):
+        assign = torch.cdist(f, mu).argmin(1)
+        sums = torch.zeros_like(mu).index_add_(0, assign, f)
+        counts = torch.bincount(assign, minlength=k)
+        empty = counts == 0
+        mu = torch.where(empty[:, None], mu, sums / counts.clamp_min(1)[:, None])
+        if empty.any():  # re-seed empty clusters from random features
+            mu[empty] = f[torch.randint(0, len(f), (int(empty.sum()),), generator=generator)]
+    s = scale / f.var(0).sum().clamp_min(1e-8)
+    head.weight.copy_((s * mu)[:, :, None, None].to(head.weight.dtype))
+    head.bias.copy_((-s * mu.pow(2).sum(1) / 2).to(head.bias.dtype))
+    return int(torch.unique(model.encoder(model.preprocess(images)).argmax(1)).numel())
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -21,7 +21,7 @@ from dalle_ds.config import DVAEConfig, DVAETrainConfig
 from dalle_ds.data.images import collate_samples
 from dalle_ds.data.registry import build_dataset
 from dalle_ds.eval.dvae_eval import evaluate_reconstructions
-from dalle_ds.models.dvae import DiscreteVAE, count_parameters
+from dalle_ds.models.dvae import DiscreteVAE, count_parameters, kmeans_init_head
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.data_loading import step_generator
 from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
@@ -82,6 +82,13 @@ class DVAETrainer(EngineLoop):
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = DiscreteVAE(cfg.model)
         self.train_ds, self.eval_ds = build_datasets(cfg)
+        if cfg.head_init == "kmeans":  # same images and generator on every rank → identical weights
+            n = min(cfg.head_init_images, len(self.train_ds))
+            images = collate_samples([self.train_ds[i] for i in range(n)])["image"]
+            used = kmeans_init_head(model, images, generator=torch.Generator().manual_seed(cfg.seed))
+            if is_rank0():
+                log.info("encoder head: k-means init on %d images; the argmax uses %d of %d codes",
+                         n, used, cfg.model.vocab_size)
         super().__init__(cfg, model, ds_config, run_dir, self.train_ds, collate_samples, seed=cfg.seed,
                          num_workers=cfg.data.num_workers, ema_decay=cfg.ema_decay, resume=resume)
         if is_rank0():
