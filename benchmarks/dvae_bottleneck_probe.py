@@ -21,7 +21,7 @@ p.add_argument('--tau0', type=float, default=1.0); p.add_argument('--tau1', type
 p.add_argument('--nonoise', action='store_true'); p.add_argument('--bs', type=int, default=32)
 p.add_argument('--K', type=int, default=512); p.add_argument('--hidden', type=int, default=32)
 p.add_argument('--init', type=int, default=64); p.add_argument('--gain', type=float, default=None)
-p.add_argument('--mse', action='store_true'); p.add_argument('--plain', action='store_true'); p.add_argument('--oinit', action='store_true'); p.add_argument('--hard', action='store_true'); p.add_argument('--eps', type=float, default=1e-8); p.add_argument('--dist', type=int, default=0); p.add_argument('--restart', type=int, default=0); p.add_argument('--usage', type=float, default=0.0); p.add_argument('--kmeans', type=float, default=0.0); p.add_argument('--sgd_head', type=float, default=None); p.add_argument('--emb_std', type=float, default=None); p.add_argument('--logit_scale', type=float, default=None)
+p.add_argument('--mse', action='store_true'); p.add_argument('--plain', action='store_true'); p.add_argument('--oinit', action='store_true'); p.add_argument('--hard', action='store_true'); p.add_argument('--eps', type=float, default=1e-8); p.add_argument('--dist', type=int, default=0); p.add_argument('--restart', type=int, default=0); p.add_argument('--usage', type=float, default=0.0); p.add_argument('--kmeans', type=float, default=0.0); p.add_argument('--emb_std', type=float, default=None); p.add_argument('--logit_scale', type=float, default=None)
 a = p.parse_args()
 torch.manual_seed(0); torch.set_num_threads(2)
 cfg = dataclasses.replace(DVAE_PRESETS['tiny'], vocab_size=a.K, hidden=a.hidden, decoder_init=a.init)
@@ -88,7 +88,7 @@ for step in range(a.steps):
             head = m.encoder.net[-1]
             h = m.encoder.net[:-1](map_pixels(x.float()/255)); f = head.proj(h); f = f / (f.pow(2).mean(1, keepdim=True).sqrt() + 1e-6)
             f = f.permute(0,2,3,1).reshape(-1, f.shape[1])
-            use = torch.bincount(head(m.encoder.net[:-1](map_pixels(x.float()/255))).argmax(1).flatten(), minlength=a.K)
+            use = torch.bincount(head(h).argmax(1).flatten(), minlength=a.K)
             dead = (use == 0).nonzero().flatten()
             pick = f[torch.randint(0, len(f), (len(dead),))]
             head.code[dead] = pick + 0.01*torch.randn_like(pick)

@@ -264,7 +264,7 @@ def kmeans_init_head(model: DiscreteVAE, images: torch.Tensor, iters: int = 15, 
     s = scale / f.var(0).sum().clamp_min(1e-8)
     head.weight.copy_((s * mu)[:, :, None, None].to(head.weight.dtype))
     head.bias.copy_((-s * mu.pow(2).sum(1) / 2).to(head.bias.dtype))
-    return int(torch.unique(model.encoder(model.preprocess(images)).argmax(1)).numel())
+    return int(torch.unique(head(feats).argmax(1)).numel())  # body then head = the encoder's forward
 
 
 def count_parameters(module: nn.Module) -> int:
