@@ -156,14 +156,14 @@ def measure(prov: str, spec: MaskSpec, q, k, v, device: str, reps: int) -> dict:
 
 
 def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: str, providers, reps: int,
-             layers: int, matmul_rate: float) -> dict:
+             layers: int, matmul_rate: float, extra_masks=()) -> dict:
     """Time every provider on every mask of one shape; derive TFLOP/s, floors, the layer mix and speedups."""
     N = T + W * W
     case = {"name": name, "T": T, "W": W, "N": N, "B": B, "H": H, "D": D, "dtype": str(dtype).replace("torch.", ""),
             "masks": {}}
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
     sdpa_causal_cache = None
-    for kind in MASKS:
+    for kind in (*MASKS, *extra_masks):  # extra kinds (e.g. causal) are timed but not part of the layer mix
         spec = MaskSpec(kind, T, W)
         kept = kept_elements(spec)
         flops = {m: attention_flops(kept, B, H, D, m) for m in MODES}
@@ -309,6 +309,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-large", action="store_true", help="skip the W = 64 case")
     p.add_argument("--reps", type=int, default=5, help="CPU timing repetitions")
     p.add_argument("--cases", default=None, help="comma list of case names to run (default: all)")
+    p.add_argument("--extra-masks", default="", help="comma list of extra mask kinds to time outside the layer mix; "
+                   "'causal' compares the kernels with SDPA causal on the same tiles (diagnostic)")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
@@ -334,6 +336,10 @@ def main(argv=None) -> dict:
         wanted = args.cases.split(",")
         cases = [c for c in cases if c[0] in wanted]
 
+    extra_masks = [m for m in args.extra_masks.split(",") if m]
+    bad = [m for m in extra_masks if m in MASKS or m not in ("causal",)]
+    if bad:
+        p.error(f"--extra-masks: {bad} (allowed: causal; row/column/conv are always timed)")
     env = environment(device)
     rate = matmul_tflops(device, dtype if device == "cuda" else torch.float32, args.quick)
     report = {
@@ -348,7 +354,8 @@ def main(argv=None) -> dict:
     }
     for name, T, W, B, H, D in cases:
         print(f"# case {name}: T={T} W={W} B={B} H={H} D={D} {dtype} on {env['device']}", file=sys.stderr)
-        report["cases"].append(run_case(name, T, W, B, H, D, dtype, device, providers, args.reps, args.layers, rate))
+        report["cases"].append(run_case(name, T, W, B, H, D, dtype, device, providers, args.reps, args.layers, rate,
+                                        extra_masks))
     report["triton_configs"] = {k: vars(v) for k, v in triton_backend.tuned_configs().items()}
     md = markdown(report)
     if args.out:

@@ -27,7 +27,7 @@ def quick_report(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("bench") / "attn")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention.py"), "--quick", "--reps", "1",
-           "--cases", "tiny", "--out", out]
+           "--cases", "tiny", "--extra-masks", "causal", "--out", out]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out + ".json") as f:
@@ -44,7 +44,9 @@ def test_report_structure(quick_report):
     assert report["device"].startswith("CPU") and report["matmul_tflops"] > 0
     (case,) = report["cases"]
     assert (case["T"], case["W"], case["N"], case["B"], case["H"], case["D"]) == (3, 4, 19, 1, 2, 16)
-    assert set(case["masks"]) == {"row", "column", "conv"}
+    assert set(case["masks"]) == {"row", "column", "conv", "causal"}  # causal: --extra-masks, outside the mix
+    assert case["masks"]["causal"]["kept_elements"] == 19 * 20 // 2
+    assert set(case["mix"]["counts"]) == {"row", "column", "conv"}
     assert md.strip().splitlines()[0].startswith("# bench_attention") and "| case | mask | provider |" in md
     assert stdout.strip().endswith(md.strip().splitlines()[-1])  # the markdown table is printed last
 

@@ -22,8 +22,9 @@ What is specific here:
 
 Supports fp16 / bf16 (fp32 accumulation) and fp32 (``input_precision="ieee"`` dots, for tests), head dims
 16-128 (powers of two), any batch and head count, arbitrary strides except a unit stride on the head dim.
-Tested on CPU under ``TRITON_INTERPRET=1`` and compiled ahead of time for sm_90 without a GPU; not yet run on a
-GPU when this was written (see benchmarks/bench_attention.py and tests/test_attention_triton.py).
+Tested on CPU under ``TRITON_INTERPRET=1``, compiled ahead of time for sm_90 without a GPU, and on an H200
+(2026-12-04: every parity test passes; speed is far from its targets, see
+benchmarks/results/h200_20261204_session.md).
 
 Naming follows Triton's tutorial: ``_``-prefixed kernels, capitalized pointers, ``stride_<tensor><dim>``,
 ``UPPER`` constexprs, ``offs_m``/``offs_n``, ``m_i``/``l_i``/``acc``.

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One lease of a GPU machine, in one call: GPU parity tests, then the benchmarks, each stage under its own time
+# limit and all of them under a global deadline, so that a slow or broken stage cannot eat the others' time.
+#
+#   STAGES="tests_attn tests_fp169 bench_fp169 bench_attn" DEADLINE=420 bash benchmarks/device_session.sh
+#
+# Stages (run in the order given; a stage is skipped when less than its minimum time is left):
+#   tests_attn   tests/test_attention_triton.py on the GPU (every parity test, the gpu-marked ones included)
+#   tests_fp169  tests/test_fp169_ops.py (the CUDA op bit for bit against the reference)
+#   bench_fp169  benchmarks/bench_fp169.py --save
+#   bench_attn   benchmarks/bench_attention.py, the paper's case (T=256, W=32)
+#   bench_attn_large  the W=64 case
+#   bench_attn_diag   diagnostics: the kernels on the plain causal mask vs SDPA causal (same tiles), batch 32
+#   bench_train  benchmarks/bench_train.py, 125M/350M/1.3B, ZeRO-2, bf16, triton attention (deepspeed launcher)
+#   bench_sample benchmarks/bench_sample.py, 350M, bf16
+# The machine has no deepspeed and no package index: run ../shared/device/wheels.sh first and carry .whl/.
+# Logs and results go to $OUT/bundle.tgz (rebuilt after every stage, so a killed run still returns what it did);
+# results are also written under benchmarks/results/ named by device and date.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+START=$(date +%s)
+DEADLINE=${DEADLINE:-420}
+STAGES=${STAGES:-"tests_attn tests_fp169 bench_fp169 bench_attn"}
+OUT=${OUT:-/tmp/device_out}
+LOGS=/tmp/device_logs
+mkdir -p "$OUT" "$LOGS"
+DATE=$(date +%Y%m%d)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export DALLE_DS_OPS_CACHE=/tmp/dalle_ds_ops MAX_JOBS=16
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "wheel install failed"
+  export PYTHONPATH=/tmp/site:$ROOT
+else
+  export PYTHONPATH=$ROOT
+fi
+export PATH=/tmp/site/bin:$PATH
+
+left() { echo $((DEADLINE - ($(date +%s) - START))); }
+bundle() {
+  cp -f benchmarks/results/*_"$DEV"_"$DATE"* "$LOGS"/ 2>/dev/null
+  tar -czf "$OUT/bundle.tgz" -C "$LOGS" . 2>/dev/null
+}
+# run NAME MIN MAX CMD...: skip if fewer than MIN seconds are left; otherwise run with a limit of min(MAX, left-5)
+run() {
+  local name=$1 min=$2 max=$3; shift 3
+  local l; l=$(left)
+  if [ "$l" -lt "$min" ]; then echo "== $name: SKIPPED ($l s left, needs $min)"; return; fi
+  local lim=$(( max < l - 5 ? max : l - 5 ))
+  local t0; t0=$(date +%s)
+  echo "== $name: start (limit ${lim}s)"
+  timeout -k 5 "$lim" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $(( $(date +%s) - t0 ))s"
+  tail -n "${TAIL:-15}" "$LOGS/$name.log"
+  bundle
+}
+
+{ nvidia-smi; python3 -c "import torch, triton, sys; print(sys.version); print('torch', torch.__version__,
+  'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(),
+  torch.cuda.get_device_properties(0))"; python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)";
+} > "$LOGS/env.log" 2>&1
+DEV=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower())" 2>/dev/null || echo cpu)
+echo "device $DEV, stages: $STAGES, deadline ${DEADLINE}s"; tail -n 4 "$LOGS/env.log"
+
+# The fp169 extension builds on the CPUs while the attention tests use the GPU.
+( python3 -c "from dalle_ds.ops.fp169 import _ext; import json; print(json.dumps(_ext.load(), default=str))" \
+    > "$LOGS/fp169_build.log" 2>&1 ) &
+BUILD_PID=$!
+
+for stage in $STAGES; do
+  case $stage in
+    tests_attn)
+      run tests_attn 60 150 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 200 -rfEs \
+        tests/test_attention_triton.py -k "not interpreter and not sm90" ;;
+    tests_fp169)
+      wait $BUILD_PID; echo "fp169 build: $(tail -c 400 "$LOGS/fp169_build.log")"
+      run tests_fp169 30 150 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 120 -rfEs tests/test_fp169_ops.py ;;
+    bench_fp169)
+      wait $BUILD_PID
+      TAIL=30 run bench_fp169 30 120 python3 benchmarks/bench_fp169.py --save ;;
+    bench_attn)
+      TAIL=40 run bench_attn 60 200 python3 benchmarks/bench_attention.py --no-large \
+        --out "benchmarks/results/attention_${DEV}_${DATE}" ;;
+    bench_attn_large)
+      TAIL=25 run bench_attn_large 60 240 python3 benchmarks/bench_attention.py --cases large_w64 \
+        --out "benchmarks/results/attention_large_${DEV}_${DATE}" ;;
+    bench_attn_diag)
+      TAIL=25 run bench_attn_diag 60 200 python3 benchmarks/bench_attention.py --no-large --batch 32 \
+        --extra-masks causal --providers triton,sdpa_causal --out "benchmarks/results/attention_diag_${DEV}_${DATE}" ;;
+    bench_train)
+      TAIL=30 run bench_train 90 360 deepspeed --num_gpus 1 benchmarks/bench_train.py --presets "${TRAIN_PRESETS:-125M,350M,1.3B}" \
+        --zero 2 --precision bf16 --attn-backend triton --checkpointing "${TRAIN_CKPT:-off}" --micro-batch 8 --torch-adam on \
+        --trace /tmp/train_trace.json --out "benchmarks/results/train_${DEV}_${DATE}" ;;
+    bench_sample)
+      TAIL=15 run bench_sample 60 200 python3 benchmarks/bench_sample.py --preset 350M --dtype bfloat16 \
+        --batch-sizes 1,8,32,128 --no-uncached-above 1 --out "benchmarks/results/sample_${DEV}_${DATE}" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+wait
+bundle
+echo "== done in $(( $(date +%s) - START ))s"
