@@ -15,7 +15,7 @@ from dalle_ds.eval.dvae_eval import evaluate_reconstructions
 from dalle_ds.train.dvae_trainer import shapes_score_fn
 import dataclasses
 p = argparse.ArgumentParser()
-p.add_argument('--steps', type=int, default=200); p.add_argument('--lr', type=float, default=1e-3)
+p.add_argument('--steps', type=int, default=200); p.add_argument('--seed', type=int, default=0); p.add_argument('--lr', type=float, default=1e-3)
 p.add_argument('--beta', type=float, default=0.0); p.add_argument('--beta_steps', type=int, default=100)
 p.add_argument('--tau0', type=float, default=1.0); p.add_argument('--tau1', type=float, default=1.0); p.add_argument('--tau_steps', type=int, default=160)
 p.add_argument('--nonoise', action='store_true'); p.add_argument('--bs', type=int, default=32)
@@ -23,7 +23,7 @@ p.add_argument('--K', type=int, default=512); p.add_argument('--hidden', type=in
 p.add_argument('--init', type=int, default=64); p.add_argument('--gain', type=float, default=None)
 p.add_argument('--mse', action='store_true'); p.add_argument('--plain', action='store_true'); p.add_argument('--oinit', action='store_true'); p.add_argument('--hard', action='store_true'); p.add_argument('--eps', type=float, default=1e-8); p.add_argument('--dist', type=int, default=0); p.add_argument('--restart', type=int, default=0); p.add_argument('--usage', type=float, default=0.0); p.add_argument('--kmeans', type=float, default=0.0); p.add_argument('--emb_std', type=float, default=None); p.add_argument('--logit_scale', type=float, default=None)
 a = p.parse_args()
-torch.manual_seed(0); torch.set_num_threads(2)
+torch.manual_seed(a.seed); torch.set_num_threads(2)
 cfg = dataclasses.replace(DVAE_PRESETS['tiny'], vocab_size=a.K, hidden=a.hidden, decoder_init=a.init)
 m = DiscreteVAE(cfg)
 if a.gain is not None:
@@ -41,7 +41,7 @@ ds = ShapesDataset('train', 4096, seed=0)
 t0=time.time(); pool = torch.stack([ds[i]['image'] for i in range(2048)]); print('render', time.time()-t0, flush=True)
 ev = ShapesDataset('test_id', 128, seed=0)
 if a.kmeans:  # data-dependent init of the encoder head (dalle_ds.models.dvae.kmeans_init_head)
-    used = kmeans_init_head(m, pool[:256], scale=a.kmeans, generator=torch.Generator().manual_seed(0))
+    used = kmeans_init_head(m, pool[:256], scale=a.kmeans, generator=torch.Generator().manual_seed(a.seed))
     print('kmeans init: codes used', used, flush=True)
 if a.dist:
     class DistHead(torch.nn.Module):
