@@ -10,7 +10,7 @@ perfect kernel must move (each input read once, each output written once). "% co
 ``dst.copy_(src)`` of fp32 data measured in the same run (read + write), the practical ceiling of a memory-bound op.
 The fused error add reads ``grad`` twice (a finiteness pass first, so that the buffer stays untouched when it is
 not finite), so it moves 1.5x (fp32 grad) the counted bytes and tops out near 67% of copy. Torch's own fp32 <-> fp16
-casts (the same traffic as encode/decode) are listed as a baseline.
+casts (the same traffic as encode/decode) and a write-only fill are listed as baselines.
 
 Part 2, underflow (device independent). For values spread log-uniformly over [1e-20, 10] with random signs and for
 Gaussian data at standard deviations 1e-3 ... 1e-12: the fraction of nonzero inputs flushed to zero, and the mean
@@ -89,11 +89,13 @@ def throughput_rows(device: torch.device, n_op: int, n_ref: int, repeats: int, p
     # Baselines on the op size: plain copy (the ceiling) and torch's own fp16 casts.
     src = torch.randn(n_op, device=device, generator=gen)
     dst = torch.empty_like(src)
-    h = torch.empty(n_op, device=device, dtype=torch.float16)
+    h = src.to(torch.float16)  # random data: zeros can time faster than real data
     add("copy fp32 (ceiling)", "torch", n_op, 8 * n_op, lambda: dst.copy_(src))
     add("cast fp32->fp16", "torch", n_op, 6 * n_op, lambda: h.copy_(src))
     add("cast fp16->fp32", "torch", n_op, 6 * n_op, lambda: dst.copy_(h))
-    copy_gbs = rows[-3]["GB/s"]
+    # Write-only bandwidth: decode writes twice the bytes it reads, so its ceiling sits between this and the copy.
+    add("fill fp32 (write only)", "torch", n_op, 4 * n_op, lambda: dst.fill_(1.0))
+    copy_gbs = next(r["GB/s"] for r in rows if r["op"] == "copy fp32 (ceiling)")
     for row in rows:
         row["% copy"] = 100.0 * row["GB/s"] / copy_gbs
     return rows
