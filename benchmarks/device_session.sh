@@ -3,10 +3,13 @@
 # limit and all of them under a global deadline, so that a slow or broken stage cannot eat the others' time.
 #
 #   STAGES="tests_attn tests_fp169 bench_fp169 bench_attn" DEADLINE=420 bash benchmarks/device_session.sh
+# (without STAGES: every stage but bench_attn_large, in priority order)
 #
 # Stages (run in the order given; a stage is skipped when less than its minimum time is left):
 #   tests_attn   tests/test_attention_triton.py on the GPU (every parity test, the gpu-marked ones included)
 #   tests_fp169  tests/test_fp169_ops.py (the CUDA op bit for bit against the reference)
+#   fp169_argcheck  each invalid-argument call of test_argument_errors in its own process, with the CUDA build and
+#                with the CPU build (CUDA_VISIBLE_DEVICES=""): which one crashes (segfault seen 2026-12-04, H200)
 #   bench_fp169  benchmarks/bench_fp169.py --save
 #   bench_attn   benchmarks/bench_attention.py, the paper's case (T=256, W=32)
 #   bench_attn_large  the W=64 case
@@ -21,7 +24,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 START=$(date +%s)
 DEADLINE=${DEADLINE:-420}
-STAGES=${STAGES:-"tests_attn tests_fp169 bench_fp169 bench_attn"}
+STAGES=${STAGES:-"tests_attn tests_fp169 fp169_argcheck bench_fp169 bench_attn bench_attn_diag bench_train bench_sample"}
 OUT=${OUT:-/tmp/device_out}
 LOGS=/tmp/device_logs
 mkdir -p "$OUT" "$LOGS"
@@ -77,7 +80,28 @@ for stage in $STAGES; do
         tests/test_attention_triton.py -k "not interpreter and not sm90" ;;
     tests_fp169)
       wait $BUILD_PID; echo "fp169 build: $(tail -c 400 "$LOGS/fp169_build.log")"
-      run tests_fp169 30 150 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 120 -rfEs tests/test_fp169_ops.py ;;
+      run tests_fp169 30 300 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 120 -rfEs tests/test_fp169_ops.py ;;
+    fp169_argcheck)
+      wait $BUILD_PID
+      run fp169_argcheck 20 120 bash -c '
+        for vis in 0 ""; do for call in \
+          "ops.encode_out(x, torch.empty(10, dtype=torch.int32), 1.0, False, 0)" \
+          "ops.encode_out(x, torch.empty(10, dtype=torch.int16), 1.0, False, 7)" \
+          "ops.decode_out(torch.zeros(10, dtype=torch.int16), torch.empty(10), 1.0, 7)" \
+          "ops.encode_out(x.cuda(), torch.empty(10, dtype=torch.int16, device=\"cuda\"), 1.0, False, 7)"; do
+            CUDA_VISIBLE_DEVICES=$vis python3 -X faulthandler -c "
+import torch
+from dalle_ds.ops.fp169 import _ext
+print(_ext.load())
+ops = torch.ops.dalle_ds_fp169
+x = torch.randn(10)
+try:
+    $call
+    print(\"no error\")
+except Exception as e:
+    print(type(e).__name__, str(e).splitlines()[0][:120])" 2>&1 | tail -n 2
+            echo "CUDA_VISIBLE_DEVICES=$vis $call -> rc=${PIPESTATUS[0]}"
+          done; done' ;;
     bench_fp169)
       wait $BUILD_PID
       TAIL=30 run bench_fp169 30 120 python3 benchmarks/bench_fp169.py --save ;;
