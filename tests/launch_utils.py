@@ -1,6 +1,7 @@
 """Helpers for tests that run entry points under the real `deepspeed` launcher (gloo on CPU)."""
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -16,8 +17,12 @@ def deepspeed_launch(script: str, args: list[str], num_procs: int = 2, timeout: 
     exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     assert exe, "the deepspeed launcher is not on PATH"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [exe, "--num_gpus", str(num_procs), "--master_port", str(free_port()), str(ROOT / script), *args]
+    port = free_port()
+    cmd = [exe, "--num_gpus", str(num_procs), "--master_port", str(port), str(ROOT / script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    # DeepSpeed's CPU shm all-reduce workspaces (66 MiB per rank) must not outlive the run (distributed.py).
+    left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not left, f"{script} left shared memory behind: {left}"
     return proc
