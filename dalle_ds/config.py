@@ -412,6 +412,11 @@ class DVAETrainConfig:
     k-means on its input features over the first ``head_init_images`` training images (see
     ``dalle_ds.models.dvae.kmeans_init_head``; not in the paper, which does not state its init)."""
     head_init_images: int = 256
+    channels_last: bool = True
+    """Keep the convolution weights (and so the activations) in NHWC layout, oneDNN's and cuDNN's fast path (with
+    ZeRO stage 0: dalle_ds/train/channels_last.py says why). With bf16 autocast (``torch_autocast`` in
+    ds_configs/cpu_dvae.json) a demo update takes ~0.5× the time of NCHW fp32 on the dev CPU
+    (benchmarks/bench_dvae_step.py). Numerics are unchanged but for summation order."""
     log_every: int = 10
     eval_every: int = 500
     save_every: int = 1000
@@ -444,17 +449,18 @@ class DVAETrainConfig:
 DVAE_RUN_PRESETS: dict[str, DVAETrainConfig] = {
     # Needs your data: --set data.name=imagefolder --set data.path=DIR (or webdataset with a shard pattern).
     "paper": DVAETrainConfig(data=DataConfig(name="imagefolder", num_workers=4)),
-    # The CPU demo: shapes at 64×64 → 16×16 codes in 1,000 updates (10-11 min on 2 cores), far too few for the
-    # paper's anneals. Small-budget choices, each measured in docs/dvae_cpu_trials.md: a Gaussian likelihood, N(0, 1) code
-    # embeddings, a k-means init of the encoder head, τ held at 1 and no KL term (β = 0), with a constant learning
-    # rate after warm-up (ds_configs/cpu_dvae.json). With the paper's logit-Laplace, default init and schedules the
-    # codes carry no colour at this budget (scorer colour 0.127, exact 0.004); with the paper-shaped τ/β schedules
-    # and the three options, exact 0.195-0.25 (600 updates); as set here, exact 0.805, colour 0.961 (one run).
+    # The CPU demo: shapes at 64×64 → 16×16 codes in 1,600 updates (~9.5 min on 2 cores with bf16 autocast and
+    # channels_last), far too few for the paper's anneals. Small-budget choices, each measured in
+    # docs/dvae_cpu_trials.md: a Gaussian likelihood, N(0, 1) code embeddings, a k-means init of the encoder head, τ
+    # held at 1 and no KL term (β = 0), with a constant learning rate after warm-up (ds_configs/cpu_dvae.json). With
+    # the paper's logit-Laplace, default init and schedules the codes carry no colour at this budget (scorer colour
+    # 0.127, exact 0.004); with the paper-shaped τ/β schedules and the three options, exact 0.195-0.25 (600 updates);
+    # as set here, exact 0.78-0.81 from 1,500 updates on (one run; it flattens there, shape being the limit).
     "demo": DVAETrainConfig(
         model=dataclasses.replace(DVAE_PRESETS["tiny"], likelihood="gaussian", code_embedding_std=1.0),
         data=DataConfig(name="shapes", train_samples=20000, eval_samples=256, num_workers=0),
-        steps=1000, tau_end=1.0, tau_anneal_steps=0, kl_anneal_steps=0, kl_weight=0.0, ema_decay=0.99,
-        head_init="kmeans", log_every=10, eval_every=250, save_every=250),
+        steps=1600, tau_end=1.0, tau_anneal_steps=0, kl_anneal_steps=0, kl_weight=0.0, ema_decay=0.99,
+        head_init="kmeans", log_every=10, eval_every=400, save_every=400),
     # Unit tests: seconds.
     "test": DVAETrainConfig(
         model=DVAEConfig(image_size=64, vocab_size=64, hidden=8, blocks_per_group=1, groups=3, decoder_init=16),

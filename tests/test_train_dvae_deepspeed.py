@@ -37,6 +37,9 @@ def test_two_rank_run_and_exact_resume(tmp_path):
     wa = torch.load(full / "dvae.pt", weights_only=False)["state_dict"]
     wb = torch.load(parted / "dvae.pt", weights_only=False)["state_dict"]
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+    # channels_last (the run config's default, ZeRO-0 here) reached the weights the EMA copied and exported.
+    convs = [v for v in wa.values() if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous() for v in convs)
     assert (full / "reconstructions_final.png").stat().st_size > 1000
     assert (full / "monitor" / "dvae" / "dvae_loss.csv").read_text().count("\n") == 9
     assert list((full / "monitor" / "dvae").glob("events.out.tfevents.*"))

@@ -6,7 +6,8 @@ A subclass provides ``train_step(batches) -> dict`` (one optimizer update; it ma
 
 Extensions (e.g. a gradient reducer) plug into the engine's life cycle; each may define any of:
 ``before_initialize(model, ds_config)`` (before ``deepspeed.initialize``; may edit the config dict),
-``setup(loop)`` (after it, before resume), ``after_backward(loop, micro)`` (after every ``engine.backward``),
+``after_initialize(engine)`` (right after it, before the EMA copies the weights), ``setup(loop)`` (after that,
+before resume), ``after_backward(loop, micro)`` (after every ``engine.backward``),
 ``stats() -> dict`` (called at each logged step, merged into its statistics; it covers the steps since the previous
 call), ``state_dict()`` / ``load_state_dict(state)``
 (this rank's state, saved in the checkpoint's per-rank file). Each has a unique ``name``.
@@ -51,6 +52,9 @@ class EngineLoop:
             (self.run_dir / f"{self.job_name}_ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                      config=ds_config)
+        for ext in self.extensions:
+            if hasattr(ext, "after_initialize"):
+                ext.after_initialize(self.engine)
         self.ema = EMA(self.engine.module, ema_decay)
         for ext in self.extensions:
             if hasattr(ext, "setup"):
