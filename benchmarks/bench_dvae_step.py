@@ -10,7 +10,6 @@ run config). The model and loss are the trainer's; the data is random uint8 imag
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import platform
 import sys
@@ -64,7 +63,7 @@ def main(argv=None) -> dict:
         ap.error("--batch, --repeats and --threads must be ≥ 1")
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = dataclasses.replace(DVAE_RUN_PRESETS[args.preset].model)
+    cfg = DVAE_RUN_PRESETS[args.preset].model
     rows = {}
     for m in modes:
         bf16, cl = MODES[m]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dalle_ds.train.distributed import free_port  # noqa: F401  (re-exported for the tests)
+from dalle_ds.train.distributed import SHM_ALLREDUCE_PREFIX, free_port  # noqa: F401  (free_port re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +23,6 @@ def deepspeed_launch(script: str, args: list[str], num_procs: int = 2, timeout: 
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     # DeepSpeed's CPU shm all-reduce workspaces (66 MiB per rank) must not outlive the run (distributed.py).
-    left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    left = glob.glob(f"{SHM_ALLREDUCE_PREFIX}_*_{port}_*")
     assert not left, f"{script} left shared memory behind: {left}"
     return proc

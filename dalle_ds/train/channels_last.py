@@ -20,9 +20,6 @@ class ChannelsLast:
 
     name = "channels_last"
 
-    def __init__(self) -> None:
-        self.applied = False
-
     def after_initialize(self, engine) -> None:
         stage = engine.zero_optimization_stage()
         if stage != 0:
@@ -31,4 +28,3 @@ class ChannelsLast:
             return
         # Module.to keeps the Parameter objects (it swaps .data), so the optimizer's references stay valid.
         engine.module.to(memory_format=torch.channels_last)
-        self.applied = True

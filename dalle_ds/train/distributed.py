@@ -37,16 +37,20 @@ def init_distributed() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_size, 1)))
 
 
-def shm_allreduce_buffer_path(rank_: int | None = None) -> str:
+#: DeepSpeed's name prefix for the CPU shm all-reduce workspaces (``SHM_BUFFER_NAME`` in shm.cpp).
+SHM_ALLREDUCE_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
+
+
+def shm_allreduce_buffer_path() -> str:
     """Where DeepSpeed's CPU backend puts this rank's shared-memory all-reduce workspace (~66 MiB).
 
     DeepSpeed 0.19.8 (``ops/csrc/cpu/comm/shm.cpp``) creates one ``/dev/shm`` object per rank when all ranks are on
     one machine (``LOCAL_SIZE`` == world size), named from the uid, ``MASTER_ADDR``, ``MASTER_PORT`` and the rank,
     and unlinks it only in ``shared_close``, which nothing calls: every run left ranks x 66 MiB of RAM behind.
     """
-    r = int(os.environ.get("RANK", "0")) if rank_ is None else rank_
+    r = int(os.environ.get("RANK", "0"))
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{r}"
+    return f"{SHM_ALLREDUCE_PREFIX}_{os.getuid()}_{addr}_{port}_{r}"
 
 
 def _unlink_shm_allreduce_buffer() -> None:

@@ -93,11 +93,6 @@ class DVAETrainer(EngineLoop):
         super().__init__(cfg, model, ds_config, run_dir, self.train_ds, collate_samples, seed=cfg.seed,
                          num_workers=cfg.data.num_workers, ema_decay=cfg.ema_decay, resume=resume,
                          extensions=[ChannelsLast()] if cfg.channels_last else [])
-        if (is_rank0() and self.device.type == "cpu" and self.engine.torch_autocast_enabled()
-                and self.engine.torch_autocast_dtype() == torch.bfloat16
-                and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            log.warning("bf16 autocast on a CPU without native bf16 (AVX-512 BF16 / AMX) runs emulated and slower "
-                        "than fp32: set torch_autocast.enabled=false in the DeepSpeed config")
         if is_rank0():
             log.info("dVAE: %.2fM parameters, %d×%d → %d×%d codes (K=%d); world size %d; resumed from step %s",
                      count_parameters(model) / 1e6, cfg.model.image_size, cfg.model.image_size,

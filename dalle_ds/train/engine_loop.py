@@ -15,6 +15,7 @@ call), ``state_dict()`` / ``load_state_dict(state)``
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +29,8 @@ from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.data_loading import StepBatches
 from dalle_ds.train.distributed import all_reduce_mean, barrier, device, is_rank0, rank, world_size
 from dalle_ds.train.ema import EMA
+
+log = logging.getLogger("dalle_ds.train")
 
 
 class EngineLoop:
@@ -52,6 +55,11 @@ class EngineLoop:
             (self.run_dir / f"{self.job_name}_ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                      config=ds_config)
+        if (is_rank0() and self.device.type == "cpu" and self.engine.torch_autocast_enabled()
+                and self.engine.torch_autocast_dtype() == torch.bfloat16
+                and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            log.warning("bf16 autocast on a CPU without native bf16 (AVX-512 BF16 / AMX) runs emulated and slower "
+                        "than fp32: set torch_autocast.enabled=false in the DeepSpeed config")
         for ext in self.extensions:
             if hasattr(ext, "after_initialize"):
                 ext.after_initialize(self.engine)
