@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=64, help="sequences sampled at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_cache", action="store_true", help="recompute the full forward per code (slow reference)")
+    p.add_argument("--save_candidates", action="store_true",
+                   help="also write candidates.pt: every candidate image (uint8, in sampling order) with the captions "
+                        "and scenes, to compare rerankers offline (benchmarks/rerank_eval.py)")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -66,9 +69,10 @@ def gather_captions(args) -> tuple[list[str], list[dict] | None]:
 
 
 def score_samples(records: list[dict], images: dict[int, torch.Tensor], scenes: list[dict]) -> dict:
-    """Shapes scorer on: the reranked top-1, the first sample (no reranking), all candidates, and the top-1 against a
-    different caption's scene (caption-shuffled baseline)."""
-    from dalle_ds.eval.shapes_scorer import detect_objects, score_images
+    """Shapes scorer on: the reranked top-1, the first sample (no reranking), all candidates, the best candidate by
+    the scorer itself (the ceiling of any reranker on these candidates), and the top-1 against a different caption's
+    scene (caption-shuffled baseline)."""
+    from dalle_ds.eval.shapes_scorer import detect_objects, score_best_of, score_images
 
     idx = [r["index"] for r in records]
     top1 = [images[i][0] for i in idx]
@@ -81,6 +85,7 @@ def score_samples(records: list[dict], images: dict[int, torch.Tensor], scenes: 
     return {"top1_after_rerank": score_images(top1, sc, detections=det),
             "first_sample_no_rerank": score_images(first, sc),
             "all_candidates": score_images(all_imgs, all_scenes),
+            "best_of_n_by_scorer": score_best_of([images[i] for i in idx], sc),
             "caption_shuffled_baseline": score_images(top1, shuffled, detections=det)}
 
 
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
                             "clip_scores": res.scores, "grid": f"grids/{i:04d}.png", "timings": res.timings})
     gathered = [None] * world_size()
     if world_size() > 1:
-        torch.distributed.all_gather_object(gathered, (records, images if scenes else {}))
+        torch.distributed.all_gather_object(gathered, (records, images if scenes or args.save_candidates else {}))
     else:
         gathered = [(records, images)]
     if is_rank0():
@@ -130,6 +135,13 @@ def main(argv=None) -> int:
             print(json.dumps({k: {a: round(m[k][a], 3) for a in ("exact", "color", "shape", "size", "count")}
                               for k in m}, indent=1))
         (out / "samples.json").write_text(json.dumps(result, indent=2) + "\n")
+        if args.save_candidates:
+            sampled = []
+            for r in records:  # back to sampling order: the pipeline returns candidates best first
+                ranked = all_images[r["index"]]
+                sampled.append(ranked[torch.tensor(r["order"]).argsort()])
+            torch.save({"captions": [r["caption"] for r in records], "scenes": [r.get("scene") for r in records],
+                        "images": torch.stack(sampled)}, out / "candidates.pt")
         print(f"{len(records)} captions × {args.num_candidates} candidates; grids in {out / 'grids'}")
     return 0
 

@@ -34,6 +34,7 @@ from dalle_ds.eval.shapes_scorer import (
     position_of,
     relation_holds,
     score_image,
+    score_best_of,
     score_images,
 )
 
@@ -270,3 +271,19 @@ def test_extra_shapes_are_candidates_only_when_the_scene_uses_them():
     assert score_image(img, star)["exact"]  # no shape_set: 'star' in the scene turns on the 6-shape candidates
     assert detect_objects(img)[0]["shape"] != "star"  # default candidates are the 4 basic shapes
     assert detect_objects(img, shapes=ALL_SHAPES)[0]["shape"] == "star"
+
+
+def test_best_of_picks_the_candidate_that_matches(set64):
+    images, scenes, _ = set64
+    right, wrong = images[0], images[1]  # scene 1 differs from scene 0 (checked below)
+    assert not score_image(wrong, scenes[0])["exact"]
+    hit = score_best_of([[wrong, right, wrong], [images[2]]], [scenes[0], scenes[2]])
+    assert hit["exact"] == 1.0 and hit["n"] == 2
+    miss = score_best_of([[wrong, wrong]], [scenes[0]])
+    assert miss["exact"] == 0.0
+    # With one candidate per scene it is score_images.
+    assert score_best_of([[im] for im in images[:20]], scenes[:20]) == score_images(images[:20], scenes[:20])
+    with pytest.raises(ValueError, match="candidate lists"):
+        score_best_of([[right]], scenes[:2])
+    with pytest.raises(ValueError, match="no candidate"):
+        score_best_of([[]], scenes[:1])

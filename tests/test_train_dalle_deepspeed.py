@@ -61,12 +61,16 @@ def test_zero2_prior_learns_resumes_and_samples(shards, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), "--prior", str(full / "dalle.pt"),
                            "--dvae", str(tmp_path / "dvae.pt"), "--caption", "a large blue square",
                            "--caption", "a small red square", "--num_candidates", "4", "--keep", "2",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--save_candidates", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "samples.json").read_text())
     assert [r["caption"] for r in result["captions"]] == ["a large blue square", "a small red square"]
     assert all(len(r["kept"]) == 2 and sorted(r["order"]) == [0, 1, 2, 3] for r in result["captions"])
     assert (out / "grids" / "0000.png").stat().st_size > 200
+    saved = torch.load(out / "candidates.pt", weights_only=False)
+    assert saved["captions"] == ["a large blue square", "a small red square"] and saved["scenes"] == [None, None]
+    assert saved["images"].dtype == torch.uint8 and tuple(saved["images"].shape) == (2, 4, 3, 16, 16)
 
 
 def test_sample_cli_rejects_bad_arguments(tmp_path):

@@ -430,11 +430,36 @@ def score_images(
         n_det = "" if detections is None else f" and {len(detections)} detection lists"
         raise ValueError(f"got {len(images)} images{n_det} for {len(scenes)} scenes")
     dets = detections if detections is not None else [None] * len(scenes)
-    results = [score_image(im, sc, shapes=shapes, detections=d) for im, sc, d in zip(images, scenes, dets)]
+    return _aggregate_by_scene_type(
+        [score_image(im, sc, shapes=shapes, detections=d) for im, sc, d in zip(images, scenes, dets)])
+
+
+def _aggregate_by_scene_type(results: list[dict]) -> dict:
     out = _aggregate(results)
     out["one_object"] = _aggregate([r for r in results if r["n_objects"] == 1])
     out["two_objects"] = _aggregate([r for r in results if r["n_objects"] == 2])
     return out
+
+
+def _checks_right(result: dict) -> int:
+    per_object = sum(bool(v) for po in result["per_object"] for v in po.values())
+    return per_object + sum(bool(result[a]) for a in _SCENE_ATTRS)
+
+
+def score_best_of(candidates: Sequence[Sequence[Any]], scenes: Sequence[dict],
+                  shapes: Sequence[str] | None = None) -> dict:
+    """The scorer as its own reranker: for each scene, the candidate it rates best (exact first, then the most
+    checks right), aggregated like :func:`score_images`. No reranker picking from these candidates can do better,
+    so it separates what the prior draws from what the reranker finds."""
+    if len(candidates) != len(scenes):
+        raise ValueError(f"got {len(candidates)} candidate lists for {len(scenes)} scenes")
+    best = []
+    for images, scene in zip(candidates, scenes):
+        if len(images) == 0:
+            raise ValueError("a scene has no candidate images")
+        results = [score_image(im, scene, shapes=shapes) for im in images]
+        best.append(max(results, key=lambda r: (bool(r["exact"]), _checks_right(r))))
+    return _aggregate_by_scene_type(best)
 
 
 # --------------------------------------------------------------------------------------------------------------
