@@ -524,6 +524,8 @@ class DalleDataConfig:
             _fail(where, "set train_tokens (token shards) or dvae (+ images) for on-the-fly encoding")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             _fail(f"{where}.tokenizer", f"no such directory: {self.tokenizer}")
+        if self.dvae and not Path(self.dvae).is_file():
+            _fail(f"{where}.dvae", f"no such file: {self.dvae}")
         if self.val_batches < 0 or self.num_workers < 0:
             _fail(where, "val_batches and num_workers must be ≥ 0")
         return self
@@ -633,6 +635,8 @@ class ClipModelConfig:
     projection_dim: int = 128
     text_len: int = 32
     """Text positions including <bos> and <|endoftext|>."""
+    logit_scale_init: float = 2.6592
+    """Initial log of the contrastive logit scale (CLIP's ln(1/0.07) by default; trained from there)."""
 
 
 @dataclass
@@ -643,7 +647,16 @@ class ClipTrainConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(num_workers=0))
     tokenizer: str | None = None
     """A saved caption tokenizer folder (e.g. the prior's <run>/tokenizer); None trains one on the captions."""
+    dvae: str | None = None
+    """A dvae.pt: train on images passed through it (encode → codes → decode), the kind of image the reranker will
+    judge, instead of the clean originals."""
     steps: int = 800
+    hard_negatives: int = 0
+    """Hard negative captions per image: its caption with one attribute made false, a different attribute each
+    (shapes data only; dalle_ds.data.shapes.contrast_caption); at most the attributes a scene has (4)."""
+    mirror_negatives: bool = False
+    """Add one hard negative image per image: its scene re-rendered mirrored so that the caption's position or
+    relation is false (shapes data only; dalle_ds.data.shapes.spatial_contrast_scene)."""
     ema_decay: float = 0.0
     """0 exports the final weights."""
     log_every: int = 10
@@ -664,8 +677,12 @@ class ClipTrainConfig:
         self.data.validate(m.image_size, f"{where}.data")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             _fail(f"{where}.tokenizer", f"no such directory: {self.tokenizer}")
+        if self.dvae and not Path(self.dvae).is_file():
+            _fail(f"{where}.dvae", f"no such file: {self.dvae}")
         if self.steps < 1 or not (0 <= self.ema_decay < 1):
             _fail(where, "steps must be ≥ 1 and ema_decay in [0, 1)")
+        if self.hard_negatives < 0:
+            _fail(f"{where}.hard_negatives", "must be ≥ 0")
         return self
 
 

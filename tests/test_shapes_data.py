@@ -307,3 +307,32 @@ def test_imagefolder_loads_with_hf_datasets(tmp_path):
     assert row["text"] == sample_scene(0, "train", 1)["caption"]
     assert row["scene"]["objects"][0]["color"] == sample_scene(0, "train", 1)["objects"][0]["color"]
     assert np.array_equal(np.asarray(row["image"]), render_scene(sample_scene(0, "train", 1)))
+
+
+def test_contrast_caption_is_false_in_exactly_the_named_attribute():
+    from dalle_ds.eval.shapes_scorer import parse_caption, score_image
+
+    rng = np.random.default_rng(0)
+    seen = Counter()
+    for split in ("train", "test_ood"):
+        for i in range(150):
+            scene = S.sample_scene(0, split, i)
+            caption, attr = S.contrast_caption(scene, rng)
+            seen[attr] += 1
+            truth, fake = parse_caption(scene["caption"]), parse_caption(caption)  # stays in the grammar
+            image = S.render_scene(scene)
+            assert score_image(image, truth)["exact"] and not score_image(image, fake)["exact"], caption
+            changed = {a for a in ("relation", "position") if truth[a] != fake[a]}
+            changed |= {a for o, f in zip(truth["objects"], fake["objects"]) for a in ("color", "shape", "size")
+                        if o[a] != f[a]}
+            assert changed == {attr}, (scene["caption"], caption, attr)
+    assert set(seen) == set(S.CONTRAST_ATTRIBUTES)
+    two = next(s for s in (S.sample_scene(0, "train", i) for i in range(50)) if s["relation"])
+    one = next(s for s in (S.sample_scene(0, "train", i) for i in range(50)) if s["position"])
+    for attr in ("color", "shape", "size", "relation"):
+        assert S.contrast_caption(two, rng, attr)[1] == attr
+    assert S.contrast_caption(one, rng, "position")[0] != one["caption"]
+    with pytest.raises(ValueError, match="cannot contrast 'position'"):
+        S.contrast_caption(two, rng, "position")
+    with pytest.raises(ValueError, match="does not follow"):
+        S.contrast_caption({**two, "caption": "a red circle"}, rng)

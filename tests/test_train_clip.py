@@ -28,3 +28,27 @@ def test_clip_trains_saves_reloads_and_reranks(tmp_path):
     assert order.shape == (3,) and scores.shape == (8,)
     expected = rr.score(images, [captions[0]] * 8)  # the rerank order is the order of the image–caption scores
     assert order.tolist() == expected.argsort(descending=True)[:3].tolist()
+
+
+def test_clip_trains_with_hard_negatives_on_dvae_round_trips(tmp_path):
+    import json
+
+    from dalle_ds.config import DVAEConfig
+    from dalle_ds.models.dvae import DiscreteVAE
+    from dalle_ds.train.dvae_trainer import export_dvae
+
+    torch.manual_seed(0)
+    cfg = DVAEConfig(image_size=64, vocab_size=32, hidden=8, blocks_per_group=1, groups=3, decoder_init=8)
+    export_dvae(tmp_path / "dvae.pt", cfg, DiscreteVAE(cfg).state_dict(), step=0)
+    out = tmp_path / "clip"
+    deepspeed_launch("launch/train_clip.py", ["--deepspeed_config", "ds_configs/cpu_clip.json", "--preset", "test",
+                                              "--set", "steps=6", "--set", "hard_negatives=2",
+                                              "--set", "mirror_negatives=true", "--set", f"dvae={tmp_path / 'dvae.pt'}",
+                                              "--out", str(out)])
+    metrics = json.loads((out / "clip_metrics.json").read_text())
+    history = metrics["history"]
+    assert len(history) == 6 and all(h["loss"] > 0 for h in history)
+    ev = metrics["eval"]
+    for key in ("contrast_color", "contrast_shape", "contrast_size", "contrast_position", "contrast_relation",
+                "contrast_mirror", "contrast_all"):
+        assert 0.0 <= ev[key] <= 1.0, (key, ev)

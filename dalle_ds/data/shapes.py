@@ -371,6 +371,98 @@ def sample_scene(seed: int, split: str, index: int, image_size: int = 64, extra_
     }
 
 
+#: What :func:`contrast_caption` may change; position applies to one-object scenes, relation to two-object ones.
+CONTRAST_ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position", "relation")
+
+
+def contrast_attributes(scene: dict) -> list[str]:
+    """The attributes :func:`contrast_caption` can make false in ``scene``, in ``CONTRAST_ATTRIBUTES`` order."""
+    return [a for a in CONTRAST_ATTRIBUTES
+            if (a != "size" or all(o.get("size") for o in scene["objects"]))
+            and (a != "position" or scene.get("position"))
+            and (a != "relation" or scene.get("relation"))]
+
+
+def contrast_caption(scene: dict, rng: np.random.Generator, attribute: str | None = None) -> tuple[str, str]:
+    """A caption that ``scene`` makes false in exactly one attribute: ``(caption, attribute)``.
+
+    One object's colour, shape or size is replaced by another value, or the position / relation by another one (for
+    a relation, every other relation is false: ``_relation_ok`` keeps the four unambiguous). The rest of the caption
+    keeps the scene's own wording. These are the hard negatives of contrastive training (as in NegCLIP, Yuksekgonul
+    et al., 2023): in-batch captions mostly differ in colour, so without them a CLIP learns little about shape,
+    position or relation, which is what a reranker of samples must tell apart. ``attribute`` picks which one
+    (``ValueError`` if the scene cannot change it); by default one is drawn uniformly from those that apply.
+    """
+    objects = [dict(o) for o in scene["objects"]]
+    phrases = [object_phrase(o) for o in objects]
+    caption = scene["caption"]
+    if not caption.startswith(phrases[0]) or (len(objects) == 2 and not caption.endswith(phrases[1])):
+        raise ValueError(f"caption {caption!r} does not follow the scene's objects")
+    middle = caption[len(phrases[0]):len(caption) - (len(phrases[1]) if len(objects) == 2 else 0)].strip()
+    applicable = contrast_attributes(scene)
+    if attribute is None:
+        attribute = applicable[rng.integers(len(applicable))]
+    elif attribute not in applicable:
+        raise ValueError(f"cannot contrast {attribute!r} in {caption!r} (can: {applicable})")
+
+    def other(values: Sequence[str], current: str, exclude: Sequence[str] = ()) -> str:
+        choices = [v for v in values if v != current and v not in exclude]
+        return choices[rng.integers(len(choices))]
+
+    if attribute in ("color", "shape", "size"):
+        k = int(rng.integers(len(objects)))
+        values = {"color": tuple(COLORS), "shape": tuple(scene.get("shape_set") or SHAPES), "size": SIZES}[attribute]
+        # Scenes never hold two equal (colour, shape) objects, so neither does a contrast caption.
+        twin = [o[attribute] for o in objects if o is not objects[k] and attribute != "size"
+                and all(o[a] == objects[k][a] for a in ("color", "shape") if a != attribute)]
+        objects[k][attribute] = other(values, objects[k][attribute], twin)
+    elif attribute == "position":
+        alternatives = POSITION_PHRASES[other(POSITIONS, scene["position"])]
+        middle = alternatives[rng.integers(len(alternatives))]
+    else:
+        alternatives = RELATION_PHRASES[other(RELATIONS, scene["relation"])]
+        middle = alternatives[rng.integers(len(alternatives))]
+    words = [object_phrase(objects[0])] + ([middle] if middle else []) + [object_phrase(o) for o in objects[1:]]
+    return " ".join(words), attribute
+
+
+_MIRRORED_RELATION = {"x": {"left of": "right of", "right of": "left of"}, "y": {"above": "below", "below": "above"}}
+
+
+def mirror_scene(scene: dict, axis: str) -> dict:
+    """``scene`` mirrored left-right (``axis="x"``) or top-bottom (``"y"``): the object centres move, the shapes stay
+    upright (the scene is re-rendered, not the image flipped, so a triangle still points up). The margins are
+    symmetric, so the mirrored layout is as valid as the original. Position, relation and caption (canonical
+    wording) describe the mirrored picture."""
+    if axis not in ("x", "y"):
+        raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
+    k, size = (0 if axis == "x" else 1), scene["image_size"]
+    objects = []
+    for o in scene["objects"]:
+        centre = list(o["center"])
+        centre[k] = size - centre[k]
+        objects.append({**o, "center": centre})
+    position, relation = scene.get("position"), scene.get("relation")
+    if position is not None:
+        row, col = divmod(POSITIONS.index(position), 3)
+        position = POSITIONS[3 * row + 2 - col] if axis == "x" else POSITIONS[3 * (2 - row) + col]
+        caption = f"{object_phrase(objects[0])} {POSITION_PHRASES[position][0]}"
+    else:
+        relation = _MIRRORED_RELATION[axis].get(relation, relation)
+        caption = f"{object_phrase(objects[0])} {RELATION_PHRASES[relation][0]} {object_phrase(objects[1])}"
+    return {**scene, "objects": objects, "position": position, "relation": relation, "caption": caption}
+
+
+def spatial_contrast_scene(scene: dict, rng: np.random.Generator) -> dict | None:
+    """A mirror image of ``scene`` that makes its caption false in position or relation only (colours, shapes and
+    sizes unchanged): the image-side hard negative for spatial words. ``None`` when no mirror changes what the
+    caption says (an object in the center cell; left/right relations are unchanged by a top-bottom mirror, and
+    the other way round)."""
+    axes = [a for a in ("x", "y") if (m := mirror_scene(scene, a))["position"] != scene.get("position")
+            or m["relation"] != scene.get("relation")]
+    return mirror_scene(scene, axes[rng.integers(len(axes))]) if axes else None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------------------------

@@ -211,6 +211,11 @@ class DiscreteVAE(nn.Module):
         stats = self.decoder.forward_tokens(tokens.long())
         return unmap_pixels(torch.sigmoid(stats[:, : self.cfg.channels].float()))
 
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Images → codes → images, uint8 [B, C, H, W]: what the prior's samples look like at best."""
+        return (self.decode(self.encode(images)) * 255).round().to(torch.uint8)
+
     # -- training ----------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, tau: float, kl_weight: float,
                 generator: torch.Generator | None = None) -> DVAEOutput:

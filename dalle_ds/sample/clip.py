@@ -56,7 +56,8 @@ def build_clip(cfg: ClipModelConfig, tokenizer):
     vision = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.width,
                   intermediate_size=4 * cfg.width, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                   projection_dim=cfg.projection_dim, num_channels=3)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim,
+                                logit_scale_init_value=cfg.logit_scale_init))
 
 
 def image_processor_for(image_size: int):
@@ -101,7 +102,9 @@ class ClipReranker:
         (p / MARKER).write_text(json.dumps(extra or {}, indent=2) + "\n")
 
     def text_inputs(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.text_len,
+        # Padded to the longest caption, not to text_len: the text tower pools at <|endoftext|>, and short shapes
+        # captions in 32 positions spent most of its work on padding.
+        enc = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.text_len,
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 

@@ -1,33 +1,81 @@
 """Training the contrastive reranker: a small ``transformers.CLIPModel`` on the run's (image, caption) data, with
-the symmetric InfoNCE loss CLIPModel computes (``return_loss=True``) over in-batch negatives."""
+the symmetric InfoNCE loss over in-batch negatives (CLIPModel's own ``return_loss=True``), optionally plus one hard
+negative caption per image (``hard_negatives``: the image's caption with one attribute made false,
+:func:`dalle_ds.data.shapes.contrast_caption`)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from dalle_ds.config import ClipTrainConfig
+from dalle_ds.config import ClipTrainConfig, ConfigError
 from dalle_ds.data.registry import build_dataset
+from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, contrast_attributes, contrast_caption, render_scene,
+                                  spatial_contrast_scene)
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
-from dalle_ds.train.distributed import barrier, is_rank0, world_size
+from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
 from dalle_ds.train.engine_loop import EngineLoop
 from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
 
 log = logging.getLogger("dalle_ds.clip")
 
 
+class DvaeRoundTrip:
+    """uint8 images → the same images encoded to dVAE codes and decoded again (bf16 autocast on CPU, where the
+    dVAE's convolutions run 1.9× faster in bf16 channels_last: benchmarks/results/dvae_step_cpu_20261204)."""
+
+    def __init__(self, path: str | Path):
+        from dalle_ds.train.dvae_trainer import load_dvae
+
+        self.dvae = load_dvae(path).to(memory_format=torch.channels_last)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.dvae.reconstruct(images)
+
+
 class ClipCollate:
-    def __init__(self, reranker: ClipReranker):
-        self.reranker = reranker
+    def __init__(self, reranker: ClipReranker, keep_scenes: bool = False, transform=None):
+        self.reranker, self.keep_scenes, self.transform = reranker, keep_scenes, transform
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] → pixel values (after the optional transform, e.g. a dVAE round trip)."""
+        return self.reranker.pixel_values(self.transform(images) if self.transform else images)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         images = torch.stack([s["image"] for s in samples])
         captions = [s.get("caption") or "" for s in samples]
         out = self.reranker.text_inputs(captions)
-        out["pixel_values"] = self.reranker.pixel_values(images)
-        return {k: v.cpu() for k, v in out.items()}
+        out["pixel_values"] = self.images(images)
+        out = {k: v.cpu() for k, v in out.items()}
+        if self.keep_scenes:
+            out["scenes"], out["captions"] = [s["scene"] for s in samples], captions
+        return out
+
+
+def hard_negative_captions(scenes: list[dict], per_image: int, rng: np.random.Generator) -> list[str]:
+    """Up to ``per_image`` contrast captions per scene, each false in a different attribute (drawn without
+    replacement from those the scene has), so every attribute is practised as often as the scenes allow."""
+    out = []
+    for scene in scenes:
+        attrs = contrast_attributes(scene)
+        for i in rng.permutation(len(attrs))[:per_image]:
+            out.append(contrast_caption(scene, rng, attrs[i])[0])
+    return out
+
+
+def loss_with_hard_negatives(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, b: int) -> torch.Tensor:
+    """Symmetric InfoNCE over B (image, caption) pairs followed by extra negatives on either side: M captions (each
+    false for one image) and N images (mirrored scenes). Image i picks its caption among all B + M captions and
+    caption i its image among all B + N images; a negative has no partner of its own, so it only ever appears as a
+    wrong answer. ``logits_per_image`` is [B + N, B + M], ``logits_per_text`` its transpose."""
+    target = torch.arange(b, device=logits_per_image.device)
+    image_side = F.cross_entropy(logits_per_image[:b].float(), target)
+    return 0.5 * (image_side + F.cross_entropy(logits_per_text[:b].float(), target))
 
 
 class ClipTrainer(EngineLoop):
@@ -40,6 +88,11 @@ class ClipTrainer(EngineLoop):
         train_ds = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, m.image_size))
         split = d.resolved_eval_split
         self.eval_ds = build_dataset(d.name, split, **d.dataset_kwargs(split, m.image_size))
+        self.uses_scenes = cfg.hard_negatives > 0 or cfg.mirror_negatives
+        if self.uses_scenes and "scene" not in train_ds[0]:
+            raise ConfigError(f"clip_run: hard_negatives / mirror_negatives need scenes to build negatives from, and "
+                              f"dataset {d.name!r} has none (only the shapes data does); set hard_negatives=0 and "
+                              "mirror_negatives=false")
         caption_tok = ensure_run_tokenizer(cfg.tokenizer, train_ds, run_dir / "caption_tokenizer", 16384,
                                            m.text_len - 2)
         tokenizer = clip_tokenizer_from_caption_tokenizer(caption_tok, m.text_len)
@@ -50,7 +103,9 @@ class ClipTrainer(EngineLoop):
         model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
         self.tokenizer = tokenizer
         self.reranker = ClipReranker(model, tokenizer, image_processor_for(m.image_size))
-        super().__init__(cfg, model, ds_config, run_dir, train_ds, ClipCollate(self.reranker), seed=cfg.seed,
+        self.collate = ClipCollate(self.reranker, self.uses_scenes, DvaeRoundTrip(cfg.dvae) if cfg.dvae else None)
+        super().__init__(cfg, model, ds_config, run_dir, train_ds, self.collate,
+                         seed=cfg.seed,
                          num_workers=d.num_workers, ema_decay=cfg.ema_decay, resume=resume)
         if is_rank0():
             log.info("CLIP: %.2fM parameters, %d×%d images, %d text positions; %d pairs; world size %d",
@@ -59,8 +114,25 @@ class ClipTrainer(EngineLoop):
 
     def train_step(self, batches) -> dict[str, float]:
         eng = self.engine
-        outs = self.micro_steps(batches, lambda b, i: eng(**{k: v.to(self.device) for k, v in b.items()},
-                                                         return_loss=True))
+
+        def forward(batch: dict[str, Any], micro: int):
+            inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            if not self.uses_scenes:
+                return eng(**inputs, return_loss=True)
+            # Seeded by (seed, update, rank, micro-batch): a resumed run draws the same negatives.
+            rng = np.random.default_rng([self.cfg.seed, eng.global_steps, rank(), micro])
+            negatives = hard_negative_captions(batch["scenes"], self.cfg.hard_negatives, rng)
+            inputs.update(self.reranker.text_inputs(batch["captions"] + negatives))  # one padded length for all
+            if self.cfg.mirror_negatives:
+                mirrored = [m for m in (spatial_contrast_scene(sc, rng) for sc in batch["scenes"]) if m is not None]
+                if mirrored:
+                    extra = torch.stack([torch.from_numpy(render_scene(m)).permute(2, 0, 1) for m in mirrored])
+                    inputs["pixel_values"] = torch.cat([inputs["pixel_values"], self.collate.images(extra)])
+            out = eng(**inputs)
+            out.loss = loss_with_hard_negatives(out.logits_per_image, out.logits_per_text, len(batch["captions"]))
+            return out
+
+        outs = self.micro_steps(batches, forward)
         return {**self.mean_over(outs, ("loss",)), "lr": float(eng.get_lr()[0]),
                 "logit_scale": float(eng.module.logit_scale.detach().exp().squeeze())}
 
@@ -78,10 +150,35 @@ class ClipTrainer(EngineLoop):
             chosen = (img @ txt.T).argmax(-1).tolist()
             right = sum(samples[c]["caption"] == samples[i]["caption"] for i, c in enumerate(chosen))
             metrics = {"retrieval_top1": right / n, "retrieval_chance": 1.0 / n, "n": n}
+            if "scene" in samples[0]:
+                metrics.update(self.contrast_accuracy(reranker, img, txt, [s["scene"] for s in samples]))
             self.log("clip_eval", metrics, self.engine.global_steps)
-            log.info("CLIP eval: image→caption top-1 %.3f among %d captions", right / n, n)
+            log.info("CLIP eval: image→caption top-1 %.3f among %d captions; true caption over a contrast caption "
+                     "%s", right / n, n, {k: round(v, 3) for k, v in metrics.items() if k.startswith("contrast")})
         barrier()
         return metrics
+
+    def contrast_accuracy(self, reranker: ClipReranker, img: torch.Tensor, txt: torch.Tensor,
+                          scenes: list[dict]) -> dict[str, float]:
+        """How often an image scores its own caption above the same caption with one attribute made false, per
+        attribute (what a reranker must get right to pick a sample that follows the caption)."""
+        rng = np.random.default_rng(self.cfg.seed)
+        right: dict[str, list[bool]] = {}
+        for attr in CONTRAST_ATTRIBUTES:
+            rows = [i for i, sc in enumerate(scenes) if attr in contrast_attributes(sc)]
+            if rows:
+                fake = reranker.text_embeddings([contrast_caption(scenes[i], rng, attr)[0] for i in rows])
+                true_sim = (img[rows] * txt[rows]).sum(-1)
+                right[attr] = ((img[rows] * fake).sum(-1) < true_sim).tolist()
+        mirrored = [(i, m) for i, m in enumerate(spatial_contrast_scene(sc, rng) for sc in scenes) if m is not None]
+        if mirrored:  # the same caption against its scene mirrored (position / relation made false)
+            rows = [i for i, _ in mirrored]
+            fake_img = reranker.image_embeddings(
+                torch.stack([torch.from_numpy(render_scene(m)).permute(2, 0, 1) for _, m in mirrored]))
+            right["mirror"] = ((fake_img * txt[rows]).sum(-1) < (img[rows] * txt[rows]).sum(-1)).tolist()
+        out = {f"contrast_{a}": sum(v) / len(v) for a, v in right.items()}
+        out["contrast_all"] = sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values())
+        return out
 
     def ema_reranker(self, weights: dict[str, torch.Tensor]) -> ClipReranker:
         """A separate CLIP holding ``weights`` (the training module is left alone)."""
