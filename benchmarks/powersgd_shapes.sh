@@ -5,6 +5,7 @@
 #   benchmarks/powersgd_shapes.sh [TOKENS_DIR] [OUT_DIR]   (default runs/demo/tokens from `make demo`; runs/psgd)
 #   PSGD_RANK=16 (per machine; 8 per GPU) PSGD_STEPS=400 PSGD_WARM_START=false PSGD_PORT=29500 PSGD_TAG=cpu_<date>
 #   PSGD_SEED=1234 (run seed: init, data order, both runs) PSGD_QSEED=0 (seed of the fixed Q) for seed-spread repeats
+#   PSGD_DS_CONFIG=ds_configs/cpu_dalle.json PSGD_RESBLOCK_DTYPE=float32
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENS=${1:-runs/demo/tokens}
@@ -15,7 +16,9 @@ TAG=${PSGD_TAG:-cpu_$(date +%Y%m%d)}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 test -f "$TOKENS/train/meta.json" || { echo "no token shards in $TOKENS/train: run make demo first (or pass a folder)"; exit 1; }
 SEED=${PSGD_SEED:-1234}
-common=(--deepspeed_config ds_configs/cpu_dalle.json --preset demo --set "steps=$STEPS" --set eval_every=0 --set "seed=$SEED"
+# fp32 resblocks (PSGD_RESBLOCK_DTYPE), as in every recorded comparison, though the demo preset now trains in bf16.
+common=(--deepspeed_config "${PSGD_DS_CONFIG:-ds_configs/cpu_dalle.json}" --preset demo --set "steps=$STEPS" --set eval_every=0 --set "seed=$SEED"
+        --set "model.resblock_dtype=${PSGD_RESBLOCK_DTYPE:-float32}"
         --set "data.train_tokens=$TOKENS/train" --set "data.val_tokens=$TOKENS/test_id" --set data.val_batches=16)
 for mode in stock powersgd; do
   extra=()
