@@ -72,6 +72,9 @@ def main(argv=None) -> int:
                   f"{top['shape']:.3f} (n={top['n']}); caption-shuffled exact {base['exact']:.3f}; "
                   f"one object {s['top1_after_rerank']['one_object']['exact']}, "
                   f"two objects {s['top1_after_rerank']['two_objects']['exact']}")
+            if "best_of_n_by_scorer" in s:
+                print(f"  best candidate by the scorer (what a perfect reranker would pick): exact "
+                      f"{s['best_of_n_by_scorer']['all']['exact']:.3f}")
     print(f"metrics: {run / 'metrics.json'}")
     print("pictures:")
     print(f"  dVAE reconstructions (originals above, reconstructions below): {run / 'dvae' / 'reconstructions_final.png'}")
