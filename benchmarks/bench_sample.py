@@ -79,7 +79,7 @@ def run_case(prior, dvae, reranker, text, batch: int, device, reps: int, uncache
         codes = sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=True)
         dec = time_fn(lambda: dvae.decode(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid)), device, reps,
                       warmup=1)
-        images = (dvae.decode(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid)) * 255).round().byte()
+        images = dvae.decode_uint8(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid))
         rr = time_fn(lambda: reranker.rerank(images, CAPTIONS[0], keep=1), device, reps, warmup=1)
     total = cached + dec + rr
     row.update(decode_s=dec, rerank_s=rr, share_sample=cached / total, share_decode=dec / total,

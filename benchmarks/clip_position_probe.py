@@ -19,7 +19,7 @@ def main(argv=None) -> dict:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from dalle_ds.config import ClipModelConfig
-    from dalle_ds.data.shapes import POSITIONS, render_scene, sample_scene
+    from dalle_ds.data.shapes import POSITIONS, render_scene_tensor, sample_scene
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     head = torch.nn.Linear(m.width, len(POSITIONS))
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=args.lr)
     scenes = [s for s in (sample_scene(0, "train", i) for i in range(args.scenes)) if s["position"]]
-    x = torch.stack([torch.from_numpy(render_scene(s)).permute(2, 0, 1) for s in scenes]).float() / 127.5 - 1
+    x = torch.stack([render_scene_tensor(s) for s in scenes]).float() / 127.5 - 1
     y = torch.tensor([POSITIONS.index(s["position"]) for s in scenes])
     held = min(256, len(y) // 4)
     n = len(y) - held

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_ds.eval.shapes_scorer import score_best_of, score_images
+from dalle_ds.eval.shapes_scorer import best_of, score_candidates, score_images
 from dalle_ds.sample.clip import ClipReranker
 
 ATTRS = ("exact", "color", "shape", "size", "position", "relation", "count")
@@ -50,9 +50,10 @@ def evaluate(data: dict, clips: list[str], num_candidates: list[int]) -> dict:
     images, captions, scenes = data["images"], data["captions"], data["scenes"]
     results: dict[str, dict] = {"first_sample_no_rerank": summary(score_images(images[:, 0], scenes))}
     rerankers = {c: ClipReranker.from_pretrained(c) for c in clips}
+    per_candidate = score_candidates(images[:, :max(num_candidates)], scenes)
     for n in num_candidates:
         subset = images[:, :n]
-        results[f"best_by_scorer@{n}"] = summary(score_best_of(subset, scenes))
+        results[f"best_by_scorer@{n}"] = summary(best_of([r[:n] for r in per_candidate]))
         for name, rr in rerankers.items():
             results[f"{name}@{n}"] = summary(score_images(top1_by_clip(rr, subset, captions), scenes))
     return results

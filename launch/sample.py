@@ -72,7 +72,7 @@ def score_samples(records: list[dict], images: dict[int, torch.Tensor], scenes: 
     """Shapes scorer on: the reranked top-1, the first sample (no reranking), all candidates, the best candidate by
     the scorer itself (the ceiling of any reranker on these candidates), and the top-1 against a different caption's
     scene (caption-shuffled baseline)."""
-    from dalle_ds.eval.shapes_scorer import detect_objects, score_best_of, score_images
+    from dalle_ds.eval.shapes_scorer import aggregate_scores, best_of, detect_objects, score_candidates, score_images
 
     idx = [r["index"] for r in records]
     top1 = [images[i][0] for i in idx]
@@ -80,12 +80,11 @@ def score_samples(records: list[dict], images: dict[int, torch.Tensor], scenes: 
     sc = [scenes[i] for i in idx]
     det = [detect_objects(im) for im in top1]
     shuffled = sc[1:] + sc[:1]
-    all_imgs = [im for i in idx for im in images[i]]
-    all_scenes = [scenes[i] for i in idx for _ in images[i]]
+    per_candidate = score_candidates([images[i] for i in idx], sc)  # once, for the two entries that need them all
     return {"top1_after_rerank": score_images(top1, sc, detections=det),
             "first_sample_no_rerank": score_images(first, sc),
-            "all_candidates": score_images(all_imgs, all_scenes),
-            "best_of_n_by_scorer": score_best_of([images[i] for i in idx], sc),
+            "all_candidates": aggregate_scores([r for results in per_candidate for r in results]),
+            "best_of_n_by_scorer": best_of(per_candidate),
             "caption_shuffled_baseline": score_images(top1, shuffled, detections=det)}
 
 

@@ -509,6 +509,11 @@ def render_scene(scene: dict, image_size: int | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def render_scene_tensor(scene: dict) -> torch.Tensor:
+    """:func:`render_scene` as a torch uint8 ``[3, H, W]`` image, the layout the models and ``ShapesDataset`` use."""
+    return torch.from_numpy(render_scene(scene)).permute(2, 0, 1).contiguous()
+
+
 class ShapesDataset(Dataset):
     """Shapes samples rendered on the fly: ``{"image": uint8 [3, H, W], "caption": str, "scene": dict}``.
 
@@ -552,7 +557,7 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
-        image = torch.from_numpy(render_scene(scene)).permute(2, 0, 1).contiguous()
+        image = render_scene_tensor(scene)
         return {"image": image, "caption": scene["caption"], "scene": scene}
 
 

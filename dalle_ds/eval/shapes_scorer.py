@@ -430,15 +430,26 @@ def score_images(
         n_det = "" if detections is None else f" and {len(detections)} detection lists"
         raise ValueError(f"got {len(images)} images{n_det} for {len(scenes)} scenes")
     dets = detections if detections is not None else [None] * len(scenes)
-    return _aggregate_by_scene_type(
+    return aggregate_scores(
         [score_image(im, sc, shapes=shapes, detections=d) for im, sc, d in zip(images, scenes, dets)])
 
 
-def _aggregate_by_scene_type(results: list[dict]) -> dict:
+def aggregate_scores(results: list[dict]) -> dict:
+    """``score_image`` results → the accuracies :func:`score_images` reports (all, one-object, two-object scenes)."""
     out = _aggregate(results)
     out["one_object"] = _aggregate([r for r in results if r["n_objects"] == 1])
     out["two_objects"] = _aggregate([r for r in results if r["n_objects"] == 2])
     return out
+
+
+def score_candidates(candidates: Sequence[Sequence[Any]], scenes: Sequence[dict],
+                     shapes: Sequence[str] | None = None) -> list[list[dict]]:
+    """``score_image`` of every candidate image against its scene: one list of results per scene."""
+    if len(candidates) != len(scenes):
+        raise ValueError(f"got {len(candidates)} candidate lists for {len(scenes)} scenes")
+    if any(len(images) == 0 for images in candidates):
+        raise ValueError("a scene has no candidate images")
+    return [[score_image(im, scene, shapes=shapes) for im in images] for images, scene in zip(candidates, scenes)]
 
 
 def _checks_right(result: dict) -> int:
@@ -446,20 +457,19 @@ def _checks_right(result: dict) -> int:
     return per_object + sum(bool(result[a]) for a in _SCENE_ATTRS)
 
 
-def score_best_of(candidates: Sequence[Sequence[Any]], scenes: Sequence[dict],
-                  shapes: Sequence[str] | None = None) -> dict:
+def best_of(per_scene: Sequence[Sequence[dict]]) -> dict:
     """The scorer as its own reranker: for each scene, the candidate it rates best (exact first, then the most
     checks right), aggregated like :func:`score_images`. No reranker picking from these candidates can do better,
-    so it separates what the prior draws from what the reranker finds."""
-    if len(candidates) != len(scenes):
-        raise ValueError(f"got {len(candidates)} candidate lists for {len(scenes)} scenes")
-    best = []
-    for images, scene in zip(candidates, scenes):
-        if len(images) == 0:
-            raise ValueError("a scene has no candidate images")
-        results = [score_image(im, scene, shapes=shapes) for im in images]
-        best.append(max(results, key=lambda r: (bool(r["exact"]), _checks_right(r))))
-    return _aggregate_by_scene_type(best)
+    so it separates what the prior draws from what the reranker finds. ``per_scene`` is :func:`score_candidates`'
+    output (or a prefix of each list, to ask what fewer candidates would give)."""
+    return aggregate_scores([max(results, key=lambda r: (bool(r["exact"]), _checks_right(r)))
+                             for results in per_scene])
+
+
+def score_best_of(candidates: Sequence[Sequence[Any]], scenes: Sequence[dict],
+                  shapes: Sequence[str] | None = None) -> dict:
+    """:func:`best_of` straight from the candidate images."""
+    return best_of(score_candidates(candidates, scenes, shapes))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -212,9 +212,14 @@ class DiscreteVAE(nn.Module):
         return unmap_pixels(torch.sigmoid(stats[:, : self.cfg.channels].float()))
 
     @torch.no_grad()
+    def decode_uint8(self, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` quantized to uint8 [B, C, H, W] (the images samples are saved, scored and reranked as)."""
+        return (self.decode(tokens) * 255).round().to(torch.uint8)
+
+    @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Images → codes → images, uint8 [B, C, H, W]: what the prior's samples look like at best."""
-        return (self.decode(self.encode(images)) * 255).round().to(torch.uint8)
+        return self.decode_uint8(self.encode(images))
 
     # -- training ----------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, tau: float, kl_weight: float,

@@ -68,7 +68,7 @@ class TextToImage:
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return (self.dvae.decode(codes) * 255).round().to(torch.uint8)
+        return self.dvae.decode_uint8(codes)
 
     @torch.no_grad()
     def generate(self, captions: list[str], num_candidates: int, sampling: SamplingConfig | None = None,

@@ -1,7 +1,8 @@
 """Training the contrastive reranker: a small ``transformers.CLIPModel`` on the run's (image, caption) data, with
-the symmetric InfoNCE loss over in-batch negatives (CLIPModel's own ``return_loss=True``), optionally plus one hard
-negative caption per image (``hard_negatives``: the image's caption with one attribute made false,
-:func:`dalle_ds.data.shapes.contrast_caption`)."""
+the symmetric InfoNCE loss over in-batch negatives (CLIPModel's own ``return_loss=True``). Opt-in, shapes data only:
+hard negative captions (``hard_negatives``: the caption with one attribute made false,
+:func:`dalle_ds.data.shapes.contrast_caption`) and mirrored scenes as negative images (``mirror_negatives``); and,
+for any data, training on dVAE round trips of the images (``dvae``)."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from dalle_ds.config import ClipTrainConfig, ConfigError
 from dalle_ds.data.registry import build_dataset
-from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, contrast_attributes, contrast_caption, render_scene,
+from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, contrast_attributes, contrast_caption, render_scene_tensor,
                                   spatial_contrast_scene)
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
 from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
@@ -104,8 +105,7 @@ class ClipTrainer(EngineLoop):
         self.tokenizer = tokenizer
         self.reranker = ClipReranker(model, tokenizer, image_processor_for(m.image_size))
         self.collate = ClipCollate(self.reranker, self.uses_scenes, DvaeRoundTrip(cfg.dvae) if cfg.dvae else None)
-        super().__init__(cfg, model, ds_config, run_dir, train_ds, self.collate,
-                         seed=cfg.seed,
+        super().__init__(cfg, model, ds_config, run_dir, train_ds, self.collate, seed=cfg.seed,
                          num_workers=d.num_workers, ema_decay=cfg.ema_decay, resume=resume)
         if is_rank0():
             log.info("CLIP: %.2fM parameters, %d×%d images, %d text positions; %d pairs; world size %d",
@@ -126,7 +126,7 @@ class ClipTrainer(EngineLoop):
             if self.cfg.mirror_negatives:
                 mirrored = [m for m in (spatial_contrast_scene(sc, rng) for sc in batch["scenes"]) if m is not None]
                 if mirrored:
-                    extra = torch.stack([torch.from_numpy(render_scene(m)).permute(2, 0, 1) for m in mirrored])
+                    extra = torch.stack([render_scene_tensor(m) for m in mirrored])
                     inputs["pixel_values"] = torch.cat([inputs["pixel_values"], self.collate.images(extra)])
             out = eng(**inputs)
             out.loss = loss_with_hard_negatives(out.logits_per_image, out.logits_per_text, len(batch["captions"]))
@@ -173,8 +173,7 @@ class ClipTrainer(EngineLoop):
         mirrored = [(i, m) for i, m in enumerate(spatial_contrast_scene(sc, rng) for sc in scenes) if m is not None]
         if mirrored:  # the same caption against its scene mirrored (position / relation made false)
             rows = [i for i, _ in mirrored]
-            fake_img = reranker.image_embeddings(
-                torch.stack([torch.from_numpy(render_scene(m)).permute(2, 0, 1) for _, m in mirrored]))
+            fake_img = reranker.image_embeddings(torch.stack([render_scene_tensor(m) for _, m in mirrored]))
             right["mirror"] = ((fake_img * txt[rows]).sum(-1) < (img[rows] * txt[rows]).sum(-1)).tolist()
         out = {f"contrast_{a}": sum(v) / len(v) for a, v in right.items()}
         out["contrast_all"] = sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values())
