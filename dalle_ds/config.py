@@ -625,6 +625,9 @@ DALLE_RUN_PRESETS: dict[str, DalleTrainConfig] = {
 # The contrastive reranker
 # ----------------------------------------------------------------------------------------------------------------
 
+VISION_POSITION_INITS: tuple[str, ...] = ("sincos2d", "default")
+
+
 @dataclass
 class ClipModelConfig:
     """A small CLIP for reranking samples of the project's own data (widths and depths for CPU training)."""
@@ -639,6 +642,11 @@ class ClipModelConfig:
     """Text positions including <bos> and <|endoftext|>."""
     logit_scale_init: float = 2.6592
     """Initial log of the contrastive logit scale (CLIP's ln(1/0.07) by default; trained from there)."""
+    vision_position_init: str = "sincos2d"
+    """How the vision tower's learned position embeddings start: ``"sincos2d"`` (a 2-D sine/cosine table over the
+    patch grid, MAE's fixed embedding, Chen et al. 2021 / He et al. 2022, used here as the starting point of learned
+    ones) or ``"default"`` (transformers' N(0, 0.02²), which is small next to the patch content: a CLIP trained from
+    it stays at chance on position and relation for hundreds of updates, docs/dvae_cpu_trials.md)."""
 
 
 @dataclass
@@ -676,6 +684,11 @@ class ClipTrainConfig:
             _fail(f"{where}.model", f"image_size {m.image_size} is not divisible by patch_size {m.patch_size}")
         if m.width % m.heads:
             _fail(f"{where}.model", f"width {m.width} is not divisible by heads {m.heads}")
+        if m.vision_position_init not in VISION_POSITION_INITS:
+            _fail(f"{where}.model.vision_position_init",
+                  f"{m.vision_position_init!r} is not one of {', '.join(VISION_POSITION_INITS)}")
+        if m.vision_position_init == "sincos2d" and m.width % 4:
+            _fail(f"{where}.model", f"vision_position_init 'sincos2d' needs width divisible by 4, got {m.width}")
         self.data.validate(m.image_size, f"{where}.data")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             _fail(f"{where}.tokenizer", f"no such directory: {self.tokenizer}")

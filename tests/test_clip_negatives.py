@@ -8,13 +8,13 @@ from dalle_ds.config import DVAEConfig
 from dalle_ds.data.shapes import ShapesDataset, contrast_attributes, sample_scene
 from dalle_ds.eval.shapes_scorer import parse_caption
 from dalle_ds.models.dvae import DiscreteVAE
-from dalle_ds.train.clip_trainer import DvaeRoundTrip, hard_negative_captions, loss_with_hard_negatives
+from dalle_ds.train.clip_trainer import DvaeRoundTrip, contrastive_loss, hard_negative_captions
 from dalle_ds.train.dvae_trainer import export_dvae
 
 
-def _logits(b: int, n_img: int, n_txt: int, seed: int = 0) -> torch.Tensor:
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b + n_img, b + n_txt, generator=g, dtype=torch.float64) * 3
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
 
 
 def test_without_negatives_it_is_clipmodels_own_loss():
@@ -29,25 +29,65 @@ def test_without_negatives_it_is_clipmodels_own_loss():
     ids = torch.randint(1, 48, (6, 8))
     ids[:, -1] = 49
     out = model(input_ids=ids, pixel_values=torch.randn(6, 3, 16, 16), return_loss=True)
-    ours = loss_with_hard_negatives(out.logits_per_image, out.logits_per_text, 6)
+    ours = contrastive_loss(out.image_embeds, out.text_embeds, model.logit_scale.exp(), 6)
     assert torch.allclose(ours, out.loss, atol=1e-6)
 
 
 def test_negatives_enter_only_as_wrong_answers():
-    b, n_img, n_txt = 5, 3, 7
-    per_image = _logits(b, n_img, n_txt)
+    b, n_img, n_txt, scale = 5, 3, 7, 4.0
+    img, txt = _unit(b + n_img, 8, 1), _unit(b + n_txt, 8, 2)
+    per_image = scale * img @ txt.T  # [B + N, B + M]
     target = torch.arange(b)
     expected = 0.5 * (F.cross_entropy(per_image[:b], target) + F.cross_entropy(per_image.T[:b], target))
-    got = loss_with_hard_negatives(per_image, per_image.T, b)
+    got = contrastive_loss(img, txt, torch.tensor(scale), b)
     assert torch.allclose(got.double(), expected.double())
-    # A negative caption that image 0 prefers raises the loss; a negative image's own row does not matter.
-    harder = per_image.clone()
-    harder[0, b] = harder[0, 0] + 5
-    assert loss_with_hard_negatives(harder, harder.T, b) > got
-    other = per_image.clone()
-    other[b:, :] = 0  # rows of the negative images (they have no caption of their own) ...
-    other[b:, :b] = per_image[b:, :b]  # ... except the columns where they compete for the true captions
-    assert torch.allclose(loss_with_hard_negatives(other, other.T, b), got)
+    # A negative caption that image 0 prefers raises the loss; a negative image's own similarity to a negative
+    # caption does not matter (neither has a partner).
+    harder = txt.clone()
+    harder[b] = img[0]
+    assert contrastive_loss(img, harder, torch.tensor(scale), b) > got
+    other = img.clone()
+    other[b:] = _unit(n_img, 8, 3)
+    moved = contrastive_loss(other, txt, torch.tensor(scale), b)
+    per_other = scale * other @ txt.T
+    assert torch.allclose(moved.double(), 0.5 * (F.cross_entropy(per_image[:b], target)
+                                                 + F.cross_entropy(per_other.T[:b], target)).double())
+
+
+def _two_ranks(rank: int, world: int) -> None:
+    """Each rank holds 3 pairs and its own negatives; the gathered loss must give every rank's embeddings the
+    gradient of the global-batch loss (times the world size, which DeepSpeed's gradient averaging divides out)."""
+    b, d, scale = 3, 8, torch.tensor(5.0, dtype=torch.float64)
+    img, txt = _unit(world * b, d, 10), _unit(world * b, d, 11)
+    neg_txt = [_unit(2, d, 20 + r) for r in range(world)]
+    mine = slice(rank * b, (rank + 1) * b)
+    local_img = torch.cat([img[mine], torch.zeros(0, d, dtype=torch.float64)]).requires_grad_()
+    local_txt = torch.cat([txt[mine], neg_txt[rank]]).requires_grad_()
+    loss = contrastive_loss(local_img, local_txt, scale, b)
+    loss.backward()
+    # Reference, one process: every rank's rows against every pair plus that rank's negatives.
+    ref_img, ref_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    ref_neg = [n.clone().requires_grad_() for n in neg_txt]
+    losses = []
+    for r in range(world):
+        rows = slice(r * b, (r + 1) * b)
+        target = torch.arange(r * b, (r + 1) * b)
+        per_image = scale * ref_img[rows] @ torch.cat([ref_txt, ref_neg[r]]).T
+        per_text = scale * ref_txt[rows] @ ref_img.T
+        losses.append(0.5 * (F.cross_entropy(per_image, target) + F.cross_entropy(per_text, target)))
+    assert torch.allclose(loss.detach(), losses[rank].detach())
+    global_loss = torch.stack(losses).mean()
+    global_loss.backward()
+    assert torch.allclose(local_img.grad, world * ref_img.grad[mine], atol=1e-12)
+    assert torch.allclose(local_txt.grad[:b], world * ref_txt.grad[mine], atol=1e-12)
+    assert torch.allclose(local_txt.grad[b:], world * ref_neg[rank].grad, atol=1e-12)
+
+
+@pytest.mark.distributed
+def test_two_ranks_contrast_against_the_global_batch():
+    from dalle_ds.dist.local_ranks import run_local_ranks
+
+    run_local_ranks(_two_ranks, 2)
 
 
 def test_hard_negative_captions_change_a_different_attribute_each():

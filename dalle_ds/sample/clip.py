@@ -56,8 +56,31 @@ def build_clip(cfg: ClipModelConfig, tokenizer):
     vision = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.width,
                   intermediate_size=4 * cfg.width, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                   projection_dim=cfg.projection_dim, num_channels=3)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim,
-                                logit_scale_init_value=cfg.logit_scale_init))
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim,
+                                 logit_scale_init_value=cfg.logit_scale_init))
+    if cfg.vision_position_init == "sincos2d":
+        table = model.vision_model.embeddings.position_embedding.weight
+        with torch.no_grad():
+            table.zero_()  # row 0 is the class token's: no place on the grid
+            table[1:] = sincos2d_table(cfg.image_size // cfg.patch_size, cfg.width).to(table.dtype)
+    return model
+
+
+def sincos2d_table(grid: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """[grid², dim] row-major patch positions: the first half of ``dim`` encodes the row, the second the column, each
+    as sin/cos of the index at ``dim / 4`` geometric frequencies (MAE's 2-D table, He et al. 2022). Unlike
+    transformers' N(0, 0.02²) start, its entries are O(1), as large as the patch content after the pre-layernorm, so
+    the class token sees where things are from the first update."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin/cos table needs dim divisible by 4, got {dim}")
+    freqs = base ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coord in (rows, cols):
+        angle = coord.reshape(-1, 1) * freqs
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
 
 
 def image_processor_for(image_size: int):

@@ -1,5 +1,6 @@
 """Training the contrastive reranker: a small ``transformers.CLIPModel`` on the run's (image, caption) data, with
-the symmetric InfoNCE loss over in-batch negatives (CLIPModel's own ``return_loss=True``). Opt-in, shapes data only:
+the symmetric InfoNCE loss over the global batch (every rank's pairs gathered, as CLIP does; on one rank this is
+CLIPModel's own ``return_loss=True`` loss): :func:`contrastive_loss`. Opt-in, shapes data only:
 hard negative captions (``hard_negatives``: the caption with one attribute made false,
 :func:`dalle_ds.data.shapes.contrast_caption`) and mirrored scenes as negative images (``mirror_negatives``); and,
 for any data, training on dVAE round trips of the images (``dvae``)."""
@@ -18,7 +19,7 @@ from dalle_ds.data.registry import build_dataset
 from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, contrast_attributes, contrast_caption, render_scene_tensor,
                                   spatial_contrast_scene)
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
-from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
+from dalle_ds.train.distributed import barrier, gather_rows_with_grad, is_rank0, rank, world_size
 from dalle_ds.train.engine_loop import EngineLoop
 from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
 
@@ -69,14 +70,29 @@ def hard_negative_captions(scenes: list[dict], per_image: int, rng: np.random.Ge
     return out
 
 
-def loss_with_hard_negatives(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, b: int) -> torch.Tensor:
-    """Symmetric InfoNCE over B (image, caption) pairs followed by extra negatives on either side: M captions (each
-    false for one image) and N images (mirrored scenes). Image i picks its caption among all B + M captions and
-    caption i its image among all B + N images; a negative has no partner of its own, so it only ever appears as a
-    wrong answer. ``logits_per_image`` is [B + N, B + M], ``logits_per_text`` its transpose."""
-    target = torch.arange(b, device=logits_per_image.device)
-    image_side = F.cross_entropy(logits_per_image[:b].float(), target)
-    return 0.5 * (image_side + F.cross_entropy(logits_per_text[:b].float(), target))
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor,
+                     b: int) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch of (image, caption) pairs, plus this rank's extra negatives.
+
+    ``image_embeds`` [B + N, D] and ``text_embeds`` [B + M, D] are unit vectors (CLIPModel's ``image_embeds`` /
+    ``text_embeds``): the first B rows are this rank's pairs, then N negative images (mirrored scenes) and M negative
+    captions (each false for one image). Under data parallelism the pairs of every rank are gathered with gradient
+    (:func:`~dalle_ds.train.distributed.gather_rows_with_grad`), as in CLIP (Radford et al., 2021) and open_clip, so
+    each image picks its caption among all W·B captions (not only its rank's B) plus the local negatives, and each
+    caption its image among all W·B images plus the local negative images. Each rank's loss covers its own B rows;
+    with DeepSpeed averaging the gradients over ranks this is the gradient of the global-batch loss (the gather's
+    backward sums what every rank's loss sends to a rank's embeddings). A negative has no partner, so it is only
+    ever a wrong answer.
+    On one rank with no negatives this is exactly CLIPModel's ``return_loss=True`` loss."""
+    pairs_img, pairs_txt = image_embeds[:b], text_embeds[:b]
+    all_img, offset = gather_rows_with_grad(pairs_img)
+    all_txt, _ = gather_rows_with_grad(pairs_txt)
+    target = torch.arange(offset, offset + b, device=image_embeds.device)
+    per_image = scale * pairs_img @ torch.cat([all_txt, text_embeds[b:]]).T
+    per_text = scale * pairs_txt @ torch.cat([all_img, image_embeds[b:]]).T
+    if per_image.dtype in (torch.float16, torch.bfloat16):  # the softmax in fp32 at least
+        per_image, per_text = per_image.float(), per_text.float()
+    return 0.5 * (F.cross_entropy(per_image, target) + F.cross_entropy(per_text, target))
 
 
 class ClipTrainer(EngineLoop):
@@ -117,19 +133,19 @@ class ClipTrainer(EngineLoop):
 
         def forward(batch: dict[str, Any], micro: int):
             inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            if not self.uses_scenes:
-                return eng(**inputs, return_loss=True)
-            # Seeded by (seed, update, rank, micro-batch): a resumed run draws the same negatives.
-            rng = np.random.default_rng([self.cfg.seed, eng.global_steps, rank(), micro])
-            negatives = hard_negative_captions(batch["scenes"], self.cfg.hard_negatives, rng)
-            inputs.update(self.reranker.text_inputs(batch["captions"] + negatives))  # one padded length for all
-            if self.cfg.mirror_negatives:
-                mirrored = [m for m in (spatial_contrast_scene(sc, rng) for sc in batch["scenes"]) if m is not None]
-                if mirrored:
-                    extra = torch.stack([render_scene_tensor(m) for m in mirrored])
-                    inputs["pixel_values"] = torch.cat([inputs["pixel_values"], self.collate.images(extra)])
+            b = inputs["pixel_values"].shape[0]  # the pairs; negatives are appended after them
+            if self.uses_scenes:
+                # Seeded by (seed, update, rank, micro-batch): a resumed run draws the same negatives.
+                rng = np.random.default_rng([self.cfg.seed, eng.global_steps, rank(), micro])
+                negatives = hard_negative_captions(batch["scenes"], self.cfg.hard_negatives, rng)
+                inputs.update(self.reranker.text_inputs(batch["captions"] + negatives))  # one padded length
+                if self.cfg.mirror_negatives:
+                    mirrored = [m for m in (spatial_contrast_scene(sc, rng) for sc in batch["scenes"]) if m is not None]
+                    if mirrored:
+                        extra = torch.stack([render_scene_tensor(m) for m in mirrored])
+                        inputs["pixel_values"] = torch.cat([inputs["pixel_values"], self.collate.images(extra)])
             out = eng(**inputs)
-            out.loss = loss_with_hard_negatives(out.logits_per_image, out.logits_per_text, len(batch["captions"]))
+            out.loss = contrastive_loss(out.image_embeds, out.text_embeds, eng.module.logit_scale.exp(), b)
             return out
 
         outs = self.micro_steps(batches, forward)

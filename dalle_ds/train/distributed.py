@@ -116,3 +116,31 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(t)
     t /= world_size()
     return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the summed gradient of its own rows: what every rank's
+    loss sent them. Written on the stable all_gather / all_reduce so it runs on gloo and NCCL alike."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = (dist.get_rank() * x.shape[0], x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start, n = ctx.rows
+        return grad[start:start + n]
+
+
+def gather_rows_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``x`` stacked along dim 0 in rank order (all ranks must pass the same shape), differentiable,
+    and the offset of this rank's rows; ``(x, 0)`` outside a multi-rank process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return _GatherRows.apply(x), dist.get_rank() * x.shape[0]
