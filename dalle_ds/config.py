@@ -702,7 +702,7 @@ class ClipTrainConfig:
 
 
 CLIP_RUN_PRESETS: dict[str, ClipTrainConfig] = {
-    "demo": ClipTrainConfig(steps=300, save_every=150,
+    "demo": ClipTrainConfig(steps=600, save_every=300,
                             data=DataConfig(train_samples=10000, eval_samples=256, num_workers=0)),
     "test": ClipTrainConfig(model=ClipModelConfig(width=32, layers=1, heads=2, projection_dim=32, text_len=24),
                             data=DataConfig(train_samples=256, eval_samples=32, num_workers=0), steps=10,

@@ -50,5 +50,5 @@ def test_clip_trains_with_hard_negatives_on_dvae_round_trips(tmp_path):
     assert len(history) == 6 and all(h["loss"] > 0 for h in history)
     ev = metrics["eval"]
     for key in ("contrast_color", "contrast_shape", "contrast_size", "contrast_position", "contrast_relation",
-                "contrast_mirror", "contrast_all"):
+                "contrast_mirror_position", "contrast_mirror_relation", "contrast_all"):
         assert 0.0 <= ev[key] <= 1.0, (key, ev)

@@ -190,7 +190,13 @@ class ClipTrainer(EngineLoop):
         if mirrored:  # the same caption against its scene mirrored (position / relation made false)
             rows = [i for i, _ in mirrored]
             fake_img = reranker.image_embeddings(torch.stack([render_scene_tensor(m) for _, m in mirrored]))
-            right["mirror"] = ((fake_img * txt[rows]).sum(-1) < (img[rows] * txt[rows]).sum(-1)).tolist()
+            won = ((fake_img * txt[rows]).sum(-1) < (img[rows] * txt[rows]).sum(-1)).tolist()
+            # Apart: a one-object mirror tests position; a two-object one tests binding (which coloured shape is
+            # the upper / left one), which the relation contrast mostly does not (it often only swaps the axis).
+            for key, n_objects in (("mirror_position", 1), ("mirror_relation", 2)):
+                picked = [w for w, i in zip(won, rows) if len(scenes[i]["objects"]) == n_objects]
+                if picked:
+                    right[key] = picked
         out = {f"contrast_{a}": sum(v) / len(v) for a, v in right.items()}
         out["contrast_all"] = sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values())
         return out
