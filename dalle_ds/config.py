@@ -664,6 +664,9 @@ class ClipTrainConfig:
     hard_negatives: int = 0
     """Hard negative captions per image: its caption with one attribute made false, a different attribute each
     (shapes data only; dalle_ds.data.shapes.contrast_caption); at most the attributes a scene has (4)."""
+    binding_negatives: bool = False
+    """Add, per two-object image, the captions that its scene makes false only in binding
+    (dalle_ds.data.shapes.binding_captions: the opposite relation, the colours traded); shapes data only."""
     mirror_negatives: bool = False
     """Add one hard negative image per image: its scene re-rendered mirrored so that the caption's position or
     relation is false (shapes data only; dalle_ds.data.shapes.spatial_contrast_scene)."""
@@ -702,7 +705,7 @@ class ClipTrainConfig:
 
 
 CLIP_RUN_PRESETS: dict[str, ClipTrainConfig] = {
-    "demo": ClipTrainConfig(steps=600, save_every=300,
+    "demo": ClipTrainConfig(steps=600, save_every=300, binding_negatives=True,
                             data=DataConfig(train_samples=10000, eval_samples=256, num_workers=0)),
     "test": ClipTrainConfig(model=ClipModelConfig(width=32, layers=1, heads=2, projection_dim=32, text_len=24),
                             data=DataConfig(train_samples=256, eval_samples=32, num_workers=0), steps=10,

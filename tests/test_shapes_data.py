@@ -336,3 +336,35 @@ def test_contrast_caption_is_false_in_exactly_the_named_attribute():
         S.contrast_caption(two, rng, "position")
     with pytest.raises(ValueError, match="does not follow"):
         S.contrast_caption({**two, "caption": "a red circle"}, rng)
+
+
+def test_binding_captions_are_false_only_in_which_object_is_where_or_has_which_colour():
+    from dalle_ds.eval.shapes_scorer import parse_caption, score_image
+
+    counts = Counter()
+    for split in ("train", "test_ood"):
+        for i in range(120):
+            scene = S.sample_scene(0, split, i)
+            captions = S.binding_captions(scene)
+            if not scene["relation"]:
+                assert captions == []
+                continue
+            a, b = scene["objects"]
+            assert len(captions) == (2 if a["color"] != b["color"] else 1)
+            truth = parse_caption(scene["caption"])
+            image = S.render_scene(scene)
+            assert score_image(image, truth)["exact"]
+            for k, caption in enumerate(captions):
+                fake = parse_caption(caption)  # stays in the grammar
+                assert not score_image(image, fake)["exact"], (scene["caption"], caption)
+                words_truth = sorted(w for o in truth["objects"] for w in (o["color"], o["shape"], o["size"]))
+                words_fake = sorted(w for o in fake["objects"] for w in (o["color"], o["shape"], o["size"]))
+                assert words_fake == words_truth  # the same words, bound differently
+                if k == 0:
+                    assert fake["relation"] == S.OPPOSITE_RELATION[truth["relation"]]
+                    assert fake["objects"] == truth["objects"]
+                else:
+                    assert fake["relation"] == truth["relation"]
+                    assert [o["color"] for o in fake["objects"]] == [o["color"] for o in truth["objects"]][::-1]
+                counts[k] += 1
+    assert counts[0] > 50 and counts[1] > 40

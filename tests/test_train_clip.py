@@ -43,7 +43,8 @@ def test_clip_trains_with_hard_negatives_on_dvae_round_trips(tmp_path):
     out = tmp_path / "clip"
     deepspeed_launch("launch/train_clip.py", ["--deepspeed_config", "ds_configs/cpu_clip.json", "--preset", "test",
                                               "--set", "steps=6", "--set", "hard_negatives=2",
-                                              "--set", "mirror_negatives=true", "--set", f"dvae={tmp_path / 'dvae.pt'}",
+                                              "--set", "mirror_negatives=true", "--set", "binding_negatives=true",
+                                              "--set", f"dvae={tmp_path / 'dvae.pt'}",
                                               "--out", str(out)])
     metrics = json.loads((out / "clip_metrics.json").read_text())
     history = metrics["history"]

@@ -426,6 +426,27 @@ def contrast_caption(scene: dict, rng: np.random.Generator, attribute: str | Non
     return " ".join(words), attribute
 
 
+#: The other relation on the same axis: the one a caption gets when its two objects trade places.
+OPPOSITE_RELATION: dict[str, str] = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def binding_captions(scene: dict) -> list[str]:
+    """Captions a two-object scene makes false only in how attributes bind to objects, same words otherwise: the
+    opposite relation on the same axis ("A below B" for "A above B": which object is where), and, when the two
+    colours differ, the colours traded between the objects (which shape has which colour). Telling these apart needs
+    binding, which in-batch negatives and the one-attribute contrasts (mostly a change of axis or of a word) hardly
+    ask for. One-object scenes have none (``[]``)."""
+    if not scene.get("relation"):
+        return []
+    a, b = scene["objects"]
+    phrase = RELATION_PHRASES[OPPOSITE_RELATION[scene["relation"]]][0]
+    out = [f"{object_phrase(a)} {phrase} {object_phrase(b)}"]
+    if a["color"] != b["color"]:
+        phrase = RELATION_PHRASES[scene["relation"]][0]
+        out.append(f"{object_phrase(dict(a, color=b['color']))} {phrase} {object_phrase(dict(b, color=a['color']))}")
+    return out
+
+
 _MIRRORED_RELATION = {"x": {"left of": "right of", "right of": "left of"}, "y": {"above": "below", "below": "above"}}
 
 

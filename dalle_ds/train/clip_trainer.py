@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from dalle_ds.config import ClipTrainConfig, ConfigError
 from dalle_ds.data.registry import build_dataset
-from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, contrast_attributes, contrast_caption, render_scene_tensor,
-                                  spatial_contrast_scene)
+from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, binding_captions, contrast_attributes, contrast_caption,
+                                  render_scene_tensor, spatial_contrast_scene)
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
 from dalle_ds.train.distributed import barrier, gather_rows_with_grad, is_rank0, rank, world_size
 from dalle_ds.train.engine_loop import EngineLoop
@@ -105,11 +105,11 @@ class ClipTrainer(EngineLoop):
         train_ds = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, m.image_size))
         split = d.resolved_eval_split
         self.eval_ds = build_dataset(d.name, split, **d.dataset_kwargs(split, m.image_size))
-        self.uses_scenes = cfg.hard_negatives > 0 or cfg.mirror_negatives
+        self.uses_scenes = cfg.hard_negatives > 0 or cfg.mirror_negatives or cfg.binding_negatives
         if self.uses_scenes and "scene" not in train_ds[0]:
-            raise ConfigError(f"clip_run: hard_negatives / mirror_negatives need scenes to build negatives from, and "
-                              f"dataset {d.name!r} has none (only the shapes data does); set hard_negatives=0 and "
-                              "mirror_negatives=false")
+            raise ConfigError(f"clip_run: hard_negatives / mirror_negatives / binding_negatives need scenes to build "
+                              f"negatives from, and dataset {d.name!r} has none (only the shapes data does); set "
+                              "hard_negatives=0, mirror_negatives=false and binding_negatives=false")
         caption_tok = ensure_run_tokenizer(cfg.tokenizer, train_ds, run_dir / "caption_tokenizer", 16384,
                                            m.text_len - 2)
         tokenizer = clip_tokenizer_from_caption_tokenizer(caption_tok, m.text_len)
@@ -138,6 +138,8 @@ class ClipTrainer(EngineLoop):
                 # Seeded by (seed, update, rank, micro-batch): a resumed run draws the same negatives.
                 rng = np.random.default_rng([self.cfg.seed, eng.global_steps, rank(), micro])
                 negatives = hard_negative_captions(batch["scenes"], self.cfg.hard_negatives, rng)
+                if self.cfg.binding_negatives:
+                    negatives += [c for sc in batch["scenes"] for c in binding_captions(sc)]
                 inputs.update(self.reranker.text_inputs(batch["captions"] + negatives))  # one padded length
                 if self.cfg.mirror_negatives:
                     mirrored = [m for m in (spatial_contrast_scene(sc, rng) for sc in batch["scenes"]) if m is not None]
