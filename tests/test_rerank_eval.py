@@ -15,7 +15,8 @@ def test_first_sample_and_best_by_scorer(tmp_path, capsys):
 
     scenes = [sample_scene(0, "test_id", i) for i in range(6)]
     # Candidate 0 is another scene's picture, candidate 1 the right one: no reranking gets 0, the ceiling 1.
-    images = torch.stack([torch.stack([render_scene_tensor(scenes[(i + 1) % 6]), render_scene_tensor(s)]) for i, s in enumerate(scenes)])
+    images = torch.stack([torch.stack([render_scene_tensor(scenes[(i + 1) % 6]), render_scene_tensor(s)])
+                          for i, s in enumerate(scenes)])
     path = tmp_path / "candidates.pt"
     torch.save({"captions": [s["caption"] for s in scenes], "scenes": scenes, "images": images}, path)
     assert rerank_eval.main([str(path), "--num_candidates", "1", "2", "--out", str(tmp_path / "r.json")]) == 0

@@ -447,7 +447,9 @@ def binding_captions(scene: dict) -> list[str]:
     return out
 
 
-_MIRRORED_RELATION = {"x": {"left of": "right of", "right of": "left of"}, "y": {"above": "below", "below": "above"}}
+#: Per mirror axis, the relations it turns into their opposites (the others it leaves as they are).
+_MIRRORED_RELATION = {axis: {r: OPPOSITE_RELATION[r] for r in relations}
+                      for axis, relations in (("x", ("left of", "right of")), ("y", ("above", "below")))}
 
 
 def mirror_scene(scene: dict, axis: str) -> dict:

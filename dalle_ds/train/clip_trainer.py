@@ -2,8 +2,9 @@
 the symmetric InfoNCE loss over the global batch (every rank's pairs gathered, as CLIP does; on one rank this is
 CLIPModel's own ``return_loss=True`` loss): :func:`contrastive_loss`. Opt-in, shapes data only:
 hard negative captions (``hard_negatives``: the caption with one attribute made false,
-:func:`dalle_ds.data.shapes.contrast_caption`) and mirrored scenes as negative images (``mirror_negatives``); and,
-for any data, training on dVAE round trips of the images (``dvae``)."""
+:func:`dalle_ds.data.shapes.contrast_caption`), binding negatives (``binding_negatives``: the opposite relation and
+the colours traded, :func:`dalle_ds.data.shapes.binding_captions`) and mirrored scenes as negative images
+(``mirror_negatives``); and, for any data, training on dVAE round trips of the images (``dvae``)."""
 from __future__ import annotations
 
 import logging
