@@ -314,6 +314,13 @@ def object_phrase(obj: dict) -> str:
     return " ".join(words)
 
 
+def scene_caption(objects: Sequence[dict], phrase: str) -> str:
+    """The caption grammar: the first object, the position or relation phrase, then the second object if any
+    ("a small red circle in the top left corner", "a large blue square above a small white cross")."""
+    words = [object_phrase(objects[0])] + ([phrase] if phrase else []) + [object_phrase(o) for o in objects[1:]]
+    return " ".join(words)
+
+
 def sample_scene(seed: int, split: str, index: int, image_size: int = 64, extra_shapes: bool = False) -> dict:
     """Sample scene ``index`` of ``split``; deterministic in (seed, split, index[, extra_shapes]).
 
@@ -357,10 +364,7 @@ def sample_scene(seed: int, split: str, index: int, image_size: int = 64, extra_
         }
         for (color, shape), size, half, (cx, cy) in zip(pairs, sizes, halves, centres)
     ]
-    if n_objects == 1:
-        caption = f"{object_phrase(objects[0])} {phrase}"
-    else:
-        caption = f"{object_phrase(objects[0])} {phrase} {object_phrase(objects[1])}"
+    caption = scene_caption(objects, phrase)
     return {
         "image_size": image_size,
         "objects": objects,
@@ -422,8 +426,7 @@ def contrast_caption(scene: dict, rng: np.random.Generator, attribute: str | Non
     else:
         alternatives = RELATION_PHRASES[other(RELATIONS, scene["relation"])]
         middle = alternatives[rng.integers(len(alternatives))]
-    words = [object_phrase(objects[0])] + ([middle] if middle else []) + [object_phrase(o) for o in objects[1:]]
-    return " ".join(words), attribute
+    return scene_caption(objects, middle), attribute
 
 
 #: The other relation on the same axis: the one a caption gets when its two objects trade places.
@@ -439,11 +442,10 @@ def binding_captions(scene: dict) -> list[str]:
     if not scene.get("relation"):
         return []
     a, b = scene["objects"]
-    phrase = RELATION_PHRASES[OPPOSITE_RELATION[scene["relation"]]][0]
-    out = [f"{object_phrase(a)} {phrase} {object_phrase(b)}"]
+    out = [scene_caption([a, b], RELATION_PHRASES[OPPOSITE_RELATION[scene["relation"]]][0])]
     if a["color"] != b["color"]:
-        phrase = RELATION_PHRASES[scene["relation"]][0]
-        out.append(f"{object_phrase(dict(a, color=b['color']))} {phrase} {object_phrase(dict(b, color=a['color']))}")
+        traded = [dict(a, color=b["color"]), dict(b, color=a["color"])]
+        out.append(scene_caption(traded, RELATION_PHRASES[scene["relation"]][0]))
     return out
 
 
@@ -469,10 +471,10 @@ def mirror_scene(scene: dict, axis: str) -> dict:
     if position is not None:
         row, col = divmod(POSITIONS.index(position), 3)
         position = POSITIONS[3 * row + 2 - col] if axis == "x" else POSITIONS[3 * (2 - row) + col]
-        caption = f"{object_phrase(objects[0])} {POSITION_PHRASES[position][0]}"
+        caption = scene_caption(objects, POSITION_PHRASES[position][0])
     else:
         relation = _MIRRORED_RELATION[axis].get(relation, relation)
-        caption = f"{object_phrase(objects[0])} {RELATION_PHRASES[relation][0]} {object_phrase(objects[1])}"
+        caption = scene_caption(objects, RELATION_PHRASES[relation][0])
     return {**scene, "objects": objects, "position": position, "relation": relation, "caption": caption}
 
 
