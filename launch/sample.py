@@ -39,7 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--batch_size", type=int, default=64, help="sequences sampled at once")
+    p.add_argument("--batch_size", type=int, default=128,
+                   help="sequences sampled at once (CPU, the demo's prior: 22 / 16 / 15 ms a sequence at 64 / 128 / "
+                        "256 on one core)")
+    p.add_argument("--dvae_precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="decode the codes under bf16 autocast (auto: where bf16 is native; 9.1 → 3.1 ms an image "
+                        "on one AMX core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_cache", action="store_true", help="recompute the full forward per code (slow reference)")
     p.add_argument("--save_candidates", action="store_true",
@@ -98,7 +103,8 @@ def main(argv=None) -> int:
     captions, scenes = gather_captions(args)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p).validate()
     init_distributed()
-    pipe = TextToImage.load(args.prior, args.dvae, args.clip, device=device())
+    pipe = TextToImage.load(args.prior, args.dvae, args.clip, device=device(),
+                            dvae_bf16={"auto": None, "bf16": True, "fp32": False}[args.dvae_precision])
     out = Path(args.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     mine = list(range(rank(), len(captions), world_size()))

@@ -17,7 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -72,9 +71,7 @@ def main(argv=None) -> int:
     barrier()
     dev = device()
     dvae = dvae.to(dev)
-    if args.bf16:  # channels_last weights make every convolution return channels_last (train/channels_last.py)
-        dvae = dvae.to(memory_format=torch.channels_last)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16)
+    autocast = dvae.bf16_inference(args.bf16)
     ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, dvae.cfg.image_size))
     mine = Subset(ds, range(rank(), len(ds), world_size()))
     loader = DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_samples)

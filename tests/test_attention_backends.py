@@ -14,6 +14,7 @@ from dalle_ds.ops.attention import (
     select_backend,
 )
 from dalle_ds.ops.attention.flex import flex_sparse_attention
+from dalle_ds.ops.attention.reference import decode_windows
 
 KINDS = ["causal", "row", "column", "conv"]
 
@@ -147,6 +148,22 @@ def test_dense_decode_matches_full_forward_row_by_row(kind):
         vc[:, :, p + 1 :] = float("nan")
         out = attention_decode(q[:, :, p : p + 1], kc, vc, spec, p)
         torch.testing.assert_close(out[:, :, 0], full[:, :, p], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_windows_hold_exactly_the_visible_keys(kind):
+    """The (at most two) strided cache windows a decode step reads, minus their keep-masks, are the predicate's
+    visible set for every query; windows end at the query (nothing later is read)."""
+    spec = MaskSpec(kind, 4, 6, conv_kernel=5)
+    for p in range(spec.seq_len):
+        windows = decode_windows(spec, p)
+        assert 1 <= len(windows) <= 2
+        got = []
+        for window, keep in windows:
+            idx = torch.arange(window.start, window.stop, window.step)
+            got += idx[keep].tolist() if keep is not None else idx.tolist()
+        want = torch.nonzero(spec.visible(torch.tensor(p), torch.arange(p + 1)))[:, 0].tolist()
+        assert got == want and windows[-1][0].stop == p + 1
 
 
 def test_decode_validation():

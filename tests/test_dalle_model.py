@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 from dalle_ds.config import DALLE_PRESETS, DalleConfig
 from dalle_ds.models.dalle import DALLE, count_parameters, prepare_text
-from dalle_ds.sample.generate import SamplingConfig, filter_logits, sample_image_tokens
+from dalle_ds.sample.generate import SamplingConfig, draw, filter_logits, sample_image_tokens
 
 CFG = DalleConfig(text_vocab_size=50, text_len=6, image_vocab_size=20, image_grid=4, d_model=32, n_layers=6,
                   n_heads=2, conv_kernel=3, attn_backend="dense")
@@ -81,6 +82,32 @@ def test_cached_sampling_equals_full_forward():
     torch.testing.assert_close(logits_c, logits_f, rtol=1e-5, atol=1e-5)
     full = model(text, tok_c, return_logits=True).image_logits  # one pass over the sampled sequence
     torch.testing.assert_close(logits_c, full, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_sampling_runs_the_resblocks_in_their_training_precision():
+    """With bf16 resblocks the cached steps compute q, k, v (and the MLP) under the same autocast as training."""
+    torch.manual_seed(0)
+    model = DALLE(dataclasses.replace(CFG, resblock_dtype="bfloat16")).eval()
+    _, _, text, _ = _batch()
+    seen = []
+    for layer in model.layers:
+        layer.attn.fn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    tokens, logits = sample_image_tokens(model, text, generator=torch.Generator().manual_seed(3), return_logits=True)
+    assert set(seen) == {torch.bfloat16} and len(seen) == CFG.n_layers * CFG.image_len  # prefill + 15 steps
+    full = model(text, tokens, return_logits=True).image_logits
+    torch.testing.assert_close(logits, full, rtol=0, atol=5e-3)
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]]).repeat(20_000, 1)  # unnormalized ok
+    idx = draw(probs, torch.Generator().manual_seed(0))
+    first, second = idx[0::2], idx[1::2]
+    freq = torch.bincount(first, minlength=5).float() / len(first)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]), rtol=0, atol=0.015)  # ~4.5 sigma
+    assert torch.all(second == 4)
+    one_hot = torch.zeros(4, 7)
+    one_hot[torch.arange(4), torch.tensor([0, 6, 3, 5])] = 1.0
+    assert draw(one_hot).tolist() == [0, 6, 3, 5]
 
 
 def test_filtering():

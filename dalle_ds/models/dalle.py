@@ -117,14 +117,17 @@ class ResBlock(nn.Module):
         self.scaler: ResblockGradScaler | None = None  # set by DALLE when cfg.resblock_grad_scaling
         self.index = -1  # this block's scale index
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, fn=None) -> torch.Tensor:
+        """``dropout(f(LayerNorm(x)))`` in the block's compute dtype; ``fn`` replaces ``self.fn`` (the cached
+        sampler passes the attention's prefill / decode step, so it runs in the same precision as training)."""
+        fn = fn or self.fn
         scaler = self.scaler if torch.is_grad_enabled() else None
         h = scaled_branch_input(x, scaler, self.index) if scaler is not None else x
         if self.compute_dtype != torch.float32 and x.dtype == torch.float32:
             with torch.autocast(x.device.type, dtype=self.compute_dtype):
-                y = self.drop(self.fn(self.norm(h)))
+                y = self.drop(fn(self.norm(h)))
         else:
-            y = self.drop(self.fn(self.norm(h)))
+            y = self.drop(fn(self.norm(h)))
         if scaler is not None:
             return scaled_branch_output(y, scaler, self.index, x.dtype)
         return y.to(x.dtype)
@@ -156,9 +159,11 @@ class Layer(nn.Module):
     def step(self, x: torch.Tensor, cache: dict, position: int | None) -> torch.Tensor:
         """Prefill (position None) or one cached decode step at ``position``."""
         a = self.attn
-        h = a.norm(x)
-        h = a.fn.prefill(h, cache) if position is None else a.fn.decode(h, cache, position)
-        return self.mlp(x + a.drop(h))
+        if position is None:
+            x = x + a.branch(x, lambda h: a.fn.prefill(h, cache))
+        else:
+            x = x + a.branch(x, lambda h: a.fn.decode(h, cache, position))
+        return self.mlp(x)
 
 
 @dataclass
@@ -261,11 +266,14 @@ class DALLE(nn.Module):
 
     # -- KV-cached inference (used by dalle_ds.sample) -----------------------------------------------------------
     def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> list[dict]:
+        """Per layer, key and value buffers [batch, heads, seq_len, head_dim], in ``dtype`` (default: the
+        parameters'). Entries are written before they are read, so the buffers start uninitialized."""
         cfg = self.cfg
         ref = self.text_emb.weight
+        dtype = dtype or ref.dtype
         shape = (batch, cfg.n_heads, cfg.seq_len, cfg.head_dim)
-        return [{"k": torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device),
-                 "v": torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)}
+        return [{"k": torch.empty(shape, dtype=dtype, device=device or ref.device),
+                 "v": torch.empty(shape, dtype=dtype, device=device or ref.device)}
                 for _ in self.layers]
 
     @torch.no_grad()

@@ -31,10 +31,12 @@ class CaptionResult:
 
 class TextToImage:
     def __init__(self, prior: DALLE, tokenizer: CaptionTokenizer, dvae: DiscreteVAE,
-                 reranker: ClipReranker | None = None, device: torch.device | str = "cpu"):
+                 reranker: ClipReranker | None = None, device: torch.device | str = "cpu",
+                 dvae_bf16: bool | None = None):
         self.device = torch.device(device)
         self.prior, self.dvae = prior.to(self.device).eval(), dvae.to(self.device).eval()
         self.tokenizer, self.reranker = tokenizer, reranker
+        self.dvae_autocast = dvae.bf16_inference(dvae_bf16)  # None: bf16 where it is native (DiscreteVAE)
         cfg = prior.cfg
         if (dvae.cfg.grid_size, dvae.cfg.vocab_size) != (cfg.image_grid, cfg.image_vocab_size):
             raise ValueError(f"the dVAE ({dvae.cfg.grid_size}×{dvae.cfg.grid_size} grid, K={dvae.cfg.vocab_size}) "
@@ -43,7 +45,7 @@ class TextToImage:
 
     @classmethod
     def load(cls, prior_path: str | Path, dvae_path: str | Path | None = None, clip_path: str | Path | None = None,
-             device: torch.device | str = "cpu") -> "TextToImage":
+             device: torch.device | str = "cpu", dvae_bf16: bool | None = None) -> "TextToImage":
         from dalle_ds.train.dalle_trainer import load_dalle
         from dalle_ds.train.dvae_trainer import load_dvae
 
@@ -55,7 +57,7 @@ class TextToImage:
             raise ValueError("the prior does not record its dVAE; pass --dvae")
         dvae = load_dvae(dvae_path)
         reranker = ClipReranker.from_pretrained(clip_path, device) if clip_path else None
-        return cls(prior, tokenizer, dvae, reranker, device)
+        return cls(prior, tokenizer, dvae, reranker, device, dvae_bf16)
 
     def text(self, captions: list[str]) -> torch.Tensor:
         ids, lengths = self.tokenizer.encode(captions)
@@ -68,7 +70,8 @@ class TextToImage:
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.dvae.decode_uint8(codes)
+        with self.dvae_autocast:
+            return self.dvae.decode_uint8(codes)
 
     @torch.no_grad()
     def generate(self, captions: list[str], num_candidates: int, sampling: SamplingConfig | None = None,

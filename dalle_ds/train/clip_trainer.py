@@ -34,10 +34,10 @@ class DvaeRoundTrip:
     def __init__(self, path: str | Path):
         from dalle_ds.train.dvae_trainer import load_dvae
 
-        self.dvae = load_dvae(path).to(memory_format=torch.channels_last)
+        self.dvae = load_dvae(path)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with self.dvae.bf16_inference(True):
             return self.dvae.reconstruct(images)
 
 
