@@ -26,7 +26,7 @@ def dense_mask(spec: MaskSpec, device="cpu") -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8192)
-def _decode_windows(spec: MaskSpec, position: int) -> tuple[tuple[slice, torch.Tensor | None], ...]:
+def _decode_windows(spec: MaskSpec, position: int, device: str) -> tuple[tuple[slice, torch.Tensor | None], ...]:
     keys = torch.arange(position + 1)
     keys = keys[visible(spec, torch.tensor(position), keys)]
     windows = []
@@ -37,16 +37,16 @@ def _decode_windows(spec: MaskSpec, position: int) -> tuple[tuple[slice, torch.T
         lo, hi = int(part[0]), int(part[-1]) + 1
         window = torch.arange(lo, hi, step)
         keep = torch.isin(window, part)
-        windows.append((slice(lo, hi, step), None if bool(keep.all()) else keep))
+        windows.append((slice(lo, hi, step), None if bool(keep.all()) else keep.to(device)))
     return tuple(windows)
 
 
-def decode_windows(spec: MaskSpec, position: int) -> tuple[tuple[slice, torch.Tensor | None], ...]:
+def decode_windows(spec: MaskSpec, position: int, device="cpu") -> tuple[tuple[slice, torch.Tensor | None], ...]:
     """The keys query ``position`` may see, as at most two strided windows of the cache: the text keys, then the
     image keys (a row window of W + 1, a column every W-th key, a conv neighbourhood), each with a boolean keep-mask
     over the window, or None when every key in it is visible. Derived from :func:`visible`, cached. A decode step
     reads only these windows: for a row query with T = 24, W = 16 that is 41 keys of up to 280."""
-    return _decode_windows(spec, int(position))
+    return _decode_windows(spec, int(position), str(torch.device(device)))
 
 
 def _compute_dtype(x: torch.Tensor, upcast: bool, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -105,10 +105,10 @@ def reference_decode(
 def _decode(q_new, k_cache, v_cache, spec, position, scale, dt):
     q = q_new.to(dt) * scale
     parts, values = [], []
-    for window, keep in decode_windows(spec, position):
+    for window, keep in decode_windows(spec, position, q.device):
         k, v = k_cache[:, :, window].to(dt), v_cache[:, :, window].to(dt)
         s = torch.matmul(q, k.transpose(-1, -2))  # (B, H, 1, window length)
-        parts.append(s if keep is None else s.masked_fill(~keep.to(s.device), float("-inf")))
+        parts.append(s if keep is None else s.masked_fill(~keep, float("-inf")))
         values.append(v)
     probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
     out, start = 0, 0
