@@ -22,6 +22,7 @@ from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 from dalle_ds.config import DVAE_RUN_PRESETS  # noqa: E402
 from dalle_ds.models.dvae import DiscreteVAE  # noqa: E402
+from dalle_ds.precision.native import bf16_is_native  # noqa: E402
 
 MODES = {"fp32 NCHW": (False, False), "fp32 channels_last": (False, True),
          "bf16 NCHW": (True, False), "bf16 channels_last": (True, True)}
@@ -69,7 +70,7 @@ def main(argv=None) -> dict:
         bf16, cl = MODES[m]
         rows[m] = time_fn(update_fn(cfg, args.batch, bf16, cl, device), device, args.repeats)
     base = rows.get("fp32 NCHW")
-    bf16_native = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    bf16_native = bf16_is_native("cpu")
     result = {"benchmark": "dvae_step", "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/bench_dvae_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()})",

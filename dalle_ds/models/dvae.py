@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle_ds.config import DVAEConfig
+from dalle_ds.precision.native import bf16_is_native
 
 # Appendix A.3: pixels are mapped into (ε, 1 − ε) before the logit-Laplace likelihood is evaluated.
 LOGIT_LAPLACE_EPS = 0.1
@@ -226,7 +227,7 @@ class DiscreteVAE(nn.Module):
         levels of 255."""
         device = next(self.parameters()).device
         if enabled is None:
-            enabled = device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            enabled = bf16_is_native(device)
         if not enabled:
             return contextlib.nullcontext()
         if device.type == "cpu":

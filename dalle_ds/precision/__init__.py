@@ -1,6 +1,7 @@
 """Mixed precision as in the DALL-E paper (§2.4, Appendix D): per-resblock gradient scaling for fp16 branches."""
+from dalle_ds.precision.native import bf16_is_native
 from dalle_ds.precision.resblock_scaling import (ResblockGradScaler, install_unscale_hooks, scaled_branch_input,
                                                  scaled_branch_output, unscale_block_grads_)
 
-__all__ = ["ResblockGradScaler", "install_unscale_hooks", "scaled_branch_input", "scaled_branch_output",
+__all__ = ["ResblockGradScaler", "bf16_is_native", "install_unscale_hooks", "scaled_branch_input", "scaled_branch_output",
            "unscale_block_grads_"]

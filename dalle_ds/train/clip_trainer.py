@@ -35,9 +35,10 @@ class DvaeRoundTrip:
         from dalle_ds.train.dvae_trainer import load_dvae
 
         self.dvae = load_dvae(path)
+        self.autocast = self.dvae.bf16_inference(True)  # channels_last once, not per batch
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        with self.dvae.bf16_inference(True):
+        with self.autocast:
             return self.dvae.reconstruct(images)
 
 

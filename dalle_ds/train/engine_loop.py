@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from dalle_ds.precision.native import bf16_is_native
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.data_loading import StepBatches
 from dalle_ds.train.distributed import all_reduce_mean, barrier, device, is_rank0, rank, world_size
@@ -57,7 +58,7 @@ class EngineLoop:
                                                      config=ds_config)
         if (is_rank0() and self.device.type == "cpu" and self.engine.torch_autocast_enabled()
                 and self.engine.torch_autocast_dtype() == torch.bfloat16
-                and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+                and not bf16_is_native(self.device)):
             log.warning("bf16 autocast on a CPU without native bf16 (AVX-512 BF16 / AMX) runs emulated and slower "
                         "than fp32: set torch_autocast.enabled=false in the DeepSpeed config")
         for ext in self.extensions:
