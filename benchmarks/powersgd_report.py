@@ -32,19 +32,70 @@ def _summary(run: Path) -> dict:
     return out
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_run(stock_cfg: dict, psgd_cfg: dict) -> None:
+    """The two runs must differ only in their PowerSGD settings (a stock run reused through PSGD_STOCK_RUN must have
+    the same tokens, steps, seed, model and optimizer)."""
+    a, b = _flat(stock_cfg), _flat(psgd_cfg)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith("powersgd."))
+    if diff:
+        raise SystemExit("powersgd_report: the stock and PowerSGD runs differ in more than PowerSGD: "
+                         + ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in diff))
+
+
+WINDOW_KEYS = ("loss", "image_loss", "text_loss", "grad_norm", "grad_clipped", "powersgd/delayed_norm",
+               "powersgd/spread_norm", "powersgd/sent_fraction")
+
+
+def windows(run: Path, width: int) -> list[dict]:
+    """Means of the logged values over consecutive windows of ``width`` steps."""
+    hist = json.loads((run / "dalle_metrics.json").read_text())["history"]
+    out: dict[int, dict[str, list[float]]] = {}
+    for h in hist:
+        w = out.setdefault((h["step"] - 1) // width, {})
+        for k in WINDOW_KEYS:
+            if k in h:
+                w.setdefault(k, []).append(h[k])
+    return [{"steps": f"{i * width + 1}-{(i + 1) * width}", **{k: sum(v) / len(v) for k, v in w.items()}}
+            for i, w in sorted(out.items())]
+
+
+def window_table(stock: list[dict], psgd: list[dict]) -> list[str]:
+    cols = [("train-loss gap", None), ("image-loss gap", None), ("grad norm stock / PowerSGD", "grad_norm"),
+            ("clipped stock / PowerSGD", "grad_clipped"), ("delayed norm", "powersgd/delayed_norm"),
+            ("spread norm", "powersgd/spread_norm"), ("sent fraction", "powersgd/sent_fraction")]
+    md = ["| steps | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for a, b in zip(stock, psgd):
+        cells = [f"{100 * (b['loss'] / a['loss'] - 1):+.1f}%", f"{100 * (b['image_loss'] / a['image_loss'] - 1):+.1f}%"]
+        for _, key in cols[2:4]:
+            cells.append(f"{a[key]:.3g} / {b[key]:.3g}" if key in a and key in b else "-")
+        cells += [f"{b[key]:.3g}" if key in b else "-" for _, key in cols[4:]]
+        md.append(f"| {a['steps']} | " + " | ".join(cells) + " |")
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path)
     ap.add_argument("--tag", required=True)
     ap.add_argument("--command", default="benchmarks/powersgd_shapes.sh")
+    ap.add_argument("--window", type=int, default=75, help="steps per row of the along-the-run table")
     args = ap.parse_args()
     stock, psgd = _summary(args.runs / "stock"), _summary(args.runs / "powersgd")
     cfg = json.loads((args.runs / "powersgd" / "dalle_run_config.json").read_text())
+    check_same_run(json.loads((args.runs / "stock" / "dalle_run_config.json").read_text()), cfg)
+    along = {"stock": windows(args.runs / "stock", args.window), "powersgd": windows(args.runs / "powersgd", args.window)}
     gap = psgd["val_loss"] / stock["val_loss"] - 1
     result = {"date": datetime.date.today().isoformat(), "device": f"CPU ({platform.machine()}), gloo, 4 ranks as "
               "2 machines x 2 GPUs", "command": args.command, "powersgd_config": cfg["powersgd"],
               "model": cfg["model"], "stock": stock, "powersgd": psgd, "val_loss_gap": gap,
-              "within_2_percent": abs(gap) <= 0.02}
+              "within_2_percent": abs(gap) <= 0.02, "windows": along}
     out = ROOT / "benchmarks" / "results" / f"powersgd_shapes_{args.tag}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [("validation loss (live weights)", "val_loss", "{:.4f}"), ("validation image loss", "val_image_loss",
@@ -57,7 +108,8 @@ def main() -> None:
           f"run seed {cfg.get('seed')} (both runs), Q seed {cfg['powersgd'].get('seed')}; "
           f"PowerSGD rank {cfg['powersgd']['rank']} per machine ({cfg['powersgd']['rank'] // 2} per GPU), "
           f"compression rate {psgd.get('compression_rate', float('nan')):.4f} of the resblock matrices; Q "
-          f"{'warm-started from the last Q (not the paper)' if cfg['powersgd'].get('warm_start') else 'fixed (paper)'}.",
+          f"{'warm-started from the last Q (not the paper)' if cfg['powersgd'].get('warm_start') else 'fixed (paper)'}; "
+          f"error buffers in {cfg['powersgd'].get('error_dtype', 'fp169')}.",
           "",
           "| | stock fp32 all-reduce | hierarchical PowerSGD |", "|---|---|---|"]
     for label, key, fmt in rows:
@@ -66,7 +118,12 @@ def main() -> None:
               f" (fp32 ring) | {psgd.get('bytes_sent', 0):.0f} |")
     md.append(f"| of which across machines (P, Q' in 1-6-9) | - | {psgd.get('bytes_inter_machine', 0):.0f} |")
     md += ["", f"Validation-loss gap: {100 * gap:+.2f}% ({'within' if abs(gap) <= 0.02 else 'outside'} the 2% "
-           "target). Times on a 2-core CPU with 4 ranks are not throughput numbers."]
+           "target). Times on a 2-core CPU with 4 ranks are not throughput numbers.", "",
+           f"Along the run, means over {args.window}-step windows of the logged steps (gaps: PowerSGD over stock; the "
+           "norms are of the averaged gradient, before clipping; delayed norm: of the error buffers summed over "
+           "machines, the gradient not yet applied; spread norm: their machine-specific part, which is never sent; "
+           "sent fraction: the share of the delayed gradient's squared norm one step sends):", "",
+           *window_table(along["stock"], along["powersgd"])]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -6,6 +6,9 @@
 #   PSGD_RANK=16 (per machine; 8 per GPU) PSGD_STEPS=400 PSGD_WARM_START=false PSGD_PORT=29500 PSGD_TAG=cpu_<date>
 #   PSGD_SEED=1234 (run seed: init, data order, both runs) PSGD_QSEED=0 (seed of the fixed Q) for seed-spread repeats
 #   PSGD_DS_CONFIG=ds_configs/cpu_dalle.json PSGD_RESBLOCK_DTYPE=float32
+#   PSGD_ERROR_DTYPE=fp169 (fp32: the ablation) PSGD_DIAGNOSTICS=true (log delayed/spread norms and the sent fraction)
+#   PSGD_STOCK_RUN=DIR: compare with an earlier stock run (same tokens, steps, seed and config; the report checks)
+#   instead of training the stock run again
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENS=${1:-runs/demo/tokens}
@@ -23,7 +26,11 @@ common=(--deepspeed_config "${PSGD_DS_CONFIG:-ds_configs/cpu_dalle.json}" --pres
 for mode in stock powersgd; do
   extra=()
   [ "$mode" = powersgd ] && extra=(--set powersgd.enabled=true --set "powersgd.rank=$RANK" --set powersgd.local_size=2
-    --set "powersgd.warm_start=${PSGD_WARM_START:-false}" --set "powersgd.seed=${PSGD_QSEED:-0}")
+    --set "powersgd.warm_start=${PSGD_WARM_START:-false}" --set "powersgd.seed=${PSGD_QSEED:-0}"
+    --set "powersgd.error_dtype=${PSGD_ERROR_DTYPE:-fp169}" --set "powersgd.diagnostics=${PSGD_DIAGNOSTICS:-true}")
+  if [ "$mode" = stock ] && [ -n "${PSGD_STOCK_RUN:-}" ]; then
+    mkdir -p "$OUT" && ln -sfn "$(realpath "$PSGD_STOCK_RUN")" "$OUT/stock"
+  fi
   if [ ! -f "$OUT/$mode/dalle_metrics.json" ]; then
     t0=$(date +%s)
     deepspeed --num_gpus 4 --master_port "${PSGD_PORT:-29500}" launch/train_dalle.py "${common[@]}" "${extra[@]}" --out "$OUT/$mode"

@@ -557,6 +557,11 @@ class PowerSGDConfig:
     (bit-exact resume, machines x the storage)."""
     seed: int = 0
     """Seed of the fixed Gaussian Q matrices."""
+    error_dtype: str = "fp169"
+    """Error-buffer storage: "fp169" (the paper) or "fp32" (an ablation: twice the memory)."""
+    diagnostics: bool = False
+    """Also log powersgd/delayed_norm, spread_norm and sent_fraction (``HierarchicalPowerSGD.diagnostics``): one
+    fp32 all-reduce of every error buffer per log step, so off by default."""
 
     def validate(self, where: str = "powersgd") -> "PowerSGDConfig":
         import re
@@ -575,6 +580,8 @@ class PowerSGDConfig:
             _fail(f"{where}.orthogonalization", f"must be one of {sorted(ORTHOGONALIZERS)}")
         if self.checkpoint_buffers not in ("sum", "per_rank"):
             _fail(f"{where}.checkpoint_buffers", 'must be "sum" or "per_rank"')
+        if self.error_dtype not in ("fp169", "fp32"):
+            _fail(f"{where}.error_dtype", 'must be "fp169" or "fp32"')
         return self
 
 

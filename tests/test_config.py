@@ -49,6 +49,17 @@ def test_dvae_init_and_likelihood_options_are_validated(overrides, needle):
         apply_overrides(DVAE_RUN_PRESETS["demo"], overrides).validate()
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    ({"powersgd.error_dtype": "fp16"}, "powersgd.error_dtype"),
+    ({"powersgd.checkpoint_buffers": "all"}, "powersgd.checkpoint_buffers"),
+    ({"powersgd.rank": 0}, "powersgd.rank"),
+])
+def test_powersgd_options_are_validated(overrides, needle):
+    from dalle_ds.config import DALLE_RUN_PRESETS
+    with pytest.raises(ConfigError, match=needle):
+        apply_overrides(DALLE_RUN_PRESETS["demo"], overrides).powersgd.validate()
+
+
 def test_validation_catches_shape_path_and_dataset_errors(tmp_path):
     with pytest.raises(ConfigError, match="not divisible"):
         DVAEConfig(image_size=62, groups=3).validate()

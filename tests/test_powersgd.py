@@ -72,8 +72,8 @@ def _global_sum(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def _invariant(rank, world):
-    red = _reducer(rank_total=2)  # per-GPU rank 1: lossy, leaves error behind
+def _invariant(rank, world, rounding=ROUNDING, **kw):
+    red = _reducer(rank_total=2, **kw)  # per-GPU rank 1: lossy, leaves error behind
     topo = red.topo
     for step, seed in enumerate((4, 5, 6)):
         old = {k: _global_sum(e, topo.global_group) for k, e in red.error_buffers().items()}
@@ -88,8 +88,9 @@ def _invariant(rank, world):
             went_in, reduced = mat(want[k])[rows], mat(grads[k])[rows]
             lhs, rhs = new[k] + reduced, old[k] + went_in
             scale = float(max(old[k].abs().max(), went_in.abs().max(), reduced.abs().max()))
-            assert float((lhs - rhs).abs().max()) < 16 * ROUNDING * scale, (k, step)
+            assert float((lhs - rhs).abs().max()) < 16 * rounding * scale, (k, step)
             assert float(new[k].abs().max()) > 0  # rank 1 is lossy: something is left behind
+    return red
 
 
 
@@ -124,6 +125,30 @@ def _nonfinite(rank, world):
         rhs = old[1] - old[0] + went_in[1] - went_in[0]
         scale = float(max(t.abs().max() for t in (*old, *new, *went_in)))
         assert float((lhs - rhs).abs().max()) < 16 * ROUNDING * scale, (k, topo.rank)
+
+
+def _fp32_buffers_and_diagnostics(rank, world):
+    """error_dtype="fp32" (the ablation): the invariant holds to fp32 rounding, which 1-6-9 buffers cannot; the
+    diagnostics equal the delayed / machine-specific split computed here from the buffers themselves."""
+    red = _invariant(rank, world, rounding=2.0 ** -20, error_dtype="fp32")
+    assert all(sh.err.dtype == torch.float32 for sh in red.shards.values())
+    topo, diag = red.topo, red.diagnostics()
+    delayed = spread = 0.0
+    for e in red.error_buffers().values():
+        mine = [x.double() for x in _by_machine(e, topo)]
+        total = sum(mine)
+        delayed += float(total.pow(2).sum())
+        spread += sum(float((x - total / topo.machines).pow(2).sum()) for x in mine)
+    both = torch.tensor([delayed, spread], dtype=torch.float64)
+    dist.all_reduce(both)  # every ordinal once per machine: divide by the machine count
+    delayed, spread = (math.sqrt(float(v) / topo.machines) for v in both)
+    assert abs(diag["delayed_norm"] - delayed) <= 1e-6 * delayed and abs(diag["spread_norm"] - spread) <= 1e-6 * spread
+    assert 0.0 < diag["sent_fraction"] < 1.0  # per-GPU rank 1 sends part of the delayed gradient
+    lossless = _reducer(rank_total=64, error_dtype="fp32")
+    lossless.reduce_(list(_grads(14, rank).items()), step=0)
+    assert lossless.diagnostics()["sent_fraction"] > 1 - 1e-4  # everything sent, up to P and Q' rounding
+    with pytest.raises(ValueError, match="saved as torch.int16"):
+        red.load_state_dict(_reducer(rank_total=2).state_dict("per_rank"))
 
 
 def _by_machine(t: torch.Tensor, topo) -> list[torch.Tensor]:
@@ -221,6 +246,7 @@ def _all_checks(rank, world):
     # names the check.
     _lossless(rank, world)
     _invariant(rank, world)
+    _fp32_buffers_and_diagnostics(rank, world)
     _nonfinite(rank, world)
     _overflowing_buffer(rank, world)
     _checkpoint(rank, world)
@@ -230,6 +256,7 @@ def _all_checks(rank, world):
 
 
 def test_reducer_on_2_machines_x_2_gpus():
-    """lossless rank = plain average; error-feedback invariant; Inf -> skip + buffer rules; overflowing buffer
+    """lossless rank = plain average; error-feedback invariant (1-6-9 and fp32 buffers); diagnostics; Inf -> skip +
+    buffer rules; overflowing buffer
     zeroed; checkpoint round trips; compression rate = r (m + 3) / (3 d m) accounting within 1%."""
     run_local_ranks(_all_checks, 4)

@@ -1,6 +1,7 @@
 """The prior trained with PowerSGD through the real `deepspeed` launcher: 4 CPU ranks emulating 2 machines x 2 GPUs,
 ZeRO-1. The run logs the compression it achieves (the formula of tests/test_powersgd.py), and a preempted run resumes
-from its checkpoint -- error buffers included -- into exactly the uninterrupted run's losses."""
+from its checkpoint -- error buffers included -- into exactly the uninterrupted run's losses, gradient norms and
+error-buffer diagnostics."""
 import json
 
 import pytest
@@ -21,7 +22,8 @@ def _args(shards, out, ds_config, *extra):
             "--set", f"data.train_tokens={shards / 'train'}", "--set", f"data.val_tokens={shards / 'val'}",
             "--set", "steps=12", "--set", "save_every=6", "--set", "log_every=1", "--set", "data.val_batches=1",
             "--set", "powersgd.enabled=true", "--set", "powersgd.rank=4", "--set", "powersgd.local_size=2",
-            "--set", "powersgd.checkpoint_buffers=per_rank", "--out", str(out), *extra]
+            "--set", "powersgd.checkpoint_buffers=per_rank", "--set", "powersgd.diagnostics=true",
+            "--out", str(out), *extra]
 
 
 def test_powersgd_prior_logs_compression_and_resumes_exactly(shards, tmp_path):
@@ -40,7 +42,11 @@ def test_powersgd_prior_logs_compression_and_resumes_exactly(shards, tmp_path):
     assert sorted(b) == list(range(7, 13))
     for step in b:
         assert b[step]["loss"] == a[step]["loss"], step
-        assert b[step]["powersgd/error_norm"] == a[step]["powersgd/error_norm"], step
+        for key in ("powersgd/error_norm", "powersgd/delayed_norm", "powersgd/spread_norm", "grad_norm"):
+            assert b[step][key] == a[step][key], (step, key)
+    for h in a.values():  # the engine's norm before clipping (cpu_dalle.json clips at 4), one update per log
+        assert h["grad_norm"] > 0 and h["grad_clipped"] == float(h["grad_norm"] > 4.0)
+        assert 0 < h["powersgd/sent_fraction"] < 1 and h["powersgd/spread_norm"] > 0
     d, r, m = 32, 4, 2  # test preset width, rank per machine, GPUs per machine
     assert a[12]["powersgd/compression_rate"] == pytest.approx(1 - r * (m + 3) / (3 * d * m), rel=0.01)
     assert a[12]["powersgd/bytes_inter_machine"] < 0.2 * a[12]["powersgd/bytes_baseline_fp32"]

@@ -84,7 +84,7 @@ class PowerSGDExtension:
         topo = Topology.build(self.cfg.local_size)
         settings = PowerSGDSettings(rank=self.cfg.rank, start_step=self.cfg.start_step, seed=self.cfg.seed,
                                     orthogonalization=self.cfg.orthogonalization,
-                                    warm_start=self.cfg.warm_start)
+                                    warm_start=self.cfg.warm_start, error_dtype=self.cfg.error_dtype)
         self.reducer = HierarchicalPowerSGD(topo, settings, device=loop.device)
         self.compressed_keys = [n for n, shape in self._shapes
                                 if self.pattern.search(n) and self.reducer.register(n, shape)]
@@ -103,7 +103,8 @@ class PowerSGDExtension:
 
     def stats(self) -> dict[str, float]:
         """Since the previous call: compression rate, bytes per optimizer step (intra + inter + fp32 rest, and a
-        fp32 ring all-reduce of everything for comparison); now: skipped steps so far, error-buffer norm."""
+        fp32 ring all-reduce of everything for comparison); now: skipped steps so far, error-buffer norm, and with
+        ``powersgd.diagnostics`` the delayed / machine-specific split of the buffers (a collective)."""
         a, self._acc = self._acc, ReduceReport()
         steps = max(1, self.engine.global_steps - self._acc_since_step)
         self._acc_since_step = self.engine.global_steps
@@ -118,6 +119,8 @@ class PowerSGDExtension:
         if self.reducer is not None and self.reducer.shards:
             sq = sum(float(e.double().pow(2).sum()) for e in self.reducer.error_buffers().values())
             out["powersgd/error_norm"] = sq ** 0.5
+            if self.cfg.diagnostics:
+                out.update({f"powersgd/{k}": v for k, v in self.reducer.diagnostics().items()})
         return out
 
     def state_dict(self) -> dict:

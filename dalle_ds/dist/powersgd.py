@@ -78,6 +78,9 @@ class PowerSGDSettings:
     warm_start: bool = False
     """Not the paper: use last step's all-reduced Q' (columns normalized) as this step's Q, a power iteration across
     steps as in Vogels et al. (2019) and torch's powerSGD_hook, instead of the fixed Gaussian."""
+    error_dtype: str = "fp169"
+    """Storage of the error buffers: "fp169" (the paper, 2 bytes an element) or "fp32" (4 bytes; an ablation that
+    measures what the 1-6-9 rounding costs)."""
 
     def per_gpu_rank(self, local_size: int) -> int:
         return max(1, self.rank // local_size)
@@ -94,7 +97,30 @@ class _Shard:
     shard_rows: int
     k: int
     q: torch.Tensor       # int16 1-6-9 codes [cols, k], fixed
-    err: torch.Tensor     # int16 1-6-9 codes [shard_rows, cols]
+    err: torch.Tensor     # [shard_rows, cols]: int16 1-6-9 codes, or fp32 values with error_dtype="fp32"
+
+    @property
+    def fp32(self) -> bool:
+        return self.err.dtype == torch.float32
+
+    def err_add_(self, x: torch.Tensor, scale: float) -> bool:
+        """E += x / scale unless ``x`` has a nonfinite value (then E is left alone); returns whether x was finite."""
+        if not self.fp32:
+            return fp169.error_add_(self.err, x, scale=scale)
+        if not bool(torch.isfinite(x).all()):
+            return False
+        self.err.add_(x, alpha=1.0 / scale)
+        return True
+
+    def err_value(self) -> torch.Tensor:
+        """The error buffer in fp32 (a new tensor)."""
+        return self.err.clone() if self.fp32 else fp169.decode(self.err)
+
+    def err_set_(self, e: torch.Tensor) -> None:
+        self.err.copy_(e if self.fp32 else fp169.encode(e))
+
+    def err_finite(self) -> bool:
+        return bool(torch.isfinite(self.err).all()) if self.fp32 else bool(fp169.all_finite(self.err))
 
 
 @dataclass
@@ -130,6 +156,10 @@ class HierarchicalPowerSGD:
         self.counter = CommCounter()
         self.grad_scale: Callable[[str], float] = lambda key: 1.0
         """Per-resblock gradient scale of a parameter (step 2 divides by it); 1 without per-resblock scaling."""
+        self.sent_sq: dict[str, float] = {}
+        """Per matrix, ||P Q'^T||^2 = ||Q'||^2 of its latest compressed step (this ordinal's shard, machines summed)."""
+        if settings.error_dtype not in ("fp169", "fp32"):
+            raise ValueError(f"error_dtype must be 'fp169' or 'fp32', not {settings.error_dtype!r}")
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def _q_seed(self, key: str) -> int:
@@ -154,7 +184,8 @@ class HierarchicalPowerSGD:
         self.shards[key] = _Shard(key=key, shape=(a, b), transposed=transposed, rows=rows, cols=cols,
                                   shard_rows=shard_rows, k=k,
                                   q=fp169.encode(q.to(self.device), saturate=True),
-                                  err=torch.zeros(shard_rows, cols, dtype=torch.int16, device=self.device))
+                                  err=torch.zeros(shard_rows, cols, device=self.device,
+                                                  dtype=torch.float32 if self.s.error_dtype == "fp32" else torch.int16))
         return True
 
     def is_compressed(self, key: str) -> bool:
@@ -183,9 +214,9 @@ class HierarchicalPowerSGD:
             shard_vals = self._reduce_scatter(comp, rep)
             p_codes, errs = [], []
             for i, ((sh, _), s) in enumerate(zip(comp, shard_vals)):
-                finite = fp169.error_add_(sh.err, s, scale=self.grad_scale(sh.key))
+                finite = sh.err_add_(s, scale=self.grad_scale(sh.key))
                 flags[3 * i] = 0.0 if finite else 1.0
-                e = fp169.decode(sh.err)
+                e = sh.err_value()
                 errs.append(e)
                 p = e @ fp169.decode(sh.q)
                 flags[3 * i + 1] = self._overflow(p, self.s.p_scale)
@@ -207,7 +238,8 @@ class HierarchicalPowerSGD:
             sq = 0.0
             for (sh, _), p_hat, qc in zip(comp, ps, q_codes):
                 q_sum = fp169.decode(qc, scale=self.s.q_scale) * n_mach
-                sq += float(q_sum.double().pow(2).sum())
+                self.sent_sq[sh.key] = float(q_sum.double().pow(2).sum())
+                sq += self.sent_sq[sh.key]
                 estimates.append(p_hat @ q_sum.t())
                 if self.s.warm_start:
                     self._warm_start(sh, q_sum)
@@ -218,8 +250,8 @@ class HierarchicalPowerSGD:
         for i, ((sh, _), est) in enumerate(zip(comp, estimates)):
             p_ok, q_ok = flags[3 * i + 1] == 0, flags[3 * i + 2] == 0
             if p_ok and q_ok:
-                fp169.error_add_(sh.err, est, scale=-float(n_mach))
-            if not bool(fp169.all_finite(sh.err)):  # step 12: zero a buffer only when it is itself nonfinite
+                sh.err_add_(est, scale=-float(n_mach))
+            if not sh.err_finite():  # step 12: zero a buffer only when it is itself nonfinite
                 sh.err.zero_()
                 rep.zeroed_buffers += 1
         if comp:
@@ -310,7 +342,33 @@ class HierarchicalPowerSGD:
     # -- checkpoints --------------------------------------------------------------------------------------------
     def error_buffers(self) -> dict[str, torch.Tensor]:
         """This rank's error buffers decoded to fp32."""
-        return {k: fp169.decode(sh.err) for k, sh in self.shards.items()}
+        return {k: sh.err_value() for k, sh in self.shards.items()}
+
+    def diagnostics(self) -> dict[str, float]:
+        """Whole-model figures, the same on every rank (a collective over the world):
+
+        * ``delayed_norm``: ||sum over machines of E||, the part of the averaged gradient not yet applied;
+        * ``spread_norm``: sqrt(sum over machines of ||E_i - mean E||^2), the machine-specific part, which cancels in
+          the sum and is never sent (every machine subtracts the same estimate), so it follows the gradient noise
+          between machines as a random walk; only its rounding reaches the model;
+        * ``sent_fraction``: of the delayed gradient before the latest step, the share of squared norm that step
+          sent: sum ||Q'||^2 / (sum ||Q'||^2 + delayed_norm^2) (P orthonormal, so the two parts are orthogonal)."""
+        n, t = self.topo.machines, torch.zeros(3, dtype=torch.float64)
+        for k, sh in self.shards.items():
+            e = sh.err_value()
+            total = e.clone()
+            if n > 1:
+                dist.all_reduce(total, group=self.topo.global_group)
+            t[0] += float(total.double().pow(2).sum()) / n  # every machine holds the same sum: count it once
+            t[1] += float((e - total / n).double().pow(2).sum())
+            t[2] += self.sent_sq.get(k, 0.0) / n
+        if self.topo.world_size > 1:
+            dist.all_reduce(t, group=self.topo.world_group)
+        delayed_sq, spread_sq, sent_sq = (float(v) for v in t)
+        out = {"delayed_norm": delayed_sq ** 0.5, "spread_norm": spread_sq ** 0.5}
+        if sent_sq + delayed_sq > 0:
+            out["sent_fraction"] = sent_sq / (sent_sq + delayed_sq)
+        return out
 
     def state_dict(self, mode: str = "sum") -> dict:
         """``mode="sum"`` (the paper): the sum of the error buffers over machines for this local ordinal, held by the
@@ -328,7 +386,7 @@ class HierarchicalPowerSGD:
         sums = {}
         dst = self.topo.global_rank_of(0)
         for k, sh in self.shards.items():
-            e = fp169.decode(sh.err)
+            e = sh.err_value()
             if self.topo.machines > 1:
                 dist.reduce(e, dst=dst, group=self.topo.global_group)
             sums[k] = e.cpu()
@@ -356,7 +414,11 @@ class HierarchicalPowerSGD:
             self._load_q(state)
         if state["mode"] == "per_rank":
             for k, sh in self.shards.items():
-                sh.err.copy_(state["err_codes"][k].to(sh.err.device))
+                saved = state["err_codes"][k]
+                if saved.dtype != sh.err.dtype:
+                    raise ValueError(f"PowerSGD error buffers were saved as {saved.dtype} (per_rank) but this run "
+                                     f"stores them as {sh.err.dtype} (powersgd.error_dtype={self.s.error_dtype!r})")
+                sh.err.copy_(saved.to(sh.err.device))
             return
         src = self.topo.global_rank_of(0)
         for k, sh in self.shards.items():
@@ -366,4 +428,4 @@ class HierarchicalPowerSGD:
                 e = torch.empty(sh.shard_rows, sh.cols, dtype=torch.float32, device=self.device)
             if self.topo.machines > 1:
                 dist.broadcast(e, src=src, group=self.topo.global_group)
-            sh.err.copy_(fp169.encode(e))
+            sh.err_set_(e)

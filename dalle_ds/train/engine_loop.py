@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -65,6 +66,7 @@ class EngineLoop:
             if hasattr(ext, "after_initialize"):
                 ext.after_initialize(self.engine)
         self.ema = EMA(self.engine.module, ema_decay)
+        self._grad_norms: list[float] = []  # the engine's global gradient norm of each update since the last log
         for ext in self.extensions:
             if hasattr(ext, "setup"):
                 ext.setup(self)
@@ -116,8 +118,23 @@ class EngineLoop:
                     ext.after_backward(self, micro)
             self.engine.step()
             outs.append(out)
+        norm = self.engine.get_global_grad_norm()  # ZeRO 1-3 compute it; a ZeRO-0 torch optimizer does not
+        if norm is not None and math.isfinite(float(norm)):
+            self._grad_norms.append(float(norm))
         self.ema.update(self.engine.module.parameters())
         return outs
+
+    def grad_norm_stats(self) -> dict[str, float]:
+        """Mean global gradient norm (before clipping) over the updates since the last call, and the fraction of
+        them that ``gradient_clipping`` scaled down."""
+        norms, self._grad_norms = self._grad_norms, []
+        if not norms:
+            return {}
+        out = {"grad_norm": sum(norms) / len(norms)}
+        clip = float(self.engine.gradient_clipping() or 0.0)
+        if clip > 0:
+            out["grad_clipped"] = sum(n > clip for n in norms) / len(norms)
+        return out
 
     @staticmethod
     def mean_over(outs: list[Any], keys: tuple[str, ...]) -> dict[str, float]:
@@ -154,6 +171,7 @@ class EngineLoop:
             step = eng.global_steps
             bar.update(1)
             if c.log_every and (step % c.log_every == 0 or step == c.steps):
+                stats.update(self.grad_norm_stats())
                 for ext in self.extensions:  # only when logging: they summarize the steps since their last call
                     if hasattr(ext, "stats"):
                         stats.update(ext.stats())
