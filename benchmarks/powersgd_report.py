@@ -91,10 +91,14 @@ def main() -> None:
     cfg = json.loads((args.runs / "powersgd" / "dalle_run_config.json").read_text())
     check_same_run(json.loads((args.runs / "stock" / "dalle_run_config.json").read_text()), cfg)
     along = {"stock": windows(args.runs / "stock", args.window), "powersgd": windows(args.runs / "powersgd", args.window)}
+    ds = json.loads((args.runs / "powersgd" / "dalle_ds_config.json").read_text())
+    if ds.get("optimizer") != json.loads((args.runs / "stock" / "dalle_ds_config.json").read_text()).get("optimizer"):
+        raise SystemExit("powersgd_report: the stock and PowerSGD runs used different optimizer settings")
     gap = psgd["val_loss"] / stock["val_loss"] - 1
     result = {"date": datetime.date.today().isoformat(), "device": f"CPU ({platform.machine()}), gloo, 4 ranks as "
               "2 machines x 2 GPUs", "command": args.command, "powersgd_config": cfg["powersgd"],
-              "model": cfg["model"], "stock": stock, "powersgd": psgd, "val_loss_gap": gap,
+              "model": cfg["model"], "run_seed": cfg.get("seed"), "global_batch": ds.get("train_batch_size"),
+              "optimizer": ds.get("optimizer"), "stock": stock, "powersgd": psgd, "val_loss_gap": gap,
               "within_2_percent": abs(gap) <= 0.02, "windows": along}
     out = ROOT / "benchmarks" / "results" / f"powersgd_shapes_{args.tag}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

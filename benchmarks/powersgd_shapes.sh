@@ -37,4 +37,4 @@ for mode in stock powersgd; do
     echo "$(( $(date +%s) - t0 ))" > "$OUT/$mode/wall_seconds.txt"
   fi
 done
-python benchmarks/powersgd_report.py "$OUT" --tag "$TAG" --command "$0 $*"
+python benchmarks/powersgd_report.py "$OUT" --tag "$TAG" --command "$(env | grep '^PSGD_' | sort | tr '\n' ' ')$0 $*"

@@ -1,0 +1,45 @@
+"""benchmarks/powersgd_seeds.py pools PowerSGD-vs-stock result files into a mean gap with a t interval, and refuses
+files that do not describe the same experiment."""
+import importlib.util
+import math
+
+import pytest
+
+from launch_utils import ROOT
+
+spec = importlib.util.spec_from_file_location("powersgd_seeds", ROOT / "benchmarks" / "powersgd_seeds.py")
+seeds = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seeds)
+
+
+def _result(run_seed, q_seed, stock, psgd, **psgd_cfg):
+    cfg = {"rank": 30, "local_size": 2, "warm_start": True, "seed": q_seed, **psgd_cfg}
+    return {"model": {"d_model": 128, "n_layers": 4}, "run_seed": run_seed, "global_batch": 64,
+            "optimizer": {"type": "AdamW", "params": {"lr": 2e-3}}, "powersgd_config": cfg,
+            "stock": {"steps": 750, "val_loss": stock}, "powersgd": {"steps": 750, "val_loss": psgd}}
+
+
+def test_pool_means_interval_and_refusals():
+    files = [_result(1, 0, 0.20, 0.21), _result(1, 1, 0.20, 0.202), _result(2, 0, 0.25, 0.26)]
+    out = seeds.pool(files)
+    gaps = [0.05, 0.01, 0.04]
+    mean = sum(gaps) / 3
+    sd = math.sqrt(sum((g - mean) ** 2 for g in gaps) / 2)
+    assert out["n"] == 3 and out["stock_runs"] == 2
+    assert out["paired_mean_gap"] == pytest.approx(mean) and out["paired_sd"] == pytest.approx(sd)
+    assert out["ci95"] == pytest.approx([mean - 4.303 * sd / math.sqrt(3), mean + 4.303 * sd / math.sqrt(3)])
+    assert out["pooled_gap"] == pytest.approx((0.21 + 0.202 + 0.26) / 3 / 0.225 - 1)
+    assert out["stock_spread"] == pytest.approx(0.25 / 0.20 - 1)
+    assert "not decided" in seeds.markdown({**out, "date": "d"}, ["a", "b", "c"])
+
+    with pytest.raises(SystemExit, match="warm_start"):
+        seeds.pool([files[0], _result(3, 0, 0.2, 0.2, warm_start=False)])
+    with pytest.raises(SystemExit, match="two different stock runs"):
+        seeds.pool([files[0], _result(1, 5, 0.3, 0.3)])
+    with pytest.raises(SystemExit, match="appears twice"):
+        seeds.pool([files[0], files[0]])
+    old = dict(files[0])
+    del old["run_seed"]
+    with pytest.raises(SystemExit, match="regenerate"):
+        seeds.pool([old, files[1]])
+    assert seeds.t975(4) == 2.776 and seeds.t975(11) == 2.228 and seeds.t975(100) == 1.96
