@@ -12,7 +12,8 @@ differ in the run seed (initialization and data order, shared by the pair) and t
 * the paired gaps' mean and its standard error (sample standard deviation / sqrt(n)), and a 95% interval from
   Student's t; with the spread of the stock runs over run seeds for scale.
 
-Writes benchmarks/results/powersgd_seeds_<tag>.{md,json}.
+Writes benchmarks/results/powersgd_seeds_<tag>.{md,json} and, from the files' along-the-run windows, an SVG of each
+pair's train image-loss gap against the step (the 2% target drawn as a dotted line).
 """
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ import datetime
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dalle_ds.utils.svg_plot import line_chart  # noqa: E402
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (scipy.stats.t.ppf(0.975, df)); beyond 30, 1.96.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -79,6 +83,22 @@ def pool(results: list[dict]) -> dict:
             "stock_spread": (max(stocks) / min(stocks) - 1) if len(stocks) > 1 else None}
 
 
+def gap_curves(results: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
+    """Per file, the train image-loss gap (percent) of each window, at the window's last step."""
+    series, steps = {}, None
+    for r in results:
+        w = r.get("windows")
+        if not w:
+            return [], {}
+        ends = [int(x["steps"].split("-")[1]) for x in w["stock"]]
+        steps = steps or ends
+        if ends != steps:
+            return [], {}
+        name = f"s{r['run_seed']} q{r['powersgd_config'].get('seed', 0)}"
+        series[name] = [100 * (b["image_loss"] / a["image_loss"] - 1) for a, b in zip(w["stock"], w["powersgd"])]
+    return steps or [], series
+
+
 def markdown(out: dict, files: list[str]) -> str:
     e = out["experiment"]
     md = [f"# PowerSGD vs stock on the shapes prior, pooled over seeds ({out['date']})", "",
@@ -109,13 +129,20 @@ def main() -> None:
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--tag", required=True)
     args = ap.parse_args()
-    out = pool([json.loads(f.read_text()) for f in args.files])
+    results = [json.loads(f.read_text()) for f in args.files]
+    out = pool(results)
     out["date"] = datetime.date.today().isoformat()
     names = [f.name for f in args.files]
     out["files"] = names
     dest = ROOT / "benchmarks" / "results" / f"powersgd_seeds_{args.tag}"
     dest.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     md = markdown(out, names)
+    steps, curves = gap_curves(results)
+    if curves:
+        dest.with_suffix(".svg").write_text(line_chart(
+            steps, curves, "PowerSGD vs stock: train image-loss gap along the run (window means)",
+            "image-loss gap, %", hline=2.0))
+        md += f"\nAlong the run: `{dest.with_suffix('.svg').name}` (train image-loss gap per pair, window means).\n"
     dest.with_suffix(".md").write_text(md)
     print(md)
 

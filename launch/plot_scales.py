@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from dalle_ds.utils.svg_plot import line_chart
+
 PREFIX = "grad_scale_log2/"
 
 
@@ -49,51 +51,9 @@ def load_scales(run: Path) -> tuple[list[int], dict[str, list[float]], list[int]
     return steps, series, skipped
 
 
-def _colour(i: int, n: int) -> str:
-    t = i / max(1, n - 1)  # blue → red
-    return f"rgb({int(40 + 200 * t)},{int(90 + 40 * (1 - abs(2 * t - 1)))},{int(220 - 180 * t)})"
-
-
 def svg(steps: list[int], series: dict[str, list[float]], skipped: list[int], title: str) -> str:
-    W, H, L, R, T, B = 900, 520, 70, 150, 40, 50
-    vals = [v for vs in series.values() for v in vs if v == v]
-    lo, hi = min(vals), max(vals)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
-
-    def x(s: float) -> float:
-        return L + (s - s0) / (s1 - s0) * (W - L - R)
-
-    def y(v: float) -> float:
-        return T + (hi - v) / (hi - lo) * (H - T - B)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-           f'font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
-           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
-           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
-           f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">step</text>',
-           f'<text x="16" y="{(T + H - B) / 2}" transform="rotate(-90 16 {(T + H - B) / 2})" '
-           'text-anchor="middle">log2 gradient scale</text>']
-    for i in range(6):
-        v = lo + (hi - lo) * i / 5
-        out.append(f'<text x="{L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
-        out.append(f'<line x1="{L}" y1="{y(v):.1f}" x2="{W - R}" y2="{y(v):.1f}" stroke="#eee"/>')
-        s = s0 + (s1 - s0) * i / 5
-        out.append(f'<text x="{x(s):.1f}" y="{H - B + 16}" text-anchor="middle">{s:.0f}</text>')
-    for s in skipped:
-        out.append(f'<line x1="{x(s):.1f}" y1="{H - B}" x2="{x(s):.1f}" y2="{H - B + 6}" stroke="red"/>')
-    n = len(series)
-    for i, (name, vs) in enumerate(series.items()):
-        pts = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, vs) if v == v)
-        dash = ' stroke-dasharray="5,3"' if name.endswith("mlp") else ""
-        out.append(f'<polyline fill="none" stroke="{_colour(i, n)}" stroke-width="1.3"{dash} points="{pts}"/>')
-        if n <= 32 or i % max(1, n // 32) == 0:
-            ly = T + 10 + i * min(14, (H - T - B) / n)
-            out.append(f'<text x="{W - R + 8}" y="{ly:.1f}" fill="{_colour(i, n)}">{name}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    return line_chart(steps, series, title, "log2 gradient scale", ticks=skipped,
+                      dashed=lambda name: name.endswith("mlp"))
 
 
 def main(argv=None) -> int:

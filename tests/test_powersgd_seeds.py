@@ -43,3 +43,12 @@ def test_pool_means_interval_and_refusals():
     with pytest.raises(SystemExit, match="regenerate"):
         seeds.pool([old, files[1]])
     assert seeds.t975(4) == 2.776 and seeds.t975(11) == 2.228 and seeds.t975(100) == 1.96
+
+
+def test_gap_curves_follow_the_windows():
+    w = {"stock": [{"steps": "1-75", "image_loss": 1.0}, {"steps": "76-150", "image_loss": 0.5}],
+         "powersgd": [{"steps": "1-75", "image_loss": 1.1}, {"steps": "76-150", "image_loss": 0.51}]}
+    steps, curves = seeds.gap_curves([{**_result(1, 0, 0.2, 0.21), "windows": w}])
+    assert steps == [75, 150] and list(curves) == ["s1 q0"]
+    assert curves["s1 q0"] == pytest.approx([10.0, 2.0])
+    assert seeds.gap_curves([_result(1, 0, 0.2, 0.21)]) == ([], {})  # an old file without windows: no plot

@@ -1,0 +1,59 @@
+"""A line chart as plain SVG text (no plotting library): used by launch/plot_scales.py and
+benchmarks/powersgd_seeds.py."""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def colour(i: int, n: int) -> str:
+    t = i / max(1, n - 1)  # blue → red
+    return f"rgb({int(40 + 200 * t)},{int(90 + 40 * (1 - abs(2 * t - 1)))},{int(220 - 180 * t)})"
+
+
+def line_chart(steps: list[int], series: dict[str, list[float]], title: str, ylabel: str, *,
+               ticks: list[int] = (), dashed: Callable[[str], bool] = lambda name: False,
+               hline: float | None = None) -> str:
+    """One polyline per series against ``steps`` (NaN values skipped), a legend on the right, red ticks on the step
+    axis at ``ticks``, and an optional grey horizontal reference line at ``hline``."""
+    W, H, L, R, T, B = 900, 520, 70, 150, 40, 50
+    vals = [v for vs in series.values() for v in vs if v == v] + ([hline] if hline is not None else [])
+    lo, hi = min(vals), max(vals)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+
+    def x(s: float) -> float:
+        return L + (s - s0) / (s1 - s0) * (W - L - R)
+
+    def y(v: float) -> float:
+        return T + (hi - v) / (hi - lo) * (H - T - B)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+           f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">step</text>',
+           f'<text x="16" y="{(T + H - B) / 2}" transform="rotate(-90 16 {(T + H - B) / 2})" '
+           f'text-anchor="middle">{ylabel}</text>']
+    for i in range(6):
+        v = lo + (hi - lo) * i / 5
+        out.append(f'<text x="{L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+        out.append(f'<line x1="{L}" y1="{y(v):.1f}" x2="{W - R}" y2="{y(v):.1f}" stroke="#eee"/>')
+        s = s0 + (s1 - s0) * i / 5
+        out.append(f'<text x="{x(s):.1f}" y="{H - B + 16}" text-anchor="middle">{s:.0f}</text>')
+    if hline is not None:
+        out.append(f'<line x1="{L}" y1="{y(hline):.1f}" x2="{W - R}" y2="{y(hline):.1f}" stroke="#888" '
+                   'stroke-dasharray="2,3"/>')
+    for s in ticks:
+        out.append(f'<line x1="{x(s):.1f}" y1="{H - B}" x2="{x(s):.1f}" y2="{H - B + 6}" stroke="red"/>')
+    n = len(series)
+    for i, (name, vs) in enumerate(series.items()):
+        pts = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, vs) if v == v)
+        dash = ' stroke-dasharray="5,3"' if dashed(name) else ""
+        out.append(f'<polyline fill="none" stroke="{colour(i, n)}" stroke-width="1.3"{dash} points="{pts}"/>')
+        if n <= 32 or i % max(1, n // 32) == 0:
+            ly = T + 10 + i * min(14, (H - T - B) / n)
+            out.append(f'<text x="{W - R + 8}" y="{ly:.1f}" fill="{colour(i, n)}">{name}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
