@@ -30,7 +30,11 @@ def test_pool_means_interval_and_refusals():
     assert out["ci95"] == pytest.approx([mean - 4.303 * sd / math.sqrt(3), mean + 4.303 * sd / math.sqrt(3)])
     assert out["pooled_gap"] == pytest.approx((0.21 + 0.202 + 0.26) / 3 / 0.225 - 1)
     assert out["stock_spread"] == pytest.approx(0.25 / 0.20 - 1)
-    assert "not decided" in seeds.markdown({**out, "date": "d"}, ["a", "b", "c"])
+    per_seed = [0.03, 0.04]  # run seed 1: mean of +5% and +1%; run seed 2: +4%
+    assert out["by_run_seed"]["mean"] == pytest.approx(0.035)
+    assert out["by_run_seed"]["se"] == pytest.approx(abs(per_seed[1] - per_seed[0]) / math.sqrt(2) / math.sqrt(2))
+    assert out["by_run_seed"]["ci95"][1] == pytest.approx(0.035 + 12.706 * out["by_run_seed"]["se"])
+    assert "interval contains +2%" in seeds.markdown({**out, "date": "d"}, ["a", "b", "c"])
 
     with pytest.raises(SystemExit, match="warm_start"):
         seeds.pool([files[0], _result(3, 0, 0.2, 0.2, warm_start=False)])
