@@ -566,6 +566,7 @@ class PowerSGDConfig:
     def validate(self, where: str = "powersgd") -> "PowerSGDConfig":
         import re
         from dalle_ds.dist.orthogonalize import ORTHOGONALIZERS
+        from dalle_ds.dist.powersgd import ERROR_DTYPES
         if self.rank < 1:
             _fail(f"{where}.rank", "must be ≥ 1")
         if self.start_step < 0:
@@ -580,8 +581,8 @@ class PowerSGDConfig:
             _fail(f"{where}.orthogonalization", f"must be one of {sorted(ORTHOGONALIZERS)}")
         if self.checkpoint_buffers not in ("sum", "per_rank"):
             _fail(f"{where}.checkpoint_buffers", 'must be "sum" or "per_rank"')
-        if self.error_dtype not in ("fp169", "fp32"):
-            _fail(f"{where}.error_dtype", 'must be "fp169" or "fp32"')
+        if self.error_dtype not in ERROR_DTYPES:
+            _fail(f"{where}.error_dtype", f"must be one of {list(ERROR_DTYPES)}")
         return self
 
 

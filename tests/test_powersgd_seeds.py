@@ -56,3 +56,24 @@ def test_gap_curves_follow_the_windows():
     assert steps == [75, 150] and list(curves) == ["s1 q0"]
     assert curves["s1 q0"] == pytest.approx([10.0, 2.0])
     assert seeds.gap_curves([_result(1, 0, 0.2, 0.21)]) == ([], {})  # an old file without windows: no plot
+
+
+def test_report_refuses_pairs_that_differ_in_more_than_powersgd(tmp_path):
+    import json
+    spec_r = importlib.util.spec_from_file_location("powersgd_report", ROOT / "benchmarks" / "powersgd_report.py")
+    report = importlib.util.module_from_spec(spec_r)
+    spec_r.loader.exec_module(report)
+
+    def run(name, batch, rank, out):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "dalle_run_config.json").write_text(json.dumps({"seed": 1, "steps": 10, "powersgd": {"rank": rank}}))
+        (d / "dalle_ds_config.json").write_text(json.dumps({
+            "train_batch_size": batch, "csv_monitor": {"output_path": out},
+            "zero_optimization": {"stage": 2, **({"reduce_scatter": False} if rank else {})}}))
+        return d
+
+    stock, psgd = run("stock", 64, 0, "a/"), run("psgd", 64, 30, "b/")
+    report.check_same_run(stock, psgd)  # PowerSGD settings, monitor paths and reduce_scatter may differ
+    with pytest.raises(SystemExit, match="train_batch_size"):
+        report.check_same_run(stock, run("psgd256", 256, 30, "c/"))

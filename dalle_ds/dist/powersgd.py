@@ -57,6 +57,8 @@ from .topology import Topology
 __all__ = ["PowerSGDSettings", "HierarchicalPowerSGD", "ReduceReport", "fp32_ring_bytes"]
 
 FP169_MAX = fp169.MAX
+ERROR_DTYPES = ("fp169", "fp32")
+"""Error-buffer storage: the paper's 1-6-9 codes, or fp32 values (an ablation)."""
 
 
 def fp32_ring_bytes(numel: int, world: int) -> int:
@@ -158,8 +160,8 @@ class HierarchicalPowerSGD:
         """Per-resblock gradient scale of a parameter (step 2 divides by it); 1 without per-resblock scaling."""
         self.sent_sq: dict[str, float] = {}
         """Per matrix, ||P Q'^T||^2 = ||Q'||^2 of its latest compressed step (this ordinal's shard, machines summed)."""
-        if settings.error_dtype not in ("fp169", "fp32"):
-            raise ValueError(f"error_dtype must be 'fp169' or 'fp32', not {settings.error_dtype!r}")
+        if settings.error_dtype not in ERROR_DTYPES:
+            raise ValueError(f"error_dtype must be one of {ERROR_DTYPES}, not {settings.error_dtype!r}")
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def _q_seed(self, key: str) -> int:

@@ -28,6 +28,7 @@ from dalle_ds.train.data_loading import step_generator
 from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
 from dalle_ds.train.engine_loop import EngineLoop
 from dalle_ds.train.schedules import cosine_anneal
+from dalle_ds.utils.dicts import flatten
 from dalle_ds.utils.images import reconstruction_grid, save_png
 
 log = logging.getLogger("dalle_ds.dvae")
@@ -44,18 +45,7 @@ def shapes_score_fn(recons, scenes) -> dict[str, float]:
     from dalle_ds.eval.shapes_scorer import score_images
 
     scores = score_images(recons, scenes)
-    return {f"scorer_{k}": v for k, v in _flatten(scores).items() if isinstance(v, (int, float))}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
+    return {f"scorer_{k}": v for k, v in flatten(scores, sep="/").items() if isinstance(v, (int, float))}
 
 
 def export_dvae(path: Path, model_cfg: DVAEConfig, state_dict: dict, step: int, metrics: dict | None = None) -> None:
