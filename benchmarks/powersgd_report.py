@@ -32,6 +32,8 @@ def _summary(run: Path) -> dict:
     for k, v in last.items():
         if k.startswith("powersgd/"):
             out[k.split("/", 1)[1]] = v
+    if any("powersgd/zeroed_buffers" in h for h in hist):  # logged per window: the run's total
+        out["zeroed_buffers"] = sum(h.get("powersgd/zeroed_buffers", 0) for h in hist)
     return out
 
 
@@ -55,7 +57,8 @@ def check_same_run(stock_run: Path, psgd_run: Path) -> None:
 
 
 WINDOW_KEYS = ("loss", "image_loss", "text_loss", "grad_norm", "grad_clipped", "powersgd/delayed_norm",
-               "powersgd/spread_norm", "powersgd/sent_fraction")
+               "powersgd/spread_norm", "powersgd/sent_fraction", "powersgd/rounding_ratio",
+               "powersgd/swamped_fraction")
 
 
 def windows(run: Path, width: int) -> list[dict]:
@@ -74,7 +77,8 @@ def windows(run: Path, width: int) -> list[dict]:
 def window_table(stock: list[dict], psgd: list[dict]) -> list[str]:
     cols = [("train-loss gap", None), ("image-loss gap", None), ("grad norm stock / PowerSGD", "grad_norm"),
             ("clipped stock / PowerSGD", "grad_clipped"), ("delayed norm", "powersgd/delayed_norm"),
-            ("spread norm", "powersgd/spread_norm"), ("sent fraction", "powersgd/sent_fraction")]
+            ("spread norm", "powersgd/spread_norm"), ("sent fraction", "powersgd/sent_fraction"),
+            ("rounding ratio", "powersgd/rounding_ratio"), ("swamped", "powersgd/swamped_fraction")]
     md = ["| steps | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     for a, b in zip(stock, psgd):
         cells = [f"{100 * (b['loss'] / a['loss'] - 1):+.1f}%", f"{100 * (b['image_loss'] / a['image_loss'] - 1):+.1f}%"]
@@ -116,7 +120,9 @@ def main() -> None:
           f"PowerSGD rank {cfg['powersgd']['rank']} per machine ({cfg['powersgd']['rank'] // 2} per GPU), "
           f"compression rate {psgd.get('compression_rate', float('nan')):.4f} of the resblock matrices; Q "
           f"{'warm-started from the last Q (not the paper)' if cfg['powersgd'].get('warm_start') else 'fixed (paper)'}; "
-          f"error buffers in {cfg['powersgd'].get('error_dtype', 'fp169')}.",
+          f"error buffers in {cfg['powersgd'].get('error_dtype', 'fp169')}"
+          + (f", re-centered over machines every {cfg['powersgd']['recenter_every']} steps (not the paper)"
+             if cfg["powersgd"].get("recenter_every") else "") + ".",
           "",
           "| | stock fp32 all-reduce | hierarchical PowerSGD |", "|---|---|---|"]
     for label, key, fmt in rows:
@@ -124,12 +130,16 @@ def main() -> None:
     md.append(f"| bytes sent per rank per step (intra + inter + fp32 rest) | {psgd.get('bytes_baseline_fp32', 0):.0f}"
               f" (fp32 ring) | {psgd.get('bytes_sent', 0):.0f} |")
     md.append(f"| of which across machines (P, Q' in 1-6-9) | - | {psgd.get('bytes_inter_machine', 0):.0f} |")
+    if "zeroed_buffers" in psgd:
+        md.append(f"| error buffers zeroed for overflow (rank 0, whole run) | - | {psgd['zeroed_buffers']:.0f} |")
     md += ["", f"Validation-loss gap: {100 * gap:+.2f}% ({'within' if abs(gap) <= 0.02 else 'outside'} the 2% "
            "target). Times on a 2-core CPU with 4 ranks are not throughput numbers.", "",
            f"Along the run, means over {args.window}-step windows of the logged steps (gaps: PowerSGD over stock; the "
            "norms are of the averaged gradient, before clipping; delayed norm: of the error buffers summed over "
            "machines, the gradient not yet applied; spread norm: their machine-specific part, which is never sent; "
-           "sent fraction: the share of the delayed gradient's squared norm one step sends):", "",
+           "sent fraction: the share of the delayed gradient's squared norm one step sends; rounding ratio: norm of "
+           "the buffer updates' rounding over the norm of the gradients added; swamped: share of gradient elements "
+           "whose add left the buffer unchanged):", "",
            *window_table(along["stock"], along["powersgd"])]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -6,7 +6,8 @@
 #   PSGD_RANK=16 (per machine; 8 per GPU) PSGD_STEPS=400 PSGD_WARM_START=false PSGD_PORT=29500 PSGD_TAG=cpu_<date>
 #   PSGD_SEED=1234 (run seed: init, data order, both runs) PSGD_QSEED=0 (seed of the fixed Q) for seed-spread repeats
 #   PSGD_DS_CONFIG=ds_configs/cpu_dalle.json PSGD_RESBLOCK_DTYPE=float32
-#   PSGD_ERROR_DTYPE=fp169 (fp32: the ablation) PSGD_DIAGNOSTICS=true (log delayed/spread norms and the sent fraction)
+#   PSGD_ERROR_DTYPE=fp169 (fp32: the ablation) PSGD_DIAGNOSTICS=true (log delayed/spread norms, the sent fraction,
+#   the buffer updates' rounding) PSGD_RECENTER=0 (re-center the buffers over machines every N steps; 0: never, the paper)
 #   PSGD_STOCK_RUN=DIR: compare with an earlier stock run (same tokens, steps, seed and config; the report checks)
 #   instead of training the stock run again
 set -euo pipefail
@@ -27,7 +28,8 @@ for mode in stock powersgd; do
   extra=()
   [ "$mode" = powersgd ] && extra=(--set powersgd.enabled=true --set "powersgd.rank=$RANK" --set powersgd.local_size=2
     --set "powersgd.warm_start=${PSGD_WARM_START:-false}" --set "powersgd.seed=${PSGD_QSEED:-0}"
-    --set "powersgd.error_dtype=${PSGD_ERROR_DTYPE:-fp169}" --set "powersgd.diagnostics=${PSGD_DIAGNOSTICS:-true}")
+    --set "powersgd.error_dtype=${PSGD_ERROR_DTYPE:-fp169}" --set "powersgd.diagnostics=${PSGD_DIAGNOSTICS:-true}"
+    --set "powersgd.recenter_every=${PSGD_RECENTER:-0}")
   if [ "$mode" = stock ] && [ -n "${PSGD_STOCK_RUN:-}" ]; then
     mkdir -p "$OUT" && ln -sfn "$(realpath "$PSGD_STOCK_RUN")" "$OUT/stock"
   fi

@@ -560,8 +560,13 @@ class PowerSGDConfig:
     error_dtype: str = "fp169"
     """Error-buffer storage: "fp169" (the paper) or "fp32" (an ablation: twice the memory)."""
     diagnostics: bool = False
-    """Also log powersgd/delayed_norm, spread_norm and sent_fraction (``HierarchicalPowerSGD.diagnostics``): one
-    fp32 all-reduce of every error buffer per log step, so off by default."""
+    """Also log powersgd/delayed_norm, spread_norm, sent_fraction, rounding_ratio and swamped_fraction
+    (``HierarchicalPowerSGD.diagnostics``): one fp32 all-reduce of every error buffer per log step and one more
+    decode of every buffer per step, so off by default."""
+    recenter_every: int = 0
+    """Not the paper: every this many steps, set each machine's error buffer to the mean over machines (one 16-bit
+    all-reduce of the buffers, counted in the bytes); keeps the buffers' machine-specific part, which the paper lets
+    grow, from coarsening their 1-6-9 spacing. 0 = never (the paper)."""
 
     def validate(self, where: str = "powersgd") -> "PowerSGDConfig":
         import re
@@ -583,6 +588,8 @@ class PowerSGDConfig:
             _fail(f"{where}.checkpoint_buffers", 'must be "sum" or "per_rank"')
         if self.error_dtype not in ERROR_DTYPES:
             _fail(f"{where}.error_dtype", f"must be one of {list(ERROR_DTYPES)}")
+        if self.recenter_every < 0:
+            _fail(f"{where}.recenter_every", "must be ≥ 0 (0 = never)")
         return self
 
 

@@ -53,6 +53,7 @@ def test_dvae_init_and_likelihood_options_are_validated(overrides, needle):
     ({"powersgd.error_dtype": "fp16"}, "powersgd.error_dtype"),
     ({"powersgd.checkpoint_buffers": "all"}, "powersgd.checkpoint_buffers"),
     ({"powersgd.rank": 0}, "powersgd.rank"),
+    ({"powersgd.recenter_every": -1}, "powersgd.recenter_every"),
 ])
 def test_powersgd_options_are_validated(overrides, needle):
     from dalle_ds.config import DALLE_RUN_PRESETS

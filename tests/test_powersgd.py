@@ -2,7 +2,8 @@
 
 Every rank regenerates every rank's gradients from the seed, so it can compute the exact average locally. Checked:
 a rank large enough to be lossless gives the plain average (to 1-6-9 rounding) identically on every rank; the
-error-feedback invariant (sum over machines of the new error buffers + what was reduced = old buffers + what went in);
+error-feedback invariant (sum over machines of the new error buffers + what was reduced = old buffers + what went in),
+also when the buffers are re-centered over machines; the rounding diagnostics;
 an injected Inf skips the step and follows the buffer rules; an overflowing buffer is zeroed; checkpoints of the
 buffers (the paper's sum over machines, and exact per-rank codes) restore them; the compression accounting.
 """
@@ -151,6 +152,51 @@ def _fp32_buffers_and_diagnostics(rank, world):
         red.load_state_dict(_reducer(rank_total=2).state_dict("per_rank"))
 
 
+def _recentering(rank, world):
+    """recenter_every: the error-feedback invariant still holds with a re-centering at every step, after which every
+    machine holds the same buffer (no machine-specific part); the buffers' 16-bit all-reduce is counted in the bytes;
+    recenter_every=2 re-centers at steps 1, 3, ..."""
+    from dalle_ds.dist.fp169_allreduce import allreduce_bytes
+    red = _invariant(rank, world, recenter_every=1)
+    topo = red.topo
+    for k, e in red.error_buffers().items():
+        on_machines = _by_machine(e, topo)
+        assert all(torch.equal(x, on_machines[0]) for x in on_machines), k
+    assert red.diagnostics()["spread_norm"] == 0.0
+    numel = sum(sh.err.numel() for sh in red.shards.values())
+    plain, every2 = _reducer(rank_total=2), _reducer(rank_total=2, recenter_every=2)
+    for step in (0, 1):
+        grads = _grads(20 + step, rank)
+        a = plain.reduce_([(k, g.clone()) for k, g in grads.items()], step=step)
+        b = every2.reduce_([(k, g.clone()) for k, g in grads.items()], step=step)
+        assert b.recentered_elements == (numel if step == 1 else 0)
+        assert b.bytes_inter - a.bytes_inter == (allreduce_bytes(numel, topo.machines) if step == 1 else 0)
+    assert every2.diagnostics()["spread_norm"] == 0.0 < plain.diagnostics()["spread_norm"]
+    again = every2.reduce_(list(_grads(22, rank).items()), step=1)  # another micro-batch of step 1 (ZeRO-2)
+    assert again.recentered_elements == 0  # once per step
+
+
+def _rounding_diagnostics(rank, world):
+    """track_rounding: gradients far below half the 1-6-9 spacing of the buffer's values are all swamped (lost);
+    added to empty buffers none is; fp32 buffers round ~2^-24."""
+    swamp = _reducer(rank_total=2, track_rounding=True)
+    for sh in swamp.shards.values():
+        sh.err.copy_(fp169.encode(torch.ones(sh.shard_rows, sh.cols)))  # spacing 2^-9 around 1
+    swamp.reduce_(list(_grads(15, rank, scale=1e-6).items()), step=0)
+    d = swamp.diagnostics()
+    assert d["swamped_fraction"] == 1.0 and d["rounding_ratio"] >= 1.0
+    assert "swamped_fraction" not in swamp.diagnostics()  # counts restart at every diagnostics() call
+    fresh = _reducer(rank_total=2, track_rounding=True)
+    fresh.reduce_(list(_grads(15, rank).items()), step=0)
+    d = fresh.diagnostics()
+    assert d["swamped_fraction"] == 0.0 and 0.0 < d["rounding_ratio"] < 4 * ROUNDING
+    exact = _reducer(rank_total=2, track_rounding=True, error_dtype="fp32")
+    for step in (0, 1):
+        exact.reduce_(list(_grads(16 + step, rank).items()), step=step)
+    d = exact.diagnostics()
+    assert d["swamped_fraction"] == 0.0 and d["rounding_ratio"] < 2.0 ** -20
+
+
 def _by_machine(t: torch.Tensor, topo) -> list[torch.Tensor]:
     """This ordinal's tensor on every machine (an all-gather over the ordinal's group)."""
     out = [torch.empty_like(t) for _ in range(topo.machines)]
@@ -247,6 +293,8 @@ def _all_checks(rank, world):
     _lossless(rank, world)
     _invariant(rank, world)
     _fp32_buffers_and_diagnostics(rank, world)
+    _recentering(rank, world)
+    _rounding_diagnostics(rank, world)
     _nonfinite(rank, world)
     _overflowing_buffer(rank, world)
     _checkpoint(rank, world)
@@ -256,7 +304,8 @@ def _all_checks(rank, world):
 
 
 def test_reducer_on_2_machines_x_2_gpus():
-    """lossless rank = plain average; error-feedback invariant (1-6-9 and fp32 buffers); diagnostics; Inf -> skip +
+    """lossless rank = plain average; error-feedback invariant (1-6-9 and fp32 buffers, with re-centering);
+    diagnostics (split, rounding); Inf -> skip +
     buffer rules; overflowing buffer
     zeroed; checkpoint round trips; compression rate = r (m + 3) / (3 d m) accounting within 1%."""
     run_local_ranks(_all_checks, 4)

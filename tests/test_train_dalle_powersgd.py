@@ -1,7 +1,7 @@
 """The prior trained with PowerSGD through the real `deepspeed` launcher: 4 CPU ranks emulating 2 machines x 2 GPUs,
 ZeRO-1. The run logs the compression it achieves (the formula of tests/test_powersgd.py), and a preempted run resumes
 from its checkpoint -- error buffers included -- into exactly the uninterrupted run's losses, gradient norms and
-error-buffer diagnostics."""
+error-buffer diagnostics; buffers re-centered every 4 steps have no machine-specific part after those steps."""
 import json
 
 import pytest
@@ -23,6 +23,7 @@ def _args(shards, out, ds_config, *extra):
             "--set", "steps=12", "--set", "save_every=6", "--set", "log_every=1", "--set", "data.val_batches=1",
             "--set", "powersgd.enabled=true", "--set", "powersgd.rank=4", "--set", "powersgd.local_size=2",
             "--set", "powersgd.checkpoint_buffers=per_rank", "--set", "powersgd.diagnostics=true",
+            "--set", "powersgd.recenter_every=4",
             "--out", str(out), *extra]
 
 
@@ -42,11 +43,15 @@ def test_powersgd_prior_logs_compression_and_resumes_exactly(shards, tmp_path):
     assert sorted(b) == list(range(7, 13))
     for step in b:
         assert b[step]["loss"] == a[step]["loss"], step
-        for key in ("powersgd/error_norm", "powersgd/delayed_norm", "powersgd/spread_norm", "grad_norm"):
+        for key in ("powersgd/error_norm", "powersgd/delayed_norm", "powersgd/spread_norm", "grad_norm",
+                    "powersgd/rounding_ratio", "powersgd/swamped_fraction"):
             assert b[step][key] == a[step][key], (step, key)
     for h in a.values():  # the engine's norm before clipping (cpu_dalle.json clips at 4), one update per log
         assert h["grad_norm"] > 0 and h["grad_clipped"] == float(h["grad_norm"] > 4.0)
-        assert 0 < h["powersgd/sent_fraction"] < 1 and h["powersgd/spread_norm"] > 0
+        assert 0 < h["powersgd/sent_fraction"] < 1 and h["powersgd/zeroed_buffers"] == 0
+        assert 0 < h["powersgd/rounding_ratio"] < 1 and 0 <= h["powersgd/swamped_fraction"] < 1
+        recentered = h["step"] % 4 == 0  # recenter_every=4: machines' buffers made equal after steps 4, 8, 12
+        assert (h["powersgd/spread_norm"] == 0) == recentered and (h["powersgd/recentered_elements"] > 0) == recentered
     d, r, m = 32, 4, 2  # test preset width, rank per machine, GPUs per machine
     assert a[12]["powersgd/compression_rate"] == pytest.approx(1 - r * (m + 3) / (3 * d * m), rel=0.01)
     assert a[12]["powersgd/bytes_inter_machine"] < 0.2 * a[12]["powersgd/bytes_baseline_fp32"]

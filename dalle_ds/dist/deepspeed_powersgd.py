@@ -34,7 +34,7 @@ from .topology import Topology
 __all__ = ["PowerSGDExtension"]
 
 _SUMMED = ("shard_elements", "factor_elements", "uncompressed_elements", "bytes_intra", "bytes_inter",
-           "bytes_uncompressed", "bytes_baseline", "nonfinite_grads", "zeroed_buffers")
+           "bytes_uncompressed", "bytes_baseline", "nonfinite_grads", "zeroed_buffers", "recentered_elements")
 
 
 def _zero_stage(ds_config: dict) -> int:
@@ -84,7 +84,8 @@ class PowerSGDExtension:
         topo = Topology.build(self.cfg.local_size)
         settings = PowerSGDSettings(rank=self.cfg.rank, start_step=self.cfg.start_step, seed=self.cfg.seed,
                                     orthogonalization=self.cfg.orthogonalization,
-                                    warm_start=self.cfg.warm_start, error_dtype=self.cfg.error_dtype)
+                                    warm_start=self.cfg.warm_start, error_dtype=self.cfg.error_dtype,
+                                    recenter_every=self.cfg.recenter_every, track_rounding=self.cfg.diagnostics)
         self.reducer = HierarchicalPowerSGD(topo, settings, device=loop.device)
         self.compressed_keys = [n for n, shape in self._shapes
                                 if self.pattern.search(n) and self.reducer.register(n, shape)]
@@ -103,12 +104,15 @@ class PowerSGDExtension:
 
     def stats(self) -> dict[str, float]:
         """Since the previous call: compression rate, bytes per optimizer step (intra + inter + fp32 rest, and a
-        fp32 ring all-reduce of everything for comparison); now: skipped steps so far, error-buffer norm, and with
+        fp32 ring all-reduce of everything for comparison), error buffers zeroed for being nonfinite (this rank) and
+        buffer elements re-centered (this rank); now: skipped steps so far, error-buffer norm, and with
         ``powersgd.diagnostics`` the delayed / machine-specific split of the buffers (a collective)."""
         a, self._acc = self._acc, ReduceReport()
         steps = max(1, self.engine.global_steps - self._acc_since_step)
         self._acc_since_step = self.engine.global_steps
-        out = {"powersgd/skipped_steps": float(self.skipped_steps)}
+        out = {"powersgd/skipped_steps": float(self.skipped_steps), "powersgd/zeroed_buffers": float(a.zeroed_buffers)}
+        if self.cfg.recenter_every:
+            out["powersgd/recentered_elements"] = float(a.recentered_elements)
         if a.shard_elements:
             out["powersgd/compression_rate"] = 1.0 - a.factor_elements / a.shard_elements
         sent = a.bytes_intra + a.bytes_inter + a.bytes_uncompressed

@@ -83,6 +83,14 @@ class PowerSGDSettings:
     error_dtype: str = "fp169"
     """Storage of the error buffers: "fp169" (the paper, 2 bytes an element) or "fp32" (4 bytes; an ablation that
     measures what the 1-6-9 rounding costs)."""
+    recenter_every: int = 0
+    """Not the paper: every this many steps (0 = never), replace each machine's error buffer by the mean over
+    machines (one 16-bit all-reduce of the buffers; fp32 with fp32 buffers). The sum over machines, all that error
+    feedback needs, is unchanged up to one rounding, while the machine-specific part, which grows as a random walk of
+    the gradient noise between machines and coarsens the buffer's 1-6-9 spacing, is reset to zero."""
+    track_rounding: bool = False
+    """Measure the rounding of the buffer updates (:meth:`HierarchicalPowerSGD.diagnostics`): one more decode of
+    each buffer per step."""
 
     def per_gpu_rank(self, local_size: int) -> int:
         return max(1, self.rank // local_size)
@@ -144,6 +152,8 @@ class ReduceReport:
     """What a plain fp32 ring all-reduce of the same gradients over the world would send from this rank."""
     nonfinite_grads: int = 0
     zeroed_buffers: int = 0
+    recentered_elements: int = 0
+    """Error-buffer elements averaged over machines (``recenter_every``); their bytes are in ``bytes_inter``."""
 
 
 class HierarchicalPowerSGD:
@@ -160,6 +170,10 @@ class HierarchicalPowerSGD:
         """Per-resblock gradient scale of a parameter (step 2 divides by it); 1 without per-resblock scaling."""
         self.sent_sq: dict[str, float] = {}
         """Per matrix, ||P Q'^T||^2 = ||Q'||^2 of its latest compressed step (this ordinal's shard, machines summed)."""
+        self._recentered_at: dict[str, int] = {}
+        self._rounding = [0.0, 0.0, 0.0, 0.0]
+        """Since the last :meth:`diagnostics`: sum of squared rounding of all buffer updates, squared norm of the
+        gradients added, count of nonzero gradient elements that left the buffer unchanged, count of nonzero ones."""
         if settings.error_dtype not in ERROR_DTYPES:
             raise ValueError(f"error_dtype must be one of {ERROR_DTYPES}, not {settings.error_dtype!r}")
 
@@ -216,9 +230,13 @@ class HierarchicalPowerSGD:
             shard_vals = self._reduce_scatter(comp, rep)
             p_codes, errs = [], []
             for i, ((sh, _), s) in enumerate(zip(comp, shard_vals)):
-                finite = sh.err_add_(s, scale=self.grad_scale(sh.key))
+                scale = self.grad_scale(sh.key)
+                before = sh.err_value() if self.s.track_rounding else None
+                finite = sh.err_add_(s, scale=scale)
                 flags[3 * i] = 0.0 if finite else 1.0
                 e = sh.err_value()
+                if before is not None and finite:
+                    self._track_add(before, s / scale, e)
                 errs.append(e)
                 p = e @ fp169.decode(sh.q)
                 flags[3 * i + 1] = self._overflow(p, self.s.p_scale)
@@ -252,10 +270,15 @@ class HierarchicalPowerSGD:
         for i, ((sh, _), est) in enumerate(zip(comp, estimates)):
             p_ok, q_ok = flags[3 * i + 1] == 0, flags[3 * i + 2] == 0
             if p_ok and q_ok:
+                before = sh.err_value() if self.s.track_rounding else None
                 sh.err_add_(est, scale=-float(n_mach))
+                if before is not None:
+                    self._track_add(before, est / -float(n_mach), sh.err_value(), gradient=False)
             if not sh.err_finite():  # step 12: zero a buffer only when it is itself nonfinite
                 sh.err.zero_()
                 rep.zeroed_buffers += 1
+        if comp and self.s.recenter_every and n_mach > 1 and (step + 1) % self.s.recenter_every == 0:
+            self._recenter([sh for sh, _ in comp], step, rep)
         if comp:
             self._all_gather(comp, estimates, rep)
         rep.bytes_inter = self.counter.bytes_sent - sent_before
@@ -266,6 +289,39 @@ class HierarchicalPowerSGD:
         if rep.skip and grads:
             grads[0][1].view(-1)[0] = math.inf  # make the optimizer's own overflow check skip the step
         return rep
+
+    def _recenter(self, shards: list[_Shard], step: int, rep: ReduceReport) -> None:
+        """Each machine's buffer <- the mean over machines (``recenter_every``), once per step for a shard (ZeRO-2
+        with gradient accumulation reduces a shard at every micro-batch)."""
+        todo = [sh for sh in shards if self._recentered_at.get(sh.key) != step]
+        if not todo:
+            return
+        n = self.topo.machines
+        if todo[0].fp32:
+            flat = torch.cat([sh.err.reshape(-1) for sh in todo])
+            dist.all_reduce(flat, group=self.topo.global_group)
+            flat /= n
+            off = 0
+            for sh in todo:
+                sh.err.view(-1).copy_(flat[off:off + sh.err.numel()])
+                off += sh.err.numel()
+            nbytes = fp32_ring_bytes(flat.numel(), n)
+            self.counter.add(nbytes, nbytes, flat.numel(), flat.numel())
+        else:
+            all_reduce_fp169_([sh.err for sh in todo], self.topo.global_group, average=True, counter=self.counter)
+        for sh in todo:
+            self._recentered_at[sh.key] = step
+        rep.recentered_elements += sum(sh.err.numel() for sh in todo)
+
+    def _track_add(self, before: torch.Tensor, added: torch.Tensor, after: torch.Tensor, gradient: bool = True):
+        """Accumulate the rounding of one buffer update ``after ~ before + added`` for :meth:`diagnostics`."""
+        r = self._rounding
+        r[0] += float((after.double() - before.double() - added.double()).pow(2).sum())
+        if gradient:
+            r[1] += float(added.double().pow(2).sum())
+            nz = added != 0
+            r[2] += float((nz & (after == before)).sum())
+            r[3] += float(nz.sum())
 
     @staticmethod
     def _warm_start(sh: _Shard, q_sum: torch.Tensor) -> None:
@@ -352,9 +408,13 @@ class HierarchicalPowerSGD:
         * ``delayed_norm``: ||sum over machines of E||, the part of the averaged gradient not yet applied;
         * ``spread_norm``: sqrt(sum over machines of ||E_i - mean E||^2), the machine-specific part, which cancels in
           the sum and is never sent (every machine subtracts the same estimate), so it follows the gradient noise
-          between machines as a random walk; only its rounding reaches the model;
+          between machines as a random walk (until ``recenter_every`` resets it); only its rounding reaches the model;
         * ``sent_fraction``: of the delayed gradient before the latest step, the share of squared norm that step
-          sent: sum ||Q'||^2 / (sum ||Q'||^2 + delayed_norm^2) (P orthonormal, so the two parts are orthogonal)."""
+          sent: sum ||Q'||^2 / (sum ||Q'||^2 + delayed_norm^2) (P orthonormal, so the two parts are orthogonal);
+        * with ``track_rounding``, over the steps since the previous call: ``rounding_ratio``, the norm of the rounding
+          of every buffer update (adding the gradient, subtracting the estimate) relative to the norm of the gradients
+          added, and ``swamped_fraction``, the share of nonzero gradient elements whose add left the buffer unchanged
+          (below half the 1-6-9 spacing of the value already there: lost to this machine's sum until it grows)."""
         n, t = self.topo.machines, torch.zeros(3, dtype=torch.float64)
         for k, sh in self.shards.items():
             e = sh.err_value()
@@ -370,6 +430,16 @@ class HierarchicalPowerSGD:
         out = {"delayed_norm": delayed_sq ** 0.5, "spread_norm": spread_sq ** 0.5}
         if sent_sq + delayed_sq > 0:
             out["sent_fraction"] = sent_sq / (sent_sq + delayed_sq)
+        if self.s.track_rounding:
+            r = torch.tensor(self._rounding, dtype=torch.float64)
+            self._rounding = [0.0, 0.0, 0.0, 0.0]
+            if self.topo.world_size > 1:
+                dist.all_reduce(r, group=self.topo.world_group)
+            round_sq, in_sq, swamped, nonzero = (float(v) for v in r)
+            if in_sq > 0:
+                out["rounding_ratio"] = (round_sq / in_sq) ** 0.5
+            if nonzero > 0:
+                out["swamped_fraction"] = swamped / nonzero
         return out
 
     def state_dict(self, mode: str = "sum") -> dict:
