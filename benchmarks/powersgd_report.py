@@ -57,8 +57,8 @@ def check_same_run(stock_run: Path, psgd_run: Path) -> None:
 
 
 WINDOW_KEYS = ("loss", "image_loss", "text_loss", "grad_norm", "grad_clipped", "powersgd/delayed_norm",
-               "powersgd/spread_norm", "powersgd/sent_fraction", "powersgd/rounding_ratio",
-               "powersgd/swamped_fraction")
+               "powersgd/spread_norm", "powersgd/spread_recentered", "powersgd/sent_fraction",
+               "powersgd/rounding_ratio", "powersgd/swamped_fraction")
 
 
 def windows(run: Path, width: int) -> list[dict]:
@@ -77,7 +77,8 @@ def windows(run: Path, width: int) -> list[dict]:
 def window_table(stock: list[dict], psgd: list[dict]) -> list[str]:
     cols = [("train-loss gap", None), ("image-loss gap", None), ("grad norm stock / PowerSGD", "grad_norm"),
             ("clipped stock / PowerSGD", "grad_clipped"), ("delayed norm", "powersgd/delayed_norm"),
-            ("spread norm", "powersgd/spread_norm"), ("sent fraction", "powersgd/sent_fraction"),
+            ("spread norm", "powersgd/spread_norm"), ("spread re-centered", "powersgd/spread_recentered"),
+            ("sent fraction", "powersgd/sent_fraction"),
             ("rounding ratio", "powersgd/rounding_ratio"), ("swamped", "powersgd/swamped_fraction")]
     md = ["| steps | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     for a, b in zip(stock, psgd):
@@ -137,6 +138,7 @@ def main() -> None:
            f"Along the run, means over {args.window}-step windows of the logged steps (gaps: PowerSGD over stock; the "
            "norms are of the averaged gradient, before clipping; delayed norm: of the error buffers summed over "
            "machines, the gradient not yet applied; spread norm: their machine-specific part, which is never sent; "
+           "spread re-centered: the machine-specific part the latest re-centering removed; "
            "sent fraction: the share of the delayed gradient's squared norm one step sends; rounding ratio: norm of "
            "the buffer updates' rounding over the norm of the gradients added; swamped: share of gradient elements "
            "whose add left the buffer unchanged):", "",

@@ -8,6 +8,7 @@
 #   PSGD_DS_CONFIG=ds_configs/cpu_dalle.json PSGD_RESBLOCK_DTYPE=float32
 #   PSGD_ERROR_DTYPE=fp169 (fp32: the ablation) PSGD_DIAGNOSTICS=true (log delayed/spread norms, the sent fraction,
 #   the buffer updates' rounding) PSGD_RECENTER=0 (re-center the buffers over machines every N steps; 0: never, the paper)
+#   PSGD_START=0 (optimizer steps reduced uncompressed in fp32 before PowerSGD starts)
 #   PSGD_STOCK_RUN=DIR: compare with an earlier stock run (same tokens, steps, seed and config; the report checks)
 #   instead of training the stock run again
 set -euo pipefail
@@ -29,7 +30,7 @@ for mode in stock powersgd; do
   [ "$mode" = powersgd ] && extra=(--set powersgd.enabled=true --set "powersgd.rank=$RANK" --set powersgd.local_size=2
     --set "powersgd.warm_start=${PSGD_WARM_START:-false}" --set "powersgd.seed=${PSGD_QSEED:-0}"
     --set "powersgd.error_dtype=${PSGD_ERROR_DTYPE:-fp169}" --set "powersgd.diagnostics=${PSGD_DIAGNOSTICS:-true}"
-    --set "powersgd.recenter_every=${PSGD_RECENTER:-0}")
+    --set "powersgd.recenter_every=${PSGD_RECENTER:-0}" --set "powersgd.start_step=${PSGD_START:-0}")
   if [ "$mode" = stock ] && [ -n "${PSGD_STOCK_RUN:-}" ]; then
     mkdir -p "$OUT" && ln -sfn "$(realpath "$PSGD_STOCK_RUN")" "$OUT/stock"
   fi

@@ -171,6 +171,8 @@ class HierarchicalPowerSGD:
         self.sent_sq: dict[str, float] = {}
         """Per matrix, ||P Q'^T||^2 = ||Q'||^2 of its latest compressed step (this ordinal's shard, machines summed)."""
         self._recentered_at: dict[str, int] = {}
+        self._spread_removed_sq: float | None = None
+        """This rank's ||E_i - mean E||^2 removed by the latest re-centering (None before the first)."""
         self._rounding = [0.0, 0.0, 0.0, 0.0]
         """Since the last :meth:`diagnostics`: sum of squared rounding of all buffer updates, squared norm of the
         gradients added, count of nonzero gradient elements that left the buffer unchanged, count of nonzero ones."""
@@ -297,6 +299,7 @@ class HierarchicalPowerSGD:
         if not todo:
             return
         n = self.topo.machines
+        before = [sh.err_value() for sh in todo]
         if todo[0].fp32:
             flat = torch.cat([sh.err.reshape(-1) for sh in todo])
             dist.all_reduce(flat, group=self.topo.global_group)
@@ -309,8 +312,10 @@ class HierarchicalPowerSGD:
             self.counter.add(nbytes, nbytes, flat.numel(), flat.numel())
         else:
             all_reduce_fp169_([sh.err for sh in todo], self.topo.global_group, average=True, counter=self.counter)
-        for sh in todo:
+        self._spread_removed_sq = 0.0
+        for sh, e in zip(todo, before):
             self._recentered_at[sh.key] = step
+            self._spread_removed_sq += float((e.double() - sh.err_value().double()).pow(2).sum())
         rep.recentered_elements += sum(sh.err.numel() for sh in todo)
 
     def _track_add(self, before: torch.Tensor, added: torch.Tensor, after: torch.Tensor, gradient: bool = True):
@@ -411,11 +416,14 @@ class HierarchicalPowerSGD:
           between machines as a random walk (until ``recenter_every`` resets it); only its rounding reaches the model;
         * ``sent_fraction``: of the delayed gradient before the latest step, the share of squared norm that step
           sent: sum ||Q'||^2 / (sum ||Q'||^2 + delayed_norm^2) (P orthonormal, so the two parts are orthogonal);
+        * with ``recenter_every``: ``spread_recentered``, the spread norm the latest re-centering removed (the
+          machine-specific part grown over the N steps before it; up to the rounding of the mean);
         * with ``track_rounding``, over the steps since the previous call: ``rounding_ratio``, the norm of the rounding
           of every buffer update (adding the gradient, subtracting the estimate) relative to the norm of the gradients
           added, and ``swamped_fraction``, the share of nonzero gradient elements whose add left the buffer unchanged
           (below half the 1-6-9 spacing of the value already there: lost to this machine's sum until it grows)."""
-        n, t = self.topo.machines, torch.zeros(3, dtype=torch.float64)
+        n, t = self.topo.machines, torch.zeros(4, dtype=torch.float64)
+        t[3] = self._spread_removed_sq or 0.0
         for k, sh in self.shards.items():
             e = sh.err_value()
             total = e.clone()
@@ -426,8 +434,10 @@ class HierarchicalPowerSGD:
             t[2] += self.sent_sq.get(k, 0.0) / n
         if self.topo.world_size > 1:
             dist.all_reduce(t, group=self.topo.world_group)
-        delayed_sq, spread_sq, sent_sq = (float(v) for v in t)
+        delayed_sq, spread_sq, sent_sq, removed_sq = (float(v) for v in t)
         out = {"delayed_norm": delayed_sq ** 0.5, "spread_norm": spread_sq ** 0.5}
+        if self._spread_removed_sq is not None:
+            out["spread_recentered"] = removed_sq ** 0.5
         if sent_sq + delayed_sq > 0:
             out["sent_fraction"] = sent_sq / (sent_sq + delayed_sq)
         if self.s.track_rounding:
