@@ -34,7 +34,21 @@ def _summary(run: Path) -> dict:
             out[k.split("/", 1)[1]] = v
     if any("powersgd/zeroed_buffers" in h for h in hist):  # logged per window: the run's total
         out["zeroed_buffers"] = sum(h.get("powersgd/zeroed_buffers", 0) for h in hist)
+    if any("powersgd/bytes_sent" in h for h in hist):  # per-step means since the previous log: weight by the window
+        prev, sent, steps = 0, 0.0, 0
+        for h in hist:
+            if "powersgd/bytes_sent" in h:
+                sent += h["powersgd/bytes_sent"] * (h["step"] - prev)
+                steps += h["step"] - prev
+            prev = h["step"]
+        out["bytes_sent_run_mean"] = sent / steps
     return out
+
+
+def run_compression(psgd: dict, powersgd_cfg: dict) -> float:
+    """The compression rate over the whole run: steps before ``start_step`` are reduced uncompressed (rate 0)."""
+    steps, start = psgd["steps"], min(int(powersgd_cfg.get("start_step", 0)), psgd["steps"])
+    return psgd.get("compression_rate", 0.0) * (steps - start) / steps
 
 
 # Keys allowed to differ: the PowerSGD settings, where each run writes its monitor files, and the reduce-scatter
@@ -107,7 +121,8 @@ def main() -> None:
               "2 machines x 2 GPUs", "command": args.command, "powersgd_config": cfg["powersgd"],
               "model": cfg["model"], "run_seed": cfg.get("seed"), "global_batch": ds.get("train_batch_size"),
               "optimizer": ds.get("optimizer"), "stock": stock, "powersgd": psgd, "val_loss_gap": gap,
-              "within_2_percent": abs(gap) <= 0.02, "windows": along}
+              "within_2_percent": abs(gap) <= 0.02, "run_compression_rate": run_compression(psgd, cfg["powersgd"]),
+              "windows": along}
     out = ROOT / "benchmarks" / "results" / f"powersgd_shapes_{args.tag}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [("validation loss (live weights)", "val_loss", "{:.4f}"), ("validation image loss", "val_image_loss",
@@ -120,7 +135,10 @@ def main() -> None:
           f"run seed {cfg.get('seed')} (both runs), Q seed {cfg['powersgd'].get('seed')}; "
           f"PowerSGD rank {cfg['powersgd']['rank']} per machine ({cfg['powersgd']['rank'] // 2} per GPU), "
           f"compression rate {psgd.get('compression_rate', float('nan')):.4f} of the resblock matrices; Q "
-          f"{'warm-started from the last Q (not the paper)' if cfg['powersgd'].get('warm_start') else 'fixed (paper)'}; "
+          f"{'warm-started from the last Q (not the paper)' if cfg['powersgd'].get('warm_start') else 'fixed (paper)'}"
+          + (f"; the first {cfg['powersgd']['start_step']} steps reduced uncompressed (fp32), so "
+             f"{result['run_compression_rate']:.4f} over the whole run"
+             if cfg["powersgd"].get("start_step") else "") + "; "
           f"error buffers in {cfg['powersgd'].get('error_dtype', 'fp169')}"
           + (f", re-centered over machines every {cfg['powersgd']['recenter_every']} steps (not the paper)"
              if cfg["powersgd"].get("recenter_every") else "") + ".",
@@ -128,8 +146,11 @@ def main() -> None:
           "| | stock fp32 all-reduce | hierarchical PowerSGD |", "|---|---|---|"]
     for label, key, fmt in rows:
         md.append(f"| {label} | {fmt.format(stock[key])} | {fmt.format(psgd[key])} |")
-    md.append(f"| bytes sent per rank per step (intra + inter + fp32 rest) | {psgd.get('bytes_baseline_fp32', 0):.0f}"
-              f" (fp32 ring) | {psgd.get('bytes_sent', 0):.0f} |")
+    md.append(f"| bytes sent per rank per step (intra + inter + fp32 rest), last window | "
+              f"{psgd.get('bytes_baseline_fp32', 0):.0f} (fp32 ring) | {psgd.get('bytes_sent', 0):.0f} |")
+    if "bytes_sent_run_mean" in psgd:
+        md.append(f"| the same, mean over the run | {psgd.get('bytes_baseline_fp32', 0):.0f} | "
+                  f"{psgd['bytes_sent_run_mean']:.0f} |")
     md.append(f"| of which across machines (P, Q' in 1-6-9) | - | {psgd.get('bytes_inter_machine', 0):.0f} |")
     if "zeroed_buffers" in psgd:
         md.append(f"| error buffers zeroed for overflow (rank 0, whole run) | - | {psgd['zeroed_buffers']:.0f} |")

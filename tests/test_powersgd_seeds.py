@@ -77,3 +77,19 @@ def test_report_refuses_pairs_that_differ_in_more_than_powersgd(tmp_path):
     report.check_same_run(stock, psgd)  # PowerSGD settings, monitor paths and reduce_scatter may differ
     with pytest.raises(SystemExit, match="train_batch_size"):
         report.check_same_run(stock, run("psgd256", 256, 30, "c/"))
+
+
+def test_report_counts_the_uncompressed_start_and_weights_bytes_by_window(tmp_path):
+    import json
+    spec_r = importlib.util.spec_from_file_location("powersgd_report", ROOT / "benchmarks" / "powersgd_report.py")
+    report = importlib.util.module_from_spec(spec_r)
+    spec_r.loader.exec_module(report)
+    hist = [{"step": 10, "loss": 1.0, "powersgd/bytes_sent": 100.0, "powersgd/compression_rate": 0.8},
+            {"step": 30, "loss": 1.0, "powersgd/bytes_sent": 40.0, "powersgd/compression_rate": 0.8}]
+    ev = {"val_loss": 1.0, "val_image_loss": 1.0, "val_text_loss": 1.0, "val_ema_loss": 1.0}
+    (tmp_path / "dalle_metrics.json").write_text(json.dumps(
+        {"steps": 40, "world_size": 4, "train_seconds": 1.0, "history": hist, "eval": ev}))
+    s = report._summary(tmp_path)
+    assert s["bytes_sent_run_mean"] == pytest.approx((100 * 10 + 40 * 20) / 30)  # windows of 10 and 20 steps
+    assert report.run_compression(s, {"start_step": 10}) == pytest.approx(0.8 * 30 / 40)
+    assert report.run_compression(s, {}) == pytest.approx(0.8)
