@@ -48,7 +48,8 @@ def _experiment(r: dict) -> dict:
                              "benchmarks/powersgd_report.py from its run folder")
     return {"model": r["model"], "steps": r["stock"]["steps"], "rank": p["rank"], "local_size": p["local_size"],
             "warm_start": p.get("warm_start", False), "error_dtype": p.get("error_dtype", "fp169"),
-            "start_step": p.get("start_step", 0), "global_batch": r["global_batch"], "optimizer": r["optimizer"]}
+            "start_step": p.get("start_step", 0), "recenter_every": p.get("recenter_every", 0),
+            "global_batch": r["global_batch"], "optimizer": r["optimizer"]}
 
 
 def pool(results: list[dict]) -> dict:
@@ -81,7 +82,9 @@ def pool(results: list[dict]) -> dict:
         m, se_s = statistics.fmean(by_seed), statistics.stdev(by_seed) / math.sqrt(len(by_seed))
         seed_level = {"n": len(by_seed), "mean": m, "se": se_s,
                       "ci95": [m - t975(len(by_seed) - 1) * se_s, m + t975(len(by_seed) - 1) * se_s]}
-    return {"experiment": first, "runs": rows, "n": n, "by_run_seed": seed_level,
+    steps, start = first["steps"], min(first["start_step"], first["steps"])
+    rate = results[0]["powersgd"].get("compression_rate", float("nan")) * (steps - start) / steps
+    return {"experiment": first, "runs": rows, "n": n, "by_run_seed": seed_level, "run_compression_rate": rate,
             "pooled_gap": statistics.fmean(r["powersgd"] for r in rows) / statistics.fmean(stocks) - 1,
             "paired_mean_gap": mean, "paired_sd": sd, "paired_se": se,
             "ci95": [mean - t975(n - 1) * se, mean + t975(n - 1) * se],
@@ -111,7 +114,11 @@ def markdown(out: dict, files: list[str]) -> str:
           f"{out['n']} PowerSGD runs against {out['stock_runs']} stock runs: d_model {e['model']['d_model']}, "
           f"{e['model']['n_layers']} layers, {e['steps']} steps, rank {e['rank']} per machine "
           f"({e['local_size']} GPUs a machine), Q {'warm-started' if e['warm_start'] else 'fixed (paper)'}, "
-          f"error buffers {e['error_dtype']}, global batch {e['global_batch']}, "
+          f"error buffers {e['error_dtype']}"
+          + (f" re-centered every {e['recenter_every']} steps" if e["recenter_every"] else "")
+          + (f", the first {e['start_step']} steps uncompressed (compression over the whole run "
+             f"{out['run_compression_rate']:.4f})" if e["start_step"] else "")
+          + f", global batch {e['global_batch']}, "
           f"{e['optimizer']['type']} lr {e['optimizer']['params']['lr']}. Files: "
           + ", ".join(f"`{f}`" for f in files), "",
           "| run seed | Q seed | stock | PowerSGD | gap |", "|---:|---:|---:|---:|---:|"]
