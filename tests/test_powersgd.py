@@ -178,6 +178,13 @@ def _recentering(rank, world):
     assert "spread_recentered" not in d_plain
     again = every2.reduce_(list(_grads(22, rank).items()), step=1)  # another micro-batch of step 1 (ZeRO-2)
     assert again.recentered_elements == 0  # once per step
+    # ZeRO-1/2 hand the reducer one bucket at a time: the removed spread of a step sums over its buckets
+    split, whole = _reducer(rank_total=2, recenter_every=1), _reducer(rank_total=2, recenter_every=1)
+    grads = _grads(23, rank)
+    whole.reduce_([(k, g.clone()) for k, g in grads.items()], step=0)
+    split.reduce_([(k, grads[k].clone()) for k in ("a.weight", "a.bias")], step=0)
+    split.reduce_([(k, grads[k].clone()) for k in ("b.weight", "c.weight", "odd.weight")], step=0)
+    assert split.diagnostics()["spread_recentered"] == pytest.approx(whole.diagnostics()["spread_recentered"])
 
 
 def _rounding_diagnostics(rank, world):

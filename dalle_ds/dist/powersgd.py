@@ -172,7 +172,8 @@ class HierarchicalPowerSGD:
         """Per matrix, ||P Q'^T||^2 = ||Q'||^2 of its latest compressed step (this ordinal's shard, machines summed)."""
         self._recentered_at: dict[str, int] = {}
         self._spread_removed_sq: float | None = None
-        """This rank's ||E_i - mean E||^2 removed by the latest re-centering (None before the first)."""
+        """This rank's ||E_i - mean E||^2 removed by the latest re-centering step (None before the first)."""
+        self._spread_removed_step = -1
         self._rounding = [0.0, 0.0, 0.0, 0.0]
         """Since the last :meth:`diagnostics`: sum of squared rounding of all buffer updates, squared norm of the
         gradients added, count of nonzero gradient elements that left the buffer unchanged, count of nonzero ones."""
@@ -312,7 +313,8 @@ class HierarchicalPowerSGD:
             self.counter.add(nbytes, nbytes, flat.numel(), flat.numel())
         else:
             all_reduce_fp169_([sh.err for sh in todo], self.topo.global_group, average=True, counter=self.counter)
-        self._spread_removed_sq = 0.0
+        if self._spread_removed_step != step:  # ZeRO-1/2 re-center bucket by bucket: sum over the step's buckets
+            self._spread_removed_sq, self._spread_removed_step = 0.0, step
         for sh, e in zip(todo, before):
             self._recentered_at[sh.key] = step
             self._spread_removed_sq += float((e.double() - sh.err_value().double()).pow(2).sum())
