@@ -566,7 +566,8 @@ class PowerSGDConfig:
     recenter_every: int = 0
     """Not the paper: every this many steps, set each machine's error buffer to the mean over machines (one 16-bit
     all-reduce of the buffers, counted in the bytes); keeps the buffers' machine-specific part, which the paper lets
-    grow, from coarsening their 1-6-9 spacing. 0 = never (the paper)."""
+    grow, from coarsening their 1-6-9 spacing. 0 = never (the paper). Measured: no help with the batch-256 failure
+    that an uncompressed start (``start_step``) removes (docs/powersgd.md)."""
 
     def validate(self, where: str = "powersgd") -> "PowerSGDConfig":
         import re
