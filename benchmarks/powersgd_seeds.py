@@ -82,8 +82,8 @@ def pool(results: list[dict]) -> dict:
         m, se_s = statistics.fmean(by_seed), statistics.stdev(by_seed) / math.sqrt(len(by_seed))
         seed_level = {"n": len(by_seed), "mean": m, "se": se_s,
                       "ci95": [m - t975(len(by_seed) - 1) * se_s, m + t975(len(by_seed) - 1) * se_s]}
-    steps, start = first["steps"], min(first["start_step"], first["steps"])
-    rate = results[0]["powersgd"].get("compression_rate", float("nan")) * (steps - start) / steps
+    # powersgd_report.run_compression wrote it; files from before it (no uncompressed start) have the per-step rate
+    rate = results[0].get("run_compression_rate", results[0]["powersgd"].get("compression_rate", float("nan")))
     return {"experiment": first, "runs": rows, "n": n, "by_run_seed": seed_level, "run_compression_rate": rate,
             "pooled_gap": statistics.fmean(r["powersgd"] for r in rows) / statistics.fmean(stocks) - 1,
             "paired_mean_gap": mean, "paired_sd": sd, "paired_se": se,
