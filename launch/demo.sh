@@ -4,7 +4,8 @@
 # test_ood captions → shapes scorer → RUN_DIR/metrics.json.
 #   launch/demo.sh [RUN_DIR]        (default runs/demo; DEMO_NPROC=2 ranks; DEMO_CAPTIONS_ID=256 test_id and
 #                                    DEMO_CAPTIONS_OOD=128 test_ood captions (DEMO_CAPTIONS sets both);
-#                                    DEMO_CANDIDATES=32 samples per caption; DEMO_TEMPERATURE=0.8)
+#                                    DEMO_CANDIDATES=32 samples per caption; DEMO_TEMPERATURE=0.8;
+#                                    DEMO_PORT=29500, the launcher's rendezvous port: set another to run two at once)
 # Each stage resumes from its checkpoints or is skipped when its output exists, so an interrupted demo continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ stage() {  # stage NAME OUTPUT_FILE COMMAND...
   test -e "$want" || { echo "demo: stage '$name' did not produce $want (see above)"; exit 1; }
   echo "$name $(( $(date +%s) - t0 ))" >> "$TIMES"
 }
-ds() { deepspeed --num_gpus "$NPROC" "$@"; }
+ds() { deepspeed --num_gpus "$NPROC" --master_port "${DEMO_PORT:-29500}" "$@"; }
 
 stage "stage 1: dVAE on shapes (64x64 -> 16x16 codes)" "$RUN/dvae/dvae.pt" \
   ds launch/train_dvae.py --deepspeed_config ds_configs/cpu_dvae.json --preset demo --out "$RUN/dvae"
