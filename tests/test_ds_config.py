@@ -41,7 +41,10 @@ def test_auto_values_are_filled_and_unfillable_autos_rejected(tmp_path):
 def test_shipped_configs_parse_and_prepare(tmp_path):
     from pathlib import Path
 
-    for path in sorted(Path(__file__).resolve().parents[1].joinpath("ds_configs").glob("*.json")):
+    root = Path(__file__).resolve().parents[1]
+    paths = sorted(root.joinpath("ds_configs").glob("*.json")) + sorted(root.joinpath("benchmarks/configs").glob("*.json"))
+    assert len(paths) > 3
+    for path in paths:
         raw = load_ds_config(path)
         accel = "cuda" if raw.get("fp16", {}).get("enabled") else "cpu"
         prepare_ds_config(raw, steps=1000, run_dir=tmp_path, job_name="t", world_size=2, accelerator=accel)
