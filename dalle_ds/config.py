@@ -106,13 +106,13 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], where: str = "config") 
     return dataclasses.replace(obj, **changes)
 
 
-def parse_set_args(items: list[str] | None) -> dict[str, str]:
+def parse_set_args(items: list[str] | None, flag: str = "--set") -> dict[str, str]:
     """``["train.steps=100", "data.name=shapes"]`` → ``{"train.steps": "100", ...}``."""
     out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got '{item}'")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} expects key=value, got '{item}'")
         out[key.strip()] = value.strip()
     return out
 

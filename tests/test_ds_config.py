@@ -3,7 +3,7 @@ import json
 import pytest
 
 from dalle_ds.config import ConfigError
-from dalle_ds.train.ds_config import load_ds_config, prepare_ds_config, resolve_batch_sizes
+from dalle_ds.train.ds_config import apply_ds_overrides, load_ds_config, prepare_ds_config, resolve_batch_sizes
 
 
 def test_batch_sizes_are_resolved_and_checked():
@@ -58,3 +58,53 @@ def test_missing_and_malformed_files(tmp_path):
     p.write_text(json.dumps([1, 2]))
     with pytest.raises(ConfigError, match="JSON object"):
         load_ds_config(p)
+
+
+def test_ds_set_overrides_existing_keys_and_adds_only_with_plus():
+    raw = {"train_micro_batch_size_per_gpu": 16, "optimizer": {"type": "AdamW", "params": {"lr": 2e-3}},
+           "scheduler": {"params": {"warmup_num_steps": "auto"}}}
+    cfg = apply_ds_overrides(raw, ["optimizer.params.lr=1e-3", "scheduler.params.warmup_num_steps=30",
+                                   "optimizer.type=Adam", "+optimizer.params.betas=[0.9, 0.95]",
+                                   "+zero_optimization.stage=2"])
+    assert cfg["optimizer"] == {"type": "Adam", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}}
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 30 and cfg["zero_optimization"] == {"stage": 2}
+    assert raw["optimizer"]["params"] == {"lr": 2e-3}  # input untouched
+    assert apply_ds_overrides(raw, []) == raw
+    with pytest.raises(ConfigError, match="no 'optimizer.params.lrr'.*keys there: lr"):
+        apply_ds_overrides(raw, ["optimizer.params.lrr=1e-3"])
+    with pytest.raises(ConfigError, match="no 'bf16'"):
+        apply_ds_overrides(raw, ["bf16.enabled=true"])
+    with pytest.raises(ConfigError, match="is a section"):
+        apply_ds_overrides(raw, ["optimizer=1"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_ds_overrides(raw, ["+train_micro_batch_size_per_gpu.x=1"])
+    with pytest.raises(ConfigError, match="--ds_set expects key=value"):
+        apply_ds_overrides(raw, ["optimizer.params.lr"])
+
+
+def test_batch256_experiment_configs_are_the_shipped_config_with_overrides():
+    """The tracked experiment configs are ds_configs/cpu_dalle.json plus a few values; --ds_set derives the same."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    base = load_ds_config(root / "ds_configs/cpu_dalle.json")
+    b256 = ["train_micro_batch_size_per_gpu=64"]
+    wu30 = b256 + ["scheduler.params.warmup_num_steps=30"]
+    for name, sets in [("cpu_dalle_b256", b256), ("cpu_dalle_b256_wu30", wu30),
+                       ("cpu_dalle_b256_wu30_lr1e-3", wu30 + ["optimizer.params.lr=1e-3"])]:
+        assert apply_ds_overrides(base, sets) == load_ds_config(root / f"benchmarks/configs/{name}.json"), name
+
+
+def test_train_cli_reports_a_bad_ds_set_before_starting(tmp_path):
+    """The shared training CLI (here the dVAE's, whose shapes preset needs no data) refuses it with exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "launch/train_dvae.py", "--deepspeed_config", "ds_configs/cpu_dvae.json",
+                           "--out", str(tmp_path / "run"), "--ds_set", "optimizer.params.lrr=1e-3"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error: --ds_set optimizer.params.lrr: the config has no" in proc.stderr
+    assert not (tmp_path / "run").exists()

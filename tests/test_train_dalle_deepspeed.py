@@ -24,7 +24,8 @@ def shards(tmp_path_factory):
 def _args(shards, out, *extra):
     return ["--deepspeed_config", "ds_configs/cpu_dalle.json", "--preset", "test",
             "--set", f"data.train_tokens={shards / 'train'}", "--set", f"data.val_tokens={shards / 'val'}",
-            "--set", "steps=100", "--set", "save_every=50", "--set", "log_every=1", "--out", str(out), *extra]
+            "--set", "steps=100", "--set", "save_every=50", "--set", "log_every=1", "--out", str(out),
+            "--ds_set", "optimizer.params.weight_decay=0.02", *extra]
 
 
 def _history(run):
@@ -40,6 +41,7 @@ def test_zero2_prior_learns_resumes_and_samples(shards, tmp_path):
 
     cfg = json.loads((full / "dalle_ds_config.json").read_text())
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["gradient_clipping"] == 4.0
+    assert cfg["optimizer"]["params"]["weight_decay"] == 0.02  # --ds_set reached the run's config
     a, b = _history(full), _history(parted)
     assert sorted(b) == list(range(51, 101))
     for step in b:  # same data order, same initial weights: the resumed run is the uninterrupted one

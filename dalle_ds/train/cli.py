@@ -18,6 +18,9 @@ def build_parser(description: str, presets: dict[str, Any], default_preset: str)
     p.add_argument("--config", default=None, help="JSON file overriding the preset (nested or dotted keys)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set steps=500 (repeatable)")
+    p.add_argument("--ds_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one value of the DeepSpeed config, e.g. --ds_set optimizer.params.lr=1e-3\n"
+                        "(the key must exist in the file; +KEY=VALUE adds one; repeatable)")
     p.add_argument("--out", required=True, help="run folder (created; resumed from if it holds checkpoints)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
     p.add_argument("--stop_at", type=int, default=None,
@@ -33,7 +36,7 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
     """Parse → validate the run config and the DeepSpeed JSON (before any process group exists) → init → train."""
     from dalle_ds.config import ConfigError, build_run_config
     from dalle_ds.train.distributed import init_distributed, is_rank0, world_size
-    from dalle_ds.train.ds_config import load_ds_config, prepare_ds_config
+    from dalle_ds.train.ds_config import apply_ds_overrides, load_ds_config, prepare_ds_config
 
     parser = build_parser(description, presets, default_preset)
     args = parser.parse_args(argv)
@@ -42,7 +45,7 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = build_run_config(cfg_class, presets, args.preset, args.config, args.set)
-        ds_raw = load_ds_config(args.deepspeed_config)
+        ds_raw = apply_ds_overrides(load_ds_config(args.deepspeed_config), args.ds_set)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

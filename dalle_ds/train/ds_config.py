@@ -8,6 +8,11 @@ DeepSpeed owns the schema (https://www.deepspeed.ai/docs/config-json/); this mod
 * ``train_batch_size`` / ``train_micro_batch_size_per_gpu`` / ``gradient_accumulation_steps`` must be consistent
   with the world size;
 * on a CPU accelerator, fp16 is refused (DeepSpeed's fp16 mode needs a GPU).
+
+``--ds_set KEY=VALUE`` (:func:`apply_ds_overrides`) changes one value of the file from the command line, e.g.
+``--ds_set optimizer.params.lr=1e-3``; the key must exist in the file (a typo would otherwise be ignored by DeepSpeed),
+``+KEY=VALUE`` adds a new one (Hydra's convention). Values are JSON (``1e-3``, ``30``, ``true``, ``[0.9,0.95]``) or
+else plain strings. The prepared config is saved in the run folder, so the run records what it trained with.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dalle_ds.config import ConfigError
+from dalle_ds.config import ConfigError, parse_set_args
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -31,6 +36,39 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--deepspeed_config {p}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"--deepspeed_config {p}: the top level must be a JSON object")
+    return cfg
+
+
+def apply_ds_overrides(cfg: dict[str, Any], items: list[str] | None) -> dict[str, Any]:
+    """Return a copy of ``cfg`` with ``--ds_set`` items (``a.b.c=value`` or ``+a.b.c=value``) applied."""
+    cfg = copy.deepcopy(cfg)
+    for key, raw in parse_set_args(items, flag="--ds_set").items():
+        add = key.startswith("+")
+        path = key.lstrip("+").split(".")
+        if not all(path):
+            raise ConfigError(f"--ds_set: empty name in key '{key}'")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = cfg
+        for i, name in enumerate(path[:-1]):
+            where = ".".join(path[:i + 1])
+            if name not in node:
+                if not add:
+                    raise ConfigError(f"--ds_set {key}: the config has no '{where}' (keys there: "
+                                      f"{', '.join(sorted(node)) or 'none'}); write +{key.lstrip('+')}=… to add it")
+                node[name] = {}
+            node = node[name]
+            if not isinstance(node, dict):
+                raise ConfigError(f"--ds_set {key}: '{where}' is a value, not a section")
+        leaf = path[-1]
+        if leaf not in node and not add:
+            raise ConfigError(f"--ds_set {key}: the config has no '{'.'.join(path)}' (keys there: "
+                              f"{', '.join(sorted(node)) or 'none'}); write +{key}=… to add it")
+        if leaf in node and isinstance(node[leaf], dict):
+            raise ConfigError(f"--ds_set {key}: '{'.'.join(path)}' is a section; set its keys one by one")
+        node[leaf] = value
     return cfg
 
 
