@@ -125,16 +125,17 @@ def save_json(obj: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n")
 
 
-def load_json_config(path: str | Path) -> dict[str, Any]:
+def load_json_config(path: str | Path, flag: str = "--config") -> dict[str, Any]:
+    """A JSON object from ``path``; errors name the command-line ``flag`` that gave it."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"{flag}: file not found: {p}")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        raise ConfigError(f"{flag} {p}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a JSON object")
+        raise ConfigError(f"{flag} {p}: the top level must be a JSON object")
     return data
 
 

@@ -21,22 +21,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dalle_ds.config import ConfigError, parse_set_args
+from dalle_ds.config import ConfigError, load_json_config, parse_set_args
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--deepspeed_config: file not found: {p}")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--deepspeed_config {p}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"--deepspeed_config {p}: the top level must be a JSON object")
-    return cfg
+    return load_json_config(path, flag="--deepspeed_config")
 
 
 def apply_ds_overrides(cfg: dict[str, Any], items: list[str] | None) -> dict[str, Any]:
