@@ -44,4 +44,7 @@ for mode in stock powersgd; do
     echo "$(( $(date +%s) - t0 ))" > "$OUT/$mode/wall_seconds.txt"
   fi
 done
-python benchmarks/powersgd_report.py "$OUT" --tag "$TAG" --command "$(env | grep '^PSGD_' | sort | tr '\n' ' ')$0 $*"
+# the command as one would type it again (values with spaces, like PSGD_DS_SET's, in single quotes)
+settings=$(env | grep '^PSGD_' | sort | while IFS= read -r kv; do
+  case ${kv#*=} in *' '*) printf "%s='%s' " "${kv%%=*}" "${kv#*=}" ;; *) printf '%s ' "$kv" ;; esac; done)
+python benchmarks/powersgd_report.py "$OUT" --tag "$TAG" --command "$settings$0 $*"
