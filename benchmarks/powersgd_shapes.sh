@@ -8,6 +8,7 @@
 #   PSGD_DS_CONFIG=ds_configs/cpu_dalle.json PSGD_RESBLOCK_DTYPE=float32
 #   PSGD_DS_SET="optimizer.params.lr=1e-3 scheduler.params.warmup_num_steps=30": --ds_set overrides of that config,
 #   space-separated (train_micro_batch_size_per_gpu=64 is global batch 256 on the 4 ranks)
+#   PSGD_SET="model.d_model=256 model.n_heads=8": --set overrides of the run config (both runs), space-separated
 #   PSGD_ERROR_DTYPE=fp169 (fp32: the ablation) PSGD_DIAGNOSTICS=true (log delayed/spread norms, the sent fraction,
 #   the buffer updates' rounding) PSGD_RECENTER=0 (re-center the buffers over machines every N steps; 0: never, the paper)
 #   PSGD_START=0 (optimizer steps reduced uncompressed in fp32 before PowerSGD starts)
@@ -29,6 +30,8 @@ common=(--deepspeed_config "${PSGD_DS_CONFIG:-ds_configs/cpu_dalle.json}" --pres
         --set "data.train_tokens=$TOKENS/train" --set "data.val_tokens=$TOKENS/test_id" --set data.val_batches=16)
 read -ra ds_set <<< "${PSGD_DS_SET:-}"  # split on spaces, no globbing ([0.9,0.95] stays as written)
 for item in "${ds_set[@]}"; do common+=(--ds_set "$item"); done
+read -ra run_set <<< "${PSGD_SET:-}"
+for item in "${run_set[@]}"; do common+=(--set "$item"); done
 for mode in stock powersgd; do
   extra=()
   [ "$mode" = powersgd ] && extra=(--set powersgd.enabled=true --set "powersgd.rank=$RANK" --set powersgd.local_size=2
