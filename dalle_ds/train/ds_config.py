@@ -34,8 +34,8 @@ def apply_ds_overrides(cfg: dict[str, Any], items: list[str] | None) -> dict[str
     """Return a copy of ``cfg`` with ``--ds_set`` items (``a.b.c=value`` or ``+a.b.c=value``) applied."""
     cfg = copy.deepcopy(cfg)
     for key, raw in parse_set_args(items, flag="--ds_set").items():
-        add = key.startswith("+")
-        path = key.lstrip("+").split(".")
+        add, name = key.startswith("+"), key.lstrip("+")
+        path = name.split(".")
         if not all(path):
             raise ConfigError(f"--ds_set: empty name in key '{key}'")
         try:
@@ -43,23 +43,19 @@ def apply_ds_overrides(cfg: dict[str, Any], items: list[str] | None) -> dict[str
         except json.JSONDecodeError:
             value = raw
         node = cfg
-        for i, name in enumerate(path[:-1]):
-            where = ".".join(path[:i + 1])
-            if name not in node:
-                if not add:
-                    raise ConfigError(f"--ds_set {key}: the config has no '{where}' (keys there: "
-                                      f"{', '.join(sorted(node)) or 'none'}); write +{key.lstrip('+')}=… to add it")
-                node[name] = {}
-            node = node[name]
-            if not isinstance(node, dict):
-                raise ConfigError(f"--ds_set {key}: '{where}' is a value, not a section")
-        leaf = path[-1]
-        if leaf not in node and not add:
-            raise ConfigError(f"--ds_set {key}: the config has no '{'.'.join(path)}' (keys there: "
-                              f"{', '.join(sorted(node)) or 'none'}); write +{key}=… to add it")
-        if leaf in node and isinstance(node[leaf], dict):
-            raise ConfigError(f"--ds_set {key}: '{'.'.join(path)}' is a section; set its keys one by one")
-        node[leaf] = value
+        for depth, part in enumerate(path, 1):
+            where = ".".join(path[:depth])
+            if part not in node and not add:
+                raise ConfigError(f"--ds_set {key}: the config has no '{where}' (keys there: "
+                                  f"{', '.join(sorted(node)) or 'none'}); write +{name}=… to add it")
+            if depth == len(path):
+                if isinstance(node.get(part), dict):
+                    raise ConfigError(f"--ds_set {key}: '{where}' is a section; set its keys one by one")
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--ds_set {key}: '{where}' is a value, not a section")
     return cfg
 
 
