@@ -6,8 +6,7 @@
 // build works on every machine of a cluster).
 #include <ATen/Parallel.h>
 
-#include "fp169.h"
-#include "fp169_kernels.h"
+#include "fp169_dispatch.h"
 
 namespace dalle_ds {
 namespace fp169 {
@@ -15,26 +14,6 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per task of the thread pool
-
-// Calls fn(F{}) with the format type for `fmt`.
-template <class Fn>
-void with_format(FormatId fmt, Fn&& fn) {
-  if (fmt == FormatId::kFp0610) {
-    fn(Fp0610{});
-  } else {
-    fn(Fp169{});
-  }
-}
-
-// Calls fn(V{}) with the value-type adaptor for `vtype`.
-template <class Fn>
-void with_value_type(ValueType vtype, Fn&& fn) {
-  switch (vtype) {
-    case ValueType::kFloat16: fn(F16Value{}); break;
-    case ValueType::kBFloat16: fn(BF16Value{}); break;
-    default: fn(F32Value{}); break;
-  }
-}
 
 template <class F, class V, bool kScaled>
 void encode_range(const typename V::Storage* x, uint16_t* out, int64_t begin, int64_t end, float scale,

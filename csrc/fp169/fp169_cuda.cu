@@ -13,8 +13,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "fp169.h"
-#include "fp169_kernels.h"
+#include "fp169_dispatch.h"
 
 namespace dalle_ds {
 namespace fp169 {
@@ -205,24 +204,6 @@ int grid_for(int64_t work_items) {
   const int64_t want = (work_items + kThreads - 1) / kThreads;
   const int64_t cap = static_cast<int64_t>(sms) * (2048 / kThreads);
   return static_cast<int>(want < 1 ? 1 : (want < cap ? want : cap));
-}
-
-template <class Fn>
-void with_format(FormatId fmt, Fn&& fn) {
-  if (fmt == FormatId::kFp0610) {
-    fn(Fp0610{});
-  } else {
-    fn(Fp169{});
-  }
-}
-
-template <class Fn>
-void with_value_type(ValueType vtype, Fn&& fn) {
-  switch (vtype) {
-    case ValueType::kFloat16: fn(F16Value{}); break;
-    case ValueType::kBFloat16: fn(BF16Value{}); break;
-    default: fn(F32Value{}); break;
-  }
 }
 
 }  // namespace

@@ -18,7 +18,7 @@ from ..builder import OpBuilder, OpUnavailable
 logger = logging.getLogger(__name__)
 
 ABI = 1  # must match build_info() in csrc/fp169/bindings.cpp
-_DEPENDS = ("fp169/fp169.h", "fp169/fp169_kernels.h")
+_DEPENDS = ("fp169/fp169.h", "fp169/fp169_kernels.h", "fp169/fp169_dispatch.h")
 
 
 def _check(expect_cuda: bool) -> str | None:
