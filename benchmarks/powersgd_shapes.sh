@@ -14,6 +14,7 @@
 #   PSGD_START=0 (optimizer steps reduced uncompressed in fp32 before PowerSGD starts)
 #   PSGD_STOCK_RUN=DIR: compare with an earlier stock run (same tokens, steps, seed and config; the report checks)
 #   instead of training the stock run again
+#   PSGD_WINDOW=20: steps per row of the report's along-the-run table (default: powersgd_report.py's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOKENS=${1:-runs/demo/tokens}
@@ -50,4 +51,5 @@ done
 # the command as one would type it again (values with spaces, like PSGD_DS_SET's, in single quotes)
 settings=$(env | grep '^PSGD_' | sort | while IFS= read -r kv; do
   case ${kv#*=} in *' '*) printf "%s='%s' " "${kv%%=*}" "${kv#*=}" ;; *) printf '%s ' "$kv" ;; esac; done)
-python benchmarks/powersgd_report.py "$OUT" --tag "$TAG" --command "$settings$0 $*"
+window=(); [ -n "${PSGD_WINDOW:-}" ] && window=(--window "$PSGD_WINDOW")
+python benchmarks/powersgd_report.py "$OUT" --tag "$TAG" --command "$settings$0 $*" "${window[@]}"
