@@ -66,7 +66,8 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 from dalle_ds.config import DALLE_PRESETS  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
 from dalle_ds.models.flops import count_flops, recompute_flops_per_sequence  # noqa: E402
-from dalle_ds.train.distributed import device as ds_device, init_distributed, rank, world_size  # noqa: E402
+from dalle_ds.train.distributed import (  # noqa: E402
+    device as ds_device, init_distributed, rank, shutdown_distributed, world_size)
 from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
@@ -358,6 +359,12 @@ def main(argv=None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     init_distributed()
+    result = _run(args, argv)
+    shutdown_distributed()  # not on an exception: the launcher stops the other ranks, a barrier would hang
+    return result
+
+
+def _run(args, argv: list[str]) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     import deepspeed

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dalle_ds.sample.generate import SamplingConfig
     from dalle_ds.sample.pipeline import TextToImage
-    from dalle_ds.train.distributed import device, init_distributed, is_rank0, rank, world_size
+    from dalle_ds.train.distributed import device, init_distributed, is_rank0, rank, shutdown_distributed, world_size
     from dalle_ds.utils.images import make_grid, save_png
 
     captions, scenes = gather_captions(args)
@@ -148,6 +148,7 @@ def main(argv=None) -> int:
             torch.save({"captions": [r["caption"] for r in records], "scenes": [r.get("scene") for r in records],
                         "images": torch.stack(sampled)}, out / "candidates.pt")
         print(f"{len(records)} captions × {args.num_candidates} candidates; grids in {out / 'grids'}")
+    shutdown_distributed()
     return 0
 
 

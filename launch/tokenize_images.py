@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     from dalle_ds.data.images import collate_samples
     from dalle_ds.data.registry import build_dataset
     from dalle_ds.data.token_shards import ShardWriter, write_meta
-    from dalle_ds.train.distributed import barrier, device, init_distributed, is_rank0, rank, world_size
+    from dalle_ds.train.distributed import (barrier, device, init_distributed, is_rank0, rank,
+                                           shutdown_distributed, world_size)
     from dalle_ds.train.dvae_trainer import load_dvae
 
     dvae = load_dvae(args.dvae)
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         meta = json.loads((Path(args.out) / "meta.json").read_text())
         print(f"wrote {meta['num_samples']} token rows ({meta['grid_size']}×{meta['grid_size']} codes, "
               f"K={meta['vocab_size']}) in {len(parts)} parts to {args.out}")
-    barrier()
+    shutdown_distributed()
     return 0
 
 

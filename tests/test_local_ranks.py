@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from dalle_ds.dist.local_ranks import run_local_ranks
+from dalle_ds.train.distributed import shutdown_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -25,3 +26,14 @@ def test_returns_rank0_result_and_reports_a_failing_rank():
     assert run_local_ranks(_sum_of_ranks, 3) == {"world": 3, "sum": 3.0}
     with pytest.raises(RuntimeError, match="rank 1 raised:(.|\n)*boom on rank 1"):
         run_local_ranks(_rank1_fails, 2)
+
+
+def _shut_down_twice(rank, world):
+    shutdown_distributed()
+    after_first = dist.is_initialized()
+    shutdown_distributed()  # without a group: a no-op, not an error
+    return after_first
+
+
+def test_shutdown_distributed_ends_the_group_on_every_rank():
+    assert run_local_ranks(_shut_down_twice, 2) is False

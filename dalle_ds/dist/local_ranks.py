@@ -37,7 +37,8 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results)
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have ended the group itself (shutdown_distributed)
+            dist.destroy_process_group()
 
 
 def run_local_ranks(fn: Callable, world: int, *args) -> Any:
