@@ -207,6 +207,36 @@ def test_custom_op_registration():
 
 
 @here
+def test_eager_path_equals_the_custom_ops(monkeypatch):
+    """Eager calls skip the ops' dispatch (host time); forcing the op route must give the same bits, forward,
+    backward and decode, and fake tensors must still go through the ops (the direct launchers cannot take them)."""
+    spec = MaskSpec("row", 3, 5)
+    q, k, v = make_inputs(spec, 2, 2, 16, torch.float32)
+    do = torch.randn_like(q)
+    results = {}
+    for route in ("direct", "ops"):
+        if route == "ops":
+            monkeypatch.setattr(tb, "_plain_eager", lambda *tensors: False)
+        with tb.kernel_config(fwd=SMALL, dq=SMALL, dkdv=SMALL), tb.poisoned_outputs():
+            out = attention(q, k, v, spec, backend="triton")
+            grads = torch.autograd.grad(out, (q, k, v), do)
+            dec = attention_decode(q[:, :, 7:8].detach(), k.detach(), v.detach(), spec, 7, backend="triton")
+        results[route] = (out, *grads, dec)
+    for a, b in zip(results["direct"], results["ops"]):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    assert tb._plain_eager(q, k, v)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    plain = [t.detach() for t in (q, k, v)]
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in plain)
+        assert not tb._plain_eager(fq, fk, fv)
+        fout = attention(fq, fk, fv, spec, backend="triton")
+    assert fout.shape == q.shape
+
+
+@here
 def test_works_under_torch_compile():
     spec = MaskSpec("conv", 2, 5, conv_kernel=3)
     q, k, v = make_inputs(spec, 1, 2, 32, torch.float32)

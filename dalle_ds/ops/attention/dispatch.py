@@ -150,10 +150,11 @@ def select_backend(q, k, v, mask_spec: MaskSpec, backend: str = "auto") -> str:
     """The name of the backend ``attention`` would use (raises with every backend's reasons if none fits)."""
     _check_inputs(q, k, v, mask_spec)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    what = (
-        f"{mask_spec.name} on {q.device.type} {q.dtype} shape {tuple(q.shape)}"
-        f"{' with grad' if needs_grad else ''}"
-    )
+
+    def what() -> str:  # built only for the error: this function runs on every attention call
+        grad = " with grad" if needs_grad else ""
+        return f"{mask_spec.name} on {q.device.type} {q.dtype} shape {tuple(q.shape)}{grad}"
+
     if backend == "auto":
         tried = {}
         for name in BACKEND_NAMES:
@@ -161,12 +162,12 @@ def select_backend(q, k, v, mask_spec: MaskSpec, backend: str = "auto") -> str:
             if not reasons:
                 return name
             tried[name] = reasons
-        raise _no_backend_error(what, tried)
+        raise _no_backend_error(what(), tried)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
     reasons = _BACKENDS[backend].reasons(q, k, v, mask_spec, needs_grad, False)
     if reasons:
-        raise _no_backend_error(what, {backend: reasons})
+        raise _no_backend_error(what(), {backend: reasons})
     return backend
 
 

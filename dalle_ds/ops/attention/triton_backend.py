@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch.utils import _python_dispatch
 
 from .layouts import block_layout, decode_table
 from .masks import MaskSpec
@@ -151,19 +152,23 @@ class Config:
 _CANDIDATES = {
     "fwd": {
         "small": [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 3),
-                  Config(64, 128, 4, 3), Config(128, 32, 4, 4)],
+                  Config(64, 128, 4, 3), Config(128, 32, 4, 4), Config(64, 64, 4, 2), Config(128, 64, 8, 2)],
         "large": [Config(128, 64, 8, 3), Config(64, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 32, 4, 3)],
     },
     "dkdv": {
         "small": [Config(32, 128, 8, 3), Config(64, 128, 8, 2), Config(32, 64, 4, 3), Config(64, 64, 4, 3),
-                  Config(16, 128, 8, 3)],
+                  Config(16, 128, 8, 3), Config(32, 64, 4, 2)],
         "large": [Config(32, 64, 8, 2), Config(32, 64, 8, 3), Config(64, 64, 8, 2), Config(32, 128, 8, 2)],
     },
     "dq": {
-        "small": [Config(128, 32, 4, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 32, 4, 3)],
+        "small": [Config(128, 32, 4, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 32, 4, 3),
+                  Config(64, 64, 4, 2)],
         "large": [Config(128, 32, 8, 2), Config(64, 64, 8, 2), Config(64, 32, 4, 3), Config(128, 64, 8, 2)],
     },
 }
+# The 2-stage entries (added 2026-12-05, not yet timed on a GPU): a program visits only ~5 key tiles at the paper's
+# shape, so a third stage hardly fills, and 2 stages cut shared memory per program (64x64 forward: 40 KB vs 56 KB
+# from triton.compile for sm_90), which lets more programs share an SM. The tuner keeps whichever is fastest.
 # Checked with ptxas for sm_90 (triton.compile(..., target=GPUTarget("cuda", 90, 32)) + cuobjdump -res-usage, no GPU
 # needed): every candidate compiles to wgmma code for every mask; at D = 64 none spills registers; at D = 128 the
 # last two dK/dV candidates spill a little (dK and dV accumulators of 64-128 x 128 fp32) and stay only as options.
@@ -406,12 +411,27 @@ def _(q_new, k_cache, v_cache, kind, text_len, grid, conv_kernel, conv_wrap, pos
     return q_new.new_empty(q_new.shape)
 
 
+def _plain_eager(*tensors) -> bool:
+    """True when the launchers may be called directly instead of through the custom ops: not under torch.compile,
+    no dispatch mode active (fake tensors, make_fx, FlopCounterMode) and plain tensors. The ops' Python dispatch
+    costs about 30 us of host time per call (measured on the 2-core dev CPU: 63 us through the op vs 32 us direct,
+    kernel launch stubbed), and with kernels of 0.1-0.7 ms that host time is visible in eager timings."""
+    if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
 class SparseAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: forward saves (q, k, v, out, lse); backward recomputes tile by tile."""
+    """Autograd wrapper: forward saves (q, k, v, out, lse); backward recomputes tile by tile. Eager calls go to
+    the launchers directly; traced ones through the custom ops (same launchers, so the same numbers)."""
 
     @staticmethod
     def forward(ctx, q, k, v, kind, text_len, grid, conv_kernel, conv_wrap, scale):
-        out, lse = torch.ops.dalle_ds.sparse_attn_fwd(q, k, v, kind, text_len, grid, conv_kernel, conv_wrap, scale)
+        if _plain_eager(q, k, v):
+            out, lse = _forward(q, k, v, _spec(kind, text_len, grid, conv_kernel, conv_wrap), scale)
+        else:
+            out, lse = torch.ops.dalle_ds.sparse_attn_fwd(q, k, v, kind, text_len, grid, conv_kernel, conv_wrap,
+                                                          scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (kind, text_len, grid, conv_kernel, conv_wrap, scale)
         return out
@@ -419,7 +439,10 @@ class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.dalle_ds.sparse_attn_bwd(do, q, k, v, out, lse, *ctx.args)
+        if _plain_eager(do, q, k, v):
+            dq, dk, dv = _backward(do, q, k, v, out, lse, _spec(*ctx.args[:5]), ctx.args[5])
+        else:
+            dq, dk, dv = torch.ops.dalle_ds.sparse_attn_bwd(do, q, k, v, out, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -436,6 +459,8 @@ def sparse_attention_decode(q_new, k_cache, v_cache, spec: MaskSpec, position: i
     """KV-cached decoding step with the Triton decode kernel (no autograd)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q_new.shape[-1])
+    if _plain_eager(q_new, k_cache, v_cache):  # one call per token and layer when sampling: skip the op's dispatch
+        return _decode(q_new, k_cache, v_cache, spec, int(position), float(scale))
     return torch.ops.dalle_ds.sparse_attn_decode(
         q_new, k_cache, v_cache, spec.kind, spec.text_len, spec.grid, spec.conv_kernel, spec.conv_wrap,
         position, float(scale),
