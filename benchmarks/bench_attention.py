@@ -16,6 +16,12 @@ forward = 4 * D * kept * B * H, backward = 2.5 x forward, forward+backward = 3.5
 counts for every provider, so they are comparable "useful work" rates. The floor is the kept FLOPs divided by the
 bf16 matmul rate measured in the same run; "% floor" = floor time / measured time.
 
+Two timings. *Eager* (``triton.testing.do_bench``, L2 flushed between calls) is what a caller sees, host launch
+gaps included: kernels of 0.1-1 ms launched from Python leave the GPU idle while the host enqueues them. *Graph
+replay* (``--graphs``, default on a GPU: ``do_bench_cudagraph``) is the GPU time alone; next to it the host
+microseconds to enqueue one forward+backward. ``--profile`` (default on a GPU) adds torch.profiler's time per
+kernel for each forward+backward, so a slow provider's time can be placed (which kernel, how many launches).
+
 Prints a markdown table last; ``--out PREFIX`` writes PREFIX.json and PREFIX.md (the JSON has the device,
 versions, command, shapes, times, TFLOP/s, floors and speedups). ``--quick`` runs tiny shapes in fp32 on CPU so
 the harness itself is tested (the triton provider then needs ``TRITON_INTERPRET=1``).
@@ -87,6 +93,62 @@ def bench_ms(fn, device: str, grad_to_none=None, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, grad_to_none=None) -> float:
+    """Median milliseconds per call replaying ``fn`` captured in a CUDA graph (triton.testing.do_bench_cudagraph):
+    the GPU time without the host's launch gaps. No L2 flush between calls (unlike ``bench_ms``)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def host_us(fn, grad_to_none=None, calls: int = 20) -> float:
+    """Host microseconds to enqueue one call (no synchronization inside the loop; 20 calls stay far below the
+    launch queue's depth, so the host never waits for the GPU)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        for t in grad_to_none or ():
+            t.grad = None
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def summarize_profile(events, iters: int, device: str, top: int = 8) -> dict:
+    """Per-call time by kernel (CUDA) or by operator (CPU, self time) from ``profiler.key_averages()``."""
+    rows = []
+    for e in events:
+        if device == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:
+                us = e.self_cuda_time_total
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            rows.append({"name": e.key, "ms": us / iters / 1e3, "calls": e.count / iters})
+    rows.sort(key=lambda r: -r["ms"])
+    return {"total_ms": sum(r["ms"] for r in rows), "top": rows[:top], "unit": "kernel" if device == "cuda" else "op"}
+
+
+def profile_calls(fn, device: str, grad_to_none=None, iters: int = 5) -> dict:
+    """torch.profiler over ``iters`` calls after one warm-up: where the time of one call goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    fn()
+    with profile(activities=acts) as prof:
+        for _ in range(iters):
+            for t in grad_to_none or ():
+                t.grad = None
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return summarize_profile(prof.key_averages(), iters, device)
+
+
 def matmul_tflops(device: str, dtype: torch.dtype, quick: bool) -> float:
     n = 256 if quick else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -115,28 +177,55 @@ def make_provider(name: str, spec: MaskSpec, device: str):
     raise ValueError(name)
 
 
-def time_provider(fn, q, k, v, device: str, reps: int) -> dict:
-    """fwd / bwd / fwd_bwd milliseconds; 'bwd_error' when the provider has no backward here."""
+def _error(e: Exception, limit: int = 200) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:limit] if str(e) else ''}"
+
+
+def time_provider(fn, q, k, v, device: str, reps: int, graphs: bool = False, profile: bool = False) -> dict:
+    """fwd / bwd / fwd_bwd milliseconds (eager, L2 flushed: what a caller sees, host launch gaps included);
+    'bwd_error' when the provider has no backward here. ``graphs`` (CUDA): the same three replayed from a CUDA
+    graph (``graph_<mode>_ms``: GPU time without host gaps) and the host time to enqueue one forward+backward
+    (``host_fwd_bwd_us``). ``profile``: the forward+backward's time per kernel (``profile``)."""
     res = {}
     with torch.no_grad():
-        res["fwd_ms"] = bench_ms(lambda: fn(q, k, v), device, reps=reps)
+        fwd = lambda: fn(q, k, v)  # noqa: E731
+        res["fwd_ms"] = bench_ms(fwd, device, reps=reps)
+        if graphs:
+            try:
+                res["graph_fwd_ms"] = graph_ms(fwd)
+            except Exception as e:  # a provider that cannot be captured: say so, keep the eager numbers
+                res["graph_error"] = _error(e)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     try:
         out = fn(*leaves)
         dout = torch.randn_like(out)
-        res["bwd_ms"] = bench_ms(lambda: out.backward(dout, retain_graph=True), device, grad_to_none=leaves,
-                                 reps=reps)
+        bwd = lambda: out.backward(dout, retain_graph=True)  # noqa: E731
+        res["bwd_ms"] = bench_ms(bwd, device, grad_to_none=leaves, reps=reps)
 
         def fwd_bwd():
             fn(*leaves).backward(dout)
 
         res["fwd_bwd_ms"] = bench_ms(fwd_bwd, device, grad_to_none=leaves, reps=reps)
     except Exception as e:  # e.g. FlexAttention has no CPU backward
-        res["bwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        res["bwd_error"] = _error(e)
+        return res
+    if graphs and "graph_error" not in res:
+        try:
+            res["host_fwd_bwd_us"] = host_us(fwd_bwd, leaves)
+            res["graph_bwd_ms"] = graph_ms(bwd, leaves)
+            res["graph_fwd_bwd_ms"] = graph_ms(fwd_bwd, leaves)
+        except Exception as e:
+            res["graph_error"] = _error(e)
+    if profile:
+        try:
+            res["profile"] = profile_calls(fwd_bwd, device, leaves)
+        except Exception as e:
+            res["profile_error"] = _error(e)
     return res
 
 
-def measure(prov: str, spec: MaskSpec, q, k, v, device: str, reps: int) -> dict:
+def measure(prov: str, spec: MaskSpec, q, k, v, device: str, reps: int, graphs: bool = False,
+            profile: bool = False) -> dict:
     """Check one provider's forward against fp32 masked SDPA, then time it; errors are recorded, not raised."""
     try:
         fn = make_provider(prov, spec, device)
@@ -146,17 +235,30 @@ def measure(prov: str, spec: MaskSpec, q, k, v, device: str, reps: int) -> dict:
         if prov != "sdpa_causal":
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=dense_mask(spec, device))
             err = (out - ref).abs().max().item()
-        res = time_provider(fn, q, k, v, device, reps)
+        res = time_provider(fn, q, k, v, device, reps, graphs, profile)
         res["max_abs_err_vs_fp32_masked"] = err
     except Exception as e:
-        res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        res = {"error": _error(e, 300)}
         if os.environ.get("BENCH_DEBUG"):
             traceback.print_exc()
     return res
 
 
+TIMINGS = ("", "graph_")  # eager (bench_ms, L2 flushed) and CUDA-graph replay: keys "<timing><mode>_ms"
+
+
+def _add_rates(res: dict, flops: dict, floor_ms: dict) -> None:
+    """TFLOP/s and % of floor for every timing/mode ``res`` has (keys ``<timing>tflops`` / ``<timing>pct_floor``)."""
+    for timing in TIMINGS:
+        for m in MODES:
+            ms = res.get(f"{timing}{m}_ms")
+            if ms is not None:
+                res.setdefault(f"{timing}tflops", {})[m] = flops[m] / (ms * 1e-3) / 1e12
+                res.setdefault(f"{timing}pct_floor", {})[m] = 100.0 * floor_ms[m] / ms
+
+
 def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: str, providers, reps: int,
-             layers: int, matmul_rate: float, extra_masks=()) -> dict:
+             layers: int, matmul_rate: float, extra_masks=(), graphs: bool = False, profile: bool = False) -> dict:
     """Time every provider on every mask of one shape; derive TFLOP/s, floors, the layer mix and speedups."""
     N = T + W * W
     case = {"name": name, "T": T, "W": W, "N": N, "B": B, "H": H, "D": D, "dtype": str(dtype).replace("torch.", ""),
@@ -176,13 +278,11 @@ def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: s
         }
         for prov in providers:
             if prov == "sdpa_causal" and sdpa_causal_cache is not None:  # mask-independent: time it once
-                res = {key: val for key, val in sdpa_causal_cache.items() if key not in ("tflops", "pct_floor")}
+                res = {key: val for key, val in sdpa_causal_cache.items() if not key.endswith(("tflops", "pct_floor"))}
             else:
-                res = measure(prov, spec, q, k, v, device, reps)
-            for m in MODES:
-                if f"{m}_ms" in res:
-                    res.setdefault("tflops", {})[m] = flops[m] / (res[f"{m}_ms"] * 1e-3) / 1e12
-                    res.setdefault("pct_floor", {})[m] = 100.0 * entry["floor_ms"][m] / res[f"{m}_ms"]
+                print(f"#   {kind} {prov}", file=sys.stderr)
+                res = measure(prov, spec, q, k, v, device, reps, graphs, profile)
+            _add_rates(res, flops, entry["floor_ms"])
             entry["providers"][prov] = res
             if prov == "sdpa_causal" and "error" not in res:
                 sdpa_causal_cache = res
@@ -198,17 +298,15 @@ def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: s
     mix["floor_ms"] = {m: mix_flops[m] / (matmul_rate * 1e12) * 1e3 for m in MODES}
     for prov in providers:
         res = {}
-        for m in MODES:
-            per = [case["masks"][kd]["providers"].get(prov, {}).get(f"{m}_ms") for kd in MASKS]
+        for key in (f"{timing}{m}_ms" for timing in TIMINGS for m in MODES):
+            per = [case["masks"][kd]["providers"].get(prov, {}).get(key) for kd in MASKS]
             if all(x is not None for x in per):
-                ms = sum(counts[kd] * t for kd, t in zip(MASKS, per)) / layers
-                res[f"{m}_ms"] = ms
-                res.setdefault("tflops", {})[m] = mix_flops[m] / (ms * 1e-3) / 1e12
-                res.setdefault("pct_floor", {})[m] = 100.0 * mix["floor_ms"][m] / ms
+                res[key] = sum(counts[kd] * t for kd, t in zip(MASKS, per)) / layers
+        _add_rates(res, mix_flops, mix["floor_ms"])
         mix["providers"][prov] = res
     case["mix"] = mix
 
-    # -- speedups of triton over each baseline, per mask and for the mix
+    # -- speedups of triton over each baseline, per mask and for the mix ("graph_<mode>" keys: graph replay)
     for entry in list(case["masks"].values()) + [mix]:
         tri = entry["providers"].get("triton", {})
         sp = {}
@@ -216,8 +314,9 @@ def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: s
             if prov == "triton":
                 continue
             other = entry["providers"].get(prov, {})
-            sp[prov] = {m: other[f"{m}_ms"] / tri[f"{m}_ms"] for m in MODES
-                        if f"{m}_ms" in other and f"{m}_ms" in tri}
+            sp[prov] = {f"{timing}{m}": other[f"{timing}{m}_ms"] / tri[f"{timing}{m}_ms"]
+                        for timing in TIMINGS for m in MODES
+                        if f"{timing}{m}_ms" in other and f"{timing}{m}_ms" in tri}
         entry["triton_speedup"] = sp
     return case
 
@@ -256,18 +355,64 @@ def markdown(report: dict) -> str:
                     f"{fmt(res.get('fwd_bwd_ms'))} | {fmt(res.get('tflops', {}).get('fwd_bwd'), '.1f')} | "
                     f"{fmt(res.get('pct_floor', {}).get('fwd_bwd'), '.1f')} | {fmt(sp, '.2f')} |"
                 )
+    lines += graph_table(report) + profile_tables(report)
     lines += ["", "Targets on the layer mix (fwd+bwd): >= 1.5x compiled FlexAttention, >= 2x SDPA dense causal, "
               ">= 50% of the floor.", ""]
     for case in report["cases"]:
         mix = case["mix"]
         sp = mix["triton_speedup"]
-        pct = mix["providers"].get("triton", {}).get("pct_floor", {}).get("fwd_bwd")
-        lines.append(
-            f"- {case['name']}: vs flex {fmt(sp.get('flex', {}).get('fwd_bwd'), '.2f')}x, "
-            f"vs sdpa_causal {fmt(sp.get('sdpa_causal', {}).get('fwd_bwd'), '.2f')}x, "
-            f"floor {fmt(pct, '.1f')}%"
-        )
+        tri = mix["providers"].get("triton", {})
+        for timing, label in (("", "eager"), ("graph_", "graph replay")):
+            if f"{timing}fwd_bwd_ms" not in tri:
+                continue
+            pct = tri.get(f"{timing}pct_floor", {}).get("fwd_bwd")
+            lines.append(
+                f"- {case['name']}, {label}: vs flex {fmt(sp.get('flex', {}).get(f'{timing}fwd_bwd'), '.2f')}x, "
+                f"vs sdpa_causal {fmt(sp.get('sdpa_causal', {}).get(f'{timing}fwd_bwd'), '.2f')}x, "
+                f"floor {fmt(pct, '.1f')}%"
+            )
     return "\n".join(lines)
+
+
+def graph_table(report: dict) -> list[str]:
+    """GPU time from CUDA-graph replay next to the host time per call: how much of the eager time is launch gaps."""
+    rows = []
+    for case in report["cases"]:
+        for kind, entry in list(case["masks"].items()) + [("mix", case["mix"])]:
+            for prov, res in entry["providers"].items():
+                if "graph_fwd_bwd_ms" not in res and "graph_error" not in res:
+                    continue
+                if "graph_error" in res:
+                    rows.append(f"| {case['name']} | {kind} | {prov} | error: {res['graph_error'][:60]} | | | | | |")
+                    continue
+                sp = entry["triton_speedup"].get(prov, {}).get("graph_fwd_bwd") if prov != "triton" else None
+                rows.append(
+                    f"| {case['name']} | {kind} | {prov} | {fmt(res.get('graph_fwd_ms'))} | "
+                    f"{fmt(res.get('graph_bwd_ms'))} | {fmt(res.get('graph_fwd_bwd_ms'))} | "
+                    f"{fmt(res.get('graph_pct_floor', {}).get('fwd_bwd'), '.1f')} | "
+                    f"{fmt(res.get('host_fwd_bwd_us'), '.0f')} | {fmt(sp, '.2f')} |"
+                )
+    if not rows:
+        return []
+    return ["", "CUDA-graph replay (GPU time without host launch gaps; no L2 flush) and the host time to enqueue one "
+            "eager forward+backward:", "",
+            "| case | mask | provider | fwd ms | bwd ms | fwd+bwd ms | % floor | host us / fwd+bwd | triton speedup |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|", *rows]
+
+
+def profile_tables(report: dict) -> list[str]:
+    """torch.profiler: per call of forward+backward, the time of each kernel (top entries)."""
+    out = []
+    for case in report["cases"]:
+        for kind, entry in case["masks"].items():
+            for prov, res in entry["providers"].items():
+                prof = res.get("profile")
+                if not prof:
+                    continue
+                out += ["", f"Profile, {case['name']} {kind} {prov}, forward+backward: {fmt(prof['total_ms'])} ms of "
+                        f"{prof['unit']} time per call", "", f"| {prof['unit']} | ms / call | calls |", "|---|---:|---:|"]
+                out += [f"| `{r['name'][:90]}` | {fmt(r['ms'], '.4f')} | {fmt(r['calls'], '.0f')} |" for r in prof["top"]]
+    return out
 
 
 def environment(device: str) -> dict:
@@ -309,6 +454,10 @@ def main(argv=None) -> dict:
     p.add_argument("--no-large", action="store_true", help="skip the W = 64 case")
     p.add_argument("--reps", type=int, default=5, help="CPU timing repetitions")
     p.add_argument("--cases", default=None, help="comma list of case names to run (default: all)")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time CUDA-graph replays and the host time per call (default: on with a GPU)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.profiler breakdown of each forward+backward by kernel (default: on with a GPU)")
     p.add_argument("--extra-masks", default="", help="comma list of extra mask kinds to time outside the layer mix; "
                    "'causal' compares the kernels with SDPA causal on the same tiles (diagnostic)")
     args = p.parse_args(argv)
@@ -340,6 +489,10 @@ def main(argv=None) -> dict:
     bad = [m for m in extra_masks if m != "causal"]
     if bad:
         p.error(f"--extra-masks: {bad} (allowed: causal; row/column/conv are always timed)")
+    graphs = device == "cuda" if args.graphs is None else args.graphs
+    if graphs and device != "cuda":
+        p.error("--graphs needs a CUDA device")
+    profile = device == "cuda" if args.profile is None else args.profile
     env = environment(device)
     rate = matmul_tflops(device, dtype if device == "cuda" else torch.float32, args.quick)
     report = {
@@ -355,7 +508,7 @@ def main(argv=None) -> dict:
     for name, T, W, B, H, D in cases:
         print(f"# case {name}: T={T} W={W} B={B} H={H} D={D} {dtype} on {env['device']}", file=sys.stderr)
         report["cases"].append(run_case(name, T, W, B, H, D, dtype, device, providers, args.reps, args.layers, rate,
-                                        extra_masks))
+                                        extra_masks, graphs, profile))
     report["triton_configs"] = {k: vars(v) for k, v in triton_backend.tuned_configs().items()}
     md = markdown(report)
     if args.out:

@@ -27,7 +27,7 @@ def quick_report(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("bench") / "attn")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention.py"), "--quick", "--reps", "1",
-           "--cases", "tiny", "--extra-masks", "causal", "--out", out]
+           "--cases", "tiny", "--extra-masks", "causal", "--profile", "--out", out]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out + ".json") as f:
@@ -88,3 +88,36 @@ def test_report_timings_and_speedups(quick_report):
     tri_mix = case["mix"]["providers"]["triton"]
     per = [case["masks"][k]["providers"]["triton"]["fwd_ms"] for k in ("row", "column", "conv")]
     assert tri_mix["fwd_ms"] == pytest.approx((47 * per[0] + 16 * per[1] + 1 * per[2]) / 64)
+
+
+def test_profile_on_cpu_places_the_time(quick_report):
+    """--profile: each forward+backward's time by operator on CPU (by kernel on a GPU), in the JSON and the report."""
+    report, md, _ = quick_report
+    prof = report["cases"][0]["masks"]["row"]["providers"]["sdpa_mask"]["profile"]
+    assert prof["unit"] == "op" and prof["total_ms"] > 0
+    assert prof["top"] == sorted(prof["top"], key=lambda r: -r["ms"]) and len(prof["top"]) <= 8
+    assert sum(r["ms"] for r in prof["top"]) <= prof["total_ms"] + 1e-9
+    assert "Profile, tiny row sdpa_mask, forward+backward" in md
+
+
+def test_summarize_profile_counts_only_gpu_kernels_per_call():
+    from types import SimpleNamespace
+
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [
+        SimpleNamespace(key="_attn_fwd", device_type=cuda, self_device_time_total=500.0, count=5),
+        SimpleNamespace(key="_attn_bwd_dkdv", device_type=cuda, self_device_time_total=1500.0, count=5),
+        SimpleNamespace(key="aten::empty", device_type=cpu, self_device_time_total=0.0, count=20,
+                        self_cpu_time_total=90.0),
+    ]
+    out = bench_attention.summarize_profile(events, iters=5, device="cuda")
+    assert [r["name"] for r in out["top"]] == ["_attn_bwd_dkdv", "_attn_fwd"]
+    assert out["top"][0]["ms"] == pytest.approx(0.3) and out["top"][1]["calls"] == 1
+    assert out["total_ms"] == pytest.approx(0.4) and out["unit"] == "kernel"
+
+
+def test_graphs_need_a_gpu():
+    with pytest.raises(SystemExit):
+        bench_attention.main(["--quick", "--graphs"])
