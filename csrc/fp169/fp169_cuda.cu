@@ -3,13 +3,15 @@
 //
 // Design: memory-bound elementwise kernels. Each thread handles 8 elements per step, so every access to the 16-bit
 // side is one 16-byte load or store (uint4) and every fp32 access two 16-byte float4 accesses; a grid-stride loop
-// covers any length with a grid of a few blocks per SM. Buffers whose pointers (or, for reduce_rows, row stride) are
+// covers any length with a grid of a few blocks per SM. Decode and reduce_rows stage 4 such loads per thread in
+// shared memory (cp.async) before using them: see the note above decode_kernel. Buffers whose pointers (or, for reduce_rows, row stride) are
 // not 16-byte aligned take the scalar tail loop for every element: correct, just slower. No fast-math: the fp32
 // multiply/divide/add must round like the torch reference (nvcc's default -prec-div=true -ftz=false; the kernels have
 // no a*b+c pattern that --fmad could contract).
 //
 // Supports: fp32/fp16/bf16 values, any n (int64), any CUDA arch (no arch-specific instructions; sm_90 is the target
 // tuned for). Tested: bit-exact against the torch reference by tests/test_fp169_ops.py (marked gpu) on an H100.
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -24,14 +26,17 @@ constexpr int kThreads = 256;
 constexpr int kVec = 8;  // elements per thread per step: 8 codes = 16 bytes
 
 // ---- 8-wide vector access ----------------------------------------------------------------------------------------
-__device__ __forceinline__ void load8_codes(const uint16_t* p, uint32_t (&c)[kVec]) {
-  const uint4 w = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void unpack8_codes(const uint4 w, uint32_t (&c)[kVec]) {
   const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     c[2 * k] = ws[k] & 0xFFFFu;
     c[2 * k + 1] = ws[k] >> 16;
   }
+}
+
+__device__ __forceinline__ void load8_codes(const uint16_t* p, uint32_t (&c)[kVec]) {
+  unpack8_codes(*reinterpret_cast<const uint4*>(p), c);
 }
 
 __device__ __forceinline__ void store8_codes(uint16_t* p, const uint32_t (&c)[kVec]) {
@@ -97,20 +102,44 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Kernels that read 16-bit codes and write more (decode) or read several rows (reduce_rows) stage their loads in shared
+// memory with cp.async: each thread issues kStage 16-byte copies (vectors i, i + S, ..., S = the grid's thread
+// count, so every warp's access stays coalesced), waits for its own copies (no block barrier: a thread reads back
+// only what it copied), then decodes them one at a time. Why: with one 16-byte register load per thread and step,
+// too few bytes are in flight to cover DRAM latency (Little's law: ~4.8 TB/s x ~0.7 us ~ 3.4 MB over 132 SMs, ~25 KB
+// per SM; 6 blocks x 256 threads x 16 B = 24 KB, where encode, reading fp32, has twice that). Measured 2026-12-04
+// on an H200: encode 86% of copy bandwidth, decode 62% (torch's own fp16 -> fp32 cast: 51%). Unrolling the register
+// loads instead does not help: nvcc interleaves the decode math of the unrolled vectors and the kernel's registers
+// grow with the unroll (40 -> 105 at 4 vectors, from ptxas -v), so blocks per SM, and bytes in flight, fall back.
+// Staging keeps ~40 registers and puts 6 x 256 x 4 x 16 B = 96 KB per SM in flight (prediction: decode >= 85% of
+// copy; to be measured, 2026-12-05).
+constexpr int kStage = 4;
+
 template <class F, class V, bool kScaled>
 __global__ void __launch_bounds__(kThreads)
     decode_kernel(const uint16_t* __restrict__ codes, typename V::Storage* __restrict__ out, int64_t n, int64_t nvec,
                   float scale) {
-  for (int64_t i = global_thread(); i < nvec; i += grid_stride()) {
-    uint32_t c[kVec];
-    load8_codes(codes + i * kVec, c);
-    float v[kVec];
+  __shared__ uint4 staged[kStage][kThreads];
+  const int64_t stride = grid_stride();
+  for (int64_t i = global_thread(); i < nvec; i += kStage * stride) {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float d = bits_as_float(decode_bits<F>(c[k]));
-      v[k] = kScaled ? d / scale : d;
+    for (int u = 0; u < kStage; ++u) {
+      if (i + u * stride < nvec) __pipeline_memcpy_async(&staged[u][threadIdx.x], codes + (i + u * stride) * kVec, 16);
     }
-    store8_values<V>(out + i * kVec, v);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+#pragma unroll 1
+    for (int u = 0; u < kStage && i + u * stride < nvec; ++u) {
+      uint32_t c[kVec];
+      unpack8_codes(staged[u][threadIdx.x], c);
+      float v[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const float d = bits_as_float(decode_bits<F>(c[k]));
+        v[k] = kScaled ? d / scale : d;
+      }
+      store8_values<V>(out + (i + u * stride) * kVec, v);
+    }
   }
   for (int64_t j = nvec * kVec + global_thread(); j < n; j += grid_stride()) {
     const float d = bits_as_float(decode_bits<F>(codes[j]));
@@ -162,16 +191,28 @@ template <class F>
 __global__ void __launch_bounds__(kThreads)
     reduce_rows_kernel(const uint16_t* __restrict__ codes, uint16_t* __restrict__ out, int64_t rows, int64_t n,
                        int64_t nvec, float divisor, bool saturate) {
+  __shared__ uint4 staged[kStage][kThreads];
   for (int64_t i = global_thread(); i < nvec; i += grid_stride()) {
     float acc[kVec];
     uint32_t c[kVec];
-    load8_codes(codes + i * kVec, c);
+    // rows r0 .. r0 + kStage - 1 staged together (see decode_kernel); summed in row order 0, 1, 2, ... as the
+    // reference does, so the result is bit-identical
+    for (int64_t r0 = 0; r0 < rows; r0 += kStage) {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) acc[k] = bits_as_float(decode_bits<F>(c[k]));
-    for (int64_t r = 1; r < rows; ++r) {
-      load8_codes(codes + r * n + i * kVec, c);
+      for (int u = 0; u < kStage; ++u) {
+        if (r0 + u < rows) __pipeline_memcpy_async(&staged[u][threadIdx.x], codes + (r0 + u) * n + i * kVec, 16);
+      }
+      __pipeline_commit();
+      __pipeline_wait_prior(0);
+#pragma unroll 1
+      for (int u = 0; u < kStage && r0 + u < rows; ++u) {
+        unpack8_codes(staged[u][threadIdx.x], c);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) acc[k] += bits_as_float(decode_bits<F>(c[k]));
+        for (int k = 0; k < kVec; ++k) {
+          const float d = bits_as_float(decode_bits<F>(c[k]));
+          acc[k] = (r0 + u == 0) ? d : acc[k] + d;
+        }
+      }
     }
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -232,7 +273,7 @@ cudaError_t decode(const uint16_t* codes, void* out, ValueType vtype, int64_t n,
                    cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t nvec = (aligned16(codes) && aligned16(out)) ? n / kVec : 0;
-  const int grid = grid_for(nvec > 0 ? nvec : n);
+  const int grid = grid_for(nvec > 0 ? (nvec + kStage - 1) / kStage : n);
   with_format(fmt, [&](auto f) {
     with_value_type(vtype, [&](auto v) {
       using F = decltype(f);
