@@ -278,7 +278,8 @@ def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: s
         }
         for prov in providers:
             if prov == "sdpa_causal" and sdpa_causal_cache is not None:  # mask-independent: time it once
-                res = {key: val for key, val in sdpa_causal_cache.items() if not key.endswith(("tflops", "pct_floor"))}
+                res = {key: val for key, val in sdpa_causal_cache.items()
+                       if not key.endswith(("tflops", "pct_floor", "profile"))}  # rates redone; profile shown once
             else:
                 print(f"#   {kind} {prov}", file=sys.stderr)
                 res = measure(prov, spec, q, k, v, device, reps, graphs, profile)
@@ -328,6 +329,14 @@ def fmt(x, spec=".3f"):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _results(report: dict):
+    """(case, mask kind or "mix", entry, provider, result) for every timed result, masks first, then the mix."""
+    for case in report["cases"]:
+        for kind, entry in list(case["masks"].items()) + [("mix", case["mix"])]:
+            for prov, res in entry["providers"].items():
+                yield case, kind, entry, prov, res
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# bench_attention: {report['device']} ({report['date']})",
@@ -342,19 +351,17 @@ def markdown(report: dict) -> str:
         "| case | mask | provider | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % floor | triton speedup |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for case in report["cases"]:
+    for case, kind, entry, prov, res in _results(report):
         label = f"{case['name']} N={case['N']} B={case['B']} H={case['H']} d={case['D']} {case['dtype']}"
-        for kind, entry in list(case["masks"].items()) + [("mix", case["mix"])]:
-            for prov, res in entry["providers"].items():
-                if "error" in res:
-                    lines.append(f"| {label} | {kind} | {prov} | error: {res['error'][:60]} | | | | | |")
-                    continue
-                sp = entry["triton_speedup"].get(prov, {}).get("fwd_bwd") if prov != "triton" else None
-                lines.append(
-                    f"| {label} | {kind} | {prov} | {fmt(res.get('fwd_ms'))} | {fmt(res.get('bwd_ms'))} | "
-                    f"{fmt(res.get('fwd_bwd_ms'))} | {fmt(res.get('tflops', {}).get('fwd_bwd'), '.1f')} | "
-                    f"{fmt(res.get('pct_floor', {}).get('fwd_bwd'), '.1f')} | {fmt(sp, '.2f')} |"
-                )
+        if "error" in res:
+            lines.append(f"| {label} | {kind} | {prov} | error: {res['error'][:60]} | | | | | |")
+            continue
+        sp = entry["triton_speedup"].get(prov, {}).get("fwd_bwd") if prov != "triton" else None
+        lines.append(
+            f"| {label} | {kind} | {prov} | {fmt(res.get('fwd_ms'))} | {fmt(res.get('bwd_ms'))} | "
+            f"{fmt(res.get('fwd_bwd_ms'))} | {fmt(res.get('tflops', {}).get('fwd_bwd'), '.1f')} | "
+            f"{fmt(res.get('pct_floor', {}).get('fwd_bwd'), '.1f')} | {fmt(sp, '.2f')} |"
+        )
     lines += graph_table(report) + profile_tables(report)
     lines += ["", "Targets on the layer mix (fwd+bwd): >= 1.5x compiled FlexAttention, >= 2x SDPA dense causal, "
               ">= 50% of the floor.", ""]
@@ -377,21 +384,17 @@ def markdown(report: dict) -> str:
 def graph_table(report: dict) -> list[str]:
     """GPU time from CUDA-graph replay next to the host time per call: how much of the eager time is launch gaps."""
     rows = []
-    for case in report["cases"]:
-        for kind, entry in list(case["masks"].items()) + [("mix", case["mix"])]:
-            for prov, res in entry["providers"].items():
-                if "graph_fwd_bwd_ms" not in res and "graph_error" not in res:
-                    continue
-                if "graph_error" in res:
-                    rows.append(f"| {case['name']} | {kind} | {prov} | error: {res['graph_error'][:60]} | | | | | |")
-                    continue
-                sp = entry["triton_speedup"].get(prov, {}).get("graph_fwd_bwd") if prov != "triton" else None
-                rows.append(
-                    f"| {case['name']} | {kind} | {prov} | {fmt(res.get('graph_fwd_ms'))} | "
-                    f"{fmt(res.get('graph_bwd_ms'))} | {fmt(res.get('graph_fwd_bwd_ms'))} | "
-                    f"{fmt(res.get('graph_pct_floor', {}).get('fwd_bwd'), '.1f')} | "
-                    f"{fmt(res.get('host_fwd_bwd_us'), '.0f')} | {fmt(sp, '.2f')} |"
-                )
+    for case, kind, entry, prov, res in _results(report):
+        if "graph_error" in res:
+            rows.append(f"| {case['name']} | {kind} | {prov} | error: {res['graph_error'][:60]} | | | | | |")
+        elif "graph_fwd_bwd_ms" in res:
+            sp = entry["triton_speedup"].get(prov, {}).get("graph_fwd_bwd") if prov != "triton" else None
+            rows.append(
+                f"| {case['name']} | {kind} | {prov} | {fmt(res.get('graph_fwd_ms'))} | "
+                f"{fmt(res.get('graph_bwd_ms'))} | {fmt(res.get('graph_fwd_bwd_ms'))} | "
+                f"{fmt(res.get('graph_pct_floor', {}).get('fwd_bwd'), '.1f')} | "
+                f"{fmt(res.get('host_fwd_bwd_us'), '.0f')} | {fmt(sp, '.2f')} |"
+            )
     if not rows:
         return []
     return ["", "CUDA-graph replay (GPU time without host launch gaps; no L2 flush) and the host time to enqueue one "
@@ -403,15 +406,13 @@ def graph_table(report: dict) -> list[str]:
 def profile_tables(report: dict) -> list[str]:
     """torch.profiler: per call of forward+backward, the time of each kernel (top entries)."""
     out = []
-    for case in report["cases"]:
-        for kind, entry in case["masks"].items():
-            for prov, res in entry["providers"].items():
-                prof = res.get("profile")
-                if not prof:
-                    continue
-                out += ["", f"Profile, {case['name']} {kind} {prov}, forward+backward: {fmt(prof['total_ms'])} ms of "
-                        f"{prof['unit']} time per call", "", f"| {prof['unit']} | ms / call | calls |", "|---|---:|---:|"]
-                out += [f"| `{r['name'][:90]}` | {fmt(r['ms'], '.4f')} | {fmt(r['calls'], '.0f')} |" for r in prof["top"]]
+    for case, kind, _, prov, res in _results(report):
+        prof = res.get("profile")
+        if not prof:  # (the mix has no profile of its own)
+            continue
+        out += ["", f"Profile, {case['name']} {kind} {prov}, forward+backward: {fmt(prof['total_ms'])} ms of "
+                f"{prof['unit']} time per call", "", f"| {prof['unit']} | ms / call | calls |", "|---|---:|---:|"]
+        out += [f"| `{r['name'][:90]}` | {fmt(r['ms'], '.4f')} | {fmt(r['calls'], '.0f')} |" for r in prof["top"]]
     return out
 
 
