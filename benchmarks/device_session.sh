@@ -16,6 +16,8 @@
 #   bench_attn   benchmarks/bench_attention.py, the paper's case (T=256, W=32)
 #   bench_attn_large  the W=64 case
 #   bench_attn_diag   diagnostics: the kernels on the plain causal mask vs SDPA causal (same tiles), batch 32
+#   precision    benchmarks/precision_compare.py: fp16 resblocks with per-resblock scaling vs bf16, 300 steps of a
+#                16-layer d512 prior on the demo's shapes tokens (carry PRECISION_TOKENS, default runs/demo15/tokens)
 #   bench_train  benchmarks/bench_train.py, 125M/350M/1.3B, ZeRO-2, bf16, triton attention (deepspeed launcher)
 #   bench_sample benchmarks/bench_sample.py, 350M, bf16
 # The machine has no deepspeed and no package index: run ../shared/device/wheels.sh first and carry .whl/.
@@ -26,7 +28,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 START=$(date +%s)
 DEADLINE=${DEADLINE:-420}
-STAGES=${STAGES:-"tests_fp169 fp169_argcheck bench_fp169 bench_attn tests_attn bench_attn_diag bench_train bench_sample"}
+STAGES=${STAGES:-"tests_fp169 fp169_argcheck bench_fp169 bench_attn precision tests_attn bench_attn_diag bench_train bench_sample"}
 OUT=${OUT:-/tmp/device_out}
 LOGS=/tmp/device_logs
 mkdir -p "$OUT" "$LOGS"
@@ -116,6 +118,12 @@ except Exception as e:
     bench_attn_diag)
       TAIL=25 run bench_attn_diag 60 200 python3 benchmarks/bench_attention.py --no-large --batch 32 \
         --extra-masks causal --providers triton,sdpa_causal --out "benchmarks/results/attention_diag_${DEV}_${DATE}" ;;
+    precision)
+      DALLE_DS_ATTN_TUNE=0 TAIL=25 run precision 120 300 python3 benchmarks/precision_compare.py \
+        "${PRECISION_TOKENS:-runs/demo15/tokens}" /tmp/precision --gpus 1 --precisions fp16,bf16 --steps 300 \
+        --set model.n_layers=16 --set model.d_model=512 --set model.n_heads=8 \
+        --ds_set train_micro_batch_size_per_gpu=32 --ds_set optimizer.params.lr=1e-3 \
+        --tag "${DEV}_${DATE}_d512_16layers_300steps" ;;
     bench_train)
       TAIL=30 run bench_train 90 360 deepspeed --num_gpus 1 benchmarks/bench_train.py --presets "${TRAIN_PRESETS:-125M,350M,1.3B}" \
         --zero 2 --precision bf16 --attn-backend triton --checkpointing "${TRAIN_CKPT:-off}" --micro-batch 8 --torch-adam on \

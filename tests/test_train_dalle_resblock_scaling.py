@@ -53,6 +53,10 @@ def test_zero3_fp16_resblock_scaling_learns_logs_and_resumes(tmp_path):
             if expected is not None and all(h[s]["grad_scale_skip"] == 0 for s in range(1, step + 1)):
                 assert h[step][k] == pytest.approx(expected, abs=1e-6), (k, step)
     assert all(h[s]["grad_scale_skip_mismatch"] == 0 for s in h)
+    skipped = 0  # the running count of skipped updates, carried across the resume
+    for s in range(1, 61):
+        skipped += h[s]["grad_scale_skip"]
+        assert h[s]["grad_scale_skipped_total"] == skipped, s
     # it learns (16 codes: ln 16 = 2.77 nats at chance)
     start, end = h[1]["image_loss"], sum(h[s]["image_loss"] for s in range(56, 61)) / 5
     assert end < 0.75 * start, (start, end)

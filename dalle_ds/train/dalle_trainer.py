@@ -176,6 +176,7 @@ class DalleTrainer(EngineLoop):
             ds_skipped = eng.skipped_steps - self._ds_skipped
             self._ds_skipped = eng.skipped_steps
             stats["grad_scale_skip"] = float(skip)
+            stats["grad_scale_skipped_total"] = float(self.grad_scaler.skipped)  # since step 0 (kept on resume)
             stats["grad_scale_skip_mismatch"] = float(skip != (ds_skipped > 0))  # should stay 0
             stats.update(self.grad_scaler.log_dict())
         return stats
