@@ -121,3 +121,40 @@ def test_summarize_profile_counts_only_gpu_kernels_per_call():
 def test_graphs_need_a_gpu():
     with pytest.raises(SystemExit):
         bench_attention.main(["--quick", "--graphs"])
+
+
+def test_graph_timings_flow_into_the_mix_speedups_and_table(monkeypatch):
+    """The GPU-only graph path, with graph_ms / host_us replaced (no CUDA here): the replay times reach the mix, the
+    speedups and the second table; a provider that cannot be captured is reported, its eager numbers kept."""
+    import torch
+
+    fake_ms = {"sdpa_mask": 2.0, "triton": 1.0}
+    current = {}
+
+    def fake_graph_ms(fn, grad_to_none=None):
+        if current["prov"] == "broken":
+            raise RuntimeError("capture failed")
+        return fake_ms[current["prov"]]
+
+    real_make = bench_attention.make_provider
+
+    def make(name, spec, device):
+        current["prov"] = name
+        return real_make("dense" if name in ("broken", "triton") else name, spec, device)  # triton: needs a GPU
+
+    monkeypatch.setattr(bench_attention, "graph_ms", fake_graph_ms)
+    monkeypatch.setattr(bench_attention, "host_us", lambda fn, grad_to_none=None, calls=20: 42.0)
+    monkeypatch.setattr(bench_attention, "make_provider", make)
+    monkeypatch.setattr(bench_attention, "MASKS", ("row", "column"))
+    monkeypatch.setattr(bench_attention, "mix_counts", lambda layers: {"row": 3, "column": 1})
+    case = bench_attention.run_case("t", 3, 4, 1, 1, 16, torch.float32, "cpu", ["triton", "sdpa_mask", "broken"],
+                                    1, 4, 1.0, graphs=True)
+    row = case["masks"]["row"]["providers"]
+    assert row["sdpa_mask"]["graph_fwd_bwd_ms"] == 2.0 and row["sdpa_mask"]["host_fwd_bwd_us"] == 42.0
+    assert "graph_error" in row["broken"] and row["broken"]["fwd_ms"] > 0
+    mix = case["mix"]["providers"]["sdpa_mask"]
+    assert mix["graph_fwd_ms"] == 2.0 and "graph_pct_floor" in mix
+    assert case["mix"]["triton_speedup"]["sdpa_mask"]["graph_fwd_bwd"] == 2.0
+    report = {"cases": [case]}
+    table = "\n".join(bench_attention.graph_table(report))
+    assert "| t | mix | sdpa_mask | 2.000 | 2.000 | 2.000 |" in table and "| 42 | 2.00 |" in table and "error: RuntimeError: capture failed" in table
