@@ -84,17 +84,64 @@ __device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(g
 // ---- kernels -----------------------------------------------------------------------------------------------------
 // nvec: number of 8-element vectors handled by the vector loop (0 when a pointer is misaligned); the rest, elements
 // [nvec * 8, n), go through the scalar loop.
+// Kernels whose loads are 16-bit (decode, encode from fp16/bf16) or span several rows (reduce_rows) stage their loads
+// in shared memory with cp.async: each thread issues kStage 16-byte copies (vectors i, i + S, ..., S = the grid's thread
+// count, so every warp's access stays coalesced), waits for its own copies (no block barrier: a thread reads back
+// only what it copied), then converts them one at a time. Why: with one 16-byte register load per thread and step,
+// too few bytes are in flight to cover DRAM latency (Little's law: ~4.8 TB/s x ~0.7 us ~ 3.4 MB over 132 SMs, ~25 KB
+// per SM; 6 blocks x 256 threads x 16 B = 24 KB, where encode, reading fp32, has twice that). Measured 2026-12-04
+// on an H200: encode from fp32 86% of copy bandwidth, from bf16 76%, decode 62% (torch's own fp16 -> fp32 cast: 51%).
+// Unrolling the register
+// loads instead does not help: nvcc interleaves the decode math of the unrolled vectors and the kernel's registers
+// grow with the unroll (40 -> 105 at 4 vectors, from ptxas -v), so blocks per SM, and bytes in flight, fall back.
+// Staging keeps 30-48 registers and 16 KB of shared memory per block, and puts 6 x 256 x 4 x 16 B = 96 KB per SM in
+// flight (prediction: decode and 16-bit encode >= 85% of copy; to be measured, 2026-12-05).
+constexpr int kStage = 4;
+
+// Copies the 16-byte vectors i + u * stride, u < kStage (those below nvec), of a 2-byte-element array into this
+// thread's slots staged[u][threadIdx.x], and waits for them.
+template <class T>
+__device__ __forceinline__ void stage16(uint4 (&staged)[kStage][kThreads], const T* base, int64_t i, int64_t stride,
+                                        int64_t nvec) {
+  static_assert(sizeof(T) == 2, "8 elements of 2 bytes per 16-byte vector");
+#pragma unroll
+  for (int u = 0; u < kStage; ++u) {
+    if (i + u * stride < nvec) __pipeline_memcpy_async(&staged[u][threadIdx.x], base + (i + u * stride) * kVec, 16);
+  }
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+}
+
 template <class F, class V, bool kScaled>
 __global__ void __launch_bounds__(kThreads)
     encode_kernel(const typename V::Storage* __restrict__ x, uint16_t* __restrict__ out, int64_t n, int64_t nvec,
                   float scale, bool saturate) {
-  for (int64_t i = global_thread(); i < nvec; i += grid_stride()) {
-    float v[kVec];
-    load8_values<V>(x + i * kVec, v);
-    uint32_t c[kVec];
+  if constexpr (sizeof(typename V::Storage) == 2) {  // fp16 / bf16 in: 16-byte loads, staged (see above)
+    __shared__ uint4 staged[kStage][kThreads];
+    const int64_t stride = grid_stride();
+    for (int64_t i = global_thread(); i < nvec; i += kStage * stride) {
+      stage16(staged, x, i, stride, nvec);
+#pragma unroll 1
+      for (int u = 0; u < kStage && i + u * stride < nvec; ++u) {
+        uint32_t c[kVec];
+        unpack8_codes(staged[u][threadIdx.x], c);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) c[k] = encode_bits<F>(float_as_bits(kScaled ? v[k] * scale : v[k]), saturate);
-    store8_codes(out + i * kVec, c);
+        for (int k = 0; k < kVec; ++k) {
+          const float v = V::load(static_cast<uint16_t>(c[k]));
+          c[k] = encode_bits<F>(float_as_bits(kScaled ? v * scale : v), saturate);
+        }
+        store8_codes(out + (i + u * stride) * kVec, c);
+      }
+    }
+  } else {  // fp32 in: two 16-byte loads per step already keep enough bytes in flight (86% of copy, H200)
+    for (int64_t i = global_thread(); i < nvec; i += grid_stride()) {
+      float v[kVec];
+      load8_values<V>(x + i * kVec, v);
+      uint32_t c[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) c[k] = encode_bits<F>(float_as_bits(kScaled ? v[k] * scale : v[k]), saturate);
+      store8_codes(out + i * kVec, c);
+    }
   }
   for (int64_t j = nvec * kVec + global_thread(); j < n; j += grid_stride()) {
     const float v = V::load(x[j]);
@@ -102,18 +149,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Kernels that read 16-bit codes and write more (decode) or read several rows (reduce_rows) stage their loads in shared
-// memory with cp.async: each thread issues kStage 16-byte copies (vectors i, i + S, ..., S = the grid's thread
-// count, so every warp's access stays coalesced), waits for its own copies (no block barrier: a thread reads back
-// only what it copied), then decodes them one at a time. Why: with one 16-byte register load per thread and step,
-// too few bytes are in flight to cover DRAM latency (Little's law: ~4.8 TB/s x ~0.7 us ~ 3.4 MB over 132 SMs, ~25 KB
-// per SM; 6 blocks x 256 threads x 16 B = 24 KB, where encode, reading fp32, has twice that). Measured 2026-12-04
-// on an H200: encode 86% of copy bandwidth, decode 62% (torch's own fp16 -> fp32 cast: 51%). Unrolling the register
-// loads instead does not help: nvcc interleaves the decode math of the unrolled vectors and the kernel's registers
-// grow with the unroll (40 -> 105 at 4 vectors, from ptxas -v), so blocks per SM, and bytes in flight, fall back.
-// Staging keeps ~40 registers and puts 6 x 256 x 4 x 16 B = 96 KB per SM in flight (prediction: decode >= 85% of
-// copy; to be measured, 2026-12-05).
-constexpr int kStage = 4;
 
 template <class F, class V, bool kScaled>
 __global__ void __launch_bounds__(kThreads)
@@ -122,12 +157,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint4 staged[kStage][kThreads];
   const int64_t stride = grid_stride();
   for (int64_t i = global_thread(); i < nvec; i += kStage * stride) {
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      if (i + u * stride < nvec) __pipeline_memcpy_async(&staged[u][threadIdx.x], codes + (i + u * stride) * kVec, 16);
-    }
-    __pipeline_commit();
-    __pipeline_wait_prior(0);
+    stage16(staged, codes, i, stride, nvec);
 #pragma unroll 1
     for (int u = 0; u < kStage && i + u * stride < nvec; ++u) {
       uint32_t c[kVec];
@@ -253,11 +283,12 @@ cudaError_t encode(const void* x, ValueType vtype, uint16_t* out, int64_t n, flo
                    cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t nvec = (aligned16(x) && aligned16(out)) ? n / kVec : 0;
-  const int grid = grid_for(nvec > 0 ? nvec : n);
   with_format(fmt, [&](auto f) {
     with_value_type(vtype, [&](auto v) {
       using F = decltype(f);
       using V = decltype(v);
+      const int64_t per_thread = sizeof(typename V::Storage) == 2 ? kStage : 1;  // vectors per thread and step
+      const int grid = grid_for(nvec > 0 ? (nvec + per_thread - 1) / per_thread : n);
       const auto* xs = static_cast<const typename V::Storage*>(x);
       if (scale == 1.0f) {
         encode_kernel<F, V, false><<<grid, kThreads, 0, stream>>>(xs, out, n, nvec, scale, saturate);
