@@ -3,14 +3,15 @@
 //
 // Design: memory-bound elementwise kernels. Each thread handles 8 elements per step, so every access to the 16-bit
 // side is one 16-byte load or store (uint4) and every fp32 access two 16-byte float4 accesses; a grid-stride loop
-// covers any length with a grid of a few blocks per SM. Decode and reduce_rows stage 4 such loads per thread in
-// shared memory (cp.async) before using them: see the note above decode_kernel. Buffers whose pointers (or, for reduce_rows, row stride) are
-// not 16-byte aligned take the scalar tail loop for every element: correct, just slower. No fast-math: the fp32
-// multiply/divide/add must round like the torch reference (nvcc's default -prec-div=true -ftz=false; the kernels have
-// no a*b+c pattern that --fmad could contract).
+// covers any length with a grid of a few blocks per SM. Decode, reduce_rows and encode from fp16/bf16 stage 4 such
+// loads per thread in shared memory (cp.async) before using them: see the note above stage16(). Buffers whose
+// pointers (or, for reduce_rows, row stride) are not 16-byte aligned take the scalar tail loop for every element:
+// correct, just slower. No fast-math: the fp32 multiply/divide/add must round like the torch reference (nvcc's default
+// -prec-div=true -ftz=false; the kernels have no a*b+c pattern that --fmad could contract).
 //
 // Supports: fp32/fp16/bf16 values, any n (int64), any CUDA arch (no arch-specific instructions; sm_90 is the target
-// tuned for). Tested: bit-exact against the torch reference by tests/test_fp169_ops.py (marked gpu) on an H100.
+// tuned for; cp.async needs sm_80 and is emulated by plain copies below). Tested: bit-exact against the torch
+// reference by tests/test_fp169_ops.py (marked gpu) on an H100 and an H200, before the staging of 2026-12-05.
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
