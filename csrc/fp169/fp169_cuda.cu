@@ -11,7 +11,7 @@
 //
 // Supports: fp32/fp16/bf16 values, any n (int64), any CUDA arch (no arch-specific instructions; sm_90 is the target
 // tuned for; cp.async needs sm_80 and is emulated by plain copies below). Tested: bit-exact against the torch
-// reference by tests/test_fp169_ops.py (marked gpu) on an H100 and an H200, before the staging of 2026-12-05.
+// reference by tests/test_fp169_ops.py (marked gpu) on an H200 (2026-12-04, before the staging of 2026-12-05).
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
