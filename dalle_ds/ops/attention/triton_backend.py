@@ -9,7 +9,8 @@ Public pieces:
 
 The custom ops ``dalle_ds::sparse_attn_fwd``, ``dalle_ds::sparse_attn_bwd`` and ``dalle_ds::sparse_attn_decode``
 have fake (meta) implementations, so ``torch.compile`` traces through them without graph breaks; the autograd
-function calls the forward and backward ops (the pattern FlashAttention's interface uses).
+function calls the forward and backward ops (the pattern FlashAttention's interface uses) when traced, and the same
+launchers directly in plain eager calls (``_plain_eager``: the ops' Python dispatch costs host time per call).
 
 Tile sizes. A kernel's block layout depends on its tile sizes, so Triton's ``autotune`` (which varies constexprs
 under fixed arguments) does not fit; instead, on a GPU the first call for a given (kernel, T, W, head dim, dtype,
