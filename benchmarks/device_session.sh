@@ -20,7 +20,8 @@
 #                16-layer d512 prior on the demo's shapes tokens (carry PRECISION_TOKENS, default runs/demo15/tokens)
 #   bench_train  benchmarks/bench_train.py, 125M/350M/1.3B, ZeRO-2, bf16, triton attention (deepspeed launcher)
 #   bench_sample benchmarks/bench_sample.py, 350M, bf16
-# The machine has no deepspeed and no package index: run ../shared/device/wheels.sh first and carry .whl/.
+# The machine has no deepspeed and no package index: run ../shared/device/wheels.sh first and carry .whl/ (and, for
+# the precision stage, the token shards: runs/demo15/tokens, 19 MB, or PRECISION_TOKENS).
 # Logs and results go to $OUT/bundle.tgz (rebuilt after every stage, so a killed run still returns what it did);
 # results are also written under benchmarks/results/ named by device and date.
 set -u
