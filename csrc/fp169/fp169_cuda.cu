@@ -4,9 +4,9 @@
 // Design: memory-bound elementwise kernels. Each thread handles 8 elements per step, so every access to the 16-bit
 // side is one 16-byte load or store (uint4) and every fp32 access two 16-byte float4 accesses; a grid-stride loop
 // covers any length with a grid of a few blocks per SM. Decode, reduce_rows and encode from fp16/bf16 stage 4 such
-// loads per thread in shared memory (cp.async) before using them: see the note above stage16(). Buffers whose
-// pointers (or, for reduce_rows, row stride) are not 16-byte aligned take the scalar tail loop for every element:
-// correct, just slower. No fast-math: the fp32 multiply/divide/add must round like the torch reference (nvcc's default
+// loads per thread in shared memory (cp.async) before using them: see the note above kStage. Buffers whose pointers
+// (or, for reduce_rows, row stride) are not 16-byte aligned take the scalar tail loop for every element: correct,
+// just slower. No fast-math: the fp32 multiply/divide/add must round like the torch reference (nvcc's default
 // -prec-div=true -ftz=false; the kernels have no a*b+c pattern that --fmad could contract).
 //
 // Supports: fp32/fp16/bf16 values, any n (int64), any CUDA arch (no arch-specific instructions; sm_90 is the target
@@ -99,18 +99,28 @@ __device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(g
 // flight (prediction: decode and 16-bit encode >= 85% of copy; to be measured, 2026-12-05).
 constexpr int kStage = 4;
 
-// Copies the 16-byte vectors i + u * stride, u < kStage (those below nvec), of a 2-byte-element array into this
-// thread's slots staged[u][threadIdx.x], and waits for them.
-template <class T>
-__device__ __forceinline__ void stage16(uint4 (&staged)[kStage][kThreads], const T* base, int64_t i, int64_t stride,
-                                        int64_t nvec) {
+// Calls fn(v, c) for every 16-byte vector v < nvec of a 2-byte-element array, c its 8 elements as 16-bit words, each
+// thread taking vectors i + u * stride (u < kStage) per step: their copies go out together into this thread's slots
+// staged[u][threadIdx.x] and are waited for before the first fn call.
+template <class T, class Fn>
+__device__ __forceinline__ void for_each_staged_vector(const T* __restrict__ base, int64_t nvec, Fn&& fn) {
   static_assert(sizeof(T) == 2, "8 elements of 2 bytes per 16-byte vector");
+  __shared__ uint4 staged[kStage][kThreads];
+  const int64_t stride = grid_stride();
+  for (int64_t i = global_thread(); i < nvec; i += kStage * stride) {
 #pragma unroll
-  for (int u = 0; u < kStage; ++u) {
-    if (i + u * stride < nvec) __pipeline_memcpy_async(&staged[u][threadIdx.x], base + (i + u * stride) * kVec, 16);
+    for (int u = 0; u < kStage; ++u) {
+      if (i + u * stride < nvec) __pipeline_memcpy_async(&staged[u][threadIdx.x], base + (i + u * stride) * kVec, 16);
+    }
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+#pragma unroll 1
+    for (int u = 0; u < kStage && i + u * stride < nvec; ++u) {
+      uint32_t c[kVec];
+      unpack8_codes(staged[u][threadIdx.x], c);
+      fn(i + u * stride, c);
+    }
   }
-  __pipeline_commit();
-  __pipeline_wait_prior(0);
 }
 
 template <class F, class V, bool kScaled>
@@ -118,22 +128,14 @@ __global__ void __launch_bounds__(kThreads)
     encode_kernel(const typename V::Storage* __restrict__ x, uint16_t* __restrict__ out, int64_t n, int64_t nvec,
                   float scale, bool saturate) {
   if constexpr (sizeof(typename V::Storage) == 2) {  // fp16 / bf16 in: 16-byte loads, staged (see above)
-    __shared__ uint4 staged[kStage][kThreads];
-    const int64_t stride = grid_stride();
-    for (int64_t i = global_thread(); i < nvec; i += kStage * stride) {
-      stage16(staged, x, i, stride, nvec);
-#pragma unroll 1
-      for (int u = 0; u < kStage && i + u * stride < nvec; ++u) {
-        uint32_t c[kVec];
-        unpack8_codes(staged[u][threadIdx.x], c);
+    for_each_staged_vector(x, nvec, [&](int64_t iv, uint32_t (&c)[kVec]) {
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const float v = V::load(static_cast<uint16_t>(c[k]));
-          c[k] = encode_bits<F>(float_as_bits(kScaled ? v * scale : v), saturate);
-        }
-        store8_codes(out + (i + u * stride) * kVec, c);
+      for (int k = 0; k < kVec; ++k) {
+        const float v = V::load(static_cast<uint16_t>(c[k]));
+        c[k] = encode_bits<F>(float_as_bits(kScaled ? v * scale : v), saturate);
       }
-    }
+      store8_codes(out + iv * kVec, c);
+    });
   } else {  // fp32 in: two 16-byte loads per step already keep enough bytes in flight (86% of copy, H200)
     for (int64_t i = global_thread(); i < nvec; i += grid_stride()) {
       float v[kVec];
@@ -155,23 +157,15 @@ template <class F, class V, bool kScaled>
 __global__ void __launch_bounds__(kThreads)
     decode_kernel(const uint16_t* __restrict__ codes, typename V::Storage* __restrict__ out, int64_t n, int64_t nvec,
                   float scale) {
-  __shared__ uint4 staged[kStage][kThreads];
-  const int64_t stride = grid_stride();
-  for (int64_t i = global_thread(); i < nvec; i += kStage * stride) {
-    stage16(staged, codes, i, stride, nvec);
-#pragma unroll 1
-    for (int u = 0; u < kStage && i + u * stride < nvec; ++u) {
-      uint32_t c[kVec];
-      unpack8_codes(staged[u][threadIdx.x], c);
-      float v[kVec];
+  for_each_staged_vector(codes, nvec, [&](int64_t iv, uint32_t (&c)[kVec]) {
+    float v[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const float d = bits_as_float(decode_bits<F>(c[k]));
-        v[k] = kScaled ? d / scale : d;
-      }
-      store8_values<V>(out + (i + u * stride) * kVec, v);
+    for (int k = 0; k < kVec; ++k) {
+      const float d = bits_as_float(decode_bits<F>(c[k]));
+      v[k] = kScaled ? d / scale : d;
     }
-  }
+    store8_values<V>(out + iv * kVec, v);
+  });
   for (int64_t j = nvec * kVec + global_thread(); j < n; j += grid_stride()) {
     const float d = bits_as_float(decode_bits<F>(codes[j]));
     out[j] = V::store(kScaled ? d / scale : d);
