@@ -85,18 +85,17 @@ __device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(g
 // ---- kernels -----------------------------------------------------------------------------------------------------
 // nvec: number of 8-element vectors handled by the vector loop (0 when a pointer is misaligned); the rest, elements
 // [nvec * 8, n), go through the scalar loop.
-// Kernels whose loads are 16-bit (decode, encode from fp16/bf16) or span several rows (reduce_rows) stage their
-// loads in shared memory with cp.async: each thread issues kStage 16-byte copies (vectors i, i + S, ..., S = the
-// grid's thread count, so every warp's access stays coalesced), waits for its own copies (no block barrier: a thread
-// reads back only what it copied), then converts them one at a time. Why: with one 16-byte register load per thread and step,
+// Kernels whose loads are 16-bit (decode, encode from fp16/bf16) or span several rows (reduce_rows) stage their loads
+// in shared memory with cp.async: each thread issues kStage 16-byte copies (vectors i, i + S, ..., S = the grid's
+// thread count, so every warp's access stays coalesced), waits for its own copies (no block barrier: a thread reads
+// back only what it copied), then converts them one at a time. Why: with one 16-byte register load per thread and step,
 // too few bytes are in flight to cover DRAM latency (Little's law: ~4.8 TB/s x ~0.7 us ~ 3.4 MB over 132 SMs, ~25 KB
-// per SM; 6 blocks x 256 threads x 16 B = 24 KB, where encode, reading fp32, has twice that). Measured 2026-12-04
-// on an H200: encode from fp32 86% of copy bandwidth, from bf16 76%, decode 62% (torch's own fp16 -> fp32 cast: 51%).
-// Unrolling the register
-// loads instead does not help: nvcc interleaves the decode math of the unrolled vectors and the kernel's registers
-// grow with the unroll (40 -> 105 at 4 vectors, from ptxas -v), so blocks per SM, and bytes in flight, fall back.
-// Staging keeps 30-48 registers and 16 KB of shared memory per block, and puts 6 x 256 x 4 x 16 B = 96 KB per SM in
-// flight (prediction: decode and 16-bit encode >= 85% of copy; to be measured, 2026-12-05).
+// per SM; 6 blocks x 256 threads x 16 B = 24 KB, where encode, reading fp32, has twice that). Measured 2026-12-04 on an
+// H200: encode from fp32 86% of copy bandwidth, from bf16 76%, decode 62% (torch's own fp16 -> fp32 cast: 51%).
+// Unrolling the register loads instead does not help: nvcc interleaves the decode math of the unrolled vectors and the
+// kernel's registers grow with the unroll (40 -> 105 at 4 vectors, from ptxas -v), so blocks per SM, and bytes in
+// flight, fall back. Staging keeps 30-48 registers and 16 KB of shared memory per block, and puts 6 x 256 x 4 x 16 B =
+// 96 KB per SM in flight (prediction: decode and 16-bit encode >= 85% of copy; to be measured, 2026-12-05).
 constexpr int kStage = 4;
 
 // Calls fn(v, c) for every 16-byte vector v < nvec of a 2-byte-element array, c its 8 elements as 16-bit words, each
