@@ -15,6 +15,8 @@
 #   bench_fp169  benchmarks/bench_fp169.py --save
 #   bench_attn   benchmarks/bench_attention.py, the paper's case (T=256, W=32)
 #   bench_attn_large  the W=64 case
+#   ncu_attn     Nsight Compute on one forward+backward of the row mask at the paper's shape (tiles pinned to the
+#                H200's tuned ones): speed of light, occupancy, warp stall reasons per kernel (needs ncu; Firecracker)
 #   bench_attn_diag   diagnostics: the kernels on the plain causal mask vs SDPA causal (same tiles), batch 32
 #   precision    benchmarks/precision_compare.py: fp16 resblocks with per-resblock scaling vs bf16, 300 steps of a
 #                16-layer d512 prior on the demo's shapes tokens (carry PRECISION_TOKENS, default runs/demo15/tokens)
@@ -29,7 +31,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 START=$(date +%s)
 DEADLINE=${DEADLINE:-420}
-STAGES=${STAGES:-"tests_fp169 fp169_argcheck bench_fp169 bench_attn precision tests_attn bench_attn_diag bench_train bench_sample"}
+STAGES=${STAGES:-"tests_fp169 fp169_argcheck bench_fp169 bench_attn ncu_attn precision tests_attn bench_attn_diag bench_train bench_sample"}
 OUT=${OUT:-/tmp/device_out}
 LOGS=/tmp/device_logs
 mkdir -p "$OUT" "$LOGS"
@@ -119,6 +121,10 @@ except Exception as e:
     bench_attn_diag)
       TAIL=25 run bench_attn_diag 60 200 python3 benchmarks/bench_attention.py --no-large --batch 32 \
         --extra-masks causal --providers triton,sdpa_causal --out "benchmarks/results/attention_diag_${DEV}_${DATE}" ;;
+    ncu_attn)
+      TAIL=80 run ncu_attn 45 150 ncu --clock-control none --profile-from-start off -k "regex:_attn" \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis python3 benchmarks/attn_ncu_probe.py --kind row ;;
     precision)
       DALLE_DS_ATTN_TUNE=0 TAIL=25 run precision 120 300 python3 benchmarks/precision_compare.py \
         "${PRECISION_TOKENS:-runs/demo15/tokens}" /tmp/precision --gpus 1 --precisions fp16,bf16 --steps 300 \

@@ -158,3 +158,17 @@ def test_graph_timings_flow_into_the_mix_speedups_and_table(monkeypatch):
     report = {"cases": [case]}
     table = "\n".join(bench_attention.graph_table(report))
     assert "| t | mix | sdpa_mask | 2.000 | 2.000 | 2.000 |" in table and "| 42 | 2.00 |" in table and "error: RuntimeError: capture failed" in table
+
+
+def test_ncu_probe_runs_one_step_and_parses_tiles():
+    """benchmarks/attn_ncu_probe.py (run under ncu on a GPU) on the interpreter: it runs forward+backward and says so."""
+    import attn_ncu_probe
+
+    assert attn_ncu_probe.parse_config("32x64:8:2") == attn_ncu_probe.tb.Config(32, 64, 8, 2)
+    with pytest.raises(Exception, match="BMxBN:WARPS:STAGES"):
+        attn_ncu_probe.parse_config("64x64")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "attn_ncu_probe.py"), "--kind", "conv"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'mask': 'conv_T3_W4" in proc.stdout and "'finite': True" in proc.stdout
