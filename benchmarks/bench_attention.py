@@ -74,6 +74,12 @@ def mix_counts(num_layers: int) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------------------------
+def _drop_grads(tensors) -> None:
+    """Set ``.grad`` of each tensor (None: none) to None, so the next backward allocates instead of accumulating."""
+    for t in tensors or ():
+        t.grad = None
+
+
 def bench_ms(fn, device: str, grad_to_none=None, reps: int = 5) -> float:
     """Median milliseconds of ``fn()`` (triton.testing.do_bench on GPU; a plain loop on CPU)."""
     if device == "cuda":
@@ -84,9 +90,7 @@ def bench_ms(fn, device: str, grad_to_none=None, reps: int = 5) -> float:
     fn()
     times = []
     for _ in range(reps):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
+        _drop_grads(grad_to_none)
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -107,8 +111,7 @@ def host_us(fn, grad_to_none=None, calls: int = 20) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(calls):
-        for t in grad_to_none or ():
-            t.grad = None
+        _drop_grads(grad_to_none)
         fn()
     elapsed = time.perf_counter() - t0
     torch.cuda.synchronize()
@@ -141,8 +144,7 @@ def profile_calls(fn, device: str, grad_to_none=None, iters: int = 5) -> dict:
     fn()
     with profile(activities=acts) as prof:
         for _ in range(iters):
-            for t in grad_to_none or ():
-                t.grad = None
+            _drop_grads(grad_to_none)
             fn()
         if device == "cuda":
             torch.cuda.synchronize()

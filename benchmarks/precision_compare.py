@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -91,7 +92,7 @@ def summarize(run: Path) -> dict:
            "val_loss": m["eval"]["val_loss"], "val_image_loss": m["eval"]["val_image_loss"],
            "val_text_loss": m["eval"]["val_text_loss"],
            "train_loss_last5": sum(h["loss"] for h in tail) / len(tail),
-           "nonfinite_losses": sum(1 for h in hist if not _finite(h["loss"])),
+           "nonfinite_losses": sum(1 for h in hist if not math.isfinite(h["loss"])),
            "curve": {"step": [h["step"] for h in hist], "loss": [h["loss"] for h in hist],
                      "image_loss": [h["image_loss"] for h in hist]}}
     scales = [v for k, v in last.items() if k.startswith("grad_scale_log2/")]
@@ -100,10 +101,6 @@ def summarize(run: Path) -> dict:
                          "skipped_updates": last.get("grad_scale_skipped_total"),
                          "skip_mismatches": sum(h.get("grad_scale_skip_mismatch", 0) for h in hist)}
     return out
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def report(results: dict[str, dict], cfg: dict, command: str, device: str, svg_file: str) -> tuple[dict, str, str]:
@@ -128,19 +125,14 @@ def report(results: dict[str, dict], cfg: dict, command: str, device: str, svg_f
     for label, key, fmt in rows:
         md.append(f"| {label} | " + " | ".join(fmt.format(results[p][key]) for p in cols) + " |")
     md.append(f"| validation-loss gap vs {ref_name} | " + " | ".join(f"{100 * gaps[p]:+.2f}%" for p in cols) + " |")
-    for label, key, fmt in (("updates skipped for nonfinite gradients", "skipped_updates", "{:.0f}"),
-                            ("final block scales, log2 min / max", None, None),
-                            ("skip decisions that DeepSpeed disagreed with", "skip_mismatches", "{:.0f}")):
-        cells = []
-        for p in cols:
-            sc = results[p].get("scaler")
-            if sc is None:
-                cells.append("-")
-            elif key is None:
-                cells.append(f"{sc['final_log2_min']:.2f} / {sc['final_log2_max']:.2f}")
-            else:
-                cells.append("n/a" if sc.get(key) is None else fmt.format(sc[key]))
-        md.append(f"| {label} | " + " | ".join(cells) + " |")
+    scaler_rows = (  # "-": the run has no scaler (bf16, fp32)
+        ("updates skipped for nonfinite gradients",
+         lambda sc: "n/a" if sc["skipped_updates"] is None else f"{sc['skipped_updates']:.0f}"),
+        ("final block scales, log2 min / max", lambda sc: f"{sc['final_log2_min']:.2f} / {sc['final_log2_max']:.2f}"),
+        ("skip decisions that DeepSpeed disagreed with", lambda sc: f"{sc['skip_mismatches']:.0f}"))
+    for label, cell in scaler_rows:
+        md.append(f"| {label} | " + " | ".join("-" if results[p].get("scaler") is None else cell(results[p]["scaler"])
+                                                for p in cols) + " |")
     steps = ref["curve"]["step"]
     series = {p: [_at(results[p]["curve"], s) for s in steps] for p in cols}
     svg = line_chart(steps, series, f"train loss: {', '.join(cols)} resblocks", "train loss")

@@ -30,13 +30,13 @@ CAPTION_PX = 46
 def panel(spec: MaskSpec, block_m: int, block_n: int, size: int) -> tuple[Image.Image, dict]:
     """The picture of one mask in the kernel order, ``size`` pixels square, plus its counts."""
     n = spec.seq_len
-    vis = spec.dense(order="kernel").float()  # [N, N], 1 = visible
+    vis = spec.dense(order="kernel")  # [N, N] bool
     status = block_status(spec, block_m, block_n, order="kernel")
     # tile status per element, then both down-sampled to the panel by area averaging (a pixel's share of pairs)
     tile = status.repeat_interleave(block_m, 0)[:n].repeat_interleave(block_n, 1)[:, :n]
     rgb = torch.full((3, n, n), 255.0)
     for code, (shown, masked) in TILE_RGB.items():
-        for colour, where in ((shown, (tile == code) & (vis > 0)), (masked, (tile == code) & (vis == 0))):
+        for colour, where in ((shown, (tile == code) & vis), (masked, (tile == code) & ~vis)):
             rgb[:, where] = torch.tensor(colour, dtype=torch.float32)[:, None]
     mode = "area" if n >= size else "nearest"  # down-sampling mixes the pairs a pixel covers; up-sampling keeps them
     img = F.interpolate(rgb[None], size=(size, size), mode=mode)[0]
