@@ -305,8 +305,8 @@ def _compile_for_sm90(fn, constexprs, dtype="bf16", num_warps=4, num_stages=3):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {}
-    for name in fn.arg_names:
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.startswith("stride") or name in ("H", "position"):
@@ -319,7 +319,11 @@ def _compile_for_sm90(fn, constexprs, dtype="bf16", num_warps=4, num_stages=3):
             sig[name] = "fp32"
         else:  # Q, K, V, Out, DO, DK, DV, DQ
             sig[name] = "*" + dtype
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+        if sig[name].startswith("*") or name.startswith("stride"):
+            # what the launcher sees on a GPU: 16-byte aligned tensors, strides that are multiples of 16 (the
+            # runtime specializes on both, and the loads vectorize only with it)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
                                                                           "num_stages": num_stages,
                                                                           "enable_fp_fusion": True})
@@ -343,9 +347,18 @@ def _spill_bytes(compiled) -> int | None:
     return int(m.group(1)) if m else None
 
 
-@pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process")
-@pytest.mark.parametrize("kind", ["column", "conv"])
-def test_kernels_compile_for_sm90_without_spills(kind):
+def _constexprs(name, spec, cfg):
+    """The constexprs the launcher passes to kernel ``name`` for ``spec`` at tiles ``cfg`` (bf16, head dim 64)."""
+    from dalle_ds.ops.attention.layouts import block_layout
+
+    lay = block_layout(spec, cfg.block_m, cfg.block_n, "kernel", "cpu")
+    index = lay.q_index if name == "dkdv" else lay.kv_index
+    return dict(tb._geometry(spec, torch.bfloat16, 64), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                SLOTS=tb._slots(index))
+
+
+def _sm90_kernels():
+    """The kernel module if this triton can compile for sm_90 here (else skip)."""
     try:
         kernels = tb._kernels()
         import triton.compiler  # noqa: F401
@@ -354,12 +367,50 @@ def test_kernels_compile_for_sm90_without_spills(kind):
         pytest.skip(f"triton NVIDIA backend unavailable: {e}")
     if tb.interpreted():
         pytest.skip("kernels were created under TRITON_INTERPRET=1 in this process")
+    return kernels
+
+
+def _in_loop_async_waits(ttgir: str) -> list[int]:
+    """``num`` of every ``ttg.async_wait`` inside an ``scf.for`` body of a kernel's TTGIR (MLIR prints a loop's
+    body two spaces deeper than the function body, which is at four)."""
+    import re
+
+    return [int(m.group(2)) for m in re.finditer(r"^( *)%\S+ = ttg\.async_wait .*?\{num = (\d+)", ttgir, re.M)
+            if len(m.group(1)) > 4]
+
+
+@pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process")
+@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq"])
+def test_kernel_loops_keep_loads_in_flight_on_sm90(name):
+    """Each kernel's one loop over its visit list must keep K/V (or Q/dO) loads in flight across iterations: at 3
+    stages its wait may not drain every async copy (``num = 0``). With the next block id read from memory in the
+    loop, a loop over FULL tiles got ``num = 0`` with triton 3.6 and 3.9 (triton_kernels._visit_list)."""
+    kernels = _sm90_kernels()
+    fn = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}[name]
+    # the tiles the H200 tuned on 2026-12-04 (benchmarks/results/attention_h200_20261204.md) and the defaults
+    tiles = {"fwd": [Config(64, 64, 4, 3)], "dkdv": [Config(32, 64, 4, 3)], "dq": [Config(64, 64, 4, 3)]}[name]
+    tiles.append(tb._CANDIDATES[name]["small"][0])
+    for kind in ("row", "causal"):  # causal: the longest visit lists (20-40 entries at the paper's shape)
+        for cfg in tiles:
+            try:
+                compiled = _compile_for_sm90(fn, _constexprs(name, MaskSpec(kind, 256, 32), cfg),
+                                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            except (TypeError, KeyError, AttributeError) as e:  # ASTSource's API differs across triton versions
+                pytest.skip(f"ahead-of-time compile API differs in this triton: {e}")
+            waits = _in_loop_async_waits(compiled.asm["ttgir"])
+            assert len(waits) == 1, f"{name} {kind} {cfg}: expected one pipelined loop, got waits {waits}"
+            assert waits[0] > 0, f"{name} {kind} {cfg}: the loop drains every load in flight ({waits})"
+
+
+@pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process")
+@pytest.mark.parametrize("kind", ["column", "conv"])
+def test_kernels_compile_for_sm90_without_spills(kind):
+    kernels = _sm90_kernels()
     spec = MaskSpec(kind, 256, 32)
-    geo = tb._geometry(spec, torch.bfloat16, 64)
     jobs = []
     for name, fn in (("fwd", kernels._attn_fwd), ("dkdv", kernels._attn_bwd_dkdv), ("dq", kernels._attn_bwd_dq)):
         cfg = tb._CANDIDATES[name]["small"][0]  # the default configuration when tuning is off
-        jobs.append((name, fn, dict(geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg.num_warps, cfg.num_stages))
+        jobs.append((name, fn, _constexprs(name, spec, cfg), cfg.num_warps, cfg.num_stages))
     jobs.append(("preprocess", kernels._attn_bwd_preprocess,
                  dict(T=256, W=32, N=1280, TRANSPOSED=spec.transposed, HEAD_DIM=64, BLOCK_M=64), 4, 2))
     jobs.append(("decode", kernels._attn_decode, dict(HEAD_DIM=64, BLOCK_N=64, CONTIGUOUS=False), 4, 2))

@@ -277,6 +277,11 @@ def _geometry(spec: MaskSpec, dtype: torch.dtype, head_dim: int) -> dict:
     )
 
 
+def _slots(index: torch.Tensor) -> int:
+    """Register slots for a visit list (the kernels hold each program's list in registers: triton_kernels._visit_list)."""
+    return triton_next_pow2(index.shape[1])
+
+
 def _forward(q, k, v, spec: MaskSpec, scale: float):
     kern = _kernels()
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -290,7 +295,7 @@ def _forward(q, k, v, spec: MaskSpec, scale: float):
         kern._attn_fwd[(B * H, lay.num_q_blocks)](
             q, k, v, out, lse, lay.kv_index, lay.kv_full, lay.kv_count, lay.kv_index.stride(0),
             *_s3(q), *_s3(k), *_s3(v), *_s3(out),
-            H, scale * LOG2E, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            H, scale * LOG2E, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SLOTS=_slots(lay.kv_index),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
         )
 
@@ -317,7 +322,7 @@ def _backward(do, q, k, v, out, lse, spec: MaskSpec, scale: float):
         kern._attn_bwd_dkdv[(B * H, lay.num_k_blocks)](
             q, k, v, do, dk, dv, lse, delta, lay.q_index, lay.q_full, lay.q_count, lay.q_index.stride(0),
             *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv),
-            H, scale * LOG2E, scale, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            H, scale * LOG2E, scale, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SLOTS=_slots(lay.q_index),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
         )
 
@@ -326,7 +331,7 @@ def _backward(do, q, k, v, out, lse, spec: MaskSpec, scale: float):
         kern._attn_bwd_dq[(B * H, lay.num_q_blocks)](
             q, k, v, do, dq, lse, delta, lay.kv_index, lay.kv_full, lay.kv_count, lay.kv_index.stride(0),
             *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq),
-            H, scale * LOG2E, scale, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            H, scale * LOG2E, scale, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SLOTS=_slots(lay.kv_index),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
         )
 

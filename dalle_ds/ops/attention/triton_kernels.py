@@ -9,9 +9,10 @@ paper's equations and the structure of Triton's fused-attention tutorial (no cod
 What is specific here:
 
 * **Visit lists instead of a causal loop.** Each program loads from a :class:`layouts.BlockLayout` how many
-  tiles to visit and which: FULL tiles first (no mask at all), then PARTIAL tiles, where the mask is evaluated
-  from the row and column indices by ``_visible`` (a line-by-line mirror of :func:`masks.visible`; no dense mask
-  is ever loaded). Skipped tiles cost nothing.
+  tiles to visit and which (into registers, ``_visit_list``), and runs one loop over them: FULL tiles first (no mask
+  at all), then PARTIAL tiles, where a uniform runtime branch evaluates the mask from the row and column indices by
+  ``_visible`` (a line-by-line mirror of :func:`masks.visible`; no dense mask is ever loaded). Skipped tiles cost
+  nothing. One loop is one software pipeline: two loops (FULL, then PARTIAL) paid a pipeline fill and drain each.
 * **Column attention on transposed image states, fused into the addressing.** With ``TRANSPOSED`` the kernels
   work in column-major image order, where the column mask is a contiguous window. Logical index ``i`` (kernel
   order) reads and writes row ``_to_raster(i)`` of the raster-order tensors, so the caller never permutes
@@ -83,6 +84,29 @@ def _visible(qi, ki, T: tl.constexpr, W: tl.constexpr, KIND: tl.constexpr, CONV_
     return vis
 
 
+@triton.jit
+def _visit_list(Index, Full, Count, pid, stride_lay, SLOTS: tl.constexpr):
+    """This program's visit list (block ids: FULL first, then PARTIAL), loaded once into registers.
+
+    Why registers: when a loop reads its next block id from memory (``tl.load(Index + j)``) and the id only feeds
+    the K/V addresses (as in a loop over FULL tiles), Triton's software pipeliner (3.6 and 3.9, sm_90) makes the id
+    load an async copy with a stage of its own, keeps K/V one stage behind, and waits for every copy in flight at
+    the top of each iteration (``async_wait {num = 0}``): the load latency of every tile is exposed. Read from
+    registers, the K/V loads run ``num_stages - 1`` tiles ahead (``async_wait {num = 2}`` at 3 stages);
+    tests/test_attention_triton.py checks this on the sm_90 code compiled on CPU."""
+    slots = tl.arange(0, SLOTS)
+    n_full = tl.load(Full + pid)
+    n_visit = tl.load(Count + pid)
+    row = tl.load(Index + pid * stride_lay + slots, mask=slots < n_visit, other=0)
+    return row, n_full, n_visit
+
+
+@triton.jit
+def _visit_at(row, j, SLOTS: tl.constexpr):
+    """Entry ``j`` of a visit list held in registers (a masked sum: Triton has no scalar extraction)."""
+    return tl.sum(tl.where(tl.arange(0, SLOTS) == j, row, 0))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------------------------
@@ -90,27 +114,20 @@ def _visible(qi, ki, T: tl.constexpr, W: tl.constexpr, KIND: tl.constexpr, CONV_
 def _fwd_tile(acc, l_i, m_i, q, qr, K_base, V_base, stride_kn, stride_vn, start_n, qk_scale,
               T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr, TRANSPOSED: tl.constexpr,
               CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              partial, DOT_PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kr = _to_raster(offs_n, T, W, TRANSPOSED)
-    if MASKED:
-        n_ok = offs_n < N
-        k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    else:
-        k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :])
+    n_ok = offs_n < N
+    k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     # -- scores, already in log2 units: (B_M, B_N)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if MASKED:
+    if partial:  # a runtime branch, uniform over the program: FULL tiles skip the mask arithmetic
         vis = _visible(qr[:, None], kr[None, :], T, W, KIND, CONV_R, CONV_WRAP) & n_ok[None, :]
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: avoid inf - inf
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: avoid inf - inf
     # -- online softmax update
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
@@ -129,7 +146,7 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIndex, KvFull, KvCount, stride_lay,
               H, qk_scale,
               T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr, TRANSPOSED: tl.constexpr,
               CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SLOTS: tl.constexpr):
     # grid (B*H, query blocks), last query block first: later rows visit more tiles (longest first)
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -150,21 +167,12 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIndex, KvFull, KvCount, stride_lay,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    lay = KvIndex + pid_m * stride_lay
-    n_full = tl.load(KvFull + pid_m)
-    n_visit = tl.load(KvCount + pid_m)
-    # stage 1: FULL tiles, no mask
-    for j in range(0, n_full):
-        start_n = tl.load(lay + j) * BLOCK_N
+    row, n_full, n_visit = _visit_list(KvIndex, KvFull, KvCount, pid_m, stride_lay, SLOTS)
+    for j in range(0, n_visit):  # FULL tiles first, then PARTIAL ones (one loop: one software pipeline)
+        start_n = _visit_at(row, j, SLOTS) * BLOCK_N
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qr, K_base, V_base, stride_kn, stride_vn, start_n, qk_scale,
                                   T, W, N, KIND, TRANSPOSED, CONV_R, CONV_WRAP, HEAD_DIM, BLOCK_N,
-                                  False, DOT_PRECISION)
-    # stage 2: PARTIAL tiles, mask from indices
-    for j in range(n_full, n_visit):
-        start_n = tl.load(lay + j) * BLOCK_N
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, qr, K_base, V_base, stride_kn, stride_vn, start_n, qk_scale,
-                                  T, W, N, KIND, TRANSPOSED, CONV_R, CONV_WRAP, HEAD_DIM, BLOCK_N,
-                                  True, DOT_PRECISION)
+                                  j >= n_full, DOT_PRECISION)
 
     # -- epilogue: every valid row sees itself, so l_i > 0 there; guard padded rows anyway
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -205,26 +213,20 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 def _dkdv_tile(dk, dv, k, v, kr, Q_base, DO_base, Lse_bh, Delta_bh, stride_qn, stride_don, start_m, qk_scale,
                T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr, TRANSPOSED: tl.constexpr,
                CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               partial, DOT_PRECISION: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     qr = _to_raster(offs_m, T, W, TRANSPOSED)
-    if MASKED:
-        m_ok = offs_m < N
-        q = tl.load(Q_base + qr[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        do = tl.load(DO_base + qr[:, None] * stride_don + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        lse = tl.load(Lse_bh + offs_m, mask=m_ok, other=float("inf"))  # padded rows: p = 0
-        delta = tl.load(Delta_bh + offs_m, mask=m_ok, other=0.0)
-    else:
-        q = tl.load(Q_base + qr[:, None] * stride_qn + offs_d[None, :])
-        do = tl.load(DO_base + qr[:, None] * stride_don + offs_d[None, :])
-        lse = tl.load(Lse_bh + offs_m)
-        delta = tl.load(Delta_bh + offs_m)
+    m_ok = offs_m < N
+    q = tl.load(Q_base + qr[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO_base + qr[:, None] * stride_don + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    lse = tl.load(Lse_bh + offs_m, mask=m_ok, other=float("inf"))  # padded rows: p = 0
+    delta = tl.load(Delta_bh + offs_m, mask=m_ok, other=0.0)
     # -- P^T = exp2(K Q^T * qk_scale - lse): (B_N, B_M)
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     pT = tl.math.exp2(qkT - lse[None, :])
-    if MASKED:
-        vis = _visible(qr[None, :], kr[:, None], T, W, KIND, CONV_R, CONV_WRAP) & (offs_m < N)[None, :]
+    if partial:  # runtime branch, uniform over the program
+        vis = _visible(qr[None, :], kr[:, None], T, W, KIND, CONV_R, CONV_WRAP) & m_ok[None, :]
         pT = tl.where(vis, pT, 0.0)
     # -- dV += P^T dO
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -247,7 +249,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, QIndex, QFull, QCount, strid
                    T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr,
                    TRANSPOSED: tl.constexpr, CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, SLOTS: tl.constexpr):
     """One program per (batch*head, key block): dK, dV over the query blocks listed for this key block.
     Grid (B*H, key blocks) in order: the text key blocks, seen by every later query, are the longest and go first."""
     pid_bh = tl.program_id(0)
@@ -270,19 +272,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, QIndex, QFull, QCount, strid
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    lay = QIndex + pid_n * stride_lay
-    n_full = tl.load(QFull + pid_n)
-    n_visit = tl.load(QCount + pid_n)
-    for j in range(0, n_full):
-        start_m = tl.load(lay + j) * BLOCK_M
+    row, n_full, n_visit = _visit_list(QIndex, QFull, QCount, pid_n, stride_lay, SLOTS)
+    for j in range(0, n_visit):  # FULL tiles first, then PARTIAL ones
+        start_m = _visit_at(row, j, SLOTS) * BLOCK_M
         dk, dv = _dkdv_tile(dk, dv, k, v, kr, Q_base, DO_base, Lse_bh, Delta_bh, stride_qn, stride_don, start_m,
                             qk_scale, T, W, N, KIND, TRANSPOSED, CONV_R, CONV_WRAP, HEAD_DIM, BLOCK_M,
-                            False, DOT_PRECISION)
-    for j in range(n_full, n_visit):
-        start_m = tl.load(lay + j) * BLOCK_M
-        dk, dv = _dkdv_tile(dk, dv, k, v, kr, Q_base, DO_base, Lse_bh, Delta_bh, stride_qn, stride_don, start_m,
-                            qk_scale, T, W, N, KIND, TRANSPOSED, CONV_R, CONV_WRAP, HEAD_DIM, BLOCK_M,
-                            True, DOT_PRECISION)
+                            j >= n_full, DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + kr[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
@@ -294,20 +289,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, QIndex, QFull, QCount, strid
 def _dq_tile(dq, q, do, lse, delta, qr, K_base, V_base, stride_kn, stride_vn, start_n, qk_scale,
              T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr, TRANSPOSED: tl.constexpr,
              CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             partial, DOT_PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kr = _to_raster(offs_n, T, W, TRANSPOSED)
-    if MASKED:
-        n_ok = offs_n < N
-        k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    else:
-        k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :])
+    n_ok = offs_n < N
+    k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
-    if MASKED:
+    if partial:  # runtime branch, uniform over the program
         vis = _visible(qr[:, None], kr[None, :], T, W, KIND, CONV_R, CONV_WRAP) & n_ok[None, :]
         p = tl.where(vis, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -327,7 +318,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, KvIndex, KvFull, KvCount, stride_l
                  T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr,
                  TRANSPOSED: tl.constexpr, CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, SLOTS: tl.constexpr):
     """One program per (batch*head, query block): dQ over the key blocks listed for this query block.
     Grid (B*H, query blocks), last query block first (longest first), as in the forward."""
     pid_bh = tl.program_id(0)
@@ -349,17 +340,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, KvIndex, KvFull, KvCount, stride_l
     delta = tl.load(Delta + pid_bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    lay = KvIndex + pid_m * stride_lay
-    n_full = tl.load(KvFull + pid_m)
-    n_visit = tl.load(KvCount + pid_m)
-    for j in range(0, n_full):
-        start_n = tl.load(lay + j) * BLOCK_N
+    row, n_full, n_visit = _visit_list(KvIndex, KvFull, KvCount, pid_m, stride_lay, SLOTS)
+    for j in range(0, n_visit):  # FULL tiles first, then PARTIAL ones
+        start_n = _visit_at(row, j, SLOTS) * BLOCK_N
         dq = _dq_tile(dq, q, do, lse, delta, qr, K_base, V_base, stride_kn, stride_vn, start_n, qk_scale,
-                      T, W, N, KIND, TRANSPOSED, CONV_R, CONV_WRAP, HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
-    for j in range(n_full, n_visit):
-        start_n = tl.load(lay + j) * BLOCK_N
-        dq = _dq_tile(dq, q, do, lse, delta, qr, K_base, V_base, stride_kn, stride_vn, start_n, qk_scale,
-                      T, W, N, KIND, TRANSPOSED, CONV_R, CONV_WRAP, HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                      T, W, N, KIND, TRANSPOSED, CONV_R, CONV_WRAP, HEAD_DIM, BLOCK_N, j >= n_full, DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + qr[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
