@@ -67,7 +67,7 @@ from dalle_ds.config import DALLE_PRESETS  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
 from dalle_ds.models.flops import count_flops, recompute_flops_per_sequence  # noqa: E402
 from dalle_ds.train.distributed import (  # noqa: E402
-    device as ds_device, init_distributed, rank, shutdown_distributed, world_size)
+    device as ds_device, distributed_run, rank, world_size)
 from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
@@ -358,10 +358,8 @@ def parse_args(argv):
 def main(argv=None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    init_distributed()
-    result = _run(args, argv)
-    shutdown_distributed()  # not on an exception: the launcher stops the other ranks, a barrier would hang
-    return result
+    with distributed_run():
+        return _run(args, argv)
 
 
 def _run(args, argv: list[str]) -> dict | None:

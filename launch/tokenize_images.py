@@ -54,8 +54,7 @@ def main(argv=None) -> int:
     from dalle_ds.data.images import collate_samples
     from dalle_ds.data.registry import build_dataset
     from dalle_ds.data.token_shards import ShardWriter, write_meta
-    from dalle_ds.train.distributed import (barrier, device, init_distributed, is_rank0, rank,
-                                           shutdown_distributed, world_size)
+    from dalle_ds.train.distributed import barrier, device, distributed_run, is_rank0, rank, world_size
     from dalle_ds.train.dvae_trainer import load_dvae
 
     dvae = load_dvae(args.dvae)
@@ -64,42 +63,41 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    init_distributed()
-    if is_rank0():  # a re-run replaces the folder's contents; meta.json goes first so it is never stale
-        out = Path(args.out)
-        for old in [out / "meta.json", *out.glob("part-*")]:
-            old.unlink(missing_ok=True)
-    barrier()
-    dev = device()
-    dvae = dvae.to(dev)
-    autocast = dvae.bf16_inference(args.bf16)
-    ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, dvae.cfg.image_size))
-    mine = Subset(ds, range(rank(), len(ds), world_size()))
-    loader = DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_samples)
-    writer = ShardWriter(args.out, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
-    position = 0
-    for batch in tqdm(loader, desc=f"tokenize {args.split}", disable=not is_rank0(), dynamic_ncols=True):
-        with autocast:
-            tokens = dvae.encode(batch["image"].to(dev))
-        records = []
-        for j, caption in enumerate(batch["caption"]):
-            rec = {"index": mine.indices[position + j], "caption": caption}
-            if "scene" in batch:
-                rec["scene"] = batch["scene"][j]
-            records.append(rec)
-        position += len(records)
-        writer.add(tokens, records)
-    writer.flush()
-    barrier()
-    if is_rank0():
-        parts = sorted(p.name[: -len(".tokens.npy")] for p in Path(args.out).glob("part-*.tokens.npy"))
-        write_meta(args.out, parts, dvae.cfg.grid_size, dvae.cfg.vocab_size,
-                   {"dvae": os.path.abspath(args.dvae), "dataset": data.name, "split": args.split,
-                    "path": args.path, "seed": args.seed, "bf16": args.bf16})
-        meta = json.loads((Path(args.out) / "meta.json").read_text())
-        print(f"wrote {meta['num_samples']} token rows ({meta['grid_size']}×{meta['grid_size']} codes, "
-              f"K={meta['vocab_size']}) in {len(parts)} parts to {args.out}")
-    shutdown_distributed()
+    with distributed_run():
+        if is_rank0():  # a re-run replaces the folder's contents; meta.json goes first so it is never stale
+            out = Path(args.out)
+            for old in [out / "meta.json", *out.glob("part-*")]:
+                old.unlink(missing_ok=True)
+        barrier()
+        dev = device()
+        dvae = dvae.to(dev)
+        autocast = dvae.bf16_inference(args.bf16)
+        ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, dvae.cfg.image_size))
+        mine = Subset(ds, range(rank(), len(ds), world_size()))
+        loader = DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_samples)
+        writer = ShardWriter(args.out, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
+        position = 0
+        for batch in tqdm(loader, desc=f"tokenize {args.split}", disable=not is_rank0(), dynamic_ncols=True):
+            with autocast:
+                tokens = dvae.encode(batch["image"].to(dev))
+            records = []
+            for j, caption in enumerate(batch["caption"]):
+                rec = {"index": mine.indices[position + j], "caption": caption}
+                if "scene" in batch:
+                    rec["scene"] = batch["scene"][j]
+                records.append(rec)
+            position += len(records)
+            writer.add(tokens, records)
+        writer.flush()
+        barrier()
+        if is_rank0():
+            parts = sorted(p.name[: -len(".tokens.npy")] for p in Path(args.out).glob("part-*.tokens.npy"))
+            write_meta(args.out, parts, dvae.cfg.grid_size, dvae.cfg.vocab_size,
+                       {"dvae": os.path.abspath(args.dvae), "dataset": data.name, "split": args.split,
+                        "path": args.path, "seed": args.seed, "bf16": args.bf16})
+            meta = json.loads((Path(args.out) / "meta.json").read_text())
+            print(f"wrote {meta['num_samples']} token rows ({meta['grid_size']}×{meta['grid_size']} codes, "
+                  f"K={meta['vocab_size']}) in {len(parts)} parts to {args.out}")
     return 0
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from dalle_ds.dist.local_ranks import run_local_ranks
-from dalle_ds.train.distributed import shutdown_distributed
+from dalle_ds.train.distributed import distributed_run, shutdown_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -37,3 +37,20 @@ def _shut_down_twice(rank, world):
 
 def test_shutdown_distributed_ends_the_group_on_every_rank():
     assert run_local_ranks(_shut_down_twice, 2) is False
+
+
+def _group_after_blocks(rank, world):
+    """distributed_run on every rank: the group survives a block that raises, and ends after one that returns."""
+    try:
+        with distributed_run():
+            raise ValueError("inside the block")
+    except ValueError:
+        pass
+    after_error = dist.is_initialized()
+    with distributed_run():
+        dist.all_reduce(torch.ones(1))
+    return after_error, dist.is_initialized()
+
+
+def test_distributed_run_ends_the_group_only_on_a_clean_exit():
+    assert run_local_ranks(_group_after_blocks, 2) == (True, False)

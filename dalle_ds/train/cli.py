@@ -35,7 +35,7 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
                  artifacts: Callable[[str], str]) -> int:
     """Parse → validate the run config and the DeepSpeed JSON (before any process group exists) → init → train."""
     from dalle_ds.config import ConfigError, build_run_config
-    from dalle_ds.train.distributed import init_distributed, shutdown_distributed
+    from dalle_ds.train.distributed import distributed_run
     from dalle_ds.train.ds_config import apply_ds_overrides, load_ds_config
 
     parser = build_parser(description, presets, default_preset)
@@ -49,10 +49,8 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    init_distributed()
-    code = _train(cfg, ds_raw, args, job_name, make_trainer, artifacts)
-    shutdown_distributed()  # not on an exception: the launcher stops the other ranks, a barrier would hang
-    return code
+    with distributed_run():
+        return _train(cfg, ds_raw, args, job_name, make_trainer, artifacts)
 
 
 def _train(cfg, ds_raw: dict, args, job_name: str, make_trainer, artifacts) -> int:

@@ -1,6 +1,7 @@
 """Process-group helpers shared by the launch scripts (they all run under the ``deepspeed`` launcher)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,6 +50,17 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+
+@contextlib.contextmanager
+def distributed_run():
+    """``with distributed_run(): ...`` — :func:`init_distributed` on entry, :func:`shutdown_distributed` when the
+    block ends normally (``return`` included) and not when it raises: the launcher then stops the other ranks, and a
+    barrier here would hang instead. The entry points (training CLI, tokenizer, sampler, bench_train) use it."""
+    init_distributed()
+    yield
+    shutdown_distributed()
 
 
 #: DeepSpeed's name prefix for the CPU shm all-reduce workspaces (``SHM_BUFFER_NAME`` in shm.cpp).
