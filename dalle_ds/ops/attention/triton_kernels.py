@@ -121,15 +121,17 @@ def _fwd_tile(acc, l_i, m_i, q, qr, K_base, V_base, stride_kn, stride_vn, start_
     n_ok = offs_n < N
     k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    # -- scores, already in log2 units: (B_M, B_N)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    # -- raw scores (B_M, B_N); the log2-unit scale (qk_scale > 0) is applied to the row maxima and inside exp2's
+    # argument, where multiply and subtract fuse into one FMA per score (Triton's tutorial does the same): 32 fewer
+    # instructions per thread and 64x64 tile than scaling every score first (ptxas for sm_90)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if partial:  # a runtime branch, uniform over the program: FULL tiles skip the mask arithmetic
         vis = _visible(qr[:, None], kr[None, :], T, W, KIND, CONV_R, CONV_WRAP) & n_ok[None, :]
         s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: avoid inf - inf
     # -- online softmax update
-    p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
