@@ -9,7 +9,9 @@ it times forward, backward and forward+backward of
 * ``sdpa_mask``: SDPA with the dense boolean mask;
 
 for each mask and for the paper's layer mix (the schedule of ``layer_schedule(64)``: 47 row, 16 column, 1 conv
-layers; mix time = per-layer average). All providers run in one process, on the same inputs.
+layers; mix time = per-layer average). All providers run in one process, on the same inputs. Before timing, each
+provider's output and gradients are checked against fp32 masked attention (``CHECK_TOL``): a provider that computes
+the wrong thing is marked FAIL in the table and named in the summary, so a fast wrong kernel cannot pass unseen.
 
 FLOPs are counted on the elements the mask keeps (FlashAttention's convention restricted to the mask):
 forward = 4 * D * kept * B * H, backward = 2.5 x forward, forward+backward = 3.5 x forward. TFLOP/s use those
@@ -226,19 +228,48 @@ def time_provider(fn, q, k, v, device: str, reps: int, graphs: bool = False, pro
     return res
 
 
+#: Largest max|x - ref| / max|ref| (output and each gradient) that passes the check, per input dtype. Rounding in
+#: 16-bit inputs stays well below this; a wrong mask or a missed tile gives errors of order 1.
+CHECK_TOL = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
+CHECKED = ("out", "dq", "dk", "dv")
+
+
+def reference(spec: MaskSpec, q, k, v, dout) -> dict:
+    """Output and gradients of masked attention in fp32 (SDPA with the dense mask): what every provider is checked
+    against, computed once per mask."""
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*leaves, attn_mask=dense_mask(spec, q.device))
+    out.backward(dout.float())
+    return {"out": out.detach(), **{n: t.grad for n, t in zip(("dq", "dk", "dv"), leaves)}}
+
+
+def check(fn, q, k, v, dout, ref: dict) -> dict:
+    """One forward (and backward where the provider has one) of ``fn`` against ``ref``: the max error of each of
+    out, dq, dk, dv relative to the reference's largest magnitude, and whether all pass ``CHECK_TOL``."""
+    with torch.no_grad():
+        got = {"out": fn(q, k, v)}
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    try:
+        fn(*leaves).backward(dout)
+        got.update(zip(("dq", "dk", "dv"), (t.grad for t in leaves)))
+    except Exception:  # no backward here (FlexAttention on CPU): the forward is still checked
+        pass
+    rel = {n: ((got[n].float() - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30)).item()
+           for n in CHECKED if n in got}
+    tol = CHECK_TOL[q.dtype]
+    return {"max_rel_err": rel, "tol": tol, "ok": all(math.isfinite(e) and e <= tol for e in rel.values())}
+
+
 def measure(prov: str, spec: MaskSpec, q, k, v, device: str, reps: int, graphs: bool = False,
-            profile: bool = False) -> dict:
-    """Check one provider's forward against fp32 masked SDPA, then time it; errors are recorded, not raised."""
+            profile: bool = False, ref: dict | None = None, dout=None) -> dict:
+    """Check one provider's forward and backward against ``ref`` (fp32 masked attention; not for sdpa_causal,
+    which computes another mask), then time it; errors are recorded, not raised."""
     try:
         fn = make_provider(prov, spec, device)
-        with torch.no_grad():
-            out = fn(q, k, v).float()
-        err = None
-        if prov != "sdpa_causal":
-            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=dense_mask(spec, device))
-            err = (out - ref).abs().max().item()
+        checked = check(fn, q, k, v, dout, ref) if ref is not None and prov != "sdpa_causal" else None
         res = time_provider(fn, q, k, v, device, reps, graphs, profile)
-        res["max_abs_err_vs_fp32_masked"] = err
+        if checked is not None:
+            res["check"] = checked
     except Exception as e:
         res = {"error": _error(e, 300)}
         if os.environ.get("BENCH_DEBUG"):
@@ -265,7 +296,7 @@ def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: s
     N = T + W * W
     case = {"name": name, "T": T, "W": W, "N": N, "B": B, "H": H, "D": D, "dtype": str(dtype).replace("torch.", ""),
             "masks": {}}
-    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
+    q, k, v, dout = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(4))
     sdpa_causal_cache = None
     for kind in (*MASKS, *extra_masks):  # extra kinds (e.g. causal) are timed but not part of the layer mix
         spec = MaskSpec(kind, T, W)
@@ -278,18 +309,20 @@ def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: s
             "floor_ms": {m: flops[m] / (matmul_rate * 1e12) * 1e3 for m in MODES},
             "providers": {},
         }
+        ref = reference(spec, q, k, v, dout)
         for prov in providers:
             if prov == "sdpa_causal" and sdpa_causal_cache is not None:  # mask-independent: time it once
                 res = {key: val for key, val in sdpa_causal_cache.items()
                        if not key.endswith(("tflops", "pct_floor", "profile"))}  # rates redone; profile shown once
             else:
                 print(f"#   {kind} {prov}", file=sys.stderr)
-                res = measure(prov, spec, q, k, v, device, reps, graphs, profile)
+                res = measure(prov, spec, q, k, v, device, reps, graphs, profile, ref, dout)
             _add_rates(res, flops, entry["floor_ms"])
             entry["providers"][prov] = res
             if prov == "sdpa_causal" and "error" not in res:
                 sdpa_causal_cache = res
         case["masks"][kind] = entry
+        del ref
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -350,21 +383,26 @@ def markdown(report: dict) -> str:
         "TFLOP/s and % floor count only the FLOPs on elements the mask keeps (fwd+bwd = 3.5 x fwd). "
         "Speedup = provider time / triton time.",
         "",
-        "| case | mask | provider | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % floor | triton speedup |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| case | mask | provider | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % floor | triton speedup | "
+        "check: max rel err (out, dq, dk, dv) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for case, kind, entry, prov, res in _results(report):
         label = f"{case['name']} N={case['N']} B={case['B']} H={case['H']} d={case['D']} {case['dtype']}"
         if "error" in res:
-            lines.append(f"| {label} | {kind} | {prov} | error: {res['error'][:60]} | | | | | |")
+            lines.append(f"| {label} | {kind} | {prov} | error: {res['error'][:60]} | | | | | | |")
             continue
         sp = entry["triton_speedup"].get(prov, {}).get("fwd_bwd") if prov != "triton" else None
         lines.append(
             f"| {label} | {kind} | {prov} | {fmt(res.get('fwd_ms'))} | {fmt(res.get('bwd_ms'))} | "
             f"{fmt(res.get('fwd_bwd_ms'))} | {fmt(res.get('tflops', {}).get('fwd_bwd'), '.1f')} | "
-            f"{fmt(res.get('pct_floor', {}).get('fwd_bwd'), '.1f')} | {fmt(sp, '.2f')} |"
+            f"{fmt(res.get('pct_floor', {}).get('fwd_bwd'), '.1f')} | {fmt(sp, '.2f')} | {check_cell(res)} |"
         )
     lines += graph_table(report) + profile_tables(report)
+    failed = failed_checks(report)
+    lines += ["", "Each provider's output and gradients were checked against fp32 masked attention before timing "
+              "(sdpa_causal computes another mask and is not checked): "
+              + ("**FAILED: " + "; ".join(failed) + "**" if failed else "all within tolerance") + "."]
     lines += ["", "Targets on the layer mix (fwd+bwd): >= 1.5x compiled FlexAttention, >= 2x SDPA dense causal, "
               ">= 50% of the floor.", ""]
     for case in report["cases"]:
@@ -381,6 +419,20 @@ def markdown(report: dict) -> str:
                 f"floor {fmt(pct, '.1f')}%"
             )
     return "\n".join(lines)
+
+
+def check_cell(res: dict) -> str:
+    chk = res.get("check")
+    if chk is None:
+        return ""
+    errs = ", ".join(fmt(chk["max_rel_err"].get(n), ".1e") for n in CHECKED)
+    return errs + ("" if chk["ok"] else f" **FAIL** (tol {chk['tol']:.0e})")
+
+
+def failed_checks(report: dict) -> list[str]:
+    """'case mask provider' for every result whose check failed (masks only: the mix is not recomputed)."""
+    return [f"{case['name']} {kind} {prov}" for case, kind, _, prov, res in _results(report)
+            if not res.get("check", {}).get("ok", True)]
 
 
 def graph_table(report: dict) -> list[str]:

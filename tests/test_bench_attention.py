@@ -79,8 +79,14 @@ def test_report_timings_and_speedups(quick_report):
             for m in ("fwd", "bwd", "fwd_bwd"):
                 assert res[f"{m}_ms"] > 0
                 assert res["tflops"][m] == pytest.approx(entry["flops"][m] / (res[f"{m}_ms"] * 1e-3) / 1e12)
-        # the kernels were checked against fp32 masked SDPA before timing
-        assert provs["triton"]["max_abs_err_vs_fp32_masked"] < 1e-4
+        # every provider but sdpa_causal (another mask) was checked against fp32 masked attention before timing:
+        # output and gradients (FlexAttention on CPU: the output only)
+        for name in ("triton", "sdpa_mask", "dense"):
+            chk = provs[name]["check"]
+            assert chk["ok"] and set(chk["max_rel_err"]) == {"out", "dq", "dk", "dv"}, (kind, name, chk)
+            assert max(chk["max_rel_err"].values()) < 1e-4, (kind, name, chk)
+        assert set(provs["flex"]["check"]["max_rel_err"]) == {"out"} and provs["flex"]["check"]["ok"]
+        assert "check" not in provs["sdpa_causal"]
         # FlexAttention has no CPU backward: forward timed, the refusal recorded
         assert provs["flex"]["fwd_ms"] > 0 and "backward" in provs["flex"]["bwd_error"]
         sp = entry["triton_speedup"]["sdpa_causal"]["fwd_bwd"]
@@ -172,3 +178,22 @@ def test_ncu_probe_runs_one_step_and_parses_tiles():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "'mask': 'conv_T3_W4" in proc.stdout and "'finite': True" in proc.stdout
+
+
+def test_check_catches_a_wrong_provider():
+    """The pre-timing check fails a provider whose output or gradients are off (here: attention with another mask)."""
+    import torch
+
+    from dalle_ds.ops.attention import MaskSpec
+
+    spec = MaskSpec("row", 3, 4)
+    q, k, v, dout = (torch.randn(1, 2, 19, 16) for _ in range(4))
+    ref = bench_attention.reference(spec, q, k, v, dout)
+    good = bench_attention.check(bench_attention.make_provider("sdpa_mask", spec, "cpu"), q, k, v, dout, ref)
+    bad = bench_attention.check(bench_attention.make_provider("sdpa_causal", spec, "cpu"), q, k, v, dout, ref)
+    assert good["ok"] and max(good["max_rel_err"].values()) < 1e-5
+    assert not bad["ok"] and bad["max_rel_err"]["out"] > bad["tol"]
+    report = {"cases": [{"name": "tiny", "masks": {"row": {"providers": {"x": {"check": bad}, "y": {"check": good}}}},
+                         "mix": {"providers": {}}}]}
+    assert bench_attention.failed_checks(report) == ["tiny row x"]
+    assert "**FAIL**" in bench_attention.check_cell({"check": bad})
