@@ -4,7 +4,9 @@
 #
 #   STAGES="tests_fp169 bench_fp169 bench_attn" DEADLINE=420 bash benchmarks/device_session.sh
 # (without STAGES: every stage but bench_attn_large, in priority order: first what changed since the last GPU run
-# and must be checked there, the CUDA decode kernel's bits, then the numbers the open targets need)
+# and must be checked there: the attention kernels' one pipelined loop (bench_attn checks each provider's output
+# and gradients at the paper's shape before timing it) and the CUDA decode kernel's bits; then the numbers the
+# open targets need)
 #
 # Stages (run in the order given; a stage is skipped when less than its minimum time is left):
 #   tests_attn   tests/test_attention_triton.py on the GPU (every parity test, the gpu-marked ones included)
@@ -31,7 +33,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 START=$(date +%s)
 DEADLINE=${DEADLINE:-420}
-STAGES=${STAGES:-"tests_fp169 fp169_argcheck bench_fp169 bench_attn ncu_attn precision tests_attn bench_attn_diag bench_train bench_sample"}
+STAGES=${STAGES:-"bench_attn tests_fp169 fp169_argcheck bench_fp169 ncu_attn precision tests_attn bench_attn_diag bench_train bench_sample"}
 OUT=${OUT:-/tmp/device_out}
 LOGS=/tmp/device_logs
 mkdir -p "$OUT" "$LOGS"
