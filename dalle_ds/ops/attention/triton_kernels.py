@@ -389,13 +389,15 @@ def _attn_decode(Q, K, V, Out, KeyTable, KeyCount, stride_table, position,
         else:
             kidx = tl.load(table + offs, mask=ok, other=0)
         k = tl.load(K_base + kidx[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        # V is loaded before the scores are reduced: issued here, its latency overlaps the K arithmetic (issued
+        # after the softmax, as before, ptxas kept it behind the reductions' barriers: two load latencies a block)
+        v = tl.load(V_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # (B_N,)
         s = tl.where(ok, s, float("-inf"))[None, :]  # (1, B_N); every block has >= 1 valid key
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.sum(tl.trans(p) * v.to(tl.float32), 0)[None, :]
         m_i = m_new
     out = acc / l_i[:, None]
