@@ -284,8 +284,9 @@ def test_gpu_tuned_tiles(monkeypatch):
     spec = MaskSpec("row", 256, 32)
     tb._tuned.clear()
     check_forward_backward(spec, 4, 8, 64, torch.bfloat16)
+    check_decode(spec, 4, 8, 64, torch.bfloat16, [700])
     chosen = tb.tuned_configs()
-    assert {k.split(":")[0] for k in chosen} == {"fwd", "dkdv", "dq"}, chosen
+    assert {k.split(":")[0] for k in chosen} == {"fwd", "dkdv", "dq", "decode"}, chosen
     check_forward_backward(MaskSpec("column", 256, 32), 4, 8, 64, torch.bfloat16)  # reuses the tuned tiles
 
 
@@ -413,7 +414,9 @@ def test_kernels_compile_for_sm90_without_spills(kind):
         jobs.append((name, fn, _constexprs(name, spec, cfg), cfg.num_warps, cfg.num_stages))
     jobs.append(("preprocess", kernels._attn_bwd_preprocess,
                  dict(T=256, W=32, N=1280, TRANSPOSED=spec.transposed, HEAD_DIM=64, BLOCK_M=64), 4, 2))
-    jobs.append(("decode", kernels._attn_decode, dict(HEAD_DIM=64, BLOCK_N=64, CONTIGUOUS=False), 4, 2))
+    for cfg in tb._CANDIDATES["decode"]["small"]:  # every candidate the decode tuner may pick
+        jobs.append(("decode", kernels._attn_decode, dict(HEAD_DIM=64, BLOCK_N=cfg.block_n, CONTIGUOUS=False),
+                     cfg.num_warps, cfg.num_stages))
     for name, fn, consts, nw, ns in jobs:
         try:
             compiled = _compile_for_sm90(fn, consts, num_warps=nw, num_stages=ns)

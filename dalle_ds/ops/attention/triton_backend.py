@@ -166,6 +166,13 @@ _CANDIDATES = {
                   Config(64, 64, 4, 2)],
         "large": [Config(128, 32, 8, 2), Config(64, 64, 8, 2), Config(64, 32, 4, 3), Config(128, 64, 8, 2)],
     },
+    # decode: one query per program, block_n keys per step, no tl.dot (nothing for the pipeliner: 1 stage). Its
+    # three reductions per step cross warps (sm_90 SASS at 4 warps: 14 barriers a step); 1-2 warps keep them in
+    # shuffles, at fewer loads in flight per program. Which wins depends on batch x heads: the tuner measures.
+    "decode": {
+        "small": [Config(1, 64, 4, 1), Config(1, 64, 2, 1), Config(1, 64, 1, 1), Config(1, 128, 4, 1)],
+        "large": [Config(1, 64, 4, 1), Config(1, 32, 2, 1), Config(1, 64, 8, 1)],
+    },
 }
 # The 2-stage entries (added 2026-12-05, not yet timed on a GPU): a program visits only ~5 key tiles at the paper's
 # shape, so a third stage hardly fills, and 2 stages cut shared memory per program (64x64 forward: 40 KB vs 56 KB
@@ -174,7 +181,6 @@ _CANDIDATES = {
 # needed): every candidate compiles to wgmma code for every mask; at D = 64 none spills registers; at D = 128 the
 # last two dK/dV candidates spill a little (dK and dV accumulators of 64-128 x 128 fp32) and stay only as options.
 _INTERPRETER_CONFIG = Config(32, 32, 4, 1)
-_DECODE_BLOCK = 64
 _tuned: dict = {}
 _forced: dict = {}
 _poison = False
@@ -200,10 +206,11 @@ def _alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch
 
 
 @contextlib.contextmanager
-def kernel_config(fwd: Config | None = None, dkdv: Config | None = None, dq: Config | None = None):
-    """Pin the tile configuration of the forward / dK-dV / dQ kernels inside the ``with`` block."""
+def kernel_config(fwd: Config | None = None, dkdv: Config | None = None, dq: Config | None = None,
+                  decode: Config | None = None):
+    """Pin the tile configuration of the forward / dK-dV / dQ / decode kernels inside the ``with`` block."""
     saved = dict(_forced)
-    for name, cfg in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
+    for name, cfg in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("decode", decode)):
         if cfg is not None:
             _forced[name] = cfg
     try:
@@ -352,13 +359,16 @@ def _decode(q_new, k_cache, v_cache, spec: MaskSpec, position: int, scale: float
     else:
         table, count = decode_table(spec, q_new.device)
         stride_table = table.stride(0)
-    block = _DECODE_BLOCK if q_new.is_cuda else 32
-    kern._attn_decode[(B * H,)](
-        q_new, k_cache, v_cache, out, table, count, stride_table, int(position),
-        *_s3(q_new)[:2], *_s3(k_cache), *_s3(v_cache), *_s3(out)[:2],
-        H, scale * LOG2E, HEAD_DIM=D, BLOCK_N=block, CONTIGUOUS=contiguous, num_warps=4,
-        **_LAUNCH_OPTIONS,
-    )
+
+    def launch(cfg: Config):
+        kern._attn_decode[(B * H,)](
+            q_new, k_cache, v_cache, out, table, count, stride_table, int(position),
+            *_s3(q_new)[:2], *_s3(k_cache), *_s3(v_cache), *_s3(out)[:2],
+            H, scale * LOG2E, HEAD_DIM=D, BLOCK_N=cfg.block_n, CONTIGUOUS=contiguous,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
+        )
+
+    launch(_pick("decode", k_cache, spec, launch))  # k_cache: the tuning key's shape is the cache's
     return out
 
 
