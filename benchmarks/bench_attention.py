@@ -240,33 +240,33 @@ def reference(spec: MaskSpec, q, k, v, dout) -> dict:
     leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
     out = F.scaled_dot_product_attention(*leaves, attn_mask=dense_mask(spec, q.device))
     out.backward(dout.float())
-    return {"out": out.detach(), **{n: t.grad for n, t in zip(("dq", "dk", "dv"), leaves)}}
+    return {"out": out.detach(), **{n: t.grad for n, t in zip(CHECKED[1:], leaves)}}
 
 
 def check(fn, q, k, v, dout, ref: dict) -> dict:
     """One forward (and backward where the provider has one) of ``fn`` against ``ref``: the max error of each of
     out, dq, dk, dv relative to the reference's largest magnitude, and whether all pass ``CHECK_TOL``."""
-    with torch.no_grad():
-        got = {"out": fn(q, k, v)}
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     try:
-        fn(*leaves).backward(dout)
-        got.update(zip(("dq", "dk", "dv"), (t.grad for t in leaves)))
-    except Exception:  # no backward here (FlexAttention on CPU): the forward is still checked
-        pass
+        out = fn(*leaves)
+        out.backward(dout)
+        got = {"out": out.detach(), **{n: t.grad for n, t in zip(CHECKED[1:], leaves)}}
+    except Exception:  # no backward here (FlexAttention on CPU refuses inputs that need grad): check the forward
+        with torch.no_grad():
+            got = {"out": fn(q, k, v)}
     rel = {n: ((got[n].float() - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30)).item()
            for n in CHECKED if n in got}
     tol = CHECK_TOL[q.dtype]
     return {"max_rel_err": rel, "tol": tol, "ok": all(math.isfinite(e) and e <= tol for e in rel.values())}
 
 
-def measure(prov: str, spec: MaskSpec, q, k, v, device: str, reps: int, graphs: bool = False,
-            profile: bool = False, ref: dict | None = None, dout=None) -> dict:
+def measure(prov: str, spec: MaskSpec, q, k, v, dout, ref: dict, device: str, reps: int, graphs: bool = False,
+            profile: bool = False) -> dict:
     """Check one provider's forward and backward against ``ref`` (fp32 masked attention; not for sdpa_causal,
     which computes another mask), then time it; errors are recorded, not raised."""
     try:
         fn = make_provider(prov, spec, device)
-        checked = check(fn, q, k, v, dout, ref) if ref is not None and prov != "sdpa_causal" else None
+        checked = check(fn, q, k, v, dout, ref) if prov != "sdpa_causal" else None
         res = time_provider(fn, q, k, v, device, reps, graphs, profile)
         if checked is not None:
             res["check"] = checked
@@ -316,7 +316,7 @@ def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: s
                        if not key.endswith(("tflops", "pct_floor", "profile"))}  # rates redone; profile shown once
             else:
                 print(f"#   {kind} {prov}", file=sys.stderr)
-                res = measure(prov, spec, q, k, v, device, reps, graphs, profile, ref, dout)
+                res = measure(prov, spec, q, k, v, dout, ref, device, reps, graphs, profile)
             _add_rates(res, flops, entry["floor_ms"])
             entry["providers"][prov] = res
             if prov == "sdpa_causal" and "error" not in res:

@@ -178,8 +178,9 @@ _CANDIDATES = {
 # shape, so a third stage hardly fills, and 2 stages cut shared memory per program (64x64 forward: 40 KB vs 56 KB
 # from triton.compile for sm_90), which lets more programs share an SM. The tuner keeps whichever is fastest.
 # Checked with ptxas for sm_90 (triton.compile(..., target=GPUTarget("cuda", 90, 32)) + cuobjdump -res-usage, no GPU
-# needed): every candidate compiles to wgmma code for every mask; at D = 64 none spills registers; at D = 128 the
-# last two dK/dV candidates spill a little (dK and dV accumulators of 64-128 x 128 fp32) and stay only as options.
+# needed): every forward / dK-dV / dQ candidate compiles to wgmma code for every mask (the decode has no tl.dot);
+# at D = 64 none spills registers; at D = 128 the last two dK/dV candidates spill a little (dK and dV accumulators
+# of 64-128 x 128 fp32) and stay only as options.
 _INTERPRETER_CONFIG = Config(32, 32, 4, 1)
 _tuned: dict = {}
 _forced: dict = {}
@@ -227,13 +228,14 @@ def _pick(kernel: str, q: torch.Tensor, spec: MaskSpec, launch) -> Config:
     if q.device.type == "cpu":
         return _INTERPRETER_CONFIG
     B, H, N, D = q.shape
-    cands = _CANDIDATES[kernel]["small" if D <= 64 else "large"]
-    cands = [c for c in cands if max(c.block_m, c.block_n) <= max(16, triton_next_pow2(N))] or cands[-1:]
     # One tuning per geometry, shared by the mask kinds (they have the same tile mix: text tiles + a band), so a
-    # model compiles every candidate once, not once per layer kind.
+    # model compiles every candidate once, not once per layer kind. Looked up first: this runs on every call (for
+    # the decode kernel, once per token and layer).
     key = (kernel, spec.text_len, spec.grid, D, q.dtype, str(q.device), triton_next_pow2(B * H))
     if key in _tuned:
         return _tuned[key]
+    cands = _CANDIDATES[kernel]["small" if D <= 64 else "large"]
+    cands = [c for c in cands if max(c.block_m, c.block_n) <= max(16, triton_next_pow2(N))] or cands[-1:]
     if os.environ.get("DALLE_DS_ATTN_TUNE", "1") == "0" or len(cands) == 1:
         return cands[0]
     import triton.testing
@@ -285,7 +287,8 @@ def _geometry(spec: MaskSpec, dtype: torch.dtype, head_dim: int) -> dict:
 
 
 def _slots(index: torch.Tensor) -> int:
-    """Register slots for a visit list (the kernels hold each program's list in registers: triton_kernels._visit_list)."""
+    """Register slots for a visit list: the kernels hold each program's list in registers
+    (``triton_kernels._visit_list``)."""
     return triton_next_pow2(index.shape[1])
 
 

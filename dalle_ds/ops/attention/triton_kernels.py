@@ -107,6 +107,20 @@ def _visit_at(row, j, SLOTS: tl.constexpr):
     return tl.sum(tl.where(tl.arange(0, SLOTS) == j, row, 0))
 
 
+@triton.jit
+def _kv_tile(K_base, V_base, stride_kn, stride_vn, start_n, T: tl.constexpr, W: tl.constexpr, N: tl.constexpr,
+             TRANSPOSED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tile ``start_n .. start_n + BLOCK_N`` (kernel order) for the forward and dQ: its raster rows, which of
+    them exist (< N), and its K and V rows (zeros past N)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kr = _to_raster(offs_n, T, W, TRANSPOSED)
+    n_ok = offs_n < N
+    k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    return kr, n_ok, k, v
+
+
 # --------------------------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------------------------
@@ -115,12 +129,7 @@ def _fwd_tile(acc, l_i, m_i, q, qr, K_base, V_base, stride_kn, stride_vn, start_
               T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr, TRANSPOSED: tl.constexpr,
               CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               partial, DOT_PRECISION: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    kr = _to_raster(offs_n, T, W, TRANSPOSED)
-    n_ok = offs_n < N
-    k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    kr, n_ok, k, v = _kv_tile(K_base, V_base, stride_kn, stride_vn, start_n, T, W, N, TRANSPOSED, HEAD_DIM, BLOCK_N)
     # -- raw scores (B_M, B_N); the log2-unit scale (qk_scale > 0) is applied to the row maxima and inside exp2's
     # argument, where multiply and subtract fuse into one FMA per score (Triton's tutorial does the same): 32 fewer
     # instructions per thread and 64x64 tile than scaling every score first (ptxas for sm_90)
@@ -292,12 +301,7 @@ def _dq_tile(dq, q, do, lse, delta, qr, K_base, V_base, stride_kn, stride_vn, st
              T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr, TRANSPOSED: tl.constexpr,
              CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
              partial, DOT_PRECISION: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    kr = _to_raster(offs_n, T, W, TRANSPOSED)
-    n_ok = offs_n < N
-    k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    kr, n_ok, k, v = _kv_tile(K_base, V_base, stride_kn, stride_vn, start_n, T, W, N, TRANSPOSED, HEAD_DIM, BLOCK_N)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if partial:  # runtime branch, uniform over the program
