@@ -108,17 +108,17 @@ def _visit_at(row, j, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def _kv_tile(K_base, V_base, stride_kn, stride_vn, start_n, T: tl.constexpr, W: tl.constexpr, N: tl.constexpr,
-             TRANSPOSED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tile ``start_n .. start_n + BLOCK_N`` (kernel order) for the forward and dQ: its raster rows, which of
-    them exist (< N), and its K and V rows (zeros past N)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+def _row_tiles(A_base, B_base, stride_an, stride_bn, start, T: tl.constexpr, W: tl.constexpr, N: tl.constexpr,
+               TRANSPOSED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows ``start .. start + BLOCK`` (kernel order) of two (N, HEAD_DIM) tensors: their raster row indices, which
+    of them exist (< N), and both tiles (zeros past N). K and V for the forward and dQ; Q and dO for dK/dV."""
+    offs = start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    kr = _to_raster(offs_n, T, W, TRANSPOSED)
-    n_ok = offs_n < N
-    k = tl.load(K_base + kr[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    v = tl.load(V_base + kr[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    return kr, n_ok, k, v
+    rows = _to_raster(offs, T, W, TRANSPOSED)
+    ok = offs < N
+    a = tl.load(A_base + rows[:, None] * stride_an + offs_d[None, :], mask=ok[:, None], other=0.0)
+    b = tl.load(B_base + rows[:, None] * stride_bn + offs_d[None, :], mask=ok[:, None], other=0.0)
+    return rows, ok, a, b
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -129,7 +129,8 @@ def _fwd_tile(acc, l_i, m_i, q, qr, K_base, V_base, stride_kn, stride_vn, start_
               T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr, TRANSPOSED: tl.constexpr,
               CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               partial, DOT_PRECISION: tl.constexpr):
-    kr, n_ok, k, v = _kv_tile(K_base, V_base, stride_kn, stride_vn, start_n, T, W, N, TRANSPOSED, HEAD_DIM, BLOCK_N)
+    kr, n_ok, k, v = _row_tiles(K_base, V_base, stride_kn, stride_vn, start_n, T, W, N, TRANSPOSED, HEAD_DIM,
+                                 BLOCK_N)
     # -- raw scores (B_M, B_N); the log2-unit scale (qk_scale > 0) is applied to the row maxima and inside exp2's
     # argument, where multiply and subtract fuse into one FMA per score (Triton's tutorial does the same): 32 fewer
     # instructions per thread and 64x64 tile than scaling every score first (ptxas for sm_90)
@@ -225,12 +226,9 @@ def _dkdv_tile(dk, dv, k, v, kr, Q_base, DO_base, Lse_bh, Delta_bh, stride_qn, s
                T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr, TRANSPOSED: tl.constexpr,
                CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                partial, DOT_PRECISION: tl.constexpr):
+    qr, m_ok, q, do = _row_tiles(Q_base, DO_base, stride_qn, stride_don, start_m, T, W, N, TRANSPOSED, HEAD_DIM,
+                                 BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    qr = _to_raster(offs_m, T, W, TRANSPOSED)
-    m_ok = offs_m < N
-    q = tl.load(Q_base + qr[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-    do = tl.load(DO_base + qr[:, None] * stride_don + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     lse = tl.load(Lse_bh + offs_m, mask=m_ok, other=float("inf"))  # padded rows: p = 0
     delta = tl.load(Delta_bh + offs_m, mask=m_ok, other=0.0)
     # -- P^T = exp2(K Q^T * qk_scale - lse): (B_N, B_M)
@@ -301,7 +299,8 @@ def _dq_tile(dq, q, do, lse, delta, qr, K_base, V_base, stride_kn, stride_vn, st
              T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr, TRANSPOSED: tl.constexpr,
              CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
              partial, DOT_PRECISION: tl.constexpr):
-    kr, n_ok, k, v = _kv_tile(K_base, V_base, stride_kn, stride_vn, start_n, T, W, N, TRANSPOSED, HEAD_DIM, BLOCK_N)
+    kr, n_ok, k, v = _row_tiles(K_base, V_base, stride_kn, stride_vn, start_n, T, W, N, TRANSPOSED, HEAD_DIM,
+                                 BLOCK_N)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if partial:  # runtime branch, uniform over the program
