@@ -4,10 +4,12 @@
         --section WarpStateStats python3 benchmarks/attn_ncu_probe.py --kind row
 
 The tiles are pinned (no tuning: the tuner's many timing launches would be profiled too) to the ones the tuner chose
-on the H200 at the paper's shape (2026-12-04: forward 64x64, dK/dV 32x64, dQ 64x64, 4 warps, 3 stages), or to
-``--fwd/--dkdv/--dq BMxBN:WARPS:STAGES``. A warm-up call compiles the kernels outside the range; the profiled call
-launches each kernel once (forward, the backward's delta pre-pass, dK/dV, dQ). Without CUDA (tests) it runs the same
-code under the Triton interpreter on a tiny shape and skips the profiler range.
+on the H200 at the paper's shape (2026-12-04: forward 64x64, dK/dV 32x64, dQ 64x64, 4 warps, 3 stages; the fused
+dK/dV/dQ kernel, not yet timed, 64x64), or to ``--fwd/--dkdv/--dq/--dkdv_dq BMxBN:WARPS:STAGES``. ``--backward``
+picks the backward path profiled: split, fused, or both (default: one forward+backward with each). A warm-up call
+compiles the kernels outside the range; in it each forward+backward launches each kernel once (forward, the
+backward's delta pre-pass, then dK/dV and dQ, or the fused dK/dV/dQ). Without CUDA (tests) it runs the same code
+under the Triton interpreter on a tiny shape and skips the profiler range.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dalle_ds.ops.attention import MaskSpec, attention  # noqa: E402
 from dalle_ds.ops.attention import triton_backend as tb  # noqa: E402
 
-H200_TUNED = {"fwd": "64x64:4:3", "dkdv": "32x64:4:3", "dq": "64x64:4:3"}
+H200_TUNED = {"fwd": "64x64:4:3", "dkdv": "32x64:4:3", "dq": "64x64:4:3", "dkdv_dq": "64x64:4:3"}
 
 
 def parse_config(text: str) -> tb.Config:
@@ -43,11 +45,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--head-dim", type=int, default=64)
     for name, default in H200_TUNED.items():
         ap.add_argument(f"--{name}", type=parse_config, default=parse_config(default))
+    ap.add_argument("--backward", default="both", choices=[*tb.BACKWARD_PATHS, "both"])
     args = ap.parse_args(argv)
+    paths = tb.BACKWARD_PATHS if args.backward == "both" else (args.backward,)
     cuda = torch.cuda.is_available()
     if cuda:
         spec, shape, dtype, device = MaskSpec(args.kind, 256, 32), (args.batch, args.heads), torch.bfloat16, "cuda"
-        cfgs = {"fwd": args.fwd, "dkdv": args.dkdv, "dq": args.dq}
+        cfgs = {name: getattr(args, name) for name in H200_TUNED}
     else:  # the interpreter: tiny shape, tiles that fit it
         spec, shape, dtype, device = MaskSpec(args.kind, 3, 4), (1, 2), torch.float32, "cpu"
         cfgs = {name: tb.Config(16, 16, 4, 1) for name in H200_TUNED}
@@ -56,22 +60,23 @@ def main(argv=None) -> dict:
                for _ in range(3))
     dout = torch.randn_like(q)
 
-    def step():
-        out = attention(q, k, v, spec, backend="triton")
-        out.backward(dout)
-        return out
+    def step(path):
+        with tb.kernel_config(**cfgs, backward=path):
+            out = attention(q, k, v, spec, backend="triton")
+            out.backward(dout)
+        return bool(torch.isfinite(out).all() and torch.isfinite(q.grad).all())
 
-    with tb.kernel_config(**cfgs):
-        step()  # compile outside the profiled range
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.profiler.start()
-        out = step()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.profiler.stop()
-    summary = {"mask": spec.name, "shape": [*shape, n, q.shape[-1]], "dtype": str(dtype),
-               "configs": {name: vars(c) for name, c in cfgs.items()}, "finite": bool(torch.isfinite(out).all())}
+    for path in paths:
+        step(path)  # compile outside the profiled range
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+    finite = [step(path) for path in paths]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+    summary = {"mask": spec.name, "shape": [*shape, n, q.shape[-1]], "dtype": str(dtype), "backward": list(paths),
+               "configs": {name: vars(c) for name, c in cfgs.items()}, "finite": all(finite)}
     print(summary)
     return summary
 

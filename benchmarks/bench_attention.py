@@ -7,6 +7,8 @@ it times forward, backward and forward+backward of
 * ``flex``: compiled FlexAttention with the same mask (column attention transposed, the gathers included);
 * ``sdpa_causal``: ``F.scaled_dot_product_attention(is_causal=True)`` (FlashAttention; does the full causal work);
 * ``sdpa_mask``: SDPA with the dense boolean mask;
+* on request (``--providers``): ``triton_split`` / ``triton_fused``, the Triton kernels with the backward path pinned
+  (``triton`` times both paths on its first backward and keeps the faster; the report names the one it kept);
 
 for each mask and for the paper's layer mix (the schedule of ``layer_schedule(64)``: 47 row, 16 column, 1 conv
 layers; mix time = per-layer average). All providers run in one process, on the same inputs. Before timing, each
@@ -34,6 +36,7 @@ the harness itself is tested (the triton provider then needs ``TRITON_INTERPRET=
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -55,6 +58,8 @@ from dalle_ds.ops.attention.flex import flex_sparse_attention  # noqa: E402
 
 MASKS = ("row", "column", "conv")
 PROVIDERS = ("triton", "flex", "sdpa_causal", "sdpa_mask")
+#: Optional providers: the Triton kernels with the backward path pinned (``triton`` measures both and keeps one).
+PINNED_BACKWARD = {"triton_split": "split", "triton_fused": "fused"}
 MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
@@ -166,7 +171,7 @@ def matmul_tflops(device: str, dtype: torch.dtype, quick: bool) -> float:
 # ------------------------------------------------------------------------------------------------------------------
 def make_provider(name: str, spec: MaskSpec, device: str):
     """A callable (q, k, v) -> out for ``name``, or raise with the reason it cannot run."""
-    if name == "triton":
+    if name in ("triton", *PINNED_BACKWARD):  # the backward path is pinned around the whole measurement (measure)
         return lambda q, k, v: attention(q, k, v, spec, backend="triton")
     if name == "flex":
         compile_ = device == "cuda"
@@ -264,10 +269,12 @@ def measure(prov: str, spec: MaskSpec, q, k, v, dout, ref: dict, device: str, re
             profile: bool = False) -> dict:
     """Check one provider's forward and backward against ``ref`` (fp32 masked attention; not for sdpa_causal,
     which computes another mask), then time it; errors are recorded, not raised."""
+    pinned = PINNED_BACKWARD.get(prov)
     try:
         fn = make_provider(prov, spec, device)
-        checked = check(fn, q, k, v, dout, ref) if prov != "sdpa_causal" else None
-        res = time_provider(fn, q, k, v, device, reps, graphs, profile)
+        with triton_backend.kernel_config(backward=pinned) if pinned else contextlib.nullcontext():
+            checked = check(fn, q, k, v, dout, ref) if prov != "sdpa_causal" else None
+            res = time_provider(fn, q, k, v, device, reps, graphs, profile)
         if checked is not None:
             res["check"] = checked
     except Exception as e:
@@ -399,6 +406,10 @@ def markdown(report: dict) -> str:
             f"{fmt(res.get('pct_floor', {}).get('fwd_bwd'), '.1f')} | {fmt(sp, '.2f')} | {check_cell(res)} |"
         )
     lines += graph_table(report) + profile_tables(report)
+    paths = report.get("triton_backward_paths")
+    if paths:
+        lines += ["", "Backward path the triton provider kept (split: dK/dV then dQ kernels; fused: dQ added "
+                  "atomically in the dK/dV kernel): " + ", ".join(f"{k} {v}" for k, v in paths.items()) + "."]
     failed = failed_checks(report)
     lines += ["", "Each provider's output and gradients were checked against fp32 masked attention before timing "
               "(sdpa_causal computes another mask and is not checked): "
@@ -526,7 +537,7 @@ def main(argv=None) -> dict:
     if args.quick:
         dtype = torch.float32
         cases = [("tiny", 3, 4, 1, 2, 16), ("tiny_w8", 5, 8, 1, 1, 16)]
-        providers = ["triton", "flex", "sdpa_causal", "sdpa_mask", "dense"]
+        providers = ["triton", "triton_fused", "flex", "sdpa_causal", "sdpa_mask", "dense"]  # triton: split on CPU
     else:
         dtype = getattr(torch, args.dtype or "bfloat16")
         B = args.batch or 8
@@ -565,6 +576,7 @@ def main(argv=None) -> dict:
         report["cases"].append(run_case(name, T, W, B, H, D, dtype, device, providers, args.reps, args.layers, rate,
                                         extra_masks, graphs, profile))
     report["triton_configs"] = {k: vars(v) for k, v in triton_backend.tuned_configs().items()}
+    report["triton_backward_paths"] = triton_backend.tuned_backward_paths()
     md = markdown(report)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

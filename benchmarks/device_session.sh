@@ -17,9 +17,11 @@
 #   bench_fp169  benchmarks/bench_fp169.py --save
 #   bench_attn   benchmarks/bench_attention.py, the paper's case (T=256, W=32)
 #   bench_attn_large  the W=64 case
-#   ncu_attn     Nsight Compute on one forward+backward of the row mask at the paper's shape (tiles pinned to the
-#                H200's tuned ones): speed of light, occupancy, warp stall reasons per kernel (needs ncu; Firecracker)
-#   bench_attn_diag   diagnostics: the kernels on the plain causal mask vs SDPA causal (same tiles), batch 32
+#   ncu_attn     Nsight Compute on a forward+backward of the row mask at the paper's shape, once per backward path
+#                (split, fused), tiles pinned to the H200's tuned ones: speed of light, occupancy, warp stall reasons
+#                per kernel (needs ncu; Firecracker)
+#   bench_attn_diag   diagnostics: the kernels on the plain causal mask vs SDPA causal (same tiles), batch 32,
+#                the backward paths pinned (triton_split, triton_fused) next to the tuned choice
 #   precision    benchmarks/precision_compare.py: fp16 resblocks with per-resblock scaling vs bf16, 300 steps of a
 #                16-layer d512 prior on the demo's shapes tokens (carry PRECISION_TOKENS, default runs/demo15/tokens)
 #   bench_train  benchmarks/bench_train.py, 125M/350M/1.3B, ZeRO-2, bf16, triton attention (deepspeed launcher)
@@ -122,7 +124,7 @@ except Exception as e:
         --out "benchmarks/results/attention_large_${DEV}_${DATE}" ;;
     bench_attn_diag)
       TAIL=25 run bench_attn_diag 60 200 python3 benchmarks/bench_attention.py --no-large --batch 32 \
-        --extra-masks causal --providers triton,sdpa_causal --out "benchmarks/results/attention_diag_${DEV}_${DATE}" ;;
+        --extra-masks causal --providers triton,triton_split,triton_fused,sdpa_causal --out "benchmarks/results/attention_diag_${DEV}_${DATE}" ;;
     ncu_attn)
       TAIL=80 run ncu_attn 45 150 ncu --clock-control none --profile-from-start off -k "regex:_attn" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \

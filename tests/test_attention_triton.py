@@ -17,6 +17,7 @@ Under the interpreter bf16 is not tested: Triton's interpreter computes ``tl.dot
 (checked with triton 3.9: a 16x16 bf16 dot is off by ~1e10), so bf16 runs on GPU only.
 """
 import os
+import re
 import subprocess
 import sys
 import time
@@ -125,12 +126,13 @@ CASES = [
 
 
 @here
+@pytest.mark.parametrize("backward", tb.BACKWARD_PATHS)  # fused: the dK/dV kernel adds dQ atomically
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind,T,W,D,B,H,cfg,cfg_dkdv", CASES,
                          ids=[f"{c[0]}-T{c[1]}-W{c[2]}-d{c[3]}-{c[6].block_m}x{c[6].block_n}" for c in CASES])
-def test_forward_backward_small(kind, T, W, D, B, H, cfg, cfg_dkdv, dtype):
+def test_forward_backward_small(kind, T, W, D, B, H, cfg, cfg_dkdv, dtype, backward):
     spec = MaskSpec(kind, T, W)
-    with tb.kernel_config(fwd=cfg, dq=cfg, dkdv=cfg_dkdv):
+    with tb.kernel_config(fwd=cfg, dq=cfg, dkdv=cfg_dkdv, backward=backward):
         check_forward_backward(spec, B, H, D, dtype)
 
 
@@ -256,6 +258,52 @@ def test_works_under_torch_compile():
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
 
+def test_backward_path_choice(monkeypatch):
+    """_backward_path without a GPU (meta tensors; the timer stubbed by each path's stated cost): a pin wins, then
+    determinism, CPU and tuning off mean split; otherwise both paths run once (tuning their tiles), are timed,
+    and the faster is kept per geometry."""
+    monkeypatch.setenv("DALLE_DS_ATTN_TUNE", "1")
+    monkeypatch.delenv("DALLE_DS_ATTN_BWD", raising=False)
+    monkeypatch.setattr(tb, "_tuned_paths", {})
+    monkeypatch.setattr(tb, "_bench", lambda fn: fn())
+    calls = []
+
+    def path(name, ms):
+        return lambda: calls.append(name) or ms
+
+    spec = MaskSpec("row", 4, 4)
+    q = torch.empty(2, 3, spec.seq_len, 16, device="meta")
+    assert tb._backward_path(q, spec, path("split", 2.0), path("fused", 1.0)) == "fused"
+    assert calls == ["split", "fused", "split", "fused"]  # a warm-up run of each, then one timing each
+    assert tb._backward_path(q, spec, path("split", 2.0), path("fused", 1.0)) == "fused" and len(calls) == 4
+    assert list(tb.tuned_backward_paths()) == ["backward:T4:W4:d16:float32:bh8"]
+    q32 = torch.empty(2, 3, spec.seq_len, 32, device="meta")  # another geometry: measured again
+    assert tb._backward_path(q32, spec, path("split", 1.0), path("fused", 3.0)) == "split" and len(calls) == 8
+
+    never = path("never", 0.0)
+    with tb.kernel_config(backward="split"):
+        assert tb._backward_path(q, spec, never, never) == "split"
+    monkeypatch.setenv("DALLE_DS_ATTN_BWD", "fused")
+    assert tb._backward_path(q32, spec, never, never) == "fused"
+    monkeypatch.setenv("DALLE_DS_ATTN_BWD", "atomic")
+    with pytest.raises(ValueError, match="DALLE_DS_ATTN_BWD='atomic'"):
+        tb._backward_path(q, spec, never, never)
+    with pytest.raises(ValueError, match="backward='atomic'"):
+        with tb.kernel_config(backward="atomic"):
+            pass
+    monkeypatch.delenv("DALLE_DS_ATTN_BWD")
+    q64 = torch.empty(2, 3, spec.seq_len, 64, device="meta")  # not measured yet: each rule below must decide
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tb._backward_path(q64, spec, never, never) == "split"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert tb._backward_path(torch.empty(q64.shape), spec, never, never) == "split"
+    monkeypatch.setenv("DALLE_DS_ATTN_TUNE", "0")
+    assert tb._backward_path(q64, spec, never, never) == "split"
+    assert "never" not in calls
+
+
 # --------------------------------------------------------------------------------------------------------------
 # GPU only: the paper's shape in bf16 with tuned tiles, W = 64, head dim 128
 # --------------------------------------------------------------------------------------------------------------
@@ -265,6 +313,16 @@ def test_works_under_torch_compile():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gpu_paper_shape(kind, dtype):
     check_forward_backward(MaskSpec(kind, 256, 32), 2, 4, 64, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["causal", "row", "column", "conv"])
+def test_gpu_fused_backward_paper_shape(kind):
+    with tb.kernel_config(backward="fused"):
+        check_forward_backward(MaskSpec(kind, 256, 32), 2, 4, 64, torch.bfloat16)
+    with tb.kernel_config(backward="fused"):  # head dim 128 and a packed (non-contiguous) input
+        check_forward_backward(MaskSpec(kind, 256, 32), 1, 2, 128, torch.bfloat16, layout="packed")
 
 
 @pytest.mark.gpu
@@ -279,14 +337,17 @@ def test_gpu_large_grid_and_head_dim_128(kind):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_gpu_tuned_tiles(monkeypatch):
-    """The tile tuner: times every candidate, keeps one per kernel, and the tuned kernels still match."""
+    """The tile tuner: times every candidate, keeps one per kernel and one backward path, and the tuned kernels
+    still match."""
     monkeypatch.setenv("DALLE_DS_ATTN_TUNE", "1")
     spec = MaskSpec("row", 256, 32)
     tb._tuned.clear()
+    tb._tuned_paths.clear()
     check_forward_backward(spec, 4, 8, 64, torch.bfloat16)
     check_decode(spec, 4, 8, 64, torch.bfloat16, [700])
     chosen = tb.tuned_configs()
-    assert {k.split(":")[0] for k in chosen} == {"fwd", "dkdv", "dq", "decode"}, chosen
+    assert {k.split(":")[0] for k in chosen} == {"fwd", "dkdv", "dq", "dkdv_dq", "decode"}, chosen
+    assert list(tb.tuned_backward_paths().values())[0] in tb.BACKWARD_PATHS
     check_forward_backward(MaskSpec("column", 256, 32), 4, 8, 64, torch.bfloat16)  # reuses the tuned tiles
 
 
@@ -312,7 +373,7 @@ def _compile_for_sm90(fn, constexprs, dtype="bf16", num_warps=4, num_stages=3):
             sig[name] = "constexpr"
         elif name.startswith("stride") or name in ("H", "position"):
             sig[name] = "i32"
-        elif name in ("Lse", "Delta"):
+        elif name in ("Lse", "Delta") or (name == "DQ" and "FUSE_DQ" in constexprs):  # the fused path's dQ: fp32
             sig[name] = "*fp32"
         elif name.endswith(("Index", "Full", "Count", "Table")):
             sig[name] = "*i32"
@@ -332,7 +393,6 @@ def _compile_for_sm90(fn, constexprs, dtype="bf16", num_warps=4, num_stages=3):
 
 def _spill_bytes(compiled) -> int | None:
     """Stack bytes from cuobjdump -res-usage (0 = no register spills); None if cuobjdump is unavailable."""
-    import re
     import tempfile
 
     import triton
@@ -349,13 +409,22 @@ def _spill_bytes(compiled) -> int | None:
 
 
 def _constexprs(name, spec, cfg):
-    """The constexprs the launcher passes to kernel ``name`` for ``spec`` at tiles ``cfg`` (bf16, head dim 64)."""
+    """The constexprs the launcher passes to kernel ``name`` for ``spec`` at tiles ``cfg`` (bf16, head dim 64);
+    ``dkdv_dq`` is the dK/dV kernel with dQ fused in."""
     from dalle_ds.ops.attention.layouts import block_layout
 
     lay = block_layout(spec, cfg.block_m, cfg.block_n, "kernel", "cpu")
-    index = lay.q_index if name == "dkdv" else lay.kv_index
-    return dict(tb._geometry(spec, torch.bfloat16, 64), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                SLOTS=tb._slots(index))
+    by_key_block = name in ("dkdv", "dkdv_dq")
+    out = dict(tb._geometry(spec, torch.bfloat16, 64), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+               SLOTS=tb._slots(lay.q_index if by_key_block else lay.kv_index))
+    if by_key_block:
+        out["FUSE_DQ"] = name == "dkdv_dq"
+    return out
+
+
+def _kernel_fn(kernels, name):
+    return {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dkdv_dq": kernels._attn_bwd_dkdv,
+            "dq": kernels._attn_bwd_dq}[name]
 
 
 def _sm90_kernels():
@@ -374,22 +443,22 @@ def _sm90_kernels():
 def _in_loop_async_waits(ttgir: str) -> list[int]:
     """``num`` of every ``ttg.async_wait`` inside an ``scf.for`` body of a kernel's TTGIR (MLIR prints a loop's
     body two spaces deeper than the function body, which is at four)."""
-    import re
 
     return [int(m.group(2)) for m in re.finditer(r"^( *)%\S+ = ttg\.async_wait .*?\{num = (\d+)", ttgir, re.M)
             if len(m.group(1)) > 4]
 
 
 @pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process")
-@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq", "dkdv_dq"])
 def test_kernel_loops_keep_loads_in_flight_on_sm90(name):
     """Each kernel's one loop over its visit list must keep K/V (or Q/dO) loads in flight across iterations: at 3
     stages its wait may not drain every async copy (``num = 0``). With the next block id read from memory in the
     loop, a loop over FULL tiles got ``num = 0`` with triton 3.6 and 3.9 (triton_kernels._visit_list)."""
     kernels = _sm90_kernels()
-    fn = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}[name]
+    fn = _kernel_fn(kernels, name)
     # the tiles the H200 tuned on 2026-12-04 (benchmarks/results/attention_h200_20261204.md) and the defaults
-    tiles = {"fwd": [Config(64, 64, 4, 3)], "dkdv": [Config(32, 64, 4, 3)], "dq": [Config(64, 64, 4, 3)]}[name]
+    tiles = {"fwd": [Config(64, 64, 4, 3)], "dkdv": [Config(32, 64, 4, 3)], "dq": [Config(64, 64, 4, 3)],
+             "dkdv_dq": [Config(32, 64, 4, 3)]}[name]
     tiles.append(tb._CANDIDATES[name]["small"][0])
     for kind in ("row", "causal"):  # causal: the longest visit lists (20-40 entries at the paper's shape)
         for cfg in tiles:
@@ -409,9 +478,9 @@ def test_kernels_compile_for_sm90_without_spills(kind):
     kernels = _sm90_kernels()
     spec = MaskSpec(kind, 256, 32)
     jobs = []
-    for name, fn in (("fwd", kernels._attn_fwd), ("dkdv", kernels._attn_bwd_dkdv), ("dq", kernels._attn_bwd_dq)):
+    for name in ("fwd", "dkdv", "dq", "dkdv_dq"):
         cfg = tb._CANDIDATES[name]["small"][0]  # the default configuration when tuning is off
-        jobs.append((name, fn, _constexprs(name, spec, cfg), cfg.num_warps, cfg.num_stages))
+        jobs.append((name, _kernel_fn(kernels, name), _constexprs(name, spec, cfg), cfg.num_warps, cfg.num_stages))
     jobs.append(("preprocess", kernels._attn_bwd_preprocess,
                  dict(T=256, W=32, N=1280, TRANSPOSED=spec.transposed, HEAD_DIM=64, BLOCK_M=64), 4, 2))
     for cfg in tb._CANDIDATES["decode"]["small"]:  # every candidate the decode tuner may pick
@@ -423,7 +492,9 @@ def test_kernels_compile_for_sm90_without_spills(kind):
         except (TypeError, KeyError, AttributeError) as e:  # ASTSource's API differs across triton versions
             pytest.skip(f"ahead-of-time compile API differs in this triton: {e}")
         assert compiled.asm["cubin"], name
-        if name in ("fwd", "dkdv", "dq"):
+        if name in ("fwd", "dkdv", "dq", "dkdv_dq"):
             assert "wgmma" in compiled.asm["ptx"], f"{name}: no Hopper tensor-core (wgmma) instructions"
+        if name == "dkdv_dq":  # dQ's atomic adds go out as 16-byte vectors (4 fp32), not one element at a time
+            assert re.search(r"(red|atom)\.global\.\S*add\.v4\.f32", compiled.asm["ptx"]), "dQ atomics not vectorized"
         spill = _spill_bytes(compiled)
         assert spill in (None, 0), f"{name}: {spill} bytes of register spills"

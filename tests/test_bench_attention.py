@@ -72,8 +72,8 @@ def test_report_timings_and_speedups(quick_report):
     case = report["cases"][0]
     for kind, entry in case["masks"].items():
         provs = entry["providers"]
-        assert set(provs) == {"triton", "flex", "sdpa_causal", "sdpa_mask", "dense"}
-        for name in ("triton", "sdpa_causal", "sdpa_mask", "dense"):
+        assert set(provs) == {"triton", "triton_fused", "flex", "sdpa_causal", "sdpa_mask", "dense"}
+        for name in ("triton", "triton_fused", "sdpa_causal", "sdpa_mask", "dense"):
             res = provs[name]
             assert "error" not in res, (kind, name, res)
             for m in ("fwd", "bwd", "fwd_bwd"):
@@ -81,7 +81,7 @@ def test_report_timings_and_speedups(quick_report):
                 assert res["tflops"][m] == pytest.approx(entry["flops"][m] / (res[f"{m}_ms"] * 1e-3) / 1e12)
         # every provider but sdpa_causal (another mask) was checked against fp32 masked attention before timing:
         # output and gradients (FlexAttention on CPU: the output only)
-        for name in ("triton", "sdpa_mask", "dense"):
+        for name in ("triton", "triton_fused", "sdpa_mask", "dense"):  # triton_fused: dQ by atomic adds
             chk = provs[name]["check"]
             assert chk["ok"] and set(chk["max_rel_err"]) == {"out", "dq", "dk", "dv"}, (kind, name, chk)
             assert max(chk["max_rel_err"].values()) < 1e-4, (kind, name, chk)

@@ -18,6 +18,12 @@ batch*heads bucket) times each candidate with ``triton.testing.do_bench`` and ke
 mask kinds of that geometry). Candidates that
 fail to compile (shared memory) are dropped. ``DALLE_DS_ATTN_TUNE=0`` uses the first candidate. Under the
 interpreter a fixed small configuration is used (speed there is per tile, not per element).
+
+Backward paths. ``split`` (dK/dV kernel, then dQ kernel: deterministic) or ``fused`` (the dK/dV kernel also adds dQ
+atomically into an fp32 buffer: two fewer matmuls per tile, run-to-run differences in the last bits of dQ). On a GPU
+with tuning on, the first backward of a geometry times both with their tuned tiles and keeps the faster; split
+whenever ``torch.use_deterministic_algorithms(True)`` is on, on CPU, or with tuning off; pinned by
+``DALLE_DS_ATTN_BWD=split|fused`` or ``kernel_config(backward=...)``.
 """
 from __future__ import annotations
 
@@ -166,6 +172,12 @@ _CANDIDATES = {
                   Config(64, 64, 4, 2)],
         "large": [Config(128, 32, 8, 2), Config(64, 64, 8, 2), Config(64, 32, 4, 3), Config(128, 64, 8, 2)],
     },
+    # dK/dV with dQ added atomically (the fused backward, ``_backward_path``). Query tiles of 64 rows: the extra dot
+    # (dS K, block_m x head dim) then has the 64-row M of a Hopper wgmma; 32-row ones stay as a measured option.
+    "dkdv_dq": {
+        "small": [Config(64, 64, 4, 3), Config(64, 64, 4, 2), Config(64, 128, 8, 2), Config(32, 64, 4, 3)],
+        "large": [Config(64, 64, 8, 2), Config(32, 64, 8, 2), Config(32, 64, 8, 3)],
+    },
     # decode: one query per program, block_n keys per step, no tl.dot (nothing for the pipeliner: 1 stage). Its
     # three reductions per step cross warps (sm_90 SASS at 4 warps: 14 barriers a step); 1-2 warps keep them in
     # shuffles, at fewer loads in flight per program. Which wins depends on batch x heads: the tuner measures.
@@ -180,10 +192,16 @@ _CANDIDATES = {
 # Checked with ptxas for sm_90 (triton.compile(..., target=GPUTarget("cuda", 90, 32)) + cuobjdump -res-usage, no GPU
 # needed): every forward / dK-dV / dQ candidate compiles to wgmma code for every mask (the decode has no tl.dot);
 # at D = 64 none spills registers; at D = 128 the last two dK/dV candidates spill a little (dK and dV accumulators
-# of 64-128 x 128 fp32) and stay only as options.
+# of 64-128 x 128 fp32) and stay only as options. Fused dK/dV/dQ (2026-12-06, triton 3.6, row and column masks): no
+# candidate spills (64 x 64 at 4 warps: 244 registers; at D = 128 4 warps spilled, so 8).
 _INTERPRETER_CONFIG = Config(32, 32, 4, 1)
+# Backward paths: "split" runs _attn_bwd_dkdv then _attn_bwd_dq (7 matmuls a tile pair, deterministic); "fused"
+# runs _attn_bwd_dkdv with FUSE_DQ (5 matmuls, fp32 atomics for dQ, not bitwise reproducible).
+BACKWARD_PATHS = ("split", "fused")
 _tuned: dict = {}
+_tuned_paths: dict = {}
 _forced: dict = {}
+_FORCED_FALLBACK = {"dkdv_dq": "dkdv"}  # with no tiles pinned for the fused kernel, pinned dK/dV tiles apply
 _poison = False
 
 
@@ -208,10 +226,14 @@ def _alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch
 
 @contextlib.contextmanager
 def kernel_config(fwd: Config | None = None, dkdv: Config | None = None, dq: Config | None = None,
-                  decode: Config | None = None):
-    """Pin the tile configuration of the forward / dK-dV / dQ / decode kernels inside the ``with`` block."""
+                  decode: Config | None = None, dkdv_dq: Config | None = None, backward: str | None = None):
+    """Pin the tile configuration of the forward / dK-dV / dQ / decode / fused dK-dV-dQ kernels, and the backward
+    path (``"split"`` or ``"fused"``, see ``_backward_path``), inside the ``with`` block."""
+    if backward is not None and backward not in BACKWARD_PATHS:
+        raise ValueError(f"backward={backward!r}: choose one of {BACKWARD_PATHS}")
     saved = dict(_forced)
-    for name, cfg in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("decode", decode)):
+    for name, cfg in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("decode", decode), ("dkdv_dq", dkdv_dq),
+                      ("backward", backward)):
         if cfg is not None:
             _forced[name] = cfg
     try:
@@ -223,27 +245,23 @@ def kernel_config(fwd: Config | None = None, dkdv: Config | None = None, dq: Con
 
 def _pick(kernel: str, q: torch.Tensor, spec: MaskSpec, launch) -> Config:
     """The configuration to launch ``kernel`` with: forced, interpreter default, cached, default, or tuned."""
-    if kernel in _forced:
-        return _forced[kernel]
+    for name in (kernel, _FORCED_FALLBACK.get(kernel)):
+        if name in _forced:
+            return _forced[name]
     if q.device.type == "cpu":
         return _INTERPRETER_CONFIG
-    B, H, N, D = q.shape
-    # One tuning per geometry, shared by the mask kinds (they have the same tile mix: text tiles + a band), so a
-    # model compiles every candidate once, not once per layer kind. Looked up first: this runs on every call (for
-    # the decode kernel, once per token and layer).
-    key = (kernel, spec.text_len, spec.grid, D, q.dtype, str(q.device), triton_next_pow2(B * H))
+    key = _tuning_key(kernel, q, spec)  # looked up first: this runs on every call (decode: per token and layer)
     if key in _tuned:
         return _tuned[key]
+    B, H, N, D = q.shape
     cands = _CANDIDATES[kernel]["small" if D <= 64 else "large"]
     cands = [c for c in cands if max(c.block_m, c.block_n) <= max(16, triton_next_pow2(N))] or cands[-1:]
-    if os.environ.get("DALLE_DS_ATTN_TUNE", "1") == "0" or len(cands) == 1:
+    if not _tuning_on() or len(cands) == 1:
         return cands[0]
-    import triton.testing
-
     times = {}
     for cfg in cands:
         try:
-            times[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
+            times[cfg] = _bench(lambda: launch(cfg))
         except Exception as e:  # out of shared memory / registers for this tile size: skip it
             if "OutOfResources" not in type(e).__name__ and "resources" not in str(e).lower():
                 raise
@@ -254,16 +272,61 @@ def _pick(kernel: str, q: torch.Tensor, spec: MaskSpec, launch) -> Config:
     return best
 
 
+def _tuning_key(kernel: str, q: torch.Tensor, spec: MaskSpec) -> tuple:
+    """One tuning per geometry, shared by the mask kinds (they have the same tile mix: text tiles + a band), so a
+    model compiles every candidate once, not once per layer kind."""
+    B, H, N, D = q.shape
+    return (kernel, spec.text_len, spec.grid, D, q.dtype, str(q.device), triton_next_pow2(B * H))
+
+
+def _tuning_on() -> bool:
+    return os.environ.get("DALLE_DS_ATTN_TUNE", "1") != "0"
+
+
+def _bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25)
+
+
+def _backward_path(q: torch.Tensor, spec: MaskSpec, run_split, run_fused) -> str:
+    """``"split"`` or ``"fused"``: pinned (``kernel_config(backward=...)``, else ``DALLE_DS_ATTN_BWD``), else
+    split when torch's deterministic mode is on (the fused path's atomic adds are not reproducible bit for bit),
+    on CPU, or with tuning off (the path measured on a GPU first); else measured: both paths run with their tuned
+    tiles and the faster one is kept per geometry, like the tiles."""
+    path = _forced.get("backward") or os.environ.get("DALLE_DS_ATTN_BWD") or None
+    if path is not None:
+        if path not in BACKWARD_PATHS:
+            raise ValueError(f"DALLE_DS_ATTN_BWD={path!r}: choose one of {BACKWARD_PATHS}")
+        return path
+    if torch.are_deterministic_algorithms_enabled() or q.device.type == "cpu" or not _tuning_on():
+        return "split"
+    key = _tuning_key("backward", q, spec)
+    if key not in _tuned_paths:
+        run_split()  # tunes (and compiles) each path's tiles before either is timed
+        run_fused()
+        times = {"split": _bench(run_split), "fused": _bench(run_fused)}
+        _tuned_paths[key] = min(times, key=times.get)
+    return _tuned_paths[key]
+
+
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def tuned_configs() -> dict:
     """The configurations chosen so far (for benchmark reports)."""
-    out = {}
-    for (kernel, T, W, D, dtype, _device, bh), cfg in _tuned.items():
-        out[f"{kernel}:T{T}:W{W}:d{D}:{str(dtype).replace('torch.', '')}:bh{bh}"] = cfg
-    return out
+    return {_key_name(key): cfg for key, cfg in _tuned.items()}
+
+
+def tuned_backward_paths() -> dict:
+    """The backward path chosen so far per geometry ("split" / "fused"), for benchmark reports."""
+    return {_key_name(key): path for key, path in _tuned_paths.items()}
+
+
+def _key_name(key: tuple) -> str:
+    kernel, T, W, D, dtype, _device, bh = key
+    return f"{kernel}:T{T}:W{W}:d{D}:{str(dtype).replace('torch.', '')}:bh{bh}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,15 +389,24 @@ def _backward(do, q, k, v, out, lse, spec: MaskSpec, scale: float):
         **_LAUNCH_OPTIONS,
     )
     dq, dk, dv = _alloc(q.shape, q), _alloc(k.shape, k), _alloc(v.shape, v)
+    dq_acc = []  # the fused path's fp32 dQ buffer (B, H, N, D), made on first use
 
-    def launch_dkdv(cfg: Config):
+    def launch_dkdv(cfg: Config, fuse_dq: bool = False):
         lay = block_layout(spec, cfg.block_m, cfg.block_n, "kernel", q.device)
         kern._attn_bwd_dkdv[(B * H, lay.num_k_blocks)](
-            q, k, v, do, dk, dv, lse, delta, lay.q_index, lay.q_full, lay.q_count, lay.q_index.stride(0),
+            q, k, v, do, dk, dv, dq_acc[0] if fuse_dq else dk, lse, delta,
+            lay.q_index, lay.q_full, lay.q_count, lay.q_index.stride(0),
             *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv),
             H, scale * LOG2E, scale, **geo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SLOTS=_slots(lay.q_index),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
+            FUSE_DQ=fuse_dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
         )
+
+    def launch_fused(cfg: Config):
+        if not dq_acc:
+            dq_acc.append(torch.empty((B, H, N, D), dtype=torch.float32, device=q.device))
+        dq_acc[0].zero_()
+        launch_dkdv(cfg, fuse_dq=True)
+        dq.copy_(dq_acc[0])
 
     def launch_dq(cfg: Config):
         lay = block_layout(spec, cfg.block_m, cfg.block_n, "kernel", q.device)
@@ -345,8 +417,14 @@ def _backward(do, q, k, v, out, lse, spec: MaskSpec, scale: float):
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
         )
 
-    launch_dkdv(_pick("dkdv", q, spec, launch_dkdv))
-    launch_dq(_pick("dq", q, spec, launch_dq))
+    def run_split():
+        launch_dkdv(_pick("dkdv", q, spec, launch_dkdv))
+        launch_dq(_pick("dq", q, spec, launch_dq))
+
+    def run_fused():
+        launch_fused(_pick("dkdv_dq", q, spec, launch_fused))
+
+    {"split": run_split, "fused": run_fused}[_backward_path(q, spec, run_split, run_fused)]()
     return dq, dk, dv
 
 

@@ -222,10 +222,11 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, kr, Q_base, DO_base, Lse_bh, Delta_bh, stride_qn, stride_don, start_m, qk_scale,
+def _dkdv_tile(dk, dv, k, v, kr, Q_base, DO_base, Lse_bh, Delta_bh, DQ_bh, stride_qn, stride_don, start_m,
+               qk_scale, sm_scale,
                T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr, TRANSPOSED: tl.constexpr,
                CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-               partial, DOT_PRECISION: tl.constexpr):
+               partial, DOT_PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr):
     qr, m_ok, q, do = _row_tiles(Q_base, DO_base, stride_qn, stride_don, start_m, T, W, N, TRANSPOSED, HEAD_DIM,
                                  BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -241,13 +242,17 @@ def _dkdv_tile(dk, dv, k, v, kr, Q_base, DO_base, Lse_bh, Delta_bh, stride_qn, s
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     # -- dS^T = P^T * (V dO^T - delta);  dK += dS^T Q   (the softmax scale is applied once at the end)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+    dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)
+    if FUSE_DQ:  # dQ[rows] += dS K * scale, added atomically into an fp32 (N, HEAD_DIM) buffer (rows in raster order)
+        offs_d = tl.arange(0, HEAD_DIM)
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * sm_scale
+        tl.atomic_add(DQ_bh + qr[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=m_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, QIndex, QFull, QCount, stride_lay,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, Lse, Delta, QIndex, QFull, QCount, stride_lay,
                    stride_qb, stride_qh, stride_qn,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -258,9 +263,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, QIndex, QFull, QCount, strid
                    T: tl.constexpr, W: tl.constexpr, N: tl.constexpr, KIND: tl.constexpr,
                    TRANSPOSED: tl.constexpr, CONV_R: tl.constexpr, CONV_WRAP: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, SLOTS: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, SLOTS: tl.constexpr, FUSE_DQ: tl.constexpr):
     """One program per (batch*head, key block): dK, dV over the query blocks listed for this key block.
-    Grid (B*H, key blocks) in order: the text key blocks, seen by every later query, are the longest and go first."""
+    Grid (B*H, key blocks) in order: the text key blocks, seen by every later query, are the longest and go first.
+
+    ``FUSE_DQ``: also add each tile's share of dQ (dS K) atomically into ``DQ``, a zeroed fp32 (B*H, N, HEAD_DIM)
+    buffer in raster row order (FlashAttention-2's backward, Dao 2023 Alg. 2): five matmuls a tile instead of the
+    seven of this kernel plus ``_attn_bwd_dq``, which recomputes P and dP, at the price of fp32 atomics and an
+    order of additions that varies from run to run. Not set: ``DQ`` is never touched."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -269,6 +279,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, QIndex, QFull, QCount, strid
     DO_base = DO + b * stride_dob + h * stride_doh
     Lse_bh = Lse + pid_bh.to(tl.int64) * N
     Delta_bh = Delta + pid_bh.to(tl.int64) * N
+    DQ_bh = DQ + pid_bh.to(tl.int64) * N * HEAD_DIM
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -284,9 +295,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, QIndex, QFull, QCount, strid
     row, n_full, n_visit = _visit_list(QIndex, QFull, QCount, pid_n, stride_lay, SLOTS)
     for j in range(0, n_visit):  # FULL tiles first, then PARTIAL ones
         start_m = _visit_at(row, j, SLOTS) * BLOCK_M
-        dk, dv = _dkdv_tile(dk, dv, k, v, kr, Q_base, DO_base, Lse_bh, Delta_bh, stride_qn, stride_don, start_m,
-                            qk_scale, T, W, N, KIND, TRANSPOSED, CONV_R, CONV_WRAP, HEAD_DIM, BLOCK_M,
-                            j >= n_full, DOT_PRECISION)
+        dk, dv = _dkdv_tile(dk, dv, k, v, kr, Q_base, DO_base, Lse_bh, Delta_bh, DQ_bh, stride_qn, stride_don,
+                            start_m, qk_scale, sm_scale, T, W, N, KIND, TRANSPOSED, CONV_R, CONV_WRAP, HEAD_DIM,
+                            BLOCK_M, j >= n_full, DOT_PRECISION, FUSE_DQ)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + kr[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
