@@ -93,12 +93,68 @@ def score_samples(records: list[dict], images: dict[int, torch.Tensor], scenes: 
             "caption_shuffled_baseline": score_images(top1, shuffled, detections=det)}
 
 
+def sample_share(args, pipe, captions: list[str], sampling, out: Path) -> tuple[list[dict], dict]:
+    """This rank's share of the captions (every world_size-th): candidates, a PNG grid per caption, and a record
+    each; returns (records, {caption index: candidate images, best first})."""
+    from dalle_ds.train.distributed import is_rank0, rank, world_size
+    from dalle_ds.utils.images import make_grid, save_png
+
+    mine = list(range(rank(), len(captions), world_size()))
+    per_chunk = max(1, args.batch_size // args.num_candidates)
+    records, images = [], {}
+    for start in tqdm(range(0, len(mine), per_chunk), desc="sampling", disable=not is_rank0(), dynamic_ncols=True):
+        chunk = mine[start:start + per_chunk]
+        results = pipe.generate([captions[i] for i in chunk], args.num_candidates, sampling, args.batch_size,
+                                seed=args.seed * 100_003 + chunk[0], use_cache=not args.no_cache)
+        for i, res in zip(chunk, results):
+            images[i] = res.images
+            grid = make_grid(list(res.images), ncol=min(8, args.num_candidates), scale=2)
+            title = f"{res.caption}  (best {args.keep} first" + (", CLIP-reranked)" if res.scores else ")")
+            save_png(grid, out / "grids" / f"{i:04d}.png", title=title)
+            records.append({"index": i, "caption": res.caption, "order": res.order, "kept": res.order[:args.keep],
+                            "clip_scores": res.scores, "grid": f"grids/{i:04d}.png", "timings": res.timings})
+    return records, images
+
+
+def gather_shares(records: list[dict], images: dict, send_images: bool) -> tuple[list[dict], dict]:
+    """Every rank's records (sorted by caption index) and, if ``send_images``, images; meaningful on rank 0."""
+    from dalle_ds.train.distributed import world_size
+
+    if world_size() == 1:
+        return records, images
+    gathered = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, (records, images if send_images else {}))
+    records = sorted((r for recs, _ in gathered for r in recs), key=lambda r: r["index"])
+    return records, {k: v for _, imgs in gathered for k, v in imgs.items()}
+
+
+def write_results(args, out: Path, sampling, records: list[dict], images: dict, scenes: list[dict] | None) -> None:
+    """samples.json; with known scenes, metrics.json (printed too); with --save_candidates, candidates.pt."""
+    result = {"prior": args.prior, "clip": args.clip, "num_candidates": args.num_candidates, "keep": args.keep,
+              "sampling": vars(sampling), "captions": records}
+    if scenes:
+        for r in records:
+            r["scene"] = scenes[r["index"]]
+        result["metrics"] = score_samples(records, images, scenes)
+        (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2) + "\n")
+        m = result["metrics"]
+        print(json.dumps({k: {a: round(m[k][a], 3) for a in ("exact", "color", "shape", "size", "count")}
+                          for k in m}, indent=1))
+    (out / "samples.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.save_candidates:
+        sampled = []
+        for r in records:  # back to sampling order: the pipeline returns candidates best first
+            sampled.append(images[r["index"]][torch.tensor(r["order"]).argsort()])
+        torch.save({"captions": [r["caption"] for r in records], "scenes": [r.get("scene") for r in records],
+                    "images": torch.stack(sampled)}, out / "candidates.pt")
+    print(f"{len(records)} captions × {args.num_candidates} candidates; grids in {out / 'grids'}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dalle_ds.sample.generate import SamplingConfig
     from dalle_ds.sample.pipeline import TextToImage
-    from dalle_ds.train.distributed import device, distributed_run, is_rank0, rank, world_size
-    from dalle_ds.utils.images import make_grid, save_png
+    from dalle_ds.train.distributed import device, distributed_run, is_rank0
 
     captions, scenes = gather_captions(args)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p).validate()
@@ -107,47 +163,10 @@ def main(argv=None) -> int:
                                 dvae_bf16={"auto": None, "bf16": True, "fp32": False}[args.dvae_precision])
         out = Path(args.out)
         (out / "grids").mkdir(parents=True, exist_ok=True)
-        mine = list(range(rank(), len(captions), world_size()))
-        per_chunk = max(1, args.batch_size // args.num_candidates)
-        records, images = [], {}
-        for start in tqdm(range(0, len(mine), per_chunk), desc="sampling", disable=not is_rank0(), dynamic_ncols=True):
-            chunk = mine[start:start + per_chunk]
-            results = pipe.generate([captions[i] for i in chunk], args.num_candidates, sampling, args.batch_size,
-                                    seed=args.seed * 100_003 + chunk[0], use_cache=not args.no_cache)
-            for i, res in zip(chunk, results):
-                images[i] = res.images
-                grid = make_grid(list(res.images), ncol=min(8, args.num_candidates), scale=2)
-                title = f"{res.caption}  (best {args.keep} first" + (", CLIP-reranked)" if res.scores else ")")
-                save_png(grid, out / "grids" / f"{i:04d}.png", title=title)
-                records.append({"index": i, "caption": res.caption, "order": res.order, "kept": res.order[:args.keep],
-                                "clip_scores": res.scores, "grid": f"grids/{i:04d}.png", "timings": res.timings})
-        gathered = [None] * world_size()
-        if world_size() > 1:
-            torch.distributed.all_gather_object(gathered, (records, images if scenes or args.save_candidates else {}))
-        else:
-            gathered = [(records, images)]
+        records, images = sample_share(args, pipe, captions, sampling, out)
+        records, images = gather_shares(records, images, send_images=bool(scenes) or args.save_candidates)
         if is_rank0():
-            records = sorted((r for recs, _ in gathered for r in recs), key=lambda r: r["index"])
-            all_images = {k: v for _, imgs in gathered for k, v in imgs.items()}
-            result = {"prior": args.prior, "clip": args.clip, "num_candidates": args.num_candidates, "keep": args.keep,
-                      "sampling": vars(sampling), "captions": records}
-            if scenes:
-                for r in records:
-                    r["scene"] = scenes[r["index"]]
-                result["metrics"] = score_samples(records, all_images, scenes)
-                (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2) + "\n")
-                m = result["metrics"]
-                print(json.dumps({k: {a: round(m[k][a], 3) for a in ("exact", "color", "shape", "size", "count")}
-                                  for k in m}, indent=1))
-            (out / "samples.json").write_text(json.dumps(result, indent=2) + "\n")
-            if args.save_candidates:
-                sampled = []
-                for r in records:  # back to sampling order: the pipeline returns candidates best first
-                    ranked = all_images[r["index"]]
-                    sampled.append(ranked[torch.tensor(r["order"]).argsort()])
-                torch.save({"captions": [r["caption"] for r in records], "scenes": [r.get("scene") for r in records],
-                            "images": torch.stack(sampled)}, out / "candidates.pt")
-            print(f"{len(records)} captions × {args.num_candidates} candidates; grids in {out / 'grids'}")
+            write_results(args, out, sampling, records, images, scenes)
     return 0
 
 

@@ -51,10 +51,7 @@ def main(argv=None) -> int:
         return 2
     data = DataConfig(name=args.data, path=args.path, train_split=args.split, train_samples=args.num_samples,
                       seed=args.seed)
-    from dalle_ds.data.images import collate_samples
-    from dalle_ds.data.registry import build_dataset
-    from dalle_ds.data.token_shards import ShardWriter, write_meta
-    from dalle_ds.train.distributed import barrier, device, distributed_run, is_rank0, rank, world_size
+    from dalle_ds.train.distributed import barrier, distributed_run, is_rank0
     from dalle_ds.train.dvae_trainer import load_dvae
 
     dvae = load_dvae(args.dvae)
@@ -69,36 +66,53 @@ def main(argv=None) -> int:
             for old in [out / "meta.json", *out.glob("part-*")]:
                 old.unlink(missing_ok=True)
         barrier()
-        dev = device()
-        dvae = dvae.to(dev)
-        autocast = dvae.bf16_inference(args.bf16)
-        ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, dvae.cfg.image_size))
-        mine = Subset(ds, range(rank(), len(ds), world_size()))
-        loader = DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_samples)
-        writer = ShardWriter(args.out, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
-        position = 0
-        for batch in tqdm(loader, desc=f"tokenize {args.split}", disable=not is_rank0(), dynamic_ncols=True):
-            with autocast:
-                tokens = dvae.encode(batch["image"].to(dev))
-            records = []
-            for j, caption in enumerate(batch["caption"]):
-                rec = {"index": mine.indices[position + j], "caption": caption}
-                if "scene" in batch:
-                    rec["scene"] = batch["scene"][j]
-                records.append(rec)
-            position += len(records)
-            writer.add(tokens, records)
-        writer.flush()
+        tokenize_share(args, data, dvae)
         barrier()
         if is_rank0():
-            parts = sorted(p.name[: -len(".tokens.npy")] for p in Path(args.out).glob("part-*.tokens.npy"))
-            write_meta(args.out, parts, dvae.cfg.grid_size, dvae.cfg.vocab_size,
-                       {"dvae": os.path.abspath(args.dvae), "dataset": data.name, "split": args.split,
-                        "path": args.path, "seed": args.seed, "bf16": args.bf16})
-            meta = json.loads((Path(args.out) / "meta.json").read_text())
-            print(f"wrote {meta['num_samples']} token rows ({meta['grid_size']}×{meta['grid_size']} codes, "
-                  f"K={meta['vocab_size']}) in {len(parts)} parts to {args.out}")
+            write_index(args, data, dvae.cfg)
     return 0
+
+
+def tokenize_share(args, data: DataConfig, dvae) -> None:
+    """Encode this rank's share of the split (every world_size-th image) into its own token shards."""
+    from dalle_ds.data.images import collate_samples
+    from dalle_ds.data.registry import build_dataset
+    from dalle_ds.data.token_shards import ShardWriter
+    from dalle_ds.train.distributed import device, is_rank0, rank, world_size
+
+    dev = device()
+    dvae = dvae.to(dev)
+    autocast = dvae.bf16_inference(args.bf16)
+    ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, dvae.cfg.image_size))
+    mine = Subset(ds, range(rank(), len(ds), world_size()))
+    loader = DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_samples)
+    writer = ShardWriter(args.out, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
+    position = 0
+    for batch in tqdm(loader, desc=f"tokenize {args.split}", disable=not is_rank0(), dynamic_ncols=True):
+        with autocast:
+            tokens = dvae.encode(batch["image"].to(dev))
+        records = []
+        for j, caption in enumerate(batch["caption"]):
+            rec = {"index": mine.indices[position + j], "caption": caption}
+            if "scene" in batch:
+                rec["scene"] = batch["scene"][j]
+            records.append(rec)
+        position += len(records)
+        writer.add(tokens, records)
+    writer.flush()
+
+
+def write_index(args, data: DataConfig, dvae_cfg) -> None:
+    """meta.json over every rank's shards (rank 0, after all have flushed)."""
+    from dalle_ds.data.token_shards import write_meta
+
+    parts = sorted(p.name[: -len(".tokens.npy")] for p in Path(args.out).glob("part-*.tokens.npy"))
+    write_meta(args.out, parts, dvae_cfg.grid_size, dvae_cfg.vocab_size,
+               {"dvae": os.path.abspath(args.dvae), "dataset": data.name, "split": args.split,
+                "path": args.path, "seed": args.seed, "bf16": args.bf16})
+    meta = json.loads((Path(args.out) / "meta.json").read_text())
+    print(f"wrote {meta['num_samples']} token rows ({meta['grid_size']}×{meta['grid_size']} codes, "
+          f"K={meta['vocab_size']}) in {len(parts)} parts to {args.out}")
 
 
 if __name__ == "__main__":

@@ -55,24 +55,23 @@ def test_zero2_prior_learns_resumes_and_samples(shards, tmp_path):
     assert (full / "monitor" / "dalle" / "dalle_loss.csv").is_file()
     assert (full / "tokenizer" / "tokenizer.json").is_file()
 
-    # The exported prior samples through the CLI (a random-weight dVAE decodes; scoring needs shapes captions).
+    # The exported prior samples through the CLI on two ranks (captions 0 and 2 on rank 0, 1 on rank 1, gathered
+    # back in order); a random-weight dVAE decodes; scoring needs shapes captions.
     dvae_cfg = DVAEConfig(image_size=16, vocab_size=VOCAB, hidden=4, blocks_per_group=1, groups=3, decoder_init=8)
     torch.manual_seed(0)
     export_dvae(tmp_path / "dvae.pt", dvae_cfg, DiscreteVAE(dvae_cfg).state_dict(), 0)
     out = tmp_path / "samples"
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), "--prior", str(full / "dalle.pt"),
-                           "--dvae", str(tmp_path / "dvae.pt"), "--caption", "a large blue square",
-                           "--caption", "a small red square", "--num_candidates", "4", "--keep", "2",
-                           "--save_candidates", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    captions = ["a large blue square", "a small red square", "a small green circle"]
+    deepspeed_launch("launch/sample.py", ["--prior", str(full / "dalle.pt"), "--dvae", str(tmp_path / "dvae.pt"),
+                                          *[a for c in captions for a in ("--caption", c)], "--num_candidates", "4",
+                                          "--keep", "2", "--save_candidates", "--out", str(out)])
     result = json.loads((out / "samples.json").read_text())
-    assert [r["caption"] for r in result["captions"]] == ["a large blue square", "a small red square"]
+    assert [r["caption"] for r in result["captions"]] == captions
     assert all(len(r["kept"]) == 2 and sorted(r["order"]) == [0, 1, 2, 3] for r in result["captions"])
-    assert (out / "grids" / "0000.png").stat().st_size > 200
+    assert all((out / "grids" / f"{i:04d}.png").stat().st_size > 200 for i in range(3))  # each rank wrote its own
     saved = torch.load(out / "candidates.pt", weights_only=False)
-    assert saved["captions"] == ["a large blue square", "a small red square"] and saved["scenes"] == [None, None]
-    assert saved["images"].dtype == torch.uint8 and tuple(saved["images"].shape) == (2, 4, 3, 16, 16)
+    assert saved["captions"] == captions and saved["scenes"] == [None] * 3
+    assert saved["images"].dtype == torch.uint8 and tuple(saved["images"].shape) == (3, 4, 3, 16, 16)
 
 
 def test_sample_cli_rejects_bad_arguments(tmp_path):
