@@ -1,7 +1,9 @@
 """Training throughput of the prior on the real DeepSpeed engine: tokens/s, model TFLOP/s, MFU, peak memory and the
 split of a step into forward / backward / optimizer / communication.
 
-For every combination of ``--presets``, ``--zero``, ``--precision`` and ``--checkpointing`` it builds the DALL-E
+For every combination of ``--presets``, ``--zero``, ``--precision``, ``--checkpointing`` and ``--compile`` (each
+resblock under torch.compile, ``DALLE.compile_resblocks``; the warm-up steps then include Inductor's compile time,
+so give it a few) it builds the DALL-E
 prior (random weights, random token batches: throughput does not depend on the data), wraps it with
 ``deepspeed.initialize`` (AdamW, gradient clipping 4, the given ZeRO stage and precision), runs ``--warmup`` steps,
 then times ``--steps`` steps (median step time), then profiles ``--profile-steps`` more under ``torch.profiler``.
@@ -190,14 +192,17 @@ def trace_path(base: str, case: str, multi_case: bool) -> str:
     return str(p.with_name(stem + ".json"))
 
 
-def run_case(preset: str, zero: int, precision: str, ckpt: bool, args, dev: torch.device, multi_case: bool) -> dict:
+def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool, args, dev: torch.device,
+             multi_case: bool) -> dict:
     import deepspeed
 
     cfg = dataclasses.replace(DALLE_PRESETS[preset], attn_backend=args.attn_backend, activation_checkpointing=ckpt,
                               dropout=0.0).validate()
-    case = f"{preset}_z{zero}_{precision}_{'ckpt' if ckpt else 'nockpt'}"
+    case = f"{preset}_z{zero}_{precision}_{'ckpt' if ckpt else 'nockpt'}" + ("_compiled" if compiled else "")
     torch.manual_seed(0)  # identical weights on every rank
     model = DALLE(cfg)
+    if compiled:  # ZeRO-3 refused in parse_args
+        model.compile_resblocks()
     n_params = sum(p.numel() for p in model.parameters())
     torch_adam = dev.type != "cuda" if args.torch_adam == "auto" else args.torch_adam == "on"
     conf = ds_config(zero, precision, args.micro_batch, args.grad_accum, torch_adam)
@@ -256,6 +261,7 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, args, dev: torc
     per_device = flops_per_step / step_s / W
     return {
         "case": case, "preset": preset, "zero": zero, "precision": precision, "activation_checkpointing": ckpt,
+        "compiled": compiled,
         "attn_backend": args.attn_backend, "params": n_params, "seq_len": cfg.seq_len, "text_len": cfg.text_len,
         "image_tokens": cfg.image_len, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "world_size": W,
@@ -312,6 +318,7 @@ def parse_args(argv):
     p.add_argument("--precision", default=None, help="fp32 and/or bf16 (DeepSpeed bf16 mode), comma list "
                                                      "(default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpointing", default="off", help="activation checkpointing: off, on or off,on")
+    p.add_argument("--compile", default="off", help="torch.compile each resblock: off, on or off,on (ZeRO 0-2)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "triton", "flex", "sdpa", "dense"])
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per rank per micro-step")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -344,6 +351,13 @@ def parse_args(argv):
     if not ck or any(c not in ("off", "on") for c in ck):
         p.error("--checkpointing takes off and/or on")
     args.checkpointing = [c == "on" for c in ck]
+    co = args.compile.split(",")
+    if not co or any(c not in ("off", "on") for c in co):
+        p.error("--compile takes off and/or on")
+    if "on" in co and 3 in args.zero:
+        p.error("--compile on does not combine with --zero 3 (ZeRO-3's parameter hooks would run inside compiled "
+                "blocks)")
+    args.compile = [c == "on" for c in co]
     args.micro_batch = args.micro_batch or (4 if q else (8 if cuda else 1))
     args.warmup = args.warmup if args.warmup is not None else (2 if q else 5)
     args.steps = args.steps or (3 if q else 10)
@@ -368,10 +382,10 @@ def _run(args, argv: list[str]) -> dict | None:
     import deepspeed
 
     dev = ds_device()
-    cases = list(itertools.product(args.presets, args.zero, args.precision, args.checkpointing))
+    cases = list(itertools.product(args.presets, args.zero, args.precision, args.checkpointing, args.compile))
     rows = []
-    for preset, zero, precision, ckpt in cases:
-        rows.append(run_case(preset, zero, precision, ckpt, args, dev, len(cases) > 1))
+    for preset, zero, precision, ckpt, compiled in cases:
+        rows.append(run_case(preset, zero, precision, ckpt, compiled, args, dev, len(cases) > 1))
         r = rows[-1]
         if rank() == 0:
             print(f"{r['case']}: {1e3 * r['step_s']:.4g} ms/step, {r['tokens_per_s']:.4g} tokens/s, "

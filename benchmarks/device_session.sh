@@ -25,6 +25,8 @@
 #   precision    benchmarks/precision_compare.py: fp16 resblocks with per-resblock scaling vs bf16, 300 steps of a
 #                16-layer d512 prior on the demo's shapes tokens (carry PRECISION_TOKENS, default runs/demo15/tokens)
 #   bench_train  benchmarks/bench_train.py, 125M/350M/1.3B, ZeRO-2, bf16, triton attention (deepspeed launcher)
+#   bench_train_compiled  the same with every resblock under torch.compile (--compile on), 350M: Inductor's
+#                fusion of the elementwise work against the eager numbers of bench_train
 #   bench_sample benchmarks/bench_sample.py, 350M, bf16
 # The machine has no deepspeed and no package index: run ../shared/device/wheels.sh first and carry .whl/ (and, for
 # the precision stage, the token shards: runs/demo15/tokens, 19 MB, or PRECISION_TOKENS).
@@ -35,7 +37,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 START=$(date +%s)
 DEADLINE=${DEADLINE:-420}
-STAGES=${STAGES:-"bench_attn tests_fp169 fp169_argcheck bench_fp169 ncu_attn precision tests_attn bench_attn_diag bench_train bench_sample"}
+STAGES=${STAGES:-"bench_attn tests_fp169 fp169_argcheck bench_fp169 ncu_attn precision tests_attn bench_attn_diag bench_train bench_train_compiled bench_sample"}
 OUT=${OUT:-/tmp/device_out}
 LOGS=/tmp/device_logs
 mkdir -p "$OUT" "$LOGS"
@@ -139,6 +141,10 @@ except Exception as e:
       TAIL=30 run bench_train 90 360 deepspeed --num_gpus 1 benchmarks/bench_train.py --presets "${TRAIN_PRESETS:-125M,350M,1.3B}" \
         --zero 2 --precision bf16 --attn-backend triton --checkpointing "${TRAIN_CKPT:-off}" --micro-batch 8 --torch-adam on \
         --trace /tmp/train_trace.json --out "benchmarks/results/train_${DEV}_${DATE}" ;;
+    bench_train_compiled)
+      TAIL=30 run bench_train_compiled 120 360 deepspeed --num_gpus 1 benchmarks/bench_train.py \
+        --presets "${TRAIN_COMPILE_PRESETS:-350M}" --zero 2 --precision bf16 --attn-backend triton --checkpointing off \
+        --compile on --warmup 8 --micro-batch 8 --torch-adam on --out "benchmarks/results/train_compiled_${DEV}_${DATE}" ;;
     bench_sample)
       TAIL=15 run bench_sample 60 200 python3 benchmarks/bench_sample.py --preset 350M --dtype bfloat16 \
         --batch-sizes 1,8,32,128 --no-uncached-above 1 --out "benchmarks/results/sample_${DEV}_${DATE}" ;;

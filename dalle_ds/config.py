@@ -611,6 +611,9 @@ class DalleTrainConfig:
     keep_checkpoints: int = 2
     seed: int = 1234
     powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)
+    compile: bool = False
+    """torch.compile every resblock before DeepSpeed wraps the model (DALLE.compile_resblocks): fuses the
+    elementwise work around the matmuls; ZeRO 0-2 (ZeRO-3's parameter hooks would run inside compiled blocks)."""
 
     def validate(self, where: str = "dalle_run") -> "DalleTrainConfig":
         self.model.validate(f"{where}.model")

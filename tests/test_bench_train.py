@@ -14,7 +14,8 @@ from launch_utils import ROOT, deepspeed_launch
 from dalle_ds.config import DALLE_PRESETS
 from dalle_ds.models.flops import recompute_flops_per_sequence, training_flops_per_sequence
 
-FIELDS = ("case", "preset", "zero", "precision", "activation_checkpointing", "attn_backend", "params", "seq_len",
+FIELDS = ("case", "preset", "zero", "precision", "activation_checkpointing", "compiled", "attn_backend", "params",
+          "seq_len",
           "world_size", "train_batch_size", "tokens_per_step", "flops_per_step", "hardware_flops_per_step", "step_s",
           "tokens_per_s", "model_tflops_per_s", "model_tflops_per_s_per_device", "matmul_tflops_per_s", "mfu",
           "peak_memory_bytes", "peak_memory_kind", "phases", "per_rank")
@@ -96,3 +97,15 @@ def test_bench_train_quick_deepspeed_two_ranks(tmp_path):
     ops = " ".join(row["phases"]["collective_ops"])
     assert "all_reduce" in ops or "reduce_scatter" in ops or "allreduce" in ops
     assert row["phases"]["communication_ms"] > 0
+
+
+def test_compile_option_parses_and_refuses_zero3(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    assert bench_train.parse_args(["--quick", "--compile", "off,on"]).compile == [False, True]
+    assert bench_train.parse_args(["--quick"]).compile == [False]
+    for bad in (["--compile", "yes"], ["--compile", "on", "--zero", "2,3"]):
+        with pytest.raises(SystemExit):
+            bench_train.parse_args(["--quick", *bad])
+    assert "not combine with --zero 3" in capsys.readouterr().err

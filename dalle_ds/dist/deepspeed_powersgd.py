@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from dalle_ds.train.ds_config import zero_stage
+
 from .powersgd import HierarchicalPowerSGD, PowerSGDSettings, ReduceReport
 from .topology import Topology
 
@@ -35,10 +37,6 @@ __all__ = ["PowerSGDExtension"]
 
 _SUMMED = ("shard_elements", "factor_elements", "uncompressed_elements", "bytes_intra", "bytes_inter",
            "bytes_uncompressed", "bytes_baseline", "nonfinite_grads", "zeroed_buffers", "recentered_elements")
-
-
-def _zero_stage(ds_config: dict) -> int:
-    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
 
 
 class PowerSGDExtension:
@@ -60,7 +58,7 @@ class PowerSGDExtension:
 
     # -- EngineLoop hooks ---------------------------------------------------------------------------------------
     def before_initialize(self, model: torch.nn.Module, ds_config: dict) -> None:
-        self.stage = _zero_stage(ds_config)
+        self.stage = zero_stage(ds_config)
         if self.stage >= 3:
             raise ValueError("powersgd: ZeRO stage 3 is not supported (its flat reduce-scatter chunks do not follow "
                              "matrix rows); use ZeRO stage 0, 1 or 2 with powersgd.enabled")

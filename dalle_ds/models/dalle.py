@@ -202,6 +202,17 @@ class DALLE(nn.Module):
         """The 2·n_layers resblocks in order (layer i's attention block is 2i, its MLP block 2i + 1)."""
         return [b for layer in self.layers for b in (layer.attn, layer.mlp)]
 
+    def compile_resblocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` every resblock in place, block by block as torchtitan's ``apply_compile`` does: a
+        block's graph is small and compiles in seconds, and blocks of one kind (MLP; attention of one mask kind)
+        reuse each other's compiled code. Inductor fuses the elementwise work around the matmuls (LayerNorm, bias,
+        GELU, dropout, the residual add, dtype casts), which at d_model 1024 moves about as many bytes as the
+        matmuls take time; attention stays the backend's kernel (the Triton custom op traces as one node).
+        Checkpointing and per-resblock gradient scaling compose with it (tests/test_compile.py). For training:
+        the first steps are slow while Inductor compiles, and a new shape or grad mode compiles again."""
+        for block in self.resblocks:
+            block.compile(**compile_kwargs)
+
     def unscale_grads_(self) -> bool:
         """With per-resblock scaling: divide each resblock's parameter gradients by its scale, check every gradient
         for Inf/NaN (all-reduced over ranks) and return True when this update must be skipped; then call

@@ -31,6 +31,7 @@ from dalle_ds.models.dalle import DALLE, prepare_text
 from dalle_ds.precision.resblock_scaling import install_unscale_hooks
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.distributed import is_rank0, rank, world_size
+from dalle_ds.train.ds_config import zero_stage
 from dalle_ds.train.engine_loop import EngineLoop
 from dalle_ds.train.extensions import build_extensions
 from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
@@ -57,11 +58,19 @@ class CaptionCollate:
         return out
 
 
+def check_compile_supported(ds_config: dict) -> None:
+    """``compile=true`` (DALLE.compile_resblocks before deepspeed.initialize) works with ZeRO 0-2; under ZeRO-3 the
+    engine's parameter gather / release hooks would run inside the compiled blocks."""
+    if zero_stage(ds_config) == 3:
+        raise ConfigError("dalle_run.compile: not with ZeRO-3 (its parameter gather hooks would run inside the "
+                          "compiled resblocks); use ZeRO 0-2 or set compile=false")
+
+
 def build_prior(model_cfg: DalleConfig, ds_config: dict) -> DALLE:
     """The prior, built so that under ZeRO-3 no rank ever holds all of it: inside ``deepspeed.zero.Init`` every
     parameter is partitioned as soon as its module is constructed, then each is gathered in turn for its
     initialization (rank 0's values are kept, so every rank agrees) and released. Other stages build it plainly."""
-    if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) < 3:
+    if zero_stage(ds_config) < 3:
         return DALLE(model_cfg)
     import deepspeed
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -120,6 +129,9 @@ class DalleTrainer(EngineLoop):
         self.collate = CaptionCollate(self.tokenizer, model_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_prior(model_cfg, ds_config)
+        if cfg.compile:
+            check_compile_supported(ds_config)
+            model.compile_resblocks()
         self.grad_scaler = model.grad_scaler
         if self.grad_scaler is not None:
             self._setup_resblock_scaling(model, ds_config)
@@ -147,7 +159,7 @@ class DalleTrainer(EngineLoop):
             raise ConfigError(f"{where}: fp16.enabled must be false with model.resblock_grad_scaling (the model "
                               "scales per resblock; DeepSpeed's fp16 mode would cast every parameter and add a "
                               "global loss scale); see ds_configs/zero*_fp16_resblock.json")
-        if ds_config.get("zero_optimization", {}).get("stage", 0) < 1:
+        if zero_stage(ds_config) < 1:
             raise ConfigError(f"{where}: model.resblock_grad_scaling needs zero_optimization.stage ≥ 1 (stage 0 "
                               "does not skip an update whose gradients are not finite)")
         self.grad_scaler.reset(replicas=world_size())  # M: init M·2^13, clamp [M·2^7, M·2^24]

@@ -26,6 +26,11 @@ from dalle_ds.config import ConfigError, load_json_config, parse_set_args
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
+def zero_stage(cfg: dict[str, Any]) -> int:
+    """The config's ZeRO stage (0 when it has no zero_optimization section)."""
+    return int((cfg.get("zero_optimization") or {}).get("stage", 0))
+
+
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     return load_json_config(path, flag="--deepspeed_config")
 

@@ -20,8 +20,10 @@ def _dense_mask(spec: MaskSpec, device: str) -> torch.Tensor:
     return spec.dense(device=device)
 
 
+@torch.compiler.assume_constant_result
 def dense_mask(spec: MaskSpec, device="cpu") -> torch.Tensor:
-    """Cached [N, N] boolean mask in raster order (rows = queries)."""
+    """Cached [N, N] boolean mask in raster order (rows = queries). A constant for torch.compile: a compiled graph
+    holds the mask instead of tracing its construction into every call."""
     return _dense_mask(spec, str(torch.device(device)))
 
 
