@@ -258,6 +258,24 @@ def test_works_under_torch_compile():
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
 
+def test_pick_default_then_tuned(monkeypatch):
+    """_pick without a GPU (meta tensors, the timer stubbed): tuning off gives the first candidate, remembered apart
+    from the tuned ones, so turning tuning on later still times every candidate and keeps the fastest."""
+    monkeypatch.setattr(tb, "_tuned", {})
+    monkeypatch.setattr(tb, "_defaults", {})
+    spec = MaskSpec("row", 256, 32)
+    q = torch.empty(2, 4, spec.seq_len, 64, device="meta")
+    cands = tb._CANDIDATES["fwd"]["small"]
+    launched = []
+    assert tb._pick("fwd", q, spec, launched.append) == cands[0]  # DALLE_DS_ATTN_TUNE=0 (autouse fixture)
+    assert tb._pick("fwd", q, spec, launched.append) == cands[0] and not launched and not tb._tuned
+    monkeypatch.setenv("DALLE_DS_ATTN_TUNE", "1")
+    fastest = cands[2]
+    monkeypatch.setattr(tb, "_bench", lambda fn: (fn(), 1.0 if launched[-1] == fastest else 2.0)[1])
+    assert tb._pick("fwd", q, spec, launched.append) == fastest and launched == cands
+    assert tb._pick("fwd", q, spec, launched.append) == fastest and len(launched) == len(cands)  # cached
+
+
 def test_backward_path_choice(monkeypatch):
     """_backward_path without a GPU (meta tensors; the timer stubbed by each path's stated cost): a pin wins, then
     determinism, CPU and tuning off mean split; otherwise both paths run once (tuning their tiles), are timed,

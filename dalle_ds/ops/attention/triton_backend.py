@@ -199,6 +199,7 @@ _INTERPRETER_CONFIG = Config(32, 32, 4, 1)
 # runs _attn_bwd_dkdv with FUSE_DQ (5 matmuls, fp32 atomics for dQ, not bitwise reproducible).
 BACKWARD_PATHS = ("split", "fused")
 _tuned: dict = {}
+_defaults: dict = {}  # untuned choices (DALLE_DS_ATTN_TUNE=0, or one candidate), per tuning key
 _tuned_paths: dict = {}
 _forced: dict = {}
 _FORCED_FALLBACK = {"dkdv_dq": "dkdv"}  # with no tiles pinned for the fused kernel, pinned dK/dV tiles apply
@@ -253,10 +254,14 @@ def _pick(kernel: str, q: torch.Tensor, spec: MaskSpec, launch) -> Config:
     key = _tuning_key(kernel, q, spec)  # looked up first: this runs on every call (decode: per token and layer)
     if key in _tuned:
         return _tuned[key]
+    tuning = _tuning_on()
+    if not tuning and key in _defaults:
+        return _defaults[key]
     B, H, N, D = q.shape
     cands = _CANDIDATES[kernel]["small" if D <= 64 else "large"]
     cands = [c for c in cands if max(c.block_m, c.block_n) <= max(16, triton_next_pow2(N))] or cands[-1:]
-    if not _tuning_on() or len(cands) == 1:
+    if not tuning or len(cands) == 1:
+        _defaults[key] = cands[0]  # kept apart from _tuned: turning tuning on later still tunes
         return cands[0]
     times = {}
     for cfg in cands:
