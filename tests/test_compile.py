@@ -17,7 +17,7 @@ from dalle_ds.config import ConfigError, DalleConfig
 from dalle_ds.models.dalle import DALLE
 from dalle_ds.train.dalle_trainer import check_compile_supported
 from launch_utils import ROOT
-from prior_batches import random_batch
+from prior_batches import inject_inf_gradient, random_batch
 from unit_shards import write_unit_shards
 
 CFG = DalleConfig(text_vocab_size=50, text_len=6, image_vocab_size=20, image_grid=4, d_model=32, n_layers=3,
@@ -60,15 +60,7 @@ def test_compiled_resblocks_keep_the_overflow_filter():
     torch._dynamo.reset()
     model, _ = _pair(resblock_grad_scaling=True, resblock_dtype="float16")
     k = 3  # layer 1's MLP block
-
-    def fwd_hook(_mod, _inp, out):
-        def grad_hook(g):
-            g = g.clone()
-            g.view(-1)[0] = float("inf")
-            return g
-        out.register_hook(grad_hook)
-
-    model.resblocks[k].fn.fc.register_forward_hook(fwd_hook)
+    inject_inf_gradient(model.resblocks[k].fn.fc)
     model.compile_resblocks()
     scales = model.grad_scaler.scales.clone()
     text, image = random_batch(CFG, 4, 1)

@@ -9,7 +9,7 @@ import torch
 
 from dalle_ds.config import ConfigError, DalleConfig
 from dalle_ds.models.dalle import DALLE
-from prior_batches import random_batch
+from prior_batches import inject_inf_gradient, random_batch
 from dalle_ds.precision import ResblockGradScaler, unscale_block_grads_
 from dalle_ds.precision.resblock_scaling import BACKOFF_WINDOW, GROWTH
 
@@ -121,24 +121,13 @@ def test_bad_arguments_and_configs_are_refused():
 # On the model
 # ------------------------------------------------------------------------------------------------------------------
 
-def _inject_inf(module: torch.nn.Module):
-    """Make the gradient at ``module``'s output contain an Inf (an overflow inside that resblock's branch)."""
-    def fwd_hook(_mod, _inp, out):
-        def grad_hook(g):
-            g = g.clone()
-            g.view(-1)[0] = float("inf")
-            return g
-        out.register_hook(grad_hook)
-    return module.register_forward_hook(fwd_hook)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_injected_overflow_lowers_only_that_scale_and_skips_the_update(dtype):
     model = _model(resblock_grad_scaling=True, resblock_dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     text, image = _batch()
     k = 3  # layer 1's MLP block
-    handle = _inject_inf(model.resblocks[k].fn.fc)
+    handle = inject_inf_gradient(model.resblocks[k].fn.fc)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scales = model.grad_scaler.scales.clone()
 
@@ -277,7 +266,7 @@ def test_unscale_hooks_match_the_explicit_unscale_and_flag_the_block():
     assert hooked.grad_scaler.update() is False
 
     hooked.zero_grad()
-    handle = _inject_inf(hooked.resblocks[4].fn.qkv)
+    handle = inject_inf_gradient(hooked.resblocks[4].fn.qkv)
     hooked(text, image).loss.backward()
     handle.remove()
     assert not torch.isfinite(hooked.resblocks[4].fn.qkv.weight.grad).all()  # left for DeepSpeed's overflow check
