@@ -16,6 +16,7 @@ output and for dq, dk, dv.
 Under the interpreter bf16 is not tested: Triton's interpreter computes ``tl.dot`` on bf16 from the raw bits
 (checked with triton 3.9: a 16x16 bf16 dot is off by ~1e10), so bf16 runs on GPU only.
 """
+import json
 import os
 import re
 import subprocess
@@ -41,8 +42,10 @@ ATOL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @pytest.fixture(autouse=True)
 def _no_tuning(monkeypatch):
-    """Parity tests use the default tiles (tuning compiles every candidate: minutes of GPU time); one test tunes."""
+    """Parity tests use the default tiles (tuning compiles every candidate: minutes of GPU time); one test tunes.
+    The on-disk tuning cache is off (tests that tune must time, and must not write to the user's cache)."""
     monkeypatch.setenv("DALLE_DS_ATTN_TUNE", "0")
+    monkeypatch.setenv("DALLE_DS_ATTN_CACHE", "off")
 
 
 def test_parity_under_interpreter():
@@ -274,6 +277,64 @@ def test_pick_default_then_tuned(monkeypatch):
     monkeypatch.setattr(tb, "_bench", lambda fn: (fn(), 1.0 if launched[-1] == fastest else 2.0)[1])
     assert tb._pick("fwd", q, spec, launched.append) == fastest and launched == cands
     assert tb._pick("fwd", q, spec, launched.append) == fastest and len(launched) == len(cands)  # cached
+
+
+def test_tuned_choices_persist_across_processes(tmp_path, monkeypatch):
+    """tuning_cache: what one process tuned (tiles and backward path) another reads back without timing, only for
+    the same GPU model, triton and kernel source; an unreadable file is ignored with a warning; 'off' writes
+    nothing. Meta tensors and a stubbed timer stand in for the GPU."""
+    from dalle_ds.ops.attention import tuning_cache
+
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("DALLE_DS_ATTN_CACHE", str(path))
+    monkeypatch.setenv("DALLE_DS_ATTN_TUNE", "1")
+    monkeypatch.delenv("DALLE_DS_ATTN_BWD", raising=False)
+    spec = MaskSpec("row", 256, 32)
+    q = torch.empty(2, 4, spec.seq_len, 64, device="meta")
+    cands = tb._CANDIDATES["dq"]["small"]
+    fastest = cands[3]
+    launched = []
+
+    def bench(fn):  # a path runner states its time; a tile launch is fast for ``fastest`` only
+        ms = fn()
+        return ms if isinstance(ms, float) else 1.0 if launched[-1] == fastest else 2.0
+
+    monkeypatch.setattr(tb, "_bench", bench)
+
+    def new_process():
+        for name in ("_tuned", "_defaults", "_tuned_paths"):
+            monkeypatch.setattr(tb, name, {})
+        launched.clear()
+
+    new_process()
+    assert tb._pick("dq", q, spec, launched.append) == fastest and launched == cands
+    fused_first = [lambda: launched.append("split") or 2.0, lambda: launched.append("fused") or 1.0]
+    assert tb._backward_path(q, spec, *fused_first) == "fused"
+    saved = json.loads(path.read_text())
+    (context,) = saved["entries"]
+    assert context.startswith("meta|triton ") and context.endswith(tuning_cache.kernels_hash())
+    assert saved["entries"][context]["dq:T256:W32:d64:float32:bh8"] == vars(fastest)
+
+    new_process()  # another process: both read back, nothing launched or timed
+    never = lambda: launched.append("never")  # noqa: E731
+    assert tb._pick("dq", q, spec, launched.append) == fastest and tb._backward_path(q, spec, never, never) == "fused"
+    assert launched == []
+
+    new_process()  # other kernel source: its own section, timed again
+    monkeypatch.setattr(tuning_cache, "kernels_hash", lambda: "0123456789ab")
+    assert tb._pick("dq", q, spec, launched.append) == fastest and launched == cands
+    assert len(json.loads(path.read_text())["entries"]) == 2
+
+    new_process()
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="ignored"):
+        assert tb._pick("dq", q, spec, launched.append) == fastest
+    assert launched == cands and json.loads(path.read_text())["version"] == tuning_cache.VERSION  # rewritten
+
+    new_process()
+    path.unlink()
+    monkeypatch.setenv("DALLE_DS_ATTN_CACHE", "off")
+    assert tb._pick("dq", q, spec, launched.append) == fastest and not path.exists()
 
 
 def test_backward_path_choice(monkeypatch):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dalle_ds.train.checkpoint import atomic_write_bytes
+from dalle_ds.utils.files import atomic_write_bytes
 
 FORMAT_VERSION = 1
 

@@ -18,23 +18,9 @@ import torch
 
 from dalle_ds.train.distributed import barrier, is_rank0
 from dalle_ds.train.distributed import rank as dist_rank
+from dalle_ds.utils.files import atomic_write_bytes
 
 _TAG = re.compile(r"^step(\d+)$")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -17,7 +17,8 @@ under fixed arguments) does not fit; instead, on a GPU the first call for a give
 batch*heads bucket) times each candidate with ``triton.testing.do_bench`` and keeps the fastest (shared by the
 mask kinds of that geometry). Candidates that
 fail to compile (shared memory) are dropped. ``DALLE_DS_ATTN_TUNE=0`` uses the first candidate. Under the
-interpreter a fixed small configuration is used (speed there is per tile, not per element).
+interpreter a fixed small configuration is used (speed there is per tile, not per element). Choices are kept on disk
+for later processes on the same GPU model, triton and kernel source (``tuning_cache``; ``DALLE_DS_ATTN_CACHE``).
 
 Backward paths. ``split`` (dK/dV kernel, then dQ kernel: deterministic) or ``fused`` (the dK/dV kernel also adds dQ
 atomically into an fp32 buffer: two fewer matmuls per tile, run-to-run differences in the last bits of dQ). On a GPU
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils import _python_dispatch
 
+from . import tuning_cache
 from .layouts import block_layout, decode_table
 from .masks import MaskSpec
 
@@ -263,6 +265,11 @@ def _pick(kernel: str, q: torch.Tensor, spec: MaskSpec, launch) -> Config:
     if not tuning or len(cands) == 1:
         _defaults[key] = cands[0]  # kept apart from _tuned: turning tuning on later still tunes
         return cands[0]
+    context, name = _tuning_context(q), _key_name(key)
+    stored = _config_or_none(tuning_cache.lookup(context, name))  # an earlier process's choice (same GPU model,
+    if stored in cands:                                              # triton and kernels), if still a candidate
+        _tuned[key] = stored
+        return stored
     times = {}
     for cfg in cands:
         try:
@@ -274,6 +281,7 @@ def _pick(kernel: str, q: torch.Tensor, spec: MaskSpec, launch) -> Config:
         raise RuntimeError(f"no tile configuration of {kernel} fits this GPU")
     best = min(times, key=times.get)
     _tuned[key] = best
+    tuning_cache.store(context, name, vars(best))
     return best
 
 
@@ -282,6 +290,26 @@ def _tuning_key(kernel: str, q: torch.Tensor, spec: MaskSpec) -> tuple:
     model compiles every candidate once, not once per layer kind."""
     B, H, N, D = q.shape
     return (kernel, spec.text_len, spec.grid, D, q.dtype, str(q.device), triton_next_pow2(B * H))
+
+
+def _config_or_none(stored) -> Config | None:
+    try:
+        return Config(**stored) if isinstance(stored, dict) else None
+    except TypeError:  # fields of another version
+        return None
+
+
+def _tuning_context(q: torch.Tensor) -> str:
+    """What a tuned choice is valid for, in the on-disk cache: the GPU model, triton and the kernels' source."""
+    import triton
+
+    if q.device.type == "cuda":
+        index = torch.cuda.current_device() if q.device.index is None else q.device.index
+        cc = _cuda_capability(index)
+        where = f"{torch.cuda.get_device_name(index)} sm{cc[0]}{cc[1]}"
+    else:  # meta tensors in tests
+        where = q.device.type
+    return f"{where}|triton {triton.__version__}|kernels {tuning_cache.kernels_hash()}"
 
 
 def _tuning_on() -> bool:
@@ -308,10 +336,16 @@ def _backward_path(q: torch.Tensor, spec: MaskSpec, run_split, run_fused) -> str
         return "split"
     key = _tuning_key("backward", q, spec)
     if key not in _tuned_paths:
-        run_split()  # tunes (and compiles) each path's tiles before either is timed
-        run_fused()
-        times = {"split": _bench(run_split), "fused": _bench(run_fused)}
-        _tuned_paths[key] = min(times, key=times.get)
+        context, name = _tuning_context(q), _key_name(key)
+        stored = tuning_cache.lookup(context, name)
+        if stored in BACKWARD_PATHS:  # measured by an earlier process: only that path's tiles get tuned
+            _tuned_paths[key] = stored
+        else:
+            run_split()  # tunes (and compiles) each path's tiles before either is timed
+            run_fused()
+            times = {"split": _bench(run_split), "fused": _bench(run_fused)}
+            _tuned_paths[key] = min(times, key=times.get)
+            tuning_cache.store(context, name, _tuned_paths[key])
     return _tuned_paths[key]
 
 
