@@ -119,7 +119,7 @@ except Exception as e:
       wait $BUILD_PID
       TAIL=30 run bench_fp169 30 120 python3 benchmarks/bench_fp169.py --save ;;
     bench_attn)
-      TAIL=40 run bench_attn 60 240 python3 benchmarks/bench_attention.py --no-large \
+      TAIL=40 run bench_attn 60 300 python3 benchmarks/bench_attention.py --no-large \
         --out "benchmarks/results/attention_${DEV}_${DATE}" ;;
     bench_attn_large)
       TAIL=25 run bench_attn_large 60 240 python3 benchmarks/bench_attention.py --cases large_w64 \
