@@ -99,6 +99,8 @@ class DalleTrainer(EngineLoop):
     postfix_keys = ("loss", "text_loss", "image_loss")
 
     def __init__(self, cfg: DalleTrainConfig, ds_config: dict, run_dir: str | Path, resume: bool = True):
+        if cfg.compile:
+            check_compile_supported(ds_config)  # before any data, tokenizer or model is built
         run_dir = Path(run_dir)
         d = cfg.data
         self.dvae = None
@@ -130,7 +132,6 @@ class DalleTrainer(EngineLoop):
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_prior(model_cfg, ds_config)
         if cfg.compile:
-            check_compile_supported(ds_config)
             model.compile_resblocks()
         self.grad_scaler = model.grad_scaler
         if self.grad_scaler is not None:
