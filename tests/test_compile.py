@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from dalle_ds.config import ConfigError, DalleConfig
+from dalle_ds.config import ConfigError, DalleConfig, DalleTrainConfig
 from dalle_ds.models.dalle import DALLE
-from dalle_ds.train.dalle_trainer import check_compile_supported
+from dalle_ds.train.dalle_trainer import DalleTrainer, check_compile_supported
 from launch_utils import ROOT
 from prior_batches import inject_inf_gradient, random_batch
 from unit_shards import write_unit_shards
@@ -74,9 +74,12 @@ def test_compiled_resblocks_keep_the_overflow_filter():
     assert all(new[j] > scales[j] for j in range(len(new)) if j != k)
 
 
-def test_compile_refuses_zero3():
+def test_compile_refuses_zero3(tmp_path):
     with pytest.raises(ConfigError, match="not with ZeRO-3"):
         check_compile_supported({"zero_optimization": {"stage": 3}})
+    with pytest.raises(ConfigError, match="not with ZeRO-3"):  # the trainer says so before it reads any data
+        DalleTrainer(DalleTrainConfig(compile=True), {"zero_optimization": {"stage": 3}}, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
     for stage in (0, 1, 2):
         check_compile_supported({"zero_optimization": {"stage": stage}})
     check_compile_supported({})
