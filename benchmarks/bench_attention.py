@@ -27,7 +27,8 @@ microseconds to enqueue one forward+backward. ``--profile`` (default on a GPU) a
 kernel for each forward+backward, so a slow provider's time can be placed (which kernel, how many launches).
 
 Prints a markdown table last; ``--out PREFIX`` writes PREFIX.json and PREFIX.md (the JSON has the device,
-versions, command, shapes, times, TFLOP/s, floors and speedups). ``--quick`` runs tiny shapes in fp32 on CPU so
+versions, command, shapes, times, TFLOP/s, floors and speedups) and a bar chart per case, PREFIX.<case>.svg
+(forward+backward time per mask and provider); ``--plot RUN.json`` redraws the charts of an earlier run. ``--quick`` runs tiny shapes in fp32 on CPU so
 the harness itself is tested (the triton provider then needs ``TRITON_INTERPRET=1``).
 
     python benchmarks/bench_attention.py --out benchmarks/results/attention_h100_$(date +%Y%m%d)
@@ -55,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dalle_ds.ops.attention import MaskSpec, attention, dense_mask, kept_elements, layer_schedule  # noqa: E402
 from dalle_ds.ops.attention import triton_backend  # noqa: E402
 from dalle_ds.ops.attention.flex import flex_sparse_attention  # noqa: E402
+from dalle_ds.utils.svg_plot import bar_chart  # noqa: E402
 
 MASKS = ("row", "column", "conv")
 PROVIDERS = ("triton", "flex", "sdpa_causal", "sdpa_mask")
@@ -526,7 +528,14 @@ def main(argv=None) -> dict:
                    help="torch.profiler breakdown of each forward+backward by kernel (default: on with a GPU)")
     p.add_argument("--extra-masks", default="", help="comma list of extra mask kinds to time outside the layer mix; "
                    "'causal' compares the kernels with SDPA causal on the same tiles (diagnostic)")
+    p.add_argument("--plot", default=None, metavar="JSON", help="only draw the charts of an earlier run's JSON "
+                   "(written beside it as <JSON without .json>.<case>.svg)")
     args = p.parse_args(argv)
+    if args.plot:
+        with open(args.plot) as f:
+            paths = write_charts(json.load(f), args.plot[:-len(".json")] if args.plot.endswith(".json") else args.plot)
+        print("\n".join(paths))
+        return {"charts": paths}
 
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     # Compiled FlexAttention recompiles per mask (each has its own mask_mod) and per grad mode: 2 x 3 masks x 2
@@ -584,8 +593,33 @@ def main(argv=None) -> dict:
             json.dump(report, f, indent=1)
         with open(args.out + ".md", "w") as f:
             f.write(md + "\n")
+        write_charts(report, args.out)
     print(md)
     return report
+
+
+def charts(report: dict) -> dict[str, str]:
+    """One SVG per case: forward+backward milliseconds (eager) per mask and for the layer mix, a bar per provider."""
+    out = {}
+    for case in report["cases"]:
+        groups = [*case["masks"], "mix"]
+        entries = [*case["masks"].values(), case["mix"]]
+        providers = list(dict.fromkeys(p for e in entries for p in e["providers"]))
+        series = {p: [e["providers"].get(p, {}).get("fwd_bwd_ms") for e in entries] for p in providers}
+        title = (f"{case['name']}: N={case['N']} B={case['B']} H={case['H']} d={case['D']} {case['dtype']}, "
+                 f"{report['device']}, {report['date'][:10]}: forward+backward (lower is better)")
+        out[case["name"]] = bar_chart(groups, series, title, "ms (eager)", xlabel="mask")
+    return out
+
+
+def write_charts(report: dict, prefix: str) -> list[str]:
+    """PREFIX.<case>.svg for each case; returns the paths."""
+    paths = []
+    for name, svg in charts(report).items():
+        paths.append(f"{prefix}.{name}.svg")
+        with open(paths[-1], "w") as f:
+            f.write(svg)
+    return paths
 
 
 if __name__ == "__main__":

@@ -199,3 +199,20 @@ def test_check_catches_a_wrong_provider():
                          "mix": {"providers": {}}}]}
     assert bench_attention.failed_checks(report) == ["tiny row x"]
     assert "**FAIL**" in bench_attention.check_cell({"check": bad})
+
+
+def test_charts_show_every_provider_per_mask(quick_report, tmp_path):
+    """--out writes a bar chart per case (a bar per provider and mask, the mix included); --plot redraws it from
+    the JSON alone."""
+    report, _, _ = quick_report
+    svg = bench_attention.charts(report)["tiny"]
+    case = report["cases"][0]
+    groups = [*case["masks"], "mix"]
+    bars = sum(1 for e in [*case["masks"].values(), case["mix"]] for r in e["providers"].values()
+               if r.get("fwd_bwd_ms") is not None)
+    assert svg.count('<rect x=') - len(case["mix"]["providers"]) == bars  # minus the legend's swatches
+    assert all(f">{g}</text>" in svg for g in groups) and "forward+backward" in svg
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(report))
+    assert bench_attention.main(["--plot", str(path)]) == {"charts": [str(tmp_path / "run.tiny.svg")]}
+    assert (tmp_path / "run.tiny.svg").read_text() == svg
