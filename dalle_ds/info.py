@@ -69,7 +69,8 @@ def _status_rows(module: str, func: str, label: str) -> list[dict[str, Any]]:
 
 def ops() -> dict[str, list[dict[str, Any]]]:
     return {
-        "attention backends": _status_rows("dalle_ds.ops.attention", "backend_status", "attention"),
+        "attention backends": _status_rows("dalle_ds.ops.attention", "backend_status", "attention")
+        + _status_rows("dalle_ds.ops.attention.tuning_cache", "status_rows", "tuning cache"),
         "1-6-9 codec": _status_rows("dalle_ds.ops.fp169", "op_status", "fp169"),
     }
 

@@ -79,3 +79,16 @@ def store(context: str, name: str, value) -> None:
                                              sort_keys=True) + "\n").encode())
     except OSError as e:  # a read-only home or a full disk must not stop training
         warnings.warn(f"attention tuning cache {path} not written: {e}", stacklevel=2)
+
+
+def status_rows() -> list[dict]:
+    """For ``python -m dalle_ds.info``: where the cache is and how much it holds."""
+    path = cache_path()
+    if path is None:
+        return [{"name": "tuning cache", "available": False, "reason": "off (DALLE_DS_ATTN_CACHE=off)"}]
+    entries = _read(path)
+    if not entries:
+        return [{"name": "tuning cache", "available": True, "reason": f"{path} (empty: a GPU's first calls tune)"}]
+    n = sum(len(v) for v in entries.values() if isinstance(v, dict))
+    return [{"name": "tuning cache", "available": True,
+             "reason": f"{path}: {n} choices for {len(entries)} (GPU, triton, kernel source) combinations"}]
