@@ -533,7 +533,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.plot:
         with open(args.plot) as f:
-            paths = write_charts(json.load(f), args.plot[:-len(".json")] if args.plot.endswith(".json") else args.plot)
+            paths = write_charts(json.load(f), args.plot.removesuffix(".json"))
         print("\n".join(paths))
         return {"charts": paths}
 

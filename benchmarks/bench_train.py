@@ -65,11 +65,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch.distributed as dist  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from dalle_ds.config import DALLE_PRESETS  # noqa: E402
+from dalle_ds.config import DALLE_PRESETS, ConfigError  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
 from dalle_ds.models.flops import count_flops, recompute_flops_per_sequence  # noqa: E402
 from dalle_ds.train.distributed import (  # noqa: E402
     device as ds_device, distributed_run, rank, world_size)
+from dalle_ds.train.ds_config import check_compile_supported  # noqa: E402
 from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
@@ -354,9 +355,12 @@ def parse_args(argv):
     co = args.compile.split(",")
     if not co or any(c not in ("off", "on") for c in co):
         p.error("--compile takes off and/or on")
-    if "on" in co and 3 in args.zero:
-        p.error("--compile on does not combine with --zero 3 (ZeRO-3's parameter hooks would run inside compiled "
-                "blocks)")
+    if "on" in co:
+        for z in args.zero:
+            try:
+                check_compile_supported({"zero_optimization": {"stage": z}})
+            except ConfigError as e:
+                p.error(f"--compile on does not combine with --zero {z}: {e}")
     args.compile = [c == "on" for c in co]
     args.micro_batch = args.micro_batch or (4 if q else (8 if cuda else 1))
     args.warmup = args.warmup if args.warmup is not None else (2 if q else 5)

@@ -15,7 +15,8 @@ import torch
 
 from dalle_ds.config import ConfigError, DalleConfig, DalleTrainConfig
 from dalle_ds.models.dalle import DALLE
-from dalle_ds.train.dalle_trainer import DalleTrainer, check_compile_supported
+from dalle_ds.train.dalle_trainer import DalleTrainer
+from dalle_ds.train.ds_config import check_compile_supported
 from launch_utils import ROOT
 from prior_batches import inject_inf_gradient, random_batch
 from unit_shards import write_unit_shards

@@ -31,7 +31,7 @@ from dalle_ds.models.dalle import DALLE, prepare_text
 from dalle_ds.precision.resblock_scaling import install_unscale_hooks
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.distributed import is_rank0, rank, world_size
-from dalle_ds.train.ds_config import zero_stage
+from dalle_ds.train.ds_config import check_compile_supported, zero_stage
 from dalle_ds.train.engine_loop import EngineLoop
 from dalle_ds.train.extensions import build_extensions
 from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
@@ -56,14 +56,6 @@ class CaptionCollate:
         if "scene" in samples[0]:
             out["scene"] = [s["scene"] for s in samples]
         return out
-
-
-def check_compile_supported(ds_config: dict) -> None:
-    """``compile=true`` (DALLE.compile_resblocks before deepspeed.initialize) works with ZeRO 0-2; under ZeRO-3 the
-    engine's parameter gather / release hooks would run inside the compiled blocks."""
-    if zero_stage(ds_config) == 3:
-        raise ConfigError("dalle_run.compile: not with ZeRO-3 (its parameter gather hooks would run inside the "
-                          "compiled resblocks); use ZeRO 0-2 or set compile=false")
 
 
 def build_prior(model_cfg: DalleConfig, ds_config: dict) -> DALLE:

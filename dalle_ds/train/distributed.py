@@ -52,7 +52,6 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-
 @contextlib.contextmanager
 def distributed_run():
     """``with distributed_run(): ...`` — :func:`init_distributed` on entry, :func:`shutdown_distributed` when the

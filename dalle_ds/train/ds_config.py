@@ -31,6 +31,14 @@ def zero_stage(cfg: dict[str, Any]) -> int:
     return int((cfg.get("zero_optimization") or {}).get("stage", 0))
 
 
+def check_compile_supported(cfg: dict[str, Any]) -> None:
+    """``compile=true`` (DALLE.compile_resblocks before deepspeed.initialize) works with ZeRO 0-2; under ZeRO-3 the
+    engine's parameter gather / release hooks would run inside the compiled blocks."""
+    if zero_stage(cfg) == 3:
+        raise ConfigError("dalle_run.compile: not with ZeRO-3 (its parameter gather hooks would run inside the "
+                          "compiled resblocks); use ZeRO 0-2 or set compile=false")
+
+
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     return load_json_config(path, flag="--deepspeed_config")
 

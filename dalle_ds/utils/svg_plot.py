@@ -10,9 +10,14 @@ def colour(i: int, n: int) -> str:
     return f"rgb({int(40 + 200 * t)},{int(90 + 40 * (1 - abs(2 * t - 1)))},{int(220 - 180 * t)})"
 
 
-def _frame(W, H, L, R, T, B, title: str, ylabel: str, xlabel: str, lo: float, hi: float, y,
-           fmt: str = ".2f") -> list[str]:
-    """SVG header, title, axes, axis labels and six labelled horizontal grid lines from ``lo`` to ``hi``."""
+def _frame(W, H, L, R, T, B, title: str, ylabel: str, xlabel: str, lo: float, hi: float,
+           fmt: str = ".2f") -> tuple[list[str], Callable[[float], float]]:
+    """SVG header, title, axes, axis labels and six labelled horizontal grid lines from ``lo`` to ``hi``; and the
+    value -> pixel map ``y`` of that axis."""
+
+    def y(v: float) -> float:
+        return T + (hi - v) / (hi - lo) * (H - T - B)
+
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
            f'font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
@@ -25,7 +30,7 @@ def _frame(W, H, L, R, T, B, title: str, ylabel: str, xlabel: str, lo: float, hi
         v = lo + (hi - lo) * i / 5
         out.append(f'<text x="{L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:{fmt}}</text>')
         out.append(f'<line x1="{L}" y1="{y(v):.1f}" x2="{W - R}" y2="{y(v):.1f}" stroke="#eee"/>')
-    return out
+    return out, y
 
 
 def line_chart(steps: list[int], series: dict[str, list[float]], title: str, ylabel: str, *,
@@ -43,10 +48,7 @@ def line_chart(steps: list[int], series: dict[str, list[float]], title: str, yla
     def x(s: float) -> float:
         return L + (s - s0) / (s1 - s0) * (W - L - R)
 
-    def y(v: float) -> float:
-        return T + (hi - v) / (hi - lo) * (H - T - B)
-
-    out = _frame(W, H, L, R, T, B, title, ylabel, "step", lo, hi, y)
+    out, y = _frame(W, H, L, R, T, B, title, ylabel, "step", lo, hi)
     for i in range(6):
         s = s0 + (s1 - s0) * i / 5
         out.append(f'<text x="{x(s):.1f}" y="{H - B + 16}" text-anchor="middle">{s:.0f}</text>')
@@ -74,11 +76,7 @@ def bar_chart(groups: list[str], series: dict[str, list[float | None]], title: s
     W, H, L, R, T, B = 900, 480, 70, 170, 40, 60
     vals = [v for vs in series.values() for v in vs if v is not None]
     lo, hi = 0.0, max(vals + [1e-9]) * 1.12
-
-    def y(v: float) -> float:
-        return T + (hi - v) / (hi - lo) * (H - T - B)
-
-    out = _frame(W, H, L, R, T, B, title, ylabel, xlabel, lo, hi, y, ".3g")
+    out, y = _frame(W, H, L, R, T, B, title, ylabel, xlabel, lo, hi, ".3g")
     n, group_w = len(series), (W - L - R) / max(1, len(groups))
     bar_w = 0.8 * group_w / max(1, n)
     for g, name in enumerate(groups):
