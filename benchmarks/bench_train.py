@@ -27,6 +27,9 @@ then times ``--steps`` steps (median step time), then profiles ``--profile-steps
   lies inside the phases (ZeRO-2 gradient reduce in backward, the parameter all-gather in the optimizer step), so it
   is reported beside them with its share in each, not added. One process exchanges nothing (DeepSpeed's
   all-reduces then run over a group of one; their small time is still what is shown).
+* **time sinks** (:mod:`op_breakdown`, rank 0, the same profiled steps): the top kernels by device time on a GPU
+  (top operators by self CPU time on a CPU), a split by category (matmul, attention, normalization, softmax / loss,
+  optimizer, copies, communication, other elementwise) and, on a GPU, how long the device sat idle in a step.
 
 Why the engine is built here rather than through ``DalleTrainer``: the trainer needs a data set, a tokenizer, a run
 folder, an EMA and checkpoints, none of which is step throughput, and its ``train_step`` hides forward / backward /
@@ -71,6 +74,7 @@ from dalle_ds.models.flops import count_flops, recompute_flops_per_sequence  # n
 from dalle_ds.train.distributed import (  # noqa: E402
     device as ds_device, distributed_run, rank, world_size)
 from dalle_ds.train.ds_config import check_compile_supported  # noqa: E402
+from op_breakdown import markdown as op_markdown, op_breakdown, union_us  # noqa: E402
 from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
@@ -134,20 +138,10 @@ def matmul_rate(dev: torch.device, dtype: torch.dtype, n: int, reps: int) -> flo
     return 2 * n**3 / t
 
 
-def _union_us(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if e <= end:
-            continue
-        total += e - max(s, end)
-        end = e
-    return total
-
-
 def _overlap_us(spans: list[tuple[float, float]], within: list[tuple[float, float]]) -> float:
     """Time of the union of ``spans`` that lies inside the union of ``within``."""
     clipped = [(max(s, a), min(e, b)) for s, e in spans for a, b in within if min(e, b) > max(s, a)]
-    return _union_us(clipped)
+    return union_us(clipped)
 
 
 def phase_split(prof, steps: int) -> dict:
@@ -168,8 +162,8 @@ def phase_split(prof, steps: int) -> dict:
                 (is_device and any(m in name.lower() for m in COMM_KERNEL_MARKERS)):
             comm.append(span)
             comm_names.add(name)
-    out = {f"{k}_ms": _union_us(v) / 1e3 / steps for k, v in ranges.items()}
-    out["communication_ms"] = _union_us(comm) / 1e3 / steps
+    out = {f"{k}_ms": union_us(v) / 1e3 / steps for k, v in ranges.items()}
+    out["communication_ms"] = union_us(comm) / 1e3 / steps
     out["communication_in_phase_ms"] = {p: _overlap_us(comm, ranges[p]) / 1e3 / steps for p in PHASES}
     out["other_ms"] = out["step_ms"] - sum(out[f"{p}_ms"] for p in PHASES)
     out["collective_ops"] = sorted(comm_names)
@@ -234,6 +228,7 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
                 step(sync_phases=True)
                 _sync(dev)
     phases = phase_split(prof, args.profile_steps)
+    sinks = op_breakdown(prof.events(), args.profile_steps, phases["step_ms"])
     trace = None
     if args.trace:
         trace = trace_path(args.trace, case, multi_case)
@@ -241,7 +236,7 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
         prof.export_chrome_trace(trace)
 
     mine = {"step_s": step_s, "step_times_s": times, "peak_memory_bytes": mem, "matmul_flops_per_s": mm_rate,
-            "phases": phases, "trace": trace}
+            "phases": phases, "time_sinks": sinks, "trace": trace}
     ranks = [None] * world_size()
     if world_size() > 1:
         dist.all_gather_object(ranks, mine)
@@ -276,7 +271,7 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
         "matmul_tflops_per_s": mm / 1e12, "matmul_size": args.matmul_size, "mfu": per_device / mm,
         "hfu": (flops_per_step + recompute) / step_s / W / mm,
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks), "peak_memory_kind": mem_kind,
-        "phases": ranks[0]["phases"], "per_rank": ranks,
+        "phases": ranks[0]["phases"], "time_sinks": ranks[0]["time_sinks"], "per_rank": ranks,
     }
 
 
@@ -308,6 +303,9 @@ def markdown(result: dict) -> str:
     if result["world_size"] == 1:
         lines.append("One rank: nothing is exchanged; the collectives DeepSpeed still calls (e.g. the gradient-norm "
                      "all-reduce) run over a group of one and are what the comm column shows.")
+    lines += ["", "## Time sinks (rank 0, profiled steps)", ""]
+    for r in result["rows"]:
+        lines += op_markdown(r["case"], r["time_sinks"])
     return "\n".join(lines) + "\n"
 
 

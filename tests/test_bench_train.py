@@ -65,6 +65,14 @@ def _check(result: dict, world: int, micro: int, accum: int, ckpt: bool) -> dict
     assert set(inside) == {"forward", "backward", "optimizer"}
     assert all(0 <= v <= ph["communication_ms"] + eps for v in inside.values())
     assert sum(inside.values()) <= ph["communication_ms"] + eps <= ph["step_ms"] + eps
+    sinks = row["time_sinks"]
+    assert sinks["basis"].startswith("CPU operators") and sinks["idle_ms"] is None
+    assert sinks["step_ms"] == ph["step_ms"] and _close(sum(sinks["categories"].values()), sinks["total_ms"], 1e-6)
+    assert sinks["categories"]["matmul"] > 0 and sinks["categories"]["optimizer"] > 0
+    ms = [t["ms"] for t in sinks["top"]]
+    assert ms == sorted(ms, reverse=True) and 0 < sum(ms) <= sinks["total_ms"] + eps
+    for t in sinks["top"]:
+        assert _close(t["share_of_step"], t["ms"] / ph["step_ms"]) and t["calls_per_step"] > 0
     return row
 
 
@@ -80,7 +88,8 @@ def test_bench_train_quick_one_process(tmp_path):
     result = json.loads((tmp_path / "train.json").read_text())
     row = _check(result, world=1, micro=4, accum=2, ckpt=True)
     assert row["hardware_flops_per_step"] > row["flops_per_step"]
-    assert "| case |" in (tmp_path / "train.md").read_text()
+    md = (tmp_path / "train.md").read_text()
+    assert "| case |" in md and "| time sink |" in md
     assert "traceEvents" in json.loads(trace.read_text())
 
 
@@ -109,3 +118,28 @@ def test_compile_option_parses_and_refuses_zero3(capsys):
         with pytest.raises(SystemExit):
             bench_train.parse_args(["--quick", *bad])
     assert "not combine with --zero 3" in capsys.readouterr().err
+
+
+def test_time_sink_categories():
+    """Real kernel and operator names (cuBLAS, Triton, NCCL, Inductor, aten) land in the category that they are."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from op_breakdown import category
+
+    expect = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel":
+            "matmul",
+        "ampere_sgemm_128x64_tn": "matmul", "cutlass_80_simt_sgemm_256x128_8x4_nt_align1": "matmul",
+        "aten::addmm": "matmul", "aten::mm": "matmul",
+        "_attn_fwd": "attention", "_attn_bwd_dkdv": "attention", "flash_fwd_kernel": "attention",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+        "c10d::allreduce_": "communication", "gloo:all_reduce": "communication",
+        "multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>": "optimizer",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "normalization",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>": "softmax / loss",
+        "aten::nll_loss_forward": "softmax / loss",
+        "Memcpy DtoD (Device -> Device)": "copies / casts", "aten::copy_": "copies / casts",
+        "bench/forward": "host (Python, framework)", "torch::autograd::AccumulateGrad": "host (Python, framework)",
+        "triton_poi_fused_add_gelu_0": "elementwise / other",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl": "elementwise / other",
+    }
+    assert {name: category(name) for name in expect} == expect
