@@ -1,9 +1,10 @@
 """Training throughput of the prior on the real DeepSpeed engine: tokens/s, model TFLOP/s, MFU, peak memory and the
 split of a step into forward / backward / optimizer / communication.
 
-For every combination of ``--presets``, ``--zero``, ``--precision``, ``--checkpointing`` and ``--compile`` (each
+For every combination of ``--presets``, ``--zero``, ``--precision``, ``--checkpointing``, ``--compile`` (each
 resblock under torch.compile, ``DALLE.compile_resblocks``; the warm-up steps then include Inductor's compile time,
-so give it a few) it builds the DALL-E
+so give it a few) and ``--logits-matmul`` (the output heads' matmuls in IEEE fp32 or TF32, ``logits_matmul``) it
+builds the DALL-E
 prior (random weights, random token batches: throughput does not depend on the data), wraps it with
 ``deepspeed.initialize`` (AdamW, gradient clipping 4, the given ZeRO stage and precision), runs ``--warmup`` steps,
 then times ``--steps`` steps (median step time), then profiles ``--profile-steps`` more under ``torch.profiler``.
@@ -187,13 +188,14 @@ def trace_path(base: str, case: str, multi_case: bool) -> str:
     return str(p.with_name(stem + ".json"))
 
 
-def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool, args, dev: torch.device,
-             multi_case: bool) -> dict:
+def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool, logits: str, args,
+             dev: torch.device, multi_case: bool) -> dict:
     import deepspeed
 
     cfg = dataclasses.replace(DALLE_PRESETS[preset], attn_backend=args.attn_backend, activation_checkpointing=ckpt,
-                              dropout=0.0).validate()
-    case = f"{preset}_z{zero}_{precision}_{'ckpt' if ckpt else 'nockpt'}" + ("_compiled" if compiled else "")
+                              dropout=0.0, logits_matmul=logits).validate()
+    case = (f"{preset}_z{zero}_{precision}_{'ckpt' if ckpt else 'nockpt'}" + ("_compiled" if compiled else "")
+            + ("_tf32logits" if logits == "tf32" else ""))
     torch.manual_seed(0)  # identical weights on every rank
     model = DALLE(cfg)
     if compiled:  # ZeRO-3 refused in parse_args
@@ -257,7 +259,7 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
     per_device = flops_per_step / step_s / W
     return {
         "case": case, "preset": preset, "zero": zero, "precision": precision, "activation_checkpointing": ckpt,
-        "compiled": compiled,
+        "compiled": compiled, "logits_matmul": logits,
         "attn_backend": args.attn_backend, "params": n_params, "seq_len": cfg.seq_len, "text_len": cfg.text_len,
         "image_tokens": cfg.image_len, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "world_size": W,
@@ -318,6 +320,8 @@ def parse_args(argv):
                                                      "(default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpointing", default="off", help="activation checkpointing: off, on or off,on")
     p.add_argument("--compile", default="off", help="torch.compile each resblock: off, on or off,on (ZeRO 0-2)")
+    p.add_argument("--logits-matmul", default="fp32", help="the output heads' matmuls: fp32 (IEEE), tf32 (CUDA "
+                   "tensor cores) or fp32,tf32")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "triton", "flex", "sdpa", "dense"])
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per rank per micro-step")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -360,6 +364,9 @@ def parse_args(argv):
             except ConfigError as e:
                 p.error(f"--compile on does not combine with --zero {z}: {e}")
     args.compile = [c == "on" for c in co]
+    args.logits_matmul = args.logits_matmul.split(",")
+    if not args.logits_matmul or any(x not in ("fp32", "tf32") for x in args.logits_matmul):
+        p.error("--logits-matmul takes fp32 and/or tf32")
     args.micro_batch = args.micro_batch or (4 if q else (8 if cuda else 1))
     args.warmup = args.warmup if args.warmup is not None else (2 if q else 5)
     args.steps = args.steps or (3 if q else 10)
@@ -384,10 +391,11 @@ def _run(args, argv: list[str]) -> dict | None:
     import deepspeed
 
     dev = ds_device()
-    cases = list(itertools.product(args.presets, args.zero, args.precision, args.checkpointing, args.compile))
+    cases = list(itertools.product(args.presets, args.zero, args.precision, args.checkpointing, args.compile,
+                                   args.logits_matmul))
     rows = []
-    for preset, zero, precision, ckpt, compiled in cases:
-        rows.append(run_case(preset, zero, precision, ckpt, compiled, args, dev, len(cases) > 1))
+    for case in cases:
+        rows.append(run_case(*case, args, dev, len(cases) > 1))
         r = rows[-1]
         if rank() == 0:
             print(f"{r['case']}: {1e3 * r['step_s']:.4g} ms/step, {r['tokens_per_s']:.4g} tokens/s, "

@@ -248,6 +248,10 @@ class DalleConfig:
     biases, embeddings and logits stay fp32. float16 needs resblock_grad_scaling."""
     activation_checkpointing: bool = False
     """Recompute every resblock's branch in the backward pass (torch non-reentrant checkpoint)."""
+    logits_matmul: str = "fp32"
+    """The output heads' matmuls (their logits are fp32 either way): fp32 = IEEE fp32 (on a GPU: CUDA cores, ~1/15 of
+    the bf16 tensor-core rate on an H100), tf32 = TF32 tensor cores on CUDA (inputs rounded to a 10-bit significand,
+    fp32 accumulation; identical to fp32 on CPU). See dalle_ds.precision.tf32."""
 
     @property
     def image_len(self) -> int:
@@ -284,6 +288,8 @@ class DalleConfig:
             raise ConfigError(f"{where}.conv_kernel: must be odd, got {self.conv_kernel}")
         if self.resblock_dtype not in ("float32", "float16", "bfloat16"):
             _fail(f"{where}.resblock_dtype", f"choose float32, float16 or bfloat16, got {self.resblock_dtype!r}")
+        if self.logits_matmul not in ("fp32", "tf32"):
+            _fail(f"{where}.logits_matmul", f"choose fp32 or tf32, got {self.logits_matmul!r}")
         if self.resblock_dtype == "float16" and not self.resblock_grad_scaling:
             _fail(f"{where}.resblock_dtype", "float16 resblocks underflow without gradient scaling: set "
                                              "resblock_grad_scaling=true (or use bfloat16)")

@@ -14,7 +14,8 @@ from launch_utils import ROOT, deepspeed_launch
 from dalle_ds.config import DALLE_PRESETS
 from dalle_ds.models.flops import recompute_flops_per_sequence, training_flops_per_sequence
 
-FIELDS = ("case", "preset", "zero", "precision", "activation_checkpointing", "compiled", "attn_backend", "params",
+FIELDS = ("case", "preset", "zero", "precision", "activation_checkpointing", "compiled", "logits_matmul",
+          "attn_backend", "params",
           "seq_len",
           "world_size", "train_batch_size", "tokens_per_step", "flops_per_step", "hardware_flops_per_step", "step_s",
           "tokens_per_s", "model_tflops_per_s", "model_tflops_per_s_per_device", "matmul_tflops_per_s", "mfu",
@@ -114,7 +115,9 @@ def test_compile_option_parses_and_refuses_zero3(capsys):
 
     assert bench_train.parse_args(["--quick", "--compile", "off,on"]).compile == [False, True]
     assert bench_train.parse_args(["--quick"]).compile == [False]
-    for bad in (["--compile", "yes"], ["--compile", "on", "--zero", "2,3"]):
+    assert bench_train.parse_args(["--quick"]).logits_matmul == ["fp32"]
+    assert bench_train.parse_args(["--quick", "--logits-matmul", "fp32,tf32"]).logits_matmul == ["fp32", "tf32"]
+    for bad in (["--compile", "yes"], ["--compile", "on", "--zero", "2,3"], ["--logits-matmul", "fp16"]):
         with pytest.raises(SystemExit):
             bench_train.parse_args(["--quick", *bad])
     assert "not combine with --zero 3" in capsys.readouterr().err

@@ -12,7 +12,8 @@ a decoder-only transformer in which position p predicts token p + 1:
   (1-based i). The masks, their block layouts and the kernels live in :mod:`dalle_ds.ops.attention`.
 * **loss**: cross-entropy on text targets (positions 0..T−2 predict text 1..T−1, padding tokens included: predicting
   where a caption ends is part of modelling text) and on image targets (positions T−1..N−2 predict the W² codes),
-  each averaged over its own token count, combined as 1/8 text + 7/8 image. Logits are computed in fp32.
+  each averaged over its own token count, combined as 1/8 text + 7/8 image. Logits are computed in fp32 (their
+  matmuls in IEEE fp32, or in TF32 on CUDA tensor cores with ``logits_matmul="tf32"``).
 
 Pre-LayerNorm resblocks; the attention block and the MLP block are separate resblocks (``ResBlock``), which is the
 granularity of the paper's per-resblock gradient scaling.
@@ -31,6 +32,7 @@ from dalle_ds.config import DalleConfig
 from dalle_ds.ops.attention import MaskSpec, attention, attention_decode, layer_kind
 from dalle_ds.precision.resblock_scaling import (ResblockGradScaler, scaled_branch_input, scaled_branch_output,
                                                  unscale_block_grads_)
+from dalle_ds.precision.tf32 import tf32_linear
 
 TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 1.0 / 8.0, 7.0 / 8.0  # paper §2.2
 
@@ -141,10 +143,21 @@ class ResBlock(nn.Module):
 class FP32Head(nn.Linear):
     """An output head whose logits are computed in fp32 whatever the parameter dtype (paper App. D.2: text and image
     logits in fp32). Called as a module, so ZeRO-3 gathers its weight for the forward and the backward (a bare
-    ``F.linear(x, head.weight)`` outside the head's own forward finds the weight partitioned in the backward)."""
+    ``F.linear(x, head.weight)`` outside the head's own forward finds the weight partitioned in the backward).
+
+    ``matmul="tf32"`` runs its matmuls (forward and backward) in TF32 on CUDA tensor cores: fp32 inputs rounded to a
+    10-bit significand, fp32 accumulation, fp32 logits (:mod:`dalle_ds.precision.tf32`); ``"fp32"`` is IEEE fp32."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, matmul: str = "fp32"):
+        super().__init__(in_features, out_features, bias=bias)
+        self.matmul = matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        x, w = x.float(), self.weight.float()
+        if self.matmul == "tf32":  # on a CPU the same numbers as F.linear (no TF32 there)
+            y = tf32_linear(x, w)
+            return y if self.bias is None else y + self.bias.float()
+        return F.linear(x, w, None if self.bias is None else self.bias.float())
 
 
 class Layer(nn.Module):
@@ -188,8 +201,8 @@ class DALLE(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(1, cfg.n_layers + 1))
         self.final_norm = nn.LayerNorm(d)
-        self.text_head = FP32Head(d, cfg.text_classes, bias=False)
-        self.image_head = FP32Head(d, cfg.image_vocab_size, bias=False)
+        self.text_head = FP32Head(d, cfg.text_classes, bias=False, matmul=cfg.logits_matmul)
+        self.image_head = FP32Head(d, cfg.image_vocab_size, bias=False, matmul=cfg.logits_matmul)
         self.grad_scaler: ResblockGradScaler | None = None
         if cfg.resblock_grad_scaling:
             self.grad_scaler = ResblockGradScaler(len(self.resblocks))
