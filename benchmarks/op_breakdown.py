@@ -77,7 +77,7 @@ def op_breakdown(events, steps: int, step_ms: float, top: int = 12) -> dict:
             acc[0] += e.self_cpu_time_total
             acc[1] += 1
     total_ms = sum(v[0] for v in per_name.values()) / 1e3 / steps
-    busy_ms = union_us(spans) / 1e3 / steps if device else total_ms
+    busy_ms = union_us(spans) / 1e3 / steps if device else None  # CPU: other threads' ops overlap the step
     categories: dict[str, float] = {}
     for name, (us, _) in per_name.items():
         cat = category(name)
@@ -102,8 +102,9 @@ def markdown(case: str, b: dict, top: int = 6) -> list[str]:
     """A few markdown lines: the category split and the top ``top`` names of one case."""
     pct = (lambda ms: f"{100 * ms / b['step_ms']:.0f}%") if b["step_ms"] > 0 else (lambda ms: "n/a")
     split = ", ".join(f"{cat} {ms:.3g} ms ({pct(ms)})" for cat, ms in b["categories"].items())
-    lines = [f"**{case}**: {b['basis']}; step {b['step_ms']:.4g} ms, busy {b['busy_ms']:.4g} ms"
-             + (f", idle {b['idle_ms']:.3g} ms" if b["idle_ms"] is not None else "") + f". By category: {split}.",
+    busy = (f"device busy {b['busy_ms']:.4g} ms, idle {b['idle_ms']:.3g} ms" if b["busy_ms"] is not None
+            else f"self times sum to {b['total_ms']:.4g} ms")
+    lines = [f"**{case}**: {b['basis']}; step {b['step_ms']:.4g} ms, {busy}. By category: {split}.",
              "", "| time sink | category | ms/step | calls/step | share of step |", "| --- | --- | ---: | ---: | ---: |"]
     for t in b["top"][:top]:
         share = "n/a" if t["share_of_step"] is None else f"{100 * t['share_of_step']:.1f}%"

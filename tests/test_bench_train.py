@@ -67,7 +67,7 @@ def _check(result: dict, world: int, micro: int, accum: int, ckpt: bool) -> dict
     assert all(0 <= v <= ph["communication_ms"] + eps for v in inside.values())
     assert sum(inside.values()) <= ph["communication_ms"] + eps <= ph["step_ms"] + eps
     sinks = row["time_sinks"]
-    assert sinks["basis"].startswith("CPU operators") and sinks["idle_ms"] is None
+    assert sinks["basis"].startswith("CPU operators") and sinks["idle_ms"] is None and sinks["busy_ms"] is None
     assert sinks["step_ms"] == ph["step_ms"] and _close(sum(sinks["categories"].values()), sinks["total_ms"], 1e-6)
     assert sinks["categories"]["matmul"] > 0 and sinks["categories"]["optimizer"] > 0
     ms = [t["ms"] for t in sinks["top"]]
@@ -146,3 +146,27 @@ def test_time_sink_categories():
         "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl": "elementwise / other",
     }
     assert {name: category(name) for name in expect} == expect
+
+
+def test_time_sinks_of_device_kernels():
+    """The GPU branch on made-up kernel events: durations summed per name, the device's busy time is the union of
+    the kernel spans (overlaps counted once), idle = step − busy; CPU-side events are left out."""
+    from types import SimpleNamespace as NS
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from op_breakdown import op_breakdown
+
+    def ev(name, start, end, dev="DeviceType.CUDA"):
+        return NS(name=name, device_type=dev, time_range=NS(start=start, end=end, elapsed_us=lambda: end - start),
+                  self_cpu_time_total=1e6)
+
+    events = [ev("aten::mm", 0, 5000, "DeviceType.CPU"),              # host op: not a kernel, ignored
+              ev("sm90_xmma_gemm_bf16bf16", 0, 3000), ev("_attn_fwd", 2000, 4000),   # overlap 2000-3000
+              ev("sm90_xmma_gemm_bf16bf16", 6000, 7000), ev("ncclDevKernel_AllReduce", 9000, 9500)]
+    b = op_breakdown(events, steps=1, step_ms=10.0)
+    assert b["basis"].startswith("device kernels")
+    assert b["total_ms"] == 6.5 and b["busy_ms"] == 5.5 and b["idle_ms"] == 4.5
+    assert b["categories"] == {"matmul": 4.0, "attention": 2.0, "communication": 0.5}
+    assert [(t["name"], t["ms"], t["calls_per_step"], t["share_of_step"]) for t in b["top"]] == [
+        ("sm90_xmma_gemm_bf16bf16", 4.0, 2, 0.4), ("_attn_fwd", 2.0, 1, 0.2), ("ncclDevKernel_AllReduce", 0.5, 1, 0.05)]
+    assert op_breakdown(events, steps=2, step_ms=5.0)["busy_ms"] == 2.75  # per step
