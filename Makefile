@@ -1,8 +1,10 @@
 # The README's two commands: `make demo` and `make test`. Both create the virtualenv and install on first use.
 VENV        ?= .venv
 PYTHON      ?= python3
-# The CPU build of torch 2.13 is the default on machines without CUDA; override e.g. TORCH_SPEC="torch==2.12.*".
+# torch to install; override e.g. TORCH_SPEC="torch==2.12.*" (plain PyPI serves the CUDA build on Linux).
 TORCH_SPEC  ?= torch==2.13.0
+# e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for the CPU-only build from plain PyPI
+TORCH_PIP_ARGS ?=
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.dalle_ds-installed
 RUN_DIR     ?= runs/demo
@@ -18,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -59,6 +59,10 @@ def evaluate(data: dict, clips: list[str], num_candidates: list[int]) -> dict:
     return results
 
 
+def _cell(value: float | None, width: int) -> str:
+    return f"{value:{width}.3f}" if value is not None else f"{'-':>{width}}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("candidates", help="candidates.pt from launch/sample.py --save_candidates")
@@ -67,7 +71,10 @@ def main(argv=None) -> int:
                    help="rerank the first N candidates of each caption (default: all)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
-    data = load_candidates(args.candidates)
+    try:
+        data = load_candidates(args.candidates)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
     total = data["images"].shape[1]
     ns = args.num_candidates or [total]
     if any(n < 1 or n > total for n in ns):
@@ -78,8 +85,8 @@ def main(argv=None) -> int:
     width = max(len(k) for k in results)
     print(" " * width + "  " + " ".join(f"{a[:8]:>8}" for a in ATTRS) + "   one-obj  two-obj")
     for name, row in results.items():
-        cells = " ".join(f"{row[a]:8.3f}" if row[a] is not None else f"{'-':>8}" for a in ATTRS)
-        print(f"{name:<{width}}  {cells}   {row['exact_one_object']:7.3f}  {row['exact_two_objects']:7.3f}")
+        cells = " ".join(_cell(row[a], 8) for a in ATTRS)  # None: no caption of the set has that attribute
+        print(f"{name:<{width}}  {cells}   {_cell(row['exact_one_object'], 7)}  {_cell(row['exact_two_objects'], 7)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"candidates": args.candidates, "captions": n_captions,
                                               "results": results}, indent=2) + "\n")

@@ -49,6 +49,12 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if isinstance(value, str) and tp in NAMED_PRESETS:  # model=350M: a preset of that config by name
+            presets = NAMED_PRESETS[tp]
+            if value not in presets:
+                _fail(where, f"unknown preset {value!r}; choose from {', '.join(presets)} (or set its fields: "
+                             f"{where}.<field>=...)")
+            return dataclasses.replace(presets[value])
         if not isinstance(value, dict):
             _fail(where, f"expected a mapping, got {value!r}")
         return apply_overrides(tp(), value, where)
@@ -80,6 +86,11 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
         (elem,) = typing.get_args(tp)[:1] or (Any,)
         return [(_coerce(where, elem, v) if elem is not Any else v) for v in value]
     return value
+
+
+NAMED_PRESETS: dict[type, dict[str, Any]] = {}
+"""Config classes that a string may name a preset of, in a JSON file or ``--set`` (``--set model=350M``); filled in
+below, where the preset tables are defined."""
 
 
 def apply_overrides(obj: Any, overrides: dict[str, Any], where: str = "config") -> Any:
@@ -317,6 +328,7 @@ DALLE_PRESETS: dict[str, DalleConfig] = {
     "5.6B": _paper_family(2688, 64),
     "12B": DalleConfig(),
 }
+NAMED_PRESETS.update({DVAEConfig: DVAE_PRESETS, DalleConfig: DALLE_PRESETS})
 
 
 
@@ -728,6 +740,10 @@ class ClipTrainConfig:
             _fail(where, "steps must be ≥ 1 and ema_decay in [0, 1)")
         if self.hard_negatives < 0:
             _fail(f"{where}.hard_negatives", "must be ≥ 0")
+        if (self.hard_negatives or self.binding_negatives or self.mirror_negatives) and self.data.name != "shapes":
+            _fail(where, f"hard_negatives / binding_negatives / mirror_negatives are built from the shapes data's "
+                         f"scenes, and data.name is {self.data.name!r}: set hard_negatives=0, "
+                         "binding_negatives=false and mirror_negatives=false (the demo preset turns them on)")
         return self
 
 

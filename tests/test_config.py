@@ -27,6 +27,21 @@ def test_dotted_and_nested_overrides_with_types():
     assert cfg.steps != 12 and cfg.model.vocab_size == 512  # the preset itself is untouched
 
 
+def test_a_model_preset_by_name_then_its_fields():
+    """``--set model=350M`` picks the prior's preset, dotted keys then change it, in either order; the dVAE too."""
+    from dalle_ds.config import DALLE_PRESETS, DALLE_RUN_PRESETS
+
+    for order in (["model=350M", "model.n_layers=2"], ["model.n_layers=2", "model=350M"]):
+        out = apply_overrides(DALLE_RUN_PRESETS["demo"], parse_set_args(order))
+        assert (out.model.d_model, out.model.n_heads, out.model.n_layers) == (1024, 16, 2), order
+    assert DALLE_PRESETS["350M"].n_layers == 24  # the preset table itself is untouched
+    assert apply_overrides(DVAE_RUN_PRESETS["demo"], {"model": "paper"}).model == DVAE_PRESETS["paper"]
+    with pytest.raises(ConfigError, match=r"--set.model: unknown preset '350m'; choose from .*350M"):
+        apply_overrides(DALLE_RUN_PRESETS["demo"], parse_set_args(["model=350m"]), where="--set")
+    with pytest.raises(ConfigError, match="expected a mapping"):  # no presets for the data block
+        apply_overrides(DALLE_RUN_PRESETS["demo"], {"data": "shapes"})
+
+
 @pytest.mark.parametrize("overrides, needle", [
     ({"stepz": 3}, "did you mean 'steps'"),
     ({"data.nmae": "x"}, "did you mean 'name'"),
@@ -92,3 +107,13 @@ def test_parse_set_args_rejects_missing_equals():
     assert parse_set_args(["a.b=1", "c= x "]) == {"a.b": "1", "c": "x"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_set_args(["steps"])
+
+
+def test_clip_negatives_need_the_shapes_data(tmp_path):
+    """The demo CLIP preset's negatives come from shapes scenes: on other data the config says what to turn off."""
+    from dalle_ds.config import CLIP_RUN_PRESETS
+
+    cfg = apply_overrides(CLIP_RUN_PRESETS["demo"], {"data.name": "imagefolder", "data.path": str(tmp_path)})
+    with pytest.raises(ConfigError, match="data.name is 'imagefolder': set hard_negatives=0, binding_negatives=false"):
+        cfg.validate()
+    apply_overrides(cfg, {"hard_negatives": 0, "binding_negatives": False}).validate()

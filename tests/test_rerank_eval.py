@@ -33,3 +33,21 @@ def test_first_sample_and_best_by_scorer(tmp_path, capsys):
     torch.save({"captions": ["x"], "scenes": scenes[:1], "images": images[:1].float()}, path)
     with pytest.raises(ValueError, match="uint8"):
         rerank_eval.load_candidates(path)
+
+
+def test_captions_of_one_kind_and_bad_files_on_the_command_line(tmp_path, capsys):
+    """Only two-object captions: the one-object column has no value and prints '-' (it used to raise TypeError);
+    a file without scenes is a command-line error, not a traceback."""
+    import rerank_eval
+
+    scenes = [s for s in (sample_scene(0, "test_id", i) for i in range(8)) if len(s["objects"]) == 2][:3]
+    images = torch.stack([torch.stack([render_scene_tensor(s)]) for s in scenes])
+    path = tmp_path / "candidates.pt"
+    torch.save({"captions": [s["caption"] for s in scenes], "scenes": scenes, "images": images}, path)
+    assert rerank_eval.main([str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("first_sample_no_rerank"))
+    assert line.split()[-2:] == ["-", "1.000"]
+    torch.save({"captions": ["x"], "scenes": [None], "images": images[:1]}, path)
+    with pytest.raises(SystemExit):
+        rerank_eval.main([str(path)])
+    assert "without shapes scenes (use --shapes_split)" in capsys.readouterr().err

@@ -63,11 +63,11 @@ def _train(cfg, ds_raw: dict, args, job_name: str, make_trainer, artifacts) -> i
     try:
         ds_cfg = prepare_ds_config(ds_raw, steps=cfg.steps, run_dir=args.out, job_name=job_name,
                                    world_size=world_size(), accelerator=get_accelerator().device_name())
+        trainer = make_trainer(cfg, ds_cfg, args.out, args.resume)  # checks what needs the data or the engine
     except ConfigError as e:
         if is_rank0():
             print(f"config error: {e}", file=sys.stderr)
         return 2
-    trainer = make_trainer(cfg, ds_cfg, args.out, args.resume)
     summary = trainer.train(stop_at=args.stop_at)
     if is_rank0():
         ev = summary["eval"] or {}
