@@ -88,6 +88,17 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
     return value
 
 
+def _has_image_file(folder: str) -> bool:
+    """Whether any file under ``folder`` has an image extension (stops at the first one)."""
+    import os
+    from dalle_ds.data.folder import IMAGE_EXTENSIONS
+
+    for _, _, files in os.walk(folder):
+        if any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith(".") for f in files):
+            return True
+    return False
+
+
 NAMED_PRESETS: dict[type, dict[str, Any]] = {}
 """Config classes that a string may name a preset of, in a JSON file or ``--set`` (``--set model=350M``); filled in
 below, where the preset tables are defined."""
@@ -369,8 +380,18 @@ class DataConfig:
         if self.name in ("imagefolder", "webdataset"):
             if not self.path:
                 _fail(f"{where}.path", f"dataset '{self.name}' needs a path")
-            if self.name == "imagefolder" and not Path(self.path).is_dir():
-                _fail(f"{where}.path", f"no such directory: {self.path}")
+            if self.name == "imagefolder":
+                if not Path(self.path).is_dir():
+                    _fail(f"{where}.path", f"no such directory: {self.path}")
+                if not _has_image_file(self.path):
+                    _fail(f"{where}.path", f"no image files (.png, .jpg, .webp, ...) under {self.path}")
+            else:
+                from dalle_ds.data.folder import resolve_shards
+                try:
+                    resolve_shards(self.path)
+                except FileNotFoundError as e:
+                    _fail(f"{where}.path", f"{e} (a .tar file, a glob such as /data/shard-*.tar, or braces "
+                                           "shard-{000..099}.tar)")
         if self.name == "fashion_mnist" and self.path and not Path(self.path).is_dir():
             _fail(f"{where}.path", f"no such directory: {self.path}")
         if self.name == "shapes" and image_size not in (64, 128):
@@ -738,8 +759,12 @@ class ClipTrainConfig:
             _fail(f"{where}.dvae", f"no such file: {self.dvae}")
         if self.steps < 1 or not (0 <= self.ema_decay < 1):
             _fail(where, "steps must be ≥ 1 and ema_decay in [0, 1)")
-        if self.hard_negatives < 0:
-            _fail(f"{where}.hard_negatives", "must be ≥ 0")
+        if not 0 <= self.hard_negatives <= 4:
+            _fail(f"{where}.hard_negatives", f"must be 0..4 (a scene has at most 4 attributes to make false), got "
+                                             f"{self.hard_negatives}")
+        for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                _fail(f"{where}.{name}", "must be ≥ 0")
         if (self.hard_negatives or self.binding_negatives or self.mirror_negatives) and self.data.name != "shapes":
             _fail(where, f"hard_negatives / binding_negatives / mirror_negatives are built from the shapes data's "
                          f"scenes, and data.name is {self.data.name!r}: set hard_negatives=0, "

@@ -11,6 +11,10 @@ def test_presets_are_valid_and_paper_shape(tmp_path):
         if name == "paper":  # needs the user's data
             with pytest.raises(ConfigError, match="needs a path"):
                 cfg.validate()
+            with pytest.raises(ConfigError, match="no image files"):
+                apply_overrides(cfg, {"data.path": str(tmp_path)}).validate()
+            (tmp_path / "sub").mkdir(exist_ok=True)
+            (tmp_path / "sub" / "a.PNG").write_bytes(b"")  # found in a subfolder, by extension, any case
             cfg = apply_overrides(cfg, {"data.path": str(tmp_path)})
         cfg.validate()
     paper = DVAE_PRESETS["paper"]
@@ -113,7 +117,28 @@ def test_clip_negatives_need_the_shapes_data(tmp_path):
     """The demo CLIP preset's negatives come from shapes scenes: on other data the config says what to turn off."""
     from dalle_ds.config import CLIP_RUN_PRESETS
 
+    (tmp_path / "a.jpg").write_bytes(b"")
     cfg = apply_overrides(CLIP_RUN_PRESETS["demo"], {"data.name": "imagefolder", "data.path": str(tmp_path)})
     with pytest.raises(ConfigError, match="data.name is 'imagefolder': set hard_negatives=0, binding_negatives=false"):
         cfg.validate()
     apply_overrides(cfg, {"hard_negatives": 0, "binding_negatives": False}).validate()
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"hard_negatives": 10}, "hard_negatives: must be 0..4"),
+    ({"save_every": -1}, "save_every: must be ≥ 0"),
+    ({"keep_checkpoints": -2}, "keep_checkpoints: must be ≥ 0"),
+])
+def test_clip_run_counts_are_validated(overrides, needle):
+    from dalle_ds.config import CLIP_RUN_PRESETS
+
+    with pytest.raises(ConfigError, match=needle):
+        apply_overrides(CLIP_RUN_PRESETS["test"], overrides).validate()
+
+
+def test_webdataset_path_must_match_a_shard(tmp_path):
+    base = DVAE_RUN_PRESETS["demo"]
+    with pytest.raises(ConfigError, match=r"data.path: no WebDataset shard matches .*shard-\*\.tar"):
+        apply_overrides(base, {"data.name": "webdataset", "data.path": str(tmp_path / "shard-*.tar")}).validate()
+    (tmp_path / "shard-0.tar").write_bytes(b"")
+    apply_overrides(base, {"data.name": "webdataset", "data.path": str(tmp_path / "shard-*.tar")}).validate()

@@ -20,7 +20,7 @@ def test_batch_sizes_are_resolved_and_checked():
 
 
 def test_auto_values_are_filled_and_unfillable_autos_rejected(tmp_path):
-    raw = {"train_micro_batch_size_per_gpu": 2,
+    raw = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
            "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": 5}},
            "tensorboard": {"enabled": True, "output_path": "auto", "job_name": "auto"}}
     cfg = prepare_ds_config(raw, steps=100, run_dir=tmp_path, job_name="dvae", world_size=2, accelerator="cpu")
@@ -108,3 +108,27 @@ def test_train_cli_reports_a_bad_ds_set_before_starting(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "config error: --ds_set optimizer.params.lrr: the config has no" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_near_miss_keys_missing_optimizer_bad_params_and_clipping(tmp_path, caplog):
+    """What DeepSpeed would ignore or only fail on late: refused here with the key named."""
+    raw = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3,
+           "betas": [0.9, 0.95], "torch_adam": True}}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+
+    def prep(cfg):
+        return prepare_ds_config(cfg, steps=10, run_dir=tmp_path, job_name="x", world_size=1, accelerator="cpu")
+
+    prep(raw)
+    for bad, needle in [
+        ({"zero_optimisation": {"stage": 2}}, "unknown key 'zero_optimisation' \\(did you mean 'zero_optimization'"),
+        ({"gradient_cliping": 1.0}, "did you mean 'gradient_clipping'"),
+        ({"gradient_clipping": -1}, "gradient_clipping must be a number ≥ 0"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": "fast"}}}, "optimizer.params.lr must be a number"),
+        ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, "x"]}}}, "optimizer.params.betas"),
+        ({"optimizer": None}, "needs an \"optimizer\" section"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            prep({k: v for k, v in {**raw, **bad}.items() if v is not None})
+    with caplog.at_level("WARNING", logger="dalle_ds.train"):
+        prep({**raw, "my_own_section": {}})  # unlike any known key: a warning, not an error
+    assert "my_own_section" in caplog.text

@@ -26,6 +26,21 @@ def test_shapes_and_architecture_facts():
     assert gains == {1 / 9}                                      # 1 / n_layers², n_layers = 3 groups × 1 block
 
 
+def test_bf16_weights_take_uint8_images():
+    """DeepSpeed's bf16 mode casts the parameters, not the batch (ds_configs/dvae_paper.json): the forward, encode
+    and decode run on bf16 weights (they raised a dtype mismatch in the first conv) and the loss stays close."""
+    torch.manual_seed(0)
+    m32 = DiscreteVAE(CFG)
+    m16 = DiscreteVAE(CFG)
+    m16.load_state_dict(m32.state_dict())
+    m16.to(torch.bfloat16)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    g = [torch.Generator().manual_seed(1) for _ in range(2)]
+    l32, l16 = m32(x, 1.0, 1.0, generator=g[0]).loss, m16(x, 1.0, 1.0, generator=g[1]).loss
+    assert l16.dtype == torch.float32 and torch.isfinite(l16) and abs(l16.item() - l32.item()) < 0.05 * abs(l32.item())
+    assert m16.encode(x).shape == (2, 8, 8) and m16.decode(m16.encode(x)).dtype == torch.float32
+
+
 def test_token_decoding_equals_one_hot_decoding():
     m = DiscreteVAE(CFG).eval()
     tokens = torch.randint(0, 16, (3, 8, 8))

@@ -377,7 +377,7 @@ def _expand_braces(pattern: str) -> list[str]:
     return [p for opt in options for p in _expand_braces(head + opt + tail)]
 
 
-def _resolve_shards(pattern_or_files: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]) -> list[str]:
+def resolve_shards(pattern_or_files: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]) -> list[str]:
     items = [pattern_or_files] if isinstance(pattern_or_files, (str, os.PathLike)) else list(pattern_or_files)
     files: list[str] = []
     for item in items:
@@ -442,7 +442,7 @@ class WebDatasetShards(_ImageTextDataset):
     ) -> None:
         from datasets import Image as HFImage
 
-        self.files = _resolve_shards(pattern_or_files)
+        self.files = resolve_shards(pattern_or_files)
         cache = str(cache_dir) if cache_dir is not None else _default_cache_dir(Path(self.files[0]).parent)
         what = f"WebDataset shards {self.files[0]}" + (f" (+{len(self.files) - 1} more)" if len(self.files) > 1 else "")
         hf = _load_hf("webdataset", cache, what, data_files={"train": self.files}, split="train")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dalle_ds.config import ConfigError
 from dalle_ds.train.ds_config import zero_stage
 
 from .powersgd import HierarchicalPowerSGD, PowerSGDSettings, ReduceReport
@@ -60,7 +61,7 @@ class PowerSGDExtension:
     def before_initialize(self, model: torch.nn.Module, ds_config: dict) -> None:
         self.stage = zero_stage(ds_config)
         if self.stage >= 3:
-            raise ValueError("powersgd: ZeRO stage 3 is not supported (its flat reduce-scatter chunks do not follow "
+            raise ConfigError("powersgd: ZeRO stage 3 is not supported (its flat reduce-scatter chunks do not follow "
                              "matrix rows); use ZeRO stage 0, 1 or 2 with powersgd.enabled")
         if self.stage in (1, 2):
             zo = ds_config.setdefault("zero_optimization", {})
@@ -88,7 +89,7 @@ class PowerSGDExtension:
         self.compressed_keys = [n for n, shape in self._shapes
                                 if self.pattern.search(n) and self.reducer.register(n, shape)]
         if not self.compressed_keys:
-            raise ValueError(f"powersgd: no parameter matches powersgd.compress={self.cfg.compress!r} (or none "
+            raise ConfigError(f"powersgd: no parameter matches powersgd.compress={self.cfg.compress!r} (or none "
                              f"splits over {topo.local_size} ranks per machine); nothing would be compressed")
         if self.stage == 0:
             self.engine.enable_backward_allreduce = False

@@ -196,10 +196,15 @@ class DiscreteVAE(nn.Module):
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         return map_pixels(x)
 
+    def _to_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input in its weights' dtype: bf16 under DeepSpeed's bf16 mode (which casts the parameters,
+        not the inputs), unchanged for fp32 weights (autocast then picks the compute dtype)."""
+        return x.to(next(self.encoder.parameters()).dtype)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images → integer codes [B, h, w] (argmax of the encoder logits; no Gumbel noise, as in the paper)."""
-        return self.encoder(self.preprocess(images)).argmax(dim=1)
+        return self.encoder(self._to_weights(self.preprocess(images))).argmax(dim=1)
 
     def decode_stats(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder.forward_tokens(tokens)
@@ -243,7 +248,7 @@ class DiscreteVAE(nn.Module):
     def forward(self, images: torch.Tensor, tau: float, kl_weight: float,
                 generator: torch.Generator | None = None) -> DVAEOutput:
         x01 = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        logits = self.encoder(map_pixels(x01))
+        logits = self.encoder(self._to_weights(map_pixels(x01)))
         # Gumbel noise from Exp(1): −log E ~ Gumbel(0, 1). An explicit generator keeps resume exact.
         expo = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=generator)
         gumbel = -expo.log()

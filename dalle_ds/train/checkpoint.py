@@ -7,7 +7,9 @@ checkpoint, so we save with ``save_latest=False`` and, once every rank has finis
 """
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from dalle_ds.config import ConfigError
 from dalle_ds.train.distributed import barrier, is_rank0
 from dalle_ds.train.distributed import rank as dist_rank
 from dalle_ds.utils.files import atomic_write_bytes
@@ -42,7 +45,10 @@ def load_artifact(path: str | Path, kind: str, what: str, map_location: str | to
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} file not found: {p}")
-    blob = torch.load(p, map_location=map_location, weights_only=False)
+    try:
+        blob = torch.load(p, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # truncated, not a torch file, ...
+        raise ValueError(f"{p} is not a readable {what} file (torch.load: {str(e).splitlines()[0][:120]})") from e
     if not isinstance(blob, dict) or blob.get("kind") != kind:
         raise ValueError(f"{p} is not a {what} exported by dalle_ds (found kind "
                          f"{blob.get('kind') if isinstance(blob, dict) else type(blob).__name__!r}, want {kind!r})")
@@ -61,12 +67,68 @@ def list_tags(ckpt_dir: str | Path) -> list[str]:
 
 
 def latest_tag(ckpt_dir: str | Path) -> str | None:
-    """The committed tag named by ``latest``, or None when there is no complete checkpoint."""
+    """The committed tag named by ``latest``, or None when there is no ``latest`` (no complete checkpoint).
+
+    A ``latest`` that is empty or names a missing folder raises :class:`ConfigError`: starting over from step 0
+    there would, at the first save, prune the checkpoints that do exist."""
     f = Path(ckpt_dir) / "latest"
     if not f.is_file():
         return None
     tag = f.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+    if not tag or not (Path(ckpt_dir) / tag).is_dir():
+        have = list_tags(ckpt_dir)
+        raise ConfigError(f"{f} names checkpoint {tag!r}, which does not exist (present: "
+                          f"{', '.join(have) or 'none'}); write one of them into {f} to resume from it, or pass "
+                          "--no-resume / another --out to start over")
+    return tag
+
+
+# Model-config keys that a resumed run may change: how the same weights are computed or were initialized, not their
+# shapes or meaning (anything else under ``model.`` refuses to resume).
+RESUMABLE_MODEL_KEYS = frozenset({"attn_backend", "dropout", "activation_checkpointing", "logits_matmul",
+                                  "resblock_dtype", "init_std", "code_embedding_std", "logit_scale_init",
+                                  "vision_position_init"})
+
+
+def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_config: dict[str, Any],
+                 world: int) -> list[str]:
+    """Before resuming from ``run_dir``: refuse what cannot resume, list what changed.
+
+    Raises :class:`ConfigError` when the folder holds another job's checkpoints, when the model config differs
+    (the weights would not fit; :data:`RESUMABLE_MODEL_KEYS` may change), or when the ZeRO stage or (with ZeRO ≥ 1, whose optimizer state is sharded by rank)
+    the number of ranks differs from the run that wrote them. Returns the other changed keys (for a warning: a longer
+    ``steps`` or a new learning rate is a legitimate reason to resume). Reads the ``<job>_run_config.json`` and
+    ``<job>_ds_config.json`` the earlier run wrote; a folder without a committed checkpoint passes."""
+    from dalle_ds.train.ds_config import zero_stage
+    from dalle_ds.utils.dicts import flatten
+
+    run_dir = Path(run_dir)
+    if latest_tag(run_dir / "checkpoints") is None:
+        return []
+    old_run, old_ds = run_dir / f"{job}_run_config.json", run_dir / f"{job}_ds_config.json"
+    if not old_run.is_file():
+        others = sorted(p.name[: -len("_run_config.json")] for p in run_dir.glob("*_run_config.json"))
+        raise ConfigError(f"{run_dir} holds checkpoints of another run ({', '.join(others) or 'unknown'}), not of a "
+                          f"{job} run: use another --out")
+    before, now = flatten(json.loads(old_run.read_text())), flatten(json.loads(json.dumps(run_config)))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    model = [k for k in changed if k.startswith("model.") and k.split(".", 1)[1] not in RESUMABLE_MODEL_KEYS]
+    if model:
+        raise ConfigError(f"cannot resume from {run_dir}: the model differs from the checkpoint's ("
+                          + "; ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in model[:6])
+                          + "); use another --out, or --no-resume to start over")
+    if old_ds.is_file():
+        ds_before = json.loads(old_ds.read_text())
+        z_before, z_now = zero_stage(ds_before), zero_stage(ds_config)
+        if z_before != z_now:
+            raise ConfigError(f"cannot resume from {run_dir}: its checkpoints were written with ZeRO stage {z_before}, "
+                              f"this run uses {z_now}")
+        per_rank = ds_before.get("train_micro_batch_size_per_gpu", 0) * ds_before.get("gradient_accumulation_steps", 1)
+        world_before = ds_before.get("train_batch_size", 0) // per_rank if per_rank else world
+        if z_now >= 1 and world_before != world:
+            raise ConfigError(f"cannot resume from {run_dir}: its ZeRO-{z_now} checkpoints hold optimizer state "
+                              f"sharded over {world_before} rank(s), this run has {world}")
+    return changed
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep: int = 2,

@@ -42,6 +42,8 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
     args = parser.parse_args(argv)
     if not args.deepspeed_config:
         parser.error("--deepspeed_config is required (see ds_configs/)")
+    if args.stop_at is not None and args.stop_at < 1:
+        parser.error(f"--stop_at must be ≥ 1, got {args.stop_at}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = build_run_config(cfg_class, presets, args.preset, args.config, args.set)

@@ -101,7 +101,7 @@ class DalleTrainer(EngineLoop):
             val_ds = TokenShardDataset(d.val_tokens) if d.val_tokens else None
             grid, vocab = train_ds.grid_size, train_ds.vocab_size
             if val_ds is not None and (val_ds.grid_size, val_ds.vocab_size) != (grid, vocab):
-                raise ValueError(f"train and val shards disagree: {grid}/{vocab} vs {val_ds.grid_size}/"
+                raise ConfigError(f"train and val shards disagree: {grid}/{vocab} vs {val_ds.grid_size}/"
                                  f"{val_ds.vocab_size} (grid/vocabulary): were they made by the same dVAE?")
         else:
             from dalle_ds.train.dvae_trainer import load_dvae

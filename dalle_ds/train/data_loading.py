@@ -8,6 +8,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dalle_ds.config import ConfigError
+
 
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (shuffled by seed + epoch, split across ranks) that can start mid-epoch."""
@@ -34,7 +36,7 @@ class StepBatches:
     def __init__(self, dataset: Dataset, micro_batch: int, num_replicas: int, rank: int, seed: int,
                  num_workers: int, collate_fn):
         if len(dataset) < micro_batch * num_replicas:
-            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one global micro-batch "
+            raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one global micro-batch "
                              f"({micro_batch} × {num_replicas} ranks)")
         self.sampler = ResumableSampler(dataset, num_replicas, rank, seed)
         self.micro_batch = micro_batch

@@ -7,7 +7,13 @@ DeepSpeed owns the schema (https://www.deepspeed.ai/docs/config-json/); this mod
 * ``tensorboard`` / ``csv_monitor`` ``output_path: "auto"`` → ``<run dir>/monitor``, ``job_name: "auto"`` → the job;
 * ``train_batch_size`` / ``train_micro_batch_size_per_gpu`` / ``gradient_accumulation_steps`` must be consistent
   with the world size;
-* on a CPU accelerator, fp16 is refused (DeepSpeed's fp16 mode needs a GPU).
+* on a CPU accelerator, fp16 is refused (DeepSpeed's fp16 mode needs a GPU);
+* a top-level key that DeepSpeed does not know but that is close to one it does (``zero_optimisation``,
+  ``gradient_cliping``) is refused: DeepSpeed ignores unknown keys, so the run would silently go without ZeRO or
+  clipping (a key unlike any known one only warns: DeepSpeed has sections this list may lack);
+* the trainers need an ``optimizer`` section (DeepSpeed builds the optimizer from it; without one it fails only at
+  the first update), its ``params`` must be numbers, booleans or lists of numbers (a string ``lr`` fails deep
+  inside torch), and ``gradient_clipping`` must be ≥ 0 (0 turns clipping off).
 
 ``--ds_set KEY=VALUE`` (:func:`apply_ds_overrides`) changes one value of the file from the command line, e.g.
 ``--ds_set optimizer.params.lr=1e-3``; the key must exist in the file (a typo would otherwise be ignored by DeepSpeed),
@@ -21,9 +27,52 @@ import json
 from pathlib import Path
 from typing import Any
 
+import difflib
+import logging
+
 from dalle_ds.config import ConfigError, load_json_config, parse_set_args
 
+log = logging.getLogger("dalle_ds.train")
+
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# Top-level sections defined outside deepspeed.runtime.constants (ZeRO, monitors, profilers, ...), DeepSpeed 0.19.
+_MORE_TOP_LEVEL_KEYS = ("zero_optimization", "tensorboard", "csv_monitor", "wandb", "comet", "activation_checkpointing",
+                        "flops_profiler", "comms_logger", "aio", "elasticity", "autotuning", "compression_training",
+                        "data_efficiency", "nebula", "pipeline", "amp", "sparse_attention", "curriculum_learning",
+                        "hybrid_engine", "weight_quantization", "timers", "compile")
+
+
+def known_top_level_keys() -> set[str]:
+    """DeepSpeed's top-level config keys: the lowercase string constants of ``deepspeed.runtime.constants`` plus
+    the sections other modules define."""
+    import deepspeed.runtime.constants as C
+
+    return {v for k, v in vars(C).items() if k.isupper() and isinstance(v, str) and v.isidentifier()
+            and v.islower()} | set(_MORE_TOP_LEVEL_KEYS)
+
+
+def check_keys_and_values(cfg: dict[str, Any], where: str = "deepspeed config") -> None:
+    """Refuse near-miss top-level keys, a missing optimizer, non-numeric optimizer params and negative clipping."""
+    known = known_top_level_keys()
+    for key in cfg:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"{where}: unknown key '{key}' (did you mean '{close[0]}'?); DeepSpeed would ignore it")
+        log.warning("%s: top-level key '%s' is not one DeepSpeed is known to read; it may be ignored", where, key)
+    opt = cfg.get("optimizer")
+    if not isinstance(opt, dict) or not opt.get("type"):
+        raise ConfigError(f"{where}: needs an \"optimizer\" section with a \"type\" (e.g. {{\"type\": \"AdamW\", "
+                          "\"params\": {\"lr\": 1e-3}}): the trainers let DeepSpeed build the optimizer")
+    for name, value in (opt.get("params") or {}).items():
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) or v == "auto" for v in items):  # bool is an int; "auto": below
+            raise ConfigError(f"{where}: optimizer.params.{name} must be a number (or a list of numbers), got "
+                              f"{value!r}")
+    clip = cfg.get("gradient_clipping", 0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise ConfigError(f"{where}: gradient_clipping must be a number ≥ 0 (0 = off), got {clip!r}")
 
 
 def zero_stage(cfg: dict[str, Any]) -> int:
@@ -105,6 +154,7 @@ def prepare_ds_config(cfg: dict[str, Any], *, steps: int, run_dir: str | Path, j
                       accelerator: str, where: str = "deepspeed config") -> dict[str, Any]:
     """Return a copy of ``cfg`` with "auto" values filled and consistency checked (raises :class:`ConfigError`)."""
     cfg = copy.deepcopy(cfg)
+    check_keys_and_values(cfg, where)
     tb, mb, ga = resolve_batch_sizes(cfg, world_size, where)
     cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = tb, mb, ga
 

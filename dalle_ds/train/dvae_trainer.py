@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dalle_ds.config import DVAEConfig, DVAETrainConfig
+from dalle_ds.config import ConfigError, DVAEConfig, DVAETrainConfig
 from dalle_ds.data.images import collate_samples
 from dalle_ds.data.registry import build_dataset
 from dalle_ds.eval.dvae_eval import evaluate_reconstructions
@@ -68,7 +68,7 @@ class DVAETrainer(EngineLoop):
     def __init__(self, cfg: DVAETrainConfig, ds_config: dict, run_dir: str | Path, resume: bool = True):
         if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
             # Its evaluation runs on rank 0 alone, and gathering ZeRO-3 EMA shards there would need every rank.
-            raise ValueError("the dVAE trainer supports ZeRO stages 0-2 (its evaluation runs on rank 0 only); "
+            raise ConfigError("the dVAE trainer supports ZeRO stages 0-2 (its evaluation runs on rank 0 only); "
                              "use a stage ≤ 2 config (the dVAE is small enough)")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = DiscreteVAE(cfg.model)

@@ -52,6 +52,10 @@ class EngineLoop:
         self.device = device()
         self.seed = seed
         if is_rank0():
+            if resume:  # before the configs below replace the earlier run's (the launcher stops the other ranks)
+                changed = ckpt.check_resume(self.run_dir, self.job_name, asdict(cfg), ds_config, world_size())
+                if changed:
+                    log.warning("resuming %s with a changed config: %s", self.run_dir, ", ".join(changed))
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / f"{self.job_name}_run_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
             (self.run_dir / f"{self.job_name}_ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")

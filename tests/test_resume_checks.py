@@ -1,0 +1,92 @@
+"""What a run folder must satisfy before a run resumes from it (dalle_ds.train.checkpoint): ``latest`` names a
+checkpoint that exists; the folder is this job's; the model, ZeRO stage and (ZeRO ≥ 1) rank count are unchanged."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dalle_ds.config import ConfigError
+from dalle_ds.train.checkpoint import check_resume, latest_tag
+from launch_utils import ROOT
+
+RUN = {"model": {"d_model": 32, "n_layers": 2, "attn_backend": "auto"}, "steps": 20, "seed": 1}
+DS = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+      "zero_optimization": {"stage": 2}}
+
+
+def _folder(tmp_path, job="dalle", tags=("step00000010",), latest="step00000010"):
+    ckpt = tmp_path / "checkpoints"
+    for t in tags:
+        (ckpt / t).mkdir(parents=True)
+    if latest is not None:
+        (ckpt / "latest").write_text(latest)
+    (tmp_path / f"{job}_run_config.json").write_text(json.dumps(RUN))
+    (tmp_path / f"{job}_ds_config.json").write_text(json.dumps(DS))
+    return tmp_path
+
+
+def test_latest_must_name_an_existing_checkpoint(tmp_path):
+    run = _folder(tmp_path, tags=("step00000005", "step00000010"))
+    assert latest_tag(run / "checkpoints") == "step00000010"
+    (run / "checkpoints" / "latest").write_text("step00000020")  # e.g. deleted by hand: resuming from 0 would prune
+    with pytest.raises(ConfigError, match=r"'step00000020', which does not exist \(present: step00000005, "
+                                          r"step00000010\)"):
+        latest_tag(run / "checkpoints")
+    (run / "checkpoints" / "latest").write_text("")
+    with pytest.raises(ConfigError, match="names checkpoint ''"):
+        latest_tag(run / "checkpoints")
+    (run / "checkpoints" / "latest").unlink()
+    assert latest_tag(run / "checkpoints") is None  # never committed: a fresh start
+
+
+def test_what_may_and_may_not_change(tmp_path):
+    run = _folder(tmp_path)
+    assert check_resume(run, "dalle", RUN, DS, world=2) == []
+    more = {**RUN, "steps": 40, "model": {**RUN["model"], "attn_backend": "dense"}}
+    assert check_resume(run, "dalle", more, DS, world=2) == ["model.attn_backend", "steps"]
+    wider = {**RUN, "model": {**RUN["model"], "d_model": 64}}
+    with pytest.raises(ConfigError, match="model differs.*model.d_model 32 -> 64"):
+        check_resume(run, "dalle", wider, DS, world=2)
+    with pytest.raises(ConfigError, match="another run \\(dalle\\), not of a dvae run"):
+        check_resume(run, "dvae", RUN, DS, world=2)
+    with pytest.raises(ConfigError, match="ZeRO stage 2, this run uses 0"):
+        check_resume(run, "dalle", RUN, {**DS, "zero_optimization": {"stage": 0}}, world=2)
+    with pytest.raises(ConfigError, match="sharded over 2 rank\\(s\\), this run has 1"):
+        check_resume(run, "dalle", RUN, {**DS, "train_batch_size": 4}, world=1)
+    # ZeRO 0 keeps no sharded state: the rank count may change
+    ds0 = {**DS, "zero_optimization": {"stage": 0}}
+    (run / "dalle_ds_config.json").write_text(json.dumps(ds0))
+    assert check_resume(run, "dalle", RUN, {**ds0, "train_batch_size": 4}, world=1) == []
+
+
+def test_no_checkpoint_no_checks(tmp_path):
+    run = _folder(tmp_path, tags=(), latest=None)
+    assert check_resume(run, "dvae", {"model": {"d_model": 1}}, {}, world=1) == []
+
+
+@pytest.mark.slow
+def test_prior_run_refuses_to_resume_with_another_model(tmp_path):
+    """End to end (one process): a 2-step test prior, then the same folder with a wider model: a config error and
+    exit 2 before any work, and the folder's run config is still the first run's."""
+    from unit_shards import write_unit_splits
+
+    shards = write_unit_splits(tmp_path / "shards", 64, 16)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+
+    def train(*extra):
+        return subprocess.run([sys.executable, "launch/train_dalle.py", "--deepspeed_config", "ds_configs/cpu_dalle.json",
+                               "--preset", "test", "--set", f"data.train_tokens={shards / 'train'}", "--set", "steps=2",
+                               "--set", "save_every=2", "--ds_set", "train_micro_batch_size_per_gpu=4", "--out", str(tmp_path / "run"),
+                               *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    first = train()
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = train("--set", "model.d_model=64")
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "config error: cannot resume" in second.stderr and "model.d_model 32 -> 64" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert json.loads((tmp_path / "run" / "dalle_run_config.json").read_text())["model"]["d_model"] == 32
