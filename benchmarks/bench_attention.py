@@ -57,6 +57,7 @@ from dalle_ds.ops.attention import MaskSpec, attention, dense_mask, kept_element
 from dalle_ds.ops.attention import triton_backend  # noqa: E402
 from dalle_ds.ops.attention.flex import flex_sparse_attention  # noqa: E402
 from dalle_ds.utils.svg_plot import bar_chart  # noqa: E402
+from timing import positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 MASKS = ("row", "column", "conv")
 PROVIDERS = ("triton", "flex", "sdpa_causal", "sdpa_mask")
@@ -509,18 +510,26 @@ def environment(device: str) -> dict:
     }
 
 
-def main(argv=None) -> dict:
+#: Every provider ``--providers`` accepts (``make_provider``).
+ALL_PROVIDERS = (*PROVIDERS, *PINNED_BACKWARD, "dense")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked and resolved: ``device``, ``dtype`` (a torch dtype), ``cases`` (tuples
+    (name, T, W, B, H, D)), ``providers`` and ``extra_masks`` (lists), ``graphs`` and ``profile`` (bools); with
+    ``--plot``, ``plot_report`` (the loaded JSON) and nothing else resolved."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny fp32 shapes on CPU (tests the harness)")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--batch", type=int, default=None, help="batch for the 1280-token case (default 8)")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=64, help="layer count for the schedule mix (paper: 64)")
-    p.add_argument("--providers", default=None, help="comma list, default: " + ",".join(PROVIDERS))
+    p.add_argument("--batch", type=positive_int, default=None, help="batch for the 1280-token case (default 8)")
+    p.add_argument("--heads", type=positive_int, default=None, help="default 16")
+    p.add_argument("--head-dim", type=positive_int, default=None, help="default 64")
+    p.add_argument("--layers", type=positive_int, default=64, help="layer count for the schedule mix (paper: 64)")
+    p.add_argument("--providers", default=None, help="comma list, default: " + ",".join(PROVIDERS)
+                   + "; also " + ",".join(x for x in ALL_PROVIDERS if x not in PROVIDERS))
     p.add_argument("--no-large", action="store_true", help="skip the W = 64 case")
-    p.add_argument("--reps", type=int, default=5, help="CPU timing repetitions")
+    p.add_argument("--reps", type=positive_int, default=5, help="CPU timing repetitions")
     p.add_argument("--cases", default=None, help="comma list of case names to run (default: all)")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="also time CUDA-graph replays and the host time per call (default: on with a GPU)")
@@ -532,42 +541,68 @@ def main(argv=None) -> dict:
                    "(written beside it as <JSON without .json>.<case>.svg)")
     args = p.parse_args(argv)
     if args.plot:
-        with open(args.plot) as f:
-            paths = write_charts(json.load(f), args.plot.removesuffix(".json"))
+        try:
+            with open(args.plot) as f:
+                args.plot_report = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--plot: cannot read {args.plot!r} as an earlier run's JSON ({_error(e)})")
+        if not isinstance(args.plot_report, dict) or not isinstance(args.plot_report.get("cases"), list):
+            p.error(f"--plot: {args.plot!r} is not a bench_attention JSON (no list of 'cases')")
+        return args
+
+    args.device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    if args.quick:
+        args.dtype = torch.float32
+        cases = [("tiny", 3, 4, 1, 2, 16), ("tiny_w8", 5, 8, 1, 1, 16)]
+        cases = [(n, T, W, args.batch or B, args.heads or H, args.head_dim or D) for n, T, W, B, H, D in cases]
+        providers = ["triton", "triton_fused", "flex", "sdpa_causal", "sdpa_mask", "dense"]  # triton: split on CPU
+    else:
+        args.dtype = getattr(torch, args.dtype or "bfloat16")
+        B, H, D = args.batch or 8, args.heads or 16, args.head_dim or 64
+        cases = [("paper", 256, 32, B, H, D)]
+        if not args.no_large:
+            cases.append(("large_w64", 256, 64, max(1, B // 4), H, D))
+        providers = list(PROVIDERS)
+    if args.providers:
+        providers = args.providers.split(",")
+        bad = [x for x in providers if x not in ALL_PROVIDERS]
+        if bad:
+            p.error(f"--providers: unknown {','.join(bad)!r} (allowed: {', '.join(ALL_PROVIDERS)})")
+    if args.cases:
+        wanted = args.cases.split(",")
+        names = [c[0] for c in cases]
+        bad = [x for x in wanted if x not in names]
+        if bad:
+            p.error(f"--cases: unknown {','.join(bad)!r} (allowed{' with --quick' if args.quick else ''}: "
+                    f"{', '.join(names)})")
+        cases = [c for c in cases if c[0] in wanted]
+    args.cases, args.providers = cases, providers
+
+    args.extra_masks = [m for m in args.extra_masks.split(",") if m]
+    bad = [m for m in args.extra_masks if m != "causal"]
+    if bad:
+        p.error(f"--extra-masks: {bad} (allowed: causal; row/column/conv are always timed)")
+    args.graphs = args.device == "cuda" if args.graphs is None else args.graphs
+    if args.graphs and args.device != "cuda":
+        p.error("--graphs needs a CUDA device")
+    args.profile = args.device == "cuda" if args.profile is None else args.profile
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.plot:
+        paths = write_charts(args.plot_report, args.plot.removesuffix(".json"))
         print("\n".join(paths))
         return {"charts": paths}
 
-    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    device, dtype, cases, providers = args.device, args.dtype, args.cases, args.providers
+    extra_masks, graphs, profile = args.extra_masks, args.graphs, args.profile
     # Compiled FlexAttention recompiles per mask (each has its own mask_mod) and per grad mode: 2 x 3 masks x 2
     # cases exceeds dynamo's default limit of 8, after which it would silently fall back to unfused eager flex.
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
-    if args.quick:
-        dtype = torch.float32
-        cases = [("tiny", 3, 4, 1, 2, 16), ("tiny_w8", 5, 8, 1, 1, 16)]
-        providers = ["triton", "triton_fused", "flex", "sdpa_causal", "sdpa_mask", "dense"]  # triton: split on CPU
-    else:
-        dtype = getattr(torch, args.dtype or "bfloat16")
-        B = args.batch or 8
-        cases = [("paper", 256, 32, B, args.heads, args.head_dim)]
-        if not args.no_large:
-            cases.append(("large_w64", 256, 64, max(1, B // 4), args.heads, args.head_dim))
-        providers = list(PROVIDERS)
-    if args.providers:
-        providers = args.providers.split(",")
-    if args.cases:
-        wanted = args.cases.split(",")
-        cases = [c for c in cases if c[0] in wanted]
-
-    extra_masks = [m for m in args.extra_masks.split(",") if m]
-    bad = [m for m in extra_masks if m != "causal"]
-    if bad:
-        p.error(f"--extra-masks: {bad} (allowed: causal; row/column/conv are always timed)")
-    graphs = device == "cuda" if args.graphs is None else args.graphs
-    if graphs and device != "cuda":
-        p.error("--graphs needs a CUDA device")
-    profile = device == "cuda" if args.profile is None else args.profile
     env = environment(device)
     rate = matmul_tflops(device, dtype if device == "cuda" else torch.float32, args.quick)
     report = {

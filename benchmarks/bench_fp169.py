@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from dalle_ds.ops import fp169  # noqa: E402
 from dalle_ds.ops.fp169 import _ext  # noqa: E402
-from timing import time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import positive_int, time_fn, torch_device  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 
@@ -189,17 +189,21 @@ def render(env: dict, tput: list[dict], under: list[dict]) -> str:
             f"% of a same-size fp32 copy):\n\n{t}\n\nUnderflow (device independent):\n\n{u}\n")
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=torch_device, choices=["cpu", "cuda"],
+                    default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds on a CPU)")
-    ap.add_argument("--n", type=int, default=None, help="elements for the ops (default: 2^28 GPU, 2^22 CPU)")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--underflow-n", type=int, default=None)
+    ap.add_argument("--n", type=positive_int, default=None, help="elements for the ops (default: 2^28 GPU, 2^22 CPU)")
+    ap.add_argument("--repeats", type=positive_int, default=None)
+    ap.add_argument("--underflow-n", type=positive_int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="write JSON here")
     ap.add_argument("--save", action="store_true", help="write benchmarks/results/fp169_<device>_<date>.{json,md}")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu:

@@ -43,7 +43,7 @@ from dalle_ds.dist.orthogonalize import ORTHOGONALIZERS  # noqa: E402
 from dalle_ds.dist.powersgd import HierarchicalPowerSGD, PowerSGDSettings, fp32_ring_bytes  # noqa: E402
 from dalle_ds.dist.topology import Topology  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
-from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import emit, int_at_least, positive_int, time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 WORLD, LOCAL = 4, 2
 
@@ -219,30 +219,50 @@ def _markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+PARTS = ("reduce", "orth", "ddp")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked; ``parts`` becomes a list, and ``preset``, ``rank`` and ``steps`` not given come
+    from ``--quick`` (test, 4, 4) or the full run (tiny, 16, 60)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="reduce,orth,ddp")
-    ap.add_argument("--preset", default="tiny", help="prior preset for the reduce part")
-    ap.add_argument("--rank", type=int, default=16, help="PowerSGD rank per machine")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma list of " + ", ".join(PARTS))
+    ap.add_argument("--preset", default=None, help="prior preset for the reduce part (default: tiny; --quick: test)")
+    ap.add_argument("--rank", type=positive_int, default=None,
+                    help=f"PowerSGD rank per machine, a multiple of {LOCAL} (default: 16; --quick: 4)")
+    ap.add_argument("--steps", type=int_at_least(3), default=None, help="ddp training steps (default: 60; --quick: 4)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
-    args = ap.parse_args()
-    parts = args.parts.split(",")
+    args = ap.parse_args(argv)
+    args.parts = args.parts.split(",")
+    if any(x not in PARTS for x in args.parts):
+        ap.error(f"--parts takes a comma list of {', '.join(PARTS)}, got {','.join(args.parts)!r}")
+    args.preset = args.preset or ("test" if args.quick else "tiny")
+    if args.preset not in DALLE_PRESETS:
+        ap.error(f"--preset must be one of {', '.join(DALLE_PRESETS)}, got {args.preset!r}")
+    args.rank = args.rank or (4 if args.quick else 16)
+    if args.rank % LOCAL:
+        ap.error(f"--rank must be a multiple of {LOCAL} (the GPUs per machine; each uses rank / {LOCAL}), "
+                 f"got {args.rank}")
+    args.steps = args.steps or (4 if args.quick else 60)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    parts = args.parts
     res = {"date": datetime.date.today().isoformat(), "device": f"CPU {platform.machine()}, {os.cpu_count()} cores, "
            f"gloo, torch {torch.__version__}", "command": "python " + " ".join(sys.argv)}
-    if args.quick:
-        preset, steps, shapes, repeats = "test", 4, [(16, 2)], 2
-    else:
-        preset, steps, shapes, repeats = args.preset, args.steps, [(256, 8), (1024, 32), (2048, 64)], 5
+    preset, steps = args.preset, args.steps
+    shapes, repeats = ([(16, 2)], 2) if args.quick else ([(256, 8), (1024, 32), (2048, 64)], 5)
     if "reduce" in parts:
-        res["reduce"] = run_local_ranks(_reduce_part, WORLD, preset, args.rank if not args.quick else 4, repeats)
+        res["reduce"] = run_local_ranks(_reduce_part, WORLD, preset, args.rank, repeats)
     if "orth" in parts:
         res["orth"] = orth_part(shapes, repeats)
     if "ddp" in parts:
         over = dict(d_model=64, n_layers=2, n_heads=2, text_len=16, image_grid=8, image_vocab_size=64,
                     text_vocab_size=64) if not args.quick else {}
-        rk = args.rank if not args.quick else 4
+        rk = args.rank
         runs = [run_local_ranks(_ddp_part, WORLD, mode, "tiny" if not args.quick else "test", over, steps, 8, rk)
                 for mode in ("ddp", "torch_hook", "ours")]
         res["ddp"] = {"steps": steps, "batch": 8, "rank_per_gpu": rk // LOCAL, "model": over, "runs": runs}

@@ -40,7 +40,7 @@ from dalle_ds.models.dalle import DALLE, prepare_text  # noqa: E402
 from dalle_ds.models.dvae import DiscreteVAE  # noqa: E402
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for  # noqa: E402
 from dalle_ds.sample.generate import SamplingConfig, sample_image_tokens  # noqa: E402
-from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import emit, positive_int, time_fn, torch_device  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 CAPTIONS = ["a large red circle above a small blue square", "a small green triangle in the top left",
             "a white cross to the left of a yellow square", "a large purple star in the center"]
@@ -111,30 +111,43 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: ``preset`` and ``batch_sizes`` (a list of ints) resolved against ``--quick``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None, help="prior preset (default: tiny; test with --quick)")
     p.add_argument("--quick", action="store_true", help="the test preset with batch sizes 1,4 (tests the harness)")
     p.add_argument("--batch-sizes", default=None, help="comma list, or 'auto' (CUDA: double until out of memory)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=positive_int, default=3)
     p.add_argument("--no-uncached-above", type=int, default=32,
                    help="skip the (slow) uncached reference for larger batches")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
+    args.preset = args.preset or ("test" if args.quick else "tiny")
+    if args.preset not in DALLE_PRESETS:
+        p.error(f"--preset must be one of {', '.join(DALLE_PRESETS)}")
+    spec = args.batch_sizes or ("1,4" if args.quick else "1,8,32")
+    if spec == "auto":
+        args.batch_sizes = auto_batches()
+    else:
+        try:
+            args.batch_sizes = [int(b) for b in spec.split(",")]
+        except ValueError:
+            args.batch_sizes = None
+        if args.batch_sizes is None or any(b < 1 for b in args.batch_sizes):
+            p.error(f"--batch-sizes takes a comma list of integers ≥ 1 or 'auto', got {spec!r}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    preset = args.preset or ("test" if args.quick else "tiny")
-    if preset not in DALLE_PRESETS:
-        p.error(f"--preset must be one of {', '.join(DALLE_PRESETS)}")
+    preset, batches = args.preset, args.batch_sizes
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    spec = args.batch_sizes or ("1,4" if args.quick else "1,8,32")
-    batches = auto_batches() if spec == "auto" else [int(b) for b in spec.split(",")]
-    if any(b < 1 for b in batches):
-        p.error("batch sizes must be ≥ 1")
     tok, prior, dvae, reranker = build(preset, device, dtype)
     ids, lengths = tok.encode(CAPTIONS[:1])
     text = prepare_text(ids, lengths, prior.cfg).to(device)

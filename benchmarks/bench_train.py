@@ -76,7 +76,7 @@ from dalle_ds.train.distributed import (  # noqa: E402
     device as ds_device, distributed_run, rank, world_size)
 from dalle_ds.train.ds_config import check_compile_supported  # noqa: E402
 from op_breakdown import markdown as op_markdown, op_breakdown, union_us  # noqa: E402
-from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py)
+from timing import emit, nonnegative_int, positive_int, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
 COMM_PREFIXES = ("c10d::", "gloo:", "nccl:", "record_param_comms")
@@ -323,16 +323,17 @@ def parse_args(argv):
     p.add_argument("--logits-matmul", default="fp32", help="the output heads' matmuls: fp32 (IEEE), tf32 (CUDA "
                    "tensor cores) or fp32,tf32")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "triton", "flex", "sdpa", "dense"])
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per rank per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="timed steps")
-    p.add_argument("--profile-steps", type=int, default=None)
-    p.add_argument("--matmul-size", type=int, default=None, help="n of the n×n×n matmul (GPU 8192, CPU 1024)")
-    p.add_argument("--matmul-reps", type=int, default=None)
+    p.add_argument("--micro-batch", type=positive_int, default=None, help="sequences per rank per micro-step")
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--warmup", type=nonnegative_int, default=None)
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps")
+    p.add_argument("--profile-steps", type=positive_int, default=None)
+    p.add_argument("--matmul-size", type=positive_int, default=None,
+                   help="n of the n×n×n matmul (GPU 8192, CPU 1024)")
+    p.add_argument("--matmul-reps", type=positive_int, default=None)
     p.add_argument("--torch-adam", default="auto", choices=["auto", "on", "off"],
                    help="torch.optim.AdamW instead of DeepSpeed's FusedAdam (auto: on CPU only)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per rank")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps (FILE[.case][.rankN].json)")
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json (rank 0)")
     p.add_argument("--note", default=None, help="a line saying what the run is (goes into OUT.md and OUT.json)")
@@ -344,9 +345,13 @@ def parse_args(argv):
     for s in args.presets:
         if s not in DALLE_PRESETS:
             p.error(f"unknown preset {s!r}; choose from {', '.join(DALLE_PRESETS)}")
-    args.zero = [int(z) for z in args.zero.split(",")]
-    if any(z not in (0, 1, 2, 3) for z in args.zero):
-        p.error("--zero takes stages 0-3")
+    try:
+        zero = [int(z) for z in args.zero.split(",")]
+    except ValueError:
+        zero = None
+    if zero is None or any(z not in (0, 1, 2, 3) for z in zero):
+        p.error(f"--zero takes a comma list of stages 0-3, got {args.zero!r}")
+    args.zero = zero
     args.precision = (args.precision or ("bf16" if cuda else "fp32")).split(",")
     if any(x not in ("fp32", "bf16") for x in args.precision):
         p.error("--precision takes fp32 and/or bf16")
@@ -373,8 +378,6 @@ def parse_args(argv):
     args.profile_steps = args.profile_steps or (2 if q else 3)
     args.matmul_size = args.matmul_size or (8192 if cuda else (256 if q else 1024))
     args.matmul_reps = args.matmul_reps or (3 if q else 10)
-    if args.micro_batch < 1 or args.grad_accum < 1 or args.warmup < 0 or args.steps < 1:
-        p.error("--micro-batch, --grad-accum and --steps must be ≥ 1, --warmup ≥ 0")
     return args
 
 

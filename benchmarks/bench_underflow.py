@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from dalle_ds.config import DalleConfig  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
-from timing import emit  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import emit, positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 MIN_LOG2, MAX_LOG2 = 7, 24
 
@@ -109,20 +109,36 @@ def stats(grads: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> lis
     return out
 
 
-def main(argv=None) -> dict:
+#: What ``--quick`` and a full run use for the sizes not given on the command line.
+QUICK_SIZES = {"layers": 3, "d_model": 32, "batch": 4, "train_steps": 10, "measure_batches": 1}
+FULL_SIZES = {"layers": 16, "d_model": 64, "batch": 8, "train_steps": 300, "measure_batches": 2}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; sizes not given come from ``--quick`` (QUICK_SIZES) or the full run (FULL_SIZES)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=16, help="transformer layers (2 resblocks each)")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--train-steps", type=int, default=300, help="fp32 AdamW steps before measuring")
-    p.add_argument("--measure-batches", type=int, default=2, help="batches averaged in the measurement")
+    p.add_argument("--layers", type=positive_int, default=None,
+                   help="transformer layers (2 resblocks each; default 16)")
+    p.add_argument("--d-model", type=positive_int, default=None, help="default 64")
+    p.add_argument("--batch", type=positive_int, default=None, help="default 8")
+    p.add_argument("--train-steps", type=positive_int, default=None,
+                   help="fp32 AdamW steps before measuring (default 300)")
+    p.add_argument("--measure-batches", type=positive_int, default=None,
+                   help="batches averaged in the measurement (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="3 layers, width 32, 10 training steps, 1 batch of 4")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--quick", action="store_true", help="3 layers, width 32, 10 training steps, 1 batch of 4 "
+                   "(for the sizes not given)")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
-    if args.quick:
-        args.layers, args.d_model, args.batch, args.train_steps, args.measure_batches = 3, 32, 4, 10, 1
+    for name, value in (QUICK_SIZES if args.quick else FULL_SIZES).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = DalleConfig(text_vocab_size=64, text_len=16, image_vocab_size=64, image_grid=8, d_model=args.d_model,

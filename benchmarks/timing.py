@@ -1,6 +1,8 @@
-"""Timing shared by the benchmarks: the median of repeated calls after warm-up (CUDA events on GPU)."""
+"""Timing shared by the benchmarks: the median of repeated calls after warm-up (CUDA events on GPU); and argparse
+types for their command lines."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -39,3 +41,36 @@ def emit(result: dict, md: str, out: "str | None") -> dict:
         Path(str(out) + ".json").write_text(json.dumps(result, indent=2) + "\n")
         Path(str(out) + ".md").write_text(md)
     return result
+
+
+def int_at_least(low: int):
+    """An argparse ``type``: an integer ≥ ``low``; anything else is a usage error naming the flag (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}, got {text!r}")
+        return value
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def torch_device(text: str) -> str:
+    """An argparse ``type``: a torch device string (cpu, cuda, cuda:N) that this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device on this machine (allowed: cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                             f"device(s) (cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
+    return text

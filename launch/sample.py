@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dalle_ds.train.cli import check_file, check_out_dir
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,6 +57,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.keep < 1 or args.num_candidates < args.keep:
         p.error("need 1 ≤ --keep ≤ --num_candidates")
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be ≥ 1, got {args.batch_size}")
+    if not args.temperature > 0:  # NaN too
+        p.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.top_k < 0:
+        p.error(f"--top_k must be ≥ 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top_p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.num_captions < 1:
+        p.error(f"--num_captions must be ≥ 1, got {args.num_captions}")
+    if not (args.caption or args.captions_file or args.shapes_split):
+        p.error("give --caption, --captions_file or --shapes_split")
+    if args.captions_file:
+        check_file(p, "--captions_file", args.captions_file, "a text file with one caption a line")
+    check_file(p, "--prior", args.prior, "the dalle.pt written by launch/train_dalle.py", expect="dalle.pt")
+    if args.dvae:
+        check_file(p, "--dvae", args.dvae, "the dvae.pt written by launch/train_dvae.py", expect="dvae.pt")
+    if args.clip and not (Path(args.clip) / "config.json").is_file():
+        hint = (f"; did you mean {Path(args.clip) / 'clip'}?" if (Path(args.clip) / "clip" / "config.json").is_file()
+                else " (want a folder written by launch/train_clip.py, or a local pretrained CLIP)")
+        p.error(f"--clip {args.clip}: not a CLIP folder (no config.json){hint}")
+    check_out_dir(p, "--out", args.out)
     return args
 
 
@@ -67,10 +91,16 @@ def gather_captions(args) -> tuple[list[str], list[dict] | None]:
         return [s["caption"] for s in scenes], scenes
     captions = list(args.caption)
     if args.captions_file:
-        captions += [line.strip() for line in Path(args.captions_file).read_text().splitlines() if line.strip()]
-    if not captions:
-        raise SystemExit("error: give --caption, --captions_file or --shapes_split")
-    return captions, None
+        try:
+            lines = Path(args.captions_file).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--captions_file {args.captions_file}: not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from e
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            raise ValueError(f"--captions_file {args.captions_file}: no captions in it (one a line)")
+        captions += from_file
+    return captions, None  # parse_args saw --caption, --captions_file or --shapes_split
 
 
 def score_samples(records: list[dict], images: dict[int, torch.Tensor], scenes: list[dict]) -> dict:
@@ -156,11 +186,18 @@ def main(argv=None) -> int:
     from dalle_ds.sample.pipeline import TextToImage
     from dalle_ds.train.distributed import device, distributed_run, is_rank0
 
-    captions, scenes = gather_captions(args)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p).validate()
-    with distributed_run():
+    # Inputs the user named (captions file, prior, its tokenizer and dVAE, CLIP folder) fail here, before the process
+    # group starts, as one line: the errors these loaders raise for a missing, wrong-kind, unreadable or mismatched
+    # input (ConfigError is a ValueError). Anything else keeps its traceback.
+    try:
+        captions, scenes = gather_captions(args)
         pipe = TextToImage.load(args.prior, args.dvae, args.clip, device=device(),
                                 dvae_bf16={"auto": None, "bf16": True, "fp32": False}[args.dvae_precision])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with distributed_run():
         out = Path(args.out)
         (out / "grids").mkdir(parents=True, exist_ok=True)
         records, images = sample_share(args, pipe, captions, sampling, out)

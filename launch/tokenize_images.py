@@ -20,7 +20,8 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from dalle_ds.config import DATASET_NAMES, ConfigError, DataConfig
+from dalle_ds.config import DATASET_NAMES, DataConfig
+from dalle_ds.train.cli import check_file, check_out_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,25 +41,36 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(ds_configs/cpu_dvae.json); ~2.9x faster on a CPU with AMX or AVX-512 BF16, a few codes in a "
                         "thousand come out different from fp32")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, low in (("batch_size", 1), ("num_workers", 0), ("rows_per_shard", 1), ("num_samples", 1)):
+        if getattr(args, flag) < low:
+            p.error(f"--{flag} must be ≥ {low}, got {getattr(args, flag)}")
+    check_file(p, "--dvae", args.dvae, "the dvae.pt written by launch/train_dvae.py", expect="dvae.pt")
+    check_out_dir(p, "--out", args.out)
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not Path(args.dvae).is_file():
-        print(f"error: --dvae {args.dvae}: file not found", file=sys.stderr)
-        return 2
-    data = DataConfig(name=args.data, path=args.path, train_split=args.split, train_samples=args.num_samples,
-                      seed=args.seed)
+    from dalle_ds.data.registry import build_dataset
     from dalle_ds.train.distributed import barrier, distributed_run, is_rank0
     from dalle_ds.train.dvae_trainer import load_dvae
 
-    dvae = load_dvae(args.dvae)
+    # The dVAE and the data fail here, before the process group starts and before --out is touched, as one line:
+    # the errors the loaders raise for a wrong-kind or unreadable dVAE and for a missing, empty or unusable dataset
+    # (ConfigError is a ValueError). Anything else keeps its traceback.
     try:
-        data.validate(dvae.cfg.image_size, where="arguments")
-    except ConfigError as e:
+        dvae = load_dvae(args.dvae)
+        data = DataConfig(name=args.data, path=args.path, train_split=args.split, train_samples=args.num_samples,
+                          seed=args.seed).validate(dvae.cfg.image_size, where="arguments")
+        ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, dvae.cfg.image_size))
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(ds) == 0:
+        print(f"error: {describe_data(args)} has no readable samples; nothing to tokenize (wrote nothing to "
+              f"{args.out})", file=sys.stderr)
         return 2
     with distributed_run():
         if is_rank0():  # a re-run replaces the folder's contents; meta.json goes first so it is never stale
@@ -66,24 +78,27 @@ def main(argv=None) -> int:
             for old in [out / "meta.json", *out.glob("part-*")]:
                 old.unlink(missing_ok=True)
         barrier()
-        tokenize_share(args, data, dvae)
+        tokenize_share(args, ds, dvae)
         barrier()
-        if is_rank0():
-            write_index(args, data, dvae.cfg)
+        if is_rank0() and not write_index(args, data, dvae.cfg):
+            return 2
     return 0
 
 
-def tokenize_share(args, data: DataConfig, dvae) -> None:
-    """Encode this rank's share of the split (every world_size-th image) into its own token shards."""
+def describe_data(args) -> str:
+    where = f" --path {args.path}" if args.path else ""
+    return f"--data {args.data}{where} (split {args.split!r})"
+
+
+def tokenize_share(args, ds, dvae) -> None:
+    """Encode this rank's share of the dataset ``ds`` (every world_size-th image) into its own token shards."""
     from dalle_ds.data.images import collate_samples
-    from dalle_ds.data.registry import build_dataset
     from dalle_ds.data.token_shards import ShardWriter
     from dalle_ds.train.distributed import device, is_rank0, rank, world_size
 
     dev = device()
     dvae = dvae.to(dev)
     autocast = dvae.bf16_inference(args.bf16)
-    ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, dvae.cfg.image_size))
     mine = Subset(ds, range(rank(), len(ds), world_size()))
     loader = DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_samples)
     writer = ShardWriter(args.out, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
@@ -102,17 +117,23 @@ def tokenize_share(args, data: DataConfig, dvae) -> None:
     writer.flush()
 
 
-def write_index(args, data: DataConfig, dvae_cfg) -> None:
-    """meta.json over every rank's shards (rank 0, after all have flushed)."""
+def write_index(args, data: DataConfig, dvae_cfg) -> bool:
+    """meta.json over every rank's shards (rank 0, after all have flushed); False, with no meta.json written (a
+    folder without one is refused by the later stages), when no rank wrote a row."""
     from dalle_ds.data.token_shards import write_meta
 
     parts = sorted(p.name[: -len(".tokens.npy")] for p in Path(args.out).glob("part-*.tokens.npy"))
+    if not parts:
+        print(f"error: no token rows written from {describe_data(args)}; no meta.json written to {args.out}",
+              file=sys.stderr)
+        return False
     write_meta(args.out, parts, dvae_cfg.grid_size, dvae_cfg.vocab_size,
                {"dvae": os.path.abspath(args.dvae), "dataset": data.name, "split": args.split,
                 "path": args.path, "seed": args.seed, "bf16": args.bf16})
     meta = json.loads((Path(args.out) / "meta.json").read_text())
     print(f"wrote {meta['num_samples']} token rows ({meta['grid_size']}×{meta['grid_size']} codes, "
           f"K={meta['vocab_size']}) in {len(parts)} parts to {args.out}")
+    return True
 
 
 if __name__ == "__main__":

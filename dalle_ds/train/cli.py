@@ -1,4 +1,5 @@
-"""The command line shared by the training entry points in ``launch/`` (they differ in config class and trainer)."""
+"""The command line shared by the entry points in ``launch/``: the trainers' (they differ in config class and trainer)
+and the path checks of the others (``check_file``, ``check_out_dir``)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -79,3 +81,25 @@ def _train(cfg, ds_raw: dict, args, job_name: str, make_trainer, artifacts) -> i
         if summary["steps"] >= cfg.steps:
             print(artifacts(args.out))
     return 0
+
+
+def check_file(p: argparse.ArgumentParser, flag: str, path: str, want: str, expect: str | None = None) -> None:
+    """``p.error`` unless ``path`` is an existing file; a folder holding ``expect`` is named in the message."""
+    f = Path(path)
+    if f.is_dir():
+        hint = f"did you mean {f / expect}?" if expect and (f / expect).is_file() else f"want {want}"
+        p.error(f"{flag} {path}: is a folder, not a file; {hint}")
+    if not f.is_file():
+        p.error(f"{flag} {path}: file not found (want {want})")
+
+
+def check_out_dir(p: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """``p.error`` when the output folder ``path`` cannot be a folder: it, or a path above it, is a file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        p.error(f"{flag} {path}: exists and is not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                p.error(f"{flag} {path}: {parent} is a file, not a folder")
+            break

@@ -1,0 +1,172 @@
+"""launch/sample.py and launch/tokenize_images.py refuse bad input with a one- or two-line error and exit code 2:
+flag values in argument parsing, wrong / missing / unreadable / mismatched checkpoints before the process group
+starts (no traceback), and a tokenization that would write 0 rows without leaving a meta.json behind."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dalle_ds.config import DalleConfig, DVAEConfig
+from dalle_ds.data.tokenizer import train_caption_tokenizer
+from dalle_ds.models.dalle import DALLE
+from dalle_ds.models.dvae import DiscreteVAE
+from dalle_ds.train.dalle_trainer import export_dalle
+from dalle_ds.train.dvae_trainer import export_dvae
+from launch_utils import ROOT
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample = _load("launch_sample", "launch/sample.py")
+tokenize = _load("launch_tokenize_images", "launch/tokenize_images.py")
+
+
+def _dvae(path, vocab):
+    torch.manual_seed(0)
+    cfg = DVAEConfig(image_size=16, vocab_size=vocab, hidden=4, blocks_per_group=1, groups=3, decoder_init=8)
+    export_dvae(path, cfg, DiscreteVAE(cfg).state_dict(), step=0)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """A tiny exported prior (with its tokenizer folder and recorded dVAE), its dVAE and a mismatched dVAE."""
+    d = tmp_path_factory.mktemp("artifacts")
+    dvae_cfg = _dvae(d / "dvae.pt", 16)
+    _dvae(d / "dvae_k32.pt", 32)
+    grid = DiscreteVAE(dvae_cfg).cfg.grid_size
+    tok = train_caption_tokenizer(["a red circle", "a small blue square"] * 4, vocab_size=270, max_length=7)
+    (d / "prior").mkdir()
+    tok.save(d / "prior" / "tokenizer")
+    cfg = DalleConfig(text_vocab_size=tok.vocab_size, text_len=8, image_vocab_size=16, image_grid=grid, d_model=16,
+                      n_layers=1, n_heads=1)
+    export_dalle(d / "prior" / "dalle.pt", cfg, DALLE(cfg).state_dict(), 0,
+                 {"tokenizer": "tokenizer", "dvae": str(d / "dvae.pt")})
+    (d / "lone").mkdir()  # a prior copied without its tokenizer folder
+    (d / "lone" / "dalle.pt").write_bytes((d / "prior" / "dalle.pt").read_bytes())
+    blob = (d / "dvae.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(blob[:1000])  # no zip central directory
+    (d / "clip_run" / "clip").mkdir(parents=True)
+    (d / "clip_run" / "clip" / "config.json").write_text("{}")
+    (d / "afile").write_text("not a folder")
+    return d
+
+
+def _sample_argv(art, tmp_path, *extra):
+    return ["--prior", str(art / "prior" / "dalle.pt"), "--caption", "a red circle", "--num_candidates", "2",
+            "--keep", "1", "--out", str(tmp_path / "out"), *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch_size", "0"], "--batch_size must be ≥ 1"),
+    (["--batch_size", "-4"], "--batch_size must be ≥ 1"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "nan"], "--temperature must be > 0"),
+    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--top_k", "-1"], "--top_k must be ≥ 0"),
+    (["--shapes_split", "test_id", "--num_captions", "-3"], "--num_captions must be ≥ 1"),
+    (["--shapes_split", "test_id", "--num_captions", "0"], "--num_captions must be ≥ 1"),
+    (["--captions_file", "{tmp}/none.txt"], "none.txt: file not found"),
+    (["--captions_file", "{tmp}"], "is a folder, not a file"),
+    (["--prior", "{art}/none.pt"], "--prior {art}/none.pt: file not found"),
+    (["--prior", "{art}/prior"], "did you mean {art}/prior/dalle.pt?"),
+    (["--dvae", "{art}"], "did you mean {art}/dvae.pt?"),
+    (["--dvae", "{art}/none.pt"], "--dvae {art}/none.pt: file not found"),
+    (["--clip", "{art}/clip_run"], "not a CLIP folder (no config.json); did you mean {art}/clip_run/clip?"),
+    (["--clip", "{art}/none"], "--clip {art}/none: not a CLIP folder"),
+    (["--out", "{art}/afile"], "exists and is not a folder"),
+    (["--out", "{art}/afile/sub"], "{art}/afile is a file, not a folder"),
+])
+def test_sample_parser_refuses(art, tmp_path, capsys, extra, message):
+    extra = [a.format(art=art, tmp=tmp_path) for a in extra]
+    with pytest.raises(SystemExit) as e:
+        sample.parse_args(_sample_argv(art, tmp_path, *extra))
+    assert e.value.code == 2
+    assert message.format(art=art) in capsys.readouterr().err
+
+
+def test_sample_parser_needs_captions_and_accepts_good_flags(art, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.parse_args(["--prior", str(art / "prior" / "dalle.pt"), "--out", str(tmp_path)])
+    assert e.value.code == 2 and "give --caption, --captions_file or --shapes_split" in capsys.readouterr().err
+    args = sample.parse_args(_sample_argv(art, tmp_path, "--dvae", str(art / "dvae.pt"), "--top_p", "1",
+                                          "--top_k", "0", "--batch_size", "1", "--clip", str(art / "clip_run/clip")))
+    assert (args.batch_size, args.top_p, args.top_k) == (1, 1.0, 0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prior", "{art}/dvae.pt"], "{art}/dvae.pt is not a prior exported by dalle_ds"),
+    (["--dvae", "{art}/prior/dalle.pt"], "{art}/prior/dalle.pt is not a dVAE exported by dalle_ds"),
+    (["--dvae", "{art}/dvae_k32.pt"], "does not match the prior"),
+    (["--prior", "{art}/lone/dalle.pt"], "no tokenizer.json in {art}/lone/tokenizer"),
+    (["--prior", "{art}/truncated.pt"], "{art}/truncated.pt"),  # the wording is checkpoint.py's
+    (["--captions_file", "{art}/truncated.pt"], "truncated.pt: not UTF-8 text"),
+    (["--captions_file", "{art}/blank.txt"], "blank.txt: no captions in it"),
+])
+def test_sample_main_refuses_wrong_inputs_before_any_work(art, tmp_path, capsys, extra, message):
+    (art / "blank.txt").write_text("\n  \n")
+    extra = [a.format(art=art) for a in extra]
+    assert sample.main(_sample_argv(art, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.format(art=art) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch_size", "0"], "--batch_size must be ≥ 1"),
+    (["--rows_per_shard", "0"], "--rows_per_shard must be ≥ 1"),
+    (["--num_workers", "-1"], "--num_workers must be ≥ 0"),
+    (["--num_samples", "0"], "--num_samples must be ≥ 1"),
+    (["--dvae", "{art}/none.pt"], "--dvae {art}/none.pt: file not found"),
+    (["--dvae", "{art}"], "is a folder, not a file; did you mean {art}/dvae.pt?"),
+    (["--out", "{art}/afile"], "exists and is not a folder"),
+])
+def test_tokenize_parser_refuses(art, tmp_path, capsys, extra, message):
+    argv = ["--dvae", str(art / "dvae.pt"), "--out", str(tmp_path / "tok")] + [a.format(art=art) for a in extra]
+    with pytest.raises(SystemExit) as e:
+        tokenize.parse_args(argv)
+    assert e.value.code == 2 and message.format(art=art) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dvae, message", [("prior/dalle.pt", "is not a dVAE exported by dalle_ds"),
+                                           ("truncated.pt", "truncated.pt")])
+def test_tokenize_main_refuses_a_wrong_dvae(art, tmp_path, capsys, dvae, message):
+    rc = tokenize.main(["--dvae", str(art / dvae), "--num_samples", "2", "--out", str(tmp_path / "tok")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err and not (tmp_path / "tok").exists()
+
+
+def test_tokenize_refuses_a_folder_of_unreadable_images(art, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "allbad"
+    folder.mkdir()
+    rows = []
+    for i in range(3):
+        (folder / f"{i}.png").write_text("not a png at all")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "tok"
+    rc = tokenize.main(["--dvae", str(art / "dvae.pt"), "--data", "imagefolder", "--path", str(folder),
+                        "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no readable samples" in err and str(folder) in err
+    assert not (out / "meta.json").exists()
+
+
+def test_sample_cli_prints_no_traceback(art, tmp_path):
+    """The whole script, as a user runs it: a dVAE given as the prior is one line on stderr and exit code 2."""
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"),
+                           *_sample_argv(art, tmp_path, "--prior", str(art / "dvae.pt"))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "is not a prior exported by dalle_ds" in proc.stderr
