@@ -558,6 +558,14 @@ class DalleDataConfig:
                 if path and not (Path(path) / "meta.json").is_file():
                     _fail(f"{where}.{key}", f"{path} is not a token-shard folder (no meta.json); "
                                             "write one with launch/tokenize_images.py")
+                if path:
+                    try:
+                        rows = json.loads((Path(path) / "meta.json").read_text()).get("num_samples")
+                    except ValueError as e:
+                        _fail(f"{where}.{key}", f"{path}/meta.json is not valid JSON ({e})")
+                    if rows == 0:
+                        _fail(f"{where}.{key}", f"{path} holds 0 token rows (did tokenize_images.py read any "
+                                                "image?)")
         elif self.dvae:
             if not Path(self.dvae).is_file():
                 _fail(f"{where}.dvae", f"file not found: {self.dvae}")
@@ -569,6 +577,8 @@ class DalleDataConfig:
             _fail(f"{where}.dvae", f"no such file: {self.dvae}")
         if self.val_batches < 0 or self.num_workers < 0:
             _fail(where, "val_batches and num_workers must be ≥ 0")
+        if not 260 <= self.tokenizer_vocab_size <= 16384:  # 256 byte symbols + 4 specials .. the paper's bound
+            _fail(f"{where}.tokenizer_vocab_size", f"must be in 260..16384, got {self.tokenizer_vocab_size}")
         return self
 
 
@@ -743,6 +753,9 @@ class ClipTrainConfig:
         for name in ("image_size", "patch_size", "width", "layers", "heads", "projection_dim", "text_len"):
             if getattr(m, name) < 1:
                 _fail(f"{where}.model.{name}", "must be ≥ 1")
+        if m.text_len < 3:
+            _fail(f"{where}.model.text_len", f"needs ≥ 3 positions (<bos>, a caption token, <|endoftext|>), got "
+                                             f"{m.text_len}")
         if m.image_size % m.patch_size:
             _fail(f"{where}.model", f"image_size {m.image_size} is not divisible by patch_size {m.patch_size}")
         if m.width % m.heads:

@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--num_captions must be ≥ 1, got {args.num_captions}")
     if not (args.caption or args.captions_file or args.shapes_split):
         p.error("give --caption, --captions_file or --shapes_split")
+    if args.shapes_split and (args.caption or args.captions_file):
+        p.error("--shapes_split samples the split's own captions: drop --caption / --captions_file (or it)")
     if args.captions_file:
         check_file(p, "--captions_file", args.captions_file, "a text file with one caption a line")
     check_file(p, "--prior", args.prior, "the dalle.pt written by launch/train_dalle.py", expect="dalle.pt")

@@ -128,6 +128,7 @@ def test_clip_negatives_need_the_shapes_data(tmp_path):
     ({"hard_negatives": 10}, "hard_negatives: must be 0..4"),
     ({"save_every": -1}, "save_every: must be ≥ 0"),
     ({"keep_checkpoints": -2}, "keep_checkpoints: must be ≥ 0"),
+    ({"model.text_len": 2}, "model.text_len: needs ≥ 3 positions"),
 ])
 def test_clip_run_counts_are_validated(overrides, needle):
     from dalle_ds.config import CLIP_RUN_PRESETS
@@ -142,3 +143,16 @@ def test_webdataset_path_must_match_a_shard(tmp_path):
         apply_overrides(base, {"data.name": "webdataset", "data.path": str(tmp_path / "shard-*.tar")}).validate()
     (tmp_path / "shard-0.tar").write_bytes(b"")
     apply_overrides(base, {"data.name": "webdataset", "data.path": str(tmp_path / "shard-*.tar")}).validate()
+
+
+def test_prior_data_checks_token_rows_and_tokenizer_size(tmp_path):
+    from dalle_ds.config import DalleDataConfig
+
+    (tmp_path / "meta.json").write_text(json.dumps({"format": 1, "num_samples": 0}))
+    with pytest.raises(ConfigError, match="holds 0 token rows"):
+        DalleDataConfig(train_tokens=str(tmp_path)).validate()
+    (tmp_path / "meta.json").write_text(json.dumps({"format": 1, "num_samples": 5}))
+    DalleDataConfig(train_tokens=str(tmp_path)).validate()
+    for bad in (0, 259, 16385):
+        with pytest.raises(ConfigError, match="tokenizer_vocab_size: must be in 260..16384"):
+            DalleDataConfig(train_tokens=str(tmp_path), tokenizer_vocab_size=bad).validate()

@@ -179,6 +179,21 @@ def test_folder_without_captions(tmp_path):
     assert len(ds) == 3 and ds.captions() == ["", "", ""] and ds.stats["empty_caption"] == 3
 
 
+def test_dvae_trains_on_a_folder_without_captions(tmp_path):
+    """Stage 1 needs images only: its datasets load a caption-less folder (the prior's tokenizing still needs them)."""
+    from dalle_ds.config import DVAE_RUN_PRESETS, apply_overrides
+    from dalle_ds.train.dvae_trainer import build_datasets
+
+    root = tmp_path / "plain"
+    root.mkdir()
+    for i in range(3):
+        _noise(i).save(root / f"{i}.png")
+    cfg = apply_overrides(DVAE_RUN_PRESETS["test"], {"data.name": "imagefolder", "data.path": str(root),
+                                                      "model.image_size": S}).validate()
+    train, evals = build_datasets(cfg)
+    assert len(train) == 3 and train[0]["image"].shape[-1] == S
+
+
 def test_default_cache_dir_is_under_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HOME", raising=False)
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)

@@ -75,6 +75,7 @@ def _sample_argv(art, tmp_path, *extra):
     (["--top_k", "-1"], "--top_k must be ≥ 0"),
     (["--shapes_split", "test_id", "--num_captions", "-3"], "--num_captions must be ≥ 1"),
     (["--shapes_split", "test_id", "--num_captions", "0"], "--num_captions must be ≥ 1"),
+    (["--shapes_split", "test_id"], "--shapes_split samples the split's own captions"),
     (["--captions_file", "{tmp}/none.txt"], "none.txt: file not found"),
     (["--captions_file", "{tmp}"], "is a folder, not a file"),
     (["--prior", "{art}/none.pt"], "--prior {art}/none.pt: file not found"),
