@@ -55,6 +55,8 @@ def test_what_may_and_may_not_change(tmp_path):
         check_resume(run, "dalle", RUN, {**DS, "zero_optimization": {"stage": 0}}, world=2)
     with pytest.raises(ConfigError, match="sharded over 2 rank\\(s\\), this run has 1"):
         check_resume(run, "dalle", RUN, {**DS, "train_batch_size": 4}, world=1)
+    elastic = {**DS, "train_batch_size": 4, "zero_optimization": {"stage": 2, "elastic_checkpoint": True}}
+    assert check_resume(run, "dalle", RUN, elastic, world=1) == []
     # ZeRO 0 keeps no sharded state: the rank count may change
     ds0 = {**DS, "zero_optimization": {"stage": 0}}
     (run / "dalle_ds_config.json").write_text(json.dumps(ds0))

@@ -125,9 +125,12 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
                               f"this run uses {z_now}")
         per_rank = ds_before.get("train_micro_batch_size_per_gpu", 0) * ds_before.get("gradient_accumulation_steps", 1)
         world_before = ds_before.get("train_batch_size", 0) // per_rank if per_rank else world
-        if z_now >= 1 and world_before != world:
+        reshapes = (ds_config.get("zero_optimization", {}).get("elastic_checkpoint")
+                    or ds_config.get("checkpoint", {}).get("load_universal"))  # DeepSpeed re-partitions these
+        if z_now >= 1 and world_before != world and not reshapes:
             raise ConfigError(f"cannot resume from {run_dir}: its ZeRO-{z_now} checkpoints hold optimizer state "
-                              f"sharded over {world_before} rank(s), this run has {world}")
+                              f"sharded over {world_before} rank(s), this run has {world} (DeepSpeed re-partitions "
+                              "with zero_optimization.elastic_checkpoint or checkpoint.load_universal)")
     return changed
 
 
