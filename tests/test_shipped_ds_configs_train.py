@@ -1,0 +1,51 @@
+"""Every DeepSpeed config in ds_configs/ trains its trainer for two steps on CPU (one process, test presets, the
+batch cut to 4 and torch's AdamW; fp16_resblock configs with fp16 resblocks and per-resblock scaling).
+test_ds_config.py checks that they parse; this checks that the trainers run with them: dvae_paper.json (bf16 mode)
+used to crash the dVAE's first conv with fp32 pixels against bf16 weights."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch_utils import ROOT
+from unit_shards import write_unit_splits
+
+pytestmark = pytest.mark.slow
+CONFIGS = sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_unit_splits(tmp_path_factory.mktemp("shipped_shards"), 32, 8)
+
+
+def _command(name: str, shards: Path, out: Path) -> list[str]:
+    common = ["--deepspeed_config", f"ds_configs/{name}", "--preset", "test", "--set", "steps=2", "--out", str(out)]
+    if "clip" in name:
+        return ["launch/train_clip.py", *common]
+    if "dvae" in name:
+        return ["launch/train_dvae.py", *common]
+    extra = (["--set", "model.resblock_grad_scaling=true", "--set", "model.resblock_dtype=float16"]
+             if "fp16_resblock" in name else [])
+    return ["launch/train_dalle.py", *common, "--set", f"data.train_tokens={shards / 'train'}", *extra]
+
+
+def test_all_shipped_configs_are_covered():
+    assert len(CONFIGS) >= 11 and "dvae_paper.json" in CONFIGS and "zero3_bf16_offload.json" in CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_trains_two_steps(name, shards, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, *_command(name, shards, tmp_path / "run"), "--ds_set", "train_micro_batch_size_per_gpu=2"]
+    if "train_batch_size" in (ROOT / "ds_configs" / name).read_text():
+        cmd += ["--ds_set", "train_batch_size=4"]
+    if "torch_adam" not in (ROOT / "ds_configs" / name).read_text():
+        cmd += ["--ds_set", "+optimizer.params.torch_adam=true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert '"steps": 2' in proc.stdout
