@@ -32,7 +32,8 @@
 #                fusion of the elementwise work against the eager numbers of bench_train
 #   bench_sample benchmarks/bench_sample.py, 350M, bf16
 # The machine has no deepspeed and no package index: run ../shared/device/wheels.sh first and carry .whl/ (and, for
-# the precision stage, the token shards: runs/demo15/tokens, 19 MB, or PRECISION_TOKENS).
+# the precision stage, the token shards: runs/demo15/tokens, 19 MB, or PRECISION_TOKENS; `DEMO_STOP_AFTER=tokens
+# make demo` writes runs/demo/tokens in ~10 min on 2 CPU cores; without them the stage is skipped).
 # Logs and results go to $OUT/bundle.tgz (rebuilt after every stage, so a killed run still returns what it did);
 # results are also written under benchmarks/results/ named by device and date.
 set -u
@@ -135,6 +136,11 @@ except Exception as e:
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section MemoryWorkloadAnalysis python3 benchmarks/attn_ncu_probe.py --kind row ;;
     precision)
+      if [ ! -f "${PRECISION_TOKENS:-runs/demo15/tokens}/train/meta.json" ]; then
+        echo "== precision: SKIPPED (no token shards at ${PRECISION_TOKENS:-runs/demo15/tokens}: make them on the CPU" \
+          "machine with DEMO_STOP_AFTER=tokens make demo, carry runs/demo/tokens, PRECISION_TOKENS=runs/demo/tokens)"
+        continue
+      fi
       DALLE_DS_ATTN_TUNE=0 TAIL=25 run precision 120 300 python3 benchmarks/precision_compare.py \
         "${PRECISION_TOKENS:-runs/demo15/tokens}" /tmp/precision --gpus 1 --precisions fp16,bf16 --steps 300 \
         --set model.n_layers=16 --set model.d_model=512 --set model.n_heads=8 \

@@ -5,7 +5,8 @@
 #   launch/demo.sh [RUN_DIR]        (default runs/demo; DEMO_NPROC=2 ranks; DEMO_CAPTIONS_ID=256 test_id and
 #                                    DEMO_CAPTIONS_OOD=128 test_ood captions (DEMO_CAPTIONS sets both);
 #                                    DEMO_CANDIDATES=32 samples per caption; DEMO_TEMPERATURE=0.8;
-#                                    DEMO_PORT=29500, the launcher's rendezvous port: set another to run two at once)
+#                                    DEMO_PORT=29500, the launcher's rendezvous port: set another to run two at once;
+#                                    DEMO_STOP_AFTER=tokens stops after the dVAE and the image-token shards)
 # Each stage resumes from its checkpoints or is skipped when its output exists, so an interrupted demo continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,9 @@ for split in train test_id; do
     ds launch/tokenize_images.py --dvae "$RUN/dvae/dvae.pt" --split "$split" --num_samples "$n" --bf16 \
       --out "$RUN/tokens/$split"
 done
+if [ "${DEMO_STOP_AFTER:-}" = tokens ]; then  # e.g. token shards for benchmarks/precision_compare.py
+  log "stopping after the image tokens (DEMO_STOP_AFTER=tokens): $RUN/tokens"; exit 0
+fi
 stage "stage 2: the prior (ZeRO-2)" "$RUN/dalle/dalle.pt" \
   ds launch/train_dalle.py --deepspeed_config ds_configs/cpu_dalle.json --preset demo \
     --set data.train_tokens="$RUN/tokens/train" --set data.val_tokens="$RUN/tokens/test_id" --out "$RUN/dalle"
