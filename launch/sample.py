@@ -102,6 +102,10 @@ def gather_captions(args) -> tuple[list[str], list[dict] | None]:
         if not from_file:
             raise ValueError(f"--captions_file {args.captions_file}: no captions in it (one a line)")
         captions += from_file
+    blank = sum(not c.strip() for c in captions)
+    if blank:
+        print(f"note: {blank} empty caption(s): their images are sampled with no text (unconditional)",
+              file=sys.stderr)
     return captions, None  # parse_args saw --caption, --captions_file or --shapes_split
 
 

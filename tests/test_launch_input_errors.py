@@ -171,3 +171,11 @@ def test_sample_cli_prints_no_traceback(art, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "is not a prior exported by dalle_ds" in proc.stderr
+
+
+def test_sample_notes_empty_captions(tmp_path, capsys):
+    args = sample.parse_args(["--prior", __file__, "--caption", "", "--caption", "a red circle", "--out",
+                              str(tmp_path / "out")])
+    captions, scenes = sample.gather_captions(args)
+    assert captions == ["", "a red circle"] and scenes is None
+    assert "note: 1 empty caption(s)" in capsys.readouterr().err
