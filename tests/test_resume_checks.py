@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,26 +70,32 @@ def test_no_checkpoint_no_checks(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_prior_run_refuses_to_resume_with_another_model(tmp_path):
-    """End to end (one process): a 2-step test prior, then the same folder with a wider model: a config error and
-    exit 2 before any work, and the folder's run config is still the first run's."""
+    """End to end on 2 ranks: a 2-step test prior, then the same folder with a wider model: every rank stops with
+    the config error (none is left waiting in a collective), exit 2, and the folder's run config is still the first
+    run's."""
+    import shutil
+
+    from launch_utils import free_port
     from unit_shards import write_unit_splits
 
     shards = write_unit_splits(tmp_path / "shards", 64, 16)
+    exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
 
     def train(*extra):
-        return subprocess.run([sys.executable, "launch/train_dalle.py", "--deepspeed_config", "ds_configs/cpu_dalle.json",
-                               "--preset", "test", "--set", f"data.train_tokens={shards / 'train'}", "--set", "steps=2",
-                               "--set", "save_every=2", "--ds_set", "train_micro_batch_size_per_gpu=4", "--out", str(tmp_path / "run"),
-                               *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run([exe, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train_dalle.py",
+                               "--deepspeed_config", "ds_configs/cpu_dalle.json", "--preset", "test",
+                               "--set", f"data.train_tokens={shards / 'train'}", "--set", "steps=2",
+                               "--set", "save_every=2", "--ds_set", "train_micro_batch_size_per_gpu=2",
+                               "--out", str(tmp_path / "run"), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
     first = train()
     assert first.returncode == 0, first.stderr[-3000:]
     second = train("--set", "model.d_model=64")
-    assert second.returncode == 2, second.stderr[-3000:]
-    assert "config error: cannot resume" in second.stderr and "model.d_model 32 -> 64" in second.stderr
-    assert "Traceback" not in second.stderr
+    out = second.stdout + second.stderr
+    assert second.returncode == 2, out[-3000:]
+    assert "config error: cannot resume" in out and "model.d_model 32 -> 64" in out and "Traceback" not in out
     assert json.loads((tmp_path / "run" / "dalle_run_config.json").read_text())["model"]["d_model"] == 32

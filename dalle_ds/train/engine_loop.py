@@ -51,11 +51,13 @@ class EngineLoop:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = device()
         self.seed = seed
+        # Every rank reads the earlier run's configs (so a refusal ends all ranks alike, none left waiting in a
+        # collective), then rank 0 replaces them.
+        changed = ckpt.check_resume(self.run_dir, self.job_name, asdict(cfg), ds_config, world_size()) if resume else []
+        barrier()
         if is_rank0():
-            if resume:  # before the configs below replace the earlier run's (the launcher stops the other ranks)
-                changed = ckpt.check_resume(self.run_dir, self.job_name, asdict(cfg), ds_config, world_size())
-                if changed:
-                    log.warning("resuming %s with a changed config: %s", self.run_dir, ", ".join(changed))
+            if changed:
+                log.warning("resuming %s with a changed config: %s", self.run_dir, ", ".join(changed))
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / f"{self.job_name}_run_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
             (self.run_dir / f"{self.job_name}_ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
