@@ -48,8 +48,11 @@ def union_us(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def _is_device(event) -> bool:
-    return "cuda" in str(event.device_type).lower()
+def _is_kernel(event) -> bool:
+    """A device-side event that is work: not the GPU copy of a ``record_function`` range (a user annotation, which
+    spans the kernels it contains and would count them twice)."""
+    return ("cuda" in str(event.device_type).lower() and not getattr(event, "is_user_annotation", False)
+            and not event.name.startswith(("bench/", "ProfilerStep")))
 
 
 def op_breakdown(events, steps: int, step_ms: float, top: int = 12) -> dict:
@@ -57,7 +60,7 @@ def op_breakdown(events, steps: int, step_ms: float, top: int = 12) -> dict:
 
     ``step_ms`` is the profiled step time (the ``bench/step`` range), against which shares are given."""
     events = list(events)
-    device = [e for e in events if _is_device(e)]
+    device = [e for e in events if _is_kernel(e)]
     per_name: dict[str, list[float]] = {}  # name -> [total us, calls]
     spans = []
     if device:

@@ -156,11 +156,12 @@ def test_time_sinks_of_device_kernels():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from op_breakdown import op_breakdown
 
-    def ev(name, start, end, dev="DeviceType.CUDA"):
+    def ev(name, start, end, dev="DeviceType.CUDA", annotation=False):
         return NS(name=name, device_type=dev, time_range=NS(start=start, end=end, elapsed_us=lambda: end - start),
-                  self_cpu_time_total=1e6)
+                  self_cpu_time_total=1e6, is_user_annotation=annotation)
 
     events = [ev("aten::mm", 0, 5000, "DeviceType.CPU"),              # host op: not a kernel, ignored
+              ev("bench/forward", 0, 10000, annotation=True),          # a range's GPU copy: spans kernels, ignored
               ev("sm90_xmma_gemm_bf16bf16", 0, 3000), ev("_attn_fwd", 2000, 4000),   # overlap 2000-3000
               ev("sm90_xmma_gemm_bf16bf16", 6000, 7000), ev("ncclDevKernel_AllReduce", 9000, 9500)]
     b = op_breakdown(events, steps=1, step_ms=10.0)
