@@ -137,10 +137,10 @@ def test_graph_timings_flow_into_the_mix_speedups_and_table(monkeypatch):
     fake_ms = {"sdpa_mask": 2.0, "triton": 1.0}
     current = {}
 
-    def fake_graph_ms(fn, grad_to_none=None):
+    def fake_graph_ms(fn, grad_to_none=None):  # forward: fake_ms; forward+backward (leaves given): 3x
         if current["prov"] == "broken":
             raise RuntimeError("capture failed")
-        return fake_ms[current["prov"]]
+        return fake_ms[current["prov"]] * (3 if grad_to_none else 1)
 
     real_make = bench_attention.make_provider
 
@@ -156,14 +156,15 @@ def test_graph_timings_flow_into_the_mix_speedups_and_table(monkeypatch):
     case = bench_attention.run_case("t", 3, 4, 1, 1, 16, torch.float32, "cpu", ["triton", "sdpa_mask", "broken"],
                                     1, 4, 1.0, graphs=True)
     row = case["masks"]["row"]["providers"]
-    assert row["sdpa_mask"]["graph_fwd_bwd_ms"] == 2.0 and row["sdpa_mask"]["host_fwd_bwd_us"] == 42.0
+    assert row["sdpa_mask"]["graph_fwd_bwd_ms"] == 6.0 and row["sdpa_mask"]["host_fwd_bwd_us"] == 42.0
+    assert row["sdpa_mask"]["graph_bwd_ms"] == 4.0  # the difference of the two captured graphs
     assert "graph_error" in row["broken"] and row["broken"]["fwd_ms"] > 0
     mix = case["mix"]["providers"]["sdpa_mask"]
     assert mix["graph_fwd_ms"] == 2.0 and "graph_pct_floor" in mix
     assert case["mix"]["triton_speedup"]["sdpa_mask"]["graph_fwd_bwd"] == 2.0
     report = {"cases": [case]}
     table = "\n".join(bench_attention.graph_table(report))
-    assert "| t | mix | sdpa_mask | 2.000 | 2.000 | 2.000 |" in table and "| 42 | 2.00 |" in table
+    assert "| t | mix | sdpa_mask | 2.000 | 4.000 | 6.000 |" in table and "| 42 | 2.00 |" in table
     assert "error: RuntimeError: capture failed" in table
 
 

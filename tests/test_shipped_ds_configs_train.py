@@ -36,16 +36,31 @@ def test_all_shipped_configs_are_covered():
     assert len(CONFIGS) >= 11 and "dvae_paper.json" in CONFIGS and "zero3_bf16_offload.json" in CONFIGS
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_trains_two_steps(name, shards, tmp_path):
+def _run(command: list[str], name: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, *_command(name, shards, tmp_path / "run"), "--ds_set", "train_micro_batch_size_per_gpu=2"]
+    cmd = [sys.executable, *command, "--ds_set", "train_micro_batch_size_per_gpu=2"]
     if "train_batch_size" in (ROOT / "ds_configs" / name).read_text():
         cmd += ["--ds_set", "train_batch_size=4"]
     if "torch_adam" not in (ROOT / "ds_configs" / name).read_text():
         cmd += ["--ds_set", "+optimizer.params.torch_adam=true"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_trains_two_steps(name, shards, tmp_path):
+    proc = _run(_command(name, shards, tmp_path / "run"), name)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert '"steps": 2' in proc.stdout
+
+
+def test_clip_in_bf16_mode_and_refused_under_zero3(tmp_path):
+    """The reranker's trainer with a GPU-style bf16 config trains; under ZeRO-3 (its rank-0-only evaluation could
+    not gather the EMA shards) it stops with a config error before any work."""
+    common = ["launch/train_clip.py", "--preset", "test", "--set", "steps=2", "--out", str(tmp_path / "clip")]
+    proc = _run([*common, "--deepspeed_config", "ds_configs/zero2_bf16.json"], "zero2_bf16.json")
+    assert proc.returncode == 0 and '"steps": 2' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    common[-1] = str(tmp_path / "clip3")
+    proc = _run([*common, "--deepspeed_config", "ds_configs/zero3_bf16.json"], "zero3_bf16.json")
+    assert proc.returncode == 2 and "CLIP trainer supports ZeRO stages 0-2" in proc.stderr, proc.stderr[-3000:]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dalle_ds.config import DalleConfig
-from dalle_ds.ops.attention import MaskSpec, attention, attention_decode, layer_kind
+from dalle_ds.ops.attention import MaskSpec, attention, attention_decode, decode_backend, layer_kind
 from dalle_ds.precision.resblock_scaling import (ResblockGradScaler, scaled_branch_input, scaled_branch_output,
                                                  unscale_block_grads_)
 from dalle_ds.precision.tf32 import tf32_linear
@@ -62,6 +62,7 @@ class Attention(nn.Module):
         self.kind = layer_kind(layer, cfg.n_layers)
         self.spec = MaskSpec(self.kind, cfg.text_len, cfg.image_grid, conv_kernel=cfg.conv_kernel)
         self.backend = cfg.attn_backend
+        self.decode_backend = decode_backend(cfg.attn_backend)  # flex / sdpa train; cached sampling needs a decode
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, _ = x.shape
@@ -85,7 +86,7 @@ class Attention(nn.Module):
     def decode(self, x: torch.Tensor, cache: dict, position: int) -> torch.Tensor:
         q, k, v = self._heads(x)  # [B, H, 1, D]
         cache["k"][:, :, position], cache["v"][:, :, position] = k[:, :, 0], v[:, :, 0]
-        out = attention_decode(q, cache["k"], cache["v"], self.spec, position, backend=self.backend)
+        out = attention_decode(q, cache["k"], cache["v"], self.spec, position, backend=self.decode_backend)
         return self.proj(out.transpose(1, 2).reshape(x.shape))
 
 

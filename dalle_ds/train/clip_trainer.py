@@ -21,6 +21,7 @@ from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, binding_captions, contras
                                   render_scene_tensor, spatial_contrast_scene)
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
 from dalle_ds.train.distributed import barrier, gather_rows_with_grad, is_rank0, rank, world_size
+from dalle_ds.train.ds_config import zero_stage
 from dalle_ds.train.engine_loop import EngineLoop
 from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
 
@@ -102,6 +103,10 @@ class ClipTrainer(EngineLoop):
     postfix_keys = ("loss",)
 
     def __init__(self, cfg: ClipTrainConfig, ds_config: dict, run_dir: str | Path, resume: bool = True):
+        if zero_stage(ds_config) == 3:
+            # Its evaluation runs on rank 0 alone, and the ZeRO-3 EMA shards can only be gathered by every rank.
+            raise ConfigError("the CLIP trainer supports ZeRO stages 0-2 (its evaluation runs on rank 0 only); use a "
+                              "stage ≤ 2 config (the reranker is small)")
         run_dir = Path(run_dir)
         d, m = cfg.data, cfg.model
         train_ds = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, m.image_size))
@@ -142,12 +147,15 @@ class ClipTrainer(EngineLoop):
                 negatives = hard_negative_captions(batch["scenes"], self.cfg.hard_negatives, rng)
                 if self.cfg.binding_negatives:
                     negatives += [c for sc in batch["scenes"] for c in binding_captions(sc)]
-                inputs.update(self.reranker.text_inputs(batch["captions"] + negatives))  # one padded length
+                # one padded length; the reranker here is the data side's (CPU): move its tensors to the engine
+                text = self.reranker.text_inputs(batch["captions"] + negatives)
+                inputs.update({k: v.to(self.device) for k, v in text.items()})
                 if self.cfg.mirror_negatives:
                     mirrored = [m for m in (spatial_contrast_scene(sc, rng) for sc in batch["scenes"]) if m is not None]
                     if mirrored:
                         extra = torch.stack([render_scene_tensor(m) for m in mirrored])
-                        inputs["pixel_values"] = torch.cat([inputs["pixel_values"], self.collate.images(extra)])
+                        inputs["pixel_values"] = torch.cat([inputs["pixel_values"],
+                                                            self.collate.images(extra).to(self.device)])
             out = eng(**inputs)
             out.loss = contrastive_loss(out.image_embeds, out.text_embeds, eng.module.logit_scale.exp(), b)
             return out

@@ -8,7 +8,7 @@ One mask definition (:mod:`.masks`), from which come the block layouts (:mod:`.l
     >>> spec = MaskSpec("row", text_len=256, grid=32)        # N = 256 + 32 * 32 = 1280
     >>> out = attention(q, k, v, spec)                        # q, k, v: (B, H, 1280, D), raster order
 """
-from .dispatch import BACKEND_NAMES, attention, attention_decode, backend_status, select_backend
+from .dispatch import BACKEND_NAMES, attention, attention_decode, backend_status, decode_backend, select_backend
 from .layouts import BlockLayout, block_layout, block_status, decode_table
 from .masks import MaskSpec, kept_elements, kernel_order_index, kernel_to_raster, layer_kind, layer_schedule, visible
 from .reference import dense_mask, reference_attention, reference_decode
@@ -22,6 +22,7 @@ __all__ = [
     "backend_status",
     "block_layout",
     "block_status",
+    "decode_backend",
     "decode_table",
     "dense_mask",
     "kept_elements",

@@ -197,6 +197,14 @@ def attention(
     return _BACKENDS[name].run(q, k, v, mask_spec, scale)
 
 
+def decode_backend(backend: str) -> str:
+    """The backend that a model whose attention runs on ``backend`` decodes with: the same one where it has a decode
+    path; otherwise "auto" (flex and sdpa have none: cached sampling then picks triton on a GPU, dense elsewhere)."""
+    if backend != "auto" and backend in _BACKENDS and _BACKENDS[backend].decode is None:
+        return "auto"
+    return backend
+
+
 def attention_decode(
     q_new: torch.Tensor,
     k_cache: torch.Tensor,
