@@ -51,13 +51,19 @@ class TextToImage:
 
         prior, meta = load_dalle(prior_path)
         tok_dir = Path(prior_path).parent / meta.get("tokenizer", "tokenizer")
-        tokenizer = CaptionTokenizer.load(tok_dir, max_length=prior.cfg.text_len - 1)
+        try:
+            tokenizer = CaptionTokenizer.load(tok_dir, max_length=prior.cfg.text_len - 1)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"the prior {prior_path}'s caption tokenizer (saved beside it by train_dalle.py): {e}") from e
         dvae_path = dvae_path or meta.get("dvae")
         if not dvae_path:
             raise ValueError("the prior does not record its dVAE; pass --dvae")
         dvae = load_dvae(dvae_path)
         reranker = ClipReranker.from_pretrained(clip_path, device) if clip_path else None
-        return cls(prior, tokenizer, dvae, reranker, device, dvae_bf16)
+        try:
+            return cls(prior, tokenizer, dvae, reranker, device, dvae_bf16)
+        except ValueError as e:
+            raise ValueError(f"{e} (dVAE {dvae_path}, prior {prior_path})") from e
 
     def text(self, captions: list[str]) -> torch.Tensor:
         ids, lengths = self.tokenizer.encode(captions)
