@@ -59,12 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need 1 ≤ --keep ≤ --num_candidates")
     if args.batch_size < 1:
         p.error(f"--batch_size must be ≥ 1, got {args.batch_size}")
-    if not args.temperature > 0:  # NaN too
-        p.error(f"--temperature must be > 0, got {args.temperature}")
-    if args.top_k < 0:
-        p.error(f"--top_k must be ≥ 0 (0 = off), got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top_p must be in (0, 1] (1 = off), got {args.top_p}")
+    from dalle_ds.sample.generate import SamplingConfig
+
+    try:
+        args.sampling = SamplingConfig(args.temperature, args.top_k, args.top_p).validate()
+    except ValueError as e:  # "temperature must be > 0, got 0.0": the flag is its field's name
+        p.error(f"--{e}")
     if args.num_captions < 1:
         p.error(f"--num_captions must be ≥ 1, got {args.num_captions}")
     if not (args.caption or args.captions_file or args.shapes_split):
@@ -188,11 +188,10 @@ def write_results(args, out: Path, sampling, records: list[dict], images: dict, 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dalle_ds.sample.generate import SamplingConfig
     from dalle_ds.sample.pipeline import TextToImage
     from dalle_ds.train.distributed import device, distributed_run, is_rank0
 
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p).validate()
+    sampling = args.sampling
     # Inputs the user named (captions file, prior, its tokenizer and dVAE, CLIP folder) fail here, before the process
     # group starts, as one line: the errors these loaders raise for a missing, wrong-kind, unreadable or mismatched
     # input (ConfigError is a ValueError). Anything else keeps its traceback.

@@ -24,7 +24,7 @@ class SamplingConfig:
     """Keep the smallest set of codes whose probability reaches p (1 = off)."""
 
     def validate(self) -> "SamplingConfig":
-        if self.temperature <= 0:
+        if not self.temperature > 0:  # NaN too
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be ≥ 0, got {self.top_k}")
