@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import fp169
+from .collectives import all_reduce_anywhere_
 from .fp169_allreduce import CommCounter, all_reduce_fp169_
 from .orthogonalize import add_eps_identity, get_orthogonalizer
 from .topology import Topology
@@ -268,7 +269,7 @@ class HierarchicalPowerSGD:
                     self._warm_start(sh, q_sum)
             flags[-1] = sq / n_mach  # every machine holds the same Q': count it once over the world
         if W > 1:
-            self._all_reduce_host_(flags, self.topo.world_group)  # step 10: flags and the norm in one call
+            all_reduce_anywhere_(flags, self.topo.world_group)  # step 10: flags and the norm in one call
         unc_sq = sum(float(g.double().pow(2).sum()) for g in unc)
         for i, ((sh, _), est) in enumerate(zip(comp, estimates)):
             p_ok, q_ok = flags[3 * i + 1] == 0, flags[3 * i + 2] == 0
@@ -409,16 +410,6 @@ class HierarchicalPowerSGD:
         """This rank's error buffers decoded to fp32."""
         return {k: sh.err_value() for k, sh in self.shards.items()}
 
-    def _all_reduce_host_(self, t: torch.Tensor, group) -> None:
-        """Sum a small host-side tensor (flags, norms) in place over ``group``: through the buffers' device when
-        that is a GPU, since NCCL serves CUDA tensors only (gloo takes it as it is)."""
-        if self.device.type == "cpu":
-            dist.all_reduce(t, group=group)
-        else:
-            d = t.to(self.device)
-            dist.all_reduce(d, group=group)
-            t.copy_(d)
-
     def diagnostics(self) -> dict[str, float]:
         """Whole-model figures, the same on every rank (a collective over the world):
 
@@ -445,7 +436,7 @@ class HierarchicalPowerSGD:
             t[1] += float((e - total / n).double().pow(2).sum())
             t[2] += self.sent_sq.get(k, 0.0) / n
         if self.topo.world_size > 1:
-            self._all_reduce_host_(t, self.topo.world_group)
+            all_reduce_anywhere_(t, self.topo.world_group)
         delayed_sq, spread_sq, sent_sq, removed_sq = (float(v) for v in t)
         out = {"delayed_norm": delayed_sq ** 0.5, "spread_norm": spread_sq ** 0.5}
         if self._spread_removed_sq is not None:
@@ -456,7 +447,7 @@ class HierarchicalPowerSGD:
             r = torch.tensor(self._rounding, dtype=torch.float64)
             self._rounding = [0.0, 0.0, 0.0, 0.0]
             if self.topo.world_size > 1:
-                self._all_reduce_host_(r, self.topo.world_group)
+                all_reduce_anywhere_(r, self.topo.world_group)
             round_sq, in_sq, swamped, nonzero = (float(v) for v in r)
             if in_sq > 0:
                 out["rounding_ratio"] = (round_sq / in_sq) ** 0.5

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from dalle_ds.dist.collectives import all_reduce_anywhere_
+
 INIT_LOG2, MIN_LOG2, MAX_LOG2 = 13, 7, 24
 GROWTH = 2.0 ** (1.0 / 1000.0)
 BACKOFF = 1.0 / math.sqrt(2.0)
@@ -148,9 +150,7 @@ class ResblockGradScaler:
         for o in self._other_nonfinite.values():
             buf[-1] = torch.maximum(buf[-1], o.to(device))
         if dist.is_available() and dist.is_initialized():
-            if device.type == "cpu" and dist.get_backend(self.group) == "nccl":
-                buf = buf.cuda()
-            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+            all_reduce_anywhere_(buf, self.group, op=dist.ReduceOp.MAX)
         host = buf.cpu().tolist()
         self._synced = ([v > 0 for v in host[:-1]], host[-1] > 0)
         return self._synced
