@@ -57,6 +57,7 @@ from dalle_ds.ops.attention import MaskSpec, attention, dense_mask, kept_element
 from dalle_ds.ops.attention import triton_backend  # noqa: E402
 from dalle_ds.ops.attention.flex import flex_sparse_attention  # noqa: E402
 from dalle_ds.utils.svg_plot import bar_chart  # noqa: E402
+from op_breakdown import op_breakdown  # noqa: E402  (benchmarks/op_breakdown.py, beside this script)
 from timing import positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 MASKS = ("row", "column", "conv")
@@ -129,21 +130,12 @@ def host_us(fn, grad_to_none=None, calls: int = 20) -> float:
 
 
 def summarize_profile(events, iters: int, device: str, top: int = 8) -> dict:
-    """Per-call time by kernel (CUDA) or by operator (CPU, self time) from ``profiler.key_averages()``."""
-    rows = []
-    for e in events:
-        if device == "cuda":
-            if e.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = getattr(e, "self_device_time_total", None)
-            if us is None:
-                us = e.self_cuda_time_total
-        else:
-            us = e.self_cpu_time_total
-        if us > 0:
-            rows.append({"name": e.key, "ms": us / iters / 1e3, "calls": e.count / iters})
-    rows.sort(key=lambda r: -r["ms"])
-    return {"total_ms": sum(r["ms"] for r in rows), "top": rows[:top], "unit": "kernel" if device == "cuda" else "op"}
+    """Per-call time by kernel (CUDA) or by operator (CPU, self time) from a profiler's ``events()``: the top list of
+    :func:`op_breakdown.op_breakdown` (the one per-name account of profiled time, also bench_train's), in this
+    report's shape."""
+    b = op_breakdown(events, iters, step_ms=0.0, top=top)
+    rows = [{"name": t["name"], "ms": t["ms"], "calls": t["calls_per_step"]} for t in b["top"] if t["ms"] > 0]
+    return {"total_ms": b["total_ms"], "top": rows, "unit": "kernel" if device == "cuda" else "op"}
 
 
 def profile_calls(fn, device: str, grad_to_none=None, iters: int = 5) -> dict:
@@ -158,7 +150,7 @@ def profile_calls(fn, device: str, grad_to_none=None, iters: int = 5) -> dict:
             fn()
         if device == "cuda":
             torch.cuda.synchronize()
-    return summarize_profile(prof.key_averages(), iters, device)
+    return summarize_profile(prof.events(), iters, device)
 
 
 def matmul_tflops(device: str, dtype: torch.dtype, quick: bool) -> float:

@@ -133,10 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batch_sizes = auto_batches()
     else:
         try:
-            args.batch_sizes = [int(b) for b in spec.split(",")]
-        except ValueError:
-            args.batch_sizes = None
-        if args.batch_sizes is None or any(b < 1 for b in args.batch_sizes):
+            args.batch_sizes = [positive_int(b) for b in spec.split(",")]
+        except argparse.ArgumentTypeError:
             p.error(f"--batch-sizes takes a comma list of integers ≥ 1 or 'auto', got {spec!r}")
     return args
 

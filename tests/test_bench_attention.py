@@ -112,12 +112,14 @@ def test_summarize_profile_counts_only_gpu_kernels_per_call():
     import torch
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-    events = [
-        SimpleNamespace(key="_attn_fwd", device_type=cuda, self_device_time_total=500.0, count=5),
-        SimpleNamespace(key="_attn_bwd_dkdv", device_type=cuda, self_device_time_total=1500.0, count=5),
-        SimpleNamespace(key="aten::empty", device_type=cpu, self_device_time_total=0.0, count=20,
-                        self_cpu_time_total=90.0),
-    ]
+
+    def ev(name, device_type, start, us):  # one profiler event (``prof.events()``) of ``us`` microseconds
+        return SimpleNamespace(name=name, device_type=device_type, self_cpu_time_total=us,
+                               time_range=SimpleNamespace(start=start, end=start + us, elapsed_us=lambda: us))
+
+    events = ([ev("_attn_fwd", cuda, 1000 * i, 100.0) for i in range(5)]          # 500 us over 5 calls
+              + [ev("_attn_bwd_dkdv", cuda, 1000 * i + 200, 300.0) for i in range(5)]  # 1500 us
+              + [ev("aten::empty", cpu, 10 * i, 4.5) for i in range(20)])           # host op: not counted
     out = bench_attention.summarize_profile(events, iters=5, device="cuda")
     assert [r["name"] for r in out["top"]] == ["_attn_bwd_dkdv", "_attn_fwd"]
     assert out["top"][0]["ms"] == pytest.approx(0.3) and out["top"][1]["calls"] == 1
