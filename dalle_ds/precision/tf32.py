@@ -8,7 +8,7 @@ fp32 accumulation and fp32 logits, and rounds the matmul inputs to a 10-bit sign
 
 How: PyTorch decides TF32 per process (``torch.backends.cuda.matmul``), and autograd runs a backward outside any
 ``with`` block around the forward, so the switch is made inside a custom autograd function, in the forward and again
-in the backward, and restored on exit. The flag is saved and restored through the same (new, PyTorch ≥ 2.9) API, so
+in the backward, and restored on exit. The flag is saved and restored through the same (PyTorch ≥ 2.9) API, so
 the process's setting is exactly what it was outside the call. On a CPU the flag changes nothing (no TF32 there).
 """
 from __future__ import annotations
@@ -22,21 +22,13 @@ import torch.nn.functional as F
 @contextlib.contextmanager
 def tf32_cuda_matmuls():
     """Inside: CUDA fp32 matmuls may use TF32 tensor cores. The previous setting comes back on exit."""
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):  # PyTorch ≥ 2.9
-        previous = m.fp32_precision
-        m.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            m.fp32_precision = previous
-    else:
-        previous = m.allow_tf32
-        m.allow_tf32 = True
-        try:
-            yield
-        finally:
-            m.allow_tf32 = previous
+    m = torch.backends.cuda.matmul  # PyTorch ≥ 2.9's per-backend setting (setup.py requires ≥ 2.11)
+    previous = m.fp32_precision
+    m.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        m.fp32_precision = previous
 
 
 class _TF32Linear(torch.autograd.Function):
