@@ -88,17 +88,6 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def _has_image_file(folder: str) -> bool:
-    """Whether any file under ``folder`` has an image extension (stops at the first one)."""
-    import os
-    from dalle_ds.data.folder import IMAGE_EXTENSIONS
-
-    for _, _, files in os.walk(folder):
-        if any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith(".") for f in files):
-            return True
-    return False
-
-
 NAMED_PRESETS: dict[type, dict[str, Any]] = {}
 """Config classes that a string may name a preset of, in a JSON file or ``--set`` (``--set model=350M``); filled in
 below, where the preset tables are defined."""
@@ -383,7 +372,8 @@ class DataConfig:
             if self.name == "imagefolder":
                 if not Path(self.path).is_dir():
                     _fail(f"{where}.path", f"no such directory: {self.path}")
-                if not _has_image_file(self.path):
+                from dalle_ds.data.folder import iter_image_files
+                if next(iter_image_files(self.path), None) is None:  # stops at the first image
                     _fail(f"{where}.path", f"no image files (.png, .jpg, .webp, ...) under {self.path}")
             else:
                 from dalle_ds.data.folder import resolve_shards

@@ -44,7 +44,7 @@ import re
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -70,6 +70,16 @@ try:  # the extensions the imagefolder builder scans for, so our "not in metadat
     IMAGE_EXTENSIONS = frozenset(e.lower() for e in _HF_IMAGE_EXTENSIONS)
 except Exception:  # pragma: no cover - older/newer datasets layouts
     IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+def iter_image_files(folder: Union[str, os.PathLike]) -> Iterator[str]:
+    """The image files under ``folder`` (by extension, :data:`IMAGE_EXTENSIONS`), lazily; hidden files and folders,
+    our cache and ``__pycache__`` are left out."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]  # hidden dirs, our cache, __pycache__
+        for fname in files:
+            if not fname.startswith(".") and os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS:
+                yield os.path.join(root, fname)
 
 
 def _caption_text(value: Any) -> str:
@@ -341,15 +351,8 @@ class ImageTextFolder(_ImageTextDataset):
         for part in dd.values():
             column = part.cast_column("image", HFImage(decode=False)).select_columns(["image"])["image"]
             listed.update(os.path.realpath(v["path"]) for v in column if v and v.get("path"))
-        missing: list[str] = []
-        for root, dirs, files in os.walk(self.path):
-            dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]  # hidden dirs, our cache, __pycache__
-            for fname in files:
-                if fname.startswith(".") or os.path.splitext(fname)[1].lower() not in IMAGE_EXTENSIONS:
-                    continue
-                full = os.path.realpath(os.path.join(root, fname))
-                if full not in listed:
-                    missing.append(os.path.relpath(full, self.path))
+        missing = [os.path.relpath(full, self.path) for full in map(os.path.realpath, iter_image_files(self.path))
+                   if full not in listed]
         if missing:
             logger.warning(
                 "image folder %s: %d image files have no metadata row and are not used, e.g. %s",
