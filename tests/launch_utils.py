@@ -13,6 +13,15 @@ from dalle_ds.train.distributed import SHM_ALLREDUCE_PREFIX, free_port  # noqa: 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def single_process_env(**extra: str) -> dict[str, str]:
+    """The environment for an entry point run as one plain process (no launcher): the repository on PYTHONPATH,
+    one OpenMP thread, ``extra``, and no rank variables inherited from a launcher around pytest."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
 def deepspeed_launch(script: str, args: list[str], num_procs: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     assert exe, "the deepspeed launcher is not on PATH"

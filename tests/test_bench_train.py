@@ -2,14 +2,13 @@
 with 2 ranks. Checks that the report is complete and self-consistent; timings themselves are not checked."""
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
 
 import pytest
 
-from launch_utils import ROOT, deepspeed_launch
+from launch_utils import ROOT, deepspeed_launch, single_process_env
 
 from dalle_ds.config import DALLE_PRESETS
 from dalle_ds.models.flops import recompute_flops_per_sequence, training_flops_per_sequence
@@ -79,9 +78,7 @@ def _check(result: dict, world: int, micro: int, accum: int, ckpt: bool) -> dict
 
 def test_bench_train_quick_one_process(tmp_path):
     out, trace = tmp_path / "train", tmp_path / "trace.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = single_process_env()
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick", "--threads", "1",
                            "--grad-accum", "2", "--checkpointing", "on", "--trace", str(trace), "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -6,7 +6,6 @@ Inductor compiles C++ on CPU: the first test pays the cold compile (~15-25 s on 
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from dalle_ds.config import ConfigError, DalleConfig, DalleTrainConfig
 from dalle_ds.models.dalle import DALLE
 from dalle_ds.train.dalle_trainer import DalleTrainer
 from dalle_ds.train.ds_config import check_compile_supported
-from launch_utils import ROOT
+from launch_utils import ROOT, single_process_env
 from prior_batches import inject_inf_gradient, random_batch
 from unit_shards import write_unit_shards
 
@@ -92,9 +91,7 @@ def test_compiled_prior_run_learns_under_deepspeed(tmp_path):
     write_unit_shards(tmp_path / "train", 256, 0)
     write_unit_shards(tmp_path / "val", 32, 1)
     run = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = single_process_env()
     cmd = [sys.executable, str(ROOT / "launch" / "train_dalle.py"), "--deepspeed_config",
            str(ROOT / "ds_configs" / "cpu_dalle.json"), "--preset", "test",
            "--set", f"data.train_tokens={tmp_path / 'train'}", "--set", f"data.val_tokens={tmp_path / 'val'}",

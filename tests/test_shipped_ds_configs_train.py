@@ -2,14 +2,13 @@
 batch cut to 4 and torch's AdamW; fp16_resblock configs with fp16 resblocks and per-resblock scaling).
 test_ds_config.py checks that they parse; this checks that the trainers run with them: dvae_paper.json (bf16 mode)
 used to crash the dVAE's first conv with fp32 pixels against bf16 weights."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from launch_utils import ROOT
+from launch_utils import ROOT, single_process_env
 from unit_shards import write_unit_splits
 
 pytestmark = pytest.mark.slow
@@ -37,9 +36,7 @@ def test_all_shipped_configs_are_covered():
 
 
 def _run(command: list[str], name: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = single_process_env(DS_ACCELERATOR="cpu")
     cmd = [sys.executable, *command, "--ds_set", "train_micro_batch_size_per_gpu=2"]
     if "train_batch_size" in (ROOT / "ds_configs" / name).read_text():
         cmd += ["--ds_set", "train_batch_size=4"]
