@@ -6,7 +6,9 @@ one decode step per code, each attending to the cache under the layer's sparse m
 (a full forward pass of the whole sequence per code, the reference), then decodes with a dVAE of the matching grid
 and vocabulary and reranks with a small CLIP, and reports
 
-* images/s for sampling alone, cached and uncached, and the speedup;
+* images/s for sampling alone, cached and uncached, and the speedup; on CUDA also cached with the decode step replayed
+  from a CUDA graph (``sample_image_tokens(cuda_graph=True)``: one host call per step instead of ~15 launches per
+  layer), timed after its capture;
 * the split of one cached generate (sample / dVAE decode / CLIP rerank), so the reranker's time share is visible.
 
 Work per image without the cache is about n/2 full forward passes of n tokens (O(n^2) per layer in the attention
@@ -70,6 +72,12 @@ def run_case(prior, dvae, reranker, text, batch: int, device, reps: int, uncache
                          device, reps, warmup=1)
         row["cached_s"] = cached
         row["cached_images_per_s"] = batch / cached
+        if device.type == "cuda":  # warmup=1 captures the graph; the timed runs replay it
+            graphed = time_fn(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), cuda_graph=True),
+                              device, reps, warmup=1)
+            row["graph_s"] = graphed
+            row["graph_images_per_s"] = batch / graphed
+            row["graph_speedup"] = cached / graphed
         if uncached:
             full = time_fn(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=False),
                            device, max(1, reps // 2), warmup=1)
@@ -77,6 +85,9 @@ def run_case(prior, dvae, reranker, text, batch: int, device, reps: int, uncache
             row["uncached_images_per_s"] = batch / full
             row["cache_speedup"] = full / cached
         codes = sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=True)
+        if device.type == "cuda":  # the graph replays the eager step's kernels: the same draws, code for code
+            row["graph_matches_eager"] = torch.equal(
+                sample_image_tokens(prior, t, sampling, gen.manual_seed(0), cuda_graph=True), codes)
         dec = time_fn(lambda: dvae.decode(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid)), device, reps,
                       warmup=1)
         images = dvae.decode_uint8(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid))
@@ -99,13 +110,19 @@ def markdown(result: dict) -> str:
     lines = [f"# bench_sample: {result['preset']} on {result['device_name']} ({result['dtype']})", "",
              f"{result['image_tokens']} image tokens per image; random weights; median of {result['reps']} runs. "
              f"Command: `{result['command']}`", "",
-             "| batch | cached img/s | uncached img/s | cache speedup | sample % | decode % | rerank % |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| batch | cached img/s | + CUDA graph img/s | graph speedup | uncached img/s | cache speedup "
+             "| sample % | decode % | rerank % |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         unc = f"{r['uncached_images_per_s']:.3g}" if "uncached_images_per_s" in r else "-"
         sp = f"{r['cache_speedup']:.1f}x" if "cache_speedup" in r else "-"
-        lines.append(f"| {r['batch']} | {r['cached_images_per_s']:.3g} | {unc} | {sp} | {100 * r['share_sample']:.1f} "
-                     f"| {100 * r['share_decode']:.1f} | {100 * r['share_rerank']:.1f} |")
+        gr = f"{r['graph_images_per_s']:.3g}" if "graph_images_per_s" in r else "-"
+        gsp = f"{r['graph_speedup']:.2f}x" if "graph_speedup" in r else "-"
+        lines.append(f"| {r['batch']} | {r['cached_images_per_s']:.3g} | {gr} | {gsp} | {unc} | {sp} "
+                     f"| {100 * r['share_sample']:.1f} | {100 * r['share_decode']:.1f} | {100 * r['share_rerank']:.1f} |")
+    differ = [r["batch"] for r in result["rows"] if r.get("graph_matches_eager") is False]
+    if differ:
+        lines.append(f"\n**CUDA-graph sampling drew other codes than eager sampling** at batch {differ}: a bug.")
     if result.get("oom_at"):
         lines.append(f"\nOut of memory at batch {result['oom_at']}.")
     return "\n".join(lines) + "\n"
@@ -161,6 +178,8 @@ def main(argv=None) -> dict:
             break
         r = rows[-1]
         print(f"batch {b}: cached {r['cached_images_per_s']:.3g} img/s"
+              + (f", with CUDA graph {r['graph_images_per_s']:.3g} img/s ({r['graph_speedup']:.2f}x)"
+                 if "graph_speedup" in r else "")
               + (f", uncached {r['uncached_images_per_s']:.3g} img/s ({r['cache_speedup']:.1f}x)"
                  if "cache_speedup" in r else ""), flush=True)
     result = {"bench": "sample", "preset": preset, "device": device.type,

@@ -10,7 +10,8 @@
 # targets need)
 #
 # Stages (run in the order given; a stage is skipped when less than its minimum time is left):
-#   tests_attn   tests/test_attention_triton.py on the GPU (every parity test, the gpu-marked ones included)
+#   tests_attn   tests/test_attention_triton.py on the GPU (every parity test, the gpu-marked ones included) and
+#                tests/test_decode_graph.py (CUDA-graph sampling = eager sampling, bit for bit)
 #   tests_fp169  the gpu-marked tests of tests/test_fp169_ops.py (the CUDA op bit for bit against the reference;
 #                the CPU ones run in CI)
 #   fp169_argcheck  each invalid-argument call of test_argument_errors in its own process, with the CUDA build and
@@ -30,7 +31,7 @@
 #                fp32 heads of bench_train
 #   bench_train_compiled  the same with every resblock under torch.compile (--compile on), 350M: Inductor's
 #                fusion of the elementwise work against the eager numbers of bench_train
-#   bench_sample benchmarks/bench_sample.py, 350M, bf16
+#   bench_sample benchmarks/bench_sample.py, 350M, bf16 (eager cached steps against CUDA-graph replay)
 # The machine has no deepspeed and no package index: run ../shared/device/wheels.sh first and carry .whl/ (and, for
 # the precision stage, the token shards: runs/demo15/tokens, 19 MB, or PRECISION_TOKENS; `DEMO_STOP_AFTER=tokens
 # make demo` writes runs/demo/tokens in ~10 min on 2 CPU cores; without them the stage is skipped).
@@ -94,7 +95,7 @@ for stage in $STAGES; do
   case $stage in
     tests_attn)
       run tests_attn 60 150 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 200 -rfEs \
-        tests/test_attention_triton.py -k "not interpreter and not sm90" ;;
+        tests/test_attention_triton.py tests/test_decode_graph.py -k "not interpreter and not sm90" ;;
     tests_fp169)
       wait $BUILD_PID; echo "fp169 build: $(tail -c 400 "$LOGS/fp169_build.log")"
       run tests_fp169 30 150 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 120 -rfEs -m gpu tests/test_fp169_ops.py ;;

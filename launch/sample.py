@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on one AMX core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_cache", action="store_true", help="recompute the full forward per code (slow reference)")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="replay each cached decode step from a CUDA graph captured once per batch size (CUDA only: "
+                        "one host call a step instead of ~15 kernel launches a layer; same logits)")
     p.add_argument("--save_candidates", action="store_true",
                    help="also write candidates.pt: every candidate image (uint8, in sampling order) with the captions "
                         "and scenes, to compare rerankers offline (benchmarks/rerank_eval.py)")
@@ -65,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sampling = SamplingConfig(args.temperature, args.top_k, args.top_p).validate()
     except ValueError as e:  # "temperature must be > 0, got 0.0": the flag is its field's name
         p.error(f"--{e}")
+    if args.cuda_graph and args.no_cache:
+        p.error("--cuda_graph replays the cached decode step: drop --no_cache (or it)")
+    if args.cuda_graph and not torch.cuda.is_available():
+        p.error("--cuda_graph needs a CUDA GPU (none is visible)")
     if args.num_captions < 1:
         p.error(f"--num_captions must be ≥ 1, got {args.num_captions}")
     if not (args.caption or args.captions_file or args.shapes_split):
@@ -141,7 +148,8 @@ def sample_share(args, pipe, captions: list[str], sampling, out: Path) -> tuple[
     for start in tqdm(range(0, len(mine), per_chunk), desc="sampling", disable=not is_rank0(), dynamic_ncols=True):
         chunk = mine[start:start + per_chunk]
         results = pipe.generate([captions[i] for i in chunk], args.num_candidates, sampling, args.batch_size,
-                                seed=args.seed * 100_003 + chunk[0], use_cache=not args.no_cache)
+                                seed=args.seed * 100_003 + chunk[0], use_cache=not args.no_cache,
+                                cuda_graph=args.cuda_graph)
         for i, res in zip(chunk, results):
             images[i] = res.images
             grid = make_grid(list(res.images), ncol=min(8, args.num_candidates), scale=2)

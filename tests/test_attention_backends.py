@@ -148,6 +148,10 @@ def test_dense_decode_matches_full_forward_row_by_row(kind):
         vc[:, :, p + 1 :] = float("nan")
         out = attention_decode(q[:, :, p : p + 1], kc, vc, spec, p)
         torch.testing.assert_close(out[:, :, 0], full[:, :, p], atol=1e-6, rtol=1e-5)
+        # position as a device tensor (whole cache under the mask row, no host sync): the same row
+        out_t = attention_decode(q[:, :, p : p + 1], kc, vc, spec, torch.tensor(p))
+        assert not out_t.isnan().any(), f"position {p}: the NaN future leaked in"
+        torch.testing.assert_close(out_t, out, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -175,5 +179,14 @@ def test_decode_validation():
         attention_decode(q[:, :, :2], k, v, spec, 3)
     with pytest.raises(NotImplementedError, match="no decode path"):
         attention_decode(q[:, :, :1], k, v, spec, 3, backend="flex")
+    with pytest.raises(ValueError, match="one integer"):
+        attention_decode(q[:, :, :1], k, v, spec, torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="one integer"):
+        attention_decode(q[:, :, :1], k, v, spec, torch.tensor(3.0))
+    with pytest.raises(ValueError, match="one integer"):
+        attention_decode(q[:, :, :1], k, v, spec, torch.tensor(True))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="is on"):
+            attention_decode(q[:, :, :1], k, v, spec, torch.tensor(3, device="cuda"))
     out = reference_decode(q[:, :, 4:5], k[:, :, :5], v[:, :, :5], spec, 4)
     assert out.shape == (2, 3, 1, 32)

@@ -181,6 +181,11 @@ def check_decode(spec, B, H, D, dtype, positions):
         assert out.shape == (B, H, 1, D) and out.dtype == dtype
         err = (out[:, :, 0].double() - full[:, :, p]).abs().max().item()
         assert err <= ATOL[dtype] * 4, f"position {p}: max |err| {err:.3g}"
+        # the position read by the kernel from a device tensor (the CUDA-graph route): the same bits
+        with tb.poisoned_outputs():
+            out_t = attention_decode(q[:, :, p : p + 1], kc, vc, spec, torch.tensor(p, device=q.device),
+                                     backend="triton")
+        assert torch.equal(out_t, out), f"position {p}: tensor position differs from int position"
 
 
 @here
@@ -450,6 +455,8 @@ def _compile_for_sm90(fn, constexprs, dtype="bf16", num_warps=4, num_stages=3):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name == "position" and constexprs.get("POSITION_IN_MEMORY"):  # read from a one-element tensor
+            sig[name] = "*i64"
         elif name.startswith("stride") or name in ("H", "position"):
             sig[name] = "i32"
         elif name in ("Lse", "Delta") or (name == "DQ" and "FUSE_DQ" in constexprs):  # the fused path's dQ: fp32
@@ -562,9 +569,11 @@ def test_kernels_compile_for_sm90_without_spills(kind):
         jobs.append((name, _kernel_fn(kernels, name), _constexprs(name, spec, cfg), cfg.num_warps, cfg.num_stages))
     jobs.append(("preprocess", kernels._attn_bwd_preprocess,
                  dict(T=256, W=32, N=1280, TRANSPOSED=spec.transposed, HEAD_DIM=64, BLOCK_M=64), 4, 2))
-    for cfg in tb._CANDIDATES["decode"]["small"]:  # every candidate the decode tuner may pick
-        jobs.append(("decode", kernels._attn_decode, dict(HEAD_DIM=64, BLOCK_N=cfg.block_n, CONTIGUOUS=False),
-                     cfg.num_warps, cfg.num_stages))
+    for cfg in tb._CANDIDATES["decode"]["small"]:  # every candidate the decode tuner may pick, both position routes
+        for in_memory in (False, True):
+            jobs.append(("decode", kernels._attn_decode, dict(HEAD_DIM=64, BLOCK_N=cfg.block_n, CONTIGUOUS=False,
+                                                              POSITION_IN_MEMORY=in_memory),
+                         cfg.num_warps, cfg.num_stages))
     for name, fn, consts, nw, ns in jobs:
         try:
             compiled = _compile_for_sm90(fn, consts, num_warps=nw, num_stages=ns)

@@ -16,3 +16,18 @@ def test_bench_sample_quick(tmp_path):
         assert r["cached_s"] > 0 and r["uncached_s"] > 0
         assert abs(r["share_sample"] + r["share_decode"] + r["share_rerank"] - 1) < 1e-9
     assert (tmp_path / "sample.json").is_file() and "| batch |" in (tmp_path / "sample.md").read_text()
+
+
+def test_markdown_shows_the_cuda_graph_columns_when_measured():
+    import bench_sample
+
+    base = {"batch": 8, "cached_images_per_s": 2.0, "share_sample": 0.9, "share_decode": 0.05, "share_rerank": 0.05}
+    result = {"preset": "350M", "device_name": "GPU", "dtype": "bfloat16", "image_tokens": 1024, "reps": 3,
+              "command": "c", "rows": [dict(base, graph_images_per_s=6.0, graph_speedup=3.0), dict(base, batch=16)]}
+    rows = [line for line in bench_sample.markdown(result).splitlines() if line.startswith("| 8 ") or
+            line.startswith("| 16 ")]
+    assert rows[0].split("|")[2:5] == [" 2 ", " 6 ", " 3.00x "]
+    assert rows[1].split("|")[2:5] == [" 2 ", " - ", " - "]  # a CPU run: no graph
+    assert "drew other codes" not in bench_sample.markdown(result)
+    result["rows"][0]["graph_matches_eager"] = False
+    assert "drew other codes than eager sampling** at batch [8]" in bench_sample.markdown(result)

@@ -86,6 +86,8 @@ def _sample_argv(art, tmp_path, *extra):
     (["--clip", "{art}/none"], "--clip {art}/none: not a CLIP folder"),
     (["--out", "{art}/afile"], "exists and is not a folder"),
     (["--out", "{art}/afile/sub"], "{art}/afile is a file, not a folder"),
+    (["--cuda_graph", "--no_cache"], "--cuda_graph replays the cached decode step"),
+    *([] if torch.cuda.is_available() else [(["--cuda_graph"], "--cuda_graph needs a CUDA GPU")]),
 ])
 def test_sample_parser_refuses(art, tmp_path, capsys, extra, message):
     extra = [a.format(art=art, tmp=tmp_path) for a in extra]

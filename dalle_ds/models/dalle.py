@@ -83,9 +83,16 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(out.transpose(1, 2).reshape(x.shape))
 
-    def decode(self, x: torch.Tensor, cache: dict, position: int) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, cache: dict, position: int | torch.Tensor) -> torch.Tensor:
+        """One cached step at sequence index ``position``: an int, or a one-element tensor on the device (written
+        and read on the device, so a CUDA graph of the step serves every position)."""
         q, k, v = self._heads(x)  # [B, H, 1, D]
-        cache["k"][:, :, position], cache["v"][:, :, position] = k[:, :, 0], v[:, :, 0]
+        if isinstance(position, torch.Tensor):
+            at = position.reshape(1).long()  # index_copy_ takes int64 indices
+            cache["k"].index_copy_(2, at, k.to(cache["k"].dtype))
+            cache["v"].index_copy_(2, at, v.to(cache["v"].dtype))
+        else:
+            cache["k"][:, :, position], cache["v"][:, :, position] = k[:, :, 0], v[:, :, 0]
         out = attention_decode(q, cache["k"], cache["v"], self.spec, position, backend=self.decode_backend)
         return self.proj(out.transpose(1, 2).reshape(x.shape))
 
@@ -127,7 +134,8 @@ class ResBlock(nn.Module):
         scaler = self.scaler if torch.is_grad_enabled() else None
         h = scaled_branch_input(x, scaler, self.index) if scaler is not None else x
         if self.compute_dtype != torch.float32 and x.dtype == torch.float32:
-            with torch.autocast(x.device.type, dtype=self.compute_dtype):
+            # no cast cache without grad (sampling): it saves nothing there, and a CUDA graph capture wants none
+            with torch.autocast(x.device.type, dtype=self.compute_dtype, cache_enabled=torch.is_grad_enabled()):
                 y = self.drop(fn(self.norm(h)))
         else:
             y = self.drop(fn(self.norm(h)))
@@ -170,8 +178,8 @@ class Layer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.attn(x))
 
-    def step(self, x: torch.Tensor, cache: dict, position: int | None) -> torch.Tensor:
-        """Prefill (position None) or one cached decode step at ``position``."""
+    def step(self, x: torch.Tensor, cache: dict, position: int | torch.Tensor | None) -> torch.Tensor:
+        """Prefill (position None) or one cached decode step at ``position`` (int or one-element device tensor)."""
         a = self.attn
         if position is None:
             x = x + a.branch(x, lambda h: a.fn.prefill(h, cache))
@@ -262,9 +270,10 @@ class DALLE(nn.Module):
         pos = torch.arange(text.shape[1], device=text.device)
         return self.text_emb(text) + self.text_pos(pos)[None]
 
-    def embed_image(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Image codes at raster positions start, start+1, ... with their row and column embeddings."""
-        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+    def embed_image(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """Image codes at raster positions start, start+1, ... with their row and column embeddings (``start``: an
+        int or a one-element tensor on the device)."""
+        pos = torch.arange(tokens.shape[1], device=tokens.device) + start
         W = self.cfg.image_grid
         return self.image_emb(tokens) + self.row_emb(pos // W)[None] + self.col_emb(pos % W)[None]
 
@@ -311,9 +320,11 @@ class DALLE(nn.Module):
         return self._logits(self.image_head, x[:, -1])
 
     @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor, image_pos: int, cache: list[dict]) -> torch.Tensor:
-        """Feed image code ``tokens`` [B] at raster position ``image_pos``; return logits for the next code [B, K]."""
-        x = self.embed_image(tokens[:, None], start=image_pos)
+    def decode_step(self, tokens: torch.Tensor, image_pos: int | torch.Tensor, cache: list[dict]) -> torch.Tensor:
+        """Feed image code ``tokens`` [B] at raster position ``image_pos``; return logits for the next code [B, K].
+        ``image_pos`` may be a one-element integer tensor on the device: the step then makes no host sync and
+        depends on the position only through that tensor (:mod:`dalle_ds.sample.cuda_graph` captures it once)."""
+        x = self.embed_image(tokens[:, None], start=image_pos.reshape(()) if torch.is_tensor(image_pos) else image_pos)
         position = self.cfg.text_len + image_pos
         for layer, c in zip(self.layers, cache):
             x = layer.step(x, c, position)

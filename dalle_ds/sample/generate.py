@@ -66,27 +66,42 @@ def _draw(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator 
 @torch.no_grad()
 def sample_image_tokens(model: DALLE, text: torch.Tensor, cfg: SamplingConfig | None = None,
                         generator: torch.Generator | None = None, use_cache: bool = True,
-                        return_logits: bool = False):
+                        return_logits: bool = False, cuda_graph: bool = False):
     """Draw one W² code sequence per row of ``text`` ([B, T] from ``prepare_text``).
+
+    ``cuda_graph=True`` (CUDA, with the cache) replays the decode step from a CUDA graph captured once per batch
+    size (:mod:`dalle_ds.sample.cuda_graph`), without the per-kernel host time: with the Triton decode kernel the
+    same kernels run, so the logits are the same bit for bit.
 
     Returns codes [B, W²] (and, with ``return_logits``, the fp32 logits each code was drawn from [B, W², K]).
     """
     cfg = (cfg or SamplingConfig()).validate()
+    if cuda_graph and not use_cache:
+        raise ValueError("cuda_graph=True replays the cached decode step; it needs use_cache=True")
+    if cuda_graph and text.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors; the captions are on {text.device}")
     model.eval()
     B, n = text.shape[0], model.cfg.image_len
     tokens = torch.zeros(B, n, dtype=torch.long, device=text.device)
     all_logits = [] if return_logits else None
+    step = None
     if use_cache:
-        cache = model.new_cache(B)
+        if cuda_graph:
+            from dalle_ds.sample.cuda_graph import graphed_decode_step
+
+            step = graphed_decode_step(model, B)
+            cache = step.cache
+        else:
+            cache = model.new_cache(B)
         logits = model.prefill(text, cache)
     for i in range(n):
         if not use_cache:
             logits = model(text, tokens, return_logits=True).image_logits[:, i]
         if return_logits:
-            all_logits.append(logits)
+            all_logits.append(logits.clone() if step is not None else logits)  # a graph reuses its output buffer
         tokens[:, i] = _draw(logits, cfg, generator)
         if use_cache and i + 1 < n:
-            logits = model.decode_step(tokens[:, i], i, cache)
+            logits = step(tokens[:, i], i) if step is not None else model.decode_step(tokens[:, i], i, cache)
     if return_logits:
         return tokens, torch.stack(all_logits, dim=1)
     return tokens

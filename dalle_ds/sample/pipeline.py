@@ -71,8 +71,9 @@ class TextToImage:
 
     @torch.no_grad()
     def sample_codes(self, captions: list[str], sampling: SamplingConfig, generator: torch.Generator | None = None,
-                     use_cache: bool = True) -> torch.Tensor:
-        return sample_image_tokens(self.prior, self.text(captions), sampling, generator, use_cache=use_cache)
+                     use_cache: bool = True, cuda_graph: bool = False) -> torch.Tensor:
+        return sample_image_tokens(self.prior, self.text(captions), sampling, generator, use_cache=use_cache,
+                                   cuda_graph=cuda_graph)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -81,15 +82,17 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, captions: list[str], num_candidates: int, sampling: SamplingConfig | None = None,
-                 batch_size: int = 64, seed: int = 0, use_cache: bool = True) -> list[CaptionResult]:
-        """``num_candidates`` images per caption, each caption's candidates ordered best first."""
+                 batch_size: int = 64, seed: int = 0, use_cache: bool = True,
+                 cuda_graph: bool = False) -> list[CaptionResult]:
+        """``num_candidates`` images per caption, each caption's candidates ordered best first. ``cuda_graph``: see
+        :func:`sample_image_tokens` (one capture per batch size: a full batch and, if rows are left over, the last)."""
         sampling = (sampling or SamplingConfig()).validate()
         rows = [c for c in captions for _ in range(num_candidates)]
         images, t_sample, t_decode = [], 0.0, 0.0
         for b, start in enumerate(range(0, len(rows), batch_size)):
             gen = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + b)
             t0 = time.perf_counter()
-            codes = self.sample_codes(rows[start:start + batch_size], sampling, gen, use_cache)
+            codes = self.sample_codes(rows[start:start + batch_size], sampling, gen, use_cache, cuda_graph)
             t1 = time.perf_counter()
             images.append(self.decode(codes).cpu())
             t_sample, t_decode = t_sample + t1 - t0, t_decode + time.perf_counter() - t1

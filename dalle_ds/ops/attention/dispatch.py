@@ -210,7 +210,7 @@ def attention_decode(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     mask_spec: MaskSpec,
-    position: int,
+    position: int | torch.Tensor,
     backend: str = "auto",
     scale: float | None = None,
 ) -> torch.Tensor:
@@ -220,6 +220,9 @@ def attention_decode(
         q_new: (B, H, 1, D), the query at sequence index ``position`` (raster order, 0 <= position < N).
         k_cache, v_cache: (B, H, L, D), raster order, L > position; entries 0..position are read (the new token's
             own key/value must already be written at ``position``), later entries are ignored.
+        position: an int, or a one-element integer tensor on q_new's device, read on the device (no host sync: the
+            route a CUDA graph of the decode step takes, one capture for every position). A tensor's value cannot
+            be range-checked here without a sync; the caller keeps it in range.
         mask_spec, backend, scale: as for :func:`attention` (backends: triton, dense).
 
     Returns:
@@ -234,9 +237,15 @@ def attention_decode(
             f"caches must be (B, H, L, D) matching q_new {tuple(q_new.shape)}; "
             f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
         )
-    position = int(position)
-    if not 0 <= position < mask_spec.seq_len or position >= k_cache.shape[2]:
-        raise ValueError(f"position {position} outside [0, min(N={mask_spec.seq_len}, L={k_cache.shape[2]}))")
+    if isinstance(position, torch.Tensor):
+        if position.numel() != 1 or position.dtype.is_floating_point or position.dtype == torch.bool:
+            raise ValueError(f"a tensor position must hold one integer, got {position.dtype} {tuple(position.shape)}")
+        if position.device != q_new.device:
+            raise ValueError(f"position is on {position.device} but q_new on {q_new.device}")
+    else:
+        position = int(position)
+        if not 0 <= position < mask_spec.seq_len or position >= k_cache.shape[2]:
+            raise ValueError(f"position {position} outside [0, min(N={mask_spec.seq_len}, L={k_cache.shape[2]}))")
     if scale is None:
         scale = 1.0 / math.sqrt(q_new.shape[-1])
     what = f"decode {mask_spec.name} on {q_new.device.type} {q_new.dtype}"

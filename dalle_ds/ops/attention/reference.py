@@ -86,7 +86,7 @@ def reference_decode(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     spec: MaskSpec,
-    position: int,
+    position: int | torch.Tensor,
     scale: float | None = None,
     *,
     upcast: bool = True,
@@ -94,14 +94,25 @@ def reference_decode(
 ) -> torch.Tensor:
     """One new query (B, H, 1, D) at raster sequence index ``position`` against cached keys/values (B, H, L, D).
 
-    Only cache entries 0..position are read (later entries may hold anything), and of those only the windows that
-    hold visible keys (:func:`decode_windows`).
+    Only cache entries 0..position count (later entries may hold anything, NaN included). With an int position
+    only the windows that hold visible keys are read (:func:`decode_windows`); a tensor position (one integer on
+    the device) reads the whole cache under the mask row computed on the device, with no host sync, so that the
+    step can be captured in a CUDA graph.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q_new.shape[-1])
     dt = _compute_dtype(q_new, upcast, compute_dtype)
     with torch.autocast(q_new.device.type, enabled=False):  # the math in ``dt`` even inside a bf16 resblock
+        if isinstance(position, torch.Tensor):
+            return _decode_at_tensor(q_new, k_cache, v_cache, spec, position, scale, dt).to(q_new.dtype)
         return _decode(q_new, k_cache, v_cache, spec, position, scale, dt).to(q_new.dtype)
+
+
+def _decode_at_tensor(q_new, k_cache, v_cache, spec, position, scale, dt):
+    keep = visible(spec, position.reshape(()), torch.arange(k_cache.shape[2], device=k_cache.device))  # (L,)
+    scores = torch.matmul(q_new.to(dt) * scale, k_cache.to(dt).transpose(-1, -2))  # (B, H, 1, L)
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    return torch.matmul(probs, torch.where(keep[:, None], v_cache.to(dt), 0.0))  # 0 * NaN would poison the sum
 
 
 def _decode(q_new, k_cache, v_cache, spec, position, scale, dt):

@@ -467,8 +467,11 @@ def _backward(do, q, k, v, out, lse, spec: MaskSpec, scale: float):
     return dq, dk, dv
 
 
-def _decode(q_new, k_cache, v_cache, spec: MaskSpec, position: int, scale: float):
+def _decode(q_new, k_cache, v_cache, spec: MaskSpec, position: int | torch.Tensor, scale: float):
+    """``position``: an int, or a one-element integer tensor on the device (read by the kernel: no host sync, and a
+    CUDA graph that captured the launch replays it for any position)."""
     kern = _kernels()
+    in_memory = isinstance(position, torch.Tensor)
     q_new, k_cache, v_cache = _unit_last(q_new), _unit_last(k_cache), _unit_last(v_cache)
     B, H, _, D = q_new.shape
     out = _alloc((B, H, 1, D), q_new)
@@ -482,9 +485,9 @@ def _decode(q_new, k_cache, v_cache, spec: MaskSpec, position: int, scale: float
 
     def launch(cfg: Config):
         kern._attn_decode[(B * H,)](
-            q_new, k_cache, v_cache, out, table, count, stride_table, int(position),
+            q_new, k_cache, v_cache, out, table, count, stride_table, position if in_memory else int(position),
             *_s3(q_new)[:2], *_s3(k_cache), *_s3(v_cache), *_s3(out)[:2],
-            H, scale * LOG2E, HEAD_DIM=D, BLOCK_N=cfg.block_n, CONTIGUOUS=contiguous,
+            H, scale * LOG2E, HEAD_DIM=D, BLOCK_N=cfg.block_n, CONTIGUOUS=contiguous, POSITION_IN_MEMORY=in_memory,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
         )
 
@@ -590,10 +593,14 @@ def sparse_attention(q, k, v, spec: MaskSpec, scale: float | None = None) -> tor
     )
 
 
-def sparse_attention_decode(q_new, k_cache, v_cache, spec: MaskSpec, position: int, scale: float | None = None):
-    """KV-cached decoding step with the Triton decode kernel (no autograd)."""
+def sparse_attention_decode(q_new, k_cache, v_cache, spec: MaskSpec, position: int | torch.Tensor,
+                            scale: float | None = None):
+    """KV-cached decoding step with the Triton decode kernel (no autograd). A tensor ``position`` (one integer on the
+    device) is read by the kernel; that route calls the launcher directly (eager only: the custom op takes an int)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q_new.shape[-1])
+    if isinstance(position, torch.Tensor):
+        return _decode(q_new, k_cache, v_cache, spec, position, float(scale))
     if _plain_eager(q_new, k_cache, v_cache):  # one call per token and layer when sampling: skip the op's dispatch
         return _decode(q_new, k_cache, v_cache, spec, int(position), float(scale))
     return torch.ops.dalle_ds.sparse_attn_decode(

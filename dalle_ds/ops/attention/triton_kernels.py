@@ -376,9 +376,15 @@ def _attn_decode(Q, K, V, Out, KeyTable, KeyCount, stride_table, position,
                  stride_vb, stride_vh, stride_vn,
                  stride_ob, stride_oh,
                  H, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CONTIGUOUS: tl.constexpr,
+                 POSITION_IN_MEMORY: tl.constexpr):
     """One program per (batch, head). The visible keys are row ``position`` of a decode table
-    (layouts.decode_table: sorted raster indices), or 0..position when CONTIGUOUS (plain causal)."""
+    (layouts.decode_table: sorted raster indices), or 0..position when CONTIGUOUS (plain causal).
+
+    ``POSITION_IN_MEMORY``: ``position`` points to a one-element integer tensor holding it, read here, so that one
+    captured launch (a CUDA graph of the sampler's decode step) serves every position."""
+    if POSITION_IN_MEMORY:
+        position = tl.load(position).to(tl.int32)
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)

@@ -1,0 +1,112 @@
+"""The tensor-position decode step behind the sampler's CUDA graph (dalle_ds/sample/cuda_graph.py).
+
+On CPU: the step that takes its position from a device tensor gives the int-position step's logits, for every mask
+kind and precision route, with the cache past the position holding NaN; the sampler refuses a graph where it cannot
+run. On a GPU: captured sampling equals eager sampling bit for bit, and captures are reused or redone as they must.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from dalle_ds.config import DalleConfig
+from dalle_ds.models.dalle import DALLE, prepare_text
+from dalle_ds.sample import cuda_graph
+from dalle_ds.sample.cuda_graph import DecodeStepGraph, graphed_decode_step
+from dalle_ds.sample.generate import sample_image_tokens
+
+CFG = DalleConfig(text_vocab_size=50, text_len=6, image_vocab_size=20, image_grid=4, d_model=32, n_layers=6,
+                  n_heads=2, conv_kernel=3, attn_backend="dense")  # row, column, row, row, row, conv
+
+
+def _text(B, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 50, (B, 8), generator=g)
+    return prepare_text(ids, torch.tensor([0, 3, 8, 5][:B]), CFG).to(device)
+
+
+@pytest.mark.parametrize("resblock_dtype", ["float32", "bfloat16"])
+def test_tensor_position_step_matches_int_position_step(resblock_dtype):
+    torch.manual_seed(0)
+    model = DALLE(dataclasses.replace(CFG, resblock_dtype=resblock_dtype)).eval()
+    B, n = 3, CFG.image_len
+    text = _text(B)
+    codes = torch.randint(0, CFG.image_vocab_size, (B, n), generator=torch.Generator().manual_seed(1))
+    step = DecodeStepGraph(model, B, capture=False)
+    for c in step.cache:  # not yet written: a step must not read past its position
+        c["k"].fill_(float("nan"))
+        c["v"].fill_(float("nan"))
+    cache = model.new_cache(B)
+    with torch.no_grad():
+        torch.testing.assert_close(model.prefill(text, step.cache), model.prefill(text, cache), rtol=0, atol=0)
+        for i in range(n - 1):
+            want = model.decode_step(codes[:, i], i, cache)
+            got = step(codes[:, i], i)
+            assert not got.isnan().any(), f"image position {i}: NaN from the unwritten cache"
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"image position {i}")
+    # the cache rows written so far are the same (index_copy_ at a tensor position == slice assignment); the first
+    # layer's bit for bit (from the embeddings alone), later ones up to the attention's summation order
+    written = CFG.text_len + n - 1
+    for layer, (a, b) in enumerate(zip(step.cache, cache)):
+        tol = 0 if layer == 0 else 1e-5
+        for name in ("k", "v"):
+            torch.testing.assert_close(a[name][:, :, :written], b[name][:, :, :written], rtol=tol, atol=tol)
+
+
+def test_embed_image_takes_a_tensor_start():
+    model = DALLE(CFG)
+    codes = torch.tensor([[3, 7]])
+    torch.testing.assert_close(model.embed_image(codes, start=5), model.embed_image(codes, start=torch.tensor(5)),
+                               rtol=0, atol=0)
+
+
+def test_sampler_refuses_a_graph_it_cannot_run():
+    model = DALLE(CFG).eval()
+    with pytest.raises(ValueError, match="CUDA"):
+        sample_image_tokens(model, _text(2), cuda_graph=True)
+    with pytest.raises(ValueError, match="use_cache"):
+        sample_image_tokens(model, _text(2), use_cache=False, cuda_graph=True)
+    with pytest.raises(ValueError, match="CUDA device"):
+        DecodeStepGraph(model, 2)
+
+
+def test_uncaptured_step_refuses_a_released_model():
+    model = DALLE(CFG).eval()
+    step = DecodeStepGraph(model, 1, capture=False)
+    del model
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        step(torch.zeros(1, dtype=torch.long), 0)
+
+
+# ---- GPU -----------------------------------------------------------------------------------------------------------
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_graphed_sampling_equals_eager_sampling(dtype):
+    """Triton decode: the kernel reads the position from memory instead of an argument, nothing else changes, so the
+    logits are equal bit for bit (the dense backend's tensor route sums over the whole cache: equal to rounding)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, attn_backend="triton", d_model=64, n_heads=2)
+    model = DALLE(cfg).to("cuda", dtype).eval()
+    text = _text(4, "cuda")
+
+    def run(graph):
+        g = torch.Generator(device="cuda").manual_seed(5)
+        return sample_image_tokens(model, text, generator=g, return_logits=True, cuda_graph=graph)
+
+    tok_e, logits_e = run(False)
+    tok_g, logits_g = run(True)
+    assert torch.equal(tok_g, tok_e)
+    assert torch.equal(logits_g, logits_e), (logits_g - logits_e).abs().max()
+    first = cuda_graph._latest[model]
+    run(True)
+    assert cuda_graph._latest[model] is first  # same batch, same parameters: the capture is reused
+    sample_image_tokens(model, text[:2], cuda_graph=True)
+    assert cuda_graph._latest[model] is not first and cuda_graph._latest[model].fingerprint[0] == 2
+    model.float()  # new parameter tensors: a capture of the old ones must not run
+    assert graphed_decode_step(model, 2).fingerprint != first.fingerprint
+    cuda_graph.release(model)
+    assert model not in cuda_graph._latest
