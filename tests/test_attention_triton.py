@@ -29,6 +29,10 @@ import torch
 from dalle_ds.ops.attention import MaskSpec, attention, attention_decode, reference_attention
 from dalle_ds.ops.attention import triton_backend as tb
 from dalle_ds.ops.attention.triton_backend import Config
+from launch_utils import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import attn_sass  # noqa: E402  (benchmarks/attn_sass.py: ahead-of-time sm_90 compiles, loop counts)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRET
@@ -446,73 +450,6 @@ def test_gpu_decode_paper_shape(kind):
 # --------------------------------------------------------------------------------------------------------------
 # CPU-only check that the kernels lower to Hopper code: triton.compile for sm_90 with the wheel's ptxas
 # --------------------------------------------------------------------------------------------------------------
-def _compile_for_sm90(fn, constexprs, dtype="bf16", num_warps=4, num_stages=3):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name == "position" and constexprs.get("POSITION_IN_MEMORY"):  # read from a one-element tensor
-            sig[name] = "*i64"
-        elif name.startswith("stride") or name in ("H", "position"):
-            sig[name] = "i32"
-        elif name in ("Lse", "Delta") or (name == "DQ" and "FUSE_DQ" in constexprs):  # the fused path's dQ: fp32
-            sig[name] = "*fp32"
-        elif name.endswith(("Index", "Full", "Count", "Table")):
-            sig[name] = "*i32"
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        else:  # Q, K, V, Out, DO, DK, DV, DQ
-            sig[name] = "*" + dtype
-        if sig[name].startswith("*") or name.startswith("stride"):
-            # what the launcher sees on a GPU: 16-byte aligned tensors, strides that are multiples of 16 (the
-            # runtime specializes on both, and the loads vectorize only with it)
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                          "num_stages": num_stages,
-                                                                          "enable_fp_fusion": True})
-
-
-def _spill_bytes(compiled) -> int | None:
-    """Stack bytes from cuobjdump -res-usage (0 = no register spills); None if cuobjdump is unavailable."""
-    import tempfile
-
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"STACK:(\d+)", out)
-    return int(m.group(1)) if m else None
-
-
-def _constexprs(name, spec, cfg):
-    """The constexprs the launcher passes to kernel ``name`` for ``spec`` at tiles ``cfg`` (bf16, head dim 64);
-    ``dkdv_dq`` is the dK/dV kernel with dQ fused in."""
-    from dalle_ds.ops.attention.layouts import block_layout
-
-    lay = block_layout(spec, cfg.block_m, cfg.block_n, "kernel", "cpu")
-    by_key_block = name in ("dkdv", "dkdv_dq")
-    out = dict(tb._geometry(spec, torch.bfloat16, 64), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-               SLOTS=tb._slots(lay.q_index if by_key_block else lay.kv_index))
-    if by_key_block:
-        out["FUSE_DQ"] = name == "dkdv_dq"
-    return out
-
-
-def _kernel_fn(kernels, name):
-    return {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dkdv_dq": kernels._attn_bwd_dkdv,
-            "dq": kernels._attn_bwd_dq}[name]
-
-
 def _sm90_kernels():
     """The kernel module if this triton can compile for sm_90 here (else skip)."""
     try:
@@ -540,8 +477,8 @@ def test_kernel_loops_keep_loads_in_flight_on_sm90(name):
     """Each kernel's one loop over its visit list must keep K/V (or Q/dO) loads in flight across iterations: at 3
     stages its wait may not drain every async copy (``num = 0``). With the next block id read from memory in the
     loop, a loop over FULL tiles got ``num = 0`` with triton 3.6 and 3.9 (triton_kernels._visit_list)."""
-    kernels = _sm90_kernels()
-    fn = _kernel_fn(kernels, name)
+    _sm90_kernels()
+    fn = attn_sass.kernel_fn(name)
     # the tiles the H200 tuned on 2026-12-04 (benchmarks/results/attention_h200_20261204.md) and the defaults
     tiles = {"fwd": [Config(64, 64, 4, 3)], "dkdv": [Config(32, 64, 4, 3)], "dq": [Config(64, 64, 4, 3)],
              "dkdv_dq": [Config(32, 64, 4, 3)]}[name]
@@ -549,8 +486,8 @@ def test_kernel_loops_keep_loads_in_flight_on_sm90(name):
     for kind in ("row", "causal"):  # causal: the longest visit lists (20-40 entries at the paper's shape)
         for cfg in tiles:
             try:
-                compiled = _compile_for_sm90(fn, _constexprs(name, MaskSpec(kind, 256, 32), cfg),
-                                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                consts = attn_sass.kernel_constexprs(name, MaskSpec(kind, 256, 32), cfg)
+                compiled = attn_sass.compile_sm90(fn, consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             except (TypeError, KeyError, AttributeError) as e:  # ASTSource's API differs across triton versions
                 pytest.skip(f"ahead-of-time compile API differs in this triton: {e}")
             waits = _in_loop_async_waits(compiled.asm["ttgir"])
@@ -566,7 +503,8 @@ def test_kernels_compile_for_sm90_without_spills(kind):
     jobs = []
     for name in ("fwd", "dkdv", "dq", "dkdv_dq"):
         cfg = tb._CANDIDATES[name]["small"][0]  # the default configuration when tuning is off
-        jobs.append((name, _kernel_fn(kernels, name), _constexprs(name, spec, cfg), cfg.num_warps, cfg.num_stages))
+        jobs.append((name, attn_sass.kernel_fn(name), attn_sass.kernel_constexprs(name, spec, cfg), cfg.num_warps,
+                     cfg.num_stages))
     jobs.append(("preprocess", kernels._attn_bwd_preprocess,
                  dict(T=256, W=32, N=1280, TRANSPOSED=spec.transposed, HEAD_DIM=64, BLOCK_M=64), 4, 2))
     for cfg in tb._CANDIDATES["decode"]["small"]:  # every candidate the decode tuner may pick, both position routes
@@ -576,7 +514,7 @@ def test_kernels_compile_for_sm90_without_spills(kind):
                          cfg.num_warps, cfg.num_stages))
     for name, fn, consts, nw, ns in jobs:
         try:
-            compiled = _compile_for_sm90(fn, consts, num_warps=nw, num_stages=ns)
+            compiled = attn_sass.compile_sm90(fn, consts, num_warps=nw, num_stages=ns)
         except (TypeError, KeyError, AttributeError) as e:  # ASTSource's API differs across triton versions
             pytest.skip(f"ahead-of-time compile API differs in this triton: {e}")
         assert compiled.asm["cubin"], name
@@ -584,5 +522,28 @@ def test_kernels_compile_for_sm90_without_spills(kind):
             assert "wgmma" in compiled.asm["ptx"], f"{name}: no Hopper tensor-core (wgmma) instructions"
         if name == "dkdv_dq":  # dQ's atomic adds go out as 16-byte vectors (4 fp32), not one element at a time
             assert re.search(r"(red|atom)\.global\.\S*add\.v4\.f32", compiled.asm["ptx"]), "dQ atomics not vectorized"
-        spill = _spill_bytes(compiled)
+        spill = attn_sass.spill_bytes(compiled)
         assert spill in (None, 0), f"{name}: {spill} bytes of register spills"
+
+
+@pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process")
+def test_full_tile_path_costs_what_a_minimal_flash_loop_costs_on_sm90():
+    """Per FULL tile the forward runs no more instructions than a minimal causal FlashAttention-2 loop compiled with
+    the same tiles (+15%: its visit list, and column attention's transposed addressing of K and V), with the same
+    tensor-core and exp2 work; the PARTIAL-only mask block exists for the sparse masks. (Triton 3.9: causal 327, row
+    329, column 352 against 317.) A change that adds work to every tile shows up here before it costs GPU time."""
+    _sm90_kernels()
+    try:
+        result = attn_sass.run(kernels=("fwd",), masks=("causal", "row", "column"))
+    except (TypeError, KeyError, AttributeError) as e:  # ASTSource's API differs across triton versions
+        pytest.skip(f"ahead-of-time compile API differs in this triton: {e}")
+    *ours, plain = result["rows"]
+    if plain.get("loop") is None:
+        pytest.skip("cuobjdump unavailable in this triton wheel")
+    assert plain["kernel"].startswith("minimal") and plain["partial_only"] == 0 and plain["HGMMA"] > 0
+    for row in ours:
+        where = f"fwd {row['mask']}: {row}"
+        assert row["full_path"] <= 1.15 * plain["loop"], where
+        assert row["partial_only"] > 0, where
+        assert (row["HGMMA"], row["MUFU"]) == (plain["HGMMA"], plain["MUFU"]), where
+    assert "| minimal FA2 fwd |" in attn_sass.markdown(result)
