@@ -40,6 +40,7 @@ from dalle_ds.config import DALLE_PRESETS, ClipModelConfig, DVAEConfig  # noqa: 
 from dalle_ds.data.tokenizer import train_caption_tokenizer  # noqa: E402
 from dalle_ds.models.dalle import DALLE, prepare_text  # noqa: E402
 from dalle_ds.models.dvae import DiscreteVAE  # noqa: E402
+from dalle_ds.sample import cuda_graph  # noqa: E402
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for  # noqa: E402
 from dalle_ds.sample.generate import SamplingConfig, sample_image_tokens  # noqa: E402
 from timing import emit, positive_int, time_fn, torch_device  # noqa: E402  (benchmarks/timing.py, beside this script)
@@ -72,22 +73,23 @@ def run_case(prior, dvae, reranker, text, batch: int, device, reps: int, uncache
                          device, reps, warmup=1)
         row["cached_s"] = cached
         row["cached_images_per_s"] = batch / cached
+        codes = sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=True)
         if device.type == "cuda":  # warmup=1 captures the graph; the timed runs replay it
             graphed = time_fn(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), cuda_graph=True),
                               device, reps, warmup=1)
             row["graph_s"] = graphed
             row["graph_images_per_s"] = batch / graphed
             row["graph_speedup"] = cached / graphed
+            # the graph replays the eager step's kernels: the same draws, code for code
+            row["graph_matches_eager"] = torch.equal(
+                sample_image_tokens(prior, t, sampling, gen.manual_seed(0), cuda_graph=True), codes)
+            cuda_graph.release(prior)  # its KV cache: the next batch size (or the OOM search) starts clean
         if uncached:
             full = time_fn(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=False),
                            device, max(1, reps // 2), warmup=1)
             row["uncached_s"] = full
             row["uncached_images_per_s"] = batch / full
             row["cache_speedup"] = full / cached
-        codes = sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=True)
-        if device.type == "cuda":  # the graph replays the eager step's kernels: the same draws, code for code
-            row["graph_matches_eager"] = torch.equal(
-                sample_image_tokens(prior, t, sampling, gen.manual_seed(0), cuda_graph=True), codes)
         dec = time_fn(lambda: dvae.decode(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid)), device, reps,
                       warmup=1)
         images = dvae.decode_uint8(codes.view(batch, prior.cfg.image_grid, prior.cfg.image_grid))
@@ -174,6 +176,7 @@ def main(argv=None) -> dict:
             rows.append(run_case(prior, dvae, reranker, text, b, device, args.reps, b <= args.no_uncached_above))
         except torch.OutOfMemoryError:
             oom_at = b
+            cuda_graph.release(prior)
             torch.cuda.empty_cache()
             break
         r = rows[-1]
