@@ -9,7 +9,10 @@ and vocabulary and reranks with a small CLIP, and reports
 * images/s for sampling alone, cached and uncached, and the speedup; on CUDA also cached with the decode step replayed
   from a CUDA graph (``sample_image_tokens(cuda_graph=True)``: one host call per step instead of ~15 launches per
   layer), timed after its capture;
-* the split of one cached generate (sample / dVAE decode / CLIP rerank), so the reranker's time share is visible.
+* the split of one cached generate (sample / dVAE decode / CLIP rerank), so the reranker's time share is visible;
+* the floor: the images/s of a perfect cached sampler on this device, from the bytes and FLOPs each call must move and
+  compute (``dalle_ds.models.flops.sampling_steps``: the weights once per call, the cached keys/values the masks make
+  visible, per row) at the copy bandwidth and matmul rate measured in the same run, and each sampler's % of it.
 
 Work per image without the cache is about n/2 full forward passes of n tokens (O(n^2) per layer in the attention
 and O(n) matmuls per token, repeated n times); with the cache each code costs one token's matmuls plus one row of
@@ -43,7 +46,9 @@ from dalle_ds.models.dvae import DiscreteVAE  # noqa: E402
 from dalle_ds.sample import cuda_graph  # noqa: E402
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for  # noqa: E402
 from dalle_ds.sample.generate import SamplingConfig, sample_image_tokens  # noqa: E402
-from timing import emit, positive_int, time_fn, torch_device  # noqa: E402  (benchmarks/timing.py, beside this script)
+from dalle_ds.models.flops import sampling_floor_seconds, sampling_steps  # noqa: E402
+from timing import (copy_bytes_per_s, emit, matmul_flops_per_s, positive_int, time_fn,  # noqa: E402
+                    torch_device)  # (benchmarks/timing.py, beside this script)
 
 CAPTIONS = ["a large red circle above a small blue square", "a small green triangle in the top left",
             "a white cross to the left of a yellow square", "a large purple star in the center"]
@@ -61,6 +66,15 @@ def build(preset: str, device: torch.device, dtype: torch.dtype):
     clip_tok = clip_tokenizer_from_caption_tokenizer(tok, clip_cfg.text_len)
     reranker = ClipReranker(build_clip(clip_cfg, clip_tok), clip_tok, image_processor_for(clip_cfg.image_size), device)
     return tok, prior, dvae, reranker
+
+
+def floor_row(cfg, batch: int, dtype: torch.dtype, bytes_per_s: float, flops_per_s: float) -> dict:
+    """The floor of cached sampling at ``batch`` (parameters and cache in ``dtype``)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    steps = sampling_steps(cfg, batch, param_bytes=size, cache_bytes=size)
+    floor = sampling_floor_seconds(steps, bytes_per_s, flops_per_s)
+    return {"floor_s": floor, "floor_images_per_s": batch / floor, "floor_bytes": sum(st.bytes for st in steps),
+            "floor_flops": sum(st.flops for st in steps)}
 
 
 def run_case(prior, dvae, reranker, text, batch: int, device, reps: int, uncached: bool) -> dict:
@@ -111,16 +125,23 @@ def auto_batches(limit: int = 4096) -> list[int]:
 def markdown(result: dict) -> str:
     lines = [f"# bench_sample: {result['preset']} on {result['device_name']} ({result['dtype']})", "",
              f"{result['image_tokens']} image tokens per image; random weights; median of {result['reps']} runs. "
-             f"Command: `{result['command']}`", "",
-             "| batch | cached img/s | + CUDA graph img/s | graph speedup | uncached img/s | cache speedup "
-             "| sample % | decode % | rerank % |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"Command: `{result['command']}`", ""]
+    if "copy_gb_per_s" in result:
+        lines += [f"Floor: a perfect cached sampler at the copy bandwidth ({result['copy_gb_per_s']:.4g} GB/s) and "
+                  f"matmul rate ({result['matmul_tflops_per_s']:.4g} TFLOP/s) measured in this run, from the bytes "
+                  "and FLOPs each call must move and compute (`dalle_ds.models.flops.sampling_steps`).", ""]
+    lines += ["| batch | cached img/s | + CUDA graph img/s | graph speedup | floor img/s | best % of floor "
+              "| uncached img/s | cache speedup | sample % | decode % | rerank % |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         unc = f"{r['uncached_images_per_s']:.3g}" if "uncached_images_per_s" in r else "-"
         sp = f"{r['cache_speedup']:.1f}x" if "cache_speedup" in r else "-"
         gr = f"{r['graph_images_per_s']:.3g}" if "graph_images_per_s" in r else "-"
         gsp = f"{r['graph_speedup']:.2f}x" if "graph_speedup" in r else "-"
-        lines.append(f"| {r['batch']} | {r['cached_images_per_s']:.3g} | {gr} | {gsp} | {unc} | {sp} "
+        floor = f"{r['floor_images_per_s']:.3g}" if "floor_images_per_s" in r else "-"
+        best = max(r["cached_images_per_s"], r.get("graph_images_per_s", 0.0))
+        pct = f"{100 * best / r['floor_images_per_s']:.1f}%" if "floor_images_per_s" in r else "-"
+        lines.append(f"| {r['batch']} | {r['cached_images_per_s']:.3g} | {gr} | {gsp} | {floor} | {pct} | {unc} | {sp} "
                      f"| {100 * r['share_sample']:.1f} | {100 * r['share_decode']:.1f} | {100 * r['share_rerank']:.1f} |")
     differ = [r["batch"] for r in result["rows"] if r.get("graph_matches_eager") is False]
     if differ:
@@ -168,19 +189,23 @@ def main(argv=None) -> dict:
     preset, batches = args.preset, args.batch_sizes
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tok, prior, dvae, reranker = build(preset, device, dtype)
+    quick = args.quick
+    copy_bw = copy_bytes_per_s(device, 2**30 if device.type == "cuda" else 2**22 if quick else 2**28)
+    mm_rate = matmul_flops_per_s(device, dtype, 8192 if device.type == "cuda" else 256 if quick else 1024)
     ids, lengths = tok.encode(CAPTIONS[:1])
     text = prepare_text(ids, lengths, prior.cfg).to(device)
     rows, oom_at = [], None
     for b in batches:
         try:
             rows.append(run_case(prior, dvae, reranker, text, b, device, args.reps, b <= args.no_uncached_above))
+            rows[-1].update(floor_row(prior.cfg, b, dtype, copy_bw, mm_rate))
         except torch.OutOfMemoryError:
             oom_at = b
             cuda_graph.release(prior)
             torch.cuda.empty_cache()
             break
         r = rows[-1]
-        print(f"batch {b}: cached {r['cached_images_per_s']:.3g} img/s"
+        print(f"batch {b}: floor {r['floor_images_per_s']:.3g} img/s, cached {r['cached_images_per_s']:.3g} img/s"
               + (f", with CUDA graph {r['graph_images_per_s']:.3g} img/s ({r['graph_speedup']:.2f}x)"
                  if "graph_speedup" in r else "")
               + (f", uncached {r['uncached_images_per_s']:.3g} img/s ({r['cache_speedup']:.1f}x)"
@@ -192,7 +217,7 @@ def main(argv=None) -> dict:
               "image_tokens": prior.cfg.image_len, "reps": args.reps, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "command": " ".join(["python", "benchmarks/bench_sample.py",
                                                                              *(argv if argv is not None else sys.argv[1:])]),
-              "rows": rows, "oom_at": oom_at}
+              "copy_gb_per_s": copy_bw / 1e9, "matmul_tflops_per_s": mm_rate / 1e12, "rows": rows, "oom_at": oom_at}
     return emit(result, markdown(result), args.out)
 
 

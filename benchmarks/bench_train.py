@@ -76,7 +76,7 @@ from dalle_ds.train.distributed import (  # noqa: E402
     device as ds_device, distributed_run, rank, world_size)
 from dalle_ds.train.ds_config import check_compile_supported  # noqa: E402
 from op_breakdown import markdown as op_markdown, op_breakdown, union_us  # noqa: E402
-from timing import emit, nonnegative_int, positive_int, time_fn  # noqa: E402  (benchmarks/timing.py)
+from timing import emit, matmul_flops_per_s, nonnegative_int, positive_int  # noqa: E402  (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
 COMM_PREFIXES = ("c10d::", "gloo:", "nccl:", "record_param_comms")
@@ -130,15 +130,6 @@ def make_step(engine, cfg, micro_batch: int, grad_accum: int, dev: torch.device)
 
 
 # -- measurements ------------------------------------------------------------------------------------------------
-def matmul_rate(dev: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
-    """FLOP/s of an n×n×n torch.matmul in ``dtype`` on ``dev`` (median of ``reps``): the MFU denominator."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dev, dtype)
-    b = torch.randn(n, n, generator=g).to(dev, dtype)
-    t = time_fn(lambda: a @ b, dev, reps, warmup=2)
-    return 2 * n**3 / t
-
-
 def _overlap_us(spans: list[tuple[float, float]], within: list[tuple[float, float]]) -> float:
     """Time of the union of ``spans`` that lies inside the union of ``within``."""
     clipped = [(max(s, a), min(e, b)) for s, e in spans for a, b in within if min(e, b) > max(s, a)]
@@ -206,7 +197,7 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=conf)
     step = make_step(engine, cfg, args.micro_batch, args.grad_accum, dev)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    mm_rate = matmul_rate(dev, dtype, args.matmul_size, args.matmul_reps)
+    mm_rate = matmul_flops_per_s(dev, dtype, args.matmul_size, args.matmul_reps)  # the MFU denominator
 
     for _ in range(args.warmup):
         step()

@@ -31,6 +31,22 @@ def time_fn(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """FLOP/s of an n×n×n ``torch.matmul`` in ``dtype`` on ``device`` (median of ``repeats``): the compute ceiling
+    benchmarks compare with (MFU, floors)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    return 2 * n**3 / time_fn(lambda: a @ b, device, repeats, warmup=2)
+
+
+def copy_bytes_per_s(device: torch.device, nbytes: int, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by ``dst.copy_(src)`` of ``nbytes``: the memory ceiling."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / time_fn(lambda: dst.copy_(src), device, repeats, warmup=2)
+
+
 def emit(result: dict, md: str, out: "str | None") -> dict:
     """Print a benchmark's markdown and, with ``out``, write ``out.json`` (the result) and ``out.md``."""
     import json

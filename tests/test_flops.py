@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dalle_ds.config import DALLE_PRESETS, DalleConfig
 from dalle_ds.models.dalle import DALLE
-from dalle_ds.models.flops import count_flops, recompute_flops_per_sequence, training_flops_per_sequence
+from dalle_ds.models.flops import (SamplingStep, count_flops, recompute_flops_per_sequence, sampling_floor_seconds,
+                                   sampling_steps, training_flops_per_sequence)
 
 # T = 4 text, W = 2 (4 image tokens), S = 8; 3 layers = row, column, conv; conv_kernel 1 (the conv window is the
 # query itself); d = 8, 2 heads of 4; text classes 10 + 4 = 14; 6 image codes.
@@ -125,3 +126,24 @@ def test_paper_shape_sparsity_and_scale():
     n = c.resblock_matmul_params
     per_token = c.training_flops / cfg.seq_len
     assert 6 * n < per_token < 6 * n * 1.2
+
+
+def test_sampling_steps_paper_case():
+    """Cached sampling of PAPER (above) for 3 captions, bf16 weights and cache, counted on paper."""
+    steps = sampling_steps(PAPER, batch=3, param_bytes=2, cache_bytes=2)
+    assert len(steps) == 4  # the prefill, then decode steps at image positions 0, 1, 2 (the last code needs none)
+    P, dK = 3 * 12 * 8 * 8, 8 * 6  # resblock weights 2304, image head 48
+    weights = (P + dK) * 2
+    # prefill: every layer is text-causal on the 4 text positions: 1 + 2 + 3 + 4 = 10 keys each, 3 layers
+    assert steps[0] == SamplingStep(flops=3 * (2 * P * 4 + 4 * 8 * 30 + 2 * dK),
+                                    bytes=weights + 3 * 3 * 4 * 2 * 8 * 2)
+    # decode at sequence position p = 4 + i; keys seen (text 4 + image): row 1, 2, 3; column 1, 1, 2; conv 1, 1, 1
+    for i, keys in enumerate([4 * 3 + 1 + 1 + 1, 4 * 3 + 2 + 1 + 1, 4 * 3 + 3 + 2 + 1]):
+        assert steps[1 + i] == SamplingStep(flops=3 * (2 * (P + dK) + 4 * 8 * keys),
+                                            bytes=weights + 3 * (keys + 3) * 2 * 8 * 2), i
+    # the floor: a roofline per call
+    fast_mem = sampling_floor_seconds(steps, bytes_per_s=1e30, flops_per_s=1.0)
+    assert fast_mem == sum(st.flops for st in steps)
+    assert sampling_floor_seconds(steps, bytes_per_s=1.0, flops_per_s=1e30) == sum(st.bytes for st in steps)
+    mixed = sampling_floor_seconds(steps, bytes_per_s=1.0, flops_per_s=1.0)
+    assert mixed == sum(max(st.bytes, st.flops) for st in steps)

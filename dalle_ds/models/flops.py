@@ -38,7 +38,7 @@ import functools
 from dataclasses import dataclass
 
 from dalle_ds.config import DalleConfig
-from dalle_ds.ops.attention.masks import MaskSpec, kept_elements, layer_kind
+from dalle_ds.ops.attention.masks import MaskSpec, kept_elements, keys_per_query, layer_kind
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,3 +101,50 @@ def recompute_flops_per_sequence(cfg: DalleConfig) -> int:
     backward pass, i.e. its matmuls (2·params·S) and attention (4·d·kept per layer); the heads are not recomputed."""
     c = count_flops(cfg)
     return 2 * c.resblock_matmul_params * c.seq_len + 4 * cfg.d_model * sum(c.kept_pairs)
+
+
+# ---- sampling: what a perfect KV-cached sampler must compute and move --------------------------------------------
+@dataclass(frozen=True)
+class SamplingStep:
+    """One forward call of cached sampling for a batch: the prefill (text positions) or one decode step."""
+
+    flops: int
+    bytes: int
+    """Weights read once for the whole batch, plus per row: the cached keys/values the masks make visible, and the
+    new keys/values written."""
+
+
+def sampling_steps(cfg: DalleConfig, batch: int, param_bytes: int = 2, cache_bytes: int = 2) -> list[SamplingStep]:
+    """The prefill and the W² − 1 decode steps that draw one image per caption for ``batch`` captions.
+
+    Per row, with V_ℓ(p) = keys query p sees in layer ℓ (:func:`~dalle_ds.ops.attention.masks.keys_per_query`, the
+    one mask definition) and P = L·(3 + 1 + 2r)·d² resblock matmul weights::
+
+        prefill (text positions 0..T−1, then the image head on position T−1):
+            FLOPs  2·P·T + Σ_ℓ 4·d·Σ_{p<T} V_ℓ(p) + 2·d·K
+            bytes  writes of K and V: L·T·2·d·cache_bytes
+        decode step at image position i (sequence position p = T + i, i = 0 .. W² − 2):
+            FLOPs  2·(P + d·K) + Σ_ℓ 4·d·V_ℓ(p)
+            bytes  Σ_ℓ (V_ℓ(p) + 1)·2·d·cache_bytes            (read the visible K/V, write the new K/V)
+
+    and once per call for the whole batch the weights, (P + d·K)·param_bytes (prefill: P + d·K as well). Not
+    counted: embeddings, norms, the text head (sampling never reads it), the draws, activations (O(d) per row). A
+    perfect implementation is bound per call by max(bytes / bandwidth, FLOPs / matmul rate): see
+    :func:`sampling_floor_seconds`."""
+    d, L, r, K, T = cfg.d_model, cfg.n_layers, cfg.mlp_ratio, cfg.image_vocab_size, cfg.text_len
+    P = L * (3 + 1 + 2 * r) * d * d
+    weights = (P + d * K) * param_bytes
+    seen = [keys_per_query(spec) for spec in layer_mask_specs(cfg)]  # [L] x [S]
+    text_pairs = sum(int(v[:T].sum()) for v in seen)
+    steps = [SamplingStep(flops=batch * (2 * P * T + 4 * d * text_pairs + 2 * d * K),
+                          bytes=weights + batch * L * T * 2 * d * cache_bytes)]
+    for p in range(T, T + cfg.image_len - 1):
+        keys = sum(int(v[p]) for v in seen)
+        steps.append(SamplingStep(flops=batch * (2 * (P + d * K) + 4 * d * keys),
+                                  bytes=weights + batch * (keys + L) * 2 * d * cache_bytes))
+    return steps
+
+
+def sampling_floor_seconds(steps: list[SamplingStep], bytes_per_s: float, flops_per_s: float) -> float:
+    """Time a perfect sampler needs: each call takes max(bytes / bandwidth, FLOPs / rate) (a roofline per call)."""
+    return sum(max(st.bytes / bytes_per_s, st.flops / flops_per_s) for st in steps)

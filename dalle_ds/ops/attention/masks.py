@@ -224,11 +224,15 @@ def layer_schedule(num_layers: int) -> list[str]:
     return [layer_kind(i, num_layers) for i in range(1, num_layers + 1)]
 
 
-def kept_elements(spec: MaskSpec) -> int:
-    """Number of visible (query, key) pairs: the work a perfect kernel does (FLOPs = 4 * D * this per head)."""
+def keys_per_query(spec: MaskSpec) -> torch.Tensor:
+    """int64 [N]: how many keys each query (raster order) sees, itself included: the keys a cached decode step at
+    that position reads."""
     n = spec.seq_len
     idx = torch.arange(n)
-    total = 0
-    for s in range(0, n, 1024):  # chunked, so W = 64 (N = 4352 + T) stays small in memory
-        total += int(visible(spec, idx[s : s + 1024, None], idx[None, :]).sum())
-    return total
+    # chunked, so W = 64 (N = 4352 + T) stays small in memory
+    return torch.cat([visible(spec, idx[s : s + 1024, None], idx[None, :]).sum(dim=1) for s in range(0, n, 1024)])
+
+
+def kept_elements(spec: MaskSpec) -> int:
+    """Number of visible (query, key) pairs: the work a perfect kernel does (FLOPs = 4 * D * this per head)."""
+    return int(keys_per_query(spec).sum())
