@@ -52,16 +52,18 @@ class DecodeStepGraph:
         self.image_pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph = None
         self._model = weakref.ref(model)  # not a strong reference: the per-model registry is keyed weakly by it
+        self.device = device
         if capture:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(warmup):
-                    model.decode_step(self.codes, self.image_pos, self.cache)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(self.graph):
-                self.logits = model.decode_step(self.codes, self.image_pos, self.cache)
+            with torch.cuda.device(device):  # the prior's GPU, whichever is current (streams and capture are per GPU)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), torch.no_grad():
+                    for _ in range(warmup):
+                        model.decode_step(self.codes, self.image_pos, self.cache)
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.no_grad(), torch.cuda.graph(self.graph):
+                    self.logits = model.decode_step(self.codes, self.image_pos, self.cache)
 
     def __call__(self, codes: torch.Tensor, image_pos: int) -> torch.Tensor:
         """Logits [B, K] for the code after ``codes`` at raster image position ``image_pos``. With a graph, the
@@ -73,7 +75,8 @@ class DecodeStepGraph:
             if model is None:
                 raise RuntimeError("the prior this decode step was built for no longer exists")
             return model.decode_step(self.codes, self.image_pos, self.cache)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.logits
 
 
