@@ -19,6 +19,7 @@ Counts are static (one pass through the loop body), not timings; they depend on 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import re
 import subprocess
@@ -230,14 +231,15 @@ def run(kernels=KERNELS, masks=MASKS, tiles: Config = Config(64, 64, 4, 3), text
                          num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     rows.append(_row("minimal FA2 fwd", "causal, full tiles", tiles, plain))
     return {"triton": triton.__version__, "target": "sm_90", "text_len": text_len, "grid": grid,
-            "head_dim": head_dim, "rows": rows}
+            "head_dim": head_dim, "date": datetime.date.today().isoformat(), "rows": rows}
 
 
 def markdown(result: dict) -> str:
     lines = [f"# Attention kernel loops in sm_90 machine code (triton {result['triton']}, T {result['text_len']}, "
              f"W {result['grid']}, head dim {result['head_dim']}, bf16)", "",
              "Per thread, one pass through the tile loop: `full path` is what a FULL tile runs, `partial only` the "
-             "in-tile mask block that PARTIAL tiles add.", "",
+             "in-tile mask block that PARTIAL tiles add. Compiled on a CPU, no GPU: static counts, not timings."
+             + (f" {result['date']}, `{result['command']}`." if "command" in result else ""), "",
              "| kernel | mask | tiles | warps | stages | regs | shared KB | spills B | loop | full path | partial only "
              "| " + " | ".join(PACE) + " |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PACE)]
@@ -268,16 +270,22 @@ def _choices(allowed):
     return parse
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernels", type=_choices(KERNELS), default=list(KERNELS))
-    p.add_argument("--masks", type=_choices(MASKS), default=list(MASKS))
+    p.add_argument("--kernels", type=_choices(KERNELS), default=list(KERNELS), help=f"comma list of {KERNELS}")
+    p.add_argument("--masks", type=_choices(MASKS), default=list(MASKS), help=f"comma list of {MASKS}")
     p.add_argument("--tiles", type=_tiles, default=Config(64, 64, 4, 3), help="BLOCK_MxBLOCK_NxWARPSxSTAGES")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
     if tb.interpreted():
         p.error("unset TRITON_INTERPRET: the interpreter cannot compile for sm_90")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     result = run(args.kernels, args.masks, args.tiles)
+    result["command"] = " ".join(["python", "benchmarks/attn_sass.py", *(argv if argv is not None else sys.argv[1:])])
     return emit(result, markdown(result), args.out)
 
 

@@ -19,6 +19,8 @@ else
   python benchmarks/bench_sample.py --preset tiny --batch-sizes 1,8,32 --out "benchmarks/results/sample_cpu_${DATE}"
   python benchmarks/bench_train.py --quick --threads 1 --checkpointing off,on --out "benchmarks/results/train_cpu_${DATE}"
 fi
+# the attention kernels' sm_90 tile loops, counted from machine code compiled here (no GPU needed)
+python benchmarks/attn_sass.py --out "benchmarks/results/attn_sass_triton$(python -c 'import triton; print(triton.__version__)')_${DATE}"
 # fp16 underflow, global vs per-resblock scaling: a numerics measurement, device-independent in what it counts
 python benchmarks/bench_underflow.py --out "benchmarks/results/underflow_cpu_${DATE}"
 # PowerSGD reduction bytes/time, orthogonalization, side by side with torch's powerSGD_hook (gloo, 4 local ranks)

@@ -47,6 +47,10 @@ BAD = [
     ("bench_train", ["--steps", "-2"], "--steps"),
     ("bench_train", ["--warmup", "-1"], "--warmup"),
     ("bench_train", ["--zero", "abc"], "--zero"),
+    ("attn_sass", ["--kernels", "fwd,bogus"], "--kernels"),
+    ("attn_sass", ["--masks", ""], "--masks"),
+    ("attn_sass", ["--tiles", "64x64x4"], "--tiles"),
+    ("attn_sass", ["--tiles", "64x0x4x3"], "--tiles"),
 ]
 
 
