@@ -90,6 +90,9 @@ echo "device $DEV, stages: $STAGES, deadline ${DEADLINE}s"; tail -n 4 "$LOGS/env
 ( python3 -c "from dalle_ds.ops.fp169 import _ext; import json; print(json.dumps(_ext.load(), default=str))" \
     > "$LOGS/fp169_build.log" 2>&1 ) &
 BUILD_PID=$!
+# The kernels' sm_90 tile loops counted with this machine's triton (compile only, on the CPUs, beside the GPU stages).
+( python3 benchmarks/attn_sass.py --out "benchmarks/results/attn_sass_triton$(python3 -c 'import triton; print(triton.__version__)')_${DEV}_${DATE}" \
+    > "$LOGS/attn_sass.log" 2>&1 ) &
 
 for stage in $STAGES; do
   case $stage in
