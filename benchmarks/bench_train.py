@@ -31,6 +31,11 @@ then times ``--steps`` steps (median step time), then profiles ``--profile-steps
 * **time sinks** (:mod:`op_breakdown`, rank 0, the same profiled steps): the top kernels by device time on a GPU
   (top operators by self CPU time on a CPU), a split by category (matmul, attention, normalization, softmax / loss,
   optimizer, copies, communication, other elementwise) and, on a GPU, how long the device sat idle in a step.
+* **floors** (``dalle_ds.models.flops.training_step_parts``): the least time each part of a rank's step needs at
+  the rates measured in the same process: resblock matmuls and attention at the matmul rate, the output heads at
+  the fp32 matmul rate of their setting (IEEE or TF32: on a GPU several times slower than bf16), the optimizer's
+  bytes (AdamW on fp32 master weights) at the copy bandwidth; their sum, and the MFU that sum would give. Set beside
+  the profiled categories, they say which part is far from its floor.
 
 Why the engine is built here rather than through ``DalleTrainer``: the trainer needs a data set, a tokenizer, a run
 folder, an EMA and checkpoints, none of which is step throughput, and its ``train_step`` hides forward / backward /
@@ -45,6 +50,7 @@ DeepSpeed config keys are the same ones the trainer uses. Not timed: the EMA upd
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -71,12 +77,14 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 from dalle_ds.config import DALLE_PRESETS, ConfigError  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
-from dalle_ds.models.flops import count_flops, recompute_flops_per_sequence  # noqa: E402
+from dalle_ds.models.flops import count_flops, recompute_flops_per_sequence, training_step_parts  # noqa: E402
+from dalle_ds.precision.tf32 import tf32_cuda_matmuls  # noqa: E402
 from dalle_ds.train.distributed import (  # noqa: E402
     device as ds_device, distributed_run, rank, world_size)
 from dalle_ds.train.ds_config import check_compile_supported  # noqa: E402
 from op_breakdown import markdown as op_markdown, op_breakdown, union_us  # noqa: E402
-from timing import emit, matmul_flops_per_s, nonnegative_int, positive_int  # noqa: E402  (benchmarks/timing.py)
+from timing import (copy_bytes_per_s, emit, matmul_flops_per_s, nonnegative_int,  # noqa: E402
+                    positive_int)  # (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
 COMM_PREFIXES = ("c10d::", "gloo:", "nccl:", "record_param_comms")
@@ -198,6 +206,9 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
     step = make_step(engine, cfg, args.micro_batch, args.grad_accum, dev)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     mm_rate = matmul_flops_per_s(dev, dtype, args.matmul_size, args.matmul_reps)  # the MFU denominator
+    with tf32_cuda_matmuls() if logits == "tf32" else contextlib.nullcontext():  # the heads' fp32 matmuls
+        head_rate = matmul_flops_per_s(dev, torch.float32, args.matmul_size, args.matmul_reps)
+    copy_bw = copy_bytes_per_s(dev, 2**30 if dev.type == "cuda" else 2**24 if args.quick else 2**27, args.matmul_reps)
 
     for _ in range(args.warmup):
         step()
@@ -229,6 +240,7 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
         prof.export_chrome_trace(trace)
 
     mine = {"step_s": step_s, "step_times_s": times, "peak_memory_bytes": mem, "matmul_flops_per_s": mm_rate,
+            "head_matmul_flops_per_s": head_rate, "copy_bytes_per_s": copy_bw,
             "phases": phases, "time_sinks": sinks, "trace": trace}
     ranks = [None] * world_size()
     if world_size() > 1:
@@ -248,6 +260,11 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
     step_s = max(r["step_s"] for r in ranks)  # ranks wait for each other in the collectives: the slowest one
     mm = statistics.mean(r["matmul_flops_per_s"] for r in ranks)
     per_device = flops_per_step / step_s / W
+    floor = step_floor(training_step_parts(cfg, args.micro_batch * args.grad_accum, n_params, precision, zero, W),
+                       {"resblock matmuls": mm, "attention": mm,
+                        "output heads": statistics.mean(r["head_matmul_flops_per_s"] for r in ranks),
+                        "optimizer": statistics.mean(r["copy_bytes_per_s"] for r in ranks)})
+    floor["mfu_at_floor"] = flops_per_step / W / (floor["step_ms"] / 1e3) / mm
     return {
         "case": case, "preset": preset, "zero": zero, "precision": precision, "activation_checkpointing": ckpt,
         "compiled": compiled, "logits_matmul": logits,
@@ -264,8 +281,36 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
         "matmul_tflops_per_s": mm / 1e12, "matmul_size": args.matmul_size, "mfu": per_device / mm,
         "hfu": (flops_per_step + recompute) / step_s / W / mm,
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks), "peak_memory_kind": mem_kind,
-        "phases": ranks[0]["phases"], "time_sinks": ranks[0]["time_sinks"], "per_rank": ranks,
+        "phases": ranks[0]["phases"], "time_sinks": ranks[0]["time_sinks"], "floor": floor, "per_rank": ranks,
     }
+
+
+def step_floor(parts: dict[str, dict], rates: dict[str, float]) -> dict:
+    """Milliseconds each part of a step needs at its rate (FLOP/s for FLOPs, bytes/s for bytes), and their sum."""
+    out = {}
+    for part, work in parts.items():
+        (unit, amount), = work.items()
+        out[part] = {"work": amount, "unit": unit, "rate": rates[part], "ms": amount / rates[part] * 1e3}
+    return {"parts": out, "step_ms": sum(v["ms"] for v in out.values())}
+
+
+def floor_markdown(rows: list[dict]) -> list[str]:
+    """One line per case: each part's floor, their sum against the measured step, and the profiled categories."""
+    lines = ["## Floors: each part of a step at the rates measured in the run", "",
+             "Per rank and step: resblock matmuls and attention (kept pairs) at the matmul rate, the output heads at "
+             "the fp32 matmul rate of their setting (IEEE or TF32), the optimizer's bytes (AdamW on fp32 master "
+             "weights, `dalle_ds.models.flops.training_step_parts`) at the copy bandwidth. Norms, elementwise work, "
+             "the loss and communication have no floor here; the profiled columns are the time sinks' categories.",
+             "", "| case | resblock matmuls ms | heads ms | attention ms | optimizer ms | floor step ms | step ms "
+             "| MFU at the floor | profiled matmul / attention / optimizer ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        f, cats = r["floor"], r["time_sinks"]["categories"]
+        ms = [f["parts"][p]["ms"] for p in ("resblock matmuls", "output heads", "attention", "optimizer")]
+        prof = " / ".join(f"{cats.get(c, 0.0):.3g}" for c in ("matmul", "attention", "optimizer"))
+        lines.append(f"| {r['case']} | " + " | ".join(f"{m:.3g}" for m in ms)
+                     + f" | {f['step_ms']:.3g} | {1e3 * r['step_s']:.4g} | {100 * f['mfu_at_floor']:.1f}% | {prof} |")
+    return lines + [""]
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -296,7 +341,8 @@ def markdown(result: dict) -> str:
     if result["world_size"] == 1:
         lines.append("One rank: nothing is exchanged; the collectives DeepSpeed still calls (e.g. the gradient-norm "
                      "all-reduce) run over a group of one and are what the comm column shows.")
-    lines += ["", "## Time sinks (rank 0, profiled steps)", ""]
+    lines += ["", *floor_markdown(result["rows"])]
+    lines += ["## Time sinks (rank 0, profiled steps)", ""]
     for r in result["rows"]:
         lines += op_markdown(r["case"], r["time_sinks"])
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ import pytest
 from launch_utils import ROOT, deepspeed_launch, single_process_env
 
 from dalle_ds.config import DALLE_PRESETS
-from dalle_ds.models.flops import recompute_flops_per_sequence, training_flops_per_sequence
+from dalle_ds.models.flops import recompute_flops_per_sequence, training_flops_per_sequence, training_step_parts
 
 FIELDS = ("case", "preset", "zero", "precision", "activation_checkpointing", "compiled", "logits_matmul",
           "attn_backend", "params",
@@ -73,6 +73,18 @@ def _check(result: dict, world: int, micro: int, accum: int, ckpt: bool) -> dict
     assert ms == sorted(ms, reverse=True) and 0 < sum(ms) <= sinks["total_ms"] + eps
     for t in sinks["top"]:
         assert _close(t["share_of_step"], t["ms"] / ph["step_ms"]) and t["calls_per_step"] > 0
+    # floors: each part's work (from flops.py) over the rate measured for it, summed; MFU at that sum
+    floor = row["floor"]
+    work = training_step_parts(cfg, micro * accum, row["params"], row["precision"], row["zero"], world)
+    rates = {"resblock matmuls": mm, "attention": mm,
+             "output heads": statistics.mean(r["head_matmul_flops_per_s"] for r in ranks),
+             "optimizer": statistics.mean(r["copy_bytes_per_s"] for r in ranks)}
+    for part, w in work.items():
+        (unit, amount), = w.items()
+        got = floor["parts"][part]
+        assert got["unit"] == unit and got["work"] == amount and _close(got["ms"], amount / rates[part] * 1e3)
+    assert _close(floor["step_ms"], sum(p["ms"] for p in floor["parts"].values()))
+    assert _close(floor["mfu_at_floor"], row["flops_per_step"] / world / (floor["step_ms"] / 1e3) / mm)
     return row
 
 
@@ -87,7 +99,7 @@ def test_bench_train_quick_one_process(tmp_path):
     row = _check(result, world=1, micro=4, accum=2, ckpt=True)
     assert row["hardware_flops_per_step"] > row["flops_per_step"]
     md = (tmp_path / "train.md").read_text()
-    assert "| case |" in md and "| time sink |" in md
+    assert "| case |" in md and "| time sink |" in md and "## Floors" in md
     assert "traceEvents" in json.loads(trace.read_text())
 
 

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dalle_ds.config import DALLE_PRESETS, DalleConfig
 from dalle_ds.models.dalle import DALLE
 from dalle_ds.models.flops import (SamplingStep, count_flops, recompute_flops_per_sequence, sampling_floor_seconds,
-                                   sampling_steps, training_flops_per_sequence)
+                                   sampling_steps, training_flops_per_sequence, training_step_parts)
 
 # T = 4 text, W = 2 (4 image tokens), S = 8; 3 layers = row, column, conv; conv_kernel 1 (the conv window is the
 # query itself); d = 8, 2 heads of 4; text classes 10 + 4 = 14; 6 image codes.
@@ -147,3 +147,17 @@ def test_sampling_steps_paper_case():
     assert sampling_floor_seconds(steps, bytes_per_s=1.0, flops_per_s=1e30) == sum(st.bytes for st in steps)
     mixed = sampling_floor_seconds(steps, bytes_per_s=1.0, flops_per_s=1.0)
     assert mixed == sum(max(st.bytes, st.flops) for st in steps)
+
+
+def test_training_step_parts_paper_case():
+    """PAPER (above), 5 sequences a step on a rank, counted by hand; the FLOP parts add up to count_flops."""
+    parts = training_step_parts(PAPER, sequences=5, params=1001, precision="bf16", zero=2, ranks=4)
+    assert parts["resblock matmuls"] == {"flops": 5 * 6 * 2304 * 8}
+    assert parts["output heads"] == {"flops": 5 * 6 * (336 + 192)}  # text head 8·14 × 3, image head 8·6 × 4
+    assert parts["attention"] == {"flops": 5 * 9312}
+    # AdamW 28 + grad norm 4 + bf16 copy 6 bytes, on this rank's ceil(1001 / 4) = 251 parameters under ZeRO-2
+    assert parts["optimizer"] == {"bytes": 251 * 38}
+    flops = sum(v.get("flops", 0) for v in parts.values())
+    assert flops == 5 * training_flops_per_sequence(PAPER)
+    # fp32, ZeRO-0: every rank updates every parameter, no bf16 copy
+    assert training_step_parts(PAPER, 5, 1001, "fp32", 0, 4)["optimizer"] == {"bytes": 1001 * 32}

@@ -103,6 +103,39 @@ def recompute_flops_per_sequence(cfg: DalleConfig) -> int:
     return 2 * c.resblock_matmul_params * c.seq_len + 4 * cfg.d_model * sum(c.kept_pairs)
 
 
+# ---- one training step, by part: what bench_train compares each profiled part with ---------------------------
+ADAM_BYTES_PER_PARAM = 28
+"""AdamW on fp32 master weights, per parameter: read the weight, gradient and two moments, write the weight and the
+moments (7 × 4 bytes)."""
+BF16_EXTRA_BYTES_PER_PARAM = 6
+"""DeepSpeed's bf16 mode, per parameter: refresh the bf16 copy of each updated fp32 weight (read 4, write 2)."""
+GRAD_NORM_BYTES_PER_PARAM = 4
+"""Gradient clipping reads every fp32 gradient once for the global norm."""
+
+
+def training_step_parts(cfg: DalleConfig, sequences: int, params: int, precision: str, zero: int,
+                        ranks: int) -> dict[str, dict]:
+    """The work of one optimizer step on one rank, split as a profile splits it: ``{part: {"flops": n} or
+    {"bytes": n}}``.
+
+    ``sequences``: sequences this rank runs per step (micro batch × accumulation). The matmul FLOPs of
+    :func:`count_flops` split into the resblocks' (bf16 in bf16 runs) and the output heads' (fp32 logits: IEEE fp32
+    or TF32 matmuls, a different rate); attention on the kept mask pairs; the optimizer's bytes per parameter
+    (:data:`ADAM_BYTES_PER_PARAM`, + :data:`BF16_EXTRA_BYTES_PER_PARAM` in bf16, + :data:`GRAD_NORM_BYTES_PER_PARAM`)
+    on this rank's share of the parameters (ZeRO ≥ 1 partitions the update over the ranks). Not counted: norms,
+    activations' elementwise work, the loss, communication."""
+    fc = count_flops(cfg)
+    T, W2, S = cfg.text_len, cfg.image_len, cfg.seq_len
+    heads = 6 * (fc.text_head_params * (T - 1) + fc.image_head_params * W2)
+    per_param = ADAM_BYTES_PER_PARAM + GRAD_NORM_BYTES_PER_PARAM + (BF16_EXTRA_BYTES_PER_PARAM if precision == "bf16"
+                                                                    else 0)
+    owned = -(-params // ranks) if zero >= 1 else params
+    return {"resblock matmuls": {"flops": sequences * 6 * fc.resblock_matmul_params * S},
+            "output heads": {"flops": sequences * heads},
+            "attention": {"flops": sequences * fc.attention_flops},
+            "optimizer": {"bytes": owned * per_param}}
+
+
 # ---- sampling: what a perfect KV-cached sampler must compute and move --------------------------------------------
 @dataclass(frozen=True)
 class SamplingStep:
