@@ -6,8 +6,8 @@
 # (without STAGES: every stage but bench_attn_large, in priority order: first what changed since the last GPU run
 # and must be checked there: the attention kernels' pipelined loop and fused backward (bench_attn checks each
 # provider's output and gradients at the paper's shape before timing it); then bench_train, which has never run on
-# a GPU and holds the time sinks issue 8 asks for; then the CUDA decode kernel's bits and the other numbers the open
-# targets need)
+# a GPU and holds the time sinks issue 8 asks for, and its TF32-heads variant (the heads' predicted cost); then the
+# CUDA decode kernel's bits and the other numbers the open targets need)
 #
 # Stages (run in the order given; a stage is skipped when less than its minimum time is left):
 #   tests_attn   tests/test_attention_triton.py on the GPU (every parity test, the gpu-marked ones included) and
@@ -27,8 +27,8 @@
 #   precision    benchmarks/precision_compare.py: fp16 resblocks with per-resblock scaling vs bf16, 300 steps of a
 #                16-layer d512 prior on the demo's shapes tokens (carry PRECISION_TOKENS, default runs/demo15/tokens)
 #   bench_train  benchmarks/bench_train.py, 125M/350M/1.3B, ZeRO-2, bf16, triton attention (deepspeed launcher)
-#   bench_train_tf32  125M and 350M with the output heads' matmuls in TF32 (--logits-matmul tf32) against the IEEE
-#                fp32 heads of bench_train
+#   bench_train_tf32  350M with the output heads' matmuls in TF32 (--logits-matmul tf32) against the IEEE fp32
+#                heads of bench_train (its floors predict the heads as the second largest part of a 350M step)
 #   bench_train_compiled  the same with every resblock under torch.compile (--compile on), 350M: Inductor's
 #                fusion of the elementwise work against the eager numbers of bench_train
 #   bench_sample benchmarks/bench_sample.py, 350M, bf16 (eager cached steps against CUDA-graph replay)
@@ -42,7 +42,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 START=$(date +%s)
 DEADLINE=${DEADLINE:-420}
-STAGES=${STAGES:-"bench_attn bench_train tests_fp169 fp169_argcheck bench_fp169 ncu_attn precision tests_attn bench_attn_diag bench_train_tf32 bench_train_compiled bench_sample"}
+STAGES=${STAGES:-"bench_attn bench_train bench_train_tf32 tests_fp169 fp169_argcheck bench_fp169 ncu_attn precision tests_attn bench_attn_diag bench_train_compiled bench_sample"}
 OUT=${OUT:-/tmp/device_out}
 LOGS=/tmp/device_logs
 mkdir -p "$OUT" "$LOGS"
@@ -155,7 +155,7 @@ except Exception as e:
         --zero 2 --precision bf16 --attn-backend triton --checkpointing "${TRAIN_CKPT:-off}" --micro-batch 8 --torch-adam on \
         --trace /tmp/train_trace.json --out "benchmarks/results/train_${DEV}_${DATE}" ;;
     bench_train_tf32)
-      TAIL=30 run bench_train_tf32 90 240 deepspeed --num_gpus 1 benchmarks/bench_train.py --presets "${TRAIN_TF32_PRESETS:-125M,350M}" \
+      TAIL=30 run bench_train_tf32 90 240 deepspeed --num_gpus 1 benchmarks/bench_train.py --presets "${TRAIN_TF32_PRESETS:-350M}" \
         --zero 2 --precision bf16 --attn-backend triton --checkpointing off --logits-matmul tf32 --micro-batch 8 \
         --torch-adam on --out "benchmarks/results/train_tf32logits_${DEV}_${DATE}" ;;
     bench_train_compiled)
