@@ -103,7 +103,12 @@ def test_sample_parser_needs_captions_and_accepts_good_flags(art, tmp_path, caps
     assert e.value.code == 2 and "give --caption, --captions_file or --shapes_split" in capsys.readouterr().err
     args = sample.parse_args(_sample_argv(art, tmp_path, "--dvae", str(art / "dvae.pt"), "--top_p", "1",
                                           "--top_k", "0", "--batch_size", "1", "--clip", str(art / "clip_run/clip")))
-    assert (args.batch_size, args.top_p, args.top_k) == (1, 1.0, 0)
+    assert (args.batch_size, args.top_p, args.top_k) == (1, 1.0, 0) and args.cuda_graph is False
+
+
+def test_sample_parser_takes_cuda_graph_where_there_is_a_gpu(art, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sample.parse_args(_sample_argv(art, tmp_path, "--cuda_graph")).cuda_graph is True
 
 
 @pytest.mark.parametrize("extra, message", [
