@@ -58,7 +58,8 @@ def build(preset: str, device: torch.device, dtype: torch.dtype):
     tok = train_caption_tokenizer(CAPTIONS * 4, vocab_size=400, max_length=DALLE_PRESETS[preset].text_len - 1)
     cfg = dataclasses.replace(DALLE_PRESETS[preset], text_vocab_size=tok.vocab_size, bos_id=tok.bos_id).validate()
     torch.manual_seed(0)
-    prior = DALLE(cfg).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialized where it samples (seconds on a CPU for the larger presets)
+        prior = DALLE(cfg).to(dtype=dtype).eval()
     groups = 3  # 4x downsampling: 4 pixels per code
     dvae = DiscreteVAE(DVAEConfig(image_size=cfg.image_grid * 4, vocab_size=cfg.image_vocab_size, hidden=16,
                                   blocks_per_group=1, groups=groups, decoder_init=32)).to(device).eval()
