@@ -212,7 +212,9 @@ class DalleTrainer(EngineLoop):
             return None
         metrics = {f"val_{k}": v for k, v in self._val_loss(self.engine.module).items()}
         if not self.ema.sharded:
-            ema_model = DALLE(self.cfg.model).to(self.device)
+            with torch.device("meta"):  # no initialization: every weight is overwritten by the average next
+                ema_model = DALLE(self.cfg.model)
+            ema_model.to_empty(device=self.device)
             self.ema.copy_to(ema_model)
             metrics.update({f"val_ema_{k}": v for k, v in self._val_loss(ema_model).items() if k != "pairs"})
         if is_rank0():
