@@ -167,12 +167,14 @@ def sampling_steps(cfg: DalleConfig, batch: int, param_bytes: int = 2, cache_byt
     d, L, r, K, T = cfg.d_model, cfg.n_layers, cfg.mlp_ratio, cfg.image_vocab_size, cfg.text_len
     P = L * (3 + 1 + 2 * r) * d * d
     weights = (P + d * K) * param_bytes
-    seen = [keys_per_query(spec) for spec in layer_mask_specs(cfg)]  # [L] x [S]
-    text_pairs = sum(int(v[:T].sum()) for v in seen)
+    specs = layer_mask_specs(cfg)
+    per_kind = {spec: keys_per_query(spec).tolist() for spec in set(specs)}  # once per mask kind, not per layer
+    seen = [per_kind[spec] for spec in specs]  # [L] x [S]
+    text_pairs = sum(sum(v[:T]) for v in seen)
     steps = [SamplingStep(flops=batch * (2 * P * T + 4 * d * text_pairs + 2 * d * K),
                           bytes=weights + batch * L * T * 2 * d * cache_bytes)]
     for p in range(T, T + cfg.image_len - 1):
-        keys = sum(int(v[p]) for v in seen)
+        keys = sum(v[p] for v in seen)
         steps.append(SamplingStep(flops=batch * (2 * (P + d * K) + 4 * d * keys),
                                   bytes=weights + batch * (keys + L) * 2 * d * cache_bytes))
     return steps

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import MaskSpec, visible
+from .masks import MaskSpec, keys_per_query, visible
 
 SKIP, PARTIAL, FULL = 0, 1, 2
 _STRIP_ELEMENTS = 1 << 22  # elements evaluated per strip when classifying tiles
@@ -163,17 +163,14 @@ def _decode_table_cached(spec: MaskSpec, device: str) -> tuple[torch.Tensor, tor
     n = spec.seq_len
     idx = torch.arange(n, device=device)
     rows = max(1, _STRIP_ELEMENTS // max(n, 1))
-    counts, width = [], 1
-    for lo in range(0, n, rows):  # pass 1: how many keys each query sees
-        c = visible(spec, idx[lo : lo + rows, None], idx[None, :]).sum(dim=1)
-        counts.append(c)
-        width = max(width, int(c.max()))
+    counts = keys_per_query(spec).to(device=device, dtype=torch.int32)  # how many keys each query sees
+    width = max(1, int(counts.max()))
     table = torch.empty(n, width, dtype=torch.int32, device=device)
-    for lo in range(0, n, rows):  # pass 2: their indices, ascending (invisible keys sorted to the back)
+    for lo in range(0, n, rows):  # their indices, ascending (invisible keys sorted to the back)
         vis = visible(spec, idx[lo : lo + rows, None], idx[None, :])
         key = torch.where(vis, idx[None, :], idx[None, :] + n)
         table[lo : lo + rows] = key.sort(dim=1).values[:, :width].to(torch.int32) % n
-    return table.contiguous(), torch.cat(counts).to(torch.int32).contiguous()
+    return table.contiguous(), counts.contiguous()
 
 
 def decode_table(spec: MaskSpec, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
