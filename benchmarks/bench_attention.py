@@ -58,7 +58,7 @@ from dalle_ds.ops.attention import triton_backend  # noqa: E402
 from dalle_ds.ops.attention.flex import flex_sparse_attention  # noqa: E402
 from dalle_ds.utils.svg_plot import bar_chart  # noqa: E402
 from op_breakdown import op_breakdown  # noqa: E402  (benchmarks/op_breakdown.py, beside this script)
-from timing import positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import matmul_flops_per_s, positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 MASKS = ("row", "column", "conv")
 PROVIDERS = ("triton", "flex", "sdpa_causal", "sdpa_mask")
@@ -154,11 +154,8 @@ def profile_calls(fn, device: str, grad_to_none=None, iters: int = 5) -> dict:
 
 
 def matmul_tflops(device: str, dtype: torch.dtype, quick: bool) -> float:
-    n = 256 if quick else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = bench_ms(lambda: a @ b, device)
-    return 2.0 * n**3 / (ms * 1e-3) / 1e12
+    """The floor's matmul rate: timing.matmul_flops_per_s (bench_train's and bench_sample's too) in TFLOP/s."""
+    return matmul_flops_per_s(torch.device(device), dtype, 256 if quick else 8192) / 1e12
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -71,8 +71,7 @@ def build(preset: str, device: torch.device, dtype: torch.dtype):
 
 def floor_row(cfg, batch: int, dtype: torch.dtype, bytes_per_s: float, flops_per_s: float) -> dict:
     """The floor of cached sampling at ``batch`` (parameters and cache in ``dtype``)."""
-    size = torch.tensor([], dtype=dtype).element_size()
-    steps = sampling_steps(cfg, batch, param_bytes=size, cache_bytes=size)
+    steps = sampling_steps(cfg, batch, param_bytes=dtype.itemsize, cache_bytes=dtype.itemsize)
     floor = sampling_floor_seconds(steps, bytes_per_s, flops_per_s)
     return {"floor_s": floor, "floor_images_per_s": batch / floor, "floor_bytes": sum(st.bytes for st in steps),
             "floor_flops": sum(st.flops for st in steps)}

@@ -207,8 +207,11 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
     step = make_step(engine, cfg, args.micro_batch, args.grad_accum, dev)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     mm_rate = matmul_flops_per_s(dev, dtype, args.matmul_size, args.matmul_reps)  # the MFU denominator
-    with tf32_cuda_matmuls() if logits == "tf32" else contextlib.nullcontext():  # the heads' fp32 matmuls
-        head_rate = matmul_flops_per_s(dev, torch.float32, args.matmul_size, args.matmul_reps)
+    if dtype == torch.float32 and logits == "fp32":  # the heads' fp32 matmuls are the one just measured
+        head_rate = mm_rate
+    else:
+        with tf32_cuda_matmuls() if logits == "tf32" else contextlib.nullcontext():
+            head_rate = matmul_flops_per_s(dev, torch.float32, args.matmul_size, args.matmul_reps)
     copy_bw = copy_bytes_per_s(dev, 2**30 if dev.type == "cuda" else 2**24 if args.quick else 2**27, args.matmul_reps)
 
     for _ in range(args.warmup):
