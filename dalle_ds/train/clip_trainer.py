@@ -21,7 +21,7 @@ from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, binding_captions, contras
                                   render_scene_tensor, spatial_contrast_scene)
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
 from dalle_ds.train.distributed import barrier, gather_rows_with_grad, is_rank0, rank, world_size
-from dalle_ds.train.ds_config import zero_stage
+from dalle_ds.train.ds_config import check_rank0_evaluation_supported
 from dalle_ds.train.engine_loop import EngineLoop
 from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
 
@@ -103,10 +103,7 @@ class ClipTrainer(EngineLoop):
     postfix_keys = ("loss",)
 
     def __init__(self, cfg: ClipTrainConfig, ds_config: dict, run_dir: str | Path, resume: bool = True):
-        if zero_stage(ds_config) == 3:
-            # Its evaluation runs on rank 0 alone, and the ZeRO-3 EMA shards can only be gathered by every rank.
-            raise ConfigError("the CLIP trainer supports ZeRO stages 0-2 (its evaluation runs on rank 0 only); use a "
-                              "stage ≤ 2 config (the reranker is small)")
+        check_rank0_evaluation_supported(ds_config, "CLIP", "the reranker is small")
         run_dir = Path(run_dir)
         d, m = cfg.data, cfg.model
         train_ds = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, m.image_size))

@@ -80,6 +80,14 @@ def zero_stage(cfg: dict[str, Any]) -> int:
     return int((cfg.get("zero_optimization") or {}).get("stage", 0))
 
 
+def check_rank0_evaluation_supported(cfg: dict[str, Any], trainer: str, why_small: str) -> None:
+    """Trainers that evaluate on rank 0 alone (dVAE, CLIP) refuse ZeRO-3: gathering the ZeRO-3 EMA shards there
+    would need every rank. ``why_small`` ends the message (why a stage ≤ 2 suits that model)."""
+    if zero_stage(cfg) == 3:
+        raise ConfigError(f"the {trainer} trainer supports ZeRO stages 0-2 (its evaluation runs on rank 0 only); "
+                          f"use a stage ≤ 2 config ({why_small})")
+
+
 def check_compile_supported(cfg: dict[str, Any]) -> None:
     """``compile=true`` (DALLE.compile_resblocks before deepspeed.initialize) works with ZeRO 0-2; under ZeRO-3 the
     engine's parameter gather / release hooks would run inside the compiled blocks."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dalle_ds.config import ConfigError, DVAEConfig, DVAETrainConfig
+from dalle_ds.config import DVAEConfig, DVAETrainConfig
 from dalle_ds.data.images import collate_samples
 from dalle_ds.data.registry import build_dataset
 from dalle_ds.eval.dvae_eval import evaluate_reconstructions
@@ -26,6 +26,7 @@ from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.channels_last import ChannelsLast
 from dalle_ds.train.data_loading import step_generator
 from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
+from dalle_ds.train.ds_config import check_rank0_evaluation_supported
 from dalle_ds.train.engine_loop import EngineLoop
 from dalle_ds.train.schedules import cosine_anneal
 from dalle_ds.utils.dicts import flatten
@@ -68,10 +69,7 @@ class DVAETrainer(EngineLoop):
     postfix_keys = ("loss", "nll", "kl", "tau")
 
     def __init__(self, cfg: DVAETrainConfig, ds_config: dict, run_dir: str | Path, resume: bool = True):
-        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-            # Its evaluation runs on rank 0 alone, and gathering ZeRO-3 EMA shards there would need every rank.
-            raise ConfigError("the dVAE trainer supports ZeRO stages 0-2 (its evaluation runs on rank 0 only); "
-                             "use a stage ≤ 2 config (the dVAE is small enough)")
+        check_rank0_evaluation_supported(ds_config, "dVAE", "the dVAE is small enough")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = DiscreteVAE(cfg.model)
         self.train_ds, self.eval_ds = build_datasets(cfg)
