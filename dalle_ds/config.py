@@ -543,19 +543,23 @@ class DalleDataConfig:
 
     def validate(self, where: str = "data") -> "DalleDataConfig":
         if self.train_tokens:
+            from dalle_ds.data.token_shards import read_meta
+
             for key in ("train_tokens", "val_tokens"):
                 path = getattr(self, key)
-                if path and not (Path(path) / "meta.json").is_file():
+                if not path:
+                    continue
+                try:
+                    meta = read_meta(path)
+                except FileNotFoundError:
                     _fail(f"{where}.{key}", f"{path} is not a token-shard folder (no meta.json); "
                                             "write one with launch/tokenize_images.py")
-                if path:
-                    try:
-                        rows = json.loads((Path(path) / "meta.json").read_text()).get("num_samples")
-                    except ValueError as e:
-                        _fail(f"{where}.{key}", f"{path}/meta.json is not valid JSON ({e})")
-                    if rows == 0:
-                        _fail(f"{where}.{key}", f"{path} holds 0 token rows (did tokenize_images.py read any "
-                                                "image?)")
+                except json.JSONDecodeError as e:
+                    _fail(f"{where}.{key}", f"{path}/meta.json is not valid JSON ({e})")
+                except ValueError as e:  # a format this version does not read
+                    _fail(f"{where}.{key}", str(e))
+                if meta.get("num_samples") == 0:
+                    _fail(f"{where}.{key}", f"{path} holds 0 token rows (did tokenize_images.py read any image?)")
         elif self.dvae:
             if not Path(self.dvae).is_file():
                 _fail(f"{where}.dvae", f"file not found: {self.dvae}")
