@@ -37,7 +37,7 @@ from dalle_ds.ops.attention import MaskSpec  # noqa: E402
 from dalle_ds.ops.attention import triton_backend as tb  # noqa: E402
 from dalle_ds.ops.attention.layouts import block_layout  # noqa: E402
 from dalle_ds.ops.attention.triton_backend import Config  # noqa: E402
-from timing import emit  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import comma_list, emit  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq")
 MASKS = ("causal", "row", "column", "conv")
@@ -260,20 +260,10 @@ def _tiles(text: str) -> Config:
     return Config(m, n, w, s)
 
 
-def _choices(allowed):
-    def parse(text: str) -> list[str]:
-        items = [x for x in text.split(",") if x]
-        bad = [x for x in items if x not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}; got {text!r}")
-        return items
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernels", type=_choices(KERNELS), default=list(KERNELS), help=f"comma list of {KERNELS}")
-    p.add_argument("--masks", type=_choices(MASKS), default=list(MASKS), help=f"comma list of {MASKS}")
+    p.add_argument("--kernels", type=comma_list(KERNELS), default=list(KERNELS), help=f"comma list of {KERNELS}")
+    p.add_argument("--masks", type=comma_list(MASKS), default=list(MASKS), help=f"comma list of {MASKS}")
     p.add_argument("--tiles", type=_tiles, default=Config(64, 64, 4, 3), help="BLOCK_MxBLOCK_NxWARPSxSTAGES")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)

@@ -58,7 +58,7 @@ from dalle_ds.ops.attention import triton_backend  # noqa: E402
 from dalle_ds.ops.attention.flex import flex_sparse_attention  # noqa: E402
 from dalle_ds.utils.svg_plot import bar_chart  # noqa: E402
 from op_breakdown import op_breakdown  # noqa: E402  (benchmarks/op_breakdown.py, beside this script)
-from timing import matmul_flops_per_s, positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import comma_list, matmul_flops_per_s, positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 MASKS = ("row", "column", "conv")
 PROVIDERS = ("triton", "flex", "sdpa_causal", "sdpa_mask")
@@ -518,16 +518,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=positive_int, default=None, help="default 16")
     p.add_argument("--head-dim", type=positive_int, default=None, help="default 64")
     p.add_argument("--layers", type=positive_int, default=64, help="layer count for the schedule mix (paper: 64)")
-    p.add_argument("--providers", default=None, help="comma list, default: " + ",".join(PROVIDERS)
+    p.add_argument("--providers", type=comma_list(ALL_PROVIDERS), default=None, help="comma list, default: " + ",".join(PROVIDERS)
                    + "; also " + ",".join(x for x in ALL_PROVIDERS if x not in PROVIDERS))
     p.add_argument("--no-large", action="store_true", help="skip the W = 64 case")
     p.add_argument("--reps", type=positive_int, default=5, help="CPU timing repetitions")
-    p.add_argument("--cases", default=None, help="comma list of case names to run (default: all)")
+    p.add_argument("--cases", type=comma_list(), default=None, help="comma list of case names to run (default: all)")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="also time CUDA-graph replays and the host time per call (default: on with a GPU)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.profiler breakdown of each forward+backward by kernel (default: on with a GPU)")
-    p.add_argument("--extra-masks", default="", help="comma list of extra mask kinds to time outside the layer mix; "
+    p.add_argument("--extra-masks", type=comma_list(("causal",)), default=[], help="comma list of extra mask kinds to time outside the layer mix; "
                    "'causal' compares the kernels with SDPA causal on the same tiles (diagnostic)")
     p.add_argument("--plot", default=None, metavar="JSON", help="only draw the charts of an earlier run's JSON "
                    "(written beside it as <JSON without .json>.<case>.svg)")
@@ -556,12 +556,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             cases.append(("large_w64", 256, 64, max(1, B // 4), H, D))
         providers = list(PROVIDERS)
     if args.providers:
-        providers = args.providers.split(",")
-        bad = [x for x in providers if x not in ALL_PROVIDERS]
-        if bad:
-            p.error(f"--providers: unknown {','.join(bad)!r} (allowed: {', '.join(ALL_PROVIDERS)})")
+        providers = args.providers
     if args.cases:
-        wanted = args.cases.split(",")
+        wanted = args.cases
         names = [c[0] for c in cases]
         bad = [x for x in wanted if x not in names]
         if bad:
@@ -570,10 +567,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         cases = [c for c in cases if c[0] in wanted]
     args.cases, args.providers = cases, providers
 
-    args.extra_masks = [m for m in args.extra_masks.split(",") if m]
-    bad = [m for m in args.extra_masks if m != "causal"]
-    if bad:
-        p.error(f"--extra-masks: {bad} (allowed: causal; row/column/conv are always timed)")
     args.graphs = args.device == "cuda" if args.graphs is None else args.graphs
     if args.graphs and args.device != "cuda":
         p.error("--graphs needs a CUDA device")

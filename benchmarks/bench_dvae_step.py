@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import emit, time_fn  # noqa: E402  (benchmarks/timing.py)
+from timing import comma_list, emit, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 from dalle_ds.config import DVAE_RUN_PRESETS  # noqa: E402
 from dalle_ds.models.dvae import DiscreteVAE  # noqa: E402
@@ -53,13 +53,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=16, help="images per update (the demo: 16 per rank)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the demo: 1 per rank, 2 ranks)")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
+    ap.add_argument("--modes", type=comma_list(MODES), default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in modes:
-        if m not in MODES:
-            ap.error(f"unknown mode '{m}'; choose from {', '.join(MODES)}")
+    modes = args.modes
     if args.batch < 1 or args.repeats < 1 or args.threads < 1:
         ap.error("--batch, --repeats and --threads must be ≥ 1")
     torch.set_num_threads(args.threads)

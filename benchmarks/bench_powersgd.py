@@ -43,7 +43,7 @@ from dalle_ds.dist.orthogonalize import ORTHOGONALIZERS  # noqa: E402
 from dalle_ds.dist.powersgd import HierarchicalPowerSGD, PowerSGDSettings, fp32_ring_bytes  # noqa: E402
 from dalle_ds.dist.topology import Topology  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
-from timing import emit, int_at_least, positive_int, time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import comma_list, emit, int_at_least, positive_int, time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 WORLD, LOCAL = 4, 2
 
@@ -226,7 +226,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked; ``parts`` becomes a list, and ``preset``, ``rank`` and ``steps`` not given come
     from ``--quick`` (test, 4, 4) or the full run (tiny, 16, 60)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default=",".join(PARTS), help="comma list of " + ", ".join(PARTS))
+    ap.add_argument("--parts", type=comma_list(PARTS), default=",".join(PARTS), help="comma list of " + ", ".join(PARTS))
     ap.add_argument("--preset", default=None, help="prior preset for the reduce part (default: tiny; --quick: test)")
     ap.add_argument("--rank", type=positive_int, default=None,
                     help=f"PowerSGD rank per machine, a multiple of {LOCAL} (default: 16; --quick: 4)")
@@ -234,9 +234,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    args.parts = args.parts.split(",")
-    if any(x not in PARTS for x in args.parts):
-        ap.error(f"--parts takes a comma list of {', '.join(PARTS)}, got {','.join(args.parts)!r}")
     args.preset = args.preset or ("test" if args.quick else "tiny")
     if args.preset not in DALLE_PRESETS:
         ap.error(f"--preset must be one of {', '.join(DALLE_PRESETS)}, got {args.preset!r}")

@@ -47,7 +47,7 @@ from dalle_ds.sample import cuda_graph  # noqa: E402
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for  # noqa: E402
 from dalle_ds.sample.generate import SamplingConfig, sample_image_tokens  # noqa: E402
 from dalle_ds.models.flops import sampling_floor_seconds, sampling_steps  # noqa: E402
-from timing import (copy_bytes_per_s, emit, matmul_flops_per_s, positive_int, time_fn,  # noqa: E402
+from timing import (comma_list, copy_bytes_per_s, emit, matmul_flops_per_s, positive_int, time_fn,  # noqa: E402
                     torch_device)  # (benchmarks/timing.py, beside this script)
 
 CAPTIONS = ["a large red circle above a small blue square", "a small green triangle in the top left",
@@ -151,12 +151,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _batch_sizes(text: str):
+    """``--batch-sizes``: 'auto', or a comma list of integers ≥ 1."""
+    return "auto" if text.strip() == "auto" else comma_list(item=positive_int, what="integers ≥ 1, or 'auto'")(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked: ``preset`` and ``batch_sizes`` (a list of ints) resolved against ``--quick``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None, help="prior preset (default: tiny; test with --quick)")
     p.add_argument("--quick", action="store_true", help="the test preset with batch sizes 1,4 (tests the harness)")
-    p.add_argument("--batch-sizes", default=None, help="comma list, or 'auto' (CUDA: double until out of memory)")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=None, help="comma list, or 'auto' (CUDA: double until out of memory)")
     p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=positive_int, default=3)
@@ -168,14 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.preset = args.preset or ("test" if args.quick else "tiny")
     if args.preset not in DALLE_PRESETS:
         p.error(f"--preset must be one of {', '.join(DALLE_PRESETS)}")
-    spec = args.batch_sizes or ("1,4" if args.quick else "1,8,32")
-    if spec == "auto":
-        args.batch_sizes = auto_batches()
-    else:
-        try:
-            args.batch_sizes = [positive_int(b) for b in spec.split(",")]
-        except argparse.ArgumentTypeError:
-            p.error(f"--batch-sizes takes a comma list of integers ≥ 1 or 'auto', got {spec!r}")
+    spec = args.batch_sizes or ([1, 4] if args.quick else [1, 8, 32])
+    args.batch_sizes = auto_batches() if spec == "auto" else spec
     return args
 
 

@@ -83,7 +83,7 @@ from dalle_ds.train.distributed import (  # noqa: E402
     device as ds_device, distributed_run, rank, world_size)
 from dalle_ds.train.ds_config import check_compile_supported  # noqa: E402
 from op_breakdown import markdown as op_markdown, op_breakdown, union_us  # noqa: E402
-from timing import (copy_bytes_per_s, emit, matmul_flops_per_s, nonnegative_int,  # noqa: E402
+from timing import (comma_list, copy_bytes_per_s, emit, matmul_flops_per_s, nonnegative_int,  # noqa: E402
                     positive_int)  # (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
@@ -354,14 +354,14 @@ def markdown(result: dict) -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default=None, help="comma list of DALLE_PRESETS (default: 125M; --quick: test)")
+    p.add_argument("--presets", type=comma_list(DALLE_PRESETS), default=None, help="comma list of DALLE_PRESETS (default: 125M; --quick: test)")
     p.add_argument("--quick", action="store_true", help="test preset, tiny step counts: checks the harness")
-    p.add_argument("--zero", default="2", help="ZeRO stage(s), comma list of 0-3")
-    p.add_argument("--precision", default=None, help="fp32 and/or bf16 (DeepSpeed bf16 mode), comma list "
+    p.add_argument("--zero", type=comma_list((0, 1, 2, 3), int), default="2", help="ZeRO stage(s), comma list of 0-3")
+    p.add_argument("--precision", type=comma_list(("fp32", "bf16")), default=None, help="fp32 and/or bf16 (DeepSpeed bf16 mode), comma list "
                                                      "(default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--checkpointing", default="off", help="activation checkpointing: off, on or off,on")
-    p.add_argument("--compile", default="off", help="torch.compile each resblock: off, on or off,on (ZeRO 0-2)")
-    p.add_argument("--logits-matmul", default="fp32", help="the output heads' matmuls: fp32 (IEEE), tf32 (CUDA "
+    p.add_argument("--checkpointing", type=comma_list(("off", "on")), default="off", help="activation checkpointing: off, on or off,on")
+    p.add_argument("--compile", type=comma_list(("off", "on")), default="off", help="torch.compile each resblock: off, on or off,on (ZeRO 0-2)")
+    p.add_argument("--logits-matmul", type=comma_list(("fp32", "tf32")), default="fp32", help="the output heads' matmuls: fp32 (IEEE), tf32 (CUDA "
                    "tensor cores) or fp32,tf32")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "triton", "flex", "sdpa", "dense"])
     p.add_argument("--micro-batch", type=positive_int, default=None, help="sequences per rank per micro-step")
@@ -382,27 +382,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     q = args.quick
-    args.presets = [s for s in (args.presets or ("test" if q else "125M")).split(",") if s]
-    for s in args.presets:
-        if s not in DALLE_PRESETS:
-            p.error(f"unknown preset {s!r}; choose from {', '.join(DALLE_PRESETS)}")
-    try:
-        zero = [int(z) for z in args.zero.split(",")]
-    except ValueError:
-        zero = None
-    if zero is None or any(z not in (0, 1, 2, 3) for z in zero):
-        p.error(f"--zero takes a comma list of stages 0-3, got {args.zero!r}")
-    args.zero = zero
-    args.precision = (args.precision or ("bf16" if cuda else "fp32")).split(",")
-    if any(x not in ("fp32", "bf16") for x in args.precision):
-        p.error("--precision takes fp32 and/or bf16")
-    ck = args.checkpointing.split(",")
-    if not ck or any(c not in ("off", "on") for c in ck):
-        p.error("--checkpointing takes off and/or on")
-    args.checkpointing = [c == "on" for c in ck]
-    co = args.compile.split(",")
-    if not co or any(c not in ("off", "on") for c in co):
-        p.error("--compile takes off and/or on")
+    args.presets = args.presets or ["test" if q else "125M"]
+    args.precision = args.precision or ["bf16" if cuda else "fp32"]
+    args.checkpointing = [c == "on" for c in args.checkpointing]
+    co = args.compile
     if "on" in co:
         for z in args.zero:
             try:
@@ -410,9 +393,6 @@ def parse_args(argv):
             except ConfigError as e:
                 p.error(f"--compile on does not combine with --zero {z}: {e}")
     args.compile = [c == "on" for c in co]
-    args.logits_matmul = args.logits_matmul.split(",")
-    if not args.logits_matmul or any(x not in ("fp32", "tf32") for x in args.logits_matmul):
-        p.error("--logits-matmul takes fp32 and/or tf32")
     args.micro_batch = args.micro_batch or (4 if q else (8 if cuda else 1))
     args.warmup = args.warmup if args.warmup is not None else (2 if q else 5)
     args.steps = args.steps or (3 if q else 10)

@@ -33,7 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from dalle_ds.utils.svg_plot import line_chart  # noqa: E402
+from timing import comma_list  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 PRECISIONS = {
     "fp16": ["model.resblock_dtype=float16", "model.resblock_grad_scaling=true"],
@@ -152,7 +154,7 @@ def main(argv=None) -> dict:
                                  epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("tokens", type=Path, help="token shards: TOKENS/train and TOKENS/test_id (make demo writes them)")
     ap.add_argument("out", type=Path, help="run folders go to OUT/<precision>")
-    ap.add_argument("--precisions", default="fp16,bf16,fp32")
+    ap.add_argument("--precisions", type=comma_list(PRECISIONS), default="fp16,bf16,fp32")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--gpus", type=int, default=2, help="ranks (GPUs, or CPU processes without CUDA)")
     ap.add_argument("--seed", type=int, default=1234)
@@ -165,10 +167,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tag", default=None, help="result name: benchmarks/results/precision_<tag>.*")
     ap.add_argument("--report-only", action="store_true", help="write the report from existing runs, train nothing")
     args = ap.parse_args(argv)
-    precisions = [p for p in args.precisions.split(",") if p]
-    bad = [p for p in precisions if p not in PRECISIONS]
-    if bad or not precisions:
-        ap.error(f"--precisions: {bad or 'none'} (choose from {', '.join(PRECISIONS)})")
+    precisions = args.precisions
     if not (args.tokens / "train" / "meta.json").is_file():
         ap.error(f"no token shards in {args.tokens / 'train'} (make demo writes them; or pass another folder)")
     if not args.report_only:

@@ -77,6 +77,23 @@ positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 
 
+def comma_list(choices=None, item=str, what: str | None = None):
+    """An argparse ``type``: a comma-separated list (blank entries dropped, at least one left), each entry converted
+    by ``item`` (a callable or another argparse type) and, given ``choices``, one of them; anything else is a usage
+    error naming the flag (exit 2), saying what was expected (``what``, else the choices). String defaults go through it too (argparse converts them)."""
+    def parse(text: str) -> list:
+        try:
+            items = [item(x.strip()) for x in text.split(",") if x.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            items = None
+        if not items or (choices is not None and any(x not in choices for x in items)):
+            want = what or (", ".join(map(str, choices)) if choices is not None else "values")
+            raise argparse.ArgumentTypeError(f"expected a comma list of {want}; got {text!r}")
+        return items
+    parse.__name__ = "comma_list"
+    return parse
+
+
 def torch_device(text: str) -> str:
     """An argparse ``type``: a torch device string (cpu, cuda, cuda:N) that this machine has."""
     try:

@@ -47,6 +47,12 @@ BAD = [
     ("bench_train", ["--steps", "-2"], "--steps"),
     ("bench_train", ["--warmup", "-1"], "--warmup"),
     ("bench_train", ["--zero", "abc"], "--zero"),
+    ("bench_train", ["--zero", "0,4"], "--zero"),
+    ("bench_train", ["--presets", "125M,nope"], "--presets"),
+    ("bench_train", ["--precision", "fp16"], "--precision"),
+    ("bench_train", ["--checkpointing", "on,yes"], "--checkpointing"),
+    ("bench_attention", ["--extra-masks", "row"], "--extra-masks"),
+    ("bench_attention", ["--providers", ","], "--providers"),
     ("attn_sass", ["--kernels", "fwd,bogus"], "--kernels"),
     ("attn_sass", ["--masks", ""], "--masks"),
     ("attn_sass", ["--tiles", "64x64x4"], "--tiles"),
@@ -72,6 +78,21 @@ def test_bad_values_have_the_allowed_ones_in_the_message(capsys):
             bench_attention.parse_args(argv)
         err = capsys.readouterr().err
         assert all(a in err for a in allowed), err
+
+
+def test_comma_list_type():
+    """The one parser of the benchmarks' comma-list flags: blanks dropped, entries converted, then checked."""
+    import argparse
+
+    from timing import comma_list, positive_int
+
+    assert comma_list()(" a, b,,c ") == ["a", "b", "c"]
+    assert comma_list((0, 1, 2, 3), int)("3,0") == [3, 0]
+    assert comma_list(item=positive_int)("8,1") == [8, 1]
+    for parse, text in ((comma_list(), " , "), (comma_list(("x",)), "x,y"), (comma_list(item=positive_int), "2,0"),
+                        (comma_list((0, 1), int), "1,b")):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma list"):
+            parse(text)
 
 
 def test_plot_of_a_json_that_is_no_report(tmp_path, capsys):
