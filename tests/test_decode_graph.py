@@ -25,6 +25,36 @@ def _text(B, device="cpu"):
     return prepare_text(ids, torch.tensor([0, 3, 8, 5][:B]), CFG).to(device)
 
 
+def test_capture_registry_frees_before_it_captures(monkeypatch):
+    """Captures are reused per batch size, at most KEEP per model, least recently used dropped first; a dropped
+    capture (its KV cache and memory pool) is freed before the next one allocates, not after (a CPU stand-in for
+    the graph counts the captures alive when each is built)."""
+    import weakref
+
+    alive, built = weakref.WeakSet(), []
+
+    class Capture:
+        def __init__(self, model, batch):
+            built.append((batch, len(alive)))
+            self.fingerprint = cuda_graph._fingerprint(model, batch)
+            alive.add(self)
+
+    monkeypatch.setattr(cuda_graph, "DecodeStepGraph", Capture)
+    model = DALLE(CFG)
+    a = graphed_decode_step(model, 4)
+    assert graphed_decode_step(model, 4) is a and graphed_decode_step(model, 3) is not a
+    assert graphed_decode_step(model, 4) is a  # both kept; 4 is now the most recently used
+    del a
+    graphed_decode_step(model, 2)  # a third batch size: 3 is dropped, and freed, before 2 is built
+    assert list(cuda_graph._captures[model]) == [4, 2] and built[-1] == (2, 1)
+    model.double()  # new parameter tensors: every capture of the old ones goes before the new one is built
+    graphed_decode_step(model, 2)
+    assert list(cuda_graph._captures[model]) == [2] and built[-1] == (2, 0)
+    assert built == [(4, 0), (3, 1), (2, 1), (2, 0)]
+    cuda_graph.release(model)
+    assert model not in cuda_graph._captures and len(alive) == 0
+
+
 @pytest.mark.parametrize("resblock_dtype", ["float32", "bfloat16"])
 def test_tensor_position_step_matches_int_position_step(resblock_dtype):
     torch.manual_seed(0)
@@ -101,12 +131,16 @@ def test_gpu_graphed_sampling_equals_eager_sampling(dtype):
     tok_g, logits_g = run(True)
     assert torch.equal(tok_g, tok_e)
     assert torch.equal(logits_g, logits_e), (logits_g - logits_e).abs().max()
-    first = cuda_graph._latest[model]
+    first = cuda_graph._captures[model][4]
     run(True)
-    assert cuda_graph._latest[model] is first  # same batch, same parameters: the capture is reused
+    assert cuda_graph._captures[model][4] is first  # same batch, same parameters: the capture is reused
     sample_image_tokens(model, text[:2], cuda_graph=True)
-    assert cuda_graph._latest[model] is not first and cuda_graph._latest[model].fingerprint[0] == 2
+    assert list(cuda_graph._captures[model]) == [4, 2] and cuda_graph._captures[model][4] is first  # KEEP = 2
+    assert torch.equal(sample_image_tokens(model, text[:2], generator=torch.Generator(device="cuda").manual_seed(5),
+                                           cuda_graph=True),
+                       sample_image_tokens(model, text[:2], generator=torch.Generator(device="cuda").manual_seed(5)))
     model.float()  # new parameter tensors: a capture of the old ones must not run
     assert graphed_decode_step(model, 2).fingerprint != first.fingerprint
+    assert list(cuda_graph._captures[model]) == [2]  # the old parameters' captures are gone
     cuda_graph.release(model)
-    assert model not in cuda_graph._latest
+    assert model not in cuda_graph._captures

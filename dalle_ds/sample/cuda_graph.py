@@ -13,8 +13,9 @@ W² − 1 positions. Each replay first copies the codes and the position into th
 logits come back in a static buffer that the next replay overwrites. The KV cache belongs to the captured step:
 ``prefill`` writes into it eagerly, the replays extend it.
 
-Limits: CUDA only; one capture per batch size (the latest one per model is kept, with its KV cache: release it with
-:func:`release`); the decode backend must accept tensor positions (triton and dense do); the attention tuner runs
+Limits: CUDA only; one capture per batch size (the two latest per model are kept, each with its KV cache: a
+``generate`` call with rows left over uses a full batch and a smaller last one; release them with :func:`release`);
+the decode backend must accept tensor positions (triton and dense do); the attention tuner runs
 in the warm-up steps before the capture. Sampling draws (softmax, top-k/p, the uniform numbers) stay outside the graph.
 """
 from __future__ import annotations
@@ -24,8 +25,10 @@ import weakref
 import torch
 
 from dalle_ds.models.dalle import DALLE
+from dalle_ds.ops.attention.layouts import decode_table
 
-_latest: "weakref.WeakKeyDictionary[DALLE, DecodeStepGraph]" = weakref.WeakKeyDictionary()
+_captures: "weakref.WeakKeyDictionary[DALLE, dict[int, DecodeStepGraph]]" = weakref.WeakKeyDictionary()
+KEEP = 2  # captures kept per model, most recent first out: a full batch and the last, smaller one
 
 
 def _fingerprint(model: DALLE, batch: int) -> tuple:
@@ -62,8 +65,14 @@ class DecodeStepGraph:
                         model.decode_step(self.codes, self.image_pos, self.cache)
                 torch.cuda.current_stream().wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.no_grad(), torch.cuda.graph(self.graph):
+                # stream=side: without it torch captures on one class-wide stream made on whichever GPU was current
+                # at its first use, which is the wrong one for a second prior on another GPU
+                with torch.no_grad(), torch.cuda.graph(self.graph, stream=side):
                     self.logits = model.decode_step(self.codes, self.image_pos, self.cache)
+            # The graph reads the attention's decode tables by address; they live in an LRU cache that may drop
+            # them after other shapes are used: hold them as long as the graph.
+            self._tables = [decode_table(spec, device) for spec in {layer.attn.fn.spec for layer in model.layers}
+                            if spec.kind != "causal"]
 
     def __call__(self, codes: torch.Tensor, image_pos: int) -> torch.Tensor:
         """Logits [B, K] for the code after ``codes`` at raster image position ``image_pos``. With a graph, the
@@ -81,20 +90,28 @@ class DecodeStepGraph:
 
 
 def graphed_decode_step(model: DALLE, batch: int) -> DecodeStepGraph:
-    """The captured decode step for ``model`` at ``batch`` rows: the previous capture when it still matches (same
-    batch, same parameter tensors), otherwise a new one (the old one, with its KV cache, is released first)."""
-    step = _latest.get(model)
-    if step is not None and step.fingerprint == _fingerprint(model, batch):
+    """The captured decode step for ``model`` at ``batch`` rows: an earlier capture when one still matches (same
+    batch, same parameter tensors), otherwise a new one. Before a new capture, the captures of other parameter
+    tensors are dropped, and the least recently used ones beyond ``KEEP - 1``, so that their KV caches and memory
+    pools are free before the new ones are allocated."""
+    fingerprint = _fingerprint(model, batch)
+    held = _captures.setdefault(model, {})
+    step = held.pop(batch, None)
+    if step is not None and step.fingerprint == fingerprint:
+        held[batch] = step  # re-inserted: most recently used last
         return step
-    release(model)
-    step = _latest[model] = DecodeStepGraph(model, batch)
+    step = None  # no reference to a dropped capture may remain while the new one allocates
+    for b in [b for b, s in held.items() if s.fingerprint[1:] != fingerprint[1:]]:
+        del held[b]
+    while len(held) >= KEEP:
+        del held[next(iter(held))]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    step = held[batch] = DecodeStepGraph(model, batch)
     return step
 
 
 def release(model: DALLE) -> None:
-    """Free the captured decode step of ``model`` (its graph's memory pool and its KV cache)."""
-    step = _latest.pop(model, None)
-    if step is not None:
-        del step
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    """Free the captured decode steps of ``model`` (their graphs' memory pools and KV caches)."""
+    if _captures.pop(model, None) is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
