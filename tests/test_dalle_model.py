@@ -101,6 +101,48 @@ def test_cached_sampling_runs_the_resblocks_in_their_training_precision():
     torch.testing.assert_close(logits, full, rtol=0, atol=5e-3)
 
 
+@pytest.mark.parametrize("resblock_dtype", ["bfloat16", "float16"])
+def test_16bit_cache_and_inference_weights_change_no_bit(resblock_dtype):
+    """With 16-bit resblocks the keys and values are computed in 16 bits: the default cache stores them so (half
+    the bytes of an fp32 one) and the logits of every cached step are the same bits as with an fp32 cache; storing
+    the resblock matmul weights in 16 bits for inference (``to_inference_precision_``) also changes no bit."""
+    torch.manual_seed(0)
+    model = DALLE(dataclasses.replace(CFG, resblock_dtype=resblock_dtype,
+                                      resblock_grad_scaling=resblock_dtype == "float16")).eval()
+    dt = getattr(torch, resblock_dtype)
+    _, _, text, _ = _batch()
+    B = text.shape[0]
+    codes = torch.randint(0, CFG.image_vocab_size, (B, CFG.image_len), generator=torch.Generator().manual_seed(2))
+
+    def step_logits(cache):
+        out = [model.prefill(text, cache)]
+        out += [model.decode_step(codes[:, i], i, cache) for i in range(CFG.image_len - 1)]
+        return torch.stack(out, 1)
+
+    cache = model.new_cache(B)
+    assert {c[k].dtype for c in cache for k in "kv"} == {dt}
+    ref = step_logits(model.new_cache(B, dtype=torch.float32))
+    assert ref.dtype == torch.float32 and torch.equal(step_logits(cache), ref)
+    tok, logits = sample_image_tokens(model, text, generator=torch.Generator().manual_seed(3), return_logits=True)
+
+    assert model.to_inference_precision_() is model
+    linears = [m for b in model.resblocks for m in b.fn.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * CFG.n_layers and {p.dtype for m in linears for p in m.parameters()} == {dt}
+    others = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+    assert others and all(".fn." not in n for n in others)  # norms, embeddings, heads stay fp32
+    assert torch.equal(step_logits(model.new_cache(B)), ref)
+    tok2, logits2 = sample_image_tokens(model, text, generator=torch.Generator().manual_seed(3), return_logits=True)
+    assert torch.equal(tok2, tok) and torch.equal(logits2, logits)
+
+
+def test_inference_precision_leaves_an_fp32_model_alone():
+    model = DALLE(CFG)
+    before = {n: p for n, p in model.named_parameters()}
+    model.to_inference_precision_()
+    assert all(p is before[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
+    assert {c["k"].dtype for c in model.new_cache(1)} == {torch.float32}
+
+
 def test_draw_follows_the_probabilities_and_never_draws_a_zero():
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]]).repeat(20_000, 1)  # unnormalized ok
     idx = draw(probs, torch.Generator().manual_seed(0))

@@ -236,6 +236,23 @@ class DALLE(nn.Module):
         for block in self.resblocks:
             block.compile(**compile_kwargs)
 
+    def to_inference_precision_(self) -> "DALLE":
+        """For sampling: store every resblock's matmul weights and biases (attention qkv / proj, MLP fc / proj) in
+        the resblocks' 16-bit compute dtype, the dtype autocast casts them to on every call. The outputs stay the
+        same bit for bit (the same round-to-nearest cast, made once instead of per call), while a cached decode step
+        reads 2 bytes per matmul parameter instead of 8 (the fp32 weight read and its bf16 copy written and read
+        again: the weights are the bulk of a small batch's bytes). LayerNorms, embeddings and the fp32 heads keep
+        their dtype. Inference only: the fp32 values are gone, so do not train the model afterwards. A no-op when
+        the resblocks compute in fp32. Returns the model."""
+        compute = getattr(torch, self.cfg.resblock_dtype)
+        if compute == torch.float32:
+            return self
+        for block in self.resblocks:
+            for module in block.fn.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(compute)
+        return self
+
     def unscale_grads_(self) -> bool:
         """With per-resblock scaling: divide each resblock's parameter gradients by its scale, check every gradient
         for Inf/NaN (all-reduced over ranks) and return True when this update must be skipped; then call
@@ -301,11 +318,16 @@ class DALLE(nn.Module):
 
     # -- KV-cached inference (used by dalle_ds.sample) -----------------------------------------------------------
     def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> list[dict]:
-        """Per layer, key and value buffers [batch, heads, seq_len, head_dim], in ``dtype`` (default: the
-        parameters'). Entries are written before they are read, so the buffers start uninitialized."""
+        """Per layer, key and value buffers [batch, heads, seq_len, head_dim], in ``dtype``. Default: the dtype the
+        keys and values are computed in: the resblocks' autocast dtype when it is 16-bit and the parameters are
+        fp32 (storing those bf16/fp16 values in fp32 would change nothing but double the cache and the bytes each
+        decode step reads), else the parameters'. Entries are written before they are read, so the buffers start
+        uninitialized."""
         cfg = self.cfg
         ref = self.text_emb.weight
-        dtype = dtype or ref.dtype
+        if dtype is None:
+            compute = getattr(torch, cfg.resblock_dtype)
+            dtype = compute if ref.dtype == torch.float32 and compute != torch.float32 else ref.dtype
         shape = (batch, cfg.n_heads, cfg.seq_len, cfg.head_dim)
         return [{"k": torch.empty(shape, dtype=dtype, device=device or ref.device),
                  "v": torch.empty(shape, dtype=dtype, device=device or ref.device)}
