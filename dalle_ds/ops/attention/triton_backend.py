@@ -380,6 +380,15 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _on_device(t: torch.Tensor):
+    """A context making ``t``'s GPU the current one when it is not: Triton launches on the current CUDA device (and
+    its stream), whatever device the arguments are on (triton.runtime.jit reads ``driver.active.get_current_device``),
+    so a prior on cuda:1 in a process whose current device is cuda:0 would hand cuda:1 pointers to a cuda:0 launch."""
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def _geometry(spec: MaskSpec, dtype: torch.dtype, head_dim: int) -> dict:
     return dict(
         T=spec.text_len, W=spec.grid, N=spec.seq_len, KIND=KIND_CODE[spec.kind], TRANSPOSED=spec.transposed,
@@ -411,7 +420,8 @@ def _forward(q, k, v, spec: MaskSpec, scale: float):
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
         )
 
-    launch(_pick("fwd", q, spec, launch))
+    with _on_device(q):
+        launch(_pick("fwd", q, spec, launch))
     return out, lse
 
 
@@ -422,11 +432,6 @@ def _backward(do, q, k, v, out, lse, spec: MaskSpec, scale: float):
     geo = _geometry(spec, q.dtype, D)
     delta = _alloc(lse.shape, lse)
     pre_block = 64
-    kern._attn_bwd_preprocess[(B * H, triton_cdiv(N, pre_block))](
-        out, do, delta, *_s3(out), *_s3(do),
-        H, T=geo["T"], W=geo["W"], N=N, TRANSPOSED=geo["TRANSPOSED"], HEAD_DIM=D, BLOCK_M=pre_block,
-        **_LAUNCH_OPTIONS,
-    )
     dq, dk, dv = _alloc(q.shape, q), _alloc(k.shape, k), _alloc(v.shape, v)
     dq_acc = []  # the fused path's fp32 dQ buffer (B, H, N, D), made on first use
 
@@ -463,7 +468,13 @@ def _backward(do, q, k, v, out, lse, spec: MaskSpec, scale: float):
     def run_fused():
         launch_fused(_pick("dkdv_dq", q, spec, launch_fused))
 
-    {"split": run_split, "fused": run_fused}[_backward_path(q, spec, run_split, run_fused)]()
+    with _on_device(q):
+        kern._attn_bwd_preprocess[(B * H, triton_cdiv(N, pre_block))](
+            out, do, delta, *_s3(out), *_s3(do),
+            H, T=geo["T"], W=geo["W"], N=N, TRANSPOSED=geo["TRANSPOSED"], HEAD_DIM=D, BLOCK_M=pre_block,
+            **_LAUNCH_OPTIONS,
+        )
+        {"split": run_split, "fused": run_fused}[_backward_path(q, spec, run_split, run_fused)]()
     return dq, dk, dv
 
 
@@ -491,7 +502,8 @@ def _decode(q_new, k_cache, v_cache, spec: MaskSpec, position: int | torch.Tenso
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS,
         )
 
-    launch(_pick("decode", k_cache, spec, launch))  # k_cache: the tuning key's shape is the cache's
+    with _on_device(q_new):
+        launch(_pick("decode", k_cache, spec, launch))  # k_cache: the tuning key's shape is the cache's
     return out
 
 
