@@ -26,8 +26,9 @@ def test_clip_trains_saves_reloads_and_reranks(tmp_path):
     assert paired.shape == (8,) and torch.isfinite(paired).all() and paired.abs().max() <= 1 + 1e-5
     order, scores = rr.rerank(images, captions[0], keep=3)
     assert order.shape == (3,) and scores.shape == (8,)
-    expected = rr.score(images, [captions[0]] * 8)  # the rerank order is the order of the image–caption scores
-    assert order.tolist() == expected.argsort(descending=True)[:3].tolist()
+    expected = rr.score(images, [captions[0]] * 8)  # the caption encoded once gives the same image–caption scores
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+    assert order.tolist() == scores.argsort(descending=True)[:3].tolist()
 
 
 def test_clip_trains_with_hard_negatives_on_dvae_round_trips(tmp_path):

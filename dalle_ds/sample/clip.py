@@ -164,8 +164,10 @@ class ClipReranker:
         return (self.image_embeddings(images) * self.text_embeddings(captions)).sum(-1)
 
     def rerank(self, images, caption: str, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidates of one caption → (indices of the best ``keep`` by score, all scores)."""
-        scores = self.score(images, [caption] * len(images))
+        """Candidates of one caption → (indices of the best ``keep`` by score, all scores). The caption goes through
+        the text tower once, not once per candidate."""
+        with torch.no_grad():
+            scores = self.image_embeddings(images) @ self.text_embeddings([caption])[0]
         return torch.argsort(scores, descending=True)[:keep], scores
 
 
