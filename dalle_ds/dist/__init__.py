@@ -5,7 +5,7 @@
 ``orthogonalize``: Householder / QR / Gram-Schmidt for its P matrices;
 ``deepspeed_powersgd``: the reducer inside a DeepSpeed engine (ZeRO 0, 1, 2) as a trainer extension;
 ``fp169_allreduce``: all-reduce of 1-6-9 codes over any process group (gloo or NCCL) with byte counting;
-``collectives``: an all-reduce of small host tensors on any backend.
+``collectives``: an all-reduce and an all-gather of small host tensors on any backend.
 """
 from .fp169_allreduce import (
     COUNTER,

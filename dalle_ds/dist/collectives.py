@@ -1,4 +1,5 @@
-"""A collective that works on any backend for the small host-side tensors (flags, norms) the reducers exchange."""
+"""Collectives that work on any backend for the small host-side tensors (flags, norms, hostnames) the reducers and
+the topology exchange."""
 from __future__ import annotations
 
 import torch
@@ -15,3 +16,16 @@ def all_reduce_anywhere_(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> t
     else:
         dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def all_gather_anywhere(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``t`` (same shape and dtype everywhere) stacked along a new first axis, ``[world, *t.shape]``,
+    on ``t``'s device, whatever the backend: on NCCL a CPU tensor makes a round trip through the current CUDA device
+    (as in :func:`all_reduce_anywhere_`)."""
+    nccl_cpu = t.device.type == "cpu" and dist.get_backend(group) == "nccl"
+    src = (t.cuda() if nccl_cpu else t).reshape(-1)
+    out = torch.empty(dist.get_world_size(group) * src.numel(), dtype=t.dtype, device=src.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # flat in and out: any backend
+    gather(out, src, group=group)
+    out = out.view(-1, *t.shape)
+    return out.cpu() if nccl_cpu else out

@@ -4,13 +4,16 @@
 (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``/``PORT``: DeepSpeed's engine insists
 on ``LOCAL_RANK``), pins one thread per process, initializes a gloo process group, calls ``fn(rank, world, *args)``
 and returns rank 0's return value. If a rank raises, the others are terminated (they may be blocked in a collective
-the failed rank will never join) and a RuntimeError carries the failed rank's traceback.
+the failed rank will never join) and a RuntimeError carries the failed rank's traceback. With ``timeout=`` seconds,
+ranks still running then are terminated too and a RuntimeError names them (a test of code that could leave ranks
+waiting on each other fails instead of hanging).
 """
 from __future__ import annotations
 
 import os
 import queue
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
@@ -41,15 +44,17 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results)
             dist.destroy_process_group()
 
 
-def run_local_ranks(fn: Callable, world: int, *args) -> Any:
-    """``fn(rank, world, *args)`` on ``world`` local gloo ranks; returns rank 0's result (see the module doc)."""
+def run_local_ranks(fn: Callable, world: int, *args, timeout: float | None = None) -> Any:
+    """``fn(rank, world, *args)`` on ``world`` local gloo ranks; returns rank 0's result (see the module doc).
+    ``timeout``: seconds from the start after which unfinished ranks are terminated and a RuntimeError is raised."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
+    deadline = None if timeout is None else time.monotonic() + timeout
     for p in procs:
         p.start()
-    done, failure, value = 0, None, None
+    done, failure, value, finished = 0, None, None, set()
     while done < world and failure is None:
         try:
             rank, ok, payload = results.get(timeout=1.0)
@@ -57,8 +62,13 @@ def run_local_ranks(fn: Callable, world: int, *args) -> Any:
             crashed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
             if crashed:  # died without reporting (e.g. killed by a signal)
                 failure = f"rank {crashed[0]} exited with code {procs[crashed[0]].exitcode}"
+            elif deadline is not None and time.monotonic() > deadline:
+                waiting = [r for r in range(world) if r not in finished]
+                failure = (f"timed out after {timeout} s: rank(s) {', '.join(map(str, waiting))} did not finish "
+                           "(waiting in a collective that other ranks never joined?)")
             continue
         done += 1
+        finished.add(rank)
         if not ok:
             failure = f"rank {rank} raised:\n{payload}"
         elif rank == 0:
