@@ -1,8 +1,9 @@
 """PowerSGD inside real DeepSpeed engines (ZeRO 0, 1, 2) on 4 gloo processes emulating 2 machines x 2 GPUs.
 
 A lossless rank must reproduce the stock DeepSpeed update; a low rank must still compress (and report it); an Inf in
-one rank's gradient must make the engine skip the update on every rank with the parameters unchanged. ZeRO-3 is
-refused with a clear error. The full trainer path (config, logging, checkpoint resume) is in
+one rank's gradient must make the engine skip the update on every rank with the parameters unchanged. ZeRO-3,
+DeepSpeed's fp16 mode and ZeRO-1/2 without contiguous gradients (which bypass the hook: shown on a real engine) are
+refused with clear errors. The full trainer path (config, logging, checkpoint resume) is in
 tests/test_train_dalle_powersgd.py.
 """
 import copy
@@ -108,3 +109,75 @@ def test_zero3_is_refused():
     ext = PowerSGDExtension(PowerSGDConfig(enabled=True))
     with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
         ext.before_initialize(_Net(), copy.deepcopy(_ds_config(3)))
+
+
+def _accepts(ext, cfg: dict) -> None:
+    """``before_initialize`` passes; undo its ZeRO-1/2 optimizer swap (``setup`` would, after deepspeed.initialize)
+    so that it does not leak into later tests of this process."""
+    ext.before_initialize(_Net(), cfg)
+    if ext._restore is not None:
+        module, base = ext._restore
+        module.DeepSpeedZeroOptimizer = base
+        ext._restore = None
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_deepspeed_fp16_mode_is_refused(stage):
+    """DeepSpeed's fp16 mode would keep lowering no loss scale on ZeRO-0 skips and leave loss-scaled residuals in the
+    error buffers; the project's fp16 route (per-resblock scaling, fp16.enabled=false) stays accepted."""
+    from dalle_ds.config import ConfigError, PowerSGDConfig
+    from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
+    ext = PowerSGDExtension(PowerSGDConfig(enabled=True))
+    with pytest.raises(ConfigError, match=r"fp16\.enabled is true(.|\n)*set fp16\.enabled=false(.|\n)*"
+                                          r"model\.resblock_grad_scaling"):
+        ext.before_initialize(_Net(), dict(_ds_config(stage), fp16={"enabled": True, "loss_scale": 0}))
+    _accepts(ext, dict(_ds_config(stage), fp16={"enabled": False}))
+    _accepts(ext, dict(_ds_config(stage), bf16={"enabled": True}))
+
+
+def _zero(stage: int, **zero) -> dict:
+    return dict(_ds_config(stage), zero_optimization={"stage": stage, **zero})
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_without_contiguous_gradients_is_refused(stage):
+    """contiguous_gradients=false makes ZeRO-1/2 all-reduce through buffered_reduce_fallback, bypassing PowerSGD
+    (test_contiguous_gradients_decide_whether_zero_calls_the_hook shows it on the engine). The key's absence means
+    DeepSpeed's default, true; an optimizer offload forces it on; ZeRO-0 does not read it."""
+    from dalle_ds.config import ConfigError, PowerSGDConfig
+    from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
+    ext = PowerSGDExtension(PowerSGDConfig(enabled=True))
+    with pytest.raises(ConfigError, match=r"zero_optimization\.contiguous_gradients is false(.|\n)*"
+                                          r"buffered_reduce_fallback(.|\n)*contiguous_gradients=true"):
+        ext.before_initialize(_Net(), _zero(stage, contiguous_gradients=False))
+    _accepts(ext, _zero(stage))
+    _accepts(ext, _zero(stage, contiguous_gradients=True))
+    _accepts(ext, _zero(stage, contiguous_gradients=False, offload_optimizer={"device": "cpu"}))
+    _accepts(ext, _zero(0, contiguous_gradients=False))
+
+
+def _reducer_calls(rank, world, contiguous: bool) -> int:
+    """Elements PowerSGD reduced in one ZeRO-1 step with the config check bypassed (the key flipped after
+    before_initialize): the DeepSpeed fact behind the refusal."""
+    import deepspeed
+    from dalle_ds.config import PowerSGDConfig
+    from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
+    model, cfg = _Net(), _zero(1)
+    ext = PowerSGDExtension(PowerSGDConfig(enabled=True, rank=2, local_size=1, compress=r"^(fc|out)\.weight$"))
+    ext.before_initialize(model, cfg)
+    cfg["zero_optimization"]["contiguous_gradients"] = contiguous
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    ext.setup(types.SimpleNamespace(engine=engine, device=torch.device("cpu")))
+    _train(engine, ext, rank, 1)
+    return ext._acc.shard_elements + ext._acc.uncompressed_elements
+
+
+def _both_settings(rank, world):
+    return _reducer_calls(rank, world, True), _reducer_calls(rank, world, False)
+
+
+def test_contiguous_gradients_decide_whether_zero_calls_the_hook():
+    """Pins the DeepSpeed behaviour the refusal rests on (a DeepSpeed upgrade that changes it fails here): with
+    contiguous gradients every parameter goes through PowerSGD, without them none does."""
+    with_contiguous, without = run_local_ranks(_both_settings, 2)
+    assert with_contiguous == sum(p.numel() for p in _Net().parameters()) and without == 0

@@ -13,7 +13,10 @@ DeepSpeed 0.19.8 has no communication-hook API; the hook points below were read 
   ``zero_optimization.reduce_scatter`` is false -- runs the reducer on the bucket's parameters. ``reduce_scatter`` is
   therefore forced to false. The optimizer's own overflow check sees the Inf the reducer writes on a nonfinite flag
   and skips the step. ZeRO-2 reduces at every micro-batch (its buckets fill during backward), so with gradient
-  accumulation each micro-batch is compressed on its own (error feedback carries what is lost).
+  accumulation each micro-batch is compressed on its own (error feedback carries what is lost). Without
+  ``contiguous_gradients`` (DeepSpeed's default is true) the buckets bypass that call, so false is refused.
+* **DeepSpeed's fp16 mode** is refused (its loss scale would leak into the error buffers, and ZeRO-0's skipped steps
+  would never lower it); fp16 resblocks go through ``model.resblock_grad_scaling`` with fp32 master weights.
 * **ZeRO-3** is refused: its reduction is a sharded reduce-scatter of flat chunks that do not line up with matrix
   rows, so it needs the strided chunk assignment sketched in comm_anchors §3.4; not built yet.
 
@@ -63,7 +66,9 @@ class PowerSGDExtension:
         if self.stage >= 3:
             raise ConfigError("powersgd: ZeRO stage 3 is not supported (its flat reduce-scatter chunks do not follow "
                              "matrix rows); use ZeRO stage 0, 1 or 2 with powersgd.enabled")
+        _check_precision(ds_config)
         if self.stage in (1, 2):
+            _check_zero_reduction_path(ds_config)
             zo = ds_config.setdefault("zero_optimization", {})
             zo["reduce_scatter"] = False  # route every bucket through gradient_reduction_w_predivide
             import deepspeed.runtime.engine as ds_engine
@@ -120,8 +125,7 @@ class PowerSGDExtension:
                         "powersgd/bytes_uncompressed": a.bytes_uncompressed / steps,
                         "powersgd/bytes_baseline_fp32": a.bytes_baseline / steps})
         if self.reducer is not None and self.reducer.shards:
-            sq = sum(float(e.double().pow(2).sum()) for e in self.reducer.error_buffers().values())
-            out["powersgd/error_norm"] = sq ** 0.5
+            out["powersgd/error_norm"] = self.reducer.error_sq_norm() ** 0.5  # one buffer decoded at a time
             if self.cfg.diagnostics:
                 out.update({f"powersgd/{k}": v for k, v in self.reducer.diagnostics().items()})
         return out
@@ -158,6 +162,40 @@ class PowerSGDExtension:
 
         opt.overflow = False
         opt.step = step
+
+
+def _check_precision(ds_config: dict) -> None:
+    """Refuse DeepSpeed's fp16 mode. Its dynamic loss scale is lowered inside ``FP16_Optimizer.step()``, which a step
+    the reducer skips never reaches (ZeRO-0: an overflow caused by the loss scale would repeat at every step), and in
+    every stage the gradients the reducer sees are multiplied by the loss scale while its ``grad_scale`` is 1, so the
+    error buffers would hold loss-scaled residuals that each loss-scale change (x2 or /2) silently rescales. The
+    project's fp16 route is per-resblock scaling with fp32 master weights (``model.resblock_grad_scaling``, which
+    already requires fp16.enabled=false), where the reducer divides by each resblock's scale."""
+    from deepspeed.runtime.precision_config import get_float16_config  # how the engine reads the section
+    if get_float16_config(ds_config).enabled:
+        raise ConfigError("powersgd: not with DeepSpeed's fp16 mode (deepspeed config fp16.enabled is true): a step "
+                          "PowerSGD skips never reaches FP16_Optimizer.step(), where the loss scale is lowered, and "
+                          "its error buffers would hold loss-scaled residuals; set fp16.enabled=false and use bf16, "
+                          "fp32, or fp16 resblocks with model.resblock_grad_scaling "
+                          "(ds_configs/zero*_fp16_resblock.json)")
+
+
+def _check_zero_reduction_path(ds_config: dict) -> None:
+    """ZeRO-1/2 must reach the hooked ``gradient_reduction_w_predivide``. In DeepSpeed 0.19.8
+    (runtime/zero/stage_1_and_2.py) ``reduce_ipg_grads`` calls it (through ``average_tensor``) only when
+    ``self.contiguous_gradients``; otherwise the bucket goes to ``buffered_reduce_fallback`` (or
+    ``_buffered_reduce_fallback_preserving_fp32``), a plain ``allreduce_bucket`` that PowerSGD never sees. The
+    optimizer sets ``contiguous_gradients = contiguous_gradients or self.cpu_offload`` (an ``offload_optimizer``
+    device other than "none" forces it on), and the key defaults to true: read both the way the engine does."""
+    from deepspeed.runtime.zero.config import get_zero_config
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+    zc = get_zero_config(ds_config)
+    offload = zc.offload_optimizer is not None and zc.offload_optimizer.device != OffloadDeviceEnum.none
+    if not (zc.contiguous_gradients or offload):
+        raise ConfigError("powersgd: zero_optimization.contiguous_gradients is false, which sends DeepSpeed's "
+                          "ZeRO-1/2 reduction through buffered_reduce_fallback, a plain all-reduce that never calls "
+                          "the hook PowerSGD replaces, so nothing would be compressed; set "
+                          "zero_optimization.contiguous_gradients=true (DeepSpeed's default) or remove the key")
 
 
 def _zero_optimizer_with(base: type, ext: PowerSGDExtension) -> type:

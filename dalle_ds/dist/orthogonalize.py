@@ -19,8 +19,10 @@ import torch
 __all__ = ["householder", "qr", "gram_schmidt", "ORTHOGONALIZERS", "add_eps_identity", "get_orthogonalizer"]
 
 
-def add_eps_identity(p: torch.Tensor, eps: float) -> torch.Tensor:
-    """``p + eps * I_{n x r}`` (in place on a copy): eps added to the diagonal of the top r x r block."""
+def add_eps_identity(p: torch.Tensor, eps: "float | torch.Tensor") -> torch.Tensor:
+    """``p + eps * I_{n x r}`` (in place on a copy): eps added to the diagonal of the top r x r block. ``eps`` may be
+    a 0-dim tensor on p's device (the reducer keeps it there to avoid a host read); either way it is rounded to p's
+    dtype before the add."""
     out = p.clone()
     r = min(out.shape)
     out.diagonal()[:r] += eps

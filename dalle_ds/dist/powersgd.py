@@ -114,14 +114,15 @@ class _Shard:
     def fp32(self) -> bool:
         return self.err.dtype == torch.float32
 
-    def err_add_(self, x: torch.Tensor, scale: float) -> bool:
-        """E += x / scale unless ``x`` has a nonfinite value (then E is left alone); returns whether x was finite."""
+    def err_add_(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """E += x / scale unless ``x`` has a nonfinite value (then E is left alone); returns whether x was finite as a
+        0-dim bool tensor on E's device, without waiting for the device (fp32 buffers: the sum is formed and then
+        kept or dropped by ``torch.where``, the same bits as an in-place add that a host-side test would guard)."""
         if not self.fp32:
-            return fp169.error_add_(self.err, x, scale=scale)
-        if not bool(torch.isfinite(x).all()):
-            return False
-        self.err.add_(x, alpha=1.0 / scale)
-        return True
+            return fp169.error_add_async_(self.err, x, scale=scale)
+        finite = torch.isfinite(x).all()
+        self.err.copy_(torch.where(finite, torch.add(self.err, x, alpha=1.0 / scale), self.err))
+        return finite
 
     def err_value(self) -> torch.Tensor:
         """The error buffer in fp32 (a new tensor)."""
@@ -130,8 +131,9 @@ class _Shard:
     def err_set_(self, e: torch.Tensor) -> None:
         self.err.copy_(e if self.fp32 else fp169.encode(e))
 
-    def err_finite(self) -> bool:
-        return bool(torch.isfinite(self.err).all()) if self.fp32 else bool(fp169.all_finite(self.err))
+    def err_finite(self) -> torch.Tensor:
+        """0-dim bool tensor on E's device: no Inf/NaN in the buffer."""
+        return torch.isfinite(self.err).all() if self.fp32 else fp169.all_finite(self.err)
 
 
 @dataclass
@@ -172,8 +174,9 @@ class HierarchicalPowerSGD:
         self.sent_sq: dict[str, float] = {}
         """Per matrix, ||P Q'^T||^2 = ||Q'||^2 of its latest compressed step (this ordinal's shard, machines summed)."""
         self._recentered_at: dict[str, int] = {}
-        self._spread_removed_sq: float | None = None
-        """This rank's ||E_i - mean E||^2 removed by the latest re-centering step (None before the first)."""
+        self._spread_removed_sq: torch.Tensor | None = None
+        """This rank's ||E_i - mean E||^2 removed by the latest re-centering step (a float64 device scalar, read by
+        :meth:`diagnostics`; None before the first)."""
         self._spread_removed_step = -1
         self._rounding = [0.0, 0.0, 0.0, 0.0]
         """Since the last :meth:`diagnostics`: sum of squared rounding of all buffer updates, squared norm of the
@@ -213,7 +216,12 @@ class HierarchicalPowerSGD:
 
     # -- the reduction ------------------------------------------------------------------------------------------
     def reduce_(self, grads: Sequence[tuple[str, torch.Tensor]], step: int) -> ReduceReport:
-        """Replace each gradient by the all-rank average (compressed ones by their PowerSGD estimate)."""
+        """Replace each gradient by the all-rank average (compressed ones by their PowerSGD estimate).
+
+        Called from DeepSpeed's gradient hooks (ZeRO-1/2: once a bucket, during the backward), so the flags and norms
+        stay device tensors until one host read at the end of the call (after every collective is queued); a host
+        read per matrix would stall the overlap of communication with the backward on a GPU. ``track_rounding``
+        (diagnostics) reads more."""
         rep = ReduceReport()
         W = self.topo.world_size
         total = sum(g.numel() for _, g in grads)
@@ -225,11 +233,13 @@ class HierarchicalPowerSGD:
         unc = [g for k, g in grads if k not in self.shards]
         rep.compressed = bool(comp)
         sent_before = self.counter.bytes_sent
-        unc_flag = self._plain_all_reduce(unc, rep) if unc else 0.0
         n_mach = self.topo.machines
-        flags = torch.zeros(3 * len(comp) + 2, dtype=torch.float64)
-        flags[-2] = unc_flag
-        estimates = []
+        dev = self.device
+        # per matrix: [gradient shard nonfinite, P overflow, Q' overflow]; then uncompressed nonfinite, sum ||Q'||^2
+        flags = torch.zeros(3 * len(comp) + 2, dtype=torch.float64, device=dev)
+        if unc:
+            flags[-2] = self._plain_all_reduce(unc, rep)
+        estimates, sent = [], []
         if comp:
             shard_vals = self._reduce_scatter(comp, rep)
             p_codes, errs = [], []
@@ -237,9 +247,9 @@ class HierarchicalPowerSGD:
                 scale = self.grad_scale(sh.key)
                 before = sh.err_value() if self.s.track_rounding else None
                 finite = sh.err_add_(s, scale=scale)
-                flags[3 * i] = 0.0 if finite else 1.0
+                flags[3 * i] = ~finite
                 e = sh.err_value()
-                if before is not None and finite:
+                if before is not None and bool(finite):
                     self._track_add(before, s / scale, e)
                 errs.append(e)
                 p = e @ fp169.decode(sh.q)
@@ -249,8 +259,9 @@ class HierarchicalPowerSGD:
             q_codes, ps = [], []
             for i, ((sh, _), e, pc) in enumerate(zip(comp, errs, p_codes)):
                 p = fp169.decode(pc, scale=self.s.p_scale)
-                maxabs = float(p.abs().max()) if p.numel() else 0.0
-                eps = self.s.eps * maxabs if maxabs > 0 else self.s.eps
+                # eps relative to max |P| (absolute when P is 0 or not a number), in float64 as Python's float would be
+                maxabs = p.abs().amax().double()
+                eps = torch.where(maxabs > 0, maxabs * self.s.eps, self.s.eps)
                 p_hat = fp169.decode(fp169.encode(self.orthogonalize(add_eps_identity(p, eps)), saturate=True))
                 ps.append(p_hat)
                 qp = e.t() @ p_hat
@@ -259,37 +270,48 @@ class HierarchicalPowerSGD:
                 rep.shard_elements += sh.shard_rows * sh.cols
                 rep.factor_elements += (sh.shard_rows + sh.cols) * sh.k
             all_reduce_fp169_(q_codes, self.topo.global_group, average=True, counter=self.counter)
-            sq = 0.0
+            sq = torch.zeros((), dtype=torch.float64, device=dev)
             for (sh, _), p_hat, qc in zip(comp, ps, q_codes):
                 q_sum = fp169.decode(qc, scale=self.s.q_scale) * n_mach
-                self.sent_sq[sh.key] = float(q_sum.double().pow(2).sum())
-                sq += self.sent_sq[sh.key]
+                sent.append(q_sum.double().pow(2).sum())
+                sq = sq + sent[-1]  # in matrix order, as a Python sum of the floats would add them
                 estimates.append(p_hat @ q_sum.t())
                 if self.s.warm_start:
                     self._warm_start(sh, q_sum)
             flags[-1] = sq / n_mach  # every machine holds the same Q': count it once over the world
         if W > 1:
             all_reduce_anywhere_(flags, self.topo.world_group)  # step 10: flags and the norm in one call
-        unc_sq = sum(float(g.double().pow(2).sum()) for g in unc)
+        unc_sq = torch.zeros((), dtype=torch.float64, device=dev)
+        for g in unc:
+            unc_sq = unc_sq + g.double().pow(2).sum()
+        zeroed = torch.zeros((), dtype=torch.float64, device=dev)
         for i, ((sh, _), est) in enumerate(zip(comp, estimates)):
-            p_ok, q_ok = flags[3 * i + 1] == 0, flags[3 * i + 2] == 0
-            if p_ok and q_ok:
-                before = sh.err_value() if self.s.track_rounding else None
-                sh.err_add_(est, scale=-float(n_mach))
-                if before is not None:
+            pq_ok = (flags[3 * i + 1] == 0) & (flags[3 * i + 2] == 0)
+            if self.s.track_rounding:
+                if bool(pq_ok):
+                    before = sh.err_value()
+                    sh.err_add_(est, scale=-float(n_mach))
                     self._track_add(before, est / -float(n_mach), sh.err_value(), gradient=False)
-            if not sh.err_finite():  # step 12: zero a buffer only when it is itself nonfinite
-                sh.err.zero_()
-                rep.zeroed_buffers += 1
+            else:  # a NaN estimate leaves the buffer alone, as a skipped add would
+                sh.err_add_(torch.where(pq_ok, est, math.nan), scale=-float(n_mach))
+            bad = ~sh.err_finite()  # step 12: zero a buffer only when it is itself nonfinite
+            sh.err.masked_fill_(bad, 0)
+            zeroed = zeroed + bad
         if comp and self.s.recenter_every and n_mach > 1 and (step + 1) % self.s.recenter_every == 0:
             self._recenter([sh for sh, _ in comp], step, rep)
         if comp:
             self._all_gather(comp, estimates, rep)
         rep.bytes_inter = self.counter.bytes_sent - sent_before
-        nonfinite = flags[:-1].clone()
-        rep.nonfinite_grads = int((flags[0:3 * len(comp):3] > 0).sum()) + int(flags[-2] > 0)
-        rep.skip = bool((nonfinite > 0).any())
-        rep.sq_norm = math.inf if rep.skip else float(flags[-1]) + unc_sq
+        # the call's one host read: flags, norms and counts together
+        host = torch.cat([flags, unc_sq.view(1), zeroed.view(1), *(t.view(1) for t in sent)]).tolist()
+        nf = len(flags)
+        flags_h, unc_sq_h, n_zeroed, sent_h = host[:nf], host[nf], host[nf + 1], host[nf + 2:]
+        for (sh, _), v in zip(comp, sent_h):
+            self.sent_sq[sh.key] = v
+        rep.zeroed_buffers += int(n_zeroed)
+        rep.nonfinite_grads = sum(v > 0 for v in flags_h[0:3 * len(comp):3]) + int(flags_h[-2] > 0)
+        rep.skip = any(v > 0 for v in flags_h[:-1])
+        rep.sq_norm = math.inf if rep.skip else flags_h[-1] + unc_sq_h
         if rep.skip and grads:
             grads[0][1].view(-1)[0] = math.inf  # make the optimizer's own overflow check skip the step
         return rep
@@ -315,10 +337,11 @@ class HierarchicalPowerSGD:
         else:
             all_reduce_fp169_([sh.err for sh in todo], self.topo.global_group, average=True, counter=self.counter)
         if self._spread_removed_step != step:  # ZeRO-1/2 re-center bucket by bucket: sum over the step's buckets
-            self._spread_removed_sq, self._spread_removed_step = 0.0, step
+            self._spread_removed_sq = torch.zeros((), dtype=torch.float64, device=self.device)
+            self._spread_removed_step = step
         for sh, e in zip(todo, before):
             self._recentered_at[sh.key] = step
-            self._spread_removed_sq += float((e.double() - sh.err_value().double()).pow(2).sum())
+            self._spread_removed_sq = self._spread_removed_sq + (e.double() - sh.err_value().double()).pow(2).sum()
         rep.recentered_elements += sum(sh.err.numel() for sh in todo)
 
     def _track_add(self, before: torch.Tensor, added: torch.Tensor, after: torch.Tensor, gradient: bool = True):
@@ -341,14 +364,17 @@ class HierarchicalPowerSGD:
         sh.q.copy_(fp169.encode(new, saturate=True))
 
     @staticmethod
-    def _overflow(x: torch.Tensor, scale: float) -> float:
-        """1.0 if ``x * scale`` holds a nonfinite value or one beyond the 1-6-9 maximum (which encoding would clamp)."""
-        return 0.0 if bool(torch.isfinite(x).all()) and float(x.abs().max()) * scale <= FP169_MAX else 1.0
+    def _overflow(x: torch.Tensor, scale: float) -> torch.Tensor:
+        """1.0 (a float64 scalar on x's device, not read back) if ``x * scale`` holds a nonfinite value or one beyond
+        the 1-6-9 maximum (which encoding would clamp); the product is taken in float64, as Python floats would."""
+        ok = torch.isfinite(x).all() & (x.abs().amax().double() * scale <= FP169_MAX)
+        return (~ok).double()
 
-    def _plain_all_reduce(self, grads: list[torch.Tensor], rep: ReduceReport) -> float:
-        """Average ``grads`` over the world in one fp32 all-reduce; returns 1.0 if the result is nonfinite."""
+    def _plain_all_reduce(self, grads: list[torch.Tensor], rep: ReduceReport) -> torch.Tensor:
+        """Average ``grads`` over the world in one fp32 all-reduce; returns 1.0 (a float64 device scalar) if the
+        result is nonfinite."""
         if not grads:
-            return 0.0
+            return torch.zeros((), dtype=torch.float64, device=self.device)
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         W = self.topo.world_size
         if W > 1:
@@ -360,7 +386,7 @@ class HierarchicalPowerSGD:
             off += g.numel()
         rep.uncompressed_elements += flat.numel()
         rep.bytes_uncompressed += fp32_ring_bytes(flat.numel(), W)
-        return 0.0 if bool(torch.isfinite(flat).all()) else 1.0
+        return (~torch.isfinite(flat).all()).double()
 
     @staticmethod
     def _matrix(sh: _Shard, g: torch.Tensor) -> torch.Tensor:
@@ -407,8 +433,20 @@ class HierarchicalPowerSGD:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def error_buffers(self) -> dict[str, torch.Tensor]:
-        """This rank's error buffers decoded to fp32."""
+        """This rank's error buffers decoded to fp32, all at once (for tests and checks; :meth:`error_sq_norm`
+        decodes one at a time)."""
         return {k: sh.err_value() for k, sh in self.shards.items()}
+
+    def error_sq_norm(self) -> float:
+        """Sum of ||E||^2 over this rank's error buffers, in float64. Decodes one buffer at a time (decoding them all,
+        as :meth:`error_buffers` does, would hold an fp32 copy of every buffer at once: ~6 GB per rank at the 12B
+        scale, on the first log step) and sums on the buffers' device, with one host sync at the end. The value is the
+        one ``sum(float(e.double().pow(2).sum()) for e in error_buffers().values())`` gives, bit for bit: the same
+        per-buffer float64 sums, added in the same order."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for sh in self.shards.values():
+            total += sh.err_value().double().pow_(2).sum()
+        return float(total)
 
     def diagnostics(self) -> dict[str, float]:
         """Whole-model figures, the same on every rank (a collective over the world):
@@ -426,7 +464,7 @@ class HierarchicalPowerSGD:
           added, and ``swamped_fraction``, the share of nonzero gradient elements whose add left the buffer unchanged
           (below half the 1-6-9 spacing of the value already there: lost to this machine's sum until it grows)."""
         n, t = self.topo.machines, torch.zeros(4, dtype=torch.float64)
-        t[3] = self._spread_removed_sq or 0.0
+        t[3] = float(self._spread_removed_sq) if self._spread_removed_sq is not None else 0.0
         for k, sh in self.shards.items():
             e = sh.err_value()
             total = e.clone()
