@@ -3,15 +3,67 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
 
+#: Variables an MPI launcher sets in every process it starts, with the job's process count: OpenMPI (DeepSpeed's
+#: ``--launcher openmpi``, and the AzureML / SageMaker set-ups ``deepspeed.comm`` patches from them), MPICH / Intel
+#: MPI (Hydra's PMI) and MVAPICH2 (``--launcher mvapich``).
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def multi_process_launch(env: Mapping[str, str]) -> str | None:
+    """What in ``env`` says that this process is one of several started by MPI or Slurm without the torch-style
+    ``RANK``/``WORLD_SIZE`` variables, e.g. ``"OMPI_COMM_WORLD_SIZE=8"``; None when nothing does.
+
+    DeepSpeed's openmpi, mvapich and slurm runners (``deepspeed/launcher/multinode_runner.py``) start the script
+    directly (``mpirun ... python train.py``, ``srun ... python train.py``) and leave the ranks to
+    ``deepspeed.init_distributed``: when any of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK is missing
+    it runs its MPI discovery (``deepspeed/comm/comm.py``: ``mpi_discovery``, mpi4py's COMM_WORLD; the OMPI_*
+    variables under AzureML / SageMaker). A count of 1 is a single process (``mpirun -n 1``). Under Slurm: a task
+    (``SLURM_PROCID``) of a step of several, counted by the step's ``SLURM_STEP_NUM_TASKS`` (srun sets it) or else
+    the job's ``SLURM_NTASKS``.
+    """
+    for name in MPI_SIZE_VARIABLES:
+        if _count(env.get(name)) > 1:
+            return f"{name}={env[name]}"
+    if "SLURM_PROCID" in env:
+        name = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+        if _count(env.get(name)) > 1:
+            return f"{name}={env[name]} (SLURM_PROCID={env['SLURM_PROCID']})"
+    return None
+
+
+def _count(value: str | None) -> int:
+    try:
+        return int(value) if value is not None else 0
+    except ValueError:
+        return 0
+
+
+def single_process_env(env: Mapping[str, str]) -> dict[str, str] | None:
+    """The variables to add for a plain ``python script.py`` (a world of one on device 0), or None when a launcher
+    set the rank (torch-style RANK, as the ``deepspeed`` launcher and torchrun do) or DeepSpeed must discover it
+    (:func:`multi_process_launch`). Filling RANK=0 / WORLD_SIZE=1 in an MPI or Slurm job would skip that discovery
+    and make every process a world of one on the same GPU, all writing the same run folder."""
+    if "RANK" in env or multi_process_launch(env) is not None:
+        return None
+    out = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    out = {k: v for k, v in out.items() if k not in env}
+    if "MASTER_PORT" not in env:
+        out["MASTER_PORT"] = str(free_port())
+    return out
+
+
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU); a no-op when already set up.
 
-    Works without a launcher too: a single process gets a world of one (DeepSpeed's MPI discovery is skipped).
+    Works without a launcher too: a single process gets a world of one (:func:`single_process_env`). Under MPI or
+    Slurm without RANK (DeepSpeed's openmpi / mvapich / slurm runners, a bare ``mpirun`` / ``srun``) DeepSpeed's MPI
+    discovery finds the ranks; it needs mpi4py.
     """
     import deepspeed
 
@@ -22,13 +74,19 @@ def init_distributed() -> None:
         import logging
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if "RANK" not in os.environ:  # plain `python script.py`: a world of one
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    deepspeed.init_distributed(dist_init_required=True)
+    single = single_process_env(os.environ)
+    if single is not None:
+        os.environ.update(single)
+    try:
+        deepspeed.init_distributed(dist_init_required=True)
+    except ImportError as e:
+        launch = multi_process_launch(os.environ)
+        if launch is None or getattr(e, "name", None) != "mpi4py":
+            raise
+        raise RuntimeError(f"started as one of several processes ({launch}) without RANK/WORLD_SIZE, so DeepSpeed "
+                           "discovers the ranks through MPI, which needs mpi4py: pip install mpi4py (built against "
+                           "this MPI), or start with the deepspeed launcher (its default pdsh/local runner) or "
+                           "torchrun, which set RANK") from e
     _unlink_shm_allreduce_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())

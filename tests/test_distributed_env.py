@@ -1,0 +1,95 @@
+"""How a script finds its ranks (dalle_ds/train/distributed.py): a plain ``python script.py`` is a world of one, but
+a process started by MPI or Slurm without RANK (DeepSpeed's openmpi / mvapich / slurm runners) is left to DeepSpeed's
+MPI discovery instead of being made rank 0 of a world of one."""
+import os
+
+import pytest
+
+from dalle_ds.train import distributed
+from dalle_ds.train.distributed import multi_process_launch, single_process_env
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.parametrize("env", [
+    {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "3"},  # --launcher openmpi (mpirun)
+    {"PMI_SIZE": "4", "PMI_RANK": "1"},  # MPICH / Intel MPI (Hydra)
+    {"MV2_COMM_WORLD_SIZE": "2", "MV2_COMM_WORLD_RANK": "0"},  # --launcher mvapich
+    {"SLURM_PROCID": "5", "SLURM_NTASKS": "16"},  # --launcher slurm (srun)
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "8"},  # the step's count wins
+])
+def test_mpi_and_slurm_jobs_are_left_to_deepspeeds_discovery(env):
+    assert multi_process_launch(env) is not None
+    assert single_process_env(env) is None
+
+
+@pytest.mark.parametrize("env", [
+    {},  # python script.py
+    {"OMPI_COMM_WORLD_SIZE": "1"},  # mpirun -n 1
+    {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"},  # inside an allocation, not a task of a step
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"},  # a one-task step of a larger job
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+])
+def test_a_plain_process_is_a_world_of_one(env):
+    assert multi_process_launch(env) is None
+    got = single_process_env(env)
+    assert {k: got[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert int(got["MASTER_PORT"]) > 0
+
+
+def test_a_launcher_that_set_the_rank_is_kept():
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
+           "OMPI_COMM_WORLD_SIZE": "2"}
+    assert single_process_env(env) is None
+    # RANK alone set (others missing): nothing is filled, DeepSpeed decides as before
+    assert single_process_env({"RANK": "0"}) is None
+    # a world of one keeps a port it was given
+    assert single_process_env({"MASTER_PORT": "1234"}) == {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                                                           "MASTER_ADDR": "127.0.0.1"}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _init_with(monkeypatch, env: dict, raise_from_deepspeed: BaseException):
+    """Run init_distributed with ``env`` as the environment and a stub deepspeed.init_distributed that records the
+    environment it is called with, then raises ``raise_from_deepspeed``."""
+    import deepspeed
+
+    for k in list(os.environ):
+        if k in RANK_VARIABLES or k.startswith(("OMPI_", "PMI_", "MV2_", "SLURM_")):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    seen = {}
+
+    def fake_init_distributed(**kwargs):
+        seen.update(os.environ)
+        raise raise_from_deepspeed
+
+    monkeypatch.setattr(deepspeed, "init_distributed", fake_init_distributed)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    return seen
+
+
+def test_init_distributed_under_mpirun_does_not_fill_a_world_of_one(monkeypatch):
+    seen = _init_with(monkeypatch, {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}, _Stop())
+    with pytest.raises(_Stop):
+        distributed.init_distributed()
+    assert not set(RANK_VARIABLES) & set(seen), "RANK etc. were filled: DeepSpeed's MPI discovery would be skipped"
+
+
+def test_init_distributed_alone_fills_a_world_of_one(monkeypatch):
+    seen = _init_with(monkeypatch, {}, _Stop())
+    with pytest.raises(_Stop):
+        distributed.init_distributed()
+    assert (seen["RANK"], seen["LOCAL_RANK"], seen["WORLD_SIZE"]) == ("0", "0", "1")
+
+
+def test_missing_mpi4py_names_the_launch_and_the_fix(monkeypatch):
+    _init_with(monkeypatch, {"SLURM_PROCID": "1", "SLURM_NTASKS": "4"},
+               ModuleNotFoundError("No module named 'mpi4py'", name="mpi4py"))
+    with pytest.raises(RuntimeError, match=r"SLURM_NTASKS=4(.|\n)*mpi4py(.|\n)*deepspeed launcher"):
+        distributed.init_distributed()
