@@ -359,7 +359,9 @@ class DataConfig:
     seed: int = 0
     """shapes only: the dataset seed (samples are a pure function of seed, split and index)."""
     num_workers: int = 2
-    """DataLoader worker processes per rank (0 = load in the training process)."""
+    """DataLoader worker processes per rank (0 = load in the training process). The workers persist across epochs;
+    on a GPU batches come in pinned memory and are copied without a host wait (dalle_ds/train/data_loading.py). With
+    0 a GPU waits while each batch is decoded or rendered: set a few (2-8) there."""
 
     def validate(self, image_size: int, where: str = "data") -> "DataConfig":
         if self.name not in DATASET_NAMES:
@@ -540,6 +542,9 @@ class DalleDataConfig:
     val_batches: int = 8
     """Micro-batches of the held-out split per validation."""
     num_workers: int = 0
+    """DataLoader worker processes per rank for the training pairs (0 = load in the training process; see
+    DataConfig.num_workers). Token shards are cheap to read and collate, so 0 suits them; with images encoded on the
+    fly (``dvae`` + ``images``) a GPU run wants a few workers to decode the images while it steps."""
 
     def validate(self, where: str = "data") -> "DalleDataConfig":
         if self.train_tokens:
@@ -587,8 +592,9 @@ class PowerSGDConfig:
     start_step: int = 0
     """Optimizer steps reduced uncompressed in fp32 before compression starts."""
     local_size: int = 0
-    """GPUs per machine; 0 = from the launcher (LOCAL_WORLD_SIZE / LOCAL_SIZE), else the whole job is one machine.
-    A smaller value makes one box emulate several machines."""
+    """GPUs per machine; 0 = from the ranks' hostnames (all-gathered when the groups are built; machines of unequal
+    rank counts or not numbered node by node are refused, and a launcher LOCAL_WORLD_SIZE / LOCAL_SIZE that
+    disagrees with them). A value > 0 overrides them: a smaller one makes one box emulate several machines."""
     compress: str = r"^layers\.\d+\.(attn|mlp)\.fn\.\w+\.weight$"
     """Regular expression on parameter names: the matrices to compress (default: the four of every resblock)."""
     orthogonalization: str = "qr"
@@ -719,6 +725,8 @@ class ClipTrainConfig:
 
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(num_workers=0))
+    """The images and captions; loaded in the training process by default (``data.num_workers=0``): on a GPU set a
+    few workers (DataConfig.num_workers)."""
     tokenizer: str | None = None
     """A saved caption tokenizer folder (e.g. the prior's <run>/tokenizer); None trains one on the captions."""
     dvae: str | None = None

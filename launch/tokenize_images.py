@@ -94,18 +94,20 @@ def tokenize_share(args, ds, dvae) -> None:
     """Encode this rank's share of the dataset ``ds`` (every world_size-th image) into its own token shards."""
     from dalle_ds.data.images import collate_samples
     from dalle_ds.data.token_shards import ShardWriter
+    from dalle_ds.train.data_loading import loader_kwargs, to_device
     from dalle_ds.train.distributed import device, is_rank0, rank, world_size
 
     dev = device()
     dvae = dvae.to(dev)
     autocast = dvae.bf16_inference(args.bf16)
     mine = Subset(ds, range(rank(), len(ds), world_size()))
-    loader = DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_samples)
+    loader = DataLoader(mine, batch_size=args.batch_size, collate_fn=collate_samples,
+                        **loader_kwargs(dev, args.num_workers))
     writer = ShardWriter(args.out, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
     position = 0
     for batch in tqdm(loader, desc=f"tokenize {args.split}", disable=not is_rank0(), dynamic_ncols=True):
         with autocast:
-            tokens = dvae.encode(batch["image"].to(dev))
+            tokens = dvae.encode(to_device(batch["image"], dev))
         records = []
         for j, caption in enumerate(batch["caption"]):
             rec = {"index": mine.indices[position + j], "caption": caption}

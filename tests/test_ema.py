@@ -1,8 +1,10 @@
 """The fp32 weight average (dalle_ds/train/ema.py): what an evaluation model built without initialization gets."""
+import pytest
 import torch
 
 from dalle_ds.config import DalleConfig
 from dalle_ds.models.dalle import DALLE
+from dalle_ds.train import ema as ema_module
 from dalle_ds.train.ema import EMA
 
 CFG = DalleConfig(text_vocab_size=20, text_len=4, image_vocab_size=8, image_grid=2, d_model=16, n_layers=2,
@@ -34,3 +36,112 @@ def test_copy_to_fills_every_parameter_of_an_uninitialized_model():
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name], p.detach() - 1.0, rtol=0, atol=1e-6, msg=name)
     assert not any(t.isnan().any() for t in target.state_dict().values())
+
+
+def _reference_update(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float, first: bool) -> None:
+    """The update as it was (one fp32 copy of every parameter, then one foreach over all of them)."""
+    cur = [p.detach().float() for p in params]
+    if first:
+        torch._foreach_copy_(shadow, cur)
+    else:
+        torch._foreach_lerp_(shadow, cur, 1.0 - decay)
+
+
+def _mixed_params() -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(3)
+    shapes_dtypes = [((64, 33), torch.float32), ((17,), torch.bfloat16), ((8, 3, 5, 5), torch.float32),
+                     ((), torch.float32), ((40, 7), torch.float16), ((1000,), torch.bfloat16), ((3, 3), torch.float32)]
+    out = []
+    for shape, dtype in shapes_dtypes:
+        t = torch.randn(shape, generator=g).to(dtype)
+        if len(shape) == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        out.append(torch.nn.Parameter(t))
+    return out
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 4096, ema_module.UPDATE_CHUNK_BYTES])
+def test_update_per_group_is_bit_identical_to_the_whole_model_update(monkeypatch, chunk_bytes):
+    """fp32, bf16 and fp16 parameters (channels_last and 0-dim among them), whatever the group size: the shadow after
+    several updates equals, bit for bit, the shadow of the former all-at-once update."""
+    monkeypatch.setattr(ema_module, "UPDATE_CHUNK_BYTES", chunk_bytes)
+    params = _mixed_params()
+    module = torch.nn.Module()
+    for i, p in enumerate(params):
+        module.register_parameter(f"p{i}", p)
+    ema = EMA(module, decay=0.9)
+    want = [p.detach().float().clone() for p in params]
+    g = torch.Generator().manual_seed(4)
+    for step in range(5):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+        ema.update(module.parameters())
+        _reference_update(want, params, 0.9, first=step == 0)
+        for got, ref in zip(ema.shadow, want):
+            assert got.dtype == torch.float32 and torch.equal(got, ref)
+    assert ema.updates == 5
+
+
+def test_update_copies_low_precision_parameters_a_group_at_a_time(monkeypatch):
+    """bf16 weights: the fp32 copies the lerp reads exist for one group (UPDATE_CHUNK_BYTES, plus the tensor that
+    crosses it) at a time, not for the whole model."""
+    chunk = 4096
+    monkeypatch.setattr(ema_module, "UPDATE_CHUNK_BYTES", chunk)
+    module = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(8)]).to(torch.bfloat16)
+    ema = EMA(module, decay=0.9)
+    ema.update(module.parameters())  # the first update copies
+    calls = []
+    lerp = torch._foreach_lerp_
+
+    def recording_lerp(shadows, currents, weight):
+        calls.append(sum(c.numel() * c.element_size() for c in currents))
+        return lerp(shadows, currents, weight)
+
+    monkeypatch.setattr(torch, "_foreach_lerp_", recording_lerp)
+    ema.update(module.parameters())
+    largest = max(p.numel() * 4 for p in module.parameters())
+    total = sum(p.numel() * 4 for p in module.parameters())
+    assert len(calls) > 1 and max(calls) <= chunk + largest < total and sum(calls) == total
+
+
+def test_update_refuses_a_different_parameter_list():
+    ema = EMA(torch.nn.Linear(2, 2), decay=0.5)
+    with pytest.raises(ValueError):
+        ema.update([torch.nn.Parameter(torch.zeros(2, 2))])
+
+
+def _sharded_module(rank: int, world: int, full: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module whose parameters look like ZeRO-3's: empty, with this rank's flat partition in ``ds_tensor``."""
+    m = torch.nn.Module()
+    for name, t in full.items():
+        per = -(-t.numel() // world)
+        flat = torch.nn.functional.pad(t.flatten(), (0, per * world - t.numel()))
+        p = torch.nn.Parameter(torch.empty(0))
+        p.ds_tensor, p.ds_shape = flat[rank * per:(rank + 1) * per].clone(), t.shape
+        m.register_parameter(name, p)
+    return m
+
+
+def _gather_to_rank0(rank, world):
+    full = {"w": torch.arange(15.0).view(5, 3), "b": torch.arange(4.0), "s": torch.tensor(2.5)}
+    sharded = EMA(_sharded_module(rank, world, full), decay=0.5)
+    assert sharded.sharded
+    everywhere = sharded.model_state_dict()
+    only0 = sharded.model_state_dict(dst=0)  # every rank still joins the gathers; only rank 0 keeps the result
+    plain = EMA(torch.nn.Linear(3, 2), decay=0.5)
+    plain_only0 = plain.model_state_dict(dst=0)
+    for name, t in full.items():
+        assert torch.equal(everywhere[name], t)
+    if rank == 0:
+        assert all(torch.equal(only0[n], t) for n, t in full.items())
+        assert set(plain_only0) == {"weight", "bias"}
+    else:
+        assert only0 == {} and plain_only0 == {}
+    return True
+
+
+def test_model_state_dict_for_rank0_only():
+    from dalle_ds.dist.local_ranks import run_local_ranks
+
+    assert run_local_ranks(_gather_to_rank0, 2)

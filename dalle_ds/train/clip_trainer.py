@@ -20,6 +20,7 @@ from dalle_ds.data.registry import build_dataset
 from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, binding_captions, contrast_attributes, contrast_caption,
                                   render_scene_tensor, spatial_contrast_scene)
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
+from dalle_ds.train.data_loading import to_device
 from dalle_ds.train.distributed import barrier, gather_rows_with_grad, is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_rank0_evaluation_supported
 from dalle_ds.train.engine_loop import EngineLoop
@@ -136,7 +137,7 @@ class ClipTrainer(EngineLoop):
         eng = self.engine
 
         def forward(batch: dict[str, Any], micro: int):
-            inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            inputs = {k: to_device(v, self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             b = inputs["pixel_values"].shape[0]  # the pairs; negatives are appended after them
             if self.uses_scenes:
                 # Seeded by (seed, update, rank, micro-batch): a resumed run draws the same negatives.
@@ -157,9 +158,9 @@ class ClipTrainer(EngineLoop):
             out.loss = contrastive_loss(out.image_embeds, out.text_embeds, eng.module.logit_scale.exp(), b)
             return out
 
-        outs = self.micro_steps(batches, forward)
-        return {**self.mean_over(outs, ("loss",)), "lr": float(eng.get_lr()[0]),
-                "logit_scale": float(eng.module.logit_scale.detach().exp().squeeze())}
+        stats = self.micro_steps(batches, forward, ("loss",))
+        # a tensor, read only if this step is logged (EngineLoop.to_floats): no host sync per update
+        return {**stats, "lr": float(eng.get_lr()[0]), "logit_scale": eng.module.logit_scale.detach().exp().squeeze()}
 
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ checkpoint, every logged step carries each block's log2 scale (``grad_scale_log2
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from dalle_ds.data.tokenizer import CaptionTokenizer
 from dalle_ds.models.dalle import DALLE, prepare_text
 from dalle_ds.precision.resblock_scaling import install_unscale_hooks
 from dalle_ds.train import checkpoint as ckpt
+from dalle_ds.train.data_loading import loader_kwargs, to_device
 from dalle_ds.train.distributed import is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_compile_supported, zero_stage
 from dalle_ds.train.engine_loop import EngineLoop
@@ -71,6 +73,12 @@ def build_prior(model_cfg: DalleConfig, ds_config: dict) -> DALLE:
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             model.init_parameter(name, p)
     return model
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """The model's parameter count, ZeRO-3 partitioned or not: a partitioned parameter's ``numel()`` is 0 outside a
+    gather, and its full size is ``ds_numel``."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def export_dalle(path: Path, model_cfg: DalleConfig, state_dict: dict, step: int, extra: dict) -> None:
@@ -135,7 +143,7 @@ class DalleTrainer(EngineLoop):
         if self.dvae is not None:
             self.dvae = self.dvae.to(self.device)
         if is_rank0():
-            n = sum(p.numel() for p in model.parameters())
+            n = parameter_count(model)
             log.info("prior: %.2fM parameters, %d layers (%s), T=%d text + %d×%d image tokens, text vocab %d, "
                      "image vocab %d; %d training pairs; world size %d; resumed from step %s",
                      n / 1e6, model_cfg.n_layers, ",".join(model.mask_schedule), model_cfg.text_len, grid, grid,
@@ -168,13 +176,13 @@ class DalleTrainer(EngineLoop):
 
     def image_tokens(self, batch: dict) -> torch.Tensor:
         if "image_tokens" in batch:
-            return batch["image_tokens"].to(self.device)
-        return self.dvae.encode(batch["image"].to(self.device)).flatten(1)
+            return to_device(batch["image_tokens"], self.device)
+        return self.dvae.encode(to_device(batch["image"], self.device)).flatten(1)
 
     def train_step(self, batches) -> dict[str, float]:
         eng = self.engine
-        outs = self.micro_steps(batches, lambda b, i: eng(b["text"].to(self.device), self.image_tokens(b)))
-        stats = self.mean_over(outs, ("loss", "text_loss", "image_loss"))
+        stats = self.micro_steps(batches, lambda b, i: eng(to_device(b["text"], self.device), self.image_tokens(b)),
+                                 ("loss", "text_loss", "image_loss"))
         stats["lr"] = float(eng.get_lr()[0])
         if self.grad_scaler is not None:
             skip = self.grad_scaler.update()  # flags all-reduced: every rank moves its scales identically
@@ -188,24 +196,39 @@ class DalleTrainer(EngineLoop):
 
     @torch.no_grad()
     def _val_loss(self, model: torch.nn.Module) -> dict[str, float]:
-        """Mean losses over this rank's share of ``val_batches`` micro-batches, averaged across ranks."""
-        mb = self.engine.train_micro_batch_size_per_gpu()
-        n = min(len(self.val_ds), self.cfg.data.val_batches * mb * world_size())
-        mine = Subset(self.val_ds, range(rank(), n, world_size()))
+        """Mean losses over the first ``val_batches`` × micro-batch × world held-out pairs (or all of them), each
+        rank taking every world-th pair, summed across ranks: the mean over those pairs whatever the world size.
+
+        Every rank runs the same number of forward passes, the most any rank needs: under ZeRO-3 each forward
+        gathers the layers' parameters with collectives, so a rank with a batch fewer (pairs not a multiple of
+        world × micro-batch) would reach the all-reduce below while the others still gather, and all would hang.
+        A rank out of pairs runs one more of the split's first pair instead and leaves it out of the sums.
+        """
+        mb, world = self.engine.train_micro_batch_size_per_gpu(), world_size()
+        n = min(len(self.val_ds), self.cfg.data.val_batches * mb * world)
+        mine = Subset(self.val_ds, range(rank(), n, world))
+        passes = math.ceil(math.ceil(n / world) / mb)  # rank 0's batches: it has the most pairs
+        batches = iter(DataLoader(mine, batch_size=mb, collate_fn=self.collate,
+                                  **loader_kwargs(self.device, num_workers=0)))
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         was_training = model.training
         model.eval()
-        for batch in DataLoader(mine, batch_size=mb, collate_fn=self.collate):
-            out = model(batch["text"].to(self.device), self.image_tokens(batch))
-            k = len(batch["caption"])
-            totals += torch.tensor([float(out.loss) * k, float(out.text_loss) * k, float(out.image_loss) * k, k],
-                                   dtype=torch.float64, device=self.device)
+        for _ in range(passes):
+            batch = next(batches, None)
+            counted = batch is not None
+            if not counted:  # this rank's pairs are done: keep its collectives in step with the other ranks'
+                batch = self.collate([self.val_ds[0]])
+            out = model(to_device(batch["text"], self.device), self.image_tokens(batch))
+            if counted:  # summed on the device: no host sync per batch
+                k = len(batch["caption"])
+                losses = torch.stack([out.loss, out.text_loss, out.image_loss]).detach().to(torch.float64) * k
+                totals += torch.cat([losses, losses.new_tensor([k])])
         model.train(was_training)
-        if world_size() > 1:
+        if world > 1:
             dist.all_reduce(totals)
-        c = float(totals[3].clamp(min=1))
-        return {"loss": float(totals[0]) / c, "text_loss": float(totals[1]) / c, "image_loss": float(totals[2]) / c,
-                "pairs": float(totals[3])}
+        loss, text_loss, image_loss, pairs = totals.tolist()
+        c = max(pairs, 1.0)
+        return {"loss": loss / c, "text_loss": text_loss / c, "image_loss": image_loss / c, "pairs": pairs}
 
     def evaluate(self, tag: str) -> dict[str, Any] | None:
         if self.val_ds is None or self.cfg.data.val_batches == 0:

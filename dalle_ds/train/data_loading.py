@@ -3,7 +3,7 @@ uninterrupted one would have seen."""
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -30,20 +30,44 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+def loader_kwargs(device: torch.device | str, num_workers: int) -> dict[str, Any]:
+    """The DataLoader settings for batches bound for ``device``.
+
+    On CUDA the batches come in pinned (page-locked) host memory, so that :func:`to_device` can copy them
+    asynchronously and the host goes on queueing the step's kernels meanwhile; on the CPU nothing changes.
+    ``persistent_workers`` keeps the worker processes (and whatever each opened: shard files, a tar stream) from one
+    epoch to the next instead of starting ``num_workers`` fresh ones per epoch; it needs workers.
+    """
+    cuda = torch.device(device).type == "cuda"
+    return {"num_workers": num_workers, "pin_memory": cuda, "persistent_workers": num_workers > 0}
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)``, without waiting when the copy goes to a GPU: from pinned memory (:func:`loader_kwargs`)
+    the copy then runs on the current stream, ordered before the kernels that read it, while the host moves on
+    (the caching host allocator keeps the pinned buffer until the copy is done)."""
+    return t.to(device, non_blocking=torch.device(device).type == "cuda")
+
+
 class StepBatches:
-    """Yields micro-batches forever, tracking (epoch, micro-batch index within the epoch) for checkpoints."""
+    """Yields micro-batches forever, tracking (epoch, micro-batch index within the epoch) for checkpoints.
+
+    One DataLoader serves every epoch: its sampler is repositioned before each pass (:meth:`ResumableSampler.
+    set_position`), and with workers they persist across epochs (:func:`loader_kwargs`).
+    """
 
     def __init__(self, dataset: Dataset, micro_batch: int, num_replicas: int, rank: int, seed: int,
-                 num_workers: int, collate_fn):
+                 num_workers: int, collate_fn, device: torch.device | str = "cpu"):
         if len(dataset) < micro_batch * num_replicas:
             raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one global micro-batch "
                              f"({micro_batch} × {num_replicas} ranks)")
         self.sampler = ResumableSampler(dataset, num_replicas, rank, seed)
         self.micro_batch = micro_batch
         self.batches_per_epoch = len(self.sampler) // micro_batch
-        self.loader_args = dict(batch_size=micro_batch, num_workers=num_workers, collate_fn=collate_fn,
-                                drop_last=True, persistent_workers=False)
+        self.loader_args = dict(batch_size=micro_batch, collate_fn=collate_fn, drop_last=True,
+                                **loader_kwargs(device, num_workers))
         self.dataset = dataset
+        self.loader = DataLoader(dataset, sampler=self.sampler, **self.loader_args)
         self.epoch = 0
         self.index = 0  # micro-batches consumed in the current epoch
 
@@ -58,8 +82,7 @@ class StepBatches:
             if self.index >= self.batches_per_epoch:
                 self.epoch, self.index = self.epoch + 1, 0
             self.sampler.set_position(self.epoch, self.index * self.micro_batch)
-            loader = DataLoader(self.dataset, sampler=self.sampler, **self.loader_args)
-            for batch in loader:
+            for batch in self.loader:
                 self.index += 1
                 yield batch
 

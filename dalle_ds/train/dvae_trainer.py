@@ -24,7 +24,7 @@ from dalle_ds.eval.dvae_eval import evaluate_reconstructions
 from dalle_ds.models.dvae import DiscreteVAE, count_parameters, kmeans_init_head
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.channels_last import ChannelsLast
-from dalle_ds.train.data_loading import step_generator
+from dalle_ds.train.data_loading import step_generator, to_device
 from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_rank0_evaluation_supported
 from dalle_ds.train.engine_loop import EngineLoop
@@ -102,10 +102,9 @@ class DVAETrainer(EngineLoop):
 
         def micro(batch, i):
             gen = step_generator(self.seed, step, rank(), i, self.device)
-            return eng(batch["image"].to(self.device), tau=tau, kl_weight=beta, generator=gen)
+            return eng(to_device(batch["image"], self.device), tau=tau, kl_weight=beta, generator=gen)
 
-        outs = self.micro_steps(batches, micro)
-        stats = self.mean_over(outs, ("loss", "nll", "kl"))
+        stats = self.micro_steps(batches, micro, ("loss", "nll", "kl"))
         stats.update(tau=tau, kl_weight=beta, lr=float(eng.get_lr()[0]))
         return stats
 

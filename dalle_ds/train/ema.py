@@ -20,6 +20,11 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p
 
 
+#: fp32 copies of non-fp32 (bf16 / fp16) parameters made per ``torch._foreach_lerp_`` call in :meth:`EMA.update`;
+#: fp32 parameters are averaged in place of any copy. Bounds the update's extra memory at this, not an fp32 model.
+UPDATE_CHUNK_BYTES = 64 << 20
+
+
 class EMA:
     def __init__(self, module: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
@@ -34,11 +39,34 @@ class EMA:
 
     @torch.no_grad()
     def update(self, params: Iterable[torch.Tensor]) -> None:
-        cur = [_local(p).detach().float() for p in params]
-        if self.updates == 0:
-            torch._foreach_copy_(self.shadow, cur)
-        else:
-            torch._foreach_lerp_(self.shadow, cur, 1.0 - self.decay)
+        """``shadow += (1 - decay) * (param - shadow)`` (the first update copies), a group of tensors at a time: an
+        fp32 parameter is read as it is, and fp32 copies of lower-precision ones exist for one group only
+        (:data:`UPDATE_CHUNK_BYTES`), not for the whole model at once. The same lerp, element for element, as one
+        ``torch._foreach_lerp_`` over all of them."""
+        weight = 1.0 - self.decay
+        shadows: list[torch.Tensor] = []
+        currents: list[torch.Tensor] = []
+        copied = 0
+
+        def flush() -> None:
+            if shadows:
+                if self.updates == 0:
+                    torch._foreach_copy_(shadows, currents)
+                else:
+                    torch._foreach_lerp_(shadows, currents, weight)
+                shadows.clear()
+                currents.clear()
+
+        for shadow, p in zip(self.shadow, params, strict=True):
+            t = _local(p).detach()
+            if t.dtype != torch.float32:
+                copied += t.numel() * 4
+            shadows.append(shadow)
+            currents.append(t.float())  # no copy for an fp32 tensor
+            if copied >= UPDATE_CHUNK_BYTES:
+                flush()
+                copied = 0
+        flush()
         self.updates += 1
 
     def state_dict(self) -> dict:
@@ -54,22 +82,33 @@ class EMA:
         for i, n in enumerate(self.names):
             self.shadow[i].copy_(state["shadow"][n])
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The averaged weights under the module's parameter names (fp32, on CPU). Collective under ZeRO-3."""
+    def model_state_dict(self, dst: int | None = None) -> dict[str, torch.Tensor]:
+        """The averaged weights under the module's parameter names (fp32, on CPU). Collective under ZeRO-3.
+
+        ``dst``: the only rank that uses them; the others get ``{}`` and skip the host copy (under ZeRO-3 they
+        still take part in every gather, which needs all ranks). None: every rank gets them."""
+        keep = dst is None or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == dst
         if not self.sharded:
-            return {n: t.detach().cpu().clone() for n, t in zip(self.names, self.shadow)}
+            return {n: t.detach().cpu().clone() for n, t in zip(self.names, self.shadow)} if keep else {}
         out = {}
         world = dist.get_world_size()
         for n, shard, shape in zip(self.names, self.shadow, self.full_shapes):
             parts = [torch.empty_like(shard) for _ in range(world)]
             dist.all_gather(parts, shard.contiguous())
-            numel = int(torch.tensor(shape).prod()) if shape else 1
-            out[n] = torch.cat([p.flatten() for p in parts])[:numel].view(shape).cpu()
+            if keep:
+                numel = int(torch.tensor(shape).prod()) if shape else 1
+                out[n] = torch.cat([p.flatten() for p in parts])[:numel].view(shape).cpu()
         return out
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
-        """Load the averaged weights into an ordinary (unsharded) module of the same architecture."""
-        weights = self.model_state_dict()
+        """Load the averaged weights into an ordinary (unsharded) module of the same architecture (collective under
+        ZeRO-3). Unsharded, each weight is copied from the average where it is, with no trip through the host."""
+        if self.sharded:
+            weights = self.model_state_dict()
+            for n, p in module.named_parameters():
+                p.copy_(weights[n].to(p.dtype))
+            return
+        shadow = dict(zip(self.names, self.shadow))
         for n, p in module.named_parameters():
-            p.copy_(weights[n].to(p.dtype))
+            p.copy_(shadow[n])

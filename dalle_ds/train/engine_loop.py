@@ -2,7 +2,9 @@
 data order, atomic checkpoints with exact resume, a tqdm bar on rank 0, and metrics through DeepSpeed's monitors.
 
 A subclass provides ``train_step(batches) -> dict`` (one optimizer update; it may call ``self.micro_steps``),
-``evaluate(tag) -> dict | None`` and ``finish(summary, ema_weights)``; ``train()`` runs the loop.
+``evaluate(tag) -> dict | None`` and ``finish(summary, ema_weights)``; ``train()`` runs the loop. The statistics a
+``train_step`` returns may be Python numbers or 0-dim tensors on the device: only those of a logged step are read,
+all at once, so the host does not wait for the GPU after every micro-batch (each ``float(tensor)`` would).
 
 Extensions (e.g. a gradient reducer) plug into the engine's life cycle; each may define any of:
 ``before_initialize(model, ds_config)`` (before ``deepspeed.initialize``; may edit the config dict),
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -72,12 +73,14 @@ class EngineLoop:
             if hasattr(ext, "after_initialize"):
                 ext.after_initialize(self.engine)
         self.ema = EMA(self.engine.module, ema_decay)
-        self._grad_norms: list[float] = []  # the engine's global gradient norm of each update since the last log
+        # Since the last log, on the device: [sum of the finite global gradient norms, their count, how many of
+        # them gradient_clipping scaled down] (float64; None until the first update that reports a norm).
+        self._grad_norms: torch.Tensor | None = None
         for ext in self.extensions:
             if hasattr(ext, "setup"):
                 ext.setup(self)
         self.batches = StepBatches(train_ds, self.engine.train_micro_batch_size_per_gpu(), world_size(), rank(),
-                                   seed, num_workers, collate_fn)
+                                   seed, num_workers, collate_fn, self.device)
         self.resumed_from = None
         if resume:
             loaded = ckpt.load_checkpoint(self.engine, self.ckpt_dir)
@@ -113,48 +116,86 @@ class EngineLoop:
     def _stateful_extensions(self) -> list:
         return [e for e in self.extensions if hasattr(e, "state_dict")]
 
-    def micro_steps(self, batches, fn: Callable[[dict, int], Any]) -> list[Any]:
-        """Run ``fn(batch, micro) -> output with .loss`` for each micro-batch of one optimizer update."""
-        outs = []
-        for micro in range(self.engine.gradient_accumulation_steps()):
+    def micro_steps(self, batches, fn: Callable[[dict, int], Any], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Run ``fn(batch, micro) -> output with .loss`` for each micro-batch of one optimizer update; returns the
+        mean over the micro-batches of each scalar output attribute in ``keys``.
+
+        The means are 0-dim float64 tensors where the outputs are (summed in micro-batch order, then divided: the
+        numbers a Python float sum would give), read by the host only at a logged step. Only those scalars are
+        kept: each micro-batch's output (logits, reconstructions...) is released before the next forward."""
+        sums: dict[str, torch.Tensor] = {}
+        steps = self.engine.gradient_accumulation_steps()
+        for micro in range(steps):
             out = fn(next(batches), micro)
             self.engine.backward(out.loss)
             for ext in self.extensions:
                 if hasattr(ext, "after_backward"):
                     ext.after_backward(self, micro)
             self.engine.step()
-            outs.append(out)
-        norm = self.engine.get_global_grad_norm()  # ZeRO 1-3 compute it; a ZeRO-0 torch optimizer does not
-        if norm is not None and math.isfinite(float(norm)):
-            self._grad_norms.append(float(norm))
+            for k in keys:
+                v = getattr(out, k).detach().to(torch.float64)
+                sums[k] = sums[k] + v if k in sums else v
+            del out
+        # ZeRO 1-3 compute the global gradient norm; a ZeRO-0 torch optimizer does not (None)
+        self._record_grad_norm(self.engine.get_global_grad_norm())
         self.ema.update(self.engine.module.parameters())
-        return outs
+        return {k: v / steps for k, v in sums.items()}
+
+    def _record_grad_norm(self, norm: float | torch.Tensor | None) -> None:
+        """Add one update's global gradient norm (a tensor or a float; ``None``: not computed) to the running
+        sums on the device, skipping a nonfinite one (a skipped update), without reading it on the host."""
+        if norm is None:
+            return
+        t = torch.as_tensor(norm, dtype=torch.float64).detach().reshape(())  # a float: on the CPU; a tensor: in place
+        finite = torch.isfinite(t)
+        clip = float(self.engine.gradient_clipping() or 0.0)
+        row = torch.stack([torch.where(finite, t, 0.0), finite.to(torch.float64),
+                           (finite & (t > clip)).to(torch.float64)])
+        if self._grad_norms is None:
+            self._grad_norms = row
+        else:
+            self._grad_norms = self._grad_norms + row.to(self._grad_norms.device)
 
     def grad_norm_stats(self) -> dict[str, float]:
         """Mean global gradient norm (before clipping) over the updates since the last call, and the fraction of
-        them that ``gradient_clipping`` scaled down."""
-        norms, self._grad_norms = self._grad_norms, []
-        if not norms:
+        them that ``gradient_clipping`` scaled down (read from the device here, once per logged step)."""
+        sums, self._grad_norms = self._grad_norms, None
+        if sums is None:
             return {}
-        out = {"grad_norm": sum(norms) / len(norms)}
-        clip = float(self.engine.gradient_clipping() or 0.0)
-        if clip > 0:
-            out["grad_clipped"] = sum(n > clip for n in norms) / len(norms)
+        total, count, clipped = sums.tolist()
+        if count == 0:
+            return {}
+        out = {"grad_norm": total / count}
+        if float(self.engine.gradient_clipping() or 0.0) > 0:
+            out["grad_clipped"] = clipped / count
         return out
 
     @staticmethod
-    def mean_over(outs: list[Any], keys: tuple[str, ...]) -> dict[str, float]:
-        """The mean of each scalar output attribute in ``keys`` over one update's micro-batches."""
-        return {k: sum(float(getattr(o, k).detach()) for o in outs) / len(outs) for k in keys}
+    def to_floats(stats: dict[str, Any]) -> dict[str, Any]:
+        """``stats`` with every tensor read as a Python float, all of them in one transfer per device."""
+        tensors = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
+        out = dict(stats)
+        by_device: dict[torch.device, list[str]] = {}
+        for k in tensors:
+            by_device.setdefault(stats[k].device, []).append(k)
+        for keys in by_device.values():
+            values = torch.stack([stats[k].detach().reshape(()).to(torch.float64) for k in keys]).tolist()
+            out.update(zip(keys, values))
+        return out
+
+    def _writes_model_states(self) -> bool:
+        """Whether DeepSpeed writes this rank's ``client_state`` (the model-states file): data-parallel rank 0 (or
+        each node's local rank 0 with node-local storage) only; the other ranks' is dropped. DeepSpeed's own flag,
+        set when the engine is built; without it, assume it does."""
+        return bool(getattr(self.engine, "save_non_zero_checkpoint", True))
 
     def save(self) -> None:
-        ema = self.ema.state_dict()
         state = {"data": self.batches.state_dict(), "run_config": asdict(self.cfg), "extra": self.extra_state()}
         own: dict[str, Any] = {}
-        if self.ema.sharded:
-            own["ema"] = ema
-        else:
-            state["ema"] = ema
+        if self.ema.sharded:  # every rank checkpoints its own partitions
+            own["ema"] = self.ema.state_dict()
+        elif self._writes_model_states():  # elsewhere the host copy of the whole average would go unused
+            state["ema"] = self.ema.state_dict()
         if self._stateful_extensions():
             own["extensions"] = {e.name: e.state_dict() for e in self._stateful_extensions()}
         ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.engine.global_steps, state,
@@ -177,6 +218,7 @@ class EngineLoop:
             step = eng.global_steps
             bar.update(1)
             if c.log_every and (step % c.log_every == 0 or step == c.steps):
+                stats = self.to_floats(stats)
                 stats.update(self.grad_norm_stats())
                 for ext in self.extensions:  # only when logging: they summarize the steps since their last call
                     if hasattr(ext, "stats"):
@@ -198,7 +240,7 @@ class EngineLoop:
                 (self.run_dir / f"{self.job_name}_partial_metrics.json").write_text(json.dumps(summary, indent=2))
             return summary
         summary["eval"] = self.evaluate("final")
-        ema_weights = self.ema.model_state_dict()  # a collective under ZeRO-3
+        ema_weights = self.ema.model_state_dict(dst=0)  # a collective under ZeRO-3; only rank 0 keeps a host copy
         if is_rank0():
             self.finish(summary, ema_weights)
             (self.run_dir / f"{self.job_name}_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
