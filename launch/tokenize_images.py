@@ -78,9 +78,8 @@ def main(argv=None) -> int:
             for old in [out / "meta.json", *out.glob("part-*")]:
                 old.unlink(missing_ok=True)
         barrier()
-        tokenize_share(args, ds, dvae)
-        barrier()
-        if is_rank0() and not write_index(args, data, dvae.cfg):
+        parts = all_parts(tokenize_share(args, ds, dvae))
+        if is_rank0() and not write_index(args, data, dvae.cfg, parts):
             return 2
     return 0
 
@@ -90,8 +89,22 @@ def describe_data(args) -> str:
     return f"--data {args.data}{where} (split {args.split!r})"
 
 
-def tokenize_share(args, ds, dvae) -> None:
-    """Encode this rank's share of the dataset ``ds`` (every world_size-th image) into its own token shards."""
+def all_parts(mine: list[str]) -> list[str]:
+    """Every rank's shard names, in rank order (a collective; it also waits for every rank to have flushed). Taken
+    from the ranks themselves, not from a listing of the folder: on a filesystem shared over the network (NFS caches
+    directory listings for tens of seconds) rank 0 may not yet see another node's new files in a listing."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(mine)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(mine))
+    return [name for names in gathered for name in names]
+
+
+def tokenize_share(args, ds, dvae) -> list[str]:
+    """Encode this rank's share of the dataset ``ds`` (every world_size-th image) into its own token shards; returns
+    their names."""
     from dalle_ds.data.images import collate_samples
     from dalle_ds.data.token_shards import ShardWriter
     from dalle_ds.train.data_loading import loader_kwargs, to_device
@@ -117,21 +130,27 @@ def tokenize_share(args, ds, dvae) -> None:
         position += len(records)
         writer.add(tokens, records)
     writer.flush()
+    return writer.parts
 
 
-def write_index(args, data: DataConfig, dvae_cfg) -> bool:
-    """meta.json over every rank's shards (rank 0, after all have flushed); False, with no meta.json written (a
-    folder without one is refused by the later stages), when no rank wrote a row."""
+def write_index(args, data: DataConfig, dvae_cfg, parts: list[str]) -> bool:
+    """meta.json over every rank's shards ``parts`` (rank 0, after all have flushed); False, with no meta.json
+    written (a folder without one is refused by the later stages), when no rank wrote a row or rank 0 cannot read
+    a shard another rank wrote (``--out`` not on a filesystem every node sees)."""
     from dalle_ds.data.token_shards import write_meta
 
-    parts = sorted(p.name[: -len(".tokens.npy")] for p in Path(args.out).glob("part-*.tokens.npy"))
     if not parts:
         print(f"error: no token rows written from {describe_data(args)}; no meta.json written to {args.out}",
               file=sys.stderr)
         return False
-    write_meta(args.out, parts, dvae_cfg.grid_size, dvae_cfg.vocab_size,
-               {"dvae": os.path.abspath(args.dvae), "dataset": data.name, "split": args.split,
-                "path": args.path, "seed": args.seed, "bf16": args.bf16})
+    try:
+        write_meta(args.out, parts, dvae_cfg.grid_size, dvae_cfg.vocab_size,
+                   {"dvae": os.path.abspath(args.dvae), "dataset": data.name, "split": args.split,
+                    "path": args.path, "seed": args.seed, "bf16": args.bf16})
+    except FileNotFoundError as e:
+        print(f"error: rank 0 cannot read a shard another rank wrote ({e}); --out {args.out} must be on a "
+              f"filesystem every node sees; no meta.json written", file=sys.stderr)
+        return False
     meta = json.loads((Path(args.out) / "meta.json").read_text())
     print(f"wrote {meta['num_samples']} token rows ({meta['grid_size']}×{meta['grid_size']} codes, "
           f"K={meta['vocab_size']}) in {len(parts)} parts to {args.out}")

@@ -73,3 +73,47 @@ def test_tokenize_images_cli_matches_the_encoder(tmp_path):
     bad = subprocess.run(cmd[:3] + [str(tmp_path / "missing.pt")] + cmd[4:], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "file not found" in bad.stderr
+
+
+def _tiny_dvae(path):
+    cfg = DVAEConfig(image_size=64, vocab_size=32, hidden=8, blocks_per_group=1, groups=3, decoder_init=8)
+    export_dvae(path, cfg, DiscreteVAE(cfg).state_dict(), step=0)
+    return cfg
+
+
+def test_tokenize_images_two_ranks_index_every_rank_shard(tmp_path):
+    """Rank 0 writes meta.json from the shard names the ranks report (not from a listing of the folder, which a
+    network filesystem may serve stale): both ranks' rows, each image once."""
+    from launch_utils import deepspeed_launch
+
+    torch.manual_seed(0)
+    _tiny_dvae(tmp_path / "dvae.pt")
+    out = tmp_path / "tok"
+    deepspeed_launch("launch/tokenize_images.py", ["--dvae", str(tmp_path / "dvae.pt"), "--data", "shapes",
+                                                   "--split", "test_ood", "--num_samples", "9", "--batch_size", "2",
+                                                   "--rows_per_shard", "2", "--out", str(out)])
+    meta = read_meta(out)
+    assert {s.split("-")[1] for s in meta["shards"]} == {"0", "1"} and meta["num_samples"] == 9
+    ds = TokenShardDataset(out)
+    assert sorted(ds[i]["index"] for i in range(len(ds))) == list(range(9))
+
+
+def test_write_index_refuses_a_shard_rank0_cannot_read(tmp_path, capsys):
+    """A shard another rank reports but rank 0 cannot open (--out not shared between nodes): no meta.json."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenize_images", ROOT / "launch/tokenize_images.py")
+    tok = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tok)
+    cfg = _tiny_dvae(tmp_path / "dvae.pt")
+    out = tmp_path / "tok"
+    w = ShardWriter(out, 0, 16, cfg.vocab_size, rows_per_shard=4)
+    w.add(torch.zeros(2, 16, 16, dtype=torch.long), [{"index": 0, "caption": "a"}, {"index": 1, "caption": "b"}])
+    w.flush()
+    args = argparse.Namespace(out=str(out), dvae=str(tmp_path / "dvae.pt"), split="test_ood", path=None, seed=0,
+                              bf16=False, data="shapes")
+    data = argparse.Namespace(name="shapes")
+    assert tok.write_index(args, data, cfg, w.parts + ["part-1-00000"]) is False
+    assert "every node sees" in capsys.readouterr().err and not (out / "meta.json").exists()
+    assert tok.write_index(args, data, cfg, w.parts) is True and read_meta(out)["num_samples"] == 2
