@@ -93,3 +93,26 @@ def test_missing_mpi4py_names_the_launch_and_the_fix(monkeypatch):
                ModuleNotFoundError("No module named 'mpi4py'", name="mpi4py"))
     with pytest.raises(RuntimeError, match=r"SLURM_NTASKS=4(.|\n)*mpi4py(.|\n)*deepspeed launcher"):
         distributed.init_distributed()
+
+
+def _disagree(rank, world, values):
+    import pytest as _pytest
+
+    from dalle_ds.train.distributed import check_same_on_every_rank
+
+    check_same_on_every_rank("nothing", 7)  # the same everywhere: no error
+    with _pytest.raises(RuntimeError) as e:
+        check_same_on_every_rank("the training set's size", values[rank], "read the same data")
+    return str(e.value)
+
+
+@pytest.mark.distributed
+def test_ranks_that_disagree_all_raise_the_same_error():
+    """What each rank works out alone but all must share (the dataset's length, the checkpoint tag): a difference
+    raises the same error on every rank (run_local_ranks fails if any rank does not raise), naming the values and
+    the ranks that hold them."""
+    from dalle_ds.dist.local_ranks import run_local_ranks
+
+    msg = run_local_ranks(_disagree, 3, [100, 99, 100], timeout=120)
+    assert msg == ("the ranks disagree on the training set's size: 100 on rank(s) 0, 2; 99 on rank(s) 1; "
+                   "read the same data")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dalle_ds.config import ConfigError
-from dalle_ds.train.distributed import barrier, is_rank0
+from dalle_ds.train.distributed import barrier, check_same_on_every_rank, is_rank0
 from dalle_ds.train.distributed import rank as dist_rank
 from dalle_ds.utils.files import atomic_write_bytes
 
@@ -162,6 +162,9 @@ def load_checkpoint(engine, ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[
     Returns (client_state, this rank's rank_state or None), or None when there is no committed checkpoint.
     """
     tag = latest_tag(ckpt_dir)
+    check_same_on_every_rank(f"the checkpoint to resume ({Path(ckpt_dir) / 'latest'})", tag,
+                             "every rank must see the same run folder (a filesystem shared by every node, with "
+                             "rank 0's latest write visible to all)")
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)

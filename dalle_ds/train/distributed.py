@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -151,6 +151,23 @@ def _unlink_shm_allreduce_buffer() -> None:
         os.unlink(shm_allreduce_buffer_path())
     except FileNotFoundError:
         pass
+
+
+def check_same_on_every_rank(what: str, value: Any, hint: str = "") -> None:
+    """Raise the same RuntimeError on every rank when ranks hold different ``value``s (small and picklable) for
+    something each rank works out on its own but all must share (the dataset's length, the checkpoint to resume).
+    A collective: every rank calls it. On one rank, or without a process group, it checks nothing."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    ranks: dict[str, list[int]] = {}
+    for r, v in enumerate(values):
+        ranks.setdefault(repr(v), []).append(r)
+    if len(ranks) > 1:
+        seen = "; ".join(f"{v} on rank(s) {', '.join(map(str, rs[:8]))}{', ...' if len(rs) > 8 else ''}"
+                         for v, rs in ranks.items())
+        raise RuntimeError(f"the ranks disagree on {what}: {seen}{'; ' + hint if hint else ''}")
 
 
 def free_port() -> int:

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from dalle_ds.precision.native import bf16_is_native
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.data_loading import StepBatches
-from dalle_ds.train.distributed import all_reduce_mean, barrier, device, is_rank0, rank, world_size
+from dalle_ds.train.distributed import (all_reduce_mean, barrier, check_same_on_every_rank, device, is_rank0,
+                                         rank, world_size)
 from dalle_ds.train.ema import EMA
 
 log = logging.getLogger("dalle_ds.train")
@@ -55,6 +56,11 @@ class EngineLoop:
         # Every rank reads the earlier run's configs (so a refusal ends all ranks alike, none left waiting in a
         # collective), then rank 0 replaces them.
         changed = ckpt.check_resume(self.run_dir, self.job_name, asdict(cfg), ds_config, world_size()) if resume else []
+        # Each rank opens the data itself; the sampler splits it by index, so a rank that read fewer samples (an
+        # image it could not decode this time, other files under the same path) would train on overlapping ones.
+        check_same_on_every_rank("the training set's size", len(train_ds),
+                                 "every rank must read the same data (the same path on every node, every sample "
+                                 "readable on every node)")
         barrier()
         if is_rank0():
             if changed:
