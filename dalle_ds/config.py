@@ -411,8 +411,8 @@ class DataConfig:
         elif self.name == "fashion_mnist":
             if self.path:
                 kw["root"] = self.path
-        else:
-            kw["path"] = self.path
+        else:  # the user's images: every rank of a training run builds them together (folder.ImageTextFolder)
+            kw.update(path=self.path, across_ranks=True)
         return kw
 
 

@@ -342,3 +342,38 @@ def test_list_valued_captions_use_the_first_non_empty(tmp_path):
     ds = ImageTextFolder(root, image_size=S, cache_dir=tmp_path / "cache")
     assert ds.caption_column == "captions"
     assert ds.captions() == ["second is first non-empty", "", "only"] and ds.stats["empty_caption"] == 1
+
+
+def _build_on_ranks(rank, world, root, cache, counts_dir):
+    """Rank ``rank`` of ``world`` builds the folder across ranks, counting the images it decodes itself."""
+    import os
+
+    from dalle_ds.data import folder
+
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    decoded = []
+    real = folder._ImageTextDataset._decode
+    folder._ImageTextDataset._decode = lambda self, row: decoded.append(1) or real(self, row)
+    ds = ImageTextFolder(root, cache_dir=cache, across_ranks=True)
+    (counts_dir / f"{rank}.json").write_text(json.dumps({"decoded": len(decoded), "rows": ds._rows.tolist(),
+                                                         "stats": ds.stats}))
+    return ds._rows.tolist()
+
+
+@pytest.mark.distributed
+def test_validation_split_across_ranks_keeps_the_same_rows(tmp_path):
+    """With across_ranks, 2 gloo ranks each decode half of the images, share what they found unreadable, and keep
+    the rows (and stats) a single process keeps."""
+    from dalle_ds.dist.local_ranks import run_local_ranks
+
+    root = make_folder(tmp_path / "data")
+    single = ImageTextFolder(root, cache_dir=tmp_path / "cache1")
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    run_local_ranks(_build_on_ranks, 2, root, tmp_path / "cache2", counts, timeout=300)
+    per_rank = [json.loads((counts / f"{r}.json").read_text()) for r in range(2)]
+    total = single.stats["total"]
+    assert [r["decoded"] for r in per_rank] == [(total + 1) // 2, total // 2]
+    for r in per_rank:
+        assert r["rows"] == single._rows.tolist() and r["stats"] == single.stats
+    assert single.stats["unreadable"] == len(BAD)

@@ -37,6 +37,7 @@ Layouts (``datasets`` 5.x, checked offline):
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -116,6 +117,33 @@ def _default_cache_dir(anchor: Path) -> Optional[str]:
     return str(fallback)
 
 
+def _ranks(across_ranks: bool) -> tuple[int, int]:
+    """(rank, world size) of torch.distributed when ``across_ranks`` and it runs more than one rank, else (0, 1)."""
+    import torch.distributed as dist
+
+    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def _rank0_first(across_ranks: bool):
+    """Rank 0 runs the block first (``datasets`` prepares its Arrow cache there), the other ranks after it has
+    finished, when they read a cache it wrote instead of all preparing the same one at once: ``datasets`` serializes
+    that with file locks, which some shared filesystems (NFS, Lustre without flock) do not honour across nodes. If
+    rank 0 raises, the others still run the block (and raise the same error) rather than wait forever."""
+    import torch.distributed as dist
+
+    rank, world = _ranks(across_ranks)
+    if world > 1 and rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if world > 1 and rank == 0:
+            dist.barrier()
+
+
 def _load_hf(builder: str, cache_dir: Optional[str], what: str, **kwargs: Any):
     import datasets  # imported lazily: it is slow to import and only these loaders need it
 
@@ -138,6 +166,7 @@ class _ImageTextDataset(Dataset):
         image_size: int,
         validate: bool,
         description: str,
+        across_ranks: bool = False,
     ) -> None:
         from datasets import Image as HFImage
 
@@ -156,6 +185,7 @@ class _ImageTextDataset(Dataset):
         self.extra_columns = [c for c in hf_ds.column_names if c not in self.image_columns and c != caption_top]
         self.description = description
         self.validated = bool(validate)
+        self.across_ranks = bool(across_ranks)
         self._bad_rows: set[int] = set()  # rows that failed in __getitem__ (this process)
         total = len(hf_ds)
         self.stats: dict[str, Any] = {
@@ -197,35 +227,49 @@ class _ImageTextDataset(Dataset):
             self.stats["unreadable_examples"].append(name)
 
     def _validate(self) -> np.ndarray:
-        """Decode every image once; return the indices of the readable rows and log one summary warning."""
+        """Decode every image once; return the indices of the readable rows and log one summary warning.
+
+        With ``across_ranks`` under torch.distributed, rank r decodes rows r, r + W, ... and the unreadable ones are
+        all-gathered: each rank does 1/W of the work, and all ranks keep the same rows (a rank that checked every
+        image alone could lose one to a transient read error the others did not have, and the ranks would then
+        split different datasets). A collective then: every rank builds the dataset."""
+        rank, world = _ranks(self.across_ranks)
         name_cols = [c for c in ("__key__", "__url__") if c in self._ds.column_names]
         columns = list(dict.fromkeys(self.image_columns + name_cols))
-        keep: list[int] = []
-        reasons: list[str] = []
-        index = 0
-        bar = tqdm(total=len(self._ds), desc=f"checking images ({self.description})", unit="img", disable=None)
-        for batch in self._ds.select_columns(columns).iter(batch_size=256):
+        total = len(self._ds)
+        mine = self._ds.select_columns(columns)
+        if world > 1:
+            mine = mine.select(range(rank, total, world))
+        bad: list[tuple[int, str, str]] = []  # (row, name, reason)
+        index = rank
+        bar = tqdm(total=len(mine), desc=f"checking images ({self.description})", unit="img", disable=None)
+        for batch in mine.iter(batch_size=256):
             n = len(batch[columns[0]])
             for j in range(n):
                 row = {c: batch[c][j] for c in columns}
                 try:
                     self._decode(row)
                 except Exception as err:  # noqa: BLE001 - any decoding failure means "unreadable", never a crash
-                    name = self._row_name(row)
-                    self._record_unreadable(name)
-                    if len(reasons) < N_EXAMPLES:
-                        reasons.append(f"{name} ({type(err).__name__}: {err})")
-                else:
-                    keep.append(index)
-                index += 1
+                    bad.append((index, self._row_name(row), f"{type(err).__name__}: {err}"))
+                index += world
             bar.update(n)
         bar.close()
-        if self.stats["unreadable"]:
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, bad)
+            bad = sorted(b for part in gathered for b in part)
+        for _, name, _ in bad:
+            self._record_unreadable(name)
+        if bad:
             logger.warning(
                 "%s: skipped %d of %d images as unreadable, e.g. %s",
-                self.description, self.stats["unreadable"], len(self._ds), "; ".join(reasons),
+                self.description, len(bad), total, "; ".join(f"{name} ({why})" for _, name, why in bad[:N_EXAMPLES]),
             )
-        return np.asarray(keep, dtype=np.int64)
+        keep = np.ones(total, dtype=bool)
+        keep[[i for i, _, _ in bad]] = False
+        return np.flatnonzero(keep).astype(np.int64)
 
     # ----- captions -------------------------------------------------------------------------------------------
     def _caption_of(self, row: dict[str, Any]) -> str:
@@ -300,6 +344,9 @@ class ImageTextFolder(_ImageTextDataset):
         validate: decode every image once at construction (default) so bad ones are skipped and counted up front.
         require_caption: raise when no caption column is found; ``False`` allows caption-less folders (dVAE training)
             and gives every sample the caption ``""``.
+        across_ranks: under torch.distributed (more than one rank), build the dataset as a collective: rank 0
+            prepares the ``datasets`` cache before the others read it, and the validation pass is split between the
+            ranks and its result shared, so every rank keeps the same rows. Every rank must then build it.
 
     Samples: ``{"image": uint8 [3, S, S], "caption": str, <other metadata columns>}``. :attr:`stats` has ``total``,
     ``kept``, ``unreadable``, ``empty_caption``, ``unreadable_examples`` (first few relative paths) and
@@ -316,13 +363,15 @@ class ImageTextFolder(_ImageTextDataset):
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         validate: bool = True,
         require_caption: bool = True,
+        across_ranks: bool = False,
     ) -> None:
         self.path = Path(path).resolve()
         if not self.path.is_dir():
             raise FileNotFoundError(f"image folder {self.path} does not exist or is not a directory")
         self.split = split
         cache = str(cache_dir) if cache_dir is not None else _default_cache_dir(self.path)
-        dd = _load_hf("imagefolder", cache, f"image folder {self.path}", data_dir=str(self.path))
+        with _rank0_first(across_ranks):
+            dd = _load_hf("imagefolder", cache, f"image folder {self.path}", data_dir=str(self.path))
         if split not in dd:
             raise ValueError(f"split {split!r} not found in image folder {self.path}; it has: {', '.join(dd)}")
         hf = dd[split]
@@ -330,7 +379,8 @@ class ImageTextFolder(_ImageTextDataset):
             raise ValueError(f"image folder {self.path}: no 'image' column (columns: {hf.column_names})")
         what = f"image folder {self.path}"
         caption = _pick_caption_column(hf, caption_column, CAPTION_COLUMNS, what, require_caption)
-        super().__init__(hf, ["image"], caption, image_size, validate, f"ImageTextFolder({self.path}, split={split})")
+        super().__init__(hf, ["image"], caption, image_size, validate, f"ImageTextFolder({self.path}, split={split})",
+                         across_ranks)
         self.stats["not_in_metadata"] = self._count_not_in_metadata(dd)
 
     def _row_name(self, row: dict[str, Any]) -> str:
@@ -426,7 +476,7 @@ class WebDatasetShards(_ImageTextDataset):
             order png, jpg, jpeg, webp, ... and each sample uses the first it has.
         caption_key: the caption column (``txt`` ...) or ``"json.<field>"`` for a field of the ``.json`` member; by
             default the first of ``txt``, ``text``, ``caption``, ``captions`` as a column, then as a ``json`` field.
-        cache_dir, validate, require_caption: as for :class:`ImageTextFolder`.
+        cache_dir, validate, require_caption, across_ranks: as for :class:`ImageTextFolder`.
 
     Samples: ``{"image": uint8 [3, S, S], "caption": str, "__key__": str, "__url__": str, <other members>}`` (for
     example ``"json"`` as a dict). :attr:`stats` names unreadable samples ``<shard file>:<key>``.
@@ -442,14 +492,16 @@ class WebDatasetShards(_ImageTextDataset):
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         validate: bool = True,
         require_caption: bool = True,
+        across_ranks: bool = False,
     ) -> None:
         from datasets import Image as HFImage
 
         self.files = resolve_shards(pattern_or_files)
         cache = str(cache_dir) if cache_dir is not None else _default_cache_dir(Path(self.files[0]).parent)
         what = f"WebDataset shards {self.files[0]}" + (f" (+{len(self.files) - 1} more)" if len(self.files) > 1 else "")
-        hf = _load_hf("webdataset", cache, what, data_files={"train": self.files}, split="train")
-        hf = self._add_late_members(hf, cache, what)
+        with _rank0_first(across_ranks):
+            hf = _load_hf("webdataset", cache, what, data_files={"train": self.files}, split="train")
+            hf = self._add_late_members(hf, cache, what)
         if image_key is not None:
             if image_key not in hf.column_names:
                 raise ValueError(f"{what}: image_key {image_key!r} is not a member; members: {hf.column_names}")
@@ -460,7 +512,8 @@ class WebDatasetShards(_ImageTextDataset):
             if not image_columns:
                 raise ValueError(f"{what}: no image members found (columns: {hf.column_names}); pass image_key=")
         caption = _pick_caption_column(hf, caption_key, WDS_CAPTION_KEYS, what, require_caption, json_fallback=True)
-        super().__init__(hf, image_columns, caption, image_size, validate, f"WebDatasetShards({what})")
+        super().__init__(hf, image_columns, caption, image_size, validate, f"WebDatasetShards({what})",
+                         across_ranks)
 
     def _add_late_members(self, hf: Any, cache: Optional[str], what: str) -> Any:
         """Reload with extra columns for image/caption members that ``datasets`` did not see.
