@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
 import itertools
 import os
 import platform
@@ -251,7 +252,11 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
         dist.all_gather_object(ranks, mine)
     else:
         ranks = [mine]
+    # DeepSpeed's gradient hooks keep the engine (and its optimizer state) alive after `del`: destroy() releases
+    # them, so the next case's peak memory is its own
+    engine.destroy()
     del engine, model, step
+    gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -349,6 +354,8 @@ def markdown(result: dict) -> str:
     lines += ["## Time sinks (rank 0, profiled steps)", ""]
     for r in result["rows"]:
         lines += op_markdown(r["case"], r["time_sinks"])
+    if result.get("errors"):
+        lines += ["## Failed cases", ""] + [f"- {e['case']}: {e['error']}" for e in result["errors"]] + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -412,36 +419,54 @@ def main(argv=None) -> dict | None:
 def _run(args, argv: list[str]) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    import deepspeed
-
     dev = ds_device()
     cases = list(itertools.product(args.presets, args.zero, args.precision, args.checkpointing, args.compile,
                                    args.logits_matmul))
-    rows = []
+    rows, errors = [], []
     for case in cases:
-        rows.append(run_case(*case, args, dev, len(cases) > 1))
+        try:
+            rows.append(run_case(*case, args, dev, len(cases) > 1))
+        except Exception as e:  # one GPU, e.g. out of memory at the largest preset: keep the other cases
+            if world_size() > 1:  # the other ranks may be waiting in a collective: fail the run
+                raise
+            errors.append({"case": "/".join(map(str, case)), "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            print(f"{errors[-1]['case']}: FAILED: {errors[-1]['error']}", flush=True)
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         r = rows[-1]
         if rank() == 0:
             print(f"{r['case']}: {1e3 * r['step_s']:.4g} ms/step, {r['tokens_per_s']:.4g} tokens/s, "
                   f"{r['model_tflops_per_s_per_device']:.3g} TFLOP/s/device, MFU {100 * r['mfu']:.1f}%", flush=True)
+            if args.out:  # the report so far, rewritten after every case: a run stopped by a time limit keeps it
+                result = _report(rows, errors, args, argv, dev)
+                emit(result, markdown(result), args.out, show=False)
     if rank() != 0:
         return None
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    mem_kind = rows[0]["peak_memory_kind"]
-    launcher = "deepspeed" if "LOCAL_RANK" in os.environ and world_size() > 1 else "python"
-    result = {"bench": "train", "device": dev.type, "device_name": name, "world_size": world_size(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-              "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join([launcher if launcher == "python" else f"deepspeed --num_gpus {world_size()}",
-                                   "benchmarks/bench_train.py",
-                                   shlex.join(a for a in argv if not a.startswith("--local_rank"))]),
-              "flop_formula": "per sequence: 6*sum(matmul weights x positions they run on) + "
-                              "12*d_model*sum_layers(kept mask pairs); see dalle_ds/models/flops.py",
-              "memory_note": f"Peak memory: {mem_kind}, max over ranks.",
-              "load_average_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(), "note": args.note,
-              "rows": rows}
+    result = _report(rows, errors, args, argv, dev)
     return emit(result, markdown(result), args.out)
 
 
+def _report(rows: list[dict], errors: list[dict], args, argv: list[str], dev: torch.device) -> dict:
+    import deepspeed
+
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    mem_kind = rows[0]["peak_memory_kind"] if rows else "n/a"
+    launcher = "deepspeed" if "LOCAL_RANK" in os.environ and world_size() > 1 else "python"
+    return {"bench": "train", "device": dev.type, "device_name": name, "world_size": world_size(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([launcher if launcher == "python" else f"deepspeed --num_gpus {world_size()}",
+                                 "benchmarks/bench_train.py",
+                                 shlex.join(a for a in argv if not a.startswith("--local_rank"))]),
+            "flop_formula": "per sequence: 6*sum(matmul weights x positions they run on) + "
+                            "12*d_model*sum_layers(kept mask pairs); see dalle_ds/models/flops.py",
+            "memory_note": f"Peak memory: {mem_kind}, max over ranks.",
+            "load_average_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(), "note": args.note,
+            "rows": rows, "errors": errors}
+
+
 if __name__ == "__main__":
-    main()
+    report = main()
+    sys.exit(1 if report and report["errors"] else 0)  # rank 0 says whether a case failed

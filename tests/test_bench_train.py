@@ -103,6 +103,27 @@ def test_bench_train_quick_one_process(tmp_path):
     assert "traceEvents" in json.loads(trace.read_text())
 
 
+def test_bench_train_keeps_the_cases_that_ran_when_one_fails(tmp_path):
+    """One GPU, a case that fails (say, out of memory): the report keeps the others, names the failure, is written
+    after every case, and the exit status says something failed."""
+    out = tmp_path / "train"
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import bench_train as b; real = b.run_case\n"
+            "def run_case(preset, zero, *rest):\n"
+            "    if zero == 0: raise MemoryError('out of memory (simulated)')\n"
+            "    return real(preset, zero, *rest)\n"
+            "b.run_case = run_case\n"
+            f"r = b.main(['--quick', '--threads', '1', '--zero', '0,2', '--steps', '1', '--warmup', '0', "
+            f"'--out', {str(out)!r}])\n"
+            "sys.exit(1 if r['errors'] else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=single_process_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "train.json").read_text())
+    assert [r["zero"] for r in result["rows"]] == [2]
+    assert len(result["errors"]) == 1 and "MemoryError: out of memory (simulated)" in result["errors"][0]["error"]
+    assert "## Failed cases" in (tmp_path / "train.md").read_text()
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_bench_train_quick_deepspeed_two_ranks(tmp_path):
