@@ -292,8 +292,10 @@ def _add_rates(res: dict, flops: dict, floor_ms: dict) -> None:
 
 
 def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: str, providers, reps: int,
-             layers: int, matmul_rate: float, extra_masks=(), graphs: bool = False, profile: bool = False) -> dict:
-    """Time every provider on every mask of one shape; derive TFLOP/s, floors, the layer mix and speedups."""
+             layers: int, matmul_rate: float, extra_masks=(), graphs: bool = False, profile: bool = False,
+             progress=None) -> dict:
+    """Time every provider on every mask of one shape; derive TFLOP/s, floors, the layer mix and speedups.
+    ``progress(case)``, if given, is called with the case so far after each mask (to save partial results)."""
     N = T + W * W
     case = {"name": name, "T": T, "W": W, "N": N, "B": B, "H": H, "D": D, "dtype": str(dtype).replace("torch.", ""),
             "masks": {}}
@@ -323,6 +325,8 @@ def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: s
             if prov == "sdpa_causal" and "error" not in res:
                 sdpa_causal_cache = res
         case["masks"][kind] = entry
+        if progress is not None:
+            progress(case)
         del ref
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -600,10 +604,18 @@ def main(argv=None) -> dict:
         "providers": providers,
         "cases": [],
     }
+    def save_partial(case: dict) -> None:
+        """The JSON so far, rewritten after every mask: a run stopped by a time limit or a GPU fault keeps what it
+        measured (the final write replaces it, with the markdown and the charts)."""
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out + ".json", "w") as f:
+                json.dump({**report, "cases": [*report["cases"], case], "partial": True}, f, indent=1)
+
     for name, T, W, B, H, D in cases:
         print(f"# case {name}: T={T} W={W} B={B} H={H} D={D} {dtype} on {env['device']}", file=sys.stderr)
         report["cases"].append(run_case(name, T, W, B, H, D, dtype, device, providers, args.reps, args.layers, rate,
-                                        extra_masks, graphs, profile))
+                                        extra_masks, graphs, profile, progress=save_partial))
     report["triton_configs"] = {k: vars(v) for k, v in triton_backend.tuned_configs().items()}
     report["triton_backward_paths"] = triton_backend.tuned_backward_paths()
     md = markdown(report)

@@ -49,6 +49,19 @@ def test_report_structure(quick_report):
     assert set(case["mix"]["counts"]) == {"row", "column", "conv"}
     assert md.strip().splitlines()[0].startswith("# bench_attention") and "| case | mask | provider |" in md
     assert stdout.strip().endswith(md.strip().splitlines()[-1])  # the markdown table is printed last
+    assert "partial" not in report  # the final write replaced the per-mask partial ones
+
+
+def test_partial_results_after_each_mask(monkeypatch):
+    """run_case hands the case so far to ``progress`` after every mask (the bench saves it: a killed run keeps it)."""
+    import torch
+
+    seen = []
+    monkeypatch.setattr(bench_attention, "measure", lambda *a, **k: {"fwd_ms": 1.0, "bwd_ms": 2.0, "fwd_bwd_ms": 3.0})
+    monkeypatch.setattr(bench_attention, "reference", lambda *a, **k: None)
+    bench_attention.run_case("tiny", 3, 4, 1, 2, 16, torch.float32, "cpu", ["dense"], 1, 8, 1.0,
+                             progress=lambda case: seen.append(list(case["masks"])))
+    assert seen == [["row"], ["row", "column"], ["row", "column", "conv"]]
 
 
 def test_report_flops_and_floors(quick_report):
