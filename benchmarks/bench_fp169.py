@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from dalle_ds.ops import fp169  # noqa: E402
 from dalle_ds.ops.fp169 import _ext  # noqa: E402
-from timing import positive_int, time_fn, torch_device  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import device_tag, positive_int, time_fn, torch_device  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 
@@ -229,7 +228,7 @@ def main(argv=None) -> None:
     if args.out:
         paths.append((args.out, None))
     if args.save:
-        tag = "cpu" if not gpu else re.sub(r"[^a-z0-9]+", "", env["device_name"].lower().replace("nvidia", ""))[:12]
+        tag = device_tag(env["device_name"]) if gpu else "cpu"
         stem = Path(__file__).resolve().parent / "results" / f"fp169_{tag}_{_dt.date.today():%Y%m%d}"
         paths.append((stem.with_suffix(".json"), stem.with_suffix(".md")))
     for json_path, md_path in paths:

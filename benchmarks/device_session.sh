@@ -61,7 +61,7 @@ export PATH=/tmp/site/bin:$PATH
 
 left() { echo $((DEADLINE - ($(date +%s) - START))); }
 bundle() {
-  cp -f benchmarks/results/*_"$DEV"_"$DATE"* "$LOGS"/ 2>/dev/null
+  cp -f benchmarks/results/*_"$DATE"* "$LOGS"/ 2>/dev/null  # every result of the day (bench_fp169 names its own)
   tar -czf "$OUT/bundle.tgz" -C "$LOGS" . 2>/dev/null
 }
 # run NAME MIN MAX CMD...: skip if fewer than MIN seconds are left; otherwise run with a limit of min(MAX, left-5)
@@ -83,15 +83,17 @@ run() {
   'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(),
   torch.cuda.get_device_properties(0))"; python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)";
 } > "$LOGS/env.log" 2>&1
-DEV=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower())" 2>/dev/null || echo cpu)
+# h100 / h200 / a100 (an H100 SXM calls itself "NVIDIA H100 80GB HBM3": the last word would be "hbm3")
+DEV=$(python3 -c "import sys, torch; sys.path.insert(0, 'benchmarks'); import timing
+print(timing.device_tag(torch.cuda.get_device_name(0)))" 2>/dev/null || echo cpu)
 echo "device $DEV, stages: $STAGES, deadline ${DEADLINE}s"; tail -n 4 "$LOGS/env.log"
 
 # The fp169 extension builds on the CPUs while the attention tests use the GPU.
-( python3 -c "from dalle_ds.ops.fp169 import _ext; import json; print(json.dumps(_ext.load(), default=str))" \
+( timeout "$DEADLINE" python3 -c "from dalle_ds.ops.fp169 import _ext; import json; print(json.dumps(_ext.load(), default=str))" \
     > "$LOGS/fp169_build.log" 2>&1 ) &
 BUILD_PID=$!
 # The kernels' sm_90 tile loops counted with this machine's triton (compile only, on the CPUs, beside the GPU stages).
-( python3 benchmarks/attn_sass.py --out "benchmarks/results/attn_sass_triton$(python3 -c 'import triton; print(triton.__version__)')_${DEV}_${DATE}" \
+( timeout "$DEADLINE" python3 benchmarks/attn_sass.py --out "benchmarks/results/attn_sass_triton$(python3 -c 'import triton; print(triton.__version__)')_${DEV}_${DATE}" \
     > "$LOGS/attn_sass.log" 2>&1 ) &
 
 for stage in $STAGES; do
@@ -127,7 +129,9 @@ except Exception as e:
       wait $BUILD_PID
       TAIL=30 run bench_fp169 30 120 python3 benchmarks/bench_fp169.py --save ;;
     bench_attn)
+      # both backward paths pinned beside the tuned one: each is checked against fp32 before it is timed
       TAIL=40 run bench_attn 60 300 python3 benchmarks/bench_attention.py --no-large \
+        --providers triton,triton_split,triton_fused,flex,sdpa_causal,sdpa_mask \
         --out "benchmarks/results/attention_${DEV}_${DATE}" ;;
     bench_attn_large)
       TAIL=25 run bench_attn_large 60 240 python3 benchmarks/bench_attention.py --cases large_w64 \
@@ -149,11 +153,12 @@ except Exception as e:
         "${PRECISION_TOKENS:-runs/demo15/tokens}" /tmp/precision --gpus 1 --precisions fp16,bf16 --steps 300 \
         --set model.n_layers=16 --set model.d_model=512 --set model.n_heads=8 \
         --ds_set train_micro_batch_size_per_gpu=32 --ds_set optimizer.params.lr=1e-3 \
+        --ds_set tensorboard.enabled=false \
         --tag "${DEV}_${DATE}_d512_16layers_300steps" ;;
     bench_train)
       TAIL=30 run bench_train 90 360 deepspeed --num_gpus 1 benchmarks/bench_train.py --presets "${TRAIN_PRESETS:-125M,350M,1.3B}" \
         --zero 2 --precision bf16 --attn-backend triton --checkpointing "${TRAIN_CKPT:-off}" --micro-batch 8 --torch-adam on \
-        --trace /tmp/train_trace.json --out "benchmarks/results/train_${DEV}_${DATE}" ;;
+        --out "benchmarks/results/train_${DEV}_${DATE}" ;;
     bench_train_tf32)
       TAIL=30 run bench_train_tf32 90 240 deepspeed --num_gpus 1 benchmarks/bench_train.py --presets "${TRAIN_TF32_PRESETS:-350M}" \
         --zero 2 --precision bf16 --attn-backend triton --checkpointing off --logits-matmul tf32 --micro-batch 8 \

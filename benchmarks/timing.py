@@ -47,11 +47,21 @@ def copy_bytes_per_s(device: torch.device, nbytes: int, repeats: int = 5) -> flo
     return 2 * src.numel() * 4 / time_fn(lambda: dst.copy_(src), device, repeats, warmup=2)
 
 
-def emit(result: dict, md: str, out: "str | None") -> dict:
-    """Print a benchmark's markdown and, with ``out``, write ``out.json`` (the result) and ``out.md``."""
+def device_tag(name: str) -> str:
+    """A short lower-case tag for a device name in result file names: the model number ("NVIDIA H100 80GB HBM3" ->
+    "h100", "NVIDIA A100-SXM4-80GB" -> "a100"), else the name's letters and digits (at most 12)."""
+    import re
+
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", name)
+    return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "", name.lower().replace("nvidia", ""))[:12]
+
+
+def emit(result: dict, md: str, out: "str | None", show: bool = True) -> dict:
+    """Print a benchmark's markdown (``show``) and, with ``out``, write ``out.json`` (the result) and ``out.md``."""
     import json
     from pathlib import Path
-    print(md)
+    if show:
+        print(md)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(str(out) + ".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -175,3 +175,13 @@ def test_train_valid():
     assert (a.presets, a.zero, a.micro_batch, a.warmup, a.steps, a.profile_steps) == (["test"], [2], 4, 2, 3, 2)
     a = bench_train.parse_args(["--quick", "--zero", "0,3", "--micro-batch", "2", "--steps", "5", "--warmup", "0"])
     assert (a.zero, a.micro_batch, a.steps, a.warmup) == ([0, 3], 2, 5, 0)
+
+
+def test_device_tag_names_the_gpu_model():
+    """Result files are named by the GPU model; the device session bundles them by that name."""
+    from timing import device_tag
+
+    assert [device_tag(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB",
+                                    "NVIDIA H100 PCIe", "Tesla V100-SXM2-16GB")] == ["h100", "h200", "a100", "h100",
+                                                                                    "v100"]
+    assert device_tag("Some Accelerator") == "someaccelera"
