@@ -136,11 +136,15 @@ def _opcode(text: str) -> str:
 
 def loop_counts(compiled) -> dict | None:
     """The longest loop (a backward branch's span) of the kernel: instructions, those in its largest forward-branch
-    block (the PARTIAL-only mask code in these kernels), and the pace-setting opcodes; None without cuobjdump."""
+    block (the PARTIAL-only mask code in these kernels), and the pace-setting opcodes; also the instructions outside
+    that loop (set-up before it, including the software pipeline's first loads, and the epilogue after it: paid once
+    per program, however few tiles it visits); None without cuobjdump."""
     sass = _cuobjdump(compiled, "-sass")
     if sass is None:
         return None
     ins = _instructions(sass)
+    while ins and _opcode(ins[-1][1]) in ("NOP", "BRA"):  # the padding after the final EXIT
+        ins.pop()
     at = {a: i for i, (a, _) in enumerate(ins)}
     best = None
     for i, (addr, text) in enumerate(ins):
@@ -150,7 +154,7 @@ def loop_counts(compiled) -> dict | None:
             if best is None or i - lo > best[1] - best[0]:
                 best = (lo, i)
     if best is None:
-        return {"loop": 0, "partial_only": 0, **{op: 0 for op in PACE}}
+        return {"loop": 0, "partial_only": 0, "outside_loop": len(ins), **{op: 0 for op in PACE}}
     lo, hi = best
     body = ins[lo:hi + 1]
     block = 0
@@ -160,7 +164,8 @@ def loop_counts(compiled) -> dict | None:
             target = at[int(m.group(1), 16)]
             block = max(block, target - (lo + j) - 1)
     ops = Counter(_opcode(t) for _, t in body)
-    return {"loop": len(body), "partial_only": block, **{op: ops[op] for op in PACE}}
+    return {"loop": len(body), "partial_only": block, "outside_loop": len(ins) - len(body),
+            **{op: ops[op] for op in PACE}}
 
 
 # ---- a minimal FlashAttention-2 forward, the yardstick ---------------------------------------------------------
@@ -238,15 +243,17 @@ def markdown(result: dict) -> str:
     lines = [f"# Attention kernel loops in sm_90 machine code (triton {result['triton']}, T {result['text_len']}, "
              f"W {result['grid']}, head dim {result['head_dim']}, bf16)", "",
              "Per thread, one pass through the tile loop: `full path` is what a FULL tile runs, `partial only` the "
-             "in-tile mask block that PARTIAL tiles add. Compiled on a CPU, no GPU: static counts, not timings."
+             "in-tile mask block that PARTIAL tiles add; `outside loop` the instructions a program runs once (set-up, "
+             "the pipeline's first loads, epilogue). Compiled on a CPU, no GPU: static counts, not timings."
              + (f" {result['date']}, `{result['command']}`." if "command" in result else ""), "",
              "| kernel | mask | tiles | warps | stages | regs | shared KB | spills B | loop | full path | partial only "
-             "| " + " | ".join(PACE) + " |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PACE)]
+             "| outside loop | " + " | ".join(PACE) + " |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PACE)]
     for r in result["rows"]:
         lines.append(f"| {r['kernel']} | {r['mask']} | {r['tiles']} | {r['warps']} | {r['stages']} | {r['registers']} "
                      f"| {r['shared_kb']} | {r['spill_bytes']} | {r.get('loop', '-')} | {r['full_path']} "
-                     f"| {r.get('partial_only', '-')} | " + " | ".join(str(r.get(op, "-")) for op in PACE) + " |")
+                     f"| {r.get('partial_only', '-')} | {r.get('outside_loop', '-')} | "
+                     + " | ".join(str(r.get(op, "-")) for op in PACE) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -544,6 +544,9 @@ def test_full_tile_path_costs_what_a_minimal_flash_loop_costs_on_sm90():
     for row in ours:
         where = f"fwd {row['mask']}: {row}"
         assert row["full_path"] <= 1.15 * plain["loop"], where
+        # once per program (a program of the paper's row mask visits ~5 tiles): set-up and epilogue within 30% of
+        # the minimal loop's (triton 3.9: 648 / 650 / 729 against 585)
+        assert row["outside_loop"] <= 1.3 * plain["outside_loop"], where
         assert row["partial_only"] > 0, where
         assert (row["HGMMA"], row["MUFU"]) == (plain["HGMMA"], plain["MUFU"]), where
     assert "| minimal FA2 fwd |" in attn_sass.markdown(result)
