@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from dalle_ds.dist.collectives import all_gather_anywhere
+
 
 def _local(p: torch.Tensor) -> torch.Tensor:
     """The part of a parameter this rank holds: the ZeRO-3 partition if there is one, else the tensor."""
@@ -91,13 +93,13 @@ class EMA:
         if not self.sharded:
             return {n: t.detach().cpu().clone() for n, t in zip(self.names, self.shadow)} if keep else {}
         out = {}
-        world = dist.get_world_size()
         for n, shard, shape in zip(self.names, self.shadow, self.full_shapes):
-            parts = [torch.empty_like(shard) for _ in range(world)]
-            dist.all_gather(parts, shard.contiguous())
+            # every rank's partition (equal sizes, padded); a CPU partition (ZeRO-3 offload_param) goes through the
+            # GPU on NCCL, which takes CUDA tensors only
+            parts = all_gather_anywhere(shard.contiguous())
             if keep:
                 numel = int(torch.tensor(shape).prod()) if shape else 1
-                out[n] = torch.cat([p.flatten() for p in parts])[:numel].view(shape).cpu()
+                out[n] = parts.flatten()[:numel].view(shape).cpu()
         return out
 
     @torch.no_grad()
