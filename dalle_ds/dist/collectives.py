@@ -18,6 +18,14 @@ def all_reduce_anywhere_(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> t
     return t
 
 
+def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
+    """Every rank's ``inp`` concatenated into the flat ``out`` (world x inp.numel() elements). torch >= 2.13 names
+    it ``all_gather_single`` (``all_gather_into_tensor`` is deprecated there); torch 2.11 has only the latter. Looked
+    up at each call, so a wrapper installed on ``torch.distributed`` (tests counting bytes) sees it."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, inp, group=group)
+
+
 def all_gather_anywhere(t: torch.Tensor, group=None) -> torch.Tensor:
     """Every rank's ``t`` (same shape and dtype everywhere) stacked along a new first axis, ``[world, *t.shape]``,
     on ``t``'s device, whatever the backend: on NCCL a CPU tensor makes a round trip through the current CUDA device
@@ -25,7 +33,6 @@ def all_gather_anywhere(t: torch.Tensor, group=None) -> torch.Tensor:
     nccl_cpu = t.device.type == "cpu" and dist.get_backend(group) == "nccl"
     src = (t.cuda() if nccl_cpu else t).reshape(-1)
     out = torch.empty(dist.get_world_size(group) * src.numel(), dtype=t.dtype, device=src.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # flat in and out: any backend
-    gather(out, src, group=group)
+    all_gather_flat(out, src, group)
     out = out.view(-1, *t.shape)
     return out.cpu() if nccl_cpu else out

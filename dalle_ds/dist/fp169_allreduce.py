@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import fp169
+from .collectives import all_gather_flat
 
 __all__ = ["CommCounter", "COUNTER", "all_reduce_fp169_", "padded_chunk", "ring_allreduce_bytes", "allreduce_bytes"]
 
@@ -86,13 +87,6 @@ def ring_allreduce_bytes(numel: int, world_size: int, itemsize: int = 2) -> int:
     return 2 * (world_size - 1) * math.ceil(numel / world_size) * itemsize
 
 
-def _all_gather_bytes(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there); torch 2.11 has only
-    # the latter.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, inp, group=group)
-
-
 def all_reduce_fp169_(
     tensors: "torch.Tensor | Sequence[torch.Tensor]",
     group: "dist.ProcessGroup | None" = None,
@@ -143,7 +137,7 @@ def all_reduce_fp169_(
                                 fmt=fmt, backend=backend)
     if world > 1:
         result = torch.empty_like(send)
-        _all_gather_bytes(result.view(torch.uint8), reduced.view(torch.uint8), group)
+        all_gather_flat(result.view(torch.uint8), reduced.view(torch.uint8), group)
     else:
         result = reduced
 

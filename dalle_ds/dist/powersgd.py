@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import fp169
-from .collectives import all_reduce_anywhere_
+from .collectives import all_gather_flat, all_reduce_anywhere_
 from .fp169_allreduce import CommCounter, all_reduce_fp169_
 from .orthogonalize import add_eps_identity, get_orthogonalizer
 from .topology import Topology
@@ -419,8 +419,7 @@ class HierarchicalPowerSGD:
         mine = torch.cat([e.reshape(-1) for e in estimates])
         if m > 1:
             full = torch.empty(m, mine.numel(), dtype=mine.dtype, device=mine.device)
-            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            gather(full.view(-1), mine, group=self.topo.local_group)
+            all_gather_flat(full.view(-1), mine, self.topo.local_group)
             rep.bytes_intra += (m - 1) * mine.numel() * 4
         else:
             full = mine.view(1, -1)
