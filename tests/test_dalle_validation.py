@@ -21,7 +21,8 @@ def _evaluate(rank, world, root, run, stage, tokenizer):
     import deepspeed
     from dalle_ds.config import DALLE_PRESETS, DalleDataConfig, DalleTrainConfig
     from dalle_ds.models.dalle import DALLE
-    from dalle_ds.train.dalle_trainer import DalleTrainer, parameter_count
+    from dalle_ds.train.dalle_trainer import DalleTrainer
+    from dalle_ds.train.engine_loop import parameter_count
     from dalle_ds.train.ds_config import prepare_ds_config
 
     deepspeed.init_distributed(dist_backend="gloo")  # adopts the harness's process group (zero.Init counts ranks)

@@ -298,7 +298,3 @@ def kmeans_init_head(model: DiscreteVAE, images: torch.Tensor, iters: int = 15, 
     head.weight.copy_((s * mu)[:, :, None, None].to(head.weight.dtype))
     head.bias.copy_((-s * mu.pow(2).sum(1) / 2).to(head.bias.dtype))
     return int(torch.unique(head(feats).argmax(1)).numel())  # body then head = the encoder's forward
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -23,7 +23,7 @@ from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_c
 from dalle_ds.train.data_loading import to_device
 from dalle_ds.train.distributed import barrier, gather_rows_with_grad, is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_rank0_evaluation_supported
-from dalle_ds.train.engine_loop import EngineLoop
+from dalle_ds.train.engine_loop import EngineLoop, parameter_count
 from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
 
 log = logging.getLogger("dalle_ds.clip")
@@ -130,7 +130,7 @@ class ClipTrainer(EngineLoop):
                          num_workers=d.num_workers, ema_decay=cfg.ema_decay, resume=resume)
         if is_rank0():
             log.info("CLIP: %.2fM parameters, %d×%d images, %d text positions; %d pairs; world size %d",
-                     sum(p.numel() for p in model.parameters()) / 1e6, m.image_size, m.image_size, m.text_len,
+                     parameter_count(model) / 1e6, m.image_size, m.image_size, m.text_len,
                      len(train_ds), world_size())
 
     def train_step(self, batches) -> dict[str, float]:

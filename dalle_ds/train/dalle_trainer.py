@@ -34,7 +34,7 @@ from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.data_loading import loader_kwargs, to_device
 from dalle_ds.train.distributed import is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_compile_supported, zero_stage
-from dalle_ds.train.engine_loop import EngineLoop
+from dalle_ds.train.engine_loop import EngineLoop, parameter_count
 from dalle_ds.train.extensions import build_extensions
 from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
 
@@ -73,12 +73,6 @@ def build_prior(model_cfg: DalleConfig, ds_config: dict) -> DALLE:
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             model.init_parameter(name, p)
     return model
-
-
-def parameter_count(model: torch.nn.Module) -> int:
-    """The model's parameter count, ZeRO-3 partitioned or not: a partitioned parameter's ``numel()`` is 0 outside a
-    gather, and its full size is ``ds_numel``."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def export_dalle(path: Path, model_cfg: DalleConfig, state_dict: dict, step: int, extra: dict) -> None:

@@ -21,13 +21,13 @@ from dalle_ds.config import DVAEConfig, DVAETrainConfig
 from dalle_ds.data.images import collate_samples
 from dalle_ds.data.registry import build_dataset
 from dalle_ds.eval.dvae_eval import evaluate_reconstructions
-from dalle_ds.models.dvae import DiscreteVAE, count_parameters, kmeans_init_head
+from dalle_ds.models.dvae import DiscreteVAE, kmeans_init_head
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.channels_last import ChannelsLast
 from dalle_ds.train.data_loading import step_generator, to_device
 from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_rank0_evaluation_supported
-from dalle_ds.train.engine_loop import EngineLoop
+from dalle_ds.train.engine_loop import EngineLoop, parameter_count
 from dalle_ds.train.schedules import cosine_anneal
 from dalle_ds.utils.dicts import flatten
 from dalle_ds.utils.images import reconstruction_grid, save_png
@@ -85,7 +85,7 @@ class DVAETrainer(EngineLoop):
                          extensions=[ChannelsLast()] if cfg.channels_last else [])
         if is_rank0():
             log.info("dVAE: %.2fM parameters, %d×%d → %d×%d codes (K=%d); world size %d; resumed from step %s",
-                     count_parameters(model) / 1e6, cfg.model.image_size, cfg.model.image_size,
+                     parameter_count(model) / 1e6, cfg.model.image_size, cfg.model.image_size,
                      cfg.model.grid_size, cfg.model.grid_size, cfg.model.vocab_size, world_size(),
                      self.resumed_from)
 

@@ -37,6 +37,12 @@ from dalle_ds.train.ema import EMA
 log = logging.getLogger("dalle_ds.train")
 
 
+def parameter_count(model: torch.nn.Module) -> int:
+    """The model's parameter count, ZeRO-3 partitioned or not (the trainers log it): a partitioned parameter's
+    ``numel()`` is 0 outside a gather, and its full size is ``ds_numel``."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 class EngineLoop:
     job_name = "train"
 
