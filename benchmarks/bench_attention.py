@@ -58,7 +58,7 @@ from dalle_ds.ops.attention import triton_backend  # noqa: E402
 from dalle_ds.ops.attention.flex import flex_sparse_attention  # noqa: E402
 from dalle_ds.utils.svg_plot import bar_chart  # noqa: E402
 from op_breakdown import op_breakdown  # noqa: E402  (benchmarks/op_breakdown.py, beside this script)
-from timing import comma_list, matmul_flops_per_s, positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import comma_list, host_info, host_line, matmul_flops_per_s, positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 MASKS = ("row", "column", "conv")
 PROVIDERS = ("triton", "flex", "sdpa_causal", "sdpa_mask")
@@ -384,6 +384,7 @@ def markdown(report: dict) -> str:
         f"`{report['command']}`  ",
         f"torch {report['versions']['torch']}, triton {report['versions']['triton']}; "
         f"matmul {report['matmul_dtype']} {fmt(report['matmul_tflops'], '.4g')} TFLOP/s (floor reference)",
+        *(["", host_line(report["host"], report.get("host_end"))] if "host" in report else []),
         "",
         "TFLOP/s and % floor count only the FLOPs on elements the mask keeps (fwd+bwd = 3.5 x fwd). "
         "Speedup = provider time / triton time.",
@@ -593,6 +594,7 @@ def main(argv=None) -> dict:
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
     env = environment(device)
+    env["host"] = host_info()  # eager timings include the host's launch path: how busy were the CPUs?
     rate = matmul_tflops(device, dtype if device == "cuda" else torch.float32, args.quick)
     report = {
         **env,
@@ -616,6 +618,7 @@ def main(argv=None) -> dict:
         print(f"# case {name}: T={T} W={W} B={B} H={H} D={D} {dtype} on {env['device']}", file=sys.stderr)
         report["cases"].append(run_case(name, T, W, B, H, D, dtype, device, providers, args.reps, args.layers, rate,
                                         extra_masks, graphs, profile, progress=save_partial))
+    report["host_end"] = host_info()
     report["triton_configs"] = {k: vars(v) for k, v in triton_backend.tuned_configs().items()}
     report["triton_backward_paths"] = triton_backend.tuned_backward_paths()
     md = markdown(report)

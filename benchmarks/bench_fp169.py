@@ -25,7 +25,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from dalle_ds.ops import fp169  # noqa: E402
 from dalle_ds.ops.fp169 import _ext  # noqa: E402
-from timing import device_tag, positive_int, time_fn, torch_device  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import device_tag, host_info, host_line, positive_int, time_fn, torch_device  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 
@@ -144,9 +143,8 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "host_cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
-        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "host": host_info(),
         "ops": fp169.op_status(),
     }
     if device.type == "cuda":
@@ -154,24 +152,14 @@ def environment(device: torch.device) -> dict:
         env.update(device_name=props.name, sm_count=props.multi_processor_count,
                    capability=f"{props.major}.{props.minor}")
     else:
-        env["device_name"] = f"CPU: {env['host_cpu']}"
+        env["device_name"] = f"CPU: {env['host']['host_cpu']}"
     return env
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def render(env: dict, tput: list[dict], under: list[dict]) -> str:
     label = "CPU" if env["device"] == "cpu" else env.get("device_name", env["device"])
-    head = (f"fp169 benchmark on {label} ({env['cpu_threads']} CPU threads, 1-min load average "
-            f"{env['load_avg_1min']} at the start), torch {env['torch']}, {env['date']}\n"
+    head = (f"fp169 benchmark on {label} ({env['cpu_threads']} CPU threads), torch {env['torch']}, {env['date']}\n"
+            f"{host_line(env['host'], env.get('host_end'))}\n"
             f"command: `{env['command']}`")
     t = md_table(
         ["op", "provider", "n", "median ms", "GB/s", "% copy"],
@@ -220,6 +208,7 @@ def main(argv=None) -> None:
     print(f"fp169 bench: device={device} providers={providers} n={n_op} (reference n={n_ref}) repeats={repeats}")
     tput = throughput_rows(device, n_op, n_ref, repeats, providers)
     print("underflow table ...", flush=True)
+    env["host_end"] = host_info()
     under = underflow_rows(under_n)
     text = render(env, tput, under)
     result = {"env": env, "throughput": tput, "underflow": under,

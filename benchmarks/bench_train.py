@@ -84,8 +84,8 @@ from dalle_ds.train.distributed import (  # noqa: E402
     device as ds_device, distributed_run, rank, world_size)
 from dalle_ds.train.ds_config import check_compile_supported  # noqa: E402
 from op_breakdown import markdown as op_markdown, op_breakdown, union_us  # noqa: E402
-from timing import (comma_list, copy_bytes_per_s, emit, matmul_flops_per_s, nonnegative_int,  # noqa: E402
-                    positive_int)  # (benchmarks/timing.py)
+from timing import (comma_list, copy_bytes_per_s, emit, host_info, host_line, matmul_flops_per_s,  # noqa: E402
+                    nonnegative_int, positive_int)  # (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
 COMM_PREFIXES = ("c10d::", "gloo:", "nccl:", "record_param_comms")
@@ -326,8 +326,8 @@ def floor_markdown(rows: list[dict]) -> list[str]:
 def markdown(result: dict) -> str:
     lines = [f"# bench_train on {result['device_name']} ({result['device']}, {result['world_size']} rank(s))", "",
              f"{result['date']}; torch {result['torch']}, deepspeed {result['deepspeed']}; "
-             f"{result['threads']} CPU thread(s) per rank ({result['cpu_count']} cores, 1-min load average "
-             f"{result['load_average_1m']:.1f} at the end). Command: `{result['command']}`", "",
+             f"{result['threads']} CPU thread(s) per rank. Command: `{result['command']}`", "",
+             host_line(result["host"], result.get("host_end")), "",
              *([f"**Note:** {result['note']}", ""] if result.get("note") else []),
              "Model FLOPs = 6·Σ(matmul weights × positions) + 12·d·Σ_layers(kept mask pairs) per sequence "
              "(dalle_ds/models/flops.py; recomputation not counted); MFU against the "
@@ -420,6 +420,7 @@ def _run(args, argv: list[str]) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = ds_device()
+    host_start = host_info()  # eager step times include the host's launch path: how busy were the CPUs?
     cases = list(itertools.product(args.presets, args.zero, args.precision, args.checkpointing, args.compile,
                                    args.logits_matmul))
     rows, errors = [], []
@@ -440,15 +441,16 @@ def _run(args, argv: list[str]) -> dict | None:
             print(f"{r['case']}: {1e3 * r['step_s']:.4g} ms/step, {r['tokens_per_s']:.4g} tokens/s, "
                   f"{r['model_tflops_per_s_per_device']:.3g} TFLOP/s/device, MFU {100 * r['mfu']:.1f}%", flush=True)
             if args.out:  # the report so far, rewritten after every case: a run stopped by a time limit keeps it
-                result = _report(rows, errors, args, argv, dev)
+                result = _report(rows, errors, args, argv, dev, host_start)
                 emit(result, markdown(result), args.out, show=False)
     if rank() != 0:
         return None
-    result = _report(rows, errors, args, argv, dev)
+    result = _report(rows, errors, args, argv, dev, host_start)
     return emit(result, markdown(result), args.out)
 
 
-def _report(rows: list[dict], errors: list[dict], args, argv: list[str], dev: torch.device) -> dict:
+def _report(rows: list[dict], errors: list[dict], args, argv: list[str], dev: torch.device,
+            host_start: dict) -> dict:
     import deepspeed
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
@@ -463,7 +465,7 @@ def _report(rows: list[dict], errors: list[dict], args, argv: list[str], dev: to
             "flop_formula": "per sequence: 6*sum(matmul weights x positions they run on) + "
                             "12*d_model*sum_layers(kept mask pairs); see dalle_ds/models/flops.py",
             "memory_note": f"Peak memory: {mem_kind}, max over ranks.",
-            "load_average_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(), "note": args.note,
+            "host": host_start, "host_end": host_info(), "note": args.note,
             "rows": rows, "errors": errors}
 
 

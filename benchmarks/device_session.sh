@@ -64,19 +64,42 @@ bundle() {
   cp -f benchmarks/results/*_"$DATE"* "$LOGS"/ 2>/dev/null  # every result of the day (bench_fp169 names its own)
   tar -czf "$OUT/bundle.tgz" -C "$LOGS" . 2>/dev/null
 }
-# run NAME MIN MAX CMD...: skip if fewer than MIN seconds are left; otherwise run with a limit of min(MAX, left-5)
+# How busy the host is: eager GPU timings include the host's launch path, so a compile or a test worker still running
+# beside a benchmark slows it (the 2026-12-04 H200 run saw a 1-min load average of 51 at bench_fp169's start, after
+# the test stages). procs_running counts the runnable threads at this instant, this shell's included.
+busy() {
+  echo "load $(cut -d' ' -f1 /proc/loadavg), $(awk '/^procs_running/ {print $2}' /proc/stat) runnable;" \
+    "busiest (CPU % over their lifetime): $(ps -eo pcpu=,comm= --sort=-pcpu | head -n 3 | awk '{print $2, $1 "%"}' \
+    | paste -sd, | sed 's/,/, /g')"
+}
+# run NAME MIN MAX CMD...: skip if fewer than MIN seconds are left; otherwise run with a limit of min(MAX, left-5).
+# timeout puts the stage in a process group of its own (its pid); whatever the stage leaves running there (test
+# workers, compile pools) is killed when it returns, so that it cannot compete with the next stage for the CPUs.
 run() {
   local name=$1 min=$2 max=$3; shift 3
   local l; l=$(left)
   if [ "$l" -lt "$min" ]; then echo "== $name: SKIPPED ($l s left, needs $min)"; return; fi
   local lim=$(( max < l - 5 ? max : l - 5 ))
   local t0; t0=$(date +%s)
-  echo "== $name: start (limit ${lim}s)"
-  timeout -k 5 "$lim" "$@" > "$LOGS/$name.log" 2>&1
+  local head; head="== $name: start (limit ${lim}s; host $(busy))"
+  echo "$head"; echo "$head" > "$LOGS/$name.log"
+  timeout -k 5 "$lim" "$@" >> "$LOGS/$name.log" 2>&1 &
+  local pid=$!
+  wait "$pid"
   local rc=$?
+  kill -KILL -- "-$pid" 2>/dev/null
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 ))s"
   tail -n "${TAIL:-15}" "$LOGS/$name.log"
   bundle
+}
+# The 1-6-9 extension's JIT build (ninja, MAX_JOBS compiles at once: every core for ~10 s), once, in the foreground:
+# a build in the background would compete with a timing stage for the CPUs.
+FP169_BUILT=
+build_fp169() {
+  [ -n "$FP169_BUILT" ] && return
+  FP169_BUILT=1
+  TAIL=3 run fp169_build 15 120 python3 -c \
+    "from dalle_ds.ops.fp169 import _ext; import json; print(json.dumps(_ext.load(), default=str))"
 }
 
 { nvidia-smi; python3 -c "import torch, triton, sys; print(sys.version); print('torch', torch.__version__,
@@ -88,24 +111,19 @@ DEV=$(python3 -c "import sys, torch; sys.path.insert(0, 'benchmarks'); import ti
 print(timing.device_tag(torch.cuda.get_device_name(0)))" 2>/dev/null || echo cpu)
 echo "device $DEV, stages: $STAGES, deadline ${DEADLINE}s"; tail -n 4 "$LOGS/env.log"
 
-# The fp169 extension builds on the CPUs while the attention tests use the GPU.
-( timeout "$DEADLINE" python3 -c "from dalle_ds.ops.fp169 import _ext; import json; print(json.dumps(_ext.load(), default=str))" \
-    > "$LOGS/fp169_build.log" 2>&1 ) &
-BUILD_PID=$!
-# The kernels' sm_90 tile loops counted with this machine's triton (compile only, on the CPUs, beside the GPU stages).
-( timeout "$DEADLINE" python3 benchmarks/attn_sass.py --out "benchmarks/results/attn_sass_triton$(python3 -c 'import triton; print(triton.__version__)')_${DEV}_${DATE}" \
-    > "$LOGS/attn_sass.log" 2>&1 ) &
-
+# Nothing runs in the background: every stage has the host to itself. (The kernels' sm_90 loop counts,
+# benchmarks/attn_sass.py, need no GPU: they are made on the CPU machine with the device's triton, e.g.
+# `pip install --no-deps --target /tmp/t36 triton==3.6.0` and PYTHONPATH=/tmp/t36; attn_sass_triton3.6.0_*.md.)
 for stage in $STAGES; do
   case $stage in
     tests_attn)
       run tests_attn 60 150 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 200 -rfEs \
         tests/test_attention_triton.py tests/test_decode_graph.py -k "not interpreter and not sm90" ;;
     tests_fp169)
-      wait $BUILD_PID; echo "fp169 build: $(tail -c 400 "$LOGS/fp169_build.log")"
+      build_fp169
       run tests_fp169 30 150 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 120 -rfEs -m gpu tests/test_fp169_ops.py ;;
     fp169_argcheck)
-      wait $BUILD_PID
+      build_fp169
       run fp169_argcheck 20 120 bash -c '
         for vis in 0 ""; do for call in \
           "ops.encode_out(x, torch.empty(10, dtype=torch.int32), 1.0, False, 0)" \
@@ -126,7 +144,7 @@ except Exception as e:
             echo "CUDA_VISIBLE_DEVICES=$vis $call -> rc=${PIPESTATUS[0]}"
           done; done' ;;
     bench_fp169)
-      wait $BUILD_PID
+      build_fp169
       TAIL=30 run bench_fp169 30 120 python3 benchmarks/bench_fp169.py --save ;;
     bench_attn)
       # both backward paths pinned beside the tuned one: each is checked against fp32 before it is timed

@@ -56,6 +56,39 @@ def device_tag(name: str) -> str:
     return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "", name.lower().replace("nvidia", ""))[:12]
 
 
+def host_info() -> dict:
+    """The host CPU and how busy it is now: eager GPU timings include the host's launch path (Python, the
+    launcher), so another process competing for the cores (a compile, a test run left behind) slows them. The
+    1-minute load average lags (it decays over minutes after the load is gone); ``procs_running`` (/proc/stat) is
+    the count of runnable threads at this instant, this process's included."""
+    import os
+    import platform
+    from pathlib import Path
+
+    model = platform.processor() or platform.machine()
+    running = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("procs_running"):
+                running = int(line.split()[1])
+    except OSError:
+        pass
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return {"host_cpu": model, "cpu_count": os.cpu_count(), "load_avg_1min": load, "procs_running": running}
+
+
+def host_line(start: dict, end: "dict | None" = None) -> str:
+    """One markdown line for :func:`host_info` readings taken at a run's start (and end)."""
+    def busy(h: dict) -> str:
+        return f"1-min load {h['load_avg_1min']}, {h['procs_running']} runnable"
+    line = f"Host: {start['host_cpu']}, {start['cpu_count']} CPUs; at the start {busy(start)}"
+    return line + (f"; at the end {busy(end)}." if end else ".")
+
+
 def emit(result: dict, md: str, out: "str | None", show: bool = True) -> dict:
     """Print a benchmark's markdown (``show``) and, with ``out``, write ``out.json`` (the result) and ``out.md``."""
     import json

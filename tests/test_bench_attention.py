@@ -50,6 +50,12 @@ def test_report_structure(quick_report):
     assert md.strip().splitlines()[0].startswith("# bench_attention") and "| case | mask | provider |" in md
     assert stdout.strip().endswith(md.strip().splitlines()[-1])  # the markdown table is printed last
     assert "partial" not in report  # the final write replaced the per-mask partial ones
+    # how busy the host was at the start and the end (eager timings include the host's launch path)
+    for key in ("host", "host_end"):
+        host = report[key]
+        assert host["cpu_count"] >= 1 and host["host_cpu"] and host["load_avg_1min"] >= 0
+        assert host["procs_running"] >= 1  # this process was running when it read /proc/stat
+    assert f"{report['host']['cpu_count']} CPUs; at the start 1-min load {report['host']['load_avg_1min']}" in md
 
 
 def test_partial_results_after_each_mask(monkeypatch):

@@ -30,6 +30,7 @@ def _close(a, b, rel=1e-9):
 def _check(result: dict, world: int, micro: int, accum: int, ckpt: bool) -> dict:
     assert result["bench"] == "train" and result["device"] == "cpu" and result["world_size"] == world
     assert result["date"] and result["command"].split()[0] in ("python", "deepspeed")
+    assert result["host"]["procs_running"] >= 1 and result["host_end"]["cpu_count"] == result["host"]["cpu_count"]
     (row,) = result["rows"]
     for f in FIELDS:
         assert f in row, f
