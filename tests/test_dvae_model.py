@@ -41,6 +41,26 @@ def test_bf16_weights_take_uint8_images():
     assert m16.encode(x).shape == (2, 8, 8) and m16.decode(m16.encode(x)).dtype == torch.float32
 
 
+def test_fp32_inference_asks_for_ieee_convolutions():
+    """``bf16_inference(False)`` is fp32 inference: on a GPU cuDNN would run fp32 convolutions in TF32 by default
+    (``torch.backends.cudnn.conv.fp32_precision == "tf32"``), so the context asks for IEEE, and puts the process's
+    setting back after. It is entered once per batch by its callers (tokenize_images, the sampling pipeline), so it
+    must be reusable; on a CPU the codes are those of a plain call."""
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    m = DiscreteVAE(CFG)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    ctx = m.bf16_inference(False)
+    for _ in range(2):
+        with ctx:
+            assert conv.fp32_precision == "ieee"
+            with ctx:  # re-entered (nested): still IEEE, and the outer exit restores the original
+                assert conv.fp32_precision == "ieee"
+            codes = m.encode(x)
+        assert conv.fp32_precision == before
+    assert torch.equal(codes, m.encode(x))
+
+
 def test_token_decoding_equals_one_hot_decoding():
     m = DiscreteVAE(CFG).eval()
     tokens = torch.randint(0, 16, (3, 8, 8))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from dalle_ds.config import DVAEConfig
 from dalle_ds.precision.native import bf16_is_native
+from dalle_ds.precision.tf32 import ieee_cuda_convs
 
 # Appendix A.3: pixels are mapped into (ε, 1 − ε) before the logit-Laplace likelihood is evaluated.
 LOGIT_LAPLACE_EPS = 0.1
@@ -229,12 +230,13 @@ class DiscreteVAE(nn.Module):
         for bf16 on CPU). ``enabled=None``: on where bf16 is native (any GPU; a CPU with AVX-512 BF16 or AMX,
         where 64×64 decoding ran 9.1 → 3.1 ms an image on one core; elsewhere it is emulated and slower).
         Codes and pixels move slightly: 99.3% of codes equal (tests/test_token_shards.py), pixels within a few
-        levels of 255."""
+        levels of 255. Disabled: fp32, IEEE also on a GPU (where cuDNN's default would run the convolutions in
+        TF32), so that fp32 codes are the same codes on every device up to summation order."""
         device = next(self.parameters()).device
         if enabled is None:
             enabled = bf16_is_native(device)
         if not enabled:
-            return contextlib.nullcontext()
+            return ieee_cuda_convs()
         if device.type == "cpu":
             self.to(memory_format=torch.channels_last)
         return torch.autocast(device.type, dtype=torch.bfloat16)

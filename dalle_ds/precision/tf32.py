@@ -19,16 +19,34 @@ import torch
 import torch.nn.functional as F
 
 
-@contextlib.contextmanager
+class _fp32_precision(contextlib.AbstractContextManager):
+    """Inside: ``backend.fp32_precision = value`` (PyTorch ≥ 2.9's per-backend setting; setup.py requires ≥ 2.11).
+    The previous setting comes back on exit. Reusable and re-entrant, like ``torch.autocast`` (callers keep one and
+    enter it per batch)."""
+
+    def __init__(self, backend, value: str):
+        self.backend, self.value, self._saved = backend, value, []
+
+    def __enter__(self):
+        self._saved.append(self.backend.fp32_precision)
+        self.backend.fp32_precision = self.value
+        return self
+
+    def __exit__(self, *exc):
+        self.backend.fp32_precision = self._saved.pop()
+        return False
+
+
 def tf32_cuda_matmuls():
-    """Inside: CUDA fp32 matmuls may use TF32 tensor cores. The previous setting comes back on exit."""
-    m = torch.backends.cuda.matmul  # PyTorch ≥ 2.9's per-backend setting (setup.py requires ≥ 2.11)
-    previous = m.fp32_precision
-    m.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        m.fp32_precision = previous
+    """Inside: CUDA fp32 matmuls may use TF32 tensor cores (PyTorch's default: IEEE)."""
+    return _fp32_precision(torch.backends.cuda.matmul, "tf32")
+
+
+def ieee_cuda_convs():
+    """Inside: cuDNN fp32 convolutions run in IEEE fp32. PyTorch's default lets them use TF32 (a 10-bit significand
+    on the inputs), so an "fp32" convolutional network on an Ampere or later GPU is not fp32 unless asked; on a CPU
+    the setting changes nothing."""
+    return _fp32_precision(torch.backends.cudnn.conv, "ieee")
 
 
 class _TF32Linear(torch.autograd.Function):
