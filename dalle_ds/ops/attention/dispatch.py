@@ -185,7 +185,8 @@ def attention(
         q, k, v: (B, H, N, D) with N = T + W*W, **raster order** for every mask (the backend transposes image
             states for column attention internally). Same dtype and device.
         mask_spec: which mask (:class:`MaskSpec`: row / column / conv / causal, T, W, conv kernel and wraparound).
-        backend: "auto" (triton, then flex, then dense: the first that supports the call), or a name to force.
+        backend: "auto" (triton, then flex, then sdpa, then dense: the first that supports the call), or a name
+            to force.
         scale: softmax scale, default ``1 / sqrt(D)``.
 
     Returns:
