@@ -190,7 +190,7 @@ def attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
 
     Returns:
-        (B, H, N, D) in q's dtype, raster order. Differentiable (triton, dense; flex on CUDA).
+        (B, H, N, D) in q's dtype, raster order. Differentiable (triton, sdpa, dense; flex on CUDA).
     """
     name = select_backend(q, k, v, mask_spec, backend)
     if scale is None:
