@@ -132,3 +132,43 @@ def test_near_miss_keys_missing_optimizer_bad_params_and_clipping(tmp_path, capl
     with caplog.at_level("WARNING", logger="dalle_ds.train"):
         prep({**raw, "my_own_section": {}})  # unlike any known key: a warning, not an error
     assert "my_own_section" in caplog.text
+
+
+def _lr_at(ds_config: dict, step: int) -> float:
+    """The learning rate DeepSpeed's scheduler of ``ds_config`` gives at update ``step``."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    params = ds_config["optimizer"]["params"]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=params["lr"])
+    sched = WarmupCosineLR(opt, **ds_config["scheduler"]["params"])
+    sched.step(step)
+    return opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("steps, warmup", [(430_000, 5000), (100_000, 5000), (1500, 75), (10, 2)])
+def test_auto_warmup_is_the_papers_5000_updates_or_a_twentieth(steps, warmup):
+    raw = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+           "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}}}
+    cfg = prepare_ds_config(raw, steps=steps, run_dir="/tmp/x", job_name="j", world_size=1, accelerator="cpu")
+    assert cfg["scheduler"]["params"] == {"total_num_steps": steps, "warmup_num_steps": warmup}
+
+
+def test_paper_schedules():
+    """dVAE (paper App. A.2): cosine from 1e-4 to 1.25e-6 over 1,200,000 updates, then held for the rest of the
+    3,000,000. Prior (App. B.2): linear warm-up over 5,000 updates from 4.5e-4, ending 32x lower (the paper halves
+    the step size five times on plateaus; here a cosine)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ds_configs"
+    dvae = prepare_ds_config(json.loads((root / "dvae_paper.json").read_text()), steps=3_000_000, run_dir="/tmp/x",
+                             job_name="j", world_size=64, accelerator="cuda")
+    assert _lr_at(dvae, 2) == pytest.approx(1e-4)
+    assert _lr_at(dvae, 600_000) == pytest.approx(1e-4 * (0.0125 + 0.9875 * 0.5), rel=1e-3)  # halfway
+    assert _lr_at(dvae, 1_200_000) == pytest.approx(1.25e-6) and _lr_at(dvae, 2_999_999) == pytest.approx(1.25e-6)
+    for name in ("zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json", "zero2_fp16_resblock.json"):
+        prior = prepare_ds_config(json.loads((root / name).read_text()), steps=430_000, run_dir="/tmp/x",
+                                  job_name="j", world_size=64, accelerator="cuda")
+        assert _lr_at(prior, 2500) == pytest.approx(4.5e-4 / 2), name
+        assert _lr_at(prior, 5000) == pytest.approx(4.5e-4, rel=1e-6), name
+        assert _lr_at(prior, 430_000) == pytest.approx(4.5e-4 / 32), name

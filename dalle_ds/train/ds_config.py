@@ -158,6 +158,15 @@ def resolve_batch_sizes(cfg: dict[str, Any], world_size: int, where: str = "deep
     return tb, mb, ga
 
 
+#: The prior's linear warm-up in the paper (App. B.2: "over the first 5000 updates").
+PAPER_WARMUP_STEPS = 5000
+
+
+def auto_warmup_steps(steps: int) -> int:
+    """``warmup_num_steps: "auto"``: the paper's 5,000 updates, or 1/20 of a shorter run (at least 2)."""
+    return min(PAPER_WARMUP_STEPS, max(2, steps // 20))
+
+
 def prepare_ds_config(cfg: dict[str, Any], *, steps: int, run_dir: str | Path, job_name: str, world_size: int,
                       accelerator: str, where: str = "deepspeed config") -> dict[str, Any]:
     """Return a copy of ``cfg`` with "auto" values filled and consistency checked (raises :class:`ConfigError`)."""
@@ -171,7 +180,7 @@ def prepare_ds_config(cfg: dict[str, Any], *, steps: int, run_dir: str | Path, j
         params = sched.setdefault("params", {})
         for key in ("total_num_steps", "warmup_num_steps"):
             if params.get(key) == "auto":
-                params[key] = steps if key == "total_num_steps" else max(2, steps // 20)
+                params[key] = steps if key == "total_num_steps" else auto_warmup_steps(steps)
         warm = params.get("warmup_num_steps")
         if isinstance(warm, int) and warm > steps:
             raise ConfigError(f"{where}: scheduler.params.warmup_num_steps {warm} exceeds the run's {steps} steps")
