@@ -679,7 +679,9 @@ class DalleTrainConfig:
 
 
 DALLE_RUN_PRESETS: dict[str, DalleTrainConfig] = {
-    "paper": DalleTrainConfig(),
+    # The paper recomputes the resblocks' activations in the backward pass (§2.4); `--set model=<size>` picks a size
+    # preset as it is (checkpointing off), `model.activation_checkpointing=true` turns it back on.
+    "paper": DalleTrainConfig(model=dataclasses.replace(DALLE_PRESETS["12B"], activation_checkpointing=True)),
     # CPU demo: 1,500 updates (~12 min on 2 cores) with bf16 resblock branches, which step 1.15× faster than fp32 on
     # this CPU (587 s for 1,200 against 557 s for 1,000). docs/dvae_cpu_trials.md: the prior is the stage that holds
     # exact match back; all-candidate exact on 256 test_id captions x 16 was 0.083 at 1,000 fp32 updates, 0.117 at

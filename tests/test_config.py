@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dalle_ds.config import (DVAE_PRESETS, DVAE_RUN_PRESETS, ConfigError, DVAEConfig, DVAETrainConfig,
+from dalle_ds.config import (DALLE_RUN_PRESETS, DVAE_PRESETS, DVAE_RUN_PRESETS, ConfigError, DVAEConfig, DVAETrainConfig,
                              apply_overrides, build_run_config, parse_set_args)
 
 
@@ -19,6 +19,9 @@ def test_presets_are_valid_and_paper_shape(tmp_path):
         cfg.validate()
     paper = DVAE_PRESETS["paper"]
     assert (paper.image_size, paper.grid_size, paper.vocab_size) == (256, 32, 8192)
+    prior = DALLE_RUN_PRESETS["paper"]
+    assert (prior.model.n_layers, prior.model.d_model, prior.model.n_heads) == (64, 3968, 62)
+    assert prior.model.activation_checkpointing and prior.steps == 430_000  # paper §2.4, App. B.2
     assert DVAE_PRESETS["tiny"].grid_size == 16 and DVAE_PRESETS["tiny8"].grid_size == 8
 
 
