@@ -663,11 +663,16 @@ class DalleTrainConfig:
     compile: bool = False
     """torch.compile every resblock before DeepSpeed wraps the model (DALLE.compile_resblocks): fuses the
     elementwise work around the matmuls; ZeRO 0-2 (ZeRO-3's parameter hooks would run inside compiled blocks)."""
+    adam_moments: str = "fp32"
+    """fp32, or 16bit: the resblock matmul weights' Adam mean in 1-6-9 and variance in 0-6-10 clipped at 5, as the
+    paper (App. B.2; dalle_ds.precision.adam_moments); the other parameters keep fp32 moments."""
 
     def validate(self, where: str = "dalle_run") -> "DalleTrainConfig":
         self.model.validate(f"{where}.model")
         self.data.validate(f"{where}.data")
         self.powersgd.validate(f"{where}.powersgd")
+        if self.adam_moments not in ("fp32", "16bit"):
+            _fail(f"{where}.adam_moments", f"choose fp32 or 16bit, got {self.adam_moments!r}")
         if self.steps < 1:
             _fail(f"{where}.steps", "must be ≥ 1")
         if not (0 <= self.ema_decay < 1):

@@ -100,3 +100,27 @@ def test_configs_load_and_deepspeed_accepts_them(path, tmp_path):
     assert ds.zero_optimization_stage == stage
     assert ds.bfloat16_config.enabled == ("bf16" in path.stem)
     assert (ds.zero_config.offload_optimizer is not None) == ("offload" in path.stem)
+
+
+def test_16bit_adam_moments_estimate_is_what_the_optimizer_holds():
+    """With adam_moments=16bit the estimate's optimizer state equals the bytes AdamW16 actually holds for the model,
+    grouped as the trainer groups it (matmul weights: 4 bytes per element; the fp32 islands: 8)."""
+    from dalle_ds.precision.adam_moments import AdamW16
+
+    model = DALLE(TINY)
+    sixteen = set(model.resblock_matmul_weight_names())
+    assert sixteen and all(".fn." in n and n.endswith(".weight") for n in sixteen)
+    named = list(model.named_parameters())
+    opt = AdamW16([{"params": [p for n, p in named if n in sixteen]},
+                   {"params": [p for n, p in named if n not in sixteen], "moments": "fp32"}])
+    for _, p in named:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    est = estimate_per_gpu(TINY, zero=0, gpus=1, precision="fp32", adam_moments="16bit")
+    assert est["optimizer"] == opt.state_bytes()
+    assert sum(p.numel() for n, p in named if n in sixteen) == parameter_breakdown(TINY)["matmul"]
+    bf16 = estimate_per_gpu(TINY, zero=1, gpus=8, precision="bf16", adam_moments="16bit")
+    psi, matmul = count_parameters(TINY), parameter_breakdown(TINY)["matmul"]
+    assert bf16["optimizer"] == (12 * psi - 4 * matmul) / 8  # fp32 master + moments, partitioned
+    with pytest.raises(ValueError, match="adam_moments"):
+        estimate_per_gpu(TINY, zero=1, gpus=1, adam_moments="8bit")

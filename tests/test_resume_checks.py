@@ -50,6 +50,10 @@ def test_what_may_and_may_not_change(tmp_path):
     wider = {**RUN, "model": {**RUN["model"], "d_model": 64}}
     with pytest.raises(ConfigError, match="model differs.*model.d_model 32 -> 64"):
         check_resume(run, "dalle", wider, DS, world=2)
+    with pytest.raises(ConfigError, match="holds fp32 Adam moments, this run asks for 16bit"):
+        check_resume(run, "dalle", {**RUN, "adam_moments": "16bit"}, DS, world=2)
+    # a folder written before the key existed held fp32 moments: resuming it with the default is fine
+    assert check_resume(run, "dalle", {**RUN, "adam_moments": "fp32"}, DS, world=2) == ["adam_moments"]
     with pytest.raises(ConfigError, match="another run \\(dalle\\), not of a dvae run"):
         check_resume(run, "dvae", RUN, DS, world=2)
     with pytest.raises(ConfigError, match="ZeRO stage 2, this run uses 0"):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch_utils import ROOT, single_process_env
 from unit_shards import write_unit_splits
@@ -61,3 +62,24 @@ def test_clip_in_bf16_mode_and_refused_under_zero3(tmp_path):
     common[-1] = str(tmp_path / "clip3")
     proc = _run([*common, "--deepspeed_config", "ds_configs/zero3_bf16.json"], "zero3_bf16.json")
     assert proc.returncode == 2 and "CLIP trainer supports ZeRO stages 0-2" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["zero3_bf16.json", "zero1_fp16_resblock.json"])
+def test_16bit_adam_moments_train_with_zero3_and_fp16_resblocks(name, shards, tmp_path):
+    """adam_moments=16bit with ZeRO-3 (partitioned parameters: the groups are made from their names) and with fp16
+    resblocks under per-resblock scaling (DeepSpeed's fp32 mode) trains its steps."""
+    proc = _run([*_command(name, shards, tmp_path / "run"), "--set", "adam_moments=16bit"], name)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert '"steps": 2' in proc.stdout
+    (path,) = (tmp_path / "run" / "checkpoints").glob("step*/*optim_states.pt")
+    saved = torch.load(path, weights_only=False)["optimizer_state_dict"]
+    saved = saved.get("base_optimizer_state") or saved["optimizer_state_dict"]  # ZeRO-1/2 and ZeRO-3 name it so
+    assert [g["moments"] for g in saved["param_groups"]] == ["16bit", "fp32"]
+    assert [saved["state"][i]["exp_avg"].dtype for i in (0, 1)] == [torch.int16, torch.float32]
+    assert [saved["state"][i]["exp_avg_sq"].dtype for i in (0, 1)] == [torch.int16, torch.float32]
+
+
+def test_16bit_adam_moments_refuse_optimizer_offload(shards, tmp_path):
+    name = "zero3_bf16_offload.json"
+    proc = _run([*_command(name, shards, tmp_path / "run"), "--set", "adam_moments=16bit"], name)
+    assert proc.returncode == 2 and "optimizer offload runs DeepSpeed's CPU Adam" in proc.stderr, proc.stderr[-3000:]

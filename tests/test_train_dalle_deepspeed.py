@@ -79,3 +79,42 @@ def test_sample_cli_rejects_bad_arguments(tmp_path):
                            "--caption", "x", "--num_candidates", "2", "--keep", "3", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--keep" in proc.stderr
+
+
+def _base_optimizer_states(run):
+    """Each rank's DeepSpeed optimizer-state file of the run's latest checkpoint: the base optimizer's state."""
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    files = sorted((run / "checkpoints" / tag).glob("*optim_states.pt"))
+    return [torch.load(f, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"] for f in files]
+
+
+def test_16bit_adam_moments_learn_and_resume_exactly(shards, tmp_path):
+    """adam_moments=16bit (paper App. B.2) under the deepspeed launcher, 2 ranks, ZeRO-2: DeepSpeed checkpoints the
+    resblock matrices' moments as int16 codes (1-6-9 mean, 0-6-10 variance) and the fp32 islands' as fp32, a
+    preempted run resumes with the uninterrupted one's losses, and it learns as the fp32-moment run does."""
+    def args(out, *extra):
+        return ["--deepspeed_config", "ds_configs/cpu_dalle.json", "--preset", "test",
+                "--set", f"data.train_tokens={shards / 'train'}", "--set", "steps=40", "--set", "save_every=20",
+                "--set", "log_every=1", "--set", "eval_every=0", "--out", str(out), *extra]
+
+    full, parted, fp32 = tmp_path / "full", tmp_path / "parted", tmp_path / "fp32"
+    deepspeed_launch("launch/train_dalle.py", args(full, "--set", "adam_moments=16bit"))
+    deepspeed_launch("launch/train_dalle.py", args(parted, "--set", "adam_moments=16bit", "--stop_at", "20"))
+    deepspeed_launch("launch/train_dalle.py", args(parted, "--set", "adam_moments=16bit"))
+    deepspeed_launch("launch/train_dalle.py", args(fp32))
+
+    states = _base_optimizer_states(full)
+    assert len(states) == 2  # one per rank
+    for st in states:
+        groups = st["param_groups"]
+        assert [g["moments"] for g in groups] == ["16bit", "fp32"]
+        sixteen, islands = (st["state"][g["params"][0]] for g in groups)  # one flat partition per group (ZeRO)
+        assert sixteen["exp_avg"].dtype == torch.int16 and sixteen["exp_avg_sq"].dtype == torch.int16
+        assert islands["exp_avg"].dtype == torch.float32 and sixteen["step"] == 40
+        assert sixteen["exp_avg"].numel() > islands["exp_avg"].numel()  # most parameters are resblock matrices
+    a, b, c = _history(full), _history(parted), _history(fp32)
+    assert sorted(b) == list(range(21, 41))
+    for step in b:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
+    last16, last32 = (sum(h[s]["loss"] for s in range(36, 41)) / 5 for h in (a, c))
+    assert last16 < 0.8 * a[1]["loss"] and last16 == pytest.approx(last32, rel=0.05), (a[1]["loss"], last16, last32)

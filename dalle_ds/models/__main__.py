@@ -3,7 +3,7 @@
 ``--memory`` adds a per-GPU memory estimate (parameters, gradients, Adam state, activations with and without
 activation checkpointing) for a ZeRO stage, GPU count, precision and micro-batch (see dalle_ds.models.memory):
 
-    python -m dalle_ds.models --preset 12B --memory --zero 3 --gpus 64
+    python -m dalle_ds.models --preset 12B --memory --zero 3 --gpus 64 [--adam-moments 16bit]
     python -m dalle_ds.models --preset 2.8B --memory --zero 2 --gpus 16 --precision fp16-resblock --micro-batch 2
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16", choices=PRECISIONS, help="(with --memory)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (with --memory)")
     p.add_argument("--offload", action="store_true", help="optimizer state in CPU memory (with --memory)")
+    p.add_argument("--adam-moments", default="fp32", choices=["fp32", "16bit"],
+                   help="16bit: the resblock matrices' Adam moments in 1-6-9 / 0-6-10 (paper App. B.2; with --memory)")
     p.add_argument("--attention", default="flash", choices=["flash", "dense"],
                    help="flash: O(n) attention memory (Triton/flex kernels); dense: O(n²) probabilities saved")
     args = p.parse_args(argv)
@@ -34,6 +36,8 @@ def main(argv=None) -> int:
         p.error("--gpus and --micro-batch must be ≥ 1")
     if args.offload and args.zero == 0:
         p.error("--offload needs --zero 1, 2 or 3")
+    if args.offload and args.adam_moments == "16bit":
+        p.error("--adam-moments 16bit runs on the GPU; --offload uses DeepSpeed's fp32 CPU Adam")
     names = [args.preset] if args.preset else list(DALLE_PRESETS)
     print(f"{'preset':<8} {'params':>16} {'layers':>6} {'d_model':>7} {'heads':>5} {'text+image tokens':>18}")
     for name in names:
@@ -44,10 +48,11 @@ def main(argv=None) -> int:
     if args.memory:
         for name in names:
             est = estimate_per_gpu(DALLE_PRESETS[name], zero=args.zero, gpus=args.gpus, precision=args.precision,
-                                   micro_batch=args.micro_batch, offload=args.offload, attention=args.attention)
+                                   micro_batch=args.micro_batch, offload=args.offload, attention=args.attention,
+                                   adam_moments=args.adam_moments)
             print()
             print(format_estimate(name, est, zero=args.zero, gpus=args.gpus, precision=args.precision,
-                                  micro_batch=args.micro_batch, offload=args.offload))
+                                  micro_batch=args.micro_batch, offload=args.offload, adam_moments=args.adam_moments))
     return 0
 
 

@@ -224,6 +224,12 @@ class DALLE(nn.Module):
         """The 2·n_layers resblocks in order (layer i's attention block is 2i, its MLP block 2i + 1)."""
         return [b for layer in self.layers for b in (layer.attn, layer.mlp)]
 
+    def resblock_matmul_weight_names(self) -> list[str]:
+        """Names of the resblocks' matmul weights (attention qkv / proj, MLP fc / proj): the parameters the paper keeps
+        in 16 bits with 16-bit Adam moments; gains, biases, embeddings and the heads are its fp32 islands (App. D)."""
+        ids = {id(m.weight) for block in self.resblocks for m in block.fn.modules() if isinstance(m, nn.Linear)}
+        return [name for name, param in self.named_parameters() if id(param) in ids]
+
     def compile_resblocks(self, **compile_kwargs) -> None:
         """``torch.compile`` every resblock in place, block by block as torchtitan's ``apply_compile`` does: a
         block's graph is small and compiles in seconds, and blocks of one kind (MLP; attention of one mask kind)

@@ -110,12 +110,14 @@ def activation_bytes(cfg: DalleConfig, micro_batch: int, precision: str, checkpo
 
 
 def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str = "bf16", micro_batch: int = 1,
-                     offload: bool = False, attention: str = "flash") -> dict[str, float]:
+                     offload: bool = False, attention: str = "flash", adam_moments: str = "fp32") -> dict[str, float]:
     """Bytes per GPU for the model state under a ZeRO stage (ZeRO paper, Rajbhandari et al. 2020, §3: with Ψ
     parameters, 16-bit training keeps 2Ψ params + 2Ψ grads + 12Ψ optimizer state (fp32 master copy, Adam m and v);
     stage 1 partitions the optimizer state over the data-parallel GPUs, stage 2 also the gradients, stage 3 also the
     parameters). fp32 / fp16-resblock keep 4Ψ params + 4Ψ grads + 8Ψ Adam moments (the params are the master copy).
-    ``offload``: the optimizer state lives in CPU memory (reported as ``host_optimizer``).
+    ``offload``: the optimizer state lives in CPU memory (reported as ``host_optimizer``). ``adam_moments="16bit"``:
+    the resblock matmul weights' two Adam moments take 2 bytes each instead of 4 (paper App. B.2,
+    dalle_ds.precision.adam_moments); the fp32 islands keep fp32 moments.
 
     Not counted: DeepSpeed's communication buckets (``reduce_bucket_size``, ``allgather_bucket_size``,
     ``stage3_prefetch_bucket_size``), ZeRO-3's gathered working set, allocator fragmentation, the CUDA context.
@@ -126,9 +128,16 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
         raise ValueError("gpus and micro_batch must be ≥ 1")
     if offload and zero == 0:
         raise ValueError("optimizer offload needs ZeRO stage ≥ 1")
-    psi = parameter_breakdown(cfg)["total"]
+    if adam_moments not in ("fp32", "16bit"):
+        raise ValueError(f"adam_moments must be fp32 or 16bit, got {adam_moments!r}")
+    if offload and adam_moments == "16bit":
+        raise ValueError("16-bit Adam moments run on the GPU (optimizer offload uses DeepSpeed's fp32 CPU Adam)")
+    counts = parameter_breakdown(cfg)
+    psi = counts["total"]
     p_bytes, g_bytes, o_bytes = {"bf16": (2, 2, 12), "fp16-resblock": (4, 4, 8), "fp32": (4, 4, 8)}[precision]
     params, grads, optim = p_bytes * psi, g_bytes * psi, o_bytes * psi
+    if adam_moments == "16bit":
+        optim -= 4 * counts["matmul"]  # two moments of 2 bytes instead of 4 on the matmul weights
     if zero >= 1:
         optim /= gpus
     if zero >= 2:
@@ -147,10 +156,11 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
 
 
 def format_estimate(name: str, est: dict[str, float], *, zero: int, gpus: int, precision: str, micro_batch: int,
-                    offload: bool) -> str:
+                    offload: bool, adam_moments: str = "fp32") -> str:
     gib = 2.0 ** 30
     lines = [f"{name}: {est['num_parameters'] / 1e9:.3f} B parameters; ZeRO-{zero} over {gpus} GPU(s), {precision}, "
-             f"micro-batch {micro_batch}{', optimizer offloaded to CPU' if offload else ''}",
+             f"micro-batch {micro_batch}{', optimizer offloaded to CPU' if offload else ''}"
+             f"{', 16-bit Adam moments' if adam_moments == '16bit' else ''}",
              f"  {'parameters':<34} {est['parameters'] / gib:10.2f} GiB",
              f"  {'gradients':<34} {est['gradients'] / gib:10.2f} GiB",
              f"  {'optimizer state (Adam)':<34} {est['optimizer'] / gib:10.2f} GiB"]

@@ -95,7 +95,8 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
     """Before resuming from ``run_dir``: refuse what cannot resume, list what changed.
 
     Raises :class:`ConfigError` when the folder holds another job's checkpoints, when the model config differs
-    (the weights would not fit; :data:`RESUMABLE_MODEL_KEYS` may change), or when the ZeRO stage or (with ZeRO ≥ 1, whose optimizer state is sharded by rank)
+    (the weights would not fit; :data:`RESUMABLE_MODEL_KEYS` may change) or the Adam moments' format does, or when
+    the ZeRO stage or (with ZeRO ≥ 1, whose optimizer state is sharded by rank)
     the number of ranks differs from the run that wrote them. Returns the other changed keys (for a warning: a longer
     ``steps`` or a new learning rate is a legitimate reason to resume). Reads the ``<job>_run_config.json`` and
     ``<job>_ds_config.json`` the earlier run wrote; a folder without a committed checkpoint passes."""
@@ -117,6 +118,10 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
         raise ConfigError(f"cannot resume from {run_dir}: the model differs from the checkpoint's ("
                           + "; ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in model[:6])
                           + "); use another --out, or --no-resume to start over")
+    moments = before.get("adam_moments", "fp32"), now.get("adam_moments", "fp32")  # runs before the key: fp32
+    if moments[0] != moments[1]:  # 16-bit codes and fp32 moments are not each other's state
+        raise ConfigError(f"cannot resume from {run_dir}: its optimizer state holds {moments[0]} Adam moments, this "
+                          f"run asks for {moments[1]}")
     if old_ds.is_file():
         ds_before = json.loads(old_ds.read_text())
         z_before, z_now = zero_stage(ds_before), zero_stage(ds_config)

@@ -8,7 +8,8 @@ all at once, so the host does not wait for the GPU after every micro-batch (each
 
 Extensions (e.g. a gradient reducer) plug into the engine's life cycle; each may define any of:
 ``before_initialize(model, ds_config)`` (before ``deepspeed.initialize``; may edit the config dict),
-``after_initialize(engine)`` (right after it, before the EMA copies the weights), ``setup(loop)`` (after that,
+``client_optimizer() -> (model_parameters, optimizer factory)`` (what ``deepspeed.initialize`` gets instead of the
+config's optimizer), ``after_initialize(engine)`` (right after it, before the EMA copies the weights), ``setup(loop)`` (after that,
 before resume), ``after_backward(loop, micro)`` (after every ``engine.backward``),
 ``stats() -> dict`` (called at each logged step, merged into its statistics; it covers the steps since the previous
 call), ``state_dict()`` / ``load_state_dict(state)``
@@ -74,8 +75,12 @@ class EngineLoop:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / f"{self.job_name}_run_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
             (self.run_dir / f"{self.job_name}_ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                     config=ds_config)
+        model_parameters, client_optimizer = model.parameters(), None
+        for ext in self.extensions:
+            if hasattr(ext, "client_optimizer"):
+                model_parameters, client_optimizer = ext.client_optimizer()
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model_parameters,
+                                                     optimizer=client_optimizer, config=ds_config)
         if (is_rank0() and self.device.type == "cpu" and self.engine.torch_autocast_enabled()
                 and self.engine.torch_autocast_dtype() == torch.bfloat16
                 and not bf16_is_native(self.device)):

@@ -1,0 +1,142 @@
+"""AdamW with 16-bit moments (paper App. B.2: running mean in 1-6-9, running variance in 0-6-10 clipped at 5)."""
+import io
+import logging
+
+import pytest
+import torch
+
+from dalle_ds.ops.fp169 import reference
+from dalle_ds.precision.adam_moments import AdamW16
+
+HP = dict(lr=3e-3, betas=(0.9, 0.96), eps=1e-8, weight_decay=0.045)  # the paper's transformer betas and decay
+
+
+def _params(seed=0, shapes=((17, 5), (40,), (3, 4, 6))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+
+
+def _grads(params, step, scale=1e-3):
+    g = torch.Generator().manual_seed(1000 + step)
+    # magnitudes spread over many binades, as gradients are (some far below fp16's range)
+    return [torch.randn(p.shape, generator=g) * scale * torch.exp(torch.randn(p.shape, generator=g) * 4) for p in params]
+
+
+def _run(opt, params, steps, scale=1e-3):
+    for t in range(steps):
+        for p, g in zip(params, _grads(params, t, scale)):
+            p.grad = g.clone()
+        opt.step()
+
+
+def test_fp32_moments_are_torch_adamw():
+    a, b = _params(), _params()
+    _run(AdamW16(a, moments="fp32", **HP), a, 20)
+    _run(torch.optim.AdamW(b, foreach=False, **HP), b, 20)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_16bit_moments_are_fp32_adamw_with_moments_rounded_to_their_formats():
+    """Bit for bit against an emulation written with the pure-torch codec (a different implementation from the
+    C++ op the optimizer uses on CPU): fp32 AdamW whose moments are rounded to 1-6-9 / 0-6-10 after every update."""
+    params, emulated = _params(), _params()
+    opt = AdamW16(params, chunk=37, **HP)  # chunks that cut through tensors
+    lr, (b1, b2), eps, wd = HP["lr"], HP["betas"], HP["eps"], HP["weight_decay"]
+    ms = [torch.zeros_like(p) for p in emulated]
+    vs = [torch.zeros_like(p) for p in emulated]
+    with torch.no_grad():
+        for t in range(1, 31):
+            grads = _grads(params, t - 1)
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+            for i, (x, g) in enumerate(zip(emulated, grads)):
+                m = ms[i].mul(b1).add_(g, alpha=1 - b1)
+                v = vs[i].mul(b2).addcmul_(g, g, value=1 - b2).clamp_(max=5.0)
+                ms[i] = reference.decode(reference.encode(m, saturate=True, fmt="1-6-9"), fmt="1-6-9")
+                vs[i] = reference.decode(reference.encode(v, saturate=True, fmt="0-6-10"), fmt="0-6-10")
+                x.mul_(1 - lr * wd)
+                denom = vs[i].sqrt().div_((1 - b2 ** t) ** 0.5).add_(eps)
+                x.addcdiv_(ms[i], denom, value=-lr / (1 - b1 ** t))
+    for p, x, m, v in zip(params, emulated, ms, vs):
+        assert torch.equal(p, x)
+        st = opt.state[p]
+        assert st["exp_avg"].dtype == torch.int16 and st["exp_avg_sq"].dtype == torch.int16
+        assert torch.equal(reference.decode(st["exp_avg"], fmt="1-6-9"), m)
+        assert torch.equal(reference.decode(st["exp_avg_sq"], fmt="0-6-10"), v)
+    # 4 bytes of state per element instead of fp32 AdamW's 8
+    assert opt.state_bytes() == 4 * sum(p.numel() for p in params)
+
+
+def test_variance_clipped_at_5_and_mean_saturates():
+    (p,) = _params(shapes=((4,),))
+    opt = AdamW16([p], lr=1e-3, betas=(0.9, 0.96))
+    p.grad = torch.tensor([1e3, -1e3, 30.0, 1e-12])
+    opt.step()
+    m = reference.decode(opt.state[p]["exp_avg"], fmt="1-6-9")
+    v = reference.decode(opt.state[p]["exp_avg_sq"], fmt="0-6-10")
+    assert m[:2].tolist() == [15.984375, -15.984375]  # 0.1 * 1e3 = 100, saturated at the 1-6-9 maximum
+    assert m[2].item() == pytest.approx(3.0, rel=2 ** -9) and m[3].item() == pytest.approx(1e-13, rel=2 ** -9)
+    assert v[:3].tolist() == [5.0, 5.0, 5.0]  # 0.04 * 1e6, 0.04 * 900 = 36: clipped by value to 5
+    assert v[3].item() == 0.0  # 0.04 * 1e-24 lies below the smallest 0-6-10 subnormal (1.7e-21): zero
+    assert torch.isfinite(p).all()
+
+
+def test_trains_like_fp32_adamw():
+    """A least-squares fit: 16-bit moments reach the loss fp32 AdamW reaches, within a few percent."""
+    g = torch.Generator().manual_seed(0)
+    a, y = torch.randn(256, 32, generator=g), torch.randn(256, 1, generator=g)
+    losses = {}
+    for moments in ("fp32", "16bit"):
+        w = torch.zeros(32, 1, requires_grad=True)
+        opt = AdamW16([w], lr=1e-2, betas=(0.9, 0.96), moments=moments)
+        for _ in range(300):
+            opt.zero_grad()
+            loss = ((a @ w - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+        losses[moments] = loss.item()
+    assert losses["16bit"] == pytest.approx(losses["fp32"], rel=0.02), losses
+
+
+def test_state_dict_round_trip_keeps_the_codes():
+    """torch's load_state_dict casts a floating-point parameter's state to its dtype (a code would become its
+    integer value); the codes come back as int16, and training continues exactly."""
+    a, b = _params(), _params()
+    opt_a = AdamW16(a, **HP)
+    _run(opt_a, a, 5)
+    buf = io.BytesIO()
+    torch.save(opt_a.state_dict(), buf)
+    with torch.no_grad():
+        for x, y in zip(b, a):
+            x.copy_(y)
+    opt_b = AdamW16(b, **HP)
+    opt_b.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    for x, y in zip(a, b):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt_b.state[y][key].dtype == torch.int16
+            assert torch.equal(opt_b.state[y][key], opt_a.state[x][key])
+        assert opt_b.state[y]["step"] == 5
+    for t in range(5, 10):
+        for x, y, g in zip(a, b, _grads(a, t)):
+            x.grad, y.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_groups_choose_their_moments_and_bad_arguments_are_refused(caplog):
+    a, b = _params(shapes=((8,),)), _params(shapes=((8,),))
+    opt = AdamW16([{"params": a}, {"params": b, "moments": "fp32"}], **HP)
+    _run(opt, a + b, 2)
+    assert opt.state[a[0]]["exp_avg"].dtype == torch.int16 and opt.state[b[0]]["exp_avg"].dtype == torch.float32
+    with pytest.raises(ValueError, match="moments must be one of"):
+        AdamW16(a, moments="fp16")
+    with pytest.raises(ValueError, match="variance_clip"):
+        AdamW16(a, variance_clip=10.0)
+    with pytest.raises(ValueError, match="betas"):
+        AdamW16(a, betas=(0.9, 1.0))
+    with caplog.at_level(logging.WARNING, logger="dalle_ds.precision.adam_moments"):
+        AdamW16(a, betas=(0.9, 0.999))
+    assert "rounded away" in caplog.text
