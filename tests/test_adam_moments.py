@@ -37,17 +37,20 @@ def test_fp32_moments_are_torch_adamw():
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
 
-def test_16bit_moments_are_fp32_adamw_with_moments_rounded_to_their_formats():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_16bit_moments_are_fp32_adamw_with_moments_rounded_to_their_formats(device):
     """Bit for bit against an emulation written with the pure-torch codec (a different implementation from the
-    C++ op the optimizer uses on CPU): fp32 AdamW whose moments are rounded to 1-6-9 / 0-6-10 after every update."""
-    params, emulated = _params(), _params()
+    C++ / CUDA op the optimizer uses): fp32 AdamW whose moments are rounded to 1-6-9 / 0-6-10 after every update."""
+    params = [p.detach().to(device).requires_grad_() for p in _params()]
+    emulated = [p.detach().clone() for p in params]
     opt = AdamW16(params, chunk=37, **HP)  # chunks that cut through tensors
     lr, (b1, b2), eps, wd = HP["lr"], HP["betas"], HP["eps"], HP["weight_decay"]
     ms = [torch.zeros_like(p) for p in emulated]
     vs = [torch.zeros_like(p) for p in emulated]
     with torch.no_grad():
         for t in range(1, 31):
-            grads = _grads(params, t - 1)
+            grads = [g.to(device) for g in _grads(params, t - 1)]
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             opt.step()
