@@ -143,3 +143,22 @@ def test_groups_choose_their_moments_and_bad_arguments_are_refused(caplog):
     with caplog.at_level(logging.WARNING, logger="dalle_ds.precision.adam_moments"):
         AdamW16(a, betas=(0.9, 0.999))
     assert "rounded away" in caplog.text
+
+
+def test_the_variance_format_resolves_b2_096_updates_not_b2_0999_ones():
+    """Why the warning: at a steady state (unit Gaussian gradients, v = 1) a 0-6-10 variance keeps nearly every
+    b2 = 0.96 update but rounds away a large share of the b2 = 0.999 ones, whose relative change (1 - b2)(g²/v - 1)
+    is mostly below half the format's spacing."""
+    g = torch.Generator().manual_seed(0)
+    lost = {}
+    for b2 in (0.96, 0.999):
+        codes = reference.encode(torch.ones(20_000), fmt="0-6-10")
+        unchanged = 0.0
+        for _ in range(50):
+            grad = torch.randn(20_000, generator=g)
+            new = reference.encode(reference.decode(codes, fmt="0-6-10") * b2 + (1 - b2) * grad * grad,
+                                   saturate=True, fmt="0-6-10")
+            unchanged += (new == codes).float().mean().item() / 50
+            codes = new
+        lost[b2] = unchanged
+    assert lost[0.96] < 0.01 and lost[0.999] > 0.1, lost
