@@ -162,3 +162,63 @@ def test_the_variance_format_resolves_b2_096_updates_not_b2_0999_ones():
             codes = new
         lost[b2] = unchanged
     assert lost[0.96] < 0.01 and lost[0.999] > 0.1, lost
+
+
+def test_16bit_parameters_non_contiguous_ones_and_their_state_after_a_resume():
+    """fp16 parameters take the step computed in fp32 (in fp16, eps = 1e-8 is 0 and a zero gradient gave 0/0);
+    a non-contiguous parameter is updated like its contiguous copy; the fp32 moments of a bf16 parameter stay fp32
+    through state_dict / load_state_dict (torch would cast them to bf16)."""
+    p16 = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    p16.grad = torch.tensor([0.0, 1e-3, 1e-6, 1.0], dtype=torch.float16)
+    AdamW16([p16], lr=1e-3, moments="fp32").step()
+    assert torch.isfinite(p16).all() and p16[0].item() == 1.0 and p16[3].item() < 1.0
+
+    base = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    pt = torch.nn.Parameter(base.clone().t())  # (4, 5), not contiguous
+    pc = torch.nn.Parameter(base.t().contiguous())
+    for p in (pt, pc):
+        p.grad = torch.full(p.shape, 0.5)
+        AdamW16([p], **HP).step()
+    assert not pt.is_contiguous() and torch.equal(pt, pc)
+
+    pb = torch.nn.Parameter(torch.randn(6).to(torch.bfloat16))
+    opt = AdamW16([{"params": [pb], "moments": "fp32"}], **HP)
+    pb.grad = torch.randn(6).to(torch.bfloat16)
+    opt.step()
+    again = AdamW16([{"params": [pb], "moments": "fp32"}], **HP)
+    again.load_state_dict(opt.state_dict())
+    assert again.state[pb]["exp_avg"].dtype == torch.float32
+    assert torch.equal(again.state[pb]["exp_avg_sq"], opt.state[pb]["exp_avg_sq"])
+
+
+def test_the_deepspeed_extension_reads_the_config_and_refuses_what_it_cannot_run():
+    from dalle_ds.config import DALLE_PRESETS, ConfigError
+    from dalle_ds.models.dalle import DALLE
+    from dalle_ds.train.adam16 import Adam16Extension
+
+    model = DALLE(DALLE_PRESETS["test"])
+
+    def prepared(optimizer, **extra):
+        ext, cfg = Adam16Extension(), {"optimizer": optimizer, **extra}
+        ext.before_initialize(model, cfg)
+        return ext, cfg
+
+    # the defaults of the optimizer DeepSpeed would build: torch's AdamW decays by 0.01, FusedAdam by 0
+    ext, cfg = prepared({"type": "AdamW", "params": {"lr": 2e-3, "torch_adam": True}})
+    assert ext.hyper == {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+    assert cfg["zero_allow_untested_optimizer"] is True
+    ext, _ = prepared({"type": "Adam", "params": {"lr": 1e-3, "betas": [0.9, 0.96]}})
+    assert ext.hyper["weight_decay"] == 0.0 and ext.hyper["betas"] == (0.9, 0.96)
+    groups, factory = ext.client_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["moments"] for g in groups] == ["16bit", "fp32"]
+    assert {names[id(p)] for p in groups[0]["params"]} == set(model.resblock_matmul_weight_names())
+    assert isinstance(factory(groups), AdamW16)
+    for optimizer, extra, needle in [
+            ({"type": "SGD", "params": {"lr": 1}}, {}, "needs an Adam or AdamW"),
+            ({"type": "Adam", "params": {"adam_w_mode": False}}, {}, "decoupled weight decay"),
+            ({"type": "AdamW", "params": {}}, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+             "optimizer offload"),
+            ({"type": "AdamW", "params": {}}, {"checkpoint": {"load_universal": True}}, "elastic and universal")]:
+        with pytest.raises(ConfigError, match=needle):
+            prepared(optimizer, **extra)

@@ -64,10 +64,8 @@ class AdamW16(torch.optim.Optimizer):
             raise ValueError(f"chunk must be ≥ 1, got {chunk}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, moments=moments,
                         variance_clip=variance_clip)
-        super().__init__(params, defaults)
         self.chunk = int(chunk)
-        for group in self.param_groups:
-            self._check_group(group)
+        super().__init__(params, defaults)  # checks each group through add_param_group
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -118,7 +116,8 @@ class AdamW16(torch.optim.Optimizer):
         b1, b2 = group["betas"]
         step_size = lr / (1.0 - b1 ** t)
         root_c2 = math.sqrt(1.0 - b2 ** t)
-        flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
+        target = p if p.is_contiguous() else p.contiguous()  # updated in place; a copy is written back at the end
+        flat_p, flat_g = target.view(-1), p.grad.reshape(-1)
         flat_m, flat_v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
         for start in range(0, flat_p.numel(), self.chunk):
             end = min(start + self.chunk, flat_p.numel())
@@ -140,20 +139,26 @@ class AdamW16(torch.optim.Optimizer):
             if wd != 0.0:
                 x.mul_(1.0 - lr * wd)
             denom = (v.sqrt_() if sixteen else v.sqrt()).div_(root_c2).add_(eps)  # fp32: v is the state itself
-            x.addcdiv_(m.to(x.dtype) if x.dtype != torch.float32 else m, denom.to(x.dtype), value=-step_size)
+            if x.dtype == torch.float32:
+                x.addcdiv_(m, denom, value=-step_size)
+            else:  # the step in fp32, then rounded once (in fp16, eps = 1e-8 would round to 0 and 0/0 to NaN)
+                x.add_((m / denom).to(x.dtype), alpha=-step_size)
+        if target is not p:
+            p.copy_(target)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, except that the 16-bit codes stay int16: torch casts every saved state tensor of a
-        floating-point parameter to the parameter's dtype, which would turn a code into its integer value."""
-        codes = {}
+        """As torch's, except that the moments keep the dtype they were saved in: torch casts every saved state
+        tensor of a floating-point parameter to the parameter's dtype, which would turn a 16-bit code into its
+        integer value, and the fp32 moments of a bf16 / fp16 parameter into 16-bit values."""
+        saved = {}
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for index, saved_id in enumerate(saved_ids):
             st = state_dict["state"].get(saved_id, {})
             for key in _CODE_KEYS:
-                if isinstance(st.get(key), torch.Tensor) and st[key].dtype == torch.int16:
-                    codes[(index, key)] = st[key]
+                if isinstance(st.get(key), torch.Tensor):
+                    saved[(index, key)] = st[key]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
-        for (index, key), value in codes.items():
+        for (index, key), value in saved.items():
             p = params[index]
             self.state[p][key] = value.to(device=p.device, copy=True)

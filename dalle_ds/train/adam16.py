@@ -51,8 +51,11 @@ class Adam16Extension:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.groups = [{"params": [p for n, p in named if n in sixteen], "moments": "16bit"},
                        {"params": [p for n, p in named if n not in sixteen], "moments": "fp32"}]
+        # the defaults of the optimizer DeepSpeed would have built: torch's AdamW (torch_adam) decays by 0.01 unless
+        # told otherwise, DeepSpeed's FusedAdam by 0
         self.hyper = {"lr": params.get("lr", 1e-3), "betas": tuple(params.get("betas", (0.9, 0.999))),
-                      "eps": params.get("eps", 1e-8), "weight_decay": params.get("weight_decay", 0.0)}
+                      "eps": params.get("eps", 1e-8),
+                      "weight_decay": params.get("weight_decay", 0.01 if params.get("torch_adam") else 0.0)}
 
     def client_optimizer(self):
         """(model_parameters, optimizer factory) for ``deepspeed.initialize``."""
