@@ -10,7 +10,8 @@ perfect kernel must move (each input read once, each output written once). "% co
 ``dst.copy_(src)`` of fp32 data measured in the same run (read + write), the practical ceiling of a memory-bound op.
 The fused error add reads ``grad`` twice (a finiteness pass first, so that the buffer stays untouched when it is
 not finite), so it moves 1.5x (fp32 grad) the counted bytes and tops out near 67% of copy. Torch's own fp32 <-> fp16
-casts (the same traffic as encode/decode) and a write-only fill are listed as baselines.
+casts (the same traffic as encode/decode) and a write-only fill are listed as baselines. Last, one optimizer step
+on an fp32 tensor of the same size: ``AdamW16`` (16-bit moments, paper App. B.2; unfused) against torch's AdamW.
 
 Part 2, underflow (device independent). For values spread log-uniformly over [1e-20, 10] with random signs and for
 Gaussian data at standard deviations 1e-3 ... 1e-12: the fraction of nonzero inputs flushed to zero, and the mean
@@ -34,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from dalle_ds.ops import fp169  # noqa: E402
 from dalle_ds.ops.fp169 import _ext  # noqa: E402
+from dalle_ds.precision.adam_moments import AdamW16  # noqa: E402
 from timing import device_tag, host_info, host_line, positive_int, time_fn, torch_device  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
@@ -93,6 +95,18 @@ def throughput_rows(device: torch.device, n_op: int, n_ref: int, repeats: int, p
     add("cast fp16->fp32", "torch", n_op, 6 * n_op, lambda: dst.copy_(h))
     # Write-only bandwidth: decode writes twice the bytes it reads, so its ceiling sits between this and the copy.
     add("fill fp32 (write only)", "torch", n_op, 4 * n_op, lambda: dst.fill_(1.0))
+    del src, dst, h
+    # An optimizer step on one fp32 tensor of n_op elements (a ZeRO partition): AdamW16 with 16-bit moments (the
+    # paper's App. B.2; not fused: decode, update and encode per chunk) against torch's AdamW with fp32 moments.
+    # Bytes at the floor: parameter read + write, gradient read, both moments read + write (2 or 4 bytes each).
+    for moments, label in (("16bit", "AdamW16 step, 16-bit moments"), ("fp32", "torch AdamW step, fp32 moments")):
+        param = torch.nn.Parameter(torch.randn(n_op, device=device, generator=gen))
+        param.grad = torch.randn(n_op, device=device, generator=gen) * 1e-3
+        opt = (AdamW16([param], lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045) if moments == "16bit" else
+               torch.optim.AdamW([param], lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045))
+        add(label, "adamw16" if moments == "16bit" else "torch", n_op, (20 if moments == "16bit" else 28) * n_op,
+            opt.step)
+        del param, opt
     copy_gbs = next(r["GB/s"] for r in rows if r["op"] == "copy fp32 (ceiling)")
     for row in rows:
         row["% copy"] = 100.0 * row["GB/s"] / copy_gbs
