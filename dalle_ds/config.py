@@ -644,6 +644,10 @@ class PowerSGDConfig:
         return self
 
 
+ADAM_MOMENTS: tuple[str, ...] = ("fp32", "16bit")
+"""Where the prior's Adam moments live: fp32, or the paper's 16-bit formats (dalle_ds.precision.adam_moments)."""
+
+
 @dataclass
 class DalleTrainConfig:
     """A prior training run. ``model`` sizes that come from the data (text vocabulary from the tokenizer, image
@@ -671,8 +675,8 @@ class DalleTrainConfig:
         self.model.validate(f"{where}.model")
         self.data.validate(f"{where}.data")
         self.powersgd.validate(f"{where}.powersgd")
-        if self.adam_moments not in ("fp32", "16bit"):
-            _fail(f"{where}.adam_moments", f"choose fp32 or 16bit, got {self.adam_moments!r}")
+        if self.adam_moments not in ADAM_MOMENTS:
+            _fail(f"{where}.adam_moments", f"choose {' or '.join(ADAM_MOMENTS)}, got {self.adam_moments!r}")
         if self.steps < 1:
             _fail(f"{where}.steps", "must be ≥ 1")
         if not (0 <= self.ema_decay < 1):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dalle_ds.config import DALLE_PRESETS
+from dalle_ds.config import ADAM_MOMENTS, DALLE_PRESETS
 from dalle_ds.models.dalle import count_parameters
 from dalle_ds.models.memory import PRECISIONS, estimate_per_gpu, format_estimate
 
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16", choices=PRECISIONS, help="(with --memory)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (with --memory)")
     p.add_argument("--offload", action="store_true", help="optimizer state in CPU memory (with --memory)")
-    p.add_argument("--adam-moments", default="fp32", choices=["fp32", "16bit"],
+    p.add_argument("--adam-moments", default="fp32", choices=ADAM_MOMENTS,
                    help="16bit: the resblock matrices' Adam moments in 1-6-9 / 0-6-10 (paper App. B.2; with --memory)")
     p.add_argument("--attention", default="flash", choices=["flash", "dense"],
                    help="flash: O(n) attention memory (Triton/flex kernels); dense: O(n²) probabilities saved")

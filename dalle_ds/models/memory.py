@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from dalle_ds.config import DalleConfig
+from dalle_ds.config import ADAM_MOMENTS, DalleConfig
 
 
 def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
@@ -128,8 +128,8 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
         raise ValueError("gpus and micro_batch must be ≥ 1")
     if offload and zero == 0:
         raise ValueError("optimizer offload needs ZeRO stage ≥ 1")
-    if adam_moments not in ("fp32", "16bit"):
-        raise ValueError(f"adam_moments must be fp32 or 16bit, got {adam_moments!r}")
+    if adam_moments not in ADAM_MOMENTS:
+        raise ValueError(f"adam_moments must be {' or '.join(ADAM_MOMENTS)}, got {adam_moments!r}")
     if offload and adam_moments == "16bit":
         raise ValueError("16-bit Adam moments run on the GPU (optimizer offload uses DeepSpeed's fp32 CPU Adam)")
     counts = parameter_breakdown(cfg)

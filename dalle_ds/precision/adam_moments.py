@@ -35,14 +35,14 @@ import math
 
 import torch
 
+from dalle_ds.config import ADAM_MOMENTS as MOMENTS
 from dalle_ds.ops import fp169
 
 log = logging.getLogger(__name__)
 
-MOMENTS = ("16bit", "fp32")
 MEAN_FORMAT, VARIANCE_FORMAT = "1-6-9", "0-6-10"
 VARIANCE_CLIP = 5.0  # paper App. B.2: "We clip the estimate for running variance by value to 5"
-_CODE_KEYS = ("exp_avg", "exp_avg_sq")
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class AdamW16(torch.optim.Optimizer):
@@ -58,8 +58,9 @@ class AdamW16(torch.optim.Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if not eps > 0.0 or not weight_decay >= 0.0:
             raise ValueError(f"eps must be > 0 and weight_decay ≥ 0, got eps={eps}, weight_decay={weight_decay}")
-        if not 0.0 < variance_clip <= 7.99609375:
-            raise ValueError(f"variance_clip must be in (0, 7.996] (the 0-6-10 maximum), got {variance_clip}")
+        top = fp169.get_format(VARIANCE_FORMAT).max
+        if not 0.0 < variance_clip <= top:
+            raise ValueError(f"variance_clip must be in (0, {top}] (the 0-6-10 maximum), got {variance_clip}")
         if chunk < 1:
             raise ValueError(f"chunk must be ≥ 1, got {chunk}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, moments=moments,
@@ -84,7 +85,7 @@ class AdamW16(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of optimizer state held in tensors (moments; not the step counts)."""
         return sum(t.numel() * t.element_size() for st in self.state.values() for k, t in st.items()
-                   if k in _CODE_KEYS)
+                   if k in _MOMENT_KEYS)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -154,7 +155,7 @@ class AdamW16(torch.optim.Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for index, saved_id in enumerate(saved_ids):
             st = state_dict["state"].get(saved_id, {})
-            for key in _CODE_KEYS:
+            for key in _MOMENT_KEYS:
                 if isinstance(st.get(key), torch.Tensor):
                     saved[(index, key)] = st[key]
         super().load_state_dict(state_dict)
