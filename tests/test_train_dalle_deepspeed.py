@@ -33,12 +33,16 @@ def _history(run):
 
 
 def test_zero2_prior_learns_resumes_and_samples(shards, tmp_path):
+    """With the paper's 10% BPE dropout: the resumed run must see the same caption segmentations (seeded by epoch and
+    sample index, tests/test_bpe_dropout.py) for its losses to match."""
     full, parted = tmp_path / "full", tmp_path / "parted"
-    deepspeed_launch("launch/train_dalle.py", _args(shards, full))
-    deepspeed_launch("launch/train_dalle.py", _args(shards, parted, "--stop_at", "50"))
+    dropout = ("--set", "data.bpe_dropout=0.1")
+    deepspeed_launch("launch/train_dalle.py", _args(shards, full, *dropout))
+    deepspeed_launch("launch/train_dalle.py", _args(shards, parted, *dropout, "--stop_at", "50"))
     assert not (parted / "dalle.pt").exists()
-    deepspeed_launch("launch/train_dalle.py", _args(shards, parted))
+    deepspeed_launch("launch/train_dalle.py", _args(shards, parted, *dropout))
 
+    assert json.loads((full / "dalle_run_config.json").read_text())["data"]["bpe_dropout"] == 0.1
     cfg = json.loads((full / "dalle_ds_config.json").read_text())
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["gradient_clipping"] == 4.0
     assert cfg["optimizer"]["params"]["weight_decay"] == 0.02  # --ds_set reached the run's config

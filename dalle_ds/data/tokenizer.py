@@ -36,6 +36,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from dalle_ds.data.bpe_dropout import SeededBPEDropout
+
 __all__ = [
     "CaptionTokenizer", "train_caption_tokenizer", "SPECIAL_TOKENS", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID",
     "PAPER_VOCAB_SIZE", "PAPER_MAX_LENGTH",
@@ -159,6 +161,7 @@ class CaptionTokenizer:
         self.settings = dict(settings or {})
         self.truncated_count = 0
         self._truncating_calls = 0  # encode calls that truncated; warnings go out on powers of two
+        self._dropout_encoder: Optional[SeededBPEDropout] = None  # built on the first encode with bpe_dropout > 0
 
     # ----- sizes and ids ---------------------------------------------------------------------------------------
     @property
@@ -176,10 +179,19 @@ class CaptionTokenizer:
         return self._backend.normalizer.normalize_str(text)
 
     # ----- encode / decode -------------------------------------------------------------------------------------
-    def encode(self, captions: Union[str, Sequence[Optional[str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self,
+        captions: Union[str, Sequence[Optional[str]]],
+        bpe_dropout: float = 0.0,
+        seeds: Optional[Sequence[int]] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions → ``(ids, lengths)``: ``ids`` LongTensor ``[B, max_length]``, right-padded with ``pad_id``;
         ``lengths`` LongTensor ``[B]``, the number of caption tokens kept (≤ ``max_length``). No bos/eos is added.
         A single string is treated as a batch of one; ``None`` as ``""``.
+
+        ``bpe_dropout`` > 0 segments each caption with that rate of BPE dropout (paper §2.2: 0.1 in training;
+        :mod:`dalle_ds.data.bpe_dropout`), drawing from ``random.Random(seeds[i])`` for caption ``i``: the same
+        (caption, rate, seed) always gives the same ids.
         """
         if isinstance(captions, str):
             captions = [captions]
@@ -188,12 +200,21 @@ class CaptionTokenizer:
             if c is not None and not isinstance(c, str):
                 raise TypeError(f"captions must be strings, got {type(c).__name__} at position {i}")
             texts.append(c or "")
-        encodings = self._backend.encode_batch(texts, add_special_tokens=False) if texts else []
+        if not isinstance(bpe_dropout, (int, float)) or not 0.0 <= bpe_dropout < 1.0:
+            raise ValueError(f"bpe_dropout must be in [0, 1), got {bpe_dropout!r}")
+        if bpe_dropout > 0.0:
+            if seeds is None:
+                raise ValueError("bpe_dropout > 0 needs seeds= (one int per caption), so that segmentations repeat")
+            if self._dropout_encoder is None:
+                self._dropout_encoder = SeededBPEDropout(self._backend)
+            token_lists = self._dropout_encoder.encode_batch(texts, float(bpe_dropout), seeds)
+        else:
+            encodings = self._backend.encode_batch(texts, add_special_tokens=False) if texts else []
+            token_lists = [enc.ids for enc in encodings]
         ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         lengths = torch.zeros(len(texts), dtype=torch.long)
         truncated, longest = 0, 0
-        for row, enc in enumerate(encodings):
-            toks = enc.ids
+        for row, toks in enumerate(token_lists):
             longest = max(longest, len(toks))
             if len(toks) > self.max_length:
                 truncated += 1

@@ -31,7 +31,7 @@ from dalle_ds.data.tokenizer import CaptionTokenizer
 from dalle_ds.models.dalle import DALLE, prepare_text
 from dalle_ds.precision.resblock_scaling import install_unscale_hooks
 from dalle_ds.train import checkpoint as ckpt
-from dalle_ds.train.data_loading import loader_kwargs, to_device
+from dalle_ds.train.data_loading import loader_kwargs, sample_seed, to_device
 from dalle_ds.train.distributed import is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_compile_supported, zero_stage
 from dalle_ds.train.engine_loop import EngineLoop, parameter_count
@@ -42,14 +42,24 @@ log = logging.getLogger("dalle_ds.dalle")
 
 
 class CaptionCollate:
-    """Batch samples into {"text": [B, T] prepared ids, "image_tokens": [B, W²] | "image": uint8 [B, 3, H, W]}."""
+    """Batch samples into {"text": [B, T] prepared ids, "image_tokens": [B, W²] | "image": uint8 [B, 3, H, W]}.
 
-    def __init__(self, tokenizer: CaptionTokenizer, model_cfg: DalleConfig):
+    With ``bpe_dropout`` > 0 each caption is segmented with that rate of BPE dropout, seeded by (``seed``, the
+    sample's ``"sample_key"`` (epoch, index)): a sample gets a new segmentation every epoch and the same one in a
+    resumed run. Samples without a key (validation, probes) are segmented plainly.
+    """
+
+    def __init__(self, tokenizer: CaptionTokenizer, model_cfg: DalleConfig, bpe_dropout: float = 0.0, seed: int = 0):
         self.tokenizer, self.model_cfg = tokenizer, model_cfg
+        self.bpe_dropout, self.seed = bpe_dropout, seed
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [s.get("caption") or "" for s in samples]
-        ids, lengths = self.tokenizer.encode(captions)
+        if self.bpe_dropout > 0 and all("sample_key" in s for s in samples):
+            seeds = [sample_seed(self.seed, "bpe_dropout", s["sample_key"]) for s in samples]
+            ids, lengths = self.tokenizer.encode(captions, bpe_dropout=self.bpe_dropout, seeds=seeds)
+        else:
+            ids, lengths = self.tokenizer.encode(captions)
         out: dict[str, Any] = {"text": prepare_text(ids, lengths, self.model_cfg), "caption": captions}
         if "image_tokens" in samples[0]:
             out["image_tokens"] = torch.stack([s["image_tokens"] for s in samples])
@@ -90,6 +100,7 @@ def load_dalle(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 
 class DalleTrainer(EngineLoop):
     job_name = "dalle"
+    tag_samples_with_epoch = True  # BPE dropout seeds each caption by (epoch, index)
     postfix_keys = ("loss", "text_loss", "image_loss")
 
     def __init__(self, cfg: DalleTrainConfig, ds_config: dict, run_dir: str | Path, resume: bool = True):
@@ -122,7 +133,8 @@ class DalleTrainer(EngineLoop):
                             image_grid=grid, bos_id=self.tokenizer.bos_id).validate()
         cfg = replace(cfg, model=model_cfg)
         self.val_ds = val_ds
-        self.collate = CaptionCollate(self.tokenizer, model_cfg)
+        self.collate = CaptionCollate(self.tokenizer, model_cfg)  # validation: plain BPE
+        train_collate = CaptionCollate(self.tokenizer, model_cfg, bpe_dropout=d.bpe_dropout, seed=cfg.seed)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_prior(model_cfg, ds_config)
         if cfg.compile:
@@ -130,7 +142,7 @@ class DalleTrainer(EngineLoop):
         self.grad_scaler = model.grad_scaler
         if self.grad_scaler is not None:
             self._setup_resblock_scaling(model, ds_config)
-        super().__init__(cfg, model, ds_config, run_dir, train_ds, self.collate, seed=cfg.seed,
+        super().__init__(cfg, model, ds_config, run_dir, train_ds, train_collate, seed=cfg.seed,
                          num_workers=d.num_workers, ema_decay=cfg.ema_decay, resume=resume,
                          extensions=build_extensions(cfg))
         self._ds_skipped = self.engine.skipped_steps  # restored on resume

@@ -12,22 +12,59 @@ from dalle_ds.config import ConfigError
 
 
 class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffled by seed + epoch, split across ranks) that can start mid-epoch."""
+    """``DistributedSampler`` (shuffled by seed + epoch, split across ranks) that can start mid-epoch.
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, drop_last: bool = True):
+    With ``tag_epoch`` it yields ``(epoch, index)`` pairs instead of indices, for an :class:`EpochTagged` dataset:
+    samples then know which pass over the data they belong to (per-sample randomness such as BPE dropout is seeded
+    by it), and a worker process learns the epoch with each index, whatever it was when the workers started.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, drop_last: bool = True,
+                 tag_epoch: bool = False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
         self.skip = 0
+        self.tag_epoch = tag_epoch
 
     def set_position(self, epoch: int, skip: int) -> None:
         self.set_epoch(epoch)
         self.skip = skip
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.skip:])
+    def __iter__(self) -> Iterator[Any]:
+        indices = list(super().__iter__())[self.skip:]
+        if self.tag_epoch:
+            return iter([(self.epoch, i) for i in indices])
+        return iter(indices)
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+
+class EpochTagged(Dataset):
+    """``dataset[(epoch, index)]`` → ``dataset[index]`` (a dict) plus ``"sample_key": (epoch, index)``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        item = self.dataset[index]
+        if not isinstance(item, dict):
+            raise TypeError(f"EpochTagged needs samples that are dicts, got {type(item).__name__}")
+        return {**item, "sample_key": (int(epoch), int(index))}
+
+
+def _seed63(text: str) -> int:
+    """A non-negative 63-bit seed hashed from ``text`` (the same on every platform and Python version)."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sample_seed(seed: int, purpose: str, key: tuple[int, int]) -> int:
+    """A seed for one sample's randomness: a pure function of (run seed, purpose, (epoch, index))."""
+    return _seed63(f"{seed}/{purpose}/{key[0]}/{key[1]}")
 
 
 def loader_kwargs(device: torch.device | str, num_workers: int) -> dict[str, Any]:
@@ -57,17 +94,19 @@ class StepBatches:
     """
 
     def __init__(self, dataset: Dataset, micro_batch: int, num_replicas: int, rank: int, seed: int,
-                 num_workers: int, collate_fn, device: torch.device | str = "cpu"):
+                 num_workers: int, collate_fn, device: torch.device | str = "cpu", tag_epoch: bool = False):
         if len(dataset) < micro_batch * num_replicas:
             raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one global micro-batch "
                              f"({micro_batch} × {num_replicas} ranks)")
-        self.sampler = ResumableSampler(dataset, num_replicas, rank, seed)
+        self.dataset = dataset
+        # With tag_epoch each sample carries its "sample_key" (epoch, index): see ResumableSampler.
+        served = EpochTagged(dataset) if tag_epoch else dataset
+        self.sampler = ResumableSampler(served, num_replicas, rank, seed, tag_epoch=tag_epoch)
         self.micro_batch = micro_batch
         self.batches_per_epoch = len(self.sampler) // micro_batch
         self.loader_args = dict(batch_size=micro_batch, collate_fn=collate_fn, drop_last=True,
                                 **loader_kwargs(device, num_workers))
-        self.dataset = dataset
-        self.loader = DataLoader(dataset, sampler=self.sampler, **self.loader_args)
+        self.loader = DataLoader(served, sampler=self.sampler, **self.loader_args)
         self.epoch = 0
         self.index = 0  # micro-batches consumed in the current epoch
 
@@ -90,7 +129,6 @@ class StepBatches:
 def step_generator(seed: int, step: int, rank: int, micro: int = 0,
                    device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded by (seed, step, rank, micro-step): random noise that does not depend on history."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{micro}".encode(), digest_size=8).digest()
     g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    g.manual_seed(_seed63(f"{seed}/{step}/{rank}/{micro}"))
     return g

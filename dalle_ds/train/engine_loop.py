@@ -46,6 +46,7 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 class EngineLoop:
     job_name = "train"
+    tag_samples_with_epoch = False  # True: training samples carry "sample_key" (epoch, index); see StepBatches
 
     def __init__(self, cfg: Any, model: torch.nn.Module, ds_config: dict, run_dir: str | Path, train_ds: Dataset,
                  collate_fn: Callable, *, seed: int, num_workers: int, ema_decay: float, resume: bool = True,
@@ -97,7 +98,8 @@ class EngineLoop:
             if hasattr(ext, "setup"):
                 ext.setup(self)
         self.batches = StepBatches(train_ds, self.engine.train_micro_batch_size_per_gpu(), world_size(), rank(),
-                                   seed, num_workers, collate_fn, self.device)
+                                   seed, num_workers, collate_fn, self.device,
+                                   tag_epoch=self.tag_samples_with_epoch)
         self.resumed_from = None
         if resume:
             loaded = ckpt.load_checkpoint(self.engine, self.ckpt_dir)
