@@ -122,3 +122,47 @@ def test_16bit_adam_moments_learn_and_resume_exactly(shards, tmp_path):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
     last16, last32 = (sum(h[s]["loss"] for s in range(36, 41)) / 5 for h in (a, c))
     assert last16 < 0.8 * a[1]["loss"] and last16 == pytest.approx(last32, rel=0.05), (a[1]["loss"], last16, last32)
+
+
+def test_plateau_halving_schedule_halves_and_resumes_mid_interval(shards, tmp_path):
+    """The paper's halving on plateaus (DeepSpeed scheduler type PlateauHalving, dalle_ds/train/plateau.py) under the
+    launcher, 2 ranks: the step size halves (a threshold of 50% makes every judged interval a plateau), and a run
+    preempted mid-interval resumes with the uninterrupted run's rates and losses."""
+    cfg = json.loads((ROOT / "ds_configs" / "cpu_dalle.json").read_text())
+    cfg["scheduler"] = {"type": "PlateauHalving", "params": {"warmup_num_steps": 4, "interval": 2, "patience": 1,
+                                                             "threshold": 0.5, "max_halvings": 3}}
+    (tmp_path / "plateau.json").write_text(json.dumps(cfg))
+
+    def args(out, *extra):
+        return ["--deepspeed_config", str(tmp_path / "plateau.json"), "--preset", "test",
+                "--set", f"data.train_tokens={shards / 'train'}", "--set", "steps=16", "--set", "log_every=1",
+                "--set", "eval_every=0", "--out", str(out), *extra]
+
+    full, parted = tmp_path / "full", tmp_path / "parted"
+    deepspeed_launch("launch/train_dalle.py", args(full))
+    deepspeed_launch("launch/train_dalle.py", args(parted, "--stop_at", "7"))  # mid-interval (intervals end at 8)
+    deepspeed_launch("launch/train_dalle.py", args(parted))
+    a, b = _history(full), _history(parted)
+    peak = cfg["optimizer"]["params"]["lr"]
+    # The logged lr is the next update's (set after the update). Warm-up over 4 updates; judged intervals end at 4
+    # (the first best), 6, 8 and 10 (each a plateau at threshold 50%, halving the rate from the next update on).
+    assert [a[s]["lr"] for s in (1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 16)] == pytest.approx(
+        [peak / 2, 3 * peak / 4, peak, peak, peak, peak / 2, peak / 2, peak / 4, peak / 4, peak / 8, peak / 8])
+    assert a[16]["lr_halvings"] == 3
+    assert sorted(b) == list(range(8, 17))
+    for step in b:
+        assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-12), step
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
+    # The judged interval means (DeepSpeed's csv monitor) agree too, the one that straddles the preemption included:
+    # the checkpoint carried update 7's loss (both ranks') into the resumed run.
+    means_a, means_b = (_csv_by_step(run / "monitor" / "dalle" / "dalle_interval_loss.csv") for run in (full, parted))
+    assert sorted(means_a) == [2, 4, 6, 8, 10, 12, 14, 16] and sorted(means_b) == sorted(means_a)
+    for step in means_a:
+        assert means_b[step] == pytest.approx(means_a[step], rel=1e-6), step
+    assert means_a[8] == pytest.approx((a[7]["loss"] + a[8]["loss"]) / 2, rel=1e-6)
+
+
+def _csv_by_step(path):
+    """{step: value} from a DeepSpeed csv-monitor file (a resumed run appends a second header)."""
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    return {int(r[0]): float(r[1]) for r in rows if r[0] != "step"}

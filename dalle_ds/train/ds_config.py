@@ -3,7 +3,9 @@ only notice late (or with a cryptic message), and report every problem with the 
 
 DeepSpeed owns the schema (https://www.deepspeed.ai/docs/config-json/); this module only fills and checks:
 
-* ``scheduler.params.total_num_steps: "auto"`` → the run's ``steps``;
+* ``scheduler.params.total_num_steps: "auto"`` → the run's ``steps``; ``warmup_num_steps: "auto"`` → the paper's
+  5,000 updates or 1/20 of a shorter run; a ``PlateauHalving`` scheduler (the paper's halving on plateaus,
+  :mod:`dalle_ds.train.plateau`) has its parameters checked;
 * ``tensorboard`` / ``csv_monitor`` ``output_path: "auto"`` → ``<run dir>/monitor``, ``job_name: "auto"`` → the job;
 * ``train_batch_size`` / ``train_micro_batch_size_per_gpu`` / ``gradient_accumulation_steps`` must be consistent
   with the world size;
@@ -31,6 +33,7 @@ import difflib
 import logging
 
 from dalle_ds.config import ConfigError, load_json_config, parse_set_args
+from dalle_ds.train.plateau import SCHEDULER_TYPE, plateau_params
 
 log = logging.getLogger("dalle_ds.train")
 
@@ -178,6 +181,8 @@ def prepare_ds_config(cfg: dict[str, Any], *, steps: int, run_dir: str | Path, j
     sched = cfg.get("scheduler")
     if sched is not None:
         params = sched.setdefault("params", {})
+        if sched.get("type") == SCHEDULER_TYPE:  # dalle_ds's own (dalle_ds.train.plateau): warm-up "auto" unless set
+            params.setdefault("warmup_num_steps", "auto")
         for key in ("total_num_steps", "warmup_num_steps"):
             if params.get(key) == "auto":
                 params[key] = steps if key == "total_num_steps" else auto_warmup_steps(steps)
@@ -196,6 +201,7 @@ def prepare_ds_config(cfg: dict[str, Any], *, steps: int, run_dir: str | Path, j
     for key, value in _walk(cfg):
         if value == "auto":
             raise ConfigError(f"{where}: '{key}' is \"auto\" but this trainer has no value to fill it with")
+    plateau_params(cfg, where)  # a PlateauHalving section's parameters, checked before the run starts
 
     if accelerator == "cpu" and cfg.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{where}: fp16.enabled is true, but DeepSpeed's fp16 mode needs a GPU; "

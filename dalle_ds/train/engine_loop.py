@@ -9,11 +9,16 @@ all at once, so the host does not wait for the GPU after every micro-batch (each
 Extensions (e.g. a gradient reducer) plug into the engine's life cycle; each may define any of:
 ``before_initialize(model, ds_config)`` (before ``deepspeed.initialize``; may edit the config dict),
 ``client_optimizer() -> (model_parameters, optimizer factory)`` (what ``deepspeed.initialize`` gets instead of the
-config's optimizer), ``after_initialize(engine)`` (right after it, before the EMA copies the weights), ``setup(loop)`` (after that,
-before resume), ``after_backward(loop, micro)`` (after every ``engine.backward``),
+config's optimizer), ``client_lr_scheduler(ds_config) -> (ds_config, scheduler factory)`` (the config and client
+scheduler ``deepspeed.initialize`` gets), ``after_initialize(engine)`` (right after it, before the EMA copies the
+weights), ``setup(loop)`` (after that, before resume), ``after_backward(loop, micro)`` (after every
+``engine.backward``), ``after_update(loop, stats)`` (after every ``train_step``, with its statistics),
 ``stats() -> dict`` (called at each logged step, merged into its statistics; it covers the steps since the previous
-call), ``state_dict()`` / ``load_state_dict(state)``
-(this rank's state, saved in the checkpoint's per-rank file). Each has a unique ``name``.
+call), ``before_save(loop)`` (on every rank, before a checkpoint is written), ``state_dict()`` /
+``load_state_dict(state)`` (this rank's state, saved in the checkpoint's per-rank file). Each has a unique ``name``.
+
+A DeepSpeed config whose scheduler is ``PlateauHalving`` (the paper's halving on plateaus, :mod:`dalle_ds.train.
+plateau`) adds the extension that runs it.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from dalle_ds.train.data_loading import StepBatches
 from dalle_ds.train.distributed import (all_reduce_mean, barrier, check_same_on_every_rank, device, is_rank0,
                                          rank, world_size)
 from dalle_ds.train.ema import EMA
+from dalle_ds.train.plateau import PlateauExtension, plateau_params
 
 log = logging.getLogger("dalle_ds.train")
 
@@ -54,6 +60,9 @@ class EngineLoop:
         import deepspeed
 
         self.extensions = list(extensions)
+        plateau = plateau_params(ds_config)
+        if plateau is not None:
+            self.extensions.append(PlateauExtension(plateau))
         for ext in self.extensions:
             if hasattr(ext, "before_initialize"):
                 ext.before_initialize(model, ds_config)
@@ -80,8 +89,13 @@ class EngineLoop:
         for ext in self.extensions:
             if hasattr(ext, "client_optimizer"):
                 model_parameters, client_optimizer = ext.client_optimizer()
+        engine_config, client_scheduler = ds_config, None
+        for ext in self.extensions:
+            if hasattr(ext, "client_lr_scheduler"):
+                engine_config, client_scheduler = ext.client_lr_scheduler(engine_config)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model_parameters,
-                                                     optimizer=client_optimizer, config=ds_config)
+                                                     optimizer=client_optimizer, lr_scheduler=client_scheduler,
+                                                     config=engine_config)
         if (is_rank0() and self.device.type == "cpu" and self.engine.torch_autocast_enabled()
                 and self.engine.torch_autocast_dtype() == torch.bfloat16
                 and not bf16_is_native(self.device)):
@@ -209,6 +223,9 @@ class EngineLoop:
         return bool(getattr(self.engine, "save_non_zero_checkpoint", True))
 
     def save(self) -> None:
+        for ext in self.extensions:
+            if hasattr(ext, "before_save"):
+                ext.before_save(self)
         state = {"data": self.batches.state_dict(), "run_config": asdict(self.cfg), "extra": self.extra_state()}
         own: dict[str, Any] = {}
         if self.ema.sharded:  # every rank checkpoints its own partitions
@@ -235,6 +252,9 @@ class EngineLoop:
         while eng.global_steps < end:
             stats = self.train_step(batches)
             step = eng.global_steps
+            for ext in self.extensions:
+                if hasattr(ext, "after_update"):
+                    ext.after_update(self, stats)
             bar.update(1)
             if c.log_every and (step % c.log_every == 0 or step == c.steps):
                 stats = self.to_floats(stats)
