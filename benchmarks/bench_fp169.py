@@ -11,7 +11,8 @@ perfect kernel must move (each input read once, each output written once). "% co
 The fused error add reads ``grad`` twice (a finiteness pass first, so that the buffer stays untouched when it is
 not finite), so it moves 1.5x (fp32 grad) the counted bytes and tops out near 67% of copy. Torch's own fp32 <-> fp16
 casts (the same traffic as encode/decode) and a write-only fill are listed as baselines. Last, one optimizer step
-on an fp32 tensor of the same size: ``AdamW16`` (16-bit moments, paper App. B.2; unfused) against torch's AdamW.
+on an fp32 tensor of the same size: ``AdamW16`` (16-bit moments, paper App. B.2; one fused pass,
+csrc/fp169/adamw16.h) against torch's AdamW.
 
 Part 2, underflow (device independent). For values spread log-uniformly over [1e-20, 10] with random signs and for
 Gaussian data at standard deviations 1e-3 ... 1e-12: the fraction of nonzero inputs flushed to zero, and the mean
@@ -97,7 +98,8 @@ def throughput_rows(device: torch.device, n_op: int, n_ref: int, repeats: int, p
     add("fill fp32 (write only)", "torch", n_op, 4 * n_op, lambda: dst.fill_(1.0))
     del src, dst, h
     # An optimizer step on one fp32 tensor of n_op elements (a ZeRO partition): AdamW16 with 16-bit moments (the
-    # paper's App. B.2; not fused: decode, update and encode per chunk) against torch's AdamW with fp32 moments.
+    # paper's App. B.2; the fused op: one pass over parameter, gradient and codes) against torch's AdamW with fp32
+    # moments.
     # Bytes at the floor: parameter read + write, gradient read, both moments read + write (2 or 4 bytes each).
     for moments, label in (("16bit", "AdamW16 step, 16-bit moments"), ("fp32", "torch AdamW step, fp32 moments")):
         param = torch.nn.Parameter(torch.randn(n_op, device=device, generator=gen))

@@ -41,7 +41,9 @@ def test_fp32_moments_are_torch_adamw():
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
 def test_16bit_moments_are_fp32_adamw_with_moments_rounded_to_their_formats(device):
     """Bit for bit against an emulation written with the pure-torch codec (a different implementation from the
-    C++ / CUDA op the optimizer uses): fp32 AdamW whose moments are rounded to 1-6-9 / 0-6-10 after every update."""
+    fused C++ / CUDA op the optimizer uses): fp32 AdamW whose moments are rounded to 1-6-9 / 0-6-10 after every
+    update, one fp32 rounding per operation as csrc/fp169/adamw16.h states (the square root correctly rounded: in
+    float64, then rounded to fp32, since torch's fp32 sqrt on CPU is not)."""
     params = [p.detach().to(device).requires_grad_() for p in _params()]
     emulated = [p.detach().clone() for p in params]
     opt = AdamW16(params, chunk=37, **HP)  # chunks that cut through tensors
@@ -55,13 +57,14 @@ def test_16bit_moments_are_fp32_adamw_with_moments_rounded_to_their_formats(devi
                 p.grad = g.clone()
             opt.step()
             for i, (x, g) in enumerate(zip(emulated, grads)):
-                m = ms[i].mul(b1).add_(g, alpha=1 - b1)
-                v = vs[i].mul(b2).addcmul_(g, g, value=1 - b2).clamp_(max=5.0)
+                m = ms[i] * b1 + g * (1 - b1)
+                v = (vs[i] * b2 + (g * g) * (1 - b2)).clamp_(max=5.0)
                 ms[i] = reference.decode(reference.encode(m, saturate=True, fmt="1-6-9"), fmt="1-6-9")
                 vs[i] = reference.decode(reference.encode(v, saturate=True, fmt="0-6-10"), fmt="0-6-10")
                 x.mul_(1 - lr * wd)
-                denom = vs[i].sqrt().div_((1 - b2 ** t) ** 0.5).add_(eps)
-                x.addcdiv_(ms[i], denom, value=-lr / (1 - b1 ** t))
+                root = vs[i].double().sqrt().float()
+                denom = root * (1 / (1 - b2 ** t) ** 0.5) + eps
+                x.sub_((ms[i] / denom) * (lr / (1 - b1 ** t)))
     for p, x, m, v in zip(params, emulated, ms, vs):
         assert torch.equal(p, x)
         st = opt.state[p]
@@ -70,6 +73,67 @@ def test_16bit_moments_are_fp32_adamw_with_moments_rounded_to_their_formats(devi
         assert torch.equal(reference.decode(st["exp_avg_sq"], fmt="0-6-10"), v)
     # 4 bytes of state per element instead of fp32 AdamW's 8
     assert opt.state_bytes() == 4 * sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_fused_op_equals_the_torch_ops_bit_for_bit(device):
+    """The fused step (C++ on CPU, CUDA on a GPU) against the same arithmetic in torch ops (the "reference" backend
+    of fp169.adamw16_step_): every parameter, gradient and storage dtype, fresh random data over many binades, the
+    edge cases (saturating mean, clipped variance, zero and nonfinite gradients), and lengths that leave vector
+    tails and misaligned views."""
+    from dalle_ds.ops import fp169
+
+    seed = int(torch.randint(0, 2**31, (1,)))  # fresh each run; printed on failure
+    g = torch.Generator().manual_seed(seed)
+    n = 4099
+    for pdt in (torch.float32, torch.bfloat16, torch.float16):
+        for gdt in (torch.float32, torch.bfloat16, torch.float16):
+            for offset in (0, 3):  # 3: the views start off the 16-byte alignment the CUDA vector loop needs
+                p = (torch.randn(n + offset, generator=g) * 2)[offset:].to(pdt)
+                grad = torch.randn(n, generator=g) * 1e-3 * torch.exp(torch.randn(n, generator=g) * 5)
+                grad[:6] = torch.tensor([0.0, -0.0, 1e4, -1e4, float("inf"), float("nan")])
+                grad = grad.to(gdt)
+                m = reference.encode(torch.randn(n + offset, generator=g) * 3, saturate=True)[offset:]
+                v = reference.encode(torch.rand(n + offset, generator=g) * 6, saturate=True, fmt="0-6-10")[offset:]
+                scalars = [0.9, 0.1, 0.96, 0.04, 5.0, 1 - 3e-3 * 0.045, 1 / (1 - 0.96 ** 7) ** 0.5, 1e-8,
+                           3e-3 / (1 - 0.9 ** 7)]
+                fused = [t.clone().to(device) for t in (p, m, v)]
+                torch_ops = [t.clone() for t in (p, m, v)]
+                fp169.adamw16_step_(*fused[:1], grad.to(device), *fused[1:], scalars, backend="auto")
+                fp169.adamw16_step_(*torch_ops[:1], grad, *torch_ops[1:], scalars, backend="reference", chunk=999)
+                for name, a, b in zip(("p", "m", "v"), fused, torch_ops):
+                    a = a.cpu()
+                    same = (a == b) | (a.float().isnan() & b.float().isnan()) if name == "p" else a == b
+                    assert bool(same.all()), (seed, pdt, gdt, offset, name, int((~same).sum()))
+                assert not torch.equal(fused[0].cpu(), p) and not torch.equal(fused[1].cpu(), m)
+
+
+def test_fused_op_arguments_are_checked():
+    from dalle_ds.ops import fp169
+
+    p, g = torch.zeros(8), torch.zeros(8)
+    m, v = torch.zeros(8, dtype=torch.int16), torch.zeros(8, dtype=torch.int16)
+    sc = [0.9, 0.1, 0.96, 0.04, 5.0, 1.0, 1.0, 1e-8, 1e-3]
+    with pytest.raises(ValueError, match="scalars"):
+        fp169.adamw16_step_(p, g, m, v, sc[:-1])
+    with pytest.raises(ValueError, match="grad must have"):
+        fp169.adamw16_step_(p, torch.zeros(9), m, v, sc)
+    with pytest.raises(TypeError, match="int16"):
+        fp169.adamw16_step_(p, g, m.float(), v, sc)
+    with pytest.raises(ValueError, match="contiguous"):
+        fp169.adamw16_step_(torch.zeros(4, 2).t(), g, m, v, sc)
+    with pytest.raises(ValueError, match="contiguous"):
+        fp169.adamw16_step_(p, g, torch.zeros(16, dtype=torch.int16)[::2], v, sc)
+    # the C++ front end checks too (called directly)
+    with pytest.raises(RuntimeError, match="elements"):
+        torch.ops.dalle_ds_fp169.adamw16_step_(p, g, m, v[:4], sc)
+    with pytest.raises(RuntimeError, match="scalars"):
+        torch.ops.dalle_ds_fp169.adamw16_step_(p, g, m, v, sc[:3])
+    with pytest.raises(RuntimeError, match="int16"):
+        torch.ops.dalle_ds_fp169.adamw16_step_(p, g, m.int(), v, sc)
+    with pytest.raises(ValueError, match="backend"):
+        AdamW16([torch.nn.Parameter(p)], backend="triton")
 
 
 def test_variance_clipped_at_5_and_mean_saturates():

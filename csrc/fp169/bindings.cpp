@@ -97,6 +97,34 @@ void reduce_rows_out_cpu(const at::Tensor& codes, at::Tensor& out, double diviso
                    codes.size(0), codes.size(1), checked_scale(divisor, "divisor"), saturate, format_of(fmt));
 }
 
+// The AdamW16 step's arguments, checked once for both devices; returns the fp32 scalars (adamw16.h).
+AdamW16Scalars checked_adamw16(const at::Tensor& p, const at::Tensor& grad, const at::Tensor& m, const at::Tensor& v,
+                               c10::ArrayRef<double> scalars) {
+  FP169_CHECK_VALUES(p);
+  FP169_CHECK_VALUES(grad);
+  FP169_CHECK_CODES(m);
+  FP169_CHECK_CODES(v);
+  FP169_CHECK_SAME_DEVICE(p, grad);
+  FP169_CHECK_SAME_DEVICE(p, m);
+  FP169_CHECK_SAME_DEVICE(p, v);
+  FP169_CHECK_SAME_NUMEL(p, grad);
+  FP169_CHECK_SAME_NUMEL(p, m);
+  FP169_CHECK_SAME_NUMEL(p, v);
+  TORCH_CHECK(scalars.size() == 9, "scalars must be [b1, 1-b1, b2, 1-b2, clip, decay, 1/sqrt(1-b2^t), eps, "
+              "step_size], got ", scalars.size(), " values");
+  AdamW16Scalars s;
+  float* fields[9] = {&s.b1, &s.c1, &s.b2, &s.c2, &s.clip, &s.decay, &s.inv_root_c2, &s.eps, &s.step_size};
+  for (size_t k = 0; k < 9; ++k) *fields[k] = static_cast<float>(scalars[k]);
+  return s;
+}
+
+void adamw16_step_cpu(at::Tensor& p, const at::Tensor& grad, at::Tensor& m, at::Tensor& v,
+                      c10::ArrayRef<double> scalars) {
+  const AdamW16Scalars s = checked_adamw16(p, grad, m, v, scalars);
+  cpu::adamw16_step(p.data_ptr(), value_type_of(p, "p"), grad.data_ptr(), value_type_of(grad, "grad"),
+                    static_cast<uint16_t*>(m.data_ptr()), static_cast<uint16_t*>(v.data_ptr()), p.numel(), s);
+}
+
 // ---- CUDA -------------------------------------------------------------------------------------------------------
 #if defined(DALLE_DS_WITH_CUDA)
 #define FP169_CUDA_CHECK(expr)                                                                       \
@@ -155,14 +183,24 @@ void reduce_rows_out_cuda(const at::Tensor& codes, at::Tensor& out, double divis
                                      checked_scale(divisor, "divisor"), saturate, format_of(fmt),
                                      c10::cuda::getCurrentCUDAStream().stream()));
 }
+
+void adamw16_step_cuda(at::Tensor& p, const at::Tensor& grad, at::Tensor& m, at::Tensor& v,
+                       c10::ArrayRef<double> scalars) {
+  const AdamW16Scalars s = checked_adamw16(p, grad, m, v, scalars);
+  const c10::cuda::CUDAGuard guard(p.device());
+  FP169_CUDA_CHECK(cuda::adamw16_step(p.data_ptr(), value_type_of(p, "p"), grad.data_ptr(),
+                                      value_type_of(grad, "grad"), static_cast<uint16_t*>(m.data_ptr()),
+                                      static_cast<uint16_t*>(v.data_ptr()), p.numel(), s,
+                                      c10::cuda::getCurrentCUDAStream().stream()));
+}
 #endif
 
 // Which variant this library is: lets the loader reject a stale or mismatched prebuilt library.
 std::string build_info() {
 #if defined(DALLE_DS_WITH_CUDA)
-  return "fp169 abi=1 cuda=1";
+  return "fp169 abi=2 cuda=1";
 #else
-  return "fp169 abi=1 cuda=0";
+  return "fp169 abi=2 cuda=0";
 #endif
 }
 
@@ -175,6 +213,7 @@ TORCH_LIBRARY(dalle_ds_fp169, m) {
   m.def("decode_out(Tensor codes, Tensor(a!) out, float scale, int fmt) -> ()");
   m.def("error_add_(Tensor(a!) err, Tensor grad, Tensor(b!) nonfinite, float scale, bool saturate, int fmt) -> ()");
   m.def("reduce_rows_out(Tensor codes, Tensor(a!) out, float divisor, bool saturate, int fmt) -> ()");
+  m.def("adamw16_step_(Tensor(a!) p, Tensor grad, Tensor(b!) m, Tensor(c!) v, float[] scalars) -> ()");
   m.def("build_info() -> str", &dalle_ds::fp169::build_info);
 }
 
@@ -183,6 +222,7 @@ TORCH_LIBRARY_IMPL(dalle_ds_fp169, CPU, m) {
   m.impl("decode_out", &dalle_ds::fp169::decode_out_cpu);
   m.impl("error_add_", &dalle_ds::fp169::error_add_cpu);
   m.impl("reduce_rows_out", &dalle_ds::fp169::reduce_rows_out_cpu);
+  m.impl("adamw16_step_", &dalle_ds::fp169::adamw16_step_cpu);
 }
 
 #if defined(DALLE_DS_WITH_CUDA)
@@ -191,5 +231,6 @@ TORCH_LIBRARY_IMPL(dalle_ds_fp169, CUDA, m) {
   m.impl("decode_out", &dalle_ds::fp169::decode_out_cuda);
   m.impl("error_add_", &dalle_ds::fp169::error_add_cuda);
   m.impl("reduce_rows_out", &dalle_ds::fp169::reduce_rows_out_cuda);
+  m.impl("adamw16_step_", &dalle_ds::fp169::adamw16_step_cuda);
 }
 #endif

@@ -6,6 +6,7 @@
 // build works on every machine of a cluster).
 #include <ATen/Parallel.h>
 
+#include "adamw16.h"
 #include "fp169_dispatch.h"
 
 namespace dalle_ds {
@@ -54,7 +55,45 @@ void error_add_range(uint16_t* err, const typename V::Storage* g, int64_t begin,
   }
 }
 
+// Restrict pointers and a local copy of the scalars: without them GCC must assume a store to p could change s (or
+// m, v) and leaves the loop scalar, 25 ns per element on a 2-core EPYC against ~2 vectorized. The loop is compute
+// bound (square root and divide per element), so GCC also builds an AVX2 clone, picked at load time where the CPU
+// has it (4M elements on one EPYC core: 20 ms SSE2, 9.2 ms AVX2). No FMA in either (-ffp-contract=off; AVX2 does
+// not imply FMA), so both give the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define ADAMW16_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ADAMW16_CLONES
+#endif
+template <class P, class G>
+ADAMW16_CLONES void adamw16_range(typename P::Storage* __restrict__ p, const typename G::Storage* __restrict__ g,
+                   uint16_t* __restrict__ m, uint16_t* __restrict__ v, int64_t begin, int64_t end,
+                   const AdamW16Scalars& scalars) {
+  const AdamW16Scalars s = scalars;
+  for (int64_t i = begin; i < end; ++i) {
+    float x = P::load(p[i]);
+    uint32_t mc = m[i], vc = v[i];
+    adamw16_update(x, G::load(g[i]), mc, vc, s);
+    p[i] = P::store(x);
+    m[i] = static_cast<uint16_t>(mc);
+    v[i] = static_cast<uint16_t>(vc);
+  }
+}
+
 }  // namespace
+
+void adamw16_step(void* p, ValueType ptype, const void* g, ValueType gtype, uint16_t* m, uint16_t* v, int64_t n,
+                  const AdamW16Scalars& s) {
+  with_value_type(ptype, [&](auto pt) {
+    with_value_type(gtype, [&](auto gt) {
+      using P = decltype(pt);
+      using G = decltype(gt);
+      auto* ps = static_cast<typename P::Storage*>(p);
+      const auto* gs = static_cast<const typename G::Storage*>(g);
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { adamw16_range<P, G>(ps, gs, m, v, b, e, s); });
+    });
+  });
+}
 
 void encode(const void* x, ValueType vtype, uint16_t* out, int64_t n, float scale, bool saturate, FormatId fmt) {
   with_format(fmt, [&](auto f) {

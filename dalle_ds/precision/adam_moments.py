@@ -6,16 +6,18 @@ variance by value to 5." Gains, biases, embeddings and unembeddings keep fp32 mo
 defined once in :mod:`dalle_ds.ops.fp169` (bit layout, rounding, saturation); this optimizer only stores its state in
 them.
 
-Per step and tensor, in chunks of ``chunk`` elements (the paper throttles "Adam decompression to bound memory",
-E.2), the codes are decoded to fp32, updated with the gradient exactly as fp32 AdamW does, and encoded back:
+Per step and tensor, one fused pass (``fp169.adamw16_step_``: the C++ op on CPU, the CUDA op on a GPU; the
+arithmetic is written once in csrc/fp169/adamw16.h) decodes each element's codes, updates them with the gradient as
+fp32 AdamW does, encodes them back and steps the parameter, one fp32 rounding per operation:
 
     m = b1·m + (1 - b1)·g                      stored in 1-6-9, saturating at ±15.98 (|m| ≤ max|g|)
     v = min(b2·v + (1 - b2)·g², clip)          stored in 0-6-10 (clip = 5: the format reaches 7.996)
-    p = p·(1 - lr·wd) - lr · (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    p = p·(1 - lr·wd) - (m / (sqrt(v) · 1/sqrt(1 - b2^t) + eps)) · lr / (1 - b1^t)
 
 So the update of step t uses the moments as they are after rounding to 16 bits, as a 16-bit state must: the same
 numbers as an fp32 AdamW whose moments are rounded to their formats after every update
-(``tests/test_adam_moments.py`` checks this bit for bit against such an emulation written with the pure-torch codec).
+(``tests/test_adam_moments.py`` checks this bit for bit against such an emulation written with the pure-torch codec,
+and the fused op against the same arithmetic in torch ops, which is what runs when the op cannot be built).
 State per parameter element: 4 bytes instead of fp32 AdamW's 8.
 
 The formats' significands (9 and 10 bits) resolve a relative change of about 2^-10: an update moves the variance by
@@ -51,7 +53,7 @@ class AdamW16(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, moments: str = "16bit", variance_clip: float = VARIANCE_CLIP,
-                 chunk: int = 1 << 24):
+                 chunk: int = 1 << 24, backend: str = "auto"):
         if not lr >= 0.0:
             raise ValueError(f"lr must be ≥ 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -65,7 +67,9 @@ class AdamW16(torch.optim.Optimizer):
             raise ValueError(f"chunk must be ≥ 1, got {chunk}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, moments=moments,
                         variance_clip=variance_clip)
-        self.chunk = int(chunk)
+        if backend not in fp169.BACKENDS:
+            raise ValueError(f"backend must be one of {fp169.BACKENDS}, got {backend!r}")
+        self.chunk, self.backend = int(chunk), backend
         super().__init__(params, defaults)  # checks each group through add_param_group
 
     def add_param_group(self, param_group: dict) -> None:
@@ -116,36 +120,35 @@ class AdamW16(torch.optim.Optimizer):
         lr, eps, wd, clip = group["lr"], group["eps"], group["weight_decay"], group["variance_clip"]
         b1, b2 = group["betas"]
         step_size = lr / (1.0 - b1 ** t)
-        root_c2 = math.sqrt(1.0 - b2 ** t)
         target = p if p.is_contiguous() else p.contiguous()  # updated in place; a copy is written back at the end
-        flat_p, flat_g = target.view(-1), p.grad.reshape(-1)
+        if sixteen:  # one fused pass (csrc/fp169/adamw16.h), or the same arithmetic in torch ops without the op
+            fp169.adamw16_step_(target, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                [b1, 1.0 - b1, b2, 1.0 - b2, clip, 1.0 - lr * wd, 1.0 / math.sqrt(1.0 - b2 ** t),
+                                 eps, step_size], backend=self.backend, chunk=self.chunk)
+        else:
+            self._fp32_moments_update(target, p.grad, state, b1, b2, lr, eps, wd, step_size,
+                                      math.sqrt(1.0 - b2 ** t))
+        if target is not p:
+            p.copy_(target)
+
+    def _fp32_moments_update(self, target, grad, state, b1, b2, lr, eps, wd, step_size, root_c2) -> None:
+        """torch's AdamW arithmetic (the paper's fp32 islands), chunk by chunk."""
+        flat_p, flat_g = target.view(-1), grad.reshape(-1)
         flat_m, flat_v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
         for start in range(0, flat_p.numel(), self.chunk):
             end = min(start + self.chunk, flat_p.numel())
             g = flat_g[start:end].float()
-            if sixteen:
-                m = fp169.decode(flat_m[start:end], fmt=MEAN_FORMAT)
-                v = fp169.decode(flat_v[start:end], fmt=VARIANCE_FORMAT)
-            else:
-                m, v = flat_m[start:end], flat_v[start:end]
+            m, v = flat_m[start:end], flat_v[start:end]
             m.mul_(b1).add_(g, alpha=1.0 - b1)
             v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            if sixteen:  # clipped as the paper does for the 0-6-10 variance; the update reads the moments as stored
-                v.clamp_(max=clip)
-                fp169.encode(m, saturate=True, fmt=MEAN_FORMAT, out=flat_m[start:end])
-                fp169.encode(v, saturate=True, fmt=VARIANCE_FORMAT, out=flat_v[start:end])
-                m = fp169.decode(flat_m[start:end], fmt=MEAN_FORMAT, out=m)
-                v = fp169.decode(flat_v[start:end], fmt=VARIANCE_FORMAT, out=v)
             x = flat_p[start:end]
             if wd != 0.0:
                 x.mul_(1.0 - lr * wd)
-            denom = (v.sqrt_() if sixteen else v.sqrt()).div_(root_c2).add_(eps)  # fp32: v is the state itself
+            denom = v.sqrt().div_(root_c2).add_(eps)
             if x.dtype == torch.float32:
                 x.addcdiv_(m, denom, value=-step_size)
             else:  # the step in fp32, then rounded once (in fp16, eps = 1e-8 would round to 0 and 0/0 to NaN)
                 x.add_((m / denom).to(x.dtype), alpha=-step_size)
-        if target is not p:
-            p.copy_(target)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that the moments keep the dtype they were saved in: torch casts every saved state

@@ -14,6 +14,8 @@ Ops (each takes ``fmt="1-6-9" | "0-6-10"`` and ``backend="auto" | "cpp" | "cuda"
     error_add_async_(...)                           -> same, returning a 0-dim bool tensor (no host sync on GPU)
     reduce_rows(codes[rows, n], divisor=1.0)        -> Q_sat(sum over rows in fp32 / divisor): the all-reduce's step
     all_finite(codes)                               -> 0-dim bool tensor: no Inf/NaN code
+    adamw16_step_(p, grad, m, v, scalars)           -> one AdamW step with the mean's codes in 1-6-9 and the
+                                                       variance's in 0-6-10, fused (csrc/fp169/adamw16.h)
 
 Backends: ``"cpp"`` is the C++ op on CPU tensors, ``"cuda"`` the CUDA op on CUDA tensors (both JIT-built on first use
 by :mod:`dalle_ds.ops.builder`, once per machine), ``"reference"`` the pure-torch definition (any device, slow).
@@ -32,7 +34,8 @@ from .format import FORMATS, FP169, FP0610, Format, get_format
 
 __all__ = [
     "Format", "FP169", "FP0610", "FORMATS", "get_format",
-    "encode", "decode", "error_add_", "error_add_async_", "reduce_rows", "all_finite",
+    "encode", "decode", "error_add_", "error_add_async_", "reduce_rows", "all_finite", "adamw16_step_",
+    "ADAMW16_SCALARS",
     "op_status", "resolve_backend", "BACKENDS", "MAX", "MAX_0610",
 ]
 
@@ -216,3 +219,60 @@ def all_finite(codes: torch.Tensor, fmt: "str | Format" = "1-6-9") -> torch.Tens
     _check_codes(codes)
     exponent = (codes.to(torch.int32) >> f.man_bits) & f.exp_reserved
     return (exponent != f.exp_reserved).all()
+
+
+#: The order of ``adamw16_step_``'s scalars (csrc/fp169/fp169_kernels.h, AdamW16Scalars).
+ADAMW16_SCALARS = ("b1", "1-b1", "b2", "1-b2", "clip", "decay", "1/sqrt(1-b2^t)", "eps", "step_size")
+
+
+def adamw16_step_(p: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, v_codes: torch.Tensor,
+                  scalars: "list[float]", *, backend: str = "auto", chunk: int = 1 << 24) -> None:
+    """One AdamW step of ``p`` (in place) whose Adam mean is stored as 1-6-9 codes ``m_codes`` and variance as
+    0-6-10 codes ``v_codes`` (both updated in place, saturating; the variance clipped by value first).
+
+    ``scalars``: the :data:`ADAMW16_SCALARS` of this step as Python floats (each is rounded once to fp32). The
+    arithmetic, one fp32 rounding per operation, is written out in csrc/fp169/adamw16.h; the C++ and CUDA ops run
+    it fused, one pass over the five arrays, and the ``"reference"`` backend runs the same operations as torch ops
+    (over ``chunk`` elements at a time, with the pure-torch codec), bit for bit the same results.
+
+    ``p``: contiguous float32/float16/bfloat16; ``grad``: float32/float16/bfloat16 with p's number of elements (any
+    other float dtype is rounded to fp32 first); codes: contiguous int16 tensors of that size; all on one device.
+    """
+    _check_codes(m_codes, "m_codes")
+    _check_codes(v_codes, "v_codes")
+    if len(scalars) != len(ADAMW16_SCALARS):
+        raise ValueError(f"scalars must be {list(ADAMW16_SCALARS)}, got {len(scalars)} values")
+    if p.dtype not in _VALUE_DTYPES or not p.is_contiguous():
+        raise ValueError(f"p must be a contiguous float32/float16/bfloat16 tensor, got {p.dtype} "
+                         f"(contiguous={p.is_contiguous()})")
+    for name, t in (("grad", grad), ("m_codes", m_codes), ("v_codes", v_codes)):
+        if t.numel() != p.numel() or t.device != p.device:
+            raise ValueError(f"{name} must have p's {p.numel()} elements on {p.device}, got {t.numel()} on {t.device}")
+        if name != "grad" and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    values = [float(x) for x in scalars]
+    b = resolve_backend(p.device, backend)
+    if b != "reference":
+        torch.ops.dalle_ds_fp169.adamw16_step_(p, _values(grad), m_codes, v_codes, values)
+        return
+    b1, c1, b2, c2, clip, decay, inv_root_c2, eps, step_size = values
+    flat_p, flat_g = p.view(-1), grad.detach().reshape(-1)
+    flat_m, flat_v = m_codes.view(-1), v_codes.view(-1)
+    for start in range(0, flat_p.numel(), chunk):
+        end = min(start + chunk, flat_p.numel())
+        g = flat_g[start:end].float()
+        # One rounding per torch op (scalars become fp32; add_/sub_ without alpha are single roundings).
+        m = reference.decode(flat_m[start:end], fmt=FP169).mul_(b1).add_(g * c1)
+        v = reference.decode(flat_v[start:end], fmt=FP0610).mul_(b2).add_((g * g).mul_(c2)).clamp_(max=clip)
+        flat_m[start:end] = reference.encode(m, saturate=True, fmt=FP169)
+        flat_v[start:end] = reference.encode(v, saturate=True, fmt=FP0610)
+        m = reference.decode(flat_m[start:end], fmt=FP169)
+        v = reference.decode(flat_v[start:end], fmt=FP0610)
+        x = flat_p[start:end] if p.dtype == torch.float32 else flat_p[start:end].float()
+        x.mul_(decay)
+        # The square root in float64, rounded to fp32: torch's fp32 sqrt on CPU is not correctly rounded (18% of
+        # results one ulp off on an AVX-512 build); the ops use the IEEE fp32 square root.
+        root = v.double().sqrt_().float()
+        x.sub_(m.div_(root.mul_(inv_root_c2).add_(eps)).mul_(step_size))
+        if p.dtype != torch.float32:
+            flat_p[start:end] = x

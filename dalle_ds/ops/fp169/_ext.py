@@ -17,8 +17,8 @@ from ..builder import OpBuilder, OpUnavailable
 
 logger = logging.getLogger(__name__)
 
-ABI = 1  # must match build_info() in csrc/fp169/bindings.cpp
-_DEPENDS = ("fp169/fp169.h", "fp169/fp169_kernels.h", "fp169/fp169_dispatch.h")
+ABI = 2  # must match build_info() in csrc/fp169/bindings.cpp (2: adamw16_step_)
+_DEPENDS = ("fp169/fp169.h", "fp169/fp169_kernels.h", "fp169/fp169_dispatch.h", "fp169/adamw16.h")
 
 
 def _check(expect_cuda: bool) -> str | None:
@@ -35,7 +35,8 @@ CPU_BUILDER = OpBuilder(
     sources=("fp169/bindings.cpp", "fp169/fp169_cpu.cpp"),
     depends=_DEPENDS,
     include_dirs=("fp169",),
-    extra_cflags=("-O3",),
+    # adamw16.h rounds every fp32 operation on its own: no fused multiply-adds; sqrtf inline (no errno), still IEEE
+    extra_cflags=("-O3", "-ffp-contract=off", "-fno-math-errno"),
     prebuilt_module="dalle_ds.ops.fp169._C_cpu",
     check=lambda: _check(False),
 )
@@ -46,7 +47,7 @@ CUDA_BUILDER = OpBuilder(
     depends=_DEPENDS,
     include_dirs=("fp169",),
     with_cuda=True,
-    extra_cflags=("-O3", "-DDALLE_DS_WITH_CUDA"),
+    extra_cflags=("-O3", "-ffp-contract=off", "-fno-math-errno", "-DDALLE_DS_WITH_CUDA"),
     extra_cuda_cflags=("-O3", "-lineinfo"),
     prebuilt_module="dalle_ds.ops.fp169._C_cuda",
     check=lambda: _check(True),
