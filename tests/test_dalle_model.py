@@ -45,6 +45,7 @@ def test_per_position_padding_tokens():
     assert e.shape[0] == 50 + 6 and not torch.equal(e[54], e[55])
 
 
+@torch.no_grad()  # values only (float() of a tensor that requires grad warns)
 def test_loss_is_one_eighth_text_seven_eighths_image():
     _, _, text, image = _batch()
     model = DALLE(CFG)
