@@ -4,6 +4,7 @@
 activation checkpointing) for a ZeRO stage, GPU count, precision and micro-batch (see dalle_ds.models.memory):
 
     python -m dalle_ds.models --preset 12B --memory --zero 3 --gpus 64 [--adam-moments 16bit]
+        [--deepspeed_config ds_configs/zero3_bf16.json]   (its bucket sizes)
     python -m dalle_ds.models --preset 2.8B --memory --zero 2 --gpus 16 --precision fp16-resblock --micro-batch 2
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
                    help="16bit: the resblock matrices' Adam moments in 1-6-9 / 0-6-10 (paper App. B.2; with --memory)")
     p.add_argument("--attention", default="flash", choices=["flash", "dense"],
                    help="flash: O(n) attention memory (Triton/flex kernels); dense: O(n²) probabilities saved")
+    p.add_argument("--deepspeed_config", default=None,
+                   help="a DeepSpeed JSON whose ZeRO bucket sizes to use (with --memory; default: DeepSpeed's)")
     args = p.parse_args(argv)
     if args.preset is not None and args.preset not in DALLE_PRESETS:
         p.error(f"unknown preset {args.preset!r}; choose from {', '.join(DALLE_PRESETS)}")
@@ -38,6 +41,11 @@ def main(argv=None) -> int:
         p.error("--offload needs --zero 1, 2 or 3")
     if args.offload and args.adam_moments == "16bit":
         p.error("--adam-moments 16bit runs on the GPU; --offload uses DeepSpeed's fp32 CPU Adam")
+    ds_config = None
+    if args.deepspeed_config:
+        from dalle_ds.train.ds_config import load_ds_config
+
+        ds_config = load_ds_config(args.deepspeed_config)
     names = [args.preset] if args.preset else list(DALLE_PRESETS)
     print(f"{'preset':<8} {'params':>16} {'layers':>6} {'d_model':>7} {'heads':>5} {'text+image tokens':>18}")
     for name in names:
@@ -49,7 +57,7 @@ def main(argv=None) -> int:
         for name in names:
             est = estimate_per_gpu(DALLE_PRESETS[name], zero=args.zero, gpus=args.gpus, precision=args.precision,
                                    micro_batch=args.micro_batch, offload=args.offload, attention=args.attention,
-                                   adam_moments=args.adam_moments)
+                                   adam_moments=args.adam_moments, ds_config=ds_config)
             print()
             print(format_estimate(name, est, zero=args.zero, gpus=args.gpus, precision=args.precision,
                                   micro_batch=args.micro_batch, offload=args.offload, adam_moments=args.adam_moments))

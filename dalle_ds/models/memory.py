@@ -109,18 +109,60 @@ def activation_bytes(cfg: DalleConfig, micro_batch: int, precision: str, checkpo
             "recompute_peak": float(recompute), "total": float(blocks + rest + recompute)}
 
 
-def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str = "bf16", micro_batch: int = 1,
-                     offload: bool = False, attention: str = "flash", adam_moments: str = "fp32") -> dict[str, float]:
-    """Bytes per GPU for the model state under a ZeRO stage (ZeRO paper, Rajbhandari et al. 2020, §3: with Ψ
-    parameters, 16-bit training keeps 2Ψ params + 2Ψ grads + 12Ψ optimizer state (fp32 master copy, Adam m and v);
-    stage 1 partitions the optimizer state over the data-parallel GPUs, stage 2 also the gradients, stage 3 also the
-    parameters). fp32 / fp16-resblock keep 4Ψ params + 4Ψ grads + 8Ψ Adam moments (the params are the master copy).
-    ``offload``: the optimizer state lives in CPU memory (reported as ``host_optimizer``). ``adam_moments="16bit"``:
-    the resblock matmul weights' two Adam moments take 2 bytes each instead of 4 (paper App. B.2,
-    dalle_ds.precision.adam_moments); the fp32 islands keep fp32 moments.
+#: DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements), used when no DeepSpeed config is given.
+DS_DEFAULT_REDUCE_BUCKET = 500_000_000
 
-    Not counted: DeepSpeed's communication buckets (``reduce_bucket_size``, ``allgather_bucket_size``,
-    ``stage3_prefetch_bucket_size``), ZeRO-3's gathered working set, allocator fragmentation, the CUDA context.
+
+#: DeepSpeed's default ``stage3_param_persistence_threshold`` (elements): smaller parameters stay whole on every rank.
+DS_DEFAULT_PERSISTENCE_THRESHOLD = 100_000
+
+
+def _meta_prior(cfg: DalleConfig) -> nn.Module:
+    from dalle_ds.models.dalle import DALLE
+
+    with torch.device("meta"):
+        return DALLE(cfg)
+
+
+def largest_layer_parameters(cfg: DalleConfig) -> int:
+    """Parameters of the largest module that owns parameters directly (what ZeRO-3 gathers at once), counted on
+    the meta device."""
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in _meta_prior(cfg).modules())
+
+
+def persistent_parameters(cfg: DalleConfig, threshold: int) -> int:
+    """Elements of the parameters ZeRO-3 never partitions: each of at most ``threshold`` elements (DeepSpeed's
+    ``stage3_param_persistence_threshold``; gains, biases and the smaller matrices), kept whole on every rank."""
+    return sum(p.numel() for p in _meta_prior(cfg).parameters() if p.numel() <= threshold)
+
+
+def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str = "bf16", micro_batch: int = 1,
+                     offload: bool = False, attention: str = "flash", adam_moments: str = "fp32",
+                     ds_config: dict | None = None) -> dict[str, float]:
+    """Bytes per GPU for the model state under a ZeRO stage, with Ψ parameters and N data-parallel GPUs.
+
+    The ZeRO paper's accounting (Rajbhandari et al. 2020, §3: 16-bit params and grads, 12Ψ of fp32 master weights
+    and Adam moments; stage 1 partitions the optimizer state, stage 2 also the gradients, stage 3 also the
+    parameters), corrected by what DeepSpeed 0.19.8 was measured to hold (``benchmarks/memory_check.py``: every
+    storage reachable from the engine at the optimizer step, ZeRO 0-3, 1 and 2 ranks, on CPU):
+
+    * ``optimizer``: besides the two fp32 Adam moments (8Ψ), an fp32 master copy (4Ψ) and an fp32 copy of the
+      gradient that the step reads (4Ψ): 16Ψ in bf16 mode at every stage, and in fp32 mode under ZeRO ≥ 1 (DeepSpeed's
+      ZeRO optimizer clones an fp32 partition even when the parameters are fp32); without ZeRO an fp32 model needs
+      only the moments (8Ψ). Divided by N under ZeRO ≥ 1. For ZeRO-2 in bf16 this makes 2Ψ + 18Ψ/N with the
+      gradient partition: DeepSpeed's own estimate (``estimate_zero2_model_states_mem_needs``).
+    * ``gradients``: 2 or 4 bytes per parameter, divided by N under ZeRO ≥ 2.
+    * ``deepspeed_buffers`` (ZeRO-3): the contiguous-gradient bucket, ``reduce_bucket_size`` elements of the
+      parameters' dtype (from ``ds_config``, else DeepSpeed's default 5e8; measured); the persistent parameters,
+      those of at most ``stage3_param_persistence_threshold`` elements (default 1e5), whole on every rank instead of
+      a 1/N share (measured); and the gathered working set DeepSpeed's estimator assumes, 4 bytes per parameter of
+      the largest layer (``estimate_zero3_model_states_mem_needs``; released parameters are not visible at the step,
+      so not measured here).
+
+    ``offload``: the optimizer state lives in CPU memory (``host_optimizer``). ``adam_moments="16bit"``: the resblock
+    matmul weights' two moments take 2 bytes each instead of 4 (paper App. B.2, dalle_ds.precision.adam_moments).
+    Not counted: ZeRO-1/2's transient reduction buckets during the backward (none were held at the step or after
+    the backward in the measurement), ZeRO-3 prefetching beyond one layer, allocator fragmentation, the CUDA context.
     """
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero}")
@@ -134,7 +176,8 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
         raise ValueError("16-bit Adam moments run on the GPU (optimizer offload uses DeepSpeed's fp32 CPU Adam)")
     counts = parameter_breakdown(cfg)
     psi = counts["total"]
-    p_bytes, g_bytes, o_bytes = {"bf16": (2, 2, 12), "fp16-resblock": (4, 4, 8), "fp32": (4, 4, 8)}[precision]
+    p_bytes = g_bytes = 2 if precision == "bf16" else 4
+    o_bytes = 8 if (p_bytes == 4 and zero == 0) else 16  # moments, + fp32 master and gradient copies (see above)
     params, grads, optim = p_bytes * psi, g_bytes * psi, o_bytes * psi
     if adam_moments == "16bit":
         optim -= 4 * counts["matmul"]  # two moments of 2 bytes instead of 4 on the matmul weights
@@ -142,15 +185,23 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
         optim /= gpus
     if zero >= 2:
         grads /= gpus
+    buffers = 0.0
     if zero >= 3:
         params /= gpus
+        zero_cfg = (ds_config or {}).get("zero_optimization", {})
+        if zero_cfg.get("contiguous_gradients", True):
+            buffers += float(zero_cfg.get("reduce_bucket_size", DS_DEFAULT_REDUCE_BUCKET)) * p_bytes
+        buffers += 4.0 * largest_layer_parameters(cfg)
+        threshold = int(zero_cfg.get("stage3_param_persistence_threshold", DS_DEFAULT_PERSISTENCE_THRESHOLD))
+        buffers += p_bytes * persistent_parameters(cfg, threshold) * (1.0 - 1.0 / gpus)  # whole, not 1/N
     out = {"parameters": params, "gradients": grads, "optimizer": 0.0 if offload else optim,
-           "host_optimizer": optim if offload else 0.0}
+           "host_optimizer": optim if offload else 0.0, "deepspeed_buffers": buffers}
+    states = params + grads + out["optimizer"] + buffers
     for ckpt in (False, True):
         acts = activation_bytes(cfg, micro_batch, precision, ckpt, attention)["total"]
         key = "activations_checkpointed" if ckpt else "activations"
         out[key] = acts
-        out["total_checkpointed" if ckpt else "total"] = params + grads + out["optimizer"] + acts
+        out["total_checkpointed" if ckpt else "total"] = states + acts
     out["num_parameters"] = float(psi)
     return out
 
@@ -164,11 +215,14 @@ def format_estimate(name: str, est: dict[str, float], *, zero: int, gpus: int, p
              f"  {'parameters':<34} {est['parameters'] / gib:10.2f} GiB",
              f"  {'gradients':<34} {est['gradients'] / gib:10.2f} GiB",
              f"  {'optimizer state (Adam)':<34} {est['optimizer'] / gib:10.2f} GiB"]
+    if est.get("deepspeed_buffers"):
+        lines.append(f"  {'DeepSpeed buffers (ZeRO-3)':<34} {est['deepspeed_buffers'] / gib:10.2f} GiB")
     if offload:
         lines.append(f"  {'  (in host memory, per GPU)':<34} {est['host_optimizer'] / gib:10.2f} GiB")
     lines += [f"  {'activations, no checkpointing':<34} {est['activations'] / gib:10.2f} GiB",
               f"  {'activations, checkpointed':<34} {est['activations_checkpointed'] / gib:10.2f} GiB",
               f"  {'total per GPU, no checkpointing':<34} {est['total'] / gib:10.2f} GiB",
               f"  {'total per GPU, checkpointed':<34} {est['total_checkpointed'] / gib:10.2f} GiB",
-              "  (not counted: DeepSpeed communication buckets, ZeRO-3 gathered layers, fragmentation, CUDA context)"]
+              "  (optimizer state: fp32 master weights, the fp32 gradient copy and Adam moments, as DeepSpeed "
+              "holds them; not counted: ZeRO-1/2 transient reduction buckets, fragmentation, the CUDA context)"]
     return "\n".join(lines)
