@@ -32,6 +32,8 @@
 #   bench_train_compiled  the same with every resblock under torch.compile (--compile on), 350M: Inductor's
 #                fusion of the elementwise work against the eager numbers of bench_train
 #   bench_sample benchmarks/bench_sample.py, 350M, bf16 (eager cached steps against CUDA-graph replay)
+#   memory_check benchmarks/memory_check.py, 125M, ZeRO 0/2/3 bf16 on one GPU: the storages DeepSpeed holds against
+#                the estimate, with torch.cuda.max_memory_allocated beside them (activations included there)
 # The machine has no deepspeed and no package index: run ../shared/device/wheels.sh first and carry .whl/ (and, for
 # the precision stage, the token shards: runs/demo15/tokens, 19 MB, or PRECISION_TOKENS; `DEMO_STOP_AFTER=tokens
 # make demo` writes runs/demo/tokens in ~10 min on 2 CPU cores; without them the stage is skipped).
@@ -42,7 +44,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 START=$(date +%s)
 DEADLINE=${DEADLINE:-420}
-STAGES=${STAGES:-"bench_attn bench_train bench_train_tf32 tests_fp169 fp169_argcheck bench_fp169 ncu_attn precision tests_attn bench_attn_diag bench_train_compiled bench_sample"}
+STAGES=${STAGES:-"bench_attn bench_train bench_train_tf32 tests_fp169 fp169_argcheck bench_fp169 ncu_attn precision tests_attn bench_attn_diag bench_train_compiled bench_sample memory_check"}
 OUT=${OUT:-/tmp/device_out}
 LOGS=/tmp/device_logs
 mkdir -p "$OUT" "$LOGS"
@@ -188,6 +190,9 @@ except Exception as e:
     bench_sample)
       TAIL=15 run bench_sample 60 200 python3 benchmarks/bench_sample.py --preset 350M --dtype bfloat16 \
         --batch-sizes 1,8,32,128 --no-uncached-above 1 --out "benchmarks/results/sample_${DEV}_${DATE}" ;;
+    memory_check)
+      DALLE_DS_ATTN_TUNE=0 TAIL=8 run memory_check 45 150 python3 benchmarks/memory_check.py --preset 125M \
+        --zero 0 2 3 --precision bf16 --out "benchmarks/results/memory_check_${DEV}_${DATE}.json" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -108,6 +108,9 @@ def measure(preset: str, zero: int, precision: str, micro_batch: int = 1, steps:
     from dalle_ds.train.dalle_trainer import build_prior
 
     cfg = replace(DALLE_PRESETS[preset], attn_backend="dense" if not torch.cuda.is_available() else "auto")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     config = ds_config(zero, precision, micro_batch, bucket)
     torch.manual_seed(0)
     model = build_prior(cfg, config) if zero == 3 else DALLE(cfg)
