@@ -84,5 +84,18 @@ ADAMW16_INLINE void adamw16_update(float& x, float g, uint32_t& m_code, uint32_t
   x = sub_rn(x, mul_rn(div_rn(mq, denom), s.step_size));
 }
 
+// Element i of the arrays: load (widening the parameter P and gradient G to fp32), update, store. The CPU loop and
+// the CUDA kernel's scalar tail call this; the CUDA vector loop calls adamw16_update on 8 elements at a time.
+template <class P, class G>
+ADAMW16_INLINE void adamw16_element(typename P::Storage* p, const typename G::Storage* g, uint16_t* m, uint16_t* v,
+                                    int64_t i, const AdamW16Scalars& s) {
+  float x = P::load(p[i]);
+  uint32_t mc = m[i], vc = v[i];
+  adamw16_update(x, G::load(g[i]), mc, vc, s);
+  p[i] = P::store(x);
+  m[i] = static_cast<uint16_t>(mc);
+  v[i] = static_cast<uint16_t>(vc);
+}
+
 }  // namespace fp169
 }  // namespace dalle_ds

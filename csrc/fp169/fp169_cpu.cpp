@@ -70,14 +70,7 @@ ADAMW16_CLONES void adamw16_range(typename P::Storage* __restrict__ p, const typ
                    uint16_t* __restrict__ m, uint16_t* __restrict__ v, int64_t begin, int64_t end,
                    const AdamW16Scalars& scalars) {
   const AdamW16Scalars s = scalars;
-  for (int64_t i = begin; i < end; ++i) {
-    float x = P::load(p[i]);
-    uint32_t mc = m[i], vc = v[i];
-    adamw16_update(x, G::load(g[i]), mc, vc, s);
-    p[i] = P::store(x);
-    m[i] = static_cast<uint16_t>(mc);
-    v[i] = static_cast<uint16_t>(vc);
-  }
+  for (int64_t i = begin; i < end; ++i) adamw16_element<P, G>(p, g, m, v, i, s);
 }
 
 }  // namespace

@@ -276,14 +276,7 @@ __global__ void __launch_bounds__(kThreads)
     store8_codes(m + i * kVec, mc);
     store8_codes(v + i * kVec, vc);
   }
-  for (int64_t j = nvec * kVec + global_thread(); j < n; j += grid_stride()) {
-    float x = P::load(p[j]);
-    uint32_t mc = m[j], vc = v[j];
-    adamw16_update(x, G::load(g[j]), mc, vc, s);
-    p[j] = P::store(x);
-    m[j] = static_cast<uint16_t>(mc);
-    v[j] = static_cast<uint16_t>(vc);
-  }
+  for (int64_t j = nvec * kVec + global_thread(); j < n; j += grid_stride()) adamw16_element<P, G>(p, g, m, v, j, s);
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
