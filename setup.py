@@ -1,8 +1,16 @@
 """Package metadata for dalle_ds.
 
-Custom ops (the 1-6-9 codec in ``csrc/``) are JIT-built on first use by default (see ``dalle_ds/ops/builder.py``);
-set ``DALLE_DS_BUILD_OPS=1`` at install time to build them ahead of time.
+Custom ops (the 1-6-9 codec and the fused 16-bit Adam step in ``csrc/fp169``) are JIT-built on first use by default
+(see ``dalle_ds/ops/builder.py``). To build them ahead of time, with torch already installed::
+
+    DALLE_DS_BUILD_OPS=1 pip install --no-build-isolation .        # or: python setup.py build_ext --inplace
+
+This builds ``dalle_ds.ops.fp169._C_cpu`` and, where torch has CUDA and ``nvcc`` is found, ``_C_cuda``, from the same
+sources and flags as the JIT builder (``OpBuilder.setuptools_extension``); the loader uses them before any JIT build.
 """
+import os
+import sys
+
 from setuptools import find_packages, setup
 
 install_requires = [
@@ -21,6 +29,22 @@ install_requires = [
     "ninja>=1.11",
 ]
 
+ext_modules, cmdclass = [], {}
+if os.environ.get("DALLE_DS_BUILD_OPS", "0") == "1":
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)  # the builders' definitions, from this source tree
+    from torch.utils.cpp_extension import BuildExtension
+
+    from dalle_ds.ops.fp169._ext import CPU_BUILDER, CUDA_BUILDER
+
+    ext_modules.append(CPU_BUILDER.setuptools_extension(here))
+    why_not = CUDA_BUILDER.incompatibility(need_device=False)  # a build machine may have no GPU
+    if why_not is None:
+        ext_modules.append(CUDA_BUILDER.setuptools_extension(here))
+    else:
+        print(f"dalle_ds: not building {CUDA_BUILDER.name} ahead of time: {why_not}")
+    cmdclass["build_ext"] = BuildExtension
+
 setup(
     name="dalle_ds",
     version="0.1.0",
@@ -31,4 +55,6 @@ setup(
     packages=find_packages(include=["dalle_ds", "dalle_ds.*"]),
     install_requires=install_requires,
     extras_require={"test": ["pytest>=7.4"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

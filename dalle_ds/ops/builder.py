@@ -131,9 +131,30 @@ class OpBuilder:
     _error: str | None = field(default=None, init=False, repr=False)
     _origin: str = field(default="", init=False, repr=False)
 
+    # ---- ahead-of-time build (setup.py) ---------------------------------------------------------------------
+    def setuptools_extension(self, relative_to: Path | None = None):
+        """The ``torch.utils.cpp_extension`` Extension that builds this op as :attr:`prebuilt_module` at install time
+        (``DALLE_DS_BUILD_OPS=1``, setup.py): the same sources, include directories and flags as the JIT build.
+        Source paths are made relative to ``relative_to`` (setup.py's directory), as setuptools wants them."""
+        from torch.utils import cpp_extension
+
+        if not self.prebuilt_module:
+            raise ValueError(f"op {self.name} has no prebuilt_module to build ahead of time")
+        root = csrc_root()
+        base = Path(relative_to) if relative_to is not None else Path.cwd()
+        kwargs = dict(name=self.prebuilt_module,
+                      sources=[os.path.relpath(root / s, base) for s in self.sources],
+                      include_dirs=[str(root / d) for d in self.include_dirs],
+                      extra_link_args=list(self.extra_ldflags))
+        if self.with_cuda:
+            return cpp_extension.CUDAExtension(
+                extra_compile_args={"cxx": list(self.extra_cflags), "nvcc": list(self.extra_cuda_cflags)}, **kwargs)
+        return cpp_extension.CppExtension(extra_compile_args={"cxx": list(self.extra_cflags)}, **kwargs)
+
     # ---- compatibility ------------------------------------------------------------------------------------------
-    def incompatibility(self) -> str | None:
-        """Why this op cannot be built here, or None."""
+    def incompatibility(self, need_device: bool = True) -> str | None:
+        """Why this op cannot be built here (and, with ``need_device``, loaded: a CUDA op wants a visible GPU; an
+        ahead-of-time build does not), or None."""
         root = csrc_root()
         missing = [s for s in (*self.sources, *self.depends) if not (root / s).is_file()]
         if missing:
@@ -153,7 +174,7 @@ class OpBuilder:
             nvcc = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
             if not nvcc.exists():
                 return f"nvcc not found at {nvcc}"
-            if not torch.cuda.is_available():
+            if need_device and not torch.cuda.is_available():
                 return "no CUDA device is visible"
         return None
 
