@@ -32,7 +32,8 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[Any]:
         indices = list(super().__iter__())[self.skip:]
         if self.tag_epoch:
-            return iter([(self.epoch, i) for i in indices])
+            epoch = self.epoch
+            return ((epoch, i) for i in indices)  # lazily: no second list of the epoch's size
         return iter(indices)
 
     def __len__(self) -> int:
