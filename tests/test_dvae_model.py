@@ -80,6 +80,7 @@ def test_logit_laplace_is_a_normalised_density():
     torch.testing.assert_close(unmap_pixels(map_pixels(u)), u)
 
 
+@torch.no_grad()  # values only (float() of a tensor that requires grad warns)
 def test_loss_is_the_beta_elbo_per_pixel_value():
     torch.manual_seed(0)
     m = DiscreteVAE(CFG)
