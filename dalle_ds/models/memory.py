@@ -118,22 +118,22 @@ DS_DEFAULT_PERSISTENCE_THRESHOLD = 100_000
 
 
 def _meta_prior(cfg: DalleConfig) -> nn.Module:
+    """The prior with every parameter on the meta device: shapes without memory."""
     from dalle_ds.models.dalle import DALLE
 
     with torch.device("meta"):
         return DALLE(cfg)
 
 
-def largest_layer_parameters(cfg: DalleConfig) -> int:
-    """Parameters of the largest module that owns parameters directly (what ZeRO-3 gathers at once), counted on
-    the meta device."""
-    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in _meta_prior(cfg).modules())
+def largest_layer_parameters(model: nn.Module) -> int:
+    """Parameters of the largest module that owns parameters directly (what ZeRO-3 gathers at once)."""
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
 
-def persistent_parameters(cfg: DalleConfig, threshold: int) -> int:
+def persistent_parameters(model: nn.Module, threshold: int) -> int:
     """Elements of the parameters ZeRO-3 never partitions: each of at most ``threshold`` elements (DeepSpeed's
     ``stage3_param_persistence_threshold``; gains, biases and the smaller matrices), kept whole on every rank."""
-    return sum(p.numel() for p in _meta_prior(cfg).parameters() if p.numel() <= threshold)
+    return sum(p.numel() for p in model.parameters() if p.numel() <= threshold)
 
 
 def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str = "bf16", micro_batch: int = 1,
@@ -191,9 +191,10 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
         zero_cfg = (ds_config or {}).get("zero_optimization", {})
         if zero_cfg.get("contiguous_gradients", True):
             buffers += float(zero_cfg.get("reduce_bucket_size", DS_DEFAULT_REDUCE_BUCKET)) * p_bytes
-        buffers += 4.0 * largest_layer_parameters(cfg)
+        meta = _meta_prior(cfg)  # built once: the shapes of both terms below
+        buffers += 4.0 * largest_layer_parameters(meta)
         threshold = int(zero_cfg.get("stage3_param_persistence_threshold", DS_DEFAULT_PERSISTENCE_THRESHOLD))
-        buffers += p_bytes * persistent_parameters(cfg, threshold) * (1.0 - 1.0 / gpus)  # whole, not 1/N
+        buffers += p_bytes * persistent_parameters(meta, threshold) * (1.0 - 1.0 / gpus)  # whole, not 1/N
     out = {"parameters": params, "gradients": grads, "optimizer": 0.0 if offload else optim,
            "host_optimizer": optim if offload else 0.0, "deepspeed_buffers": buffers}
     states = params + grads + out["optimizer"] + buffers
