@@ -29,9 +29,9 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from dalle_ds.config import ConfigError
+from dalle_ds.train.distributed import all_reduce_mean
 
 log = logging.getLogger("dalle_ds.train")
 
@@ -144,14 +144,9 @@ class PlateauHalving:
         self.carried += self._reduce()
 
     def _reduce(self) -> float:
+        """This rank's sum since the last call, averaged over ranks (a collective, on the training device)."""
         s, self._local = self._local, None
-        if s is None:
-            s = torch.zeros((), dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            s = s.clone()
-            dist.all_reduce(s)
-            s /= dist.get_world_size()
-        return float(s)
+        return all_reduce_mean({"sum": 0.0 if s is None else float(s)})["sum"]
 
     def _judge(self, mean: float) -> dict[str, float]:
         halved = False
