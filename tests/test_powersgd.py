@@ -298,6 +298,48 @@ def _accounting(rank, world, d, r):
     assert abs(measured - formula) < 0.01 * formula, (measured, formula)
 
 
+# ZeRO-3 partitions: untransposed and transposed matrices whose partitions start mid-row, partitions that are short
+# or empty (numel 2 over 4 ranks), and a vector.
+Z3_SHAPES = {"a.weight": (8, 6), "b.weight": (6, 12), "t.weight": (6, 16), "n.weight": (16, 5),
+             "tiny.weight": (1, 2), "a.bias": (8,)}
+
+
+def _zero3_partitions(rank, world):
+    """reduce_partitions_ returns exactly the ZeRO-3 slices of what reduce_ writes back, step after step (the
+    error buffers evolve the same), with fewer bytes inside the machine; a skipped step puts an Inf in every
+    non-empty partition set."""
+    from dalle_ds.dist.powersgd import HierarchicalPowerSGD, PowerSGDSettings, _partition_range
+    from dalle_ds.dist.topology import Topology
+    topo = Topology.build(local_size=2)
+    reds = [HierarchicalPowerSGD(topo, PowerSGDSettings(rank=4, seed=3)) for _ in range(2)]
+    for red in reds:
+        assert [red.register(k, s) for k, s in Z3_SHAPES.items()] == [True] * 5 + [False]
+    assert reds[0].shards["t.weight"].transposed and not reds[0].shards["n.weight"].transposed
+    for step in range(3):
+        g = torch.Generator().manual_seed(50 + 10 * step + rank)
+        grads = {k: torch.randn(*s, generator=g) * 1e-3 for k, s in Z3_SHAPES.items()}
+        if step == 2 and rank == 1:
+            grads["n.weight"][3, 1] = math.inf
+        full = {k: v.clone() for k, v in grads.items()}
+        rep_full = reds[0].reduce_(list(full.items()), step=step)
+        rep, parts = reds[1].reduce_partitions_([(k, v.clone()) for k, v in grads.items()], step=step)
+        assert rep.skip == rep_full.skip == (step == 2)
+        assert rep.bytes_intra < rep_full.bytes_intra and rep.bytes_inter == rep_full.bytes_inter
+        for (k, v), part in zip(full.items(), parts):
+            start, end = _partition_range(v.numel(), rank, world)
+            want = v.reshape(-1)[start:end]
+            assert part.dtype == torch.float32 and part.shape == want.shape, (k, part.shape, want.shape)
+            if rep.skip:
+                continue
+            assert torch.equal(part, want), (k, step)
+        if rep.skip:
+            first = next(p for p in parts if p.numel())
+            assert math.isinf(first[0]) and all(torch.isfinite(p).all() for p in parts if p is not first)
+        for k in reds[0].shards:  # the same error buffers either way
+            assert torch.equal(reds[0].shards[k].err, reds[1].shards[k].err), (k, step)
+    assert _partition_range(2, 3, 4) == (2, 2) and _partition_range(96, 1, 4) == (24, 48)
+
+
 def _all_checks(rank, world):
     # One set of 4 processes for every check (each spawn costs ~15 s of start-up on 2 cores); a failure's traceback
     # names the check.
@@ -310,6 +352,7 @@ def _all_checks(rank, world):
     _overflowing_buffer(rank, world)
     _checkpoint(rank, world)
     _warm_start(rank, world)
+    _zero3_partitions(rank, world)
     for d, r in ((64, 16), (128, 32)):
         _accounting(rank, world, d, r)
 

@@ -1,12 +1,12 @@
 """PowerSGD inside real DeepSpeed engines (ZeRO 0, 1, 2) on 4 gloo processes emulating 2 machines x 2 GPUs.
 
 A lossless rank must reproduce the stock DeepSpeed update; a low rank must still compress (and report it); an Inf in
-one rank's gradient must make the engine skip the update on every rank with the parameters unchanged. ZeRO-3,
-DeepSpeed's fp16 mode and ZeRO-1/2 without contiguous gradients (which bypass the hook: shown on a real engine) are
-refused with clear errors. The full trainer path (config, logging, checkpoint resume) is in
+one rank's gradient must make the engine skip the update on every rank with the parameters unchanged; ZeRO 0, 1, 2
+and 3 (partitioned parameters, gathered to compare). DeepSpeed's fp16 mode, ZeRO-1/2 without contiguous gradients
+(which bypass the hook: shown on a real engine) and ZeRO-3 with qgZ or a predivide factor are refused with clear
+errors. The full trainer path (config, logging, checkpoint resume) is in
 tests/test_train_dalle_powersgd.py.
 """
-import copy
 import math
 import types
 
@@ -68,7 +68,10 @@ def _train(engine, ext, rank, steps, poison_step=None):
 
 
 def _params(engine):
-    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    import deepspeed
+    named = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=hasattr(named[0][1], "ds_id")):  # ZeRO-3
+        return {n: p.detach().clone() for n, p in named}
 
 
 def _stages(rank, world, stage):
@@ -76,6 +79,8 @@ def _stages(rank, world, stage):
     _train(stock, None, rank, 3)
     lossless, ext = _engine(stage, powersgd_rank=32)  # 16 per GPU >= every shard side
     assert set(ext.compressed_keys) == {"fc.weight", "out.weight"}
+    if stage:
+        assert type(lossless.optimizer).__name__.startswith("PowerSGD")
     _train(lossless, ext, rank, 3)
     a, b = _params(stock), _params(lossless)
     for n in a:
@@ -95,29 +100,37 @@ def _stages(rank, world, stage):
 
 
 def _all_stages(rank, world):
-    for stage in (0, 1, 2):  # one set of processes for the three stages (start-up dominates on 2 cores)
+    for stage in (0, 1, 2, 3):  # one set of processes for the four stages (start-up dominates on 2 cores)
         _stages(rank, world, stage)
 
 
-def test_powersgd_in_the_deepspeed_engine_zero_0_1_2():
+def test_powersgd_in_the_deepspeed_engine_zero_0_1_2_3():
     run_local_ranks(_all_stages, 4)
 
 
-def test_zero3_is_refused():
-    from dalle_ds.config import PowerSGDConfig
+def test_zero3_refuses_qgz_and_predivide():
+    """ZeRO++'s quantized gradients run inside the call PowerSGD replaces, and the hook averages over the job
+    itself: both are refused before the engine is built; the plain ZeRO-3 config is accepted (and gets
+    reduce_scatter=true, the path that reaches the hook)."""
+    from dalle_ds.config import ConfigError, PowerSGDConfig
     from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
     ext = PowerSGDExtension(PowerSGDConfig(enabled=True))
-    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
-        ext.before_initialize(_Net(), copy.deepcopy(_ds_config(3)))
+    with pytest.raises(ConfigError, match="zero_quantized_gradients"):
+        ext.before_initialize(_Net(), _zero(3, zero_quantized_gradients=True))
+    with pytest.raises(ConfigError, match="gradient_predivide_factor"):
+        ext.before_initialize(_Net(), dict(_ds_config(3), gradient_predivide_factor=2.0))
+    cfg = _zero(3, reduce_scatter=False)
+    _accepts(ext, cfg)
+    assert cfg["zero_optimization"]["reduce_scatter"] is True
 
 
 def _accepts(ext, cfg: dict) -> None:
-    """``before_initialize`` passes; undo its ZeRO-1/2 optimizer swap (``setup`` would, after deepspeed.initialize)
+    """``before_initialize`` passes; undo its ZeRO optimizer swap (``setup`` would, after deepspeed.initialize)
     so that it does not leak into later tests of this process."""
     ext.before_initialize(_Net(), cfg)
     if ext._restore is not None:
-        module, base = ext._restore
-        module.DeepSpeedZeroOptimizer = base
+        module, attr, base = ext._restore
+        setattr(module, attr, base)
         ext._restore = None
 
 

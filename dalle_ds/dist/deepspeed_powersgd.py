@@ -17,8 +17,15 @@ DeepSpeed 0.19.8 has no communication-hook API; the hook points below were read 
   ``contiguous_gradients`` (DeepSpeed's default is true) the buckets bypass that call, so false is refused.
 * **DeepSpeed's fp16 mode** is refused (its loss scale would leak into the error buffers, and ZeRO-0's skipped steps
   would never lower it); fp16 resblocks go through ``model.resblock_grad_scaling`` with fp32 master weights.
-* **ZeRO-3** is refused: its reduction is a sharded reduce-scatter of flat chunks that do not line up with matrix
-  rows, so it needs the strided chunk assignment sketched in comm_anchors §3.4; not built yet.
+* **ZeRO-3**: the engine's ``DeepSpeedZeroOptimizer_Stage3`` is swapped (for the duration of
+  ``deepspeed.initialize``; the engine imports the name from ``deepspeed.runtime.zero.stage3`` when it builds the
+  optimizer) for a subclass whose ``__avg_scatter_grads`` -- the call that receives each bucket's full gradients
+  (parameter shapes) when ``zero_optimization.reduce_scatter`` is true, and must return this rank's flat partition of
+  each, averaged -- runs the reducer and returns the partitions (:meth:`HierarchicalPowerSGD.reduce_partitions_`).
+  ``reduce_scatter`` is therefore forced to true. A nonfinite flag makes the global gradient norm infinite (the Inf
+  lands in one rank's partition; the norm is summed over ranks), and ZeRO-3 skips the step on an invalid norm.
+  ZeRO++'s quantized gradients (qgZ, another reduction), a ``gradient_predivide_factor`` other than 1 and engines
+  that build another optimizer class (MiCS, SuperOffload) are refused.
 
 Which parameters are compressed is a regular expression on parameter names (default: the four matrices of every
 resblock; embeddings, unembeddings, gains and biases stay fp32, paper E); a matching matrix whose longer side does
@@ -63,26 +70,37 @@ class PowerSGDExtension:
     # -- EngineLoop hooks ---------------------------------------------------------------------------------------
     def before_initialize(self, model: torch.nn.Module, ds_config: dict) -> None:
         self.stage = zero_stage(ds_config)
-        if self.stage >= 3:
-            raise ConfigError("powersgd: ZeRO stage 3 is not supported (its flat reduce-scatter chunks do not follow "
-                             "matrix rows); use ZeRO stage 0, 1 or 2 with powersgd.enabled")
         _check_precision(ds_config)
         if self.stage in (1, 2):
             _check_zero_reduction_path(ds_config)
             zo = ds_config.setdefault("zero_optimization", {})
             zo["reduce_scatter"] = False  # route every bucket through gradient_reduction_w_predivide
-            import deepspeed.runtime.engine as ds_engine
-            base = ds_engine.DeepSpeedZeroOptimizer
-            self._restore = (ds_engine, base)
-            ds_engine.DeepSpeedZeroOptimizer = _zero_optimizer_with(base, self)
+            import deepspeed.runtime.engine as module
+            attr, make = "DeepSpeedZeroOptimizer", _zero_optimizer_with
+        elif self.stage == 3:
+            _check_zero3_reduction_path(ds_config)
+            ds_config.setdefault("zero_optimization", {})["reduce_scatter"] = True  # route buckets to __avg_scatter_grads
+            import deepspeed.runtime.zero.stage3 as module
+            attr, make = "DeepSpeedZeroOptimizer_Stage3", _zero3_optimizer_with
+        if self.stage >= 1:
+            base = getattr(module, attr)
+            self._restore = (module, attr, base)
+            setattr(module, attr, make(base, self))
         self._names = {id(p): n for n, p in model.named_parameters()}
-        self._shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+        # under deepspeed.zero.Init a parameter's own shape is empty; ds_shape is the full one
+        self._shapes = [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in model.named_parameters()
+                        if p.requires_grad]
 
     def setup(self, loop) -> None:
         if self._restore is not None:
-            module, base = self._restore
-            module.DeepSpeedZeroOptimizer = base
+            module, attr, base = self._restore
+            setattr(module, attr, base)
             self._restore = None
+            opt = loop.engine.optimizer
+            if not getattr(opt, "_powersgd_hooked", False):
+                raise ConfigError(f"powersgd: DeepSpeed built a {type(opt).__name__} for ZeRO stage {self.stage}, not "
+                                  f"the {attr} whose gradient reduction PowerSGD replaces (MiCS and SuperOffload "
+                                  "build their own optimizer classes); nothing would be compressed")
         self.engine = loop.engine
         self._acc_since_step = self.engine.global_steps
         topo = Topology.build(self.cfg.local_size)
@@ -140,13 +158,37 @@ class PowerSGDExtension:
     # -- the reduction ------------------------------------------------------------------------------------------
     def reduce(self, grads: list[tuple[str, torch.Tensor]]) -> ReduceReport:
         rep = self.reducer.reduce_(grads, step=self.engine.global_steps)
+        self._account(rep)
+        return rep
+
+    def _account(self, rep: ReduceReport) -> None:
         for k in _SUMMED:
             setattr(self._acc, k, getattr(self._acc, k) + getattr(rep, k))
         if rep.skip and self._skip_counted_step != self.engine.global_steps:
             self.skipped_steps += 1
             self._skip_counted_step = self.engine.global_steps
         self._pending_skip = self._pending_skip or rep.skip
-        return rep
+
+    def reduce_partitions(self, params: list, group, dtype: torch.dtype) -> list[torch.Tensor]:
+        """ZeRO-3: reduce the full gradients of ``params`` (a bucket) and return this rank's flat partition of each,
+        averaged over the job, in ``dtype`` (DeepSpeed's ``__avg_scatter_grads`` contract)."""
+        import torch.distributed as dist
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        topo = self.reducer.topo
+        if world != topo.world_size or rank != topo.rank:
+            raise RuntimeError(f"powersgd: ZeRO-3 partitions these gradients over {world} ranks (this one is {rank} "
+                               f"there), not over the whole job ({topo.world_size} ranks, this one {topo.rank}); "
+                               "expert or sequence parallelism is not supported")
+        grads = []
+        for p in params:
+            if p.partition_numel() != -(-p.ds_numel // world):
+                raise RuntimeError(f"powersgd: {self.name_of(p)} has a ZeRO-3 partition of {p.partition_numel()} "
+                                   f"elements, not ceil({p.ds_numel} / {world}); this DeepSpeed version partitions "
+                                   "differently")
+            grads.append((self.name_of(p), p.grad.view(p.ds_shape)))
+        rep, parts = self.reducer.reduce_partitions_(grads, step=self.engine.global_steps)
+        self._account(rep)
+        return [t.to(dtype) for t in parts]
 
     def name_of(self, param: torch.nn.Parameter) -> str:
         return self._names[id(param)]
@@ -198,10 +240,43 @@ def _check_zero_reduction_path(ds_config: dict) -> None:
                           "zero_optimization.contiguous_gradients=true (DeepSpeed's default) or remove the key")
 
 
+def _check_zero3_reduction_path(ds_config: dict) -> None:
+    """ZeRO-3 must reach the hooked ``__avg_scatter_grads`` with plain averaging. ZeRO++'s quantized gradients
+    (``zero_quantized_gradients``) reduce through their own all-to-all inside that call, which PowerSGD replaces
+    (qgZ would silently not run), and the hook averages over the job, so ``gradient_predivide_factor`` must be 1 (it
+    is only a numerical device of the stock path)."""
+    from deepspeed.runtime.zero.config import get_zero_config
+    zc = get_zero_config(ds_config)
+    if zc.zero_quantized_gradients:
+        raise ConfigError("powersgd: not with zero_optimization.zero_quantized_gradients (ZeRO++ qgZ is another "
+                          "compressed gradient reduction, and PowerSGD replaces the call that runs it); set it false")
+    factor = float(ds_config.get("gradient_predivide_factor", 1.0))
+    if factor != 1.0:
+        raise ConfigError(f"powersgd: gradient_predivide_factor={factor} under ZeRO-3; the PowerSGD reduction "
+                          "averages over the job itself, remove the key (or set 1.0)")
+
+
+def _zero3_optimizer_with(base: type, ext: PowerSGDExtension) -> type:
+    """A ``DeepSpeedZeroOptimizer_Stage3`` subclass whose bucket reduce-scatter is the PowerSGD reducer."""
+
+    class PowerSGDZeroOptimizerStage3(base):
+        _powersgd_hooked = True
+
+        # the name-mangled private method that reduce-scatters one bucket's full gradients (stage3.py, 0.19.8)
+        def _DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads(self, params_to_reduce, communication_data_type):
+            group = self._get_param_partition_group(params_to_reduce[0])
+            return ext.reduce_partitions(params_to_reduce, group, self.gradient_accumulation_dtype)
+
+    PowerSGDZeroOptimizerStage3.__name__ = PowerSGDZeroOptimizerStage3.__qualname__ = f"PowerSGD{base.__name__}"
+    return PowerSGDZeroOptimizerStage3
+
+
 def _zero_optimizer_with(base: type, ext: PowerSGDExtension) -> type:
     """A ``DeepSpeedZeroOptimizer`` subclass whose full-bucket all-reduce is the PowerSGD reducer."""
 
     class PowerSGDZeroOptimizer(base):
+        _powersgd_hooked = True
+
         def gradient_reduction_w_predivide(self, tensor, communication_data_type):
             if tensor.numel() == 0:
                 return tensor

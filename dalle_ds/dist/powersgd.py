@@ -22,7 +22,10 @@ writes back, on every rank, an estimate of their average over all ranks. For eac
    any nonfinite flag (synchronized over the world in one small all-reduce) was raised, and then a nonfinite value is
    written into the output so that the optimizer wrapped around it skips the step;
 10. an intra-machine all-gather (fp32) puts the estimated shards back into full gradients (the DeepSpeed ZeRO-0/1/2
-    hook contract is a fully reduced gradient).
+    hook contract is a fully reduced gradient); under ZeRO-3 (:meth:`HierarchicalPowerSGD.reduce_partitions_`) each
+    rank needs only its flat partition of every gradient, so an intra-machine all-to-all sends each rank just the
+    pieces of the machine's estimated shards that fall in its partition (the paper's sharded parameters need no
+    all-gather of gradients either: each GPU updates its own shard).
 
 Choices the paper leaves open, made here:
 
@@ -65,6 +68,14 @@ ERROR_DTYPES = ("fp169", "fp32")
 def fp32_ring_bytes(numel: int, world: int) -> int:
     """Bytes one rank sends in a ring all-reduce of ``numel`` fp32 values over ``world`` ranks."""
     return 2 * (world - 1) * math.ceil(numel / world) * 4 if world > 1 else 0
+
+
+def _partition_range(numel: int, rank: int, world: int) -> tuple[int, int]:
+    """The flat range of a tensor's elements that ``rank`` holds under DeepSpeed ZeRO-3: chunks of
+    ceil(numel / world) in rank order, the last ones short or empty (runtime/zero/partition_parameters.py)."""
+    c = -(-numel // world)
+    start = min(rank * c, numel)
+    return start, min(start + c, numel)
 
 
 @dataclass
@@ -222,13 +233,28 @@ class HierarchicalPowerSGD:
         stay device tensors until one host read at the end of the call (after every collective is queued); a host
         read per matrix would stall the overlap of communication with the backward on a GPU. ``track_rounding``
         (diagnostics) reads more."""
+        return self._reduce(grads, step, partitions=False)[0]
+
+    def reduce_partitions_(self, grads: Sequence[tuple[str, torch.Tensor]],
+                           step: int) -> tuple[ReduceReport, list[torch.Tensor]]:
+        """DeepSpeed ZeRO-3's contract: the same reduction as :meth:`reduce_`, but what is returned is this rank's
+        partition of each averaged gradient -- the flat elements ``[r c, min((r + 1) c, numel))`` of the gradient
+        in its storage order, r the world rank and c = ceil(numel / world) -- as new fp32 tensors, in ``grads``
+        order. Uncompressed gradients are still all-reduced in place (step 9) and sliced. A compressed gradient is
+        not written back: instead of step 10's all-gather of whole shards, the machine's ranks exchange only the
+        pieces of their estimated shards that fall in each other's partitions (one all-to-all, ~numel / local size
+        elements received per rank in all instead of ~numel). On a skipped step the first non-empty partition of
+        every rank holds an Inf."""
+        return self._reduce(grads, step, partitions=True)
+
+    def _reduce(self, grads, step: int, partitions: bool) -> tuple[ReduceReport, list[torch.Tensor]]:
         rep = ReduceReport()
         W = self.topo.world_size
         total = sum(g.numel() for _, g in grads)
         rep.bytes_baseline = fp32_ring_bytes(total, W)
         if step < self.s.start_step:
             self._plain_all_reduce([g for _, g in grads], rep)
-            return rep
+            return rep, ([self._own_partition(g) for _, g in grads] if partitions else [])
         comp = [(self.shards[k], g) for k, g in grads if k in self.shards]
         unc = [g for k, g in grads if k not in self.shards]
         rep.compressed = bool(comp)
@@ -299,7 +325,10 @@ class HierarchicalPowerSGD:
             zeroed = zeroed + bad
         if comp and self.s.recenter_every and n_mach > 1 and (step + 1) % self.s.recenter_every == 0:
             self._recenter([sh for sh, _ in comp], step, rep)
-        if comp:
+        parts: dict[str, torch.Tensor] = {}
+        if comp and partitions:
+            parts = self._exchange_partitions(comp, estimates, rep)
+        elif comp:
             self._all_gather(comp, estimates, rep)
         rep.bytes_inter = self.counter.bytes_sent - sent_before
         # the call's one host read: flags, norms and counts together
@@ -312,9 +341,74 @@ class HierarchicalPowerSGD:
         rep.nonfinite_grads = sum(v > 0 for v in flags_h[0:3 * len(comp):3]) + int(flags_h[-2] > 0)
         rep.skip = any(v > 0 for v in flags_h[:-1])
         rep.sq_norm = math.inf if rep.skip else flags_h[-1] + unc_sq_h
-        if rep.skip and grads:
-            grads[0][1].view(-1)[0] = math.inf  # make the optimizer's own overflow check skip the step
-        return rep
+        out = [parts[k] if k in parts else self._own_partition(g) for k, g in grads] if partitions else []
+        if rep.skip and grads:  # make the optimizer's own overflow check (ZeRO-3: its global norm) skip the step
+            if partitions:
+                t = next((t for t in out if t.numel()), None)
+                if t is not None:
+                    t.view(-1)[0] = math.inf
+            else:
+                grads[0][1].view(-1)[0] = math.inf
+        return rep, out
+
+    def _own_partition(self, g: torch.Tensor) -> torch.Tensor:
+        """This rank's ZeRO-3 partition of an (averaged) gradient, as a new fp32 tensor."""
+        start, end = _partition_range(g.numel(), self.topo.rank, self.topo.world_size)
+        return g.reshape(-1)[start:end].float().clone()
+
+    def _exchange_pieces(self, sh: _Shard, numel: int, j: int, peer: int) -> tuple[int, int, int, int]:
+        """What local rank ``j``'s estimated shard of ``sh`` holds of local rank ``peer``'s partition (both on this
+        machine), as (start, end, first storage row, end storage row). Untransposed, a shard is a block of storage
+        rows, i.e. a flat range, and the piece is the flat range [start, end) of the shard (rows unused). Transposed
+        (a shard is a block of storage columns) the piece is the shard's columns of the storage rows that cover the
+        partition, [row0, row1); the receiver lays the pieces side by side and cuts its range out of those rows."""
+        s, e = _partition_range(numel, self.topo.machine * self.topo.local_size + peer, self.topo.world_size)
+        if not sh.transposed:
+            size = sh.shard_rows * sh.cols
+            lo, hi = max(s, j * size), min(e, (j + 1) * size)
+            return (lo - j * size, hi - j * size, 0, 0) if hi > lo else (0, 0, 0, 0)
+        width = sh.shape[1]  # storage row length
+        row0, row1 = s // width, -(-e // width) if e > s else s // width
+        return (0, 0, row0, row1)
+
+    def _exchange_partitions(self, comp, estimates: list[torch.Tensor], rep: ReduceReport) -> dict[str, torch.Tensor]:
+        """Step 10 for ZeRO-3: one all-to-all on the machine's group gives every rank its partition of each
+        compressed gradient, assembled from the local ranks' estimated shards (:meth:`_exchange_pieces`)."""
+        m, me = self.topo.local_size, self.topo.local_rank
+        send, send_sizes, recv_sizes = [], [0] * m, [0] * m
+        for peer in range(m):
+            for (sh, g), est in zip(comp, estimates):
+                lo, hi, r0, r1 = self._exchange_pieces(sh, g.numel(), me, peer)
+                piece = est.t()[r0:r1] if sh.transposed else est.reshape(-1)[lo:hi]
+                send.append(piece.reshape(-1))
+                send_sizes[peer] += piece.numel()
+                lo, hi, r0, r1 = self._exchange_pieces(sh, g.numel(), peer, me)
+                recv_sizes[peer] += (r1 - r0) * sh.shard_rows if sh.transposed else hi - lo
+        flat = torch.cat(send) if send else torch.zeros(0, device=self.device)
+        if m > 1:
+            recv = torch.empty(sum(recv_sizes), dtype=flat.dtype, device=flat.device)
+            dist.all_to_all_single(recv, flat, recv_sizes, send_sizes, group=self.topo.local_group)
+            rep.bytes_intra += (sum(send_sizes) - send_sizes[me]) * 4
+        else:
+            recv = flat
+        chunks = list(recv.split(recv_sizes))  # per source local rank, its pieces in matrix order
+        offsets = [0] * m
+        out = {}
+        for sh, g in comp:
+            start, end = _partition_range(g.numel(), self.topo.rank, self.topo.world_size)
+            pieces = []
+            for src in range(m):
+                lo, hi, r0, r1 = self._exchange_pieces(sh, g.numel(), src, me)
+                n = (r1 - r0) * sh.shard_rows if sh.transposed else hi - lo
+                pieces.append(chunks[src][offsets[src]:offsets[src] + n])
+                offsets[src] += n
+            if sh.transposed:
+                r0 = start // sh.shape[1]
+                rows = torch.cat([p.view(-1, sh.shard_rows) for p in pieces], dim=1)  # storage rows r0.. in full
+                out[sh.key] = rows.reshape(-1)[start - r0 * sh.shape[1]:end - r0 * sh.shape[1]].clone()
+            else:
+                out[sh.key] = torch.cat(pieces)
+        return out
 
     def _recenter(self, shards: list[_Shard], step: int, rep: ReduceReport) -> None:
         """Each machine's buffer <- the mean over machines (``recenter_every``), once per step for a shard (ZeRO-2
