@@ -174,3 +174,40 @@ def test_16bit_adam_moments_estimate_is_what_the_optimizer_holds():
     assert bf16["optimizer"] == (16 * psi - 4 * matmul) / 8  # fp32 master, gradient copy and moments, partitioned
     with pytest.raises(ValueError, match="adam_moments"):
         estimate_per_gpu(TINY, zero=1, gpus=1, adam_moments="8bit")
+
+
+@pytest.mark.parametrize("error_dtype", ["fp169", "fp32"])
+def test_powersgd_state_estimate_is_what_the_reducer_allocates(error_dtype):
+    """``--powersgd-rank``: the estimate's PowerSGD term equals the bytes of the error buffers and Q matrices that
+    the reducer registers for the prior (default compress pattern), on one rank of a 4-GPU machine; it is the
+    same for any number of machines, and the CLI prints it."""
+    import re
+
+    from dalle_ds.config import PowerSGDConfig
+    from dalle_ds.dist.powersgd import HierarchicalPowerSGD, PowerSGDSettings
+    from dalle_ds.dist.topology import Topology
+
+    topo = Topology(world_size=4, rank=1, local_size=4, local_group=None, global_group=None)  # no collectives used
+    red = HierarchicalPowerSGD(topo, PowerSGDSettings(rank=32, error_dtype=error_dtype))
+    pattern = re.compile(PowerSGDConfig().compress)
+    registered = [red.register(n, p.shape) for n, p in DALLE(TINY).named_parameters() if pattern.search(n)]
+    assert len(registered) == 4 * TINY.n_layers and all(registered)
+    held = sum(sh.err.numel() * sh.err.element_size() + sh.q.numel() * sh.q.element_size()
+               for sh in red.shards.values())
+    ests = [estimate_per_gpu(TINY, zero=3, gpus=g, powersgd_rank=32, gpus_per_machine=4,
+                             powersgd_error_dtype=error_dtype) for g in (4, 64)]
+    assert ests[0]["powersgd"] == ests[1]["powersgd"] == held
+    plain = estimate_per_gpu(TINY, zero=3, gpus=64)
+    assert plain["powersgd"] == 0 and ests[1]["total"] == plain["total"] + held
+    with pytest.raises(ValueError, match="gpus_per_machine"):
+        estimate_per_gpu(TINY, zero=3, gpus=6, powersgd_rank=32, gpus_per_machine=4)
+
+
+def test_cli_adds_powersgd_state(capsys):
+    assert models_main(["--preset", "12B", "--memory", "--gpus", "1024", "--powersgd-rank", "896"]) == 0
+    est = estimate_per_gpu(DALLE_PRESETS["12B"], zero=3, gpus=1024, powersgd_rank=896, gpus_per_machine=8)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "PowerSGD error buffers and Q" in x)
+    assert line.endswith(f"{est['powersgd'] / 2 ** 30:10.2f} GiB") and est["powersgd"] > 2 ** 31
+    with pytest.raises(SystemExit):
+        models_main(["--preset", "tiny", "--memory", "--gpus", "6", "--powersgd-rank", "16",
+                     "--gpus-per-machine", "4"])

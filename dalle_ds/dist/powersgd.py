@@ -70,6 +70,35 @@ def fp32_ring_bytes(numel: int, world: int) -> int:
     return 2 * (world - 1) * math.ceil(numel / world) * 4 if world > 1 else 0
 
 
+def shard_geometry(shape: Sequence[int], local_size: int, rank_per_gpu: int):
+    """How a gradient of ``shape`` is compressed on each of ``local_size`` ranks of a machine: (transposed, rows, cols,
+    shard_rows, k) -- the matrix viewed with its longer side as rows, this rank's row block of it and the rank of its
+    factors -- or None when it is not compressed (not a matrix, or its longer side does not split evenly)."""
+    if len(shape) != 2:
+        return None
+    a, b = int(shape[0]), int(shape[1])
+    transposed = b > a
+    rows, cols = (b, a) if transposed else (a, b)
+    if rows % local_size:
+        return None
+    shard_rows = rows // local_size
+    return transposed, rows, cols, shard_rows, min(rank_per_gpu, shard_rows, cols)
+
+
+def state_bytes_per_gpu(shapes: Sequence[Sequence[int]], local_size: int, rank_per_gpu: int,
+                        error_dtype: str = "fp169") -> int:
+    """Bytes of reducer state one GPU holds for these gradient shapes (those not compressed count nothing): the
+    error buffer of its shard (2 bytes an element in 1-6-9, 4 in fp32) and the fixed Q, [cols, k] in 1-6-9. What
+    :meth:`HierarchicalPowerSGD.register` allocates; the transient fp32 buffers of a reduction are not counted."""
+    total = 0
+    for shape in shapes:
+        geo = shard_geometry(shape, local_size, rank_per_gpu)
+        if geo is not None:
+            _, _, cols, shard_rows, k = geo
+            total += shard_rows * cols * (4 if error_dtype == "fp32" else 2) + cols * k * 2
+    return total
+
+
 def _partition_range(numel: int, rank: int, world: int) -> tuple[int, int]:
     """The flat range of a tensor's elements that ``rank`` holds under DeepSpeed ZeRO-3: chunks of
     ceil(numel / world) in rank order, the last ones short or empty (runtime/zero/partition_parameters.py)."""
@@ -202,17 +231,12 @@ class HierarchicalPowerSGD:
 
     def register(self, key: str, shape: Sequence[int]) -> bool:
         """Register a parameter for compression; returns False (it stays uncompressed) unless it is a matrix whose
-        longer side splits evenly over the machine's ranks."""
-        if len(shape) != 2:
+        longer side splits evenly over the machine's ranks (:func:`shard_geometry`)."""
+        geo = shard_geometry(shape, self.topo.local_size, self.s.per_gpu_rank(self.topo.local_size))
+        if geo is None:
             return False
+        transposed, rows, cols, shard_rows, k = geo
         a, b = int(shape[0]), int(shape[1])
-        transposed = b > a
-        rows, cols = (b, a) if transposed else (a, b)
-        m = self.topo.local_size
-        if rows % m:
-            return False
-        shard_rows = rows // m
-        k = min(self.s.per_gpu_rank(m), shard_rows, cols)
         gen = torch.Generator().manual_seed(self._q_seed(key))
         q = torch.randn(cols, k, generator=gen) / math.sqrt(cols)
         self.shards[key] = _Shard(key=key, shape=(a, b), transposed=transposed, rows=rows, cols=cols,

@@ -4,6 +4,7 @@
 activation checkpointing) for a ZeRO stage, GPU count, precision and micro-batch (see dalle_ds.models.memory):
 
     python -m dalle_ds.models --preset 12B --memory --zero 3 --gpus 64 [--adam-moments 16bit]
+    python -m dalle_ds.models --preset 12B --memory --zero 3 --gpus 1024 --powersgd-rank 896   # the paper's run
         [--deepspeed_config ds_configs/zero3_bf16.json]   (its bucket sizes)
     python -m dalle_ds.models --preset 2.8B --memory --zero 2 --gpus 16 --precision fp16-resblock --micro-batch 2
 """
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
                    help="16bit: the resblock matrices' Adam moments in 1-6-9 / 0-6-10 (paper App. B.2; with --memory)")
     p.add_argument("--attention", default="flash", choices=["flash", "dense"],
                    help="flash: O(n) attention memory (Triton/flex kernels); dense: O(n²) probabilities saved")
+    p.add_argument("--powersgd-rank", type=int, default=0,
+                   help="hierarchical PowerSGD's total rank per machine (paper: 896 for 12B); adds its error buffers "
+                        "and Q to the estimate (with --memory; 0: no PowerSGD)")
+    p.add_argument("--gpus-per-machine", type=int, default=8, help="GPUs per machine, for --powersgd-rank")
     p.add_argument("--deepspeed_config", default=None,
                    help="a DeepSpeed JSON whose ZeRO bucket sizes to use (with --memory; default: DeepSpeed's)")
     args = p.parse_args(argv)
@@ -37,6 +42,10 @@ def main(argv=None) -> int:
         p.error(f"unknown preset {args.preset!r}; choose from {', '.join(DALLE_PRESETS)}")
     if args.memory and (args.gpus < 1 or args.micro_batch < 1):
         p.error("--gpus and --micro-batch must be ≥ 1")
+    if args.powersgd_rank < 0 or args.gpus_per_machine < 1:
+        p.error("--powersgd-rank must be ≥ 0 and --gpus-per-machine ≥ 1")
+    if args.powersgd_rank and args.gpus % args.gpus_per_machine:
+        p.error(f"--gpus-per-machine {args.gpus_per_machine} must divide --gpus {args.gpus}")
     if args.offload and args.zero == 0:
         p.error("--offload needs --zero 1, 2 or 3")
     if args.offload and args.adam_moments == "16bit":
@@ -57,7 +66,8 @@ def main(argv=None) -> int:
         for name in names:
             est = estimate_per_gpu(DALLE_PRESETS[name], zero=args.zero, gpus=args.gpus, precision=args.precision,
                                    micro_batch=args.micro_batch, offload=args.offload, attention=args.attention,
-                                   adam_moments=args.adam_moments, ds_config=ds_config)
+                                   adam_moments=args.adam_moments, ds_config=ds_config,
+                                   powersgd_rank=args.powersgd_rank, gpus_per_machine=args.gpus_per_machine)
             print()
             print(format_estimate(name, est, zero=args.zero, gpus=args.gpus, precision=args.precision,
                                   micro_batch=args.micro_batch, offload=args.offload, adam_moments=args.adam_moments))

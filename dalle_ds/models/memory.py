@@ -138,7 +138,8 @@ def persistent_parameters(model: nn.Module, threshold: int) -> int:
 
 def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str = "bf16", micro_batch: int = 1,
                      offload: bool = False, attention: str = "flash", adam_moments: str = "fp32",
-                     ds_config: dict | None = None) -> dict[str, float]:
+                     ds_config: dict | None = None, powersgd_rank: int = 0, gpus_per_machine: int = 8,
+                     powersgd_error_dtype: str = "fp169") -> dict[str, float]:
     """Bytes per GPU for the model state under a ZeRO stage, with Ψ parameters and N data-parallel GPUs.
 
     The ZeRO paper's accounting (Rajbhandari et al. 2020, §3: 16-bit params and grads, 12Ψ of fp32 master weights
@@ -159,6 +160,12 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
       the largest layer (``estimate_zero3_model_states_mem_needs``; released parameters are not visible at the step,
       so not measured here).
 
+    ``powersgd_rank`` > 0 (total rank per machine of ``gpus_per_machine`` GPUs): the hierarchical PowerSGD reducer's
+    state (``powersgd``): the error buffer of this GPU's shard of every compressed matrix (the default
+    ``powersgd.compress`` pattern), 1/``gpus_per_machine`` of it in 1-6-9 (or fp32), and the fixed Q matrices
+    (``dalle_ds.dist.powersgd.state_bytes_per_gpu``, the shapes ``register`` allocates). It is not divided by N:
+    the paper's buffers are sharded inside a machine and replicated across machines.
+
     ``offload``: the optimizer state lives in CPU memory (``host_optimizer``). ``adam_moments="16bit"``: the resblock
     matmul weights' two moments take 2 bytes each instead of 4 (paper App. B.2, dalle_ds.precision.adam_moments).
     Not counted: ZeRO-1/2's transient reduction buckets during the backward (none were held at the step or after
@@ -174,6 +181,8 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
         raise ValueError(f"adam_moments must be {' or '.join(ADAM_MOMENTS)}, got {adam_moments!r}")
     if offload and adam_moments == "16bit":
         raise ValueError("16-bit Adam moments run on the GPU (optimizer offload uses DeepSpeed's fp32 CPU Adam)")
+    if powersgd_rank and (gpus_per_machine < 1 or gpus % gpus_per_machine):
+        raise ValueError(f"gpus_per_machine={gpus_per_machine} must divide gpus={gpus}")
     counts = parameter_breakdown(cfg)
     psi = counts["total"]
     p_bytes = g_bytes = 2 if precision == "bf16" else 4
@@ -186,18 +195,28 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
     if zero >= 2:
         grads /= gpus
     buffers = 0.0
+    meta = _meta_prior(cfg) if zero >= 3 or powersgd_rank else None  # built once: the shapes of the terms below
+    powersgd = 0.0
+    if powersgd_rank:
+        import re
+
+        from dalle_ds.config import PowerSGDConfig
+        from dalle_ds.dist.powersgd import PowerSGDSettings, state_bytes_per_gpu
+        pattern = re.compile(PowerSGDConfig().compress)
+        shapes = [tuple(p.shape) for n, p in meta.named_parameters() if pattern.search(n)]
+        per_gpu_rank = PowerSGDSettings(rank=powersgd_rank).per_gpu_rank(gpus_per_machine)
+        powersgd = float(state_bytes_per_gpu(shapes, gpus_per_machine, per_gpu_rank, powersgd_error_dtype))
     if zero >= 3:
         params /= gpus
         zero_cfg = (ds_config or {}).get("zero_optimization", {})
         if zero_cfg.get("contiguous_gradients", True):
             buffers += float(zero_cfg.get("reduce_bucket_size", DS_DEFAULT_REDUCE_BUCKET)) * p_bytes
-        meta = _meta_prior(cfg)  # built once: the shapes of both terms below
         buffers += 4.0 * largest_layer_parameters(meta)
         threshold = int(zero_cfg.get("stage3_param_persistence_threshold", DS_DEFAULT_PERSISTENCE_THRESHOLD))
         buffers += p_bytes * persistent_parameters(meta, threshold) * (1.0 - 1.0 / gpus)  # whole, not 1/N
     out = {"parameters": params, "gradients": grads, "optimizer": 0.0 if offload else optim,
-           "host_optimizer": optim if offload else 0.0, "deepspeed_buffers": buffers}
-    states = params + grads + out["optimizer"] + buffers
+           "host_optimizer": optim if offload else 0.0, "deepspeed_buffers": buffers, "powersgd": powersgd}
+    states = params + grads + out["optimizer"] + buffers + powersgd
     for ckpt in (False, True):
         acts = activation_bytes(cfg, micro_batch, precision, ckpt, attention)["total"]
         key = "activations_checkpointed" if ckpt else "activations"
@@ -218,6 +237,8 @@ def format_estimate(name: str, est: dict[str, float], *, zero: int, gpus: int, p
              f"  {'optimizer state (Adam)':<34} {est['optimizer'] / gib:10.2f} GiB"]
     if est.get("deepspeed_buffers"):
         lines.append(f"  {'DeepSpeed buffers (ZeRO-3)':<34} {est['deepspeed_buffers'] / gib:10.2f} GiB")
+    if est.get("powersgd"):
+        lines.append(f"  {'PowerSGD error buffers and Q':<34} {est['powersgd'] / gib:10.2f} GiB")
     if offload:
         lines.append(f"  {'  (in host memory, per GPU)':<34} {est['host_optimizer'] / gib:10.2f} GiB")
     lines += [f"  {'activations, no checkpointing':<34} {est['activations'] / gib:10.2f} GiB",
