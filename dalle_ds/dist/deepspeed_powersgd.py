@@ -33,6 +33,7 @@ not split over the machine's ranks also stays fp32.
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -45,6 +46,8 @@ from .powersgd import HierarchicalPowerSGD, PowerSGDSettings, ReduceReport
 from .topology import Topology
 
 __all__ = ["PowerSGDExtension"]
+
+log = logging.getLogger("dalle_ds.powersgd")
 
 _SUMMED = ("shard_elements", "factor_elements", "uncompressed_elements", "bytes_intra", "bytes_inter",
            "bytes_uncompressed", "bytes_baseline", "nonfinite_grads", "zeroed_buffers", "recentered_elements")
@@ -104,6 +107,13 @@ class PowerSGDExtension:
         self.engine = loop.engine
         self._acc_since_step = self.engine.global_steps
         topo = Topology.build(self.cfg.local_size)
+        if topo.rank == 0:
+            log.info("powersgd: %s", topo.describe())
+            if topo.machines == 1:
+                log.warning("powersgd: all %d rank(s) are on one machine, so nothing crosses machines and PowerSGD "
+                            "saves no bytes while its low-rank estimate still replaces the exact average; turn "
+                            "powersgd.enabled off, or set powersgd.local_size below the rank count to emulate "
+                            "several machines (tests)", topo.world_size)
         settings = PowerSGDSettings(rank=self.cfg.rank, start_step=self.cfg.start_step, seed=self.cfg.seed,
                                     orthogonalization=self.cfg.orthogonalization,
                                     warm_start=self.cfg.warm_start, error_dtype=self.cfg.error_dtype,
