@@ -2,7 +2,7 @@
 
 A lossless rank must reproduce the stock DeepSpeed update; a low rank must still compress (and report it); an Inf in
 one rank's gradient must make the engine skip the update on every rank with the parameters unchanged; ZeRO 0, 1, 2
-and 3 (partitioned parameters, gathered to compare). DeepSpeed's fp16 mode, ZeRO-1/2 without contiguous gradients
+and 3 (partitioned parameters, gathered to compare), the last two with 2 micro-batches per update. DeepSpeed's fp16 mode, ZeRO-1/2 without contiguous gradients
 (which bypass the hook: shown on a real engine) and ZeRO-3 with qgZ or a predivide factor are refused with clear
 errors. The full trainer path (config, logging, checkpoint resume) is in
 tests/test_train_dalle_powersgd.py.
@@ -30,17 +30,17 @@ class _Net(torch.nn.Module):
         return self.out(torch.relu(self.fc(self.emb(idx)))).pow(2).mean()
 
 
-def _ds_config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
+def _ds_config(stage: int, gas: int = 1) -> dict:
+    return {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": gas, "steps_per_print": 10 ** 9,
             "optimizer": {"type": "SGD", "params": {"lr": 0.5}}, "zero_optimization": {"stage": stage},
             "zero_allow_untested_optimizer": True}
 
 
-def _engine(stage: int, powersgd_rank: int | None):
+def _engine(stage: int, powersgd_rank: int | None, gas: int = 1):
     import deepspeed
     from dalle_ds.config import PowerSGDConfig
     from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
-    model, cfg = _Net(), _ds_config(stage)
+    model, cfg = _Net(), _ds_config(stage, gas)
     ext = None
     if powersgd_rank is not None:
         ext = PowerSGDExtension(PowerSGDConfig(enabled=True, rank=powersgd_rank, local_size=2,
@@ -74,34 +74,36 @@ def _params(engine):
         return {n: p.detach().clone() for n, p in named}
 
 
-def _stages(rank, world, stage):
-    stock, _ = _engine(stage, None)
-    _train(stock, None, rank, 3)
-    lossless, ext = _engine(stage, powersgd_rank=32)  # 16 per GPU >= every shard side
+def _stages(rank, world, stage, gas=1):
+    """``gas`` micro-batches per update (ZeRO-2 and 3 compress each micro-batch's buckets on their own)."""
+    stock, _ = _engine(stage, None, gas)
+    _train(stock, None, rank, 3 * gas)
+    lossless, ext = _engine(stage, powersgd_rank=32, gas=gas)  # 16 per GPU >= every shard side
     assert set(ext.compressed_keys) == {"fc.weight", "out.weight"}
     if stage:
         assert type(lossless.optimizer).__name__.startswith("PowerSGD")
-    _train(lossless, ext, rank, 3)
+    _train(lossless, ext, rank, 3 * gas)
+    assert lossless.global_steps == 3
     a, b = _params(stock), _params(lossless)
     for n in a:
         assert torch.allclose(a[n], b[n], rtol=2e-3, atol=2e-4), (n, float((a[n] - b[n]).abs().max()))
-    lossy, ext = _engine(stage, powersgd_rank=2)
-    _train(lossy, ext, rank, 2)
+    lossy, ext = _engine(stage, powersgd_rank=2, gas=gas)
+    _train(lossy, ext, rank, 2 * gas)
     stats = ext.stats()
     assert 0.5 < stats["powersgd/compression_rate"] < 1 and stats["powersgd/bytes_inter_machine"] > 0
     before = _params(lossy)
-    _train(lossy, ext, rank, 1, poison_step=0)
+    _train(lossy, ext, rank, gas, poison_step=0)  # one update whose first micro-batch is nonfinite on rank 1
     after = _params(lossy)
     assert all(torch.equal(before[n], after[n]) for n in before), "a nonfinite step changed the parameters"
     assert lossy.skipped_steps == 1 and ext.stats()["powersgd/skipped_steps"] == 1
-    _train(lossy, ext, rank, 1)  # and training goes on
+    _train(lossy, ext, rank, gas)  # and training goes on
     assert all(torch.isfinite(p).all() for p in _params(lossy).values())
     assert not all(torch.equal(after[n], p) for n, p in _params(lossy).items())
 
 
 def _all_stages(rank, world):
     for stage in (0, 1, 2, 3):  # one set of processes for the four stages (start-up dominates on 2 cores)
-        _stages(rank, world, stage)
+        _stages(rank, world, stage, gas=2 if stage >= 2 else 1)
 
 
 def test_powersgd_in_the_deepspeed_engine_zero_0_1_2_3():
