@@ -1,8 +1,9 @@
 """The prior trained with PowerSGD through the real `deepspeed` launcher: 4 CPU ranks emulating 2 machines x 2 GPUs.
-Under ZeRO-3 (parameters partitioned, as the paper shards them) the run logs the compression it achieves (the
-formula of tests/test_powersgd.py), and a preempted run resumes from its checkpoint -- error buffers included -- into
-exactly the uninterrupted run's losses, gradient norms and error-buffer diagnostics; buffers re-centered every 4
-steps have no machine-specific part after those steps. Under ZeRO-1 it composes with 16-bit Adam moments."""
+Under ZeRO-3 (parameters partitioned, as the paper shards them) with the paper's fp16 resblocks (per-resblock
+gradient scaling) and 16-bit Adam moments, the run logs the compression it achieves (the formula of
+tests/test_powersgd.py), and a preempted run resumes from its checkpoint -- error buffers included -- into exactly
+the uninterrupted run's losses, gradient scales, gradient norms and error-buffer diagnostics; buffers re-centered
+every 4 steps have no machine-specific part after those steps. Under ZeRO-1 it composes with 16-bit Adam moments."""
 import json
 
 import pytest
@@ -35,16 +36,20 @@ def test_powersgd_prior_logs_compression_and_resumes_exactly(shards, tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(cfg))
     full, parted = tmp_path / "full", tmp_path / "parted"
-    deepspeed_launch("launch/train_dalle.py", _args(shards, full, ds), num_procs=4)
-    deepspeed_launch("launch/train_dalle.py", _args(shards, parted, ds, "--stop_at", "6"), num_procs=4)
-    deepspeed_launch("launch/train_dalle.py", _args(shards, parted, ds), num_procs=4)
+    # the paper's composition: fp16 resblocks with per-resblock gradient scaling (fp32 master weights: DeepSpeed's
+    # fp32 mode, as in ds_configs/zero3_fp16_resblock.json) and 16-bit Adam moments, with PowerSGD under ZeRO-3
+    paper = ("--set", "model.resblock_grad_scaling=true", "--set", "model.resblock_dtype=float16",
+             "--set", "adam_moments=16bit")
+    deepspeed_launch("launch/train_dalle.py", _args(shards, full, ds, *paper), num_procs=4)
+    deepspeed_launch("launch/train_dalle.py", _args(shards, parted, ds, *paper, "--stop_at", "6"), num_procs=4)
+    deepspeed_launch("launch/train_dalle.py", _args(shards, parted, ds, *paper), num_procs=4)
 
     a = {h["step"]: h for h in json.loads((full / "dalle_metrics.json").read_text())["history"]}
     b = {h["step"]: h for h in json.loads((parted / "dalle_metrics.json").read_text())["history"]}
     assert sorted(b) == list(range(7, 13))
     for step in b:
         assert b[step]["loss"] == a[step]["loss"], step
-        for key in ("powersgd/error_norm", "powersgd/delayed_norm", "powersgd/spread_norm", "grad_norm",
+        for key in ("grad_scale_log2/000_attn", "grad_scale_log2/007_mlp", "powersgd/error_norm", "powersgd/delayed_norm", "powersgd/spread_norm", "grad_norm",
                     "powersgd/rounding_ratio", "powersgd/swamped_fraction"):
             assert b[step][key] == a[step][key], (step, key)
     for h in a.values():  # the engine's norm before clipping (cpu_dalle.json clips at 4), one update per log
@@ -57,6 +62,12 @@ def test_powersgd_prior_logs_compression_and_resumes_exactly(shards, tmp_path):
     assert a[12]["powersgd/compression_rate"] == pytest.approx(1 - r * (m + 3) / (3 * d * m), rel=0.01)
     assert a[12]["powersgd/bytes_inter_machine"] < 0.2 * a[12]["powersgd/bytes_baseline_fp32"]
     assert a[12]["powersgd/skipped_steps"] == 0 and a[12]["powersgd/error_norm"] > 0
+    assert a[12]["loss"] < a[1]["loss"] and a[12]["grad_scale_skip"] == 0
+    import torch
+    saved = torch.load(next((full / "checkpoints" / "step00000012").glob("zero_pp_rank_0_*optim_states.pt")),
+                       weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]  # ZeRO-3's layout
+    assert [(g["moments"], saved["state"][g["params"][0]]["exp_avg"].dtype) for g in saved["param_groups"]] == [
+        ("16bit", torch.int16), ("fp32", torch.float32)]
     assert (full / "monitor" / "dalle" / "dalle_powersgd_compression_rate.csv").is_file()
 
 
