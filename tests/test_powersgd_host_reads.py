@@ -1,9 +1,11 @@
-"""The reducer reads device values back to the host once per ``reduce_`` call. On a GPU each such read (``bool(t)``,
-``float(t)``, ``.item()``, ``.tolist()``) waits for the device, and ``reduce_`` runs inside DeepSpeed's gradient hooks,
-so a read per matrix would stall the overlap of communication with the backward. Counted here on CPU tensors, where
-the same calls mark where a GPU would wait; 2 gloo ranks as 2 machines x 1 GPU, so that every collective runs.
-``track_rounding`` (diagnostics) is allowed more. Bit-for-bit equality with the per-matrix-read version was checked
-when the reads were merged (docs/powersgd.md); the numeric tests are in tests/test_powersgd.py."""
+"""Host reads of the reducer. On a GPU each read (``bool(t)``, ``float(t)``, ``.item()``, ``.tolist()``) waits for
+the device, and the reducer runs inside DeepSpeed's gradient hooks, so a read there would hold the host until the
+bucket's collectives finish. Counted here on CPU tensors, where the same calls mark where a GPU would wait; 2 gloo
+ranks as 2 machines x 1 GPU, so that every collective runs. ``reduce_`` called directly reads once, at its end (its
+report's host fields); the extension's hook path (``resolve=False``) reads nothing, writes the skipping Inf on the
+device and counts skipped steps on the device. ``track_rounding`` (diagnostics) is allowed more. Bit-for-bit
+equality with the per-matrix-read version was checked when the reads were merged (docs/powersgd.md); the numeric
+tests are in tests/test_powersgd.py."""
 import math
 
 import pytest
@@ -64,11 +66,54 @@ def _reads(rank, world):
             counter.count = 0
             rep = red.reduce_(grads, step=step)
             out[(name, step)] = (counter.count, rep.skip)
+    out.update(_hook_path_reads(counter, rank, topo))
+    return out
+
+
+def _hook_path_reads(counter, rank, topo):
+    """The DeepSpeed hook path: the extension's reductions (``reduce``, ZeRO-1/2; ``reduce_partitions_``, ZeRO-3)
+    read nothing back; the Inf that makes DeepSpeed skip is written on the device; the skip is counted once per step
+    (both buckets of the poisoned step skip) when a log step reads it."""
+    import types
+
+    from dalle_ds.config import PowerSGDConfig
+    from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
+    from dalle_ds.dist.powersgd import HierarchicalPowerSGD, PowerSGDSettings
+    ext = PowerSGDExtension(PowerSGDConfig(enabled=True))
+    ext.reducer = HierarchicalPowerSGD(topo, PowerSGDSettings(rank=2, seed=1))
+    for k, s in SHAPES.items():
+        ext.reducer.register(k, s)
+    ext.engine = types.SimpleNamespace(global_steps=0)
+    out = {}
+    for step, poison in ((0, False), (1, True), (2, False)):
+        ext.engine.global_steps = step
+        counter.count = 0
+        firsts = []
+        for bucket in (("a.weight", "a.bias"), ("b.weight", "c.weight", "odd.weight")):
+            g = torch.Generator().manual_seed(10 * step + rank)
+            grads = [(k, torch.randn(*SHAPES[k], generator=g) * 1e-3) for k in bucket]
+            if poison and rank == 1:
+                grads[0][1][0, 0] = math.inf
+            if "b.weight" in bucket:  # as ZeRO-3's hook does (ext.reduce_partitions): this rank's partitions back
+                rep, parts = ext.reducer.reduce_partitions_(grads, step=step, resolve=False)
+                ext._account(rep)
+                firsts.append(parts[0][0])
+            else:
+                ext.reduce(grads)
+                firsts.append(grads[0][1].view(-1)[0])
+        reads = counter.count
+        out[("hook", step)] = (reads, [math.isinf(float(f)) for f in firsts])
+    out[("hook", "skipped")] = (0, ext.stats()["powersgd/skipped_steps"])
     return out
 
 
 def test_one_host_read_per_reduce_call():
     got = run_local_ranks(_reads, 2, timeout=300)
+    for step in range(3):
+        reads, infs = got.pop(("hook", step))
+        assert reads == 0, (step, reads)  # inside DeepSpeed's hooks: no host read at all
+        assert infs == [step == 1] * 2, (step, infs)  # the skipping Inf, written on the device, on every rank
+    assert got.pop(("hook", "skipped"))[1] == 1
     for (name, step), (reads, skip) in got.items():
         if name == "start_step":  # uncompressed warm-up: one fp32 all-reduce, nothing read back
             assert reads == 0 and not skip, (name, step, reads)

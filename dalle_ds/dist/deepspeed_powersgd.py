@@ -49,8 +49,10 @@ __all__ = ["PowerSGDExtension"]
 
 log = logging.getLogger("dalle_ds.powersgd")
 
+# what the host knows after each reduction (sizes and bytes); the nonfinite and zeroed counts and the skip flag stay
+# on the device (``ReduceReport.counts``) until a log step or a checkpoint reads them
 _SUMMED = ("shard_elements", "factor_elements", "uncompressed_elements", "bytes_intra", "bytes_inter",
-           "bytes_uncompressed", "bytes_baseline", "nonfinite_grads", "zeroed_buffers", "recentered_elements")
+           "bytes_uncompressed", "bytes_baseline", "recentered_elements")
 
 
 class PowerSGDExtension:
@@ -65,10 +67,15 @@ class PowerSGDExtension:
         self._restore: tuple[Any, Any] | None = None
         self._acc = ReduceReport()  # summed over the reductions since the last stats() call
         self._acc_since_step = 0  # engine step at the last stats() call
-        self._skip_counted_step = -1  # the step whose skip was last counted (ZeRO-1/2 reduce several buckets a step)
-        self.skipped_steps = 0
+        self._counts: torch.Tensor | None = None  # device: [nonfinite gradients, zeroed buffers] since stats()
+        # skipped steps: those read so far (host), those not yet read (device), and the current step's flag (device,
+        # the max over its reductions: ZeRO-1/2/3 reduce several buckets and micro-batches a step)
+        self._skipped_host = 0
+        self._skipped_dev: torch.Tensor | None = None
+        self._step_flag: torch.Tensor | None = None
+        self._flag_step = -1
         self.compressed_keys: list[str] = []
-        self._pending_skip = False
+        self._pending_skip: torch.Tensor | None = None  # ZeRO-0: read by the wrapped optimizer step
 
     # -- EngineLoop hooks ---------------------------------------------------------------------------------------
     def before_initialize(self, model: torch.nn.Module, ds_config: dict) -> None:
@@ -140,9 +147,11 @@ class PowerSGDExtension:
         buffer elements re-centered (this rank); now: skipped steps so far, error-buffer norm, and with
         ``powersgd.diagnostics`` the delayed / machine-specific split of the buffers (a collective)."""
         a, self._acc = self._acc, ReduceReport()
+        counts, self._counts = self._counts, None
         steps = max(1, self.engine.global_steps - self._acc_since_step)
         self._acc_since_step = self.engine.global_steps
-        out = {"powersgd/skipped_steps": float(self.skipped_steps), "powersgd/zeroed_buffers": float(a.zeroed_buffers)}
+        zeroed = float(counts[1]) if counts is not None else 0.0
+        out = {"powersgd/skipped_steps": float(self.skipped_steps), "powersgd/zeroed_buffers": zeroed}
         if self.cfg.recenter_every:
             out["powersgd/recentered_elements"] = float(a.recentered_elements)
         if a.shard_elements:
@@ -165,19 +174,45 @@ class PowerSGDExtension:
         self.reducer.load_state_dict(state["reducer"])
         self.skipped_steps = int(state["skipped_steps"])
 
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps the reducer flagged for skipping so far (reads the device's count: log steps and
+        checkpoints only)."""
+        self._fold_step_flag()
+        if self._skipped_dev is not None:
+            self._skipped_host += int(self._skipped_dev.item())
+            self._skipped_dev = None
+        return self._skipped_host
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_host, self._skipped_dev, self._step_flag = int(value), None, None
+
+    def _fold_step_flag(self) -> None:
+        if self._step_flag is not None:
+            f, self._step_flag = self._step_flag, None
+            self._skipped_dev = f if self._skipped_dev is None else self._skipped_dev + f
+
     # -- the reduction ------------------------------------------------------------------------------------------
     def reduce(self, grads: list[tuple[str, torch.Tensor]]) -> ReduceReport:
-        rep = self.reducer.reduce_(grads, step=self.engine.global_steps)
+        """Reduce in place, without reading the device back (this runs inside DeepSpeed's gradient hooks)."""
+        rep = self.reducer.reduce_(grads, step=self.engine.global_steps, resolve=False)
         self._account(rep)
         return rep
 
     def _account(self, rep: ReduceReport) -> None:
         for k in _SUMMED:
             setattr(self._acc, k, getattr(self._acc, k) + getattr(rep, k))
-        if rep.skip and self._skip_counted_step != self.engine.global_steps:
-            self.skipped_steps += 1
-            self._skip_counted_step = self.engine.global_steps
-        self._pending_skip = self._pending_skip or rep.skip
+        if rep.counts is None:  # an uncompressed warm-up step: DeepSpeed's own checks see any nonfinite value
+            return
+        c = rep.counts
+        self._counts = c[1:] if self._counts is None else self._counts + c[1:]
+        if self.engine.global_steps != self._flag_step:
+            self._fold_step_flag()
+            self._flag_step = self.engine.global_steps
+        self._step_flag = c[0] if self._step_flag is None else torch.maximum(self._step_flag, c[0])
+        if getattr(self, "stage", None) == 0:
+            self._pending_skip = c[0] if self._pending_skip is None else torch.maximum(self._pending_skip, c[0])
 
     def reduce_partitions(self, params: list, group, dtype: torch.dtype) -> list[torch.Tensor]:
         """ZeRO-3: reduce the full gradients of ``params`` (a bucket) and return this rank's flat partition of each,
@@ -196,7 +231,7 @@ class PowerSGDExtension:
                                    f"elements, not ceil({p.ds_numel} / {world}); this DeepSpeed version partitions "
                                    "differently")
             grads.append((self.name_of(p), p.grad.view(p.ds_shape)))
-        rep, parts = self.reducer.reduce_partitions_(grads, step=self.engine.global_steps)
+        rep, parts = self.reducer.reduce_partitions_(grads, step=self.engine.global_steps, resolve=False)
         self._account(rep)
         return [t.to(dtype) for t in parts]
 
@@ -208,7 +243,8 @@ class PowerSGDExtension:
         real_step = opt.step
 
         def step(*args, **kwargs):
-            skip, self._pending_skip = self._pending_skip, False
+            pending, self._pending_skip = self._pending_skip, None
+            skip = pending is not None and bool(pending)  # the step's one read of the reducer's flag
             opt.overflow = skip
             return None if skip else real_step(*args, **kwargs)
 

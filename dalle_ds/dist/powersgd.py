@@ -197,6 +197,28 @@ class ReduceReport:
     zeroed_buffers: int = 0
     recentered_elements: int = 0
     """Error-buffer elements averaged over machines (``recenter_every``); their bytes are in ``bytes_inter``."""
+    counts: torch.Tensor | None = None
+    """On the device, without a host read: [skip (0/1), nonfinite_grads, zeroed_buffers] (float64); None when the
+    call compressed nothing (uncompressed warm-up)."""
+    pending: torch.Tensor | None = None
+    """Until :meth:`resolve`: the call's device results [per matrix: shard nonfinite, P overflow, Q' overflow;
+    uncompressed nonfinite; sum ||Q'||^2; ||uncompressed||^2; zeroed buffers] (float64)."""
+
+    def resolve(self) -> "ReduceReport":
+        """Fill ``skip``, ``sq_norm``, ``nonfinite_grads`` and ``zeroed_buffers`` from the device (one host read; a
+        no-op once done). The reducer's own calls resolve unless asked not to (``resolve=False``): inside DeepSpeed's
+        gradient hooks a read would make the host wait for the bucket's collectives."""
+        if self.pending is None:
+            return self
+        host, self.pending = self.pending.tolist(), None
+        nf = len(host) - 2
+        flags, unc_sq, zeroed = host[:nf], host[nf], host[nf + 1]
+        n = (nf - 2) // 3
+        self.zeroed_buffers += int(zeroed)
+        self.nonfinite_grads = sum(v > 0 for v in flags[0:3 * n:3]) + int(flags[-2] > 0)
+        self.skip = any(v > 0 for v in flags[:-1])
+        self.sq_norm = math.inf if self.skip else flags[-1] + unc_sq
+        return self
 
 
 class HierarchicalPowerSGD:
@@ -211,8 +233,9 @@ class HierarchicalPowerSGD:
         self.counter = CommCounter()
         self.grad_scale: Callable[[str], float] = lambda key: 1.0
         """Per-resblock gradient scale of a parameter (step 2 divides by it); 1 without per-resblock scaling."""
-        self.sent_sq: dict[str, float] = {}
-        """Per matrix, ||P Q'^T||^2 = ||Q'||^2 of its latest compressed step (this ordinal's shard, machines summed)."""
+        self.sent_sq: dict[str, torch.Tensor] = {}
+        """Per matrix, ||P Q'^T||^2 = ||Q'||^2 of its latest compressed step (this ordinal's shard, machines summed;
+        a float64 device scalar, read by :meth:`diagnostics`)."""
         self._recentered_at: dict[str, int] = {}
         self._spread_removed_sq: torch.Tensor | None = None
         """This rank's ||E_i - mean E||^2 removed by the latest re-centering step (a float64 device scalar, read by
@@ -250,17 +273,18 @@ class HierarchicalPowerSGD:
         return key in self.shards
 
     # -- the reduction ------------------------------------------------------------------------------------------
-    def reduce_(self, grads: Sequence[tuple[str, torch.Tensor]], step: int) -> ReduceReport:
+    def reduce_(self, grads: Sequence[tuple[str, torch.Tensor]], step: int, resolve: bool = True) -> ReduceReport:
         """Replace each gradient by the all-rank average (compressed ones by their PowerSGD estimate).
 
-        Called from DeepSpeed's gradient hooks (ZeRO-1/2: once a bucket, during the backward), so the flags and norms
-        stay device tensors until one host read at the end of the call (after every collective is queued); a host
-        read per matrix would stall the overlap of communication with the backward on a GPU. ``track_rounding``
-        (diagnostics) reads more."""
-        return self._reduce(grads, step, partitions=False)[0]
+        Called from DeepSpeed's gradient hooks (ZeRO-1/2/3: once a bucket, during the backward), so the flags and
+        norms stay device tensors: a skipped step is signalled by an Inf written on the device (``torch.where``), and
+        the report's host fields are read in one host read at the end (``resolve``; ``resolve=False`` leaves it to
+        :meth:`ReduceReport.resolve` and keeps the call free of host reads, so that on a GPU the host goes on
+        queueing the backward while the bucket's collectives run). ``track_rounding`` (diagnostics) reads more."""
+        return self._reduce(grads, step, partitions=False, resolve=resolve)[0]
 
-    def reduce_partitions_(self, grads: Sequence[tuple[str, torch.Tensor]],
-                           step: int) -> tuple[ReduceReport, list[torch.Tensor]]:
+    def reduce_partitions_(self, grads: Sequence[tuple[str, torch.Tensor]], step: int,
+                           resolve: bool = True) -> tuple[ReduceReport, list[torch.Tensor]]:
         """DeepSpeed ZeRO-3's contract: the same reduction as :meth:`reduce_`, but what is returned is this rank's
         partition of each averaged gradient -- the flat elements ``[r c, min((r + 1) c, numel))`` of the gradient
         in its storage order, r the world rank and c = ceil(numel / world) -- as new fp32 tensors, in ``grads``
@@ -269,9 +293,10 @@ class HierarchicalPowerSGD:
         pieces of their estimated shards that fall in each other's partitions (one all-to-all, ~numel / local size
         elements received per rank in all instead of ~numel). On a skipped step the first non-empty partition of
         every rank holds an Inf."""
-        return self._reduce(grads, step, partitions=True)
+        return self._reduce(grads, step, partitions=True, resolve=resolve)
 
-    def _reduce(self, grads, step: int, partitions: bool) -> tuple[ReduceReport, list[torch.Tensor]]:
+    def _reduce(self, grads, step: int, partitions: bool,
+                resolve: bool = True) -> tuple[ReduceReport, list[torch.Tensor]]:
         rep = ReduceReport()
         W = self.topo.world_size
         total = sum(g.numel() for _, g in grads)
@@ -355,24 +380,20 @@ class HierarchicalPowerSGD:
         elif comp:
             self._all_gather(comp, estimates, rep)
         rep.bytes_inter = self.counter.bytes_sent - sent_before
-        # the call's one host read: flags, norms and counts together
-        host = torch.cat([flags, unc_sq.view(1), zeroed.view(1), *(t.view(1) for t in sent)]).tolist()
-        nf = len(flags)
-        flags_h, unc_sq_h, n_zeroed, sent_h = host[:nf], host[nf], host[nf + 1], host[nf + 2:]
-        for (sh, _), v in zip(comp, sent_h):
+        for (sh, _), v in zip(comp, sent):
             self.sent_sq[sh.key] = v
-        rep.zeroed_buffers += int(n_zeroed)
-        rep.nonfinite_grads = sum(v > 0 for v in flags_h[0:3 * len(comp):3]) + int(flags_h[-2] > 0)
-        rep.skip = any(v > 0 for v in flags_h[:-1])
-        rep.sq_norm = math.inf if rep.skip else flags_h[-1] + unc_sq_h
+        skip = (flags[:-1] > 0).any()
+        nonfinite = (flags[0:3 * len(comp):3] > 0).sum().double() + (flags[-2] > 0).double()
+        rep.counts = torch.stack([skip.double(), nonfinite, zeroed])
+        rep.pending = torch.cat([flags, unc_sq.view(1), zeroed.view(1)])
         out = [parts[k] if k in parts else self._own_partition(g) for k, g in grads] if partitions else []
-        if rep.skip and grads:  # make the optimizer's own overflow check (ZeRO-3: its global norm) skip the step
-            if partitions:
-                t = next((t for t in out if t.numel()), None)
-                if t is not None:
-                    t.view(-1)[0] = math.inf
-            else:
-                grads[0][1].view(-1)[0] = math.inf
+        # make the optimizer's own overflow check (ZeRO-3: its global norm) skip the step: an Inf, written on the device
+        first = next((t for t in out if t.numel()), None) if partitions else (grads[0][1] if grads else None)
+        if first is not None:
+            head = first.view(-1)[:1]
+            head.copy_(torch.where(skip, torch.full_like(head, math.inf), head))
+        if resolve:
+            rep.resolve()
         return rep, out
 
     def _own_partition(self, g: torch.Tensor) -> torch.Tensor:
@@ -589,7 +610,7 @@ class HierarchicalPowerSGD:
                 dist.all_reduce(total, group=self.topo.global_group)
             t[0] += float(total.double().pow(2).sum()) / n  # every machine holds the same sum: count it once
             t[1] += float((e - total / n).double().pow(2).sum())
-            t[2] += self.sent_sq.get(k, 0.0) / n
+            t[2] += float(self.sent_sq.get(k, 0.0)) / n
         if self.topo.world_size > 1:
             all_reduce_anywhere_(t, self.topo.world_group)
         delayed_sq, spread_sq, sent_sq, removed_sq = (float(v) for v in t)
