@@ -3,7 +3,10 @@ split of a step into forward / backward / optimizer / communication.
 
 For every combination of ``--presets``, ``--zero``, ``--precision``, ``--checkpointing``, ``--compile`` (each
 resblock under torch.compile, ``DALLE.compile_resblocks``; the warm-up steps then include Inductor's compile time,
-so give it a few) and ``--logits-matmul`` (the output heads' matmuls in IEEE fp32 or TF32, ``logits_matmul``) it
+so give it a few), ``--logits-matmul`` (the output heads' matmuls in IEEE fp32 or TF32, ``logits_matmul``) and
+``--powersgd`` (0: DeepSpeed's own gradient reduction; R > 0: the hierarchical PowerSGD reducer at total rank R per
+machine, ``dalle_ds.dist.deepspeed_powersgd``, with the machines from the hostnames or ``--powersgd-local-size``;
+its compression rate and bytes per step go in the report) it
 builds the DALL-E
 prior (random weights, random token batches: throughput does not depend on the data), wraps it with
 ``deepspeed.initialize`` (AdamW, gradient clipping 4, the given ZeRO stage and precision), runs ``--warmup`` steps,
@@ -44,6 +47,7 @@ DeepSpeed config keys are the same ones the trainer uses. Not timed: the EMA upd
 
     python benchmarks/bench_train.py --quick                                  # test preset on CPU, seconds
     deepspeed --num_gpus 2 benchmarks/bench_train.py --quick                  # 2 CPU ranks (DS_ACCELERATOR=cpu)
+    deepspeed --num_gpus 4 benchmarks/bench_train.py --quick --zero 3 --powersgd 0,4 --powersgd-local-size 2
     deepspeed --num_gpus 1 benchmarks/bench_train.py --presets 125M,350M,1.3B --zero 2 --precision bf16 \
         --attn-backend triton --micro-batch 8 --out benchmarks/results/train_h100_<date> --trace /tmp/train_trace.json
 """
@@ -85,7 +89,7 @@ from dalle_ds.train.distributed import (  # noqa: E402
 from dalle_ds.train.ds_config import check_compile_supported  # noqa: E402
 from op_breakdown import markdown as op_markdown, op_breakdown, union_us  # noqa: E402
 from timing import (comma_list, copy_bytes_per_s, emit, host_info, host_line, matmul_flops_per_s,  # noqa: E402
-                    nonnegative_int, positive_int)  # (benchmarks/timing.py)
+                    int_at_least, nonnegative_int, positive_int)  # (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
 COMM_PREFIXES = ("c10d::", "gloo:", "nccl:", "record_param_comms")
@@ -112,7 +116,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def make_step(engine, cfg, micro_batch: int, grad_accum: int, dev: torch.device):
+def make_step(engine, cfg, micro_batch: int, grad_accum: int, dev: torch.device, after_backward=None):
     g = torch.Generator(device="cpu").manual_seed(1234 + rank())
     batches = [(torch.randint(0, cfg.text_classes, (micro_batch, cfg.text_len), generator=g).to(dev),
                 torch.randint(0, cfg.image_vocab_size, (micro_batch, cfg.image_len), generator=g).to(dev))
@@ -127,6 +131,8 @@ def make_step(engine, cfg, micro_batch: int, grad_accum: int, dev: torch.device)
                     _sync(dev)
             with record_function("bench/backward"):
                 engine.backward(loss)
+                if after_backward is not None:  # ZeRO-0 PowerSGD reduces here (ZeRO 1-3: in DeepSpeed's hooks)
+                    after_backward(None, 0)
                 if sync_phases:
                     _sync(dev)
             with record_function("bench/optimizer"):
@@ -188,14 +194,16 @@ def trace_path(base: str, case: str, multi_case: bool) -> str:
     return str(p.with_name(stem + ".json"))
 
 
-def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool, logits: str, args,
+def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool, logits: str, psgd_rank: int, args,
              dev: torch.device, multi_case: bool) -> dict:
+    import types
+
     import deepspeed
 
     cfg = dataclasses.replace(DALLE_PRESETS[preset], attn_backend=args.attn_backend, activation_checkpointing=ckpt,
                               dropout=0.0, logits_matmul=logits).validate()
     case = (f"{preset}_z{zero}_{precision}_{'ckpt' if ckpt else 'nockpt'}" + ("_compiled" if compiled else "")
-            + ("_tf32logits" if logits == "tf32" else ""))
+            + ("_tf32logits" if logits == "tf32" else "") + (f"_powersgd{psgd_rank}" if psgd_rank else ""))
     torch.manual_seed(0)  # identical weights on every rank
     with torch.device(dev):  # initialized where it trains: a 1.3B prior takes ~20 s to initialize on 2 CPU cores
         model = DALLE(cfg)
@@ -204,8 +212,18 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
     n_params = sum(p.numel() for p in model.parameters())
     torch_adam = dev.type != "cuda" if args.torch_adam == "auto" else args.torch_adam == "on"
     conf = ds_config(zero, precision, args.micro_batch, args.grad_accum, torch_adam)
+    psgd = None
+    if psgd_rank:
+        from dalle_ds.config import PowerSGDConfig
+        from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
+        psgd = PowerSGDExtension(PowerSGDConfig(enabled=True, rank=psgd_rank,
+                                                local_size=args.powersgd_local_size).validate())
+        psgd.before_initialize(model, conf)  # as EngineLoop does: hooks DeepSpeed's ZeRO optimizer class
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=conf)
-    step = make_step(engine, cfg, args.micro_batch, args.grad_accum, dev)
+    if psgd is not None:
+        psgd.setup(types.SimpleNamespace(engine=engine, device=dev))
+    step = make_step(engine, cfg, args.micro_batch, args.grad_accum, dev,
+                     after_backward=psgd.after_backward if psgd is not None and zero == 0 else None)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     mm_rate = matmul_flops_per_s(dev, dtype, args.matmul_size, args.matmul_reps)  # the MFU denominator
     if dtype == torch.float32 and logits == "fp32":  # the heads' fp32 matmuls are the one just measured
@@ -229,6 +247,7 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     mem, mem_kind = peak_memory(dev)
+    psgd_stats = psgd.stats() if psgd is not None else None  # since setup: warm-up and timed steps
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -276,7 +295,7 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
     floor["mfu_at_floor"] = flops_per_step / W / (floor["step_ms"] / 1e3) / mm
     return {
         "case": case, "preset": preset, "zero": zero, "precision": precision, "activation_checkpointing": ckpt,
-        "compiled": compiled, "logits_matmul": logits,
+        "compiled": compiled, "logits_matmul": logits, "powersgd_rank": psgd_rank, "powersgd": psgd_stats,
         "attn_backend": args.attn_backend, "params": n_params, "seq_len": cfg.seq_len, "text_len": cfg.text_len,
         "image_tokens": cfg.image_len, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "world_size": W,
@@ -344,6 +363,17 @@ def markdown(result: dict) -> str:
             f"{r['matmul_tflops_per_s']:.3g} | {100 * r['mfu']:.1f}% | {r['peak_memory_bytes'] / 2**30:.3g} | "
             f"{ph['forward_ms']:.3g} | {ph['backward_ms']:.3g} | {ph['optimizer_ms']:.3g} | "
             f"{ph['communication_ms']:.3g} | {ph['other_ms']:.3g} |")
+    psgd = [r for r in result["rows"] if r.get("powersgd")]
+    if psgd:
+        lines += ["", "PowerSGD (bytes per step and rank, averaged over the warm-up and timed steps):", "",
+                  "| case | compression rate | bytes sent | across machines | fp32 rest | fp32 ring all-reduce of "
+                  "everything | skipped steps |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in psgd:
+            s = r["powersgd"]
+            lines.append(f"| {r['case']} | {s.get('powersgd/compression_rate', float('nan')):.4f} | "
+                         f"{s.get('powersgd/bytes_sent', 0):,.0f} | {s.get('powersgd/bytes_inter_machine', 0):,.0f} | "
+                         f"{s.get('powersgd/bytes_uncompressed', 0):,.0f} | "
+                         f"{s.get('powersgd/bytes_baseline_fp32', 0):,.0f} | {s['powersgd/skipped_steps']:.0f} |")
     lines += ["", "Phases are per step from torch.profiler over the profiled steps (phase-synchronised, so their "
                   "step time differs from the timed one); communication is the union of collective spans and lies "
                   "inside the phases, not beside them. " + result["memory_note"]]
@@ -370,6 +400,10 @@ def parse_args(argv):
     p.add_argument("--compile", type=comma_list(("off", "on")), default="off", help="torch.compile each resblock: off, on or off,on (ZeRO 0-2)")
     p.add_argument("--logits-matmul", type=comma_list(("fp32", "tf32")), default="fp32", help="the output heads' matmuls: fp32 (IEEE), tf32 (CUDA "
                    "tensor cores) or fp32,tf32")
+    p.add_argument("--powersgd", type=comma_list(item=int_at_least(0), what="ranks ≥ 0"), default="0",
+                   help="PowerSGD total rank per machine, comma list; 0: DeepSpeed's own reduction (e.g. 0,896)")
+    p.add_argument("--powersgd-local-size", type=nonnegative_int, default=0,
+                   help="ranks per machine for PowerSGD (0: from the hostnames; 2 on a 4-rank box emulates 2 machines)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "triton", "flex", "sdpa", "dense"])
     p.add_argument("--micro-batch", type=positive_int, default=None, help="sequences per rank per micro-step")
     p.add_argument("--grad-accum", type=positive_int, default=1)
@@ -422,7 +456,7 @@ def _run(args, argv: list[str]) -> dict | None:
     dev = ds_device()
     host_start = host_info()  # eager step times include the host's launch path: how busy were the CPUs?
     cases = list(itertools.product(args.presets, args.zero, args.precision, args.checkpointing, args.compile,
-                                   args.logits_matmul))
+                                   args.logits_matmul, args.powersgd))
     rows, errors = [], []
     for case in cases:
         try:

@@ -128,16 +128,26 @@ def test_bench_train_keeps_the_cases_that_ran_when_one_fails(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_bench_train_quick_deepspeed_two_ranks(tmp_path):
+    """ZeRO-2 on 2 ranks, with DeepSpeed's own reduction and with PowerSGD (2 machines x 1 rank)."""
     out = tmp_path / "train2"
-    deepspeed_launch("benchmarks/bench_train.py", ["--quick", "--zero", "2", "--out", str(out)], num_procs=2,
-                     timeout=400)
+    deepspeed_launch("benchmarks/bench_train.py", ["--quick", "--zero", "2", "--powersgd", "0,4",
+                                                   "--powersgd-local-size", "1", "--out", str(out)],
+                     num_procs=2, timeout=400)
     result = json.loads((tmp_path / "train2.json").read_text())
     assert result["command"].startswith("deepspeed --num_gpus 2")
-    row = _check(result, world=2, micro=4, accum=1, ckpt=False)
+    stock, psgd = (_check({**result, "rows": [r]}, world=2, micro=4, accum=1, ckpt=False) for r in result["rows"])
     # ZeRO-2 over 2 ranks must move gradients and parameters: the profiler saw collectives
-    ops = " ".join(row["phases"]["collective_ops"])
-    assert "all_reduce" in ops or "reduce_scatter" in ops or "allreduce" in ops
-    assert row["phases"]["communication_ms"] > 0
+    for row in (stock, psgd):
+        ops = " ".join(row["phases"]["collective_ops"])
+        assert "all_reduce" in ops or "reduce_scatter" in ops or "allreduce" in ops
+        assert row["phases"]["communication_ms"] > 0
+    assert stock["powersgd_rank"] == 0 and stock["powersgd"] is None
+    assert psgd["case"].endswith("_powersgd4") and psgd["powersgd_rank"] == 4
+    d, r, m = DALLE_PRESETS["test"].d_model, 4, 1  # the compression formula of tests/test_powersgd.py
+    s = psgd["powersgd"]
+    assert s["powersgd/compression_rate"] == pytest.approx(1 - r * (m + 3) / (3 * d * m), rel=0.01)
+    assert 0 < s["powersgd/bytes_inter_machine"] and s["powersgd/bytes_sent"] < s["powersgd/bytes_baseline_fp32"]
+    assert "| test_z2_fp32_nockpt_powersgd4 | 0.8333 |" in (tmp_path / "train2.md").read_text()
 
 
 def test_compile_option_parses_and_refuses_zero3(capsys):
@@ -148,7 +158,10 @@ def test_compile_option_parses_and_refuses_zero3(capsys):
     assert bench_train.parse_args(["--quick"]).compile == [False]
     assert bench_train.parse_args(["--quick"]).logits_matmul == ["fp32"]
     assert bench_train.parse_args(["--quick", "--logits-matmul", "fp32,tf32"]).logits_matmul == ["fp32", "tf32"]
-    for bad in (["--compile", "yes"], ["--compile", "on", "--zero", "2,3"], ["--logits-matmul", "fp16"]):
+    assert bench_train.parse_args(["--quick"]).powersgd == [0]
+    assert bench_train.parse_args(["--quick", "--powersgd", "0,896"]).powersgd == [0, 896]
+    for bad in (["--compile", "yes"], ["--compile", "on", "--zero", "2,3"], ["--logits-matmul", "fp16"],
+                ["--powersgd", "-4"], ["--powersgd", "x"]):
         with pytest.raises(SystemExit):
             bench_train.parse_args(["--quick", *bad])
     assert "not combine with --zero 3" in capsys.readouterr().err
