@@ -26,14 +26,16 @@ from dalle_ds.train.distributed import free_port
 __all__ = ["run_local_ranks"]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results, backend: str = "gloo") -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if backend == "nccl":  # one GPU per rank (NCCL refuses two ranks on one device)
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         out = fn(rank, world, *args)
         results.put((rank, True, out if rank == 0 else None))
@@ -44,13 +46,14 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results)
             dist.destroy_process_group()
 
 
-def run_local_ranks(fn: Callable, world: int, *args, timeout: float | None = None) -> Any:
+def run_local_ranks(fn: Callable, world: int, *args, timeout: float | None = None, backend: str = "gloo") -> Any:
     """``fn(rank, world, *args)`` on ``world`` local gloo ranks; returns rank 0's result (see the module doc).
-    ``timeout``: seconds from the start after which unfinished ranks are terminated and a RuntimeError is raised."""
+    ``timeout``: seconds from the start after which unfinished ranks are terminated and a RuntimeError is raised.
+    ``backend="nccl"``: rank r on CUDA device r (GPU tests)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results, backend)) for r in range(world)]
     deadline = None if timeout is None else time.monotonic() + timeout
     for p in procs:
         p.start()
