@@ -31,7 +31,8 @@ def _args(shards, out, ds_config, *extra):
 
 def test_powersgd_prior_logs_compression_and_resumes_exactly(shards, tmp_path):
     cfg = json.loads(open("ds_configs/cpu_dalle.json").read())
-    cfg["zero_optimization"] = {"stage": 3}  # the paper's sharded parameters (ZeRO-1: the 16-bit Adam test below)
+    # the paper's sharded parameters, every one partitioned (ZeRO-1: the 16-bit Adam test below)
+    cfg["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
     cfg["train_micro_batch_size_per_gpu"] = 8
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(cfg))
