@@ -26,6 +26,14 @@ def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
     gather(out, inp, group=group)
 
 
+def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, group=None) -> None:
+    """Sum ``inp`` (world x out.numel() elements) over the ranks and leave this rank's chunk in ``out``. torch >= 2.13
+    names it ``reduce_scatter_single`` (``reduce_scatter_tensor`` is deprecated there); torch 2.11 has only the
+    latter."""
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, inp, group=group)
+
+
 def all_gather_anywhere(t: torch.Tensor, group=None) -> torch.Tensor:
     """Every rank's ``t`` (same shape and dtype everywhere) stacked along a new first axis, ``[world, *t.shape]``,
     on ``t``'s device, whatever the backend: on NCCL a CPU tensor makes a round trip through the current CUDA device

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import fp169
-from .collectives import all_gather_flat, all_reduce_anywhere_
+from .collectives import all_gather_flat, all_reduce_anywhere_, reduce_scatter_flat
 from .fp169_allreduce import CommCounter, all_reduce_fp169_
 from .orthogonalize import add_eps_identity, get_orthogonalizer
 from .topology import Topology
@@ -288,11 +288,12 @@ class HierarchicalPowerSGD:
         """DeepSpeed ZeRO-3's contract: the same reduction as :meth:`reduce_`, but what is returned is this rank's
         partition of each averaged gradient -- the flat elements ``[r c, min((r + 1) c, numel))`` of the gradient
         in its storage order, r the world rank and c = ceil(numel / world) -- as new fp32 tensors, in ``grads``
-        order. Uncompressed gradients are still all-reduced in place (step 9) and sliced. A compressed gradient is
-        not written back: instead of step 10's all-gather of whole shards, the machine's ranks exchange only the
-        pieces of their estimated shards that fall in each other's partitions (one all-to-all, ~numel / local size
-        elements received per rank in all instead of ~numel). On a skipped step the first non-empty partition of
-        every rank holds an Inf."""
+        order; the gradients themselves are not written back. Compressed ones: instead of step 10's all-gather of
+        whole shards, the machine's ranks exchange only the pieces of their estimated shards that fall in each
+        other's partitions (one all-to-all, ~numel / local size elements received per rank in all instead of
+        ~numel). Uncompressed ones go in one fp32 reduce-scatter over the world instead of step 9's all-reduce (half
+        the bytes; the sum may round in another order). On a skipped step the first non-empty partition of every
+        rank holds an Inf."""
         return self._reduce(grads, step, partitions=True, resolve=resolve)
 
     def _reduce(self, grads, step: int, partitions: bool,
@@ -302,8 +303,10 @@ class HierarchicalPowerSGD:
         total = sum(g.numel() for _, g in grads)
         rep.bytes_baseline = fp32_ring_bytes(total, W)
         if step < self.s.start_step:
+            if partitions:
+                return rep, self._plain_reduce_scatter([g for _, g in grads], rep)[0]
             self._plain_all_reduce([g for _, g in grads], rep)
-            return rep, ([self._own_partition(g) for _, g in grads] if partitions else [])
+            return rep, []
         comp = [(self.shards[k], g) for k, g in grads if k in self.shards]
         unc = [g for k, g in grads if k not in self.shards]
         rep.compressed = bool(comp)
@@ -313,7 +316,10 @@ class HierarchicalPowerSGD:
         # per matrix: [gradient shard nonfinite, P overflow, Q' overflow]; then uncompressed nonfinite, sum ||Q'||^2
         flags = torch.zeros(3 * len(comp) + 2, dtype=torch.float64, device=dev)
         if unc:
-            flags[-2] = self._plain_all_reduce(unc, rep)
+            if partitions:  # ZeRO-3 needs only this rank's partitions: a reduce-scatter, half the all-reduce's bytes
+                unc_parts, flags[-2], unc_part_sq = self._plain_reduce_scatter(unc, rep)
+            else:
+                flags[-2] = self._plain_all_reduce(unc, rep)
         estimates, sent = [], []
         if comp:
             shard_vals = self._reduce_scatter(comp, rep)
@@ -354,10 +360,12 @@ class HierarchicalPowerSGD:
                 if self.s.warm_start:
                     self._warm_start(sh, q_sum)
             flags[-1] = sq / n_mach  # every machine holds the same Q': count it once over the world
+        if unc and partitions:
+            flags[-1] += unc_part_sq  # each rank's share of ||uncompressed||^2, summed over the world below
         if W > 1:
             all_reduce_anywhere_(flags, self.topo.world_group)  # step 10: flags and the norm in one call
         unc_sq = torch.zeros((), dtype=torch.float64, device=dev)
-        for g in unc:
+        for g in ([] if partitions else unc):  # partitions: already in flags[-1]
             unc_sq = unc_sq + g.double().pow(2).sum()
         zeroed = torch.zeros((), dtype=torch.float64, device=dev)
         for i, ((sh, _), est) in enumerate(zip(comp, estimates)):
@@ -386,7 +394,11 @@ class HierarchicalPowerSGD:
         nonfinite = (flags[0:3 * len(comp):3] > 0).sum().double() + (flags[-2] > 0).double()
         rep.counts = torch.stack([skip.double(), nonfinite, zeroed])
         rep.pending = torch.cat([flags, unc_sq.view(1), zeroed.view(1)])
-        out = [parts[k] if k in parts else self._own_partition(g) for k, g in grads] if partitions else []
+        if partitions:
+            unc_iter = iter(unc_parts if unc else [])
+            out = [parts[k] if k in parts else next(unc_iter) for k, _ in grads]
+        else:
+            out = []
         # make the optimizer's own overflow check (ZeRO-3: its global norm) skip the step: an Inf, written on the device
         first = next((t for t in out if t.numel()), None) if partitions else (grads[0][1] if grads else None)
         if first is not None:
@@ -396,10 +408,39 @@ class HierarchicalPowerSGD:
             rep.resolve()
         return rep, out
 
-    def _own_partition(self, g: torch.Tensor) -> torch.Tensor:
-        """This rank's ZeRO-3 partition of an (averaged) gradient, as a new fp32 tensor."""
-        start, end = _partition_range(g.numel(), self.topo.rank, self.topo.world_size)
-        return g.reshape(-1)[start:end].float().clone()
+    def _plain_reduce_scatter(self, grads: list[torch.Tensor],
+                              rep: ReduceReport) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """ZeRO-3's uncompressed gradients: one fp32 reduce-scatter over the world leaves this rank the average of its
+        partition of each (chunks of ceil(numel / world) in rank order, zero-padded, laid out as DeepSpeed's
+        ``reduce_scatter_coalesced`` does). Returns the partitions (new fp32 tensors), 1.0 if this rank's share is
+        nonfinite, and its squared norm (float64 device scalars: the world sums them with the other flags)."""
+        W, r = self.topo.world_size, self.topo.rank
+        chunks = [-(-g.numel() // W) for g in grads]
+        total = sum(chunks)
+        send = torch.zeros(W, total, dtype=torch.float32, device=self.device)
+        off = 0
+        for g, c in zip(grads, chunks):
+            n = g.numel()
+            full, rest = divmod(n, c) if c else (0, 0)
+            rows = send[:, off:off + c]
+            rows[:full].copy_(g.reshape(-1)[:full * c].view(full, c))
+            if rest:
+                rows[full, :rest].copy_(g.reshape(-1)[full * c:])
+            off += c
+        if W > 1:
+            mine = torch.empty(total, dtype=torch.float32, device=self.device)
+            reduce_scatter_flat(mine, send.view(-1), self.topo.world_group)
+        else:
+            mine = send[0]
+        mine /= W
+        parts, off = [], 0
+        for g, c in zip(grads, chunks):
+            start, end = _partition_range(g.numel(), r, W)
+            parts.append(mine[off:off + end - start].clone())
+            off += c
+        rep.uncompressed_elements += sum(g.numel() for g in grads)
+        rep.bytes_uncompressed += (W - 1) * total * 4  # a ring reduce-scatter: half of the all-reduce
+        return parts, (~torch.isfinite(mine).all()).double(), mine.double().pow(2).sum()
 
     def _exchange_pieces(self, sh: _Shard, numel: int, j: int, peer: int) -> tuple[int, int, int, int]:
         """What local rank ``j``'s estimated shard of ``sh`` holds of local rank ``peer``'s partition (both on this
