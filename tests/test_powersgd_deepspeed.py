@@ -109,6 +109,23 @@ def _stages(rank, world, stage, gas=1):
 def _all_stages(rank, world):
     for stage in (0, 1, 2, 3):  # one set of processes for the four stages (start-up dominates on 2 cores)
         _stages(rank, world, stage, gas=2 if stage >= 2 else 1)
+    _foreign_optimizer_refused()
+
+
+def _foreign_optimizer_refused():
+    """An engine that built another optimizer class than the hooked one (as MiCS or SuperOffload would) is refused
+    at setup: its reduction would never reach PowerSGD."""
+    import deepspeed
+    from dalle_ds.config import ConfigError, PowerSGDConfig
+    from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
+    model, cfg = _Net(), _ds_config(3)
+    ext = PowerSGDExtension(PowerSGDConfig(enabled=True, rank=2, local_size=2, compress=r"^(fc|out)\.weight$"))
+    ext.before_initialize(model, cfg)
+    module, attr, base = ext._restore
+    setattr(module, attr, base)  # DeepSpeed builds its own class, as for a MiCS config
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    with pytest.raises(ConfigError, match="nothing would be compressed"):
+        ext.setup(types.SimpleNamespace(engine=engine, device=torch.device("cpu")))
 
 
 def test_powersgd_in_the_deepspeed_engine_zero_0_1_2_3():
