@@ -3,8 +3,9 @@
 Three parts (all on gloo processes of this machine; ``--parts`` picks):
 
 * ``reduce``: the gradients of a prior preset, 4 ranks as 2 machines x 2 GPUs. Per step and rank: bytes sent inside
-  the machine (fp32 reduce-scatter + all-gather; under ZeRO-3, ``powersgd_zero3``, the all-gather is replaced by an
-  all-to-all of each rank's partition pieces), across machines (P and Q' in 1-6-9), for the uncompressed rest
+  the machine (fp32 reduce-scatter + all-gather; ``powersgd_bf16``: bf16 gradients, which travel as bf16; under
+  ZeRO-3, ``powersgd_zero3``, the all-gather is replaced by an all-to-all of each rank's partition pieces and the
+  uncompressed rest is reduce-scattered), across machines (P and Q' in 1-6-9), for the uncompressed rest
   (fp32), against a plain fp32 ring all-reduce of everything; the median time of one reduction of each kind; the
   compression rate of the resblock matrices against the formula 1 - r (m + 3) / (3 d m) for this model (fused qkv;
   see tests/test_powersgd.py) and the paper's 1 - r (m + 2) / (2 d m) for separate q, k, v (E.1, Table 2).
@@ -70,12 +71,14 @@ def _reduce_part(rank, world, preset, rank_total, repeats):
     g = torch.Generator().manual_seed(rank)
     grads = [(n, torch.randn(p.shape, generator=g) * 1e-3) for n, p in model.named_parameters()]
     out = {}
-    for kind, start in (("powersgd", 0), ("powersgd_zero3", 0), ("fp32_allreduce", 10 ** 9)):
+    kinds = (("powersgd", 0), ("powersgd_bf16", 0), ("powersgd_zero3", 0), ("fp32_allreduce", 10 ** 9))
+    for kind, start in kinds:
         red = _reducer(model, rank_total, start_step=start)
         reports = []
 
         def once():
-            work = [(n, t.clone()) for n, t in grads]
+            # powersgd_bf16: bf16 gradients (DeepSpeed's bf16 mode), sent inside the machine as bf16
+            work = [(n, t.to(torch.bfloat16) if kind == "powersgd_bf16" else t.clone()) for n, t in grads]
             if kind == "powersgd_zero3":  # the ZeRO-3 contract: this rank's partitions, no all-gather
                 reports.append(red.reduce_partitions_(work, step=0)[0])
             else:
@@ -190,7 +193,7 @@ def _markdown(res: dict) -> str:
                   f"2 machines x 2 ranks, rank {r['rank_per_machine']} per machine", "",
                   "| reduction | seconds (median) | bytes inside machine | bytes across machines | "
                   "bytes fp32 rest | fp32 ring all-reduce of everything |", "|---|---|---|---|---|---|"]
-        for kind in ("fp32_allreduce", "powersgd", "powersgd_zero3"):
+        for kind in ("fp32_allreduce", "powersgd", "powersgd_bf16", "powersgd_zero3"):
             x = r[kind]
             lines.append(f"| {kind} | {x['seconds']:.4f} | {x['bytes_intra']:,} | {x['bytes_inter']:,} | "
                          f"{x['bytes_uncompressed']:,} | {x['bytes_baseline']:,} |")

@@ -21,6 +21,7 @@ def test_bench_powersgd_quick(tmp_path):
     assert r["powersgd"]["bytes_inter"] + r["powersgd"]["bytes_uncompressed"] < r["fp32_allreduce"]["bytes_baseline"]
     z3, full = r["powersgd_zero3"], r["powersgd"]  # the ZeRO-3 partitions skip the all-gather inside the machine
     assert z3["bytes_inter"] == full["bytes_inter"] and z3["bytes_intra"] < 0.8 * full["bytes_intra"]
+    assert 2 * r["powersgd_bf16"]["bytes_intra"] == full["bytes_intra"]  # bf16 gradients travel as bf16
     assert {x["method"] for x in res["orth"]} == {"householder", "qr", "gram_schmidt"}
     assert all(x["orth_error_well"] < 1e-5 for x in res["orth"])
     assert "| powersgd |" in out.with_suffix(".md").read_text()

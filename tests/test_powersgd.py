@@ -355,6 +355,30 @@ def _zero3_partitions(rank, world):
         torch.testing.assert_close(part, v.reshape(-1)[start:end], rtol=1e-5, atol=1e-6)
 
 
+def _16bit_wire(rank, world):
+    """bf16 / fp16 gradients travel inside the machine in their own dtype: the result is bit for bit the fp32-wire
+    result rounded to that dtype, the error buffers evolve identically, and the intra-machine bytes halve."""
+    from dalle_ds.dist.powersgd import HierarchicalPowerSGD, PowerSGDSettings
+    from dalle_ds.dist.topology import Topology
+    topo = Topology.build(local_size=2)
+    for dtype in (torch.bfloat16, torch.float16):
+        reds = [HierarchicalPowerSGD(topo, PowerSGDSettings(rank=4, seed=3)) for _ in range(2)]
+        for red in reds:
+            for k, s in SHAPES.items():
+                red.register(k, s)
+        for step in range(3):
+            g = torch.Generator().manual_seed(70 + 10 * step + rank)
+            low = [(k, (torch.randn(*s, generator=g) * 1e-3).to(dtype)) for k, s in SHAPES.items()]
+            wide = [(k, t.float()) for k, t in low]
+            rep16 = reds[0].reduce_(low, step=step)
+            rep32 = reds[1].reduce_(wide, step=step)
+            for (k, a), (_, b) in zip(low, wide):
+                assert torch.equal(a, b.to(dtype)), (dtype, k, step)
+            for k in reds[0].shards:
+                assert torch.equal(reds[0].shards[k].err, reds[1].shards[k].err), (dtype, k, step)
+            assert rep16.bytes_intra * 2 == rep32.bytes_intra and rep16.bytes_inter == rep32.bytes_inter
+
+
 def _all_checks(rank, world):
     # One set of 4 processes for every check (each spawn costs ~15 s of start-up on 2 cores); a failure's traceback
     # names the check.
@@ -368,6 +392,7 @@ def _all_checks(rank, world):
     _checkpoint(rank, world)
     _warm_start(rank, world)
     _zero3_partitions(rank, world)
+    _16bit_wire(rank, world)
     for d, r in ((64, 16), (128, 32)):
         _accounting(rank, world, d, r)
 

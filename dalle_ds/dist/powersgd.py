@@ -573,10 +573,20 @@ class HierarchicalPowerSGD:
         g = g.view(sh.shape)
         return g.t() if sh.transposed else g
 
+    @staticmethod
+    def _wire_dtype(grads) -> torch.dtype:
+        """What the intra-machine steps send: the gradients' own dtype when they are all bf16 (or all fp16), whose
+        values fp32 holds exactly, so sending them widened would double the bytes and add nothing; else fp32."""
+        dtypes = {g.dtype for _, g in grads}
+        return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16} else torch.float32
+
     def _reduce_scatter(self, comp, rep: ReduceReport) -> list[torch.Tensor]:
+        """Step 1: the machine-sum of this rank's row block of every matrix, in fp32, divided by the world size.
+        The gradients travel in their own 16-bit dtype when they have one and are summed in fp32 on arrival: the
+        same bits as sending them widened to fp32, in half the bytes."""
         m = self.topo.local_size
         sizes = [sh.shard_rows * sh.cols for sh, _ in comp]
-        send = torch.empty(m, sum(sizes), dtype=torch.float32, device=self.device)
+        send = torch.empty(m, sum(sizes), dtype=self._wire_dtype(comp), device=self.device)
         off = 0
         for (sh, g), n in zip(comp, sizes):
             send[:, off:off + n].copy_(self._matrix(sh, g).reshape(m, n))
@@ -584,10 +594,10 @@ class HierarchicalPowerSGD:
         if m > 1:
             recv = torch.empty_like(send)
             dist.all_to_all_single(recv, send, group=self.topo.local_group)
-            rep.bytes_intra += (m - 1) * send.shape[1] * 4
+            rep.bytes_intra += (m - 1) * send.shape[1] * send.element_size()
         else:
             recv = send
-        total = recv.sum(dim=0) / self.topo.world_size
+        total = recv.float().sum(dim=0) / self.topo.world_size
         out, off = [], 0
         for (sh, _), n in zip(comp, sizes):
             out.append(total[off:off + n].view(sh.shard_rows, sh.cols))
@@ -595,12 +605,14 @@ class HierarchicalPowerSGD:
         return out
 
     def _all_gather(self, comp, estimates: list[torch.Tensor], rep: ReduceReport) -> None:
+        """Step 10 (ZeRO 0-2): every rank's estimated shards into the full gradients. 16-bit gradients receive the
+        estimates rounded to their dtype before the trip instead of after it: the same bits, half the bytes."""
         m = self.topo.local_size
-        mine = torch.cat([e.reshape(-1) for e in estimates])
+        mine = torch.cat([e.reshape(-1) for e in estimates]).to(self._wire_dtype(comp))
         if m > 1:
             full = torch.empty(m, mine.numel(), dtype=mine.dtype, device=mine.device)
             all_gather_flat(full.view(-1), mine, self.topo.local_group)
-            rep.bytes_intra += (m - 1) * mine.numel() * 4
+            rep.bytes_intra += (m - 1) * mine.numel() * mine.element_size()
         else:
             full = mine.view(1, -1)
         off = 0
