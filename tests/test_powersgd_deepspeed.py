@@ -218,3 +218,19 @@ def test_contiguous_gradients_decide_whether_zero_calls_the_hook():
     contiguous gradients every parameter goes through PowerSGD, without them none does."""
     with_contiguous, without = run_local_ranks(_both_settings, 2)
     assert with_contiguous == sum(p.numel() for p in _Net().parameters()) and without == 0
+
+
+def test_shipped_zero_configs_accept_powersgd():
+    """Every shipped prior config (ZeRO 1-3, bf16 / fp16 resblocks, offload, plateau halving) is one PowerSGD can
+    hook; the ZeRO-3 ones get reduce_scatter on, the ZeRO-1/2 ones off."""
+    import json
+    from pathlib import Path
+
+    from dalle_ds.config import PowerSGDConfig
+    from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
+    paths = sorted(Path(__file__).resolve().parents[1].joinpath("ds_configs").glob("zero*.json"))
+    assert len(paths) >= 7
+    for path in paths:
+        cfg = json.loads(path.read_text())
+        _accepts(PowerSGDExtension(PowerSGDConfig(enabled=True)), cfg)
+        assert cfg["zero_optimization"]["reduce_scatter"] is (cfg["zero_optimization"]["stage"] == 3), path.name
