@@ -211,3 +211,23 @@ def test_cli_adds_powersgd_state(capsys):
     with pytest.raises(SystemExit):
         models_main(["--preset", "tiny", "--memory", "--gpus", "6", "--powersgd-rank", "16",
                      "--gpus-per-machine", "4"])
+
+
+def test_estimate_for_run_reads_the_run_settings():
+    """The trainer's start-up line: stage, precision, micro-batch and offload come from the DeepSpeed config, the
+    activations term follows the model's checkpointing, PowerSGD adds its buffers."""
+    from dalle_ds.models.memory import estimate_for_run
+
+    cfg = dataclasses.replace(TINY, activation_checkpointing=True)
+    ds = load_ds_config(ROOT / "ds_configs" / "zero3_bf16_offload.json")
+    est, line = estimate_for_run(cfg, ds, 16, micro_batch=2, powersgd_rank=8, gpus_per_machine=8)
+    want = estimate_per_gpu(cfg, zero=3, gpus=16, precision="bf16", micro_batch=2, offload=True, ds_config=ds,
+                            powersgd_rank=8, gpus_per_machine=8)
+    assert est == want and est["powersgd"] > 0 and est["host_optimizer"] > 0
+    total = est["total"] - est["activations"] + est["activations_checkpointed"]
+    assert f"= {total / 2 ** 30:.2f} GiB" in line and "ZeRO-3, bf16, 16 GPU(s)" in line and "checkpointed" in line
+    fp16 = dataclasses.replace(TINY, resblock_grad_scaling=True, resblock_dtype="float16")
+    est16, line16 = estimate_for_run(fp16, load_ds_config(ROOT / "ds_configs" / "zero2_fp16_resblock.json"), 4)
+    assert "ZeRO-2, fp16-resblock" in line16 and "no checkpointing" in line16
+    assert est16 == estimate_per_gpu(fp16, zero=2, gpus=4, precision="fp16-resblock", micro_batch=2,
+                                     ds_config=load_ds_config(ROOT / "ds_configs" / "zero2_fp16_resblock.json"))

@@ -248,3 +248,37 @@ def format_estimate(name: str, est: dict[str, float], *, zero: int, gpus: int, p
               "  (optimizer state: fp32 master weights, the fp32 gradient copy and Adam moments, as DeepSpeed "
               "holds them; not counted: ZeRO-1/2 transient reduction buckets, fragmentation, the CUDA context)"]
     return "\n".join(lines)
+
+
+def estimate_for_run(cfg: DalleConfig, ds_config: dict, world_size: int, *, adam_moments: str = "fp32",
+                     micro_batch: int | None = None, powersgd_rank: int = 0,
+                     gpus_per_machine: int = 1) -> tuple[dict[str, float], str]:
+    """:func:`estimate_per_gpu` for a prior run as the trainer sets it up: the ZeRO stage, precision (DeepSpeed's bf16
+    mode, or fp16 resblocks with per-resblock scaling on fp32 parameters, else fp32), micro-batch and optimizer
+    offload read from the filled-in DeepSpeed config (``micro_batch``: the engine's, when given); activations with or
+    without checkpointing as the model says.
+    Returns the estimate and a one-line summary (the trainer logs it at start-up)."""
+    zo = ds_config.get("zero_optimization") or {}
+    zero = int(zo.get("stage", 0))
+    if (ds_config.get("bf16") or {}).get("enabled"):
+        precision = "bf16"
+    elif cfg.resblock_grad_scaling:
+        precision = "fp16-resblock"
+    else:
+        precision = "fp32"
+    offload = zero >= 1 and ((zo.get("offload_optimizer") or {}).get("device", "none") not in ("none", None))
+    micro = int(micro_batch or ds_config.get("train_micro_batch_size_per_gpu", 1))
+    attention = "dense" if cfg.attn_backend == "dense" else "flash"
+    est = estimate_per_gpu(cfg, zero=zero, gpus=world_size, precision=precision, micro_batch=micro, offload=offload,
+                           attention=attention, adam_moments=adam_moments, ds_config=ds_config,
+                           powersgd_rank=powersgd_rank, gpus_per_machine=gpus_per_machine)
+    ckpt = cfg.activation_checkpointing
+    gib = 2.0 ** 30
+    states = est["total"] - est["activations"]
+    acts = est["activations_checkpointed" if ckpt else "activations"]
+    line = (f"estimated memory per GPU: {states / gib:.2f} GiB of model states (ZeRO-{zero}, {precision}, "
+            f"{world_size} GPU(s){', PowerSGD buffers' if powersgd_rank else ''}{', optimizer offloaded' if offload else ''})"
+            f" + {acts / gib:.2f} GiB of activations (micro-batch {micro}, "
+            f"{'checkpointed' if ckpt else 'no checkpointing'}) = {(states + acts) / gib:.2f} GiB; not counted: "
+            "transient buckets, fragmentation, the CUDA context (python -m dalle_ds.models --memory)")
+    return est, line

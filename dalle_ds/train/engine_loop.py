@@ -259,6 +259,8 @@ class EngineLoop:
             if c.log_every and (step % c.log_every == 0 or step == c.steps):
                 stats = self.to_floats(stats)
                 stats.update(self.grad_norm_stats())
+                if self.device.type == "cuda":  # next to the start-up estimate; the mean over ranks of their peaks
+                    stats["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 for ext in self.extensions:  # only when logging: they summarize the steps since their last call
                     if hasattr(ext, "stats"):
                         stats.update(ext.stats())
