@@ -33,7 +33,8 @@ then times ``--steps`` steps (median step time), then profiles ``--profile-steps
   all-reduces then run over a group of one; their small time is still what is shown).
 * **time sinks** (:mod:`op_breakdown`, rank 0, the same profiled steps): the top kernels by device time on a GPU
   (top operators by self CPU time on a CPU), a split by category (matmul, attention, normalization, softmax / loss,
-  optimizer, copies, communication, other elementwise) and, on a GPU, how long the device sat idle in a step.
+  optimizer, copies, communication, PowerSGD compression, other elementwise) and, on a GPU, how long the device sat
+  idle in a step.
 * **floors** (``dalle_ds.models.flops.training_step_parts``): the least time each part of a rank's step needs at
   the rates measured in the same process: resblock matmuls and attention at the matmul rate, the output heads at
   the fp32 matmul rate of their setting (IEEE or TF32: on a GPU several times slower than bf16), the optimizer's

@@ -22,6 +22,9 @@ CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((c, re.compile(p, re.IGNO
     ("attention", r"_attn|flash|fmha|flex_attention|scaled_dot_product|efficient_attention"),
     ("matmul", r"gemm|gemv|cutlass|xmma|aten::(mm|addmm|bmm|baddbmm|matmul|linear)$"),
     ("optimizer", r"adam|multi_tensor|_foreach"),
+    # PowerSGD's own work (bench_train --powersgd): the 1-6-9 ops (CPU operators dalle_ds_fp169::*, CUDA kernels in
+    # dalle_ds::fp169; the 16-bit Adam step matched "optimizer" above) and the QR of the P matrices
+    ("compression (PowerSGD, 1-6-9)", r"fp169|linalg_qr|geqrf|orgqr|ormqr|householder_product"),
     ("normalization", r"layer_?norm"),
     ("softmax / loss", r"softmax|cross_entropy|nll_loss"),
     ("copies / casts", r"memcpy|memset|copy|contiguous|aten::cat$|fill_|aten::to$"),

@@ -186,6 +186,12 @@ def test_time_sink_categories():
         "aten::nll_loss_forward": "softmax / loss",
         "Memcpy DtoD (Device -> Device)": "copies / casts", "aten::copy_": "copies / casts",
         "bench/forward": "host (Python, framework)", "torch::autograd::AccumulateGrad": "host (Python, framework)",
+        "dalle_ds_fp169::error_add_": "compression (PowerSGD, 1-6-9)", "aten::linalg_qr": "compression (PowerSGD, 1-6-9)",
+        "void dalle_ds::fp169::cuda::(anonymous namespace)::encode_kernel<dalle_ds::fp169::Fp169, "
+        "dalle_ds::fp169::F32Value>(float const*, unsigned short*, long, long, float, bool)":
+            "compression (PowerSGD, 1-6-9)",
+        "void geqrf_kernel<float>": "compression (PowerSGD, 1-6-9)",
+        "dalle_ds_fp169::adamw16_step_": "optimizer",
         "triton_poi_fused_add_gelu_0": "elementwise / other",
         "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl": "elementwise / other",
     }
