@@ -42,7 +42,7 @@ import torch
 from dalle_ds.config import ConfigError
 from dalle_ds.train.ds_config import zero_stage
 
-from .powersgd import HierarchicalPowerSGD, PowerSGDSettings, ReduceReport
+from .powersgd import HierarchicalPowerSGD, PowerSGDSettings, ReduceReport, zero3_chunk
 from .topology import Topology
 
 __all__ = ["PowerSGDExtension"]
@@ -226,7 +226,7 @@ class PowerSGDExtension:
                                "expert or sequence parallelism is not supported")
         grads = []
         for p in params:
-            if p.partition_numel() != -(-p.ds_numel // world):
+            if p.partition_numel() != zero3_chunk(p.ds_numel, world):
                 raise RuntimeError(f"powersgd: {self.name_of(p)} has a ZeRO-3 partition of {p.partition_numel()} "
                                    f"elements, not ceil({p.ds_numel} / {world}); this DeepSpeed version partitions "
                                    "differently")

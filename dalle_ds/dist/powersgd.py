@@ -99,10 +99,16 @@ def state_bytes_per_gpu(shapes: Sequence[Sequence[int]], local_size: int, rank_p
     return total
 
 
+def zero3_chunk(numel: int, world: int) -> int:
+    """The size of DeepSpeed ZeRO-3's partition of a tensor: ceil(numel / world) elements
+    (runtime/zero/partition_parameters.py)."""
+    return -(-numel // world)
+
+
 def _partition_range(numel: int, rank: int, world: int) -> tuple[int, int]:
     """The flat range of a tensor's elements that ``rank`` holds under DeepSpeed ZeRO-3: chunks of
-    ceil(numel / world) in rank order, the last ones short or empty (runtime/zero/partition_parameters.py)."""
-    c = -(-numel // world)
+    :func:`zero3_chunk` elements in rank order, the last ones short or empty."""
+    c = zero3_chunk(numel, world)
     start = min(rank * c, numel)
     return start, min(start + c, numel)
 
@@ -415,7 +421,7 @@ class HierarchicalPowerSGD:
         ``reduce_scatter_coalesced`` does). Returns the partitions (new fp32 tensors), 1.0 if this rank's share is
         nonfinite, and its squared norm (float64 device scalars: the world sums them with the other flags)."""
         W, r = self.topo.world_size, self.topo.rank
-        chunks = [-(-g.numel() // W) for g in grads]
+        chunks = [zero3_chunk(g.numel(), W) for g in grads]
         total = sum(chunks)
         send = torch.zeros(W, total, dtype=torch.float32, device=self.device)
         off = 0
@@ -461,7 +467,8 @@ class HierarchicalPowerSGD:
         """Step 10 for ZeRO-3: one all-to-all on the machine's group gives every rank its partition of each
         compressed gradient, assembled from the local ranks' estimated shards (:meth:`_exchange_pieces`)."""
         m, me = self.topo.local_size, self.topo.local_rank
-        send, send_sizes, recv_sizes = [], [0] * m, [0] * m
+        send, send_sizes = [], [0] * m
+        incoming: list[list[int]] = [[] for _ in range(m)]  # per source local rank, its piece sizes in matrix order
         for peer in range(m):
             for (sh, g), est in zip(comp, estimates):
                 lo, hi, r0, r1 = self._exchange_pieces(sh, g.numel(), me, peer)
@@ -469,7 +476,8 @@ class HierarchicalPowerSGD:
                 send.append(piece.reshape(-1))
                 send_sizes[peer] += piece.numel()
                 lo, hi, r0, r1 = self._exchange_pieces(sh, g.numel(), peer, me)
-                recv_sizes[peer] += (r1 - r0) * sh.shard_rows if sh.transposed else hi - lo
+                incoming[peer].append((r1 - r0) * sh.shard_rows if sh.transposed else hi - lo)
+        recv_sizes = [sum(sizes) for sizes in incoming]
         flat = torch.cat(send) if send else torch.zeros(0, device=self.device)
         if m > 1:
             recv = torch.empty(sum(recv_sizes), dtype=flat.dtype, device=flat.device)
@@ -477,17 +485,11 @@ class HierarchicalPowerSGD:
             rep.bytes_intra += (sum(send_sizes) - send_sizes[me]) * 4
         else:
             recv = flat
-        chunks = list(recv.split(recv_sizes))  # per source local rank, its pieces in matrix order
-        offsets = [0] * m
+        by_source = [chunk.split(sizes) for chunk, sizes in zip(recv.split(recv_sizes), incoming)]
         out = {}
-        for sh, g in comp:
+        for i, (sh, g) in enumerate(comp):
             start, end = _partition_range(g.numel(), self.topo.rank, self.topo.world_size)
-            pieces = []
-            for src in range(m):
-                lo, hi, r0, r1 = self._exchange_pieces(sh, g.numel(), src, me)
-                n = (r1 - r0) * sh.shard_rows if sh.transposed else hi - lo
-                pieces.append(chunks[src][offsets[src]:offsets[src] + n])
-                offsets[src] += n
+            pieces = [from_src[i] for from_src in by_source]
             if sh.transposed:
                 r0 = start // sh.shape[1]
                 rows = torch.cat([p.view(-1, sh.shard_rows) for p in pieces], dim=1)  # storage rows r0.. in full
