@@ -220,7 +220,12 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
         psgd = PowerSGDExtension(PowerSGDConfig(enabled=True, rank=psgd_rank,
                                                 local_size=args.powersgd_local_size).validate())
         psgd.before_initialize(model, conf)  # as EngineLoop does: hooks DeepSpeed's ZeRO optimizer class
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=conf)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=conf)
+    except BaseException:  # e.g. out of memory on one GPU: the next case must get DeepSpeed's own optimizer class
+        if psgd is not None:
+            psgd.restore_deepspeed()
+        raise
     if psgd is not None:
         psgd.setup(types.SimpleNamespace(engine=engine, device=dev))
     step = make_step(engine, cfg, args.micro_batch, args.grad_accum, dev,

@@ -121,8 +121,7 @@ def _foreign_optimizer_refused():
     model, cfg = _Net(), _ds_config(3)
     ext = PowerSGDExtension(PowerSGDConfig(enabled=True, rank=2, local_size=2, compress=r"^(fc|out)\.weight$"))
     ext.before_initialize(model, cfg)
-    module, attr, base = ext._restore
-    setattr(module, attr, base)  # DeepSpeed builds its own class, as for a MiCS config
+    ext.restore_deepspeed()  # DeepSpeed builds its own class, as for a MiCS config
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     with pytest.raises(ConfigError, match="nothing would be compressed"):
         ext.setup(types.SimpleNamespace(engine=engine, device=torch.device("cpu")))
@@ -152,10 +151,7 @@ def _accepts(ext, cfg: dict) -> None:
     """``before_initialize`` passes; undo its ZeRO optimizer swap (``setup`` would, after deepspeed.initialize)
     so that it does not leak into later tests of this process."""
     ext.before_initialize(_Net(), cfg)
-    if ext._restore is not None:
-        module, attr, base = ext._restore
-        setattr(module, attr, base)
-        ext._restore = None
+    ext.restore_deepspeed()
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

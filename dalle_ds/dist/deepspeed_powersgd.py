@@ -64,7 +64,7 @@ class PowerSGDExtension:
         self.pattern = re.compile(cfg.compress)
         self.reducer: HierarchicalPowerSGD | None = None
         self._names: dict[int, str] = {}
-        self._restore: tuple[Any, Any] | None = None
+        self._restore: tuple[Any, str, type] | None = None  # (module, class attribute, DeepSpeed's class)
         self._acc = ReduceReport()  # summed over the reductions since the last stats() call
         self._acc_since_step = 0  # engine step at the last stats() call
         self._counts: torch.Tensor | None = None  # device: [nonfinite gradients, zeroed buffers] since stats()
@@ -95,22 +95,29 @@ class PowerSGDExtension:
         if self.stage >= 1:
             base = getattr(module, attr)
             self._restore = (module, attr, base)
+            self._hooked_class = attr
             setattr(module, attr, make(base, self))
         self._names = {id(p): n for n, p in model.named_parameters()}
         # under deepspeed.zero.Init a parameter's own shape is empty; ds_shape is the full one
         self._shapes = [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in model.named_parameters()
                         if p.requires_grad]
 
-    def setup(self, loop) -> None:
+    def restore_deepspeed(self) -> None:
+        """Put back the DeepSpeed ZeRO optimizer class that :meth:`before_initialize` swapped out (a no-op when
+        there is none). :meth:`setup` does it; a caller whose ``deepspeed.initialize`` failed calls it, so that the
+        next engine built in the process is not hooked to this extension."""
         if self._restore is not None:
             module, attr, base = self._restore
             setattr(module, attr, base)
             self._restore = None
-            opt = loop.engine.optimizer
-            if not getattr(opt, "_powersgd_hooked", False):
-                raise ConfigError(f"powersgd: DeepSpeed built a {type(opt).__name__} for ZeRO stage {self.stage}, not "
-                                  f"the {attr} whose gradient reduction PowerSGD replaces (MiCS and SuperOffload "
-                                  "build their own optimizer classes); nothing would be compressed")
+
+    def setup(self, loop) -> None:
+        self.restore_deepspeed()
+        opt = loop.engine.optimizer
+        if self.stage >= 1 and not getattr(opt, "_powersgd_hooked", False):
+            raise ConfigError(f"powersgd: DeepSpeed built a {type(opt).__name__} for ZeRO stage {self.stage}, not the "
+                              f"{self._hooked_class} whose gradient reduction PowerSGD replaces (MiCS and SuperOffload "
+                              "build their own optimizer classes); nothing would be compressed")
         self.engine = loop.engine
         self._acc_since_step = self.engine.global_steps
         topo = Topology.build(self.cfg.local_size)
