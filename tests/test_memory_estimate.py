@@ -199,6 +199,12 @@ def test_powersgd_state_estimate_is_what_the_reducer_allocates(error_dtype):
     assert ests[0]["powersgd"] == ests[1]["powersgd"] == held
     plain = estimate_per_gpu(TINY, zero=3, gpus=64)
     assert plain["powersgd"] == 0 and ests[1]["total"] == plain["total"] + held
+    mlp_only = r"^layers\.\d+\.mlp\.fn\.\w+\.weight$"  # a run's own powersgd.compress pattern is honoured
+    held_mlp = sum(sh.err.numel() * sh.err.element_size() + sh.q.numel() * sh.q.element_size()
+                   for k, sh in red.shards.items() if re.search(mlp_only, k))
+    assert 0 < held_mlp < held and estimate_per_gpu(TINY, zero=3, gpus=4, powersgd_rank=32, gpus_per_machine=4,
+                                                    powersgd_error_dtype=error_dtype,
+                                                    powersgd_compress=mlp_only)["powersgd"] == held_mlp
     with pytest.raises(ValueError, match="gpus_per_machine"):
         estimate_per_gpu(TINY, zero=3, gpus=6, powersgd_rank=32, gpus_per_machine=4)
 

@@ -139,7 +139,7 @@ def persistent_parameters(model: nn.Module, threshold: int) -> int:
 def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str = "bf16", micro_batch: int = 1,
                      offload: bool = False, attention: str = "flash", adam_moments: str = "fp32",
                      ds_config: dict | None = None, powersgd_rank: int = 0, gpus_per_machine: int = 8,
-                     powersgd_error_dtype: str = "fp169") -> dict[str, float]:
+                     powersgd_error_dtype: str = "fp169", powersgd_compress: str | None = None) -> dict[str, float]:
     """Bytes per GPU for the model state under a ZeRO stage, with Ψ parameters and N data-parallel GPUs.
 
     The ZeRO paper's accounting (Rajbhandari et al. 2020, §3: 16-bit params and grads, 12Ψ of fp32 master weights
@@ -161,8 +161,8 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
       so not measured here).
 
     ``powersgd_rank`` > 0 (total rank per machine of ``gpus_per_machine`` GPUs): the hierarchical PowerSGD reducer's
-    state (``powersgd``): the error buffer of this GPU's shard of every compressed matrix (the default
-    ``powersgd.compress`` pattern), 1/``gpus_per_machine`` of it in 1-6-9 (or fp32), and the fixed Q matrices
+    state (``powersgd``): the error buffer of this GPU's shard of every compressed matrix (``powersgd_compress``,
+    default the ``powersgd.compress`` default), 1/``gpus_per_machine`` of it in 1-6-9 (or fp32), and the fixed Q matrices
     (``dalle_ds.dist.powersgd.state_bytes_per_gpu``, the shapes ``register`` allocates). It is not divided by N:
     the paper's buffers are sharded inside a machine and replicated across machines.
 
@@ -202,7 +202,7 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
 
         from dalle_ds.config import PowerSGDConfig
         from dalle_ds.dist.powersgd import PowerSGDSettings, state_bytes_per_gpu
-        pattern = re.compile(PowerSGDConfig().compress)
+        pattern = re.compile(powersgd_compress or PowerSGDConfig().compress)
         shapes = [tuple(p.shape) for n, p in meta.named_parameters() if pattern.search(n)]
         per_gpu_rank = PowerSGDSettings(rank=powersgd_rank).per_gpu_rank(gpus_per_machine)
         powersgd = float(state_bytes_per_gpu(shapes, gpus_per_machine, per_gpu_rank, powersgd_error_dtype))
@@ -251,8 +251,8 @@ def format_estimate(name: str, est: dict[str, float], *, zero: int, gpus: int, p
 
 
 def estimate_for_run(cfg: DalleConfig, ds_config: dict, world_size: int, *, adam_moments: str = "fp32",
-                     micro_batch: int | None = None, powersgd_rank: int = 0,
-                     gpus_per_machine: int = 1) -> tuple[dict[str, float], str]:
+                     micro_batch: int | None = None, powersgd_rank: int = 0, gpus_per_machine: int = 1,
+                     powersgd_compress: str | None = None) -> tuple[dict[str, float], str]:
     """:func:`estimate_per_gpu` for a prior run as the trainer sets it up: the ZeRO stage, precision (DeepSpeed's bf16
     mode, or fp16 resblocks with per-resblock scaling on fp32 parameters, else fp32), micro-batch and optimizer
     offload read from the filled-in DeepSpeed config (``micro_batch``: the engine's, when given); activations with or
@@ -271,7 +271,8 @@ def estimate_for_run(cfg: DalleConfig, ds_config: dict, world_size: int, *, adam
     attention = "dense" if cfg.attn_backend == "dense" else "flash"
     est = estimate_per_gpu(cfg, zero=zero, gpus=world_size, precision=precision, micro_batch=micro, offload=offload,
                            attention=attention, adam_moments=adam_moments, ds_config=ds_config,
-                           powersgd_rank=powersgd_rank, gpus_per_machine=gpus_per_machine)
+                           powersgd_rank=powersgd_rank, gpus_per_machine=gpus_per_machine,
+                           powersgd_compress=powersgd_compress)
     ckpt = cfg.activation_checkpointing
     gib = 2.0 ** 30
     states = est["total"] - est["activations"]

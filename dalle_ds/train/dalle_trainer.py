@@ -159,10 +159,10 @@ class DalleTrainer(EngineLoop):
     def _memory_estimate_line(self, model_cfg: DalleConfig, ds_config: dict) -> str:
         from dalle_ds.models.memory import estimate_for_run
         psgd = next((e for e in self.extensions if getattr(e, "name", "") == "powersgd"), None)
-        rank, local = (psgd.cfg.rank, psgd.reducer.topo.local_size) if psgd is not None else (0, 1)
+        psgd_args = {} if psgd is None else dict(powersgd_rank=psgd.cfg.rank, powersgd_compress=psgd.cfg.compress,
+                                                 gpus_per_machine=psgd.reducer.topo.local_size)
         return estimate_for_run(model_cfg, ds_config, world_size(), adam_moments=self.cfg.adam_moments,
-                                micro_batch=self.engine.train_micro_batch_size_per_gpu(), powersgd_rank=rank,
-                                gpus_per_machine=local)[1]
+                                micro_batch=self.engine.train_micro_batch_size_per_gpu(), **psgd_args)[1]
 
     def _setup_resblock_scaling(self, model: DALLE, ds_config: dict) -> None:
         """Per-resblock gradient scaling (paper §2.4, App. D) under DeepSpeed: the model keeps fp32 parameters and
