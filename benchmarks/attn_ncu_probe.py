@@ -37,7 +37,7 @@ def parse_config(text: str) -> tb.Config:
         raise argparse.ArgumentTypeError(f"expected BMxBN:WARPS:STAGES (e.g. 64x64:4:3), got {text!r}") from None
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kind", default="row", choices=["row", "column", "conv", "causal"])
     ap.add_argument("--batch", type=int, default=8)
@@ -46,7 +46,11 @@ def main(argv=None) -> dict:
     for name, default in H200_TUNED.items():
         ap.add_argument(f"--{name}", type=parse_config, default=parse_config(default))
     ap.add_argument("--backward", default="both", choices=[*tb.BACKWARD_PATHS, "both"])
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     paths = tb.BACKWARD_PATHS if args.backward == "both" else (args.backward,)
     cuda = torch.cuda.is_available()
     if cuda:

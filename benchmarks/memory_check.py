@@ -155,7 +155,7 @@ def measure(preset: str, zero: int, precision: str, micro_batch: int = 1, steps:
     return result
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(DALLE_PRESETS))
     ap.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -164,7 +164,11 @@ def main(argv=None) -> None:
     ap.add_argument("--bucket", type=int, default=1_000_000, help="reduce / allgather / prefetch bucket elements")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     from dalle_ds.train.distributed import distributed_run, is_rank0
 
     with distributed_run():

@@ -149,7 +149,7 @@ def _at(curve: dict, step: int) -> float:
         return float("nan")
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("tokens", type=Path, help="token shards: TOKENS/train and TOKENS/test_id (make demo writes them)")
@@ -167,9 +167,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--tag", default=None, help="result name: benchmarks/results/precision_<tag>.*")
     ap.add_argument("--report-only", action="store_true", help="write the report from existing runs, train nothing")
     args = ap.parse_args(argv)
-    precisions = args.precisions
     if not (args.tokens / "train" / "meta.json").is_file():
         ap.error(f"no token shards in {args.tokens / 'train'} (make demo writes them; or pass another folder)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    precisions = args.precisions
     if not args.report_only:
         for p in precisions:
             train(p, args)
