@@ -16,19 +16,23 @@ import torch
 import torch.nn.functional as F
 
 
-def main(argv=None) -> dict:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from dalle_ds.config import ClipModelConfig
-    from dalle_ds.data.shapes import POSITIONS, render_scene_tensor, sample_scene
-
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--scenes", type=int, default=6000, help="train scenes drawn (about 30%% have one object)")
     p.add_argument("--every", type=int, default=50, help="print held-out accuracy every N updates")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from dalle_ds.config import ClipModelConfig
+    from dalle_ds.data.shapes import POSITIONS, render_scene_tensor, sample_scene
+
+    args = parse_args(argv)
     torch.manual_seed(0)
     m = ClipModelConfig()
     tower = CLIPVisionModel(CLIPVisionConfig(image_size=m.image_size, patch_size=m.patch_size, hidden_size=m.width,

@@ -149,11 +149,15 @@ def markdown(out: dict, files: list[str]) -> str:
     return "\n".join(md) + "\n"
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--tag", required=True)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     results = [json.loads(f.read_text()) for f in args.files]
     out = pool(results)
     out["date"] = datetime.date.today().isoformat()

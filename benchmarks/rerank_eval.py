@@ -63,13 +63,22 @@ def _cell(value: float | None, width: int) -> str:
     return f"{value:{width}.3f}" if value is not None else f"{'-':>{width}}"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("candidates", help="candidates.pt from launch/sample.py --save_candidates")
     p.add_argument("--clip", action="append", default=[], help="a CLIP folder (repeatable)")
     p.add_argument("--num_candidates", type=int, nargs="+", default=None,
                    help="rerank the first N candidates of each caption (default: all)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         data = load_candidates(args.candidates)
