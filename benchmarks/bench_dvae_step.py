@@ -47,7 +47,7 @@ def update_fn(cfg, batch: int, bf16: bool, channels_last: bool, device: torch.de
     return step
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="demo", choices=sorted(DVAE_RUN_PRESETS))
     ap.add_argument("--batch", type=int, default=16, help="images per update (the demo: 16 per rank)")
@@ -56,9 +56,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--modes", type=comma_list(MODES), default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    modes = args.modes
     if args.batch < 1 or args.repeats < 1 or args.threads < 1:
         ap.error("--batch, --repeats and --threads must be ≥ 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    modes = args.modes
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = DVAE_RUN_PRESETS[args.preset].model

@@ -104,13 +104,17 @@ def window_table(stock: list[dict], psgd: list[dict]) -> list[str]:
     return md
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path)
     ap.add_argument("--tag", required=True)
     ap.add_argument("--command", default="benchmarks/powersgd_shapes.sh")
     ap.add_argument("--window", type=int, default=75, help="steps per row of the along-the-run table")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     stock, psgd = _summary(args.runs / "stock"), _summary(args.runs / "powersgd")
     cfg = json.loads((args.runs / "powersgd" / "dalle_run_config.json").read_text())
     check_same_run(args.runs / "stock", args.runs / "powersgd")

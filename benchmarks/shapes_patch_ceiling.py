@@ -34,7 +34,7 @@ def reductions(images: torch.Tensor, patch: int) -> dict[str, torch.Tensor]:
             "mean, bilinear": F.interpolate(mean, scale_factor=patch, mode="bilinear", align_corners=False)}
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--patch", type=int, default=4, help="pixels per code side (the demo: 64 px / 16 codes = 4)")
     ap.add_argument("--n", type=int, default=256, help="images (the dVAE's evaluation uses 256)")
@@ -42,6 +42,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.patch < 1 or 64 % args.patch:
         ap.error("--patch must divide 64")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     ds = ShapesDataset(split=args.split, num_samples=args.n, image_size=64)
     items = [ds[i] for i in range(args.n)]
     images = torch.stack([it["image"] for it in items]).float()

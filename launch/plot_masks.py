@@ -67,7 +67,7 @@ def draw(specs: list[MaskSpec], block_m: int, block_n: int, size: int) -> Image.
     return sheet
 
 
-def main(argv=None) -> Path:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--text-len", type=int, default=256)
     ap.add_argument("--grid", type=int, default=32)
@@ -79,6 +79,11 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     if args.block < 1 or args.size < 16:
         ap.error("--block must be >= 1 and --size >= 16")
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
     specs = [MaskSpec(kind, args.text_len, args.grid, conv_kernel=args.conv_kernel) for kind in args.kinds.split(",")]
     sheet = draw(specs, args.block, args.block, args.size)
     args.out.parent.mkdir(parents=True, exist_ok=True)

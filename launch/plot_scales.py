@@ -56,7 +56,7 @@ def svg(steps: list[int], series: dict[str, list[float]], skipped: list[int], ti
                       dashed=lambda name: name.endswith("mlp"))
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="the prior's run folder (--out of launch/train_dalle.py)")
     p.add_argument("--out", default=None, help="writes OUT.svg and OUT.csv (default: <run>/grad_scales)")
@@ -64,6 +64,12 @@ def main(argv=None) -> int:
     run = Path(args.run)
     if not run.is_dir():
         p.error(f"no such run folder: {run}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run = Path(args.run)
     steps, series, skipped = load_scales(run)
     out = Path(args.out) if args.out else run / "grad_scales"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The command lines in README.md and docs/*.md still parse, and the trainers' ones still make valid configs.
+"""The command lines in README.md, docs/*.md and the scripts' docstrings still parse, and the trainers' ones still make valid configs.
 
 Every indented command line (continuations joined) that runs a script of launch/ or benchmarks/ is read as text and
 handed to that script's own parser; for the trainers (launch/train_*.py) the run config is built from its preset and
@@ -7,6 +7,7 @@ world size the launcher line gives (``--num_nodes`` x ``--num_gpus``). Nothing i
 for omitted arguments: the ``...`` is dropped, and a required ``--out`` it hides is supplied. Input files a parser
 checks for are created as empty placeholders in a scratch folder the commands run from.
 """
+import ast
 import importlib
 import re
 import shlex
@@ -21,14 +22,27 @@ from launch_utils import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "launch"))
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PLACEHOLDERS = {"<device>": "h100", "<date>": "20261206"}
+# what the docs leave to the reader, as a reader on a GPU machine might fill it in
+PLACEHOLDERS = {"<device>": "h100", "<date>": "20261206", "$(date +%Y%m%d)": "20261206", "TOKENS_DIR": "runs/tokens",
+                "OUT_DIR": "runs/doc_out", "RUNS_DIR": "runs/doc_runs", "--path DIR": "--path runs/images"}
+
+
+def doc_texts() -> list[tuple[str, str]]:
+    """(name, text): the markdown files, and the module docstrings of the scripts in launch/ and benchmarks/ (their
+    usage lines)."""
+    texts = [(doc.name, doc.read_text()) for doc in DOCS]
+    for script in sorted([*(ROOT / "launch").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
+        doc = ast.get_docstring(ast.parse(script.read_text()))
+        if doc:
+            texts.append((f"{script.parent.name}/{script.name} docstring", doc))
+    return texts
 
 
 def doc_commands() -> list[tuple[str, str]]:
-    """(file:line, command) for every indented line of a markdown file that runs launch/*.py or benchmarks/*.py."""
+    """(where, command) for every indented line of a doc text that runs launch/*.py or benchmarks/*.py."""
     found = []
-    for doc in DOCS:
-        lines = doc.read_text().splitlines()
+    for name, text in doc_texts():
+        lines = text.splitlines()
         i = 0
         while i < len(lines):
             if not lines[i].startswith("    ") or lines[i].strip().startswith("#"):
@@ -39,7 +53,7 @@ def doc_commands() -> list[tuple[str, str]]:
                 j += 1
                 cmd = cmd[:-1] + " " + lines[j].strip()
             if re.search(r"(launch|benchmarks)/\w+\.py", cmd):
-                found.append((f"{doc.name}:{i + 1}", cmd))
+                found.append((f"{name}:{i + 1}", cmd))
             i = j + 1
     return found
 
@@ -51,12 +65,16 @@ def split(cmd: str) -> tuple[list[str], str, list[str], bool]:
     """(launcher words, script path, script arguments, elided) of one command line."""
     for k, v in PLACEHOLDERS.items():
         cmd = cmd.replace(k, v)
+    cmd = re.sub(r"\[(-[^\]]*)\]", r"\1", cmd)  # usage notation: optional arguments [--flag value] are checked too
     words = shlex.split(cmd, comments=True)
     at = next(i for i, w in enumerate(words) if re.fullmatch(r"(launch|benchmarks)/\w+\.py", w))
     launcher = [w for w in words[:at] if not re.fullmatch(r"[A-Z_]+=\S*", w)]  # env assignments dropped
     rest = words[at + 1:]
-    # "--out ..." is an output folder left to the reader: runs/doc_out here; any other "..." is dropped
-    args = ["runs/doc_out" if w == "..." and k and rest[k - 1] == "--out" else w for k, w in enumerate(rest)]
+    # "--flag ..." is a value left to the reader: a folder runs/doc_out for --out, else an input file
+    # runs/doc_<flag>.pt (made by make_inputs); any other "..." stands for omitted arguments and is dropped
+    args = [w if w != "..." or not k or not rest[k - 1].startswith("--") else
+            "runs/doc_out" if rest[k - 1] == "--out" else f"runs/doc_{rest[k - 1].lstrip('-')}.pt"
+            for k, w in enumerate(rest)]
     return launcher, words[at], [w for w in args if w != "..."], "..." in args
 
 
@@ -91,13 +109,13 @@ def make_inputs(args: list[str], scratch: Path) -> list[str]:
             key, value = "", a
         if value.startswith(("/data/", "/shared/")):
             value = str(scratch / value.lstrip("/"))
-        elif not value.startswith("runs/"):
+        elif not (value.startswith("runs/") or (value.endswith((".pt", ".json")) and not value.startswith("/"))):
             out.append(a)
             continue
         path = scratch / value
         if path.suffix in (".pt", ".json"):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            path.write_text("{}")  # an empty JSON object (a config file overriding nothing); any bytes for a .pt
         elif "tokens" in path.parts:  # a token-shard folder, or the folder holding train/ and test_id/
             token_shards(path)
             token_shards(path / "train")
@@ -110,6 +128,8 @@ def make_inputs(args: list[str], scratch: Path) -> list[str]:
         elif "clip" in path.parts:  # a CLIP folder (transformers' save_pretrained)
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text("{}")
+        else:  # a run folder (one a script reads, or an output folder: created either way)
+            path.mkdir(parents=True, exist_ok=True)
         out.append(key + eq + value)
     return out
 
