@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,9 +23,14 @@ def single_process_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def deepspeed_launch(script: str, args: list[str], num_procs: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+def _deepspeed_exe() -> str:
     exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     assert exe, "the deepspeed launcher is not on PATH"
+    return exe
+
+
+def deepspeed_launch(script: str, args: list[str], num_procs: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    exe = _deepspeed_exe()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     port = free_port()
     cmd = [exe, "--num_gpus", str(num_procs), "--master_port", str(port), str(ROOT / script), *args]
@@ -35,3 +41,50 @@ def deepspeed_launch(script: str, args: list[str], num_procs: int = 2, timeout: 
     left = glob.glob(f"{SHM_ALLREDUCE_PREFIX}_*_{port}_*")
     assert not left, f"{script} left shared memory behind: {left}"
     return proc
+
+
+def can_fake_hostnames() -> str | None:
+    """Why :func:`deepspeed_launch_nodes` cannot run here (no ``unshare``, or no permission for a UTS namespace), or
+    None."""
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    probe = subprocess.run(["unshare", "--uts", "sh", "-c", "hostname dalle-ds-probe && hostname"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0 or probe.stdout.strip() != "dalle-ds-probe":
+        return f"cannot make a UTS namespace here: {(probe.stderr or probe.stdout).strip()[:200]}"
+    return None
+
+
+def deepspeed_launch_nodes(script: str, args: list[str], nodes: int = 2, procs_per_node: int = 2,
+                           workdir: Path | None = None, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Several "machines" on this one: DeepSpeed's multi-node launch without ssh (``--hostfile`` + ``--no_ssh
+    --node_rank i``, the way a cluster without pdsh runs it: one launcher per node), each node's launcher in a UTS
+    namespace of its own with the hostname ``node<i>``, all on loopback. What differs from one launcher with
+    ``nodes x procs_per_node`` ranks is what a real multi-node job differs in: the ranks' hostnames, the launcher's
+    per-node ``LOCAL_SIZE`` and node-major ranks."""
+    exe = _deepspeed_exe()
+    workdir = workdir or Path(os.environ.get("TMPDIR", "/tmp"))
+    hostfile = workdir / "hostfile"
+    hostfile.write_text("".join(f"node{i} slots={procs_per_node}\n" for i in range(nodes)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    port = free_port()
+    procs = []
+    for i in range(nodes):
+        cmd = [exe, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i), "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(ROOT / script), *args]
+        shell = f"hostname node{i} && exec {' '.join(shlex.quote(c) for c in cmd)}"
+        procs.append(subprocess.Popen(["unshare", "--uts", "sh", "-c", shell], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for i, d in enumerate(done):
+        if d.returncode != 0:
+            raise AssertionError(f"node{i} of {script} failed ({d.returncode}):\n{d.stdout[-4000:]}\n{d.stderr[-4000:]}")
+    return done
