@@ -40,6 +40,8 @@ def deepspeed_launch(script: str, args: list[str], num_procs: int = 2, timeout: 
     # DeepSpeed's CPU shm all-reduce workspaces (66 MiB per rank) must not outlive the run (distributed.py).
     left = glob.glob(f"{SHM_ALLREDUCE_PREFIX}_*_{port}_*")
     assert not left, f"{script} left shared memory behind: {left}"
+    # DeepSpeed's calls of torch's renamed collectives are not the user's to fix: init_distributed silences them
+    assert "is deprecated. Please use `torch.distributed." not in proc.stderr, proc.stderr[-2000:]
     return proc
 
 

@@ -74,6 +74,13 @@ def init_distributed() -> None:
         import logging
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # torch 2.13 renamed two collectives; DeepSpeed 0.19.8 (deepspeed/comm/torch.py) still calls the old names,
+        # which warn once per rank in every run (this project's own calls use the new ones: dist/collectives.py)
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                                        r"deprecated")
     single = single_process_env(os.environ)
     if single is not None:
         os.environ.update(single)
