@@ -42,6 +42,7 @@ def deepspeed_launch(script: str, args: list[str], num_procs: int = 2, timeout: 
     assert not left, f"{script} left shared memory behind: {left}"
     # DeepSpeed's calls of torch's renamed collectives are not the user's to fix: init_distributed silences them
     assert "is deprecated. Please use `torch.distributed." not in proc.stderr, proc.stderr[-2000:]
+    assert "before it has started" not in proc.stdout + proc.stderr  # DeepSpeed's scheduler constructor: no news
     return proc
 
 

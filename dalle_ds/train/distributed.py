@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any, Mapping
 
@@ -58,6 +59,17 @@ def single_process_env(env: Mapping[str, str]) -> dict[str, str] | None:
     return out
 
 
+class _KnownDeepSpeedNoise(logging.Filter):
+    """DeepSpeed warnings that report nothing wrong, dropped unless DALLE_DS_VERBOSE=1: WarmupLR and WarmupDecayLR
+    (deepspeed/runtime/lr_schedules.py, 0.19.8) call their own ``get_lr`` in their constructor, before the first step,
+    and warn about it, on every rank of every run that uses them."""
+
+    NOISE = ("Attempting to get learning rate from scheduler before it has started",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU); a no-op when already set up.
 
@@ -71,9 +83,9 @@ def init_distributed() -> None:
         return
     # DeepSpeed logs every engine detail at INFO on every rank; keep warnings unless DALLE_DS_VERBOSE=1.
     if os.environ.get("DALLE_DS_VERBOSE", "0") in ("", "0"):
-        import logging
-
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if not any(isinstance(f, _KnownDeepSpeedNoise) for f in logging.getLogger("DeepSpeed").filters):
+            logging.getLogger("DeepSpeed").addFilter(_KnownDeepSpeedNoise())
         # torch 2.13 renamed two collectives; DeepSpeed 0.19.8 (deepspeed/comm/torch.py) still calls the old names,
         # which warn once per rank in every run (this project's own calls use the new ones: dist/collectives.py)
         import warnings
