@@ -39,6 +39,7 @@
 # The machine has no deepspeed and no package index: run ../shared/device/wheels.sh first and carry .whl/ (and, for
 # the precision stage, the token shards: runs/demo15/tokens, 19 MB, or PRECISION_TOKENS; `DEMO_STOP_AFTER=tokens
 # make demo` writes runs/demo/tokens in ~10 min on 2 CPU cores; without them the stage is skipped).
+# (Committing them on the CPU machine: unpack into benchmarks/results/, then python benchmarks/results_index.py.)
 # Logs and results go to $OUT/bundle.tgz (rebuilt after every stage, so a killed run still returns what it did);
 # results are also written under benchmarks/results/ named by device and date.
 set -u
