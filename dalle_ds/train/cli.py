@@ -10,6 +10,18 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+# the default of --stop_signals (dalle_ds.train.preemption)
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+def _signals(text: str):
+    from dalle_ds.train.preemption import parse_signals
+
+    try:
+        return parse_signals(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
 
 def build_parser(description: str, presets: dict[str, Any], default_preset: str) -> argparse.ArgumentParser:
     import deepspeed
@@ -27,6 +39,10 @@ def build_parser(description: str, presets: dict[str, Any], default_preset: str)
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
     p.add_argument("--stop_at", type=int, default=None,
                    help="checkpoint and exit after this many steps, as a preempted job would (rerun to resume)")
+    p.add_argument("--stop_signals", default=",".join(DEFAULT_STOP_SIGNALS), type=_signals,
+                   help="signals that stop the run after the current step with a checkpoint, as a preempted job\n"
+                        "(exit code 128 + the signal; rerun to resume); the same signal twice stops at once;\n"
+                        f"'none' keeps the default handlers (default: {','.join(DEFAULT_STOP_SIGNALS)})")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     deepspeed.add_config_arguments(p)
     return p
@@ -72,7 +88,14 @@ def _train(cfg, ds_raw: dict, args, job_name: str, make_trainer, artifacts) -> i
         if is_rank0():
             print(f"config error: {e}", file=sys.stderr)
         return 2
-    summary = trainer.train(stop_at=args.stop_at)
+    summary = trainer.train(stop_at=args.stop_at, stop_signals=args.stop_signals)
+    if summary.get("stopped_by"):
+        import signal
+
+        if is_rank0():
+            print(f"stopped by {summary['stopped_by']} after step {summary['steps']}: checkpoint saved in "
+                  f"{os.path.join(args.out, 'checkpoints')}; rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.Signals[summary["stopped_by"]].value
     if is_rank0():
         ev = summary["eval"] or {}
         shown = {k: round(v, 4) for k, v in ev.items() if isinstance(v, float) and "/" not in k}

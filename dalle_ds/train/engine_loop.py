@@ -1,5 +1,6 @@
 """What every trainer here shares: a DeepSpeed engine around the model, an fp32 EMA of the weights, a resumable
-data order, atomic checkpoints with exact resume, a tqdm bar on rank 0, and metrics through DeepSpeed's monitors.
+data order, atomic checkpoints with exact resume, a stop with a checkpoint on SIGTERM / SIGINT / SIGUSR1
+(:mod:`dalle_ds.train.preemption`), a tqdm bar on rank 0, and metrics through DeepSpeed's monitors.
 
 A subclass provides ``train_step(batches) -> dict`` (one optimizer update; it may call ``self.micro_steps``),
 ``evaluate(tag) -> dict | None`` and ``finish(summary, ema_weights)``; ``train()`` runs the loop. The statistics a
@@ -24,10 +25,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -40,6 +42,7 @@ from dalle_ds.train.distributed import (all_reduce_mean, barrier, check_same_on_
                                          rank, world_size)
 from dalle_ds.train.ema import EMA
 from dalle_ds.train.plateau import PlateauExtension, plateau_params
+from dalle_ds.train.preemption import StopSignals
 
 log = logging.getLogger("dalle_ds.train")
 
@@ -241,14 +244,20 @@ class EngineLoop:
         self.engine.monitor.write_events([(f"{prefix}/{k}", float(v), step) for k, v in values.items()
                                           if isinstance(v, (int, float))])
 
-    def train(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train to ``cfg.steps``; ``stop_at`` stops early after a checkpoint, as a preempted job would."""
+    def train(self, stop_at: int | None = None, stop_signals: Sequence[signal.Signals] = ()) -> dict[str, Any]:
+        """Train to ``cfg.steps``; ``stop_at`` stops early after a checkpoint, as a preempted job would; so does one
+        of ``stop_signals`` received by any rank (after the step it arrives in: :mod:`dalle_ds.train.preemption`),
+        and the summary's ``stopped_by`` names it."""
+        with StopSignals(stop_signals) as stop:
+            return self._train(stop_at, stop)
+
+    def _train(self, stop_at: int | None, stop: StopSignals) -> dict[str, Any]:
         c, eng = self.cfg, self.engine
         end = c.steps if stop_at is None else min(stop_at, c.steps)
         batches = iter(self.batches)
         bar = tqdm(total=c.steps, initial=eng.global_steps, desc=self.job_name, disable=not is_rank0(),
                    dynamic_ncols=True, mininterval=1.0)
-        t0, history = time.time(), []
+        t0, history, stopped_by = time.time(), [], 0
         while eng.global_steps < end:
             stats = self.train_step(batches)
             step = eng.global_steps
@@ -268,6 +277,9 @@ class EngineLoop:
                 history.append({"step": step, **stats})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k in self.postfix_keys})
                 self.log(self.job_name, stats, step)
+            stopped_by = stop.agreed()  # a collective: every rank, after every step
+            if stopped_by and step < c.steps:
+                break
             if c.save_every and step % c.save_every == 0 and step < c.steps:
                 self.save()
             if c.eval_every and step % c.eval_every == 0 and step < c.steps:
@@ -277,6 +289,8 @@ class EngineLoop:
                    "resumed_from": self.resumed_from, "eval": None, "history": history}
         self.save()
         if eng.global_steps < c.steps:  # stopped early: the checkpoint is the artifact
+            if stopped_by:
+                summary["stopped_by"] = signal.Signals(stopped_by).name
             if is_rank0():
                 (self.run_dir / f"{self.job_name}_partial_metrics.json").write_text(json.dumps(summary, indent=2))
             return summary
