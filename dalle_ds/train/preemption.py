@@ -87,7 +87,7 @@ class StopSignals:
         if self.signals and threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.signals and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # every rank creates the group here, at the same point of the run (new_group is a collective)
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         return self
