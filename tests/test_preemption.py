@@ -52,23 +52,25 @@ def test_no_signals_no_handlers():
 
 
 def _only_rank1_is_signalled(rank, world):
+    """Step 1 ends, rank 1 is signalled during step 2; agreed() after steps 1, 2, 3 (its all-reduce is read one
+    call later: the stop comes after step 3 on every rank)."""
     with StopSignals((signal.SIGUSR1,)) as stop:
-        before = stop.agreed()
+        after_1 = stop.agreed()
         if rank == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return [before, stop.agreed(), stop.received]
+        return [after_1, stop.agreed(), stop.agreed(), stop.received]
 
 
 def test_one_rank_signalled_every_rank_agrees():
     from dalle_ds.dist.local_ranks import run_local_ranks
 
-    assert run_local_ranks(_check_agreement, 3, timeout=120) == [0, signal.SIGUSR1, 0]
+    assert run_local_ranks(_check_agreement, 3, timeout=120) == [0, 0, signal.SIGUSR1, 0]
 
 
 def _check_agreement(rank, world):
     got = _only_rank1_is_signalled(rank, world)
-    assert got[:2] == [0, signal.SIGUSR1], (rank, got)
-    assert got[2] == (signal.SIGUSR1 if rank == 1 else 0), (rank, got)
+    assert got[:3] == [0, 0, signal.SIGUSR1], (rank, got)
+    assert got[3] == (signal.SIGUSR1 if rank == 1 else 0), (rank, got)
     return got
 
 

