@@ -98,13 +98,18 @@ COMM_KERNEL_MARKERS = ("nccl",)
 
 
 # -- the engine --------------------------------------------------------------------------------------------------
-def ds_config(zero: int, precision: str, micro_batch: int, grad_accum: int, torch_adam: bool) -> dict:
-    """The DeepSpeed config of a benchmark case: the shipped configs' optimizer and clipping, no scheduler (a constant
-    learning rate costs the same), no monitors."""
+def ds_config(zero: int, precision: str, micro_batch: int, grad_accum: int, torch_adam: bool,
+              bucket: int | None = None) -> dict:
+    """The DeepSpeed config of a benchmark case (here and in memory_check.py): the shipped configs' optimizer and
+    clipping, no scheduler (a constant learning rate costs the same), no monitors. ``bucket``: ZeRO's reduce /
+    all-gather (ZeRO-1/2) or reduce / prefetch (ZeRO-3) bucket in elements (default: 5e7 for ZeRO-1/2, DeepSpeed's
+    own for ZeRO-3)."""
     zero_cfg: dict = {"stage": zero}
     if zero in (1, 2):
-        zero_cfg.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=50_000_000,
-                        allgather_bucket_size=50_000_000)
+        zero_cfg.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=bucket or 50_000_000,
+                        allgather_bucket_size=bucket or 50_000_000)
+    if zero == 3 and bucket:
+        zero_cfg.update(reduce_bucket_size=bucket, stage3_prefetch_bucket_size=bucket)
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": 4.0, "steps_per_print": 10**9, "wall_clock_breakdown": False,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.96], "eps": 1e-8,

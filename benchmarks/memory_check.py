@@ -30,6 +30,9 @@ if str(ROOT) not in sys.path:
 from dalle_ds.config import DALLE_PRESETS  # noqa: E402
 from dalle_ds.models.memory import estimate_per_gpu  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import ds_config  # noqa: E402
+
 _TRAVERSED_MODULES = ("deepspeed", "torch.optim", "dalle_ds")
 
 
@@ -79,25 +82,6 @@ def summarize(found: dict[int, dict]) -> dict:
     return out
 
 
-def ds_config(zero: int, precision: str, micro_batch: int, bucket: int) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 4.0,
-        "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.96], "eps": 1e-8,
-                                                  "weight_decay": 0.0, "torch_adam": True}},
-        "zero_optimization": {"stage": zero},
-        "bf16": {"enabled": precision == "bf16"},
-    }
-    if zero in (1, 2):  # as the shipped zero*.json
-        cfg["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket, overlap_comm=True,
-                                        contiguous_gradients=True)
-    if zero == 3:
-        cfg["zero_optimization"].update(reduce_bucket_size=bucket, stage3_prefetch_bucket_size=bucket)
-    return cfg
-
-
 def measure(preset: str, zero: int, precision: str, micro_batch: int = 1, steps: int = 2,
             bucket: int = 1_000_000) -> dict:
     """Train ``steps`` updates of the preset's prior under DeepSpeed (in an initialized process group) and return
@@ -111,7 +95,7 @@ def measure(preset: str, zero: int, precision: str, micro_batch: int = 1, steps:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    config = ds_config(zero, precision, micro_batch, bucket)
+    config = ds_config(zero, precision, micro_batch, 1, True, bucket)  # bench_train's cases
     torch.manual_seed(0)
     model = build_prior(cfg, config) if zero == 3 else DALLE(cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
