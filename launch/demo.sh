@@ -30,7 +30,14 @@ stage() {  # stage NAME OUTPUT_FILE COMMAND...
   if [ -e "$want" ]; then log "$name: $want exists, skipped"; return; fi
   local t0; t0=$(date +%s)
   log "$name"
-  "$@"
+  local rc=0
+  "$@" || rc=$?
+  if [ "$rc" -gt 128 ]; then  # the trainers stop on SIGTERM / SIGINT / SIGUSR1 with a checkpoint (128 + signal)
+    echo "demo: stage '$name' stopped by signal $((rc - 128)); run the demo again to continue from its checkpoints"
+    exit "$rc"
+  elif [ "$rc" -ne 0 ]; then
+    exit "$rc"
+  fi
   test -e "$want" || { echo "demo: stage '$name' did not produce $want (see above)"; exit 1; }
   echo "$name $(( $(date +%s) - t0 ))" >> "$TIMES"
 }

@@ -133,3 +133,17 @@ def test_trainer_flag(capsys):
     with pytest.raises(SystemExit) as e:
         p.parse_args(["--out", "x", "--stop_signals", "SIGNOPE"])
     assert e.value.code == 2 and "--stop_signals: unknown signal 'SIGNOPE'" in capsys.readouterr().err
+
+
+def test_demo_says_how_to_continue_after_a_signal(tmp_path):
+    """launch/demo.sh passes a stage's 128 + signal exit on, with how to continue (a stub deepspeed stops at once)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "deepspeed"
+    stub.write_text("#!/bin/sh\nexit 143\n")
+    stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh"), str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stdout + proc.stderr
+    assert "stopped by signal 15; run the demo again to continue from its checkpoints" in proc.stdout
