@@ -49,6 +49,12 @@ def test_shipped_configs_parse_and_prepare(tmp_path):
         raw = load_ds_config(path)
         accel = "cuda" if raw.get("fp16", {}).get("enabled") else "cpu"
         prepare_ds_config(raw, steps=1000, run_dir=tmp_path, job_name="t", world_size=2, accelerator=accel)
+        # a monitor turned off from the command line keeps its "auto" values: still a valid config (the GPU
+        # session's precision stage runs with --ds_set tensorboard.enabled=false)
+        for mon in ("tensorboard", "csv_monitor"):
+            if isinstance(raw.get(mon), dict):
+                off = apply_ds_overrides(raw, [f"{mon}.enabled=false"])
+                prepare_ds_config(off, steps=1000, run_dir=tmp_path, job_name="t", world_size=2, accelerator=accel)
 
 
 def test_missing_and_malformed_files(tmp_path):

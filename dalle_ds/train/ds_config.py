@@ -192,7 +192,7 @@ def prepare_ds_config(cfg: dict[str, Any], *, steps: int, run_dir: str | Path, j
 
     for mon in ("tensorboard", "csv_monitor", "wandb", "comet"):
         section = cfg.get(mon)
-        if isinstance(section, dict) and section.get("enabled"):
+        if isinstance(section, dict):  # disabled ones too: `--ds_set tensorboard.enabled=false` leaves "auto" there
             if section.get("output_path") == "auto":
                 section["output_path"] = str(Path(run_dir) / "monitor") + "/"
             if section.get("job_name") == "auto":
