@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from launch_utils import ROOT
+from trainer_configs import check_trainer, token_shards
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 SCRIPT = ROOT / "benchmarks" / "device_session.sh"
@@ -63,9 +64,9 @@ def test_every_default_stage_has_a_branch():
 
 @pytest.fixture
 def tokens_dir(tmp_path):
-    (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "meta.json").write_text("{}")
-    return tmp_path
+    for split in ("train", "test_id"):
+        token_shards(tmp_path / "tokens" / split)
+    return tmp_path / "tokens"
 
 
 def test_every_benchmark_command_parses(tokens_dir, monkeypatch):
@@ -108,3 +109,16 @@ def test_pytest_stages_name_existing_files_and_registered_markers():
             marker = words[words.index("-m") + 1]
             assert marker in registered, (stage, marker)
     assert seen >= 2
+
+
+def test_precision_stage_trainer_configs_are_valid(tokens_dir, tmp_path):
+    """The precision stage's own trainer runs (one per precision) start: their run and DeepSpeed configs build. A
+    --ds_set the DeepSpeed config refuses would fail that stage on the GPU (it did: tensorboard.enabled=false)."""
+    import precision_compare
+
+    (stage, _, argv), = [c for c in _benchmark_commands(tokens_dir) if c[1] == "precision_compare"]
+    args = precision_compare.parse_args(argv)
+    for precision in args.precisions:
+        cmd = precision_compare.run_command(precision, args, tmp_path / "runs")
+        at = cmd.index("launch/train_dalle.py")
+        check_trainer("train_dalle", cmd[at + 1:], False, args.gpus, tmp_path)

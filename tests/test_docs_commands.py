@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from launch_utils import ROOT
+from trainer_configs import TRAINERS, check_trainer, token_shards
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "launch"))
@@ -132,45 +133,6 @@ def make_inputs(args: list[str], scratch: Path) -> list[str]:
             path.mkdir(parents=True, exist_ok=True)
         out.append(key + eq + value)
     return out
-
-
-def token_shards(path: Path) -> None:
-    """A one-row token-shard folder, as launch/tokenize_images.py writes them (32 x 32 grid, 8192 codes)."""
-    from dalle_ds.data.token_shards import ShardWriter, write_meta
-
-    w = ShardWriter(path, rank=0, grid_size=32, vocab_size=8192)
-    w.add(torch.zeros(1, 32 * 32, dtype=torch.long), [{"index": 0, "caption": "a red circle"}])
-    w.flush()
-    write_meta(path, w.parts, 32, 8192, {})
-
-
-
-
-TRAINERS = {"train_dalle": ("DalleTrainConfig", "DALLE_RUN_PRESETS", "dalle"),
-            "train_dvae": ("DVAETrainConfig", "DVAE_RUN_PRESETS", "dvae"),
-            "train_clip": ("ClipTrainConfig", "CLIP_RUN_PRESETS", "clip")}
-
-
-def check_trainer(name: str, args: list[str], elided: bool, world: int | None, scratch: Path) -> None:
-    import dalle_ds.config as config
-    from dalle_ds.train.cli import build_parser
-    from dalle_ds.train.ds_config import apply_ds_overrides, load_ds_config, prepare_ds_config
-
-    cfg_name, presets_name, job = TRAINERS[name]
-    cfg_class, presets = getattr(config, cfg_name), getattr(config, presets_name)
-    if elided and "--out" not in args:
-        args = [*args, "--out", str(scratch / "out")]
-    if elided and not any(a.startswith("data.") for a in args):  # "..." stands for the data too
-        token_shards(scratch / "runs" / "doc_tokens")
-        args = [*args, "--set", f"data.train_tokens={scratch / 'runs' / 'doc_tokens'}"]
-    ns = build_parser("doc command", presets, "demo").parse_args(args)
-    assert ns.deepspeed_config, "--deepspeed_config is required"
-    cfg = config.build_run_config(cfg_class, presets, ns.preset, ns.config, ns.set)
-    ds_raw = apply_ds_overrides(load_ds_config(str(ROOT / ns.deepspeed_config)), ns.ds_set)
-    if world is not None:
-        accelerator = "cpu" if Path(ns.deepspeed_config).name.startswith("cpu_") else "cuda"
-        prepare_ds_config(ds_raw, steps=cfg.steps, run_dir=scratch / "out", job_name=job, world_size=world,
-                          accelerator=accelerator)
 
 
 def parse_script(script: str, args: list[str]) -> None:
