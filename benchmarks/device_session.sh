@@ -148,14 +148,16 @@ except Exception as e:
     print(type(e).__name__, str(e).splitlines()[0][:120])" 2>&1 | tail -n 2
             echo "CUDA_VISIBLE_DEVICES=$vis $call -> rc=${PIPESTATUS[0]}"
           done; done
-        # the crashing test itself, alone (not after other tests in an xdist worker), then under gdb for the native
-        # frames where the machine has gdb (faulthandler shows only the Python ones)
+        # the crashing test itself, alone (not after other tests in an xdist worker), then under a debugger for the
+        # native frames (faulthandler shows only the Python ones): gdb, else cuda-gdb (the GPU image has no gdb;
+        # cuda-gdb also debugs host code)
         python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_fp169_ops.py -k argument_errors 2>&1 \
           | tail -n 4; echo "test_argument_errors alone -> rc=${PIPESTATUS[0]}"
-        if command -v gdb >/dev/null; then
-          gdb -q -batch -ex run -ex bt --args python3 -m pytest -q -p no:cacheprovider tests/test_fp169_ops.py \
+        dbg=$(command -v gdb || command -v cuda-gdb || true)
+        if [ -n "$dbg" ]; then
+          "$dbg" -q -batch -ex run -ex bt --args python3 -m pytest -q -p no:cacheprovider tests/test_fp169_ops.py \
             -k "argument_errors or encode or decode" 2>&1 | grep -E "^#|SIG|passed|failed" | head -n 40
-        else echo "no gdb on this machine"; fi' ;;
+        else echo "no gdb or cuda-gdb on this machine"; fi' ;;
     bench_fp169)
       build_fp169
       TAIL=30 run bench_fp169 30 120 python3 benchmarks/bench_fp169.py --save ;;
