@@ -73,7 +73,7 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         if self.received == signum:  # the same signal twice: the user means it; the previous handler decides
             previous = self._previous.get(signal.Signals(signum))
-            self.uninstall()
+            self.uninstall(wait=False)
             if callable(previous):  # Python's SIGINT default raises KeyboardInterrupt here
                 previous(signum, frame)
             elif previous != signal.SIG_IGN:  # the default action (SIGTERM, SIGUSR1: the process ends)
@@ -94,8 +94,12 @@ class StopSignals:
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         return self
 
-    def uninstall(self) -> None:
-        self._finish_pending()  # every rank started the same all-reduces: none is left in flight
+    def uninstall(self, wait: bool = True) -> None:
+        """Put the previous handlers back. ``wait``: first finish the all-reduce in flight (every rank started it, so
+        it completes; not on the way out of an error, where a rank may be gone, nor on a stop at once)."""
+        if wait:
+            self._finish_pending()
+        self._pending = None
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
@@ -103,8 +107,8 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         return self.install()
 
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.uninstall(wait=exc_type is None)
 
     # -- agreement ---------------------------------------------------------------------------------------------
     def agreed(self) -> int:
