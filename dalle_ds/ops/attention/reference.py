@@ -20,11 +20,19 @@ def _dense_mask(spec: MaskSpec, device: str) -> torch.Tensor:
     return spec.dense(device=device)
 
 
-@torch.compiler.assume_constant_result
 def dense_mask(spec: MaskSpec, device="cpu") -> torch.Tensor:
     """Cached [N, N] boolean mask in raster order (rows = queries). A constant for torch.compile: a compiled graph
     holds the mask instead of tracing its construction into every call."""
-    return _dense_mask(spec, str(torch.device(device)))
+    return _dense_mask_constant(spec.kind, spec.text_len, spec.grid, spec.conv_kernel, spec.conv_wrap,
+                                str(torch.device(device)))
+
+
+@torch.compiler.assume_constant_result
+def _dense_mask_constant(kind: str, text_len: int, grid: int, conv_kernel: int, conv_wrap: str,
+                         device: str) -> torch.Tensor:
+    # the spec's fields, not the spec: torch 2.11's dynamo cannot rebuild a frozen dataclass to call a function
+    # marked constant ("currently can't reconstruct arbitrary frozen dataclass instances"); 2.13's can
+    return _dense_mask(MaskSpec(kind, text_len, grid, conv_kernel, conv_wrap), device)
 
 
 @functools.lru_cache(maxsize=8192)
