@@ -40,6 +40,13 @@ if os.environ.get("DALLE_DS_BUILD_OPS", "0") == "1":
     ext_modules.append(CPU_BUILDER.setuptools_extension(here))
     why_not = CUDA_BUILDER.incompatibility(need_device=False)  # a build machine may have no GPU
     if why_not is None:
+        import torch
+
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # torch reads the architectures off the visible GPUs; with none it has no list (torch 2.11: IndexError in
+            # _get_cuda_arch_flags). Ampere and Hopper machine code, plus PTX for newer GPUs.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+            print("dalle_ds: no GPU visible and no TORCH_CUDA_ARCH_LIST: building the CUDA op for 8.0;9.0+PTX")
         ext_modules.append(CUDA_BUILDER.setuptools_extension(here))
     else:
         print(f"dalle_ds: not building {CUDA_BUILDER.name} ahead of time: {why_not}")

@@ -174,6 +174,10 @@ class OpBuilder:
             nvcc = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
             if not nvcc.exists():
                 return f"nvcc not found at {nvcc}"
+            header = Path(cpp_extension.CUDA_HOME) / "include" / "cuda_runtime_api.h"
+            if not header.is_file():  # torch took CUDA_HOME from an nvcc on PATH that is a wrapper script elsewhere
+                return (f"CUDA_HOME {cpp_extension.CUDA_HOME} has no include/cuda_runtime_api.h (the nvcc found there "
+                        "may be a wrapper): set CUDA_HOME to the toolkit, e.g. /usr/local/cuda")
             if need_device and not torch.cuda.is_available():
                 return "no CUDA device is visible"
         return None
