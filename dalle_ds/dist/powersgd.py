@@ -633,9 +633,9 @@ class HierarchicalPowerSGD:
     def error_sq_norm(self) -> float:
         """Sum of ||E||^2 over this rank's error buffers, in float64. Decodes one buffer at a time (decoding them all,
         as :meth:`error_buffers` does, would hold an fp32 copy of every buffer at once: ~6 GB per rank at the 12B
-        scale, on the first log step) and sums on the buffers' device, with one host sync at the end. The value is the
-        one ``sum(float(e.double().pow(2).sum()) for e in error_buffers().values())`` gives, bit for bit: the same
-        per-buffer float64 sums, added in the same order."""
+        scale, on the first log step) and sums on the buffers' device, with one host sync at the end. The value is a
+        running float sum of ``float(e.double().pow(2).sum())`` over ``error_buffers()``, bit for bit: the same
+        per-buffer float64 sums, added in the same order (Python 3.12's ``sum()`` compensates, so it may differ)."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for sh in self.shards.values():
             total += sh.err_value().double().pow_(2).sum()

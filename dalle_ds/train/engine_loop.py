@@ -157,7 +157,7 @@ class EngineLoop:
         mean over the micro-batches of each scalar output attribute in ``keys``.
 
         The means are 0-dim float64 tensors where the outputs are (summed in micro-batch order, then divided: the
-        numbers a Python float sum would give), read by the host only at a logged step. Only those scalars are
+        numbers a running Python float sum would give), read by the host only at a logged step. Only those scalars are
         kept: each micro-batch's output (logits, reconstructions...) is released before the next forward."""
         sums: dict[str, torch.Tensor] = {}
         steps = self.engine.gradient_accumulation_steps()
