@@ -52,6 +52,39 @@ def _no_tuning(monkeypatch):
     monkeypatch.setenv("DALLE_DS_ATTN_CACHE", "off")
 
 
+def test_old_interpreter_gets_squeezed_loop_bounds(monkeypatch):
+    """tb._interpreter_loop_bounds_fix on an interpreter laid out as triton 3.6's (whose int() of a 1-element array
+    NumPy 2 refuses): after it, a loaded count converts to an int; an interpreter that squeezes is left alone."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    def old_patch(tensor, scope):  # triton 3.6's conversion
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    class Tensor:
+        def __init__(self, data):
+            self.handle = type("Handle", (), {"data": data})()
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", old_patch)
+    tb._interpreter_loop_bounds_fix()
+    interpreter._patch_lang_tensor(Tensor, Scope())
+    assert range(0, Tensor(np.array([5], dtype=np.int32))) == range(5)
+    fixed = interpreter._patch_lang_tensor
+    tb._interpreter_loop_bounds_fix()  # once only
+    assert interpreter._patch_lang_tensor is fixed
+
+    def new_patch(tensor, scope):  # triton 3.9's
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", new_patch)
+    tb._interpreter_loop_bounds_fix()
+    assert interpreter._patch_lang_tensor is new_patch
+
+
 def test_parity_under_interpreter():
     """Run this file's CPU parity tests in a subprocess with TRITON_INTERPRET=1 (keeps this process clean)."""
     if INTERPRET:

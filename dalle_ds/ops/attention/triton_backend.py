@@ -53,6 +53,33 @@ _kernels_module = None
 _kernels_error: str | None = None
 
 
+def _interpreter_loop_bounds_fix() -> None:
+    """Triton 3.6's interpreter (torch 2.11 and 2.12 pin it) turns a loaded scalar, a 1-element array there, into a
+    loop bound with ``int(array)``, which NumPy 2 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"): every kernel whose loop runs to a loaded count (the visit lists) failed on CPU. Triton 3.9 squeezes the
+    array first; this gives the older interpreter the same conversion. Interpreter only: compiled kernels never see
+    it. A no-op where the interpreter already squeezes, or lays itself out differently."""
+    import inspect
+
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_dalle_ds_squeezes", False):
+        return
+    try:
+        if ".squeeze()" in inspect.getsource(patch):
+            return
+    except (OSError, TypeError):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._dalle_ds_squeezes = True
+    interpreter._patch_lang_tensor = patched
+
+
 def _kernels():
     """Import the kernel module on first use (importing triton is slow, and optional on CPU)."""
     global _kernels_module, _kernels_error
@@ -60,6 +87,8 @@ def _kernels():
         try:
             from . import triton_kernels
 
+            if type(triton_kernels._attn_fwd).__name__ == "InterpretedFunction":
+                _interpreter_loop_bounds_fix()
             _kernels_module = triton_kernels
         except Exception as e:  # ImportError, or a triton that cannot build these kernels
             _kernels_error = f"triton kernels unavailable: {type(e).__name__}: {e}"
