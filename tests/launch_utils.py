@@ -89,5 +89,6 @@ def deepspeed_launch_nodes(script: str, args: list[str], nodes: int = 2, procs_p
                 proc.kill()
     for i, d in enumerate(done):
         if d.returncode != 0:
-            raise AssertionError(f"node{i} of {script} failed ({d.returncode}):\n{d.stdout[-4000:]}\n{d.stderr[-4000:]}")
+            raise AssertionError(f"node{i} of {script} failed ({d.returncode}):\n{d.stdout[-4000:]}\n"
+                                 f"{d.stderr[-4000:]}")
     return done

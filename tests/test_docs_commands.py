@@ -1,4 +1,5 @@
-"""The command lines in README.md, docs/*.md and the scripts' docstrings still parse, and the trainers' ones still make valid configs.
+"""The command lines in README.md, docs/*.md and the scripts' docstrings still parse, and the trainers' ones still
+make valid configs.
 
 Every indented command line (continuations joined) that runs a script of launch/ or benchmarks/ is read as text and
 handed to that script's own parser; for the trainers (launch/train_*.py) the run config is built from its preset and
