@@ -5,8 +5,9 @@ Every indented command line (continuations joined) that runs a script of launch/
 handed to that script's own parser; for the trainers (launch/train_*.py) the run config is built from its preset and
 ``--set`` values, the DeepSpeed JSON is loaded with its ``--ds_set`` values, and the batch sizes are checked for the
 world size the launcher line gives (``--num_nodes`` x ``--num_gpus``). Nothing is run. A doc line with ``...`` stands
-for omitted arguments: the ``...`` is dropped, and a required ``--out`` it hides is supplied. Input files a parser
-checks for are created as empty placeholders in a scratch folder the commands run from.
+for omitted arguments: the ``...`` is dropped, and a required ``--out`` (or data) it hides is supplied. The inputs a
+parser or a config checks for are made in a scratch folder the commands run from: placeholder files, one-row token
+shards, a one-image folder.
 """
 import ast
 import importlib
