@@ -111,7 +111,7 @@ def test_prior_stopped_by_a_signal_to_one_rank_checkpoints_and_resumes(tmp_path)
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 128 + signal.SIGTERM, log[-3000:]
-    assert "received SIGTERM: stopping after this step" in log
+    assert "received SIGTERM: stopping after the next step" in log
     stopped = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
     assert 5 <= stopped < 2000, stopped
     shards_saved = sorted(p.name for p in (out / "checkpoints" / f"step{stopped:08d}").glob("zero_pp_rank_*"))

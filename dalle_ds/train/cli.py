@@ -40,7 +40,7 @@ def build_parser(description: str, presets: dict[str, Any], default_preset: str)
     p.add_argument("--stop_at", type=int, default=None,
                    help="checkpoint and exit after this many steps, as a preempted job would (rerun to resume)")
     p.add_argument("--stop_signals", default=",".join(DEFAULT_STOP_SIGNALS), type=_signals,
-                   help="signals that stop the run after the current step with a checkpoint, as a preempted job\n"
+                   help="signals that stop the run after the next step with a checkpoint, as a preempted job\n"
                         "(exit code 128 + the signal; rerun to resume); the same signal twice stops at once;\n"
                         f"'none' keeps the default handlers (default: {','.join(DEFAULT_STOP_SIGNALS)})")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)

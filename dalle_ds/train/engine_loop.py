@@ -246,8 +246,8 @@ class EngineLoop:
 
     def train(self, stop_at: int | None = None, stop_signals: Sequence[signal.Signals] = ()) -> dict[str, Any]:
         """Train to ``cfg.steps``; ``stop_at`` stops early after a checkpoint, as a preempted job would; so does one
-        of ``stop_signals`` received by any rank (after the step it arrives in: :mod:`dalle_ds.train.preemption`),
-        and the summary's ``stopped_by`` names it."""
+        of ``stop_signals`` received by any rank (after the step that follows the one it arrives in:
+        :mod:`dalle_ds.train.preemption`), and the summary's ``stopped_by`` names it."""
         with StopSignals(stop_signals) as stop:
             return self._train(stop_at, stop)
 

@@ -82,8 +82,8 @@ class StopSignals:
             return
         if not self.received:
             self.received = signum
-            log.warning("received %s: stopping after this step with a checkpoint (the same signal again stops at "
-                        "once)", signal.Signals(signum).name)
+            log.warning("received %s: stopping after the next step with a checkpoint (the same signal again stops "
+                        "at once)", signal.Signals(signum).name)
 
     def install(self) -> "StopSignals":
         if self.signals and threading.current_thread() is threading.main_thread():
