@@ -29,12 +29,25 @@ def _deepspeed_exe() -> str:
     return exe
 
 
+def _launcher_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def _launch_command(script: str, args: list[str], num_procs: int, port: int) -> list[str]:
+    return [_deepspeed_exe(), "--num_gpus", str(num_procs), "--master_port", str(port), str(ROOT / script), *args]
+
+
+def deepspeed_start(script: str, args: list[str], num_procs: int = 2) -> subprocess.Popen:
+    """The launch of :func:`deepspeed_launch`, left running (stdout and stderr merged into ``stdout``): for tests
+    that act on the ranks while they train."""
+    return subprocess.Popen(_launch_command(script, args, num_procs, free_port()), cwd=ROOT, env=_launcher_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def deepspeed_launch(script: str, args: list[str], num_procs: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    exe = _deepspeed_exe()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     port = free_port()
-    cmd = [exe, "--num_gpus", str(num_procs), "--master_port", str(port), str(ROOT / script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = _launch_command(script, args, num_procs, port)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_launcher_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     # DeepSpeed's CPU shm all-reduce workspaces (66 MiB per rank) must not outlive the run (distributed.py).
@@ -69,8 +82,7 @@ def deepspeed_launch_nodes(script: str, args: list[str], nodes: int = 2, procs_p
     workdir = workdir or Path(os.environ.get("TMPDIR", "/tmp"))
     hostfile = workdir / "hostfile"
     hostfile.write_text("".join(f"node{i} slots={procs_per_node}\n" for i in range(nodes)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    port = free_port()
+    env, port = _launcher_env(), free_port()
     procs = []
     for i in range(nodes):
         cmd = [exe, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i), "--master_addr", "127.0.0.1",

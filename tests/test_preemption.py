@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -82,7 +81,7 @@ def test_prior_stopped_by_a_signal_to_one_rank_checkpoints_and_resumes(tmp_path)
     resumes from that step."""
     import psutil
 
-    from launch_utils import deepspeed_launch, free_port
+    from launch_utils import deepspeed_launch, deepspeed_start
     from unit_shards import write_unit_splits
 
     shards = write_unit_splits(tmp_path / "shards", 256, 32)
@@ -91,11 +90,7 @@ def test_prior_stopped_by_a_signal_to_one_rank_checkpoints_and_resumes(tmp_path)
             "--set", f"data.train_tokens={shards / 'train'}", "--set", f"data.val_tokens={shards / 'val'}",
             "--set", "steps=2000", "--set", "save_every=0", "--set", "eval_every=0", "--set", "log_every=1",
             "--set", "data.val_batches=1", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    launcher = subprocess.Popen([exe, "--num_gpus", "2", "--master_port", str(free_port()),
-                                 str(ROOT / "launch" / "train_dalle.py"), *args], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = deepspeed_start("launch/train_dalle.py", args, num_procs=2)
     try:
         losses = out / "monitor" / "dalle" / "dalle_loss.csv"
         deadline = time.time() + 300
