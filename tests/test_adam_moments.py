@@ -282,7 +282,6 @@ def test_the_deepspeed_extension_reads_the_config_and_refuses_what_it_cannot_run
             ({"type": "SGD", "params": {"lr": 1}}, {}, "needs an Adam or AdamW"),
             ({"type": "Adam", "params": {"adam_w_mode": False}}, {}, "decoupled weight decay"),
             ({"type": "AdamW", "params": {}}, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
-             "optimizer offload"),
-            ({"type": "AdamW", "params": {}}, {"checkpoint": {"load_universal": True}}, "elastic and universal")]:
+             "optimizer offload")]:
         with pytest.raises(ConfigError, match=needle):
             prepared(optimizer, **extra)

@@ -1,5 +1,6 @@
 """What a run folder must satisfy before a run resumes from it (dalle_ds.train.checkpoint): ``latest`` names a
-checkpoint that exists; the folder is this job's; the model, ZeRO stage and (ZeRO ≥ 1) rank count are unchanged."""
+checkpoint that exists; the folder is this job's; the model and ZeRO stage are unchanged (the rank count may change:
+tests/test_resume_other_world.py)."""
 import json
 import os
 import subprocess
@@ -44,33 +45,27 @@ def test_latest_must_name_an_existing_checkpoint(tmp_path):
 
 def test_what_may_and_may_not_change(tmp_path):
     run = _folder(tmp_path)
-    assert check_resume(run, "dalle", RUN, DS, world=2) == []
+    assert check_resume(run, "dalle", RUN, DS) == []
     more = {**RUN, "steps": 40, "model": {**RUN["model"], "attn_backend": "dense"}}
-    assert check_resume(run, "dalle", more, DS, world=2) == ["model.attn_backend", "steps"]
+    assert check_resume(run, "dalle", more, DS) == ["model.attn_backend", "steps"]
     wider = {**RUN, "model": {**RUN["model"], "d_model": 64}}
     with pytest.raises(ConfigError, match="model differs.*model.d_model 32 -> 64"):
-        check_resume(run, "dalle", wider, DS, world=2)
+        check_resume(run, "dalle", wider, DS)
     with pytest.raises(ConfigError, match="holds fp32 Adam moments, this run asks for 16bit"):
-        check_resume(run, "dalle", {**RUN, "adam_moments": "16bit"}, DS, world=2)
+        check_resume(run, "dalle", {**RUN, "adam_moments": "16bit"}, DS)
     # a folder written before the key existed held fp32 moments: resuming it with the default is fine
-    assert check_resume(run, "dalle", {**RUN, "adam_moments": "fp32"}, DS, world=2) == ["adam_moments"]
+    assert check_resume(run, "dalle", {**RUN, "adam_moments": "fp32"}, DS) == ["adam_moments"]
     with pytest.raises(ConfigError, match="another run \\(dalle\\), not of a dvae run"):
-        check_resume(run, "dvae", RUN, DS, world=2)
+        check_resume(run, "dvae", RUN, DS)
     with pytest.raises(ConfigError, match="ZeRO stage 2, this run uses 0"):
-        check_resume(run, "dalle", RUN, {**DS, "zero_optimization": {"stage": 0}}, world=2)
-    with pytest.raises(ConfigError, match="sharded over 2 rank\\(s\\), this run has 1"):
-        check_resume(run, "dalle", RUN, {**DS, "train_batch_size": 4}, world=1)
-    elastic = {**DS, "train_batch_size": 4, "zero_optimization": {"stage": 2, "elastic_checkpoint": True}}
-    assert check_resume(run, "dalle", RUN, elastic, world=1) == []
-    # ZeRO 0 keeps no sharded state: the rank count may change
-    ds0 = {**DS, "zero_optimization": {"stage": 0}}
-    (run / "dalle_ds_config.json").write_text(json.dumps(ds0))
-    assert check_resume(run, "dalle", RUN, {**ds0, "train_batch_size": 4}, world=1) == []
+        check_resume(run, "dalle", RUN, {**DS, "zero_optimization": {"stage": 0}})
+    # another number of ranks is no refusal (tests/test_resume_other_world.py)
+    assert check_resume(run, "dalle", RUN, {**DS, "train_batch_size": 4}) == []
 
 
 def test_no_checkpoint_no_checks(tmp_path):
     run = _folder(tmp_path, tags=(), latest=None)
-    assert check_resume(run, "dvae", {"model": {"d_model": 1}}, {}, world=1) == []
+    assert check_resume(run, "dvae", {"model": {"d_model": 1}}, {}) == []
 
 
 @pytest.mark.slow

@@ -181,6 +181,16 @@ class PowerSGDExtension:
         self.reducer.load_state_dict(state["reducer"])
         self.skipped_steps = int(state["skipped_steps"])
 
+    def load_resharded_state(self, state: dict) -> None:
+        """Resuming on another number of ranks (``state``: old rank 0's). The error buffers and Q matrices belong to
+        the old machines' shards of each matrix, which no longer exist: error feedback starts again from zero (the
+        residual not yet sent is dropped once, as at the first step of a run) and Q from its initialization."""
+        old = state["reducer"]
+        log.warning("PowerSGD: the checkpoint's error buffers are for %d machine(s) x %d rank(s), this job has %d x "
+                    "%d: error feedback restarts from zero", old["machines"], old["local_size"],
+                    self.reducer.topo.machines, self.reducer.topo.local_size)
+        self.skipped_steps = int(state["skipped_steps"])
+
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps the reducer flagged for skipping so far (reads the device's count: log steps and

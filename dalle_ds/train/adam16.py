@@ -7,8 +7,9 @@ hyper-parameters and two param groups: the resblocks' matmul weights (moments in
 moments: gains, biases, embeddings, heads). DeepSpeed's ZeRO optimizers then give it one flat fp32 partition per group
 and keep the group's ``moments`` key; its scheduler, clipping, checkpoints and overflow handling are DeepSpeed's as
 before. Refused: an optimizer section other than Adam/AdamW (or with ``adam_w_mode`` false, or AMSGrad), optimizer
-offload (DeepSpeed's CPU Adam does the step there), and elastic / universal checkpoints (they reshape state
-tensors as fp32 values).
+offload (DeepSpeed's CPU Adam does the step there). Resuming on another number of ranks goes through DeepSpeed's
+universal checkpoint, which hands the moments back as fp32 tensors holding the codes' integer values;
+:meth:`Adam16Extension.after_universal_load` turns them back into codes.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Adam16Extension:
 
     def __init__(self):
         self.groups: list[dict] | None = None
+        self.kinds: list[str] = []
         self.hyper: dict | None = None
 
     def before_initialize(self, model: torch.nn.Module, ds_config: dict) -> None:
@@ -41,9 +43,6 @@ class Adam16Extension:
         if str((zo.get("offload_optimizer") or {}).get("device", "none")).lower() not in ("none", ""):
             raise ConfigError(f"{where}: optimizer offload runs DeepSpeed's CPU Adam, which keeps fp32 moments; "
                               "drop zero_optimization.offload_optimizer or keep adam_moments=fp32")
-        if zo.get("elastic_checkpoint") or (ds_config.get("checkpoint") or {}).get("load_universal"):
-            raise ConfigError(f"{where}: elastic and universal checkpoints re-partition optimizer state as fp32 "
-                              "values, which 16-bit codes are not; turn them off")
         if not hasattr(model, "resblock_matmul_weight_names"):
             raise ConfigError(f"{where}: the model names no resblock matmul weights (the prior does)")
         ds_config["zero_allow_untested_optimizer"] = True  # a client optimizer under ZeRO
@@ -57,7 +56,41 @@ class Adam16Extension:
                       "eps": params.get("eps", 1e-8),
                       "weight_decay": params.get("weight_decay", 0.01 if params.get("torch_adam") else 0.0)}
 
+    def after_universal_load(self, engine) -> None:
+        """After DeepSpeed loaded a universal checkpoint (a resume on another number of ranks), put back what its
+        loaders change:
+
+        * the moments' dtype: both loaders rebuild each state as a ``zeros_like`` of the fp32 partition and copy the
+          saved values in, so a 16-bit group's moments come back as fp32 tensors holding the codes as integers (exact:
+          |code| <= 2^15 < 2^24); they are cast back to int16, anything else refused;
+        * under ZeRO-3, each group's ``moments`` key: that loader gives every param group the first group's settings
+          (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``, DeepSpeed 0.19.8), and ours differ only there."""
+        opt = engine.optimizer
+        inner = getattr(opt, "optimizer", opt)
+        if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: flat fp32 partitions per sub-group
+            for group, kind in zip(inner.param_groups, self.kinds, strict=True):
+                group["moments"] = kind
+            owned = [(inner.param_groups[opt.sub_group_to_group_id[i]], t)
+                     for i, t in enumerate(opt.fp32_partitioned_groups_flat)]
+        else:
+            owned = [(group, p) for group in inner.param_groups for p in group["params"]]
+        for group, p in owned:
+            if group.get("moments") != "16bit":
+                continue
+            state = inner.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = state.get(key)
+                if t is None or t.dtype == torch.int16:
+                    continue
+                if not (t.is_floating_point() and bool((t == t.round()).all()) and bool((t.abs() <= 32768).all())):
+                    raise RuntimeError(f"16-bit Adam moments: the loaded {key} is not a tensor of 16-bit codes "
+                                       f"({t.dtype})")
+                state[key] = t.to(torch.int16)
+
     def client_optimizer(self):
         """(model_parameters, optimizer factory) for ``deepspeed.initialize``."""
         groups = [g for g in self.groups if g["params"]]
+        # each group's moments, by position: the optimizer keeps these dicts as its param groups, which a universal
+        # load rewrites (after_universal_load)
+        self.kinds = [g["moments"] for g in groups]
         return groups, lambda param_groups: AdamW16(param_groups, **self.hyper)

@@ -90,16 +90,15 @@ RESUMABLE_MODEL_KEYS = frozenset({"attn_backend", "dropout", "activation_checkpo
                                   "vision_position_init"})
 
 
-def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_config: dict[str, Any],
-                 world: int) -> list[str]:
+def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_config: dict[str, Any]) -> list[str]:
     """Before resuming from ``run_dir``: refuse what cannot resume, list what changed.
 
     Raises :class:`ConfigError` when the folder holds another job's checkpoints, when the model config differs
     (the weights would not fit; :data:`RESUMABLE_MODEL_KEYS` may change) or the Adam moments' format does, or when
-    the ZeRO stage or (with ZeRO ≥ 1, whose optimizer state is sharded by rank)
-    the number of ranks differs from the run that wrote them. Returns the other changed keys (for a warning: a longer
+    the ZeRO stage differs from the run that wrote them. Returns the other changed keys (for a warning: a longer
     ``steps`` or a new learning rate is a legitimate reason to resume). Reads the ``<job>_run_config.json`` and
-    ``<job>_ds_config.json`` the earlier run wrote; a folder without a committed checkpoint passes."""
+    ``<job>_ds_config.json`` the earlier run wrote; a folder without a committed checkpoint passes. A different
+    number of ranks is no refusal: see :func:`saved_layout` and :func:`universal_tag`."""
     from dalle_ds.train.ds_config import zero_stage
     from dalle_ds.utils.dicts import flatten
 
@@ -128,28 +127,24 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
         if z_before != z_now:
             raise ConfigError(f"cannot resume from {run_dir}: its checkpoints were written with ZeRO stage {z_before}, "
                               f"this run uses {z_now}")
-        per_rank = ds_before.get("train_micro_batch_size_per_gpu", 0) * ds_before.get("gradient_accumulation_steps", 1)
-        world_before = ds_before.get("train_batch_size", 0) // per_rank if per_rank else world
-        reshapes = (ds_config.get("zero_optimization", {}).get("elastic_checkpoint")
-                    or ds_config.get("checkpoint", {}).get("load_universal"))  # DeepSpeed re-partitions these
-        if z_now >= 1 and world_before != world and not reshapes:
-            raise ConfigError(f"cannot resume from {run_dir}: its ZeRO-{z_now} checkpoints hold optimizer state "
-                              f"sharded over {world_before} rank(s), this run has {world} (DeepSpeed re-partitions "
-                              "with zero_optimization.elastic_checkpoint or checkpoint.load_universal)")
     return changed
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep: int = 2,
-                    rank_state: dict[str, Any] | None = None) -> str:
+                    rank_state: dict[str, Any] | None = None, layout: dict[str, int] | None = None) -> str:
     """Collective: every rank must call it. Returns the tag written.
 
     ``client_state`` goes into DeepSpeed's model-states file (written by data-parallel rank 0 only); ``rank_state``
-    is this rank's own state (e.g. its ZeRO-3 share of the EMA), written by every rank as ``<tag>/rank<R>.pt``.
+    is this rank's own state (e.g. its ZeRO-3 share of the EMA), written by every rank as ``<tag>/rank<R>.pt``;
+    ``layout`` (world size, micro-batch, ZeRO stage) goes to ``<tag>/layout.json``, read by :func:`saved_layout`
+    before a resume builds its engine.
     """
     tag = step_tag(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if rank_state is not None:
         atomic_torch_save(rank_state, Path(ckpt_dir) / tag / f"rank{dist_rank()}.pt")
+    if layout is not None and is_rank0():
+        atomic_write_bytes(Path(ckpt_dir) / tag / LAYOUT_FILE, (json.dumps(layout, sort_keys=True) + "\n").encode())
     barrier()
     if is_rank0():
         atomic_write_bytes(Path(ckpt_dir) / "latest", tag.encode())
@@ -161,20 +156,122 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[
     return tag
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-    """Load the latest committed checkpoint into ``engine``.
-
-    Returns (client_state, this rank's rank_state or None), or None when there is no committed checkpoint.
-    """
+def resume_tag(ckpt_dir: str | Path) -> str | None:
+    """The committed tag to resume from (:func:`latest_tag`), checked to be the same on every rank (collective)."""
     tag = latest_tag(ckpt_dir)
     check_same_on_every_rank(f"the checkpoint to resume ({Path(ckpt_dir) / 'latest'})", tag,
                              "every rank must see the same run folder (a filesystem shared by every node, with "
                              "rank 0's latest write visible to all)")
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: str | Path, tag: str | None = None, universal: bool = False,
+                    own_state: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """Load checkpoint ``tag`` (default: the latest committed one) into ``engine``.
+
+    ``universal``: load DeepSpeed's universal copy of it (:func:`universal_tag`; the engine must have been built with
+    ``checkpoint.load_universal``). Returns (client_state, this rank's rank_state, or None when there is none or
+    ``own_state`` is False), or None when there is no committed checkpoint.
+    """
+    if tag is None:
+        tag = resume_tag(ckpt_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    load = universal_tag(ckpt_dir, tag) if universal else tag
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / load}")
     own = Path(ckpt_dir) / tag / f"rank{dist_rank()}.pt"
-    rank_state = torch.load(own, map_location="cpu", weights_only=False) if own.is_file() else None
+    rank_state = torch.load(own, map_location="cpu", weights_only=False) if own_state and own.is_file() else None
     return client_state or {}, rank_state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resuming on another number of ranks
+# ----------------------------------------------------------------------------------------------------------------
+LAYOUT_FILE = "layout.json"
+UNIVERSAL_DIR = "universal"
+
+
+def saved_layout(run_dir: str | Path, job: str, tag: str) -> dict[str, int] | None:
+    """How checkpoint ``tag`` of ``run_dir`` was trained: ``{"world_size", "micro_batch", "train_batch_size",
+    "zero_stage"}``.
+
+    Read from ``<tag>/layout.json``; checkpoints written before that file existed fall back to the run's
+    ``<job>_ds_config.json`` (batch sizes and ZeRO stage; call this before the new run overwrites it). None when
+    neither is there."""
+    from dalle_ds.train.ds_config import zero_stage
+
+    f = Path(run_dir) / "checkpoints" / tag / LAYOUT_FILE
+    if f.is_file():
+        return {k: int(v) for k, v in json.loads(f.read_text()).items()}
+    old_ds = Path(run_dir) / f"{job}_ds_config.json"
+    if not old_ds.is_file():
+        return None
+    ds = json.loads(old_ds.read_text())
+    mb, ga, tb = (ds.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                      "train_batch_size"))
+    if not (isinstance(mb, int) and isinstance(ga, int) and isinstance(tb, int)) or tb % (mb * ga):
+        return None
+    return {"world_size": tb // (mb * ga), "micro_batch": mb, "train_batch_size": tb, "zero_stage": zero_stage(ds)}
+
+
+def universal_tag(ckpt_dir: str | Path, tag: str) -> str:
+    """Collective. The tag (``<tag>/universal``) of DeepSpeed's universal copy of checkpoint ``tag``: its ZeRO
+    optimizer state and fp32 weights regrouped per parameter, loadable on any number of ranks. Rank 0 makes it the
+    first time (DeepSpeed's ``ds_to_universal``, into a temporary folder renamed into place, so an interrupted
+    conversion is redone and never half-read), the others wait; it lives inside the checkpoint's folder and goes
+    when that is pruned. For a large model, convert before the job starts, when the conversion would outlast the
+    collectives' timeout (``DEEPSPEED_TIMEOUT``): ``python -m deepspeed.checkpoint.ds_to_universal --input_folder
+    <run>/checkpoints/<tag> --output_folder <run>/checkpoints/<tag>/universal --inject_missing_state``."""
+    src = Path(ckpt_dir) / tag
+    dst = src / UNIVERSAL_DIR
+    failure: BaseException | None = None
+    if is_rank0() and not dst.is_dir():
+        try:
+            _convert_to_universal(src, dst)
+        except Exception as e:  # raised after the barrier: the other ranks must not wait for it until the timeout
+            failure = e
+    barrier()
+    if failure is not None:
+        raise failure
+    if not dst.is_dir():
+        raise RuntimeError(f"{dst} is missing on this rank: rank 0 failed to make it (see its error), or this rank "
+                           "does not see the run folder (it must be on a filesystem shared by every node)")
+    return f"{tag}/{UNIVERSAL_DIR}"
+
+
+def _convert_to_universal(src: Path, dst: Path) -> None:
+    import subprocess
+    import sys
+
+    tmp = Path(tempfile.mkdtemp(dir=src, prefix=f".{UNIVERSAL_DIR}."))
+    try:
+        # --inject_missing_state: the version stamp DeepSpeed asks its clients to save (Megatron-DeepSpeed does);
+        # these checkpoints need no more than that (no tensor or pipeline parallelism to describe)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(src), "--output_folder", str(tmp), "--inject_missing_state",
+                               "--num_extract_workers", "2", "--num_merge_workers", "1"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
+            raise RuntimeError(f"converting {src} to a universal checkpoint failed:\n{tail}")
+        os.replace(tmp, dst)
+        (src / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer beside its output: unused
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resume_data_position(state: dict[str, int], samples_per_micro_before: int, samples_per_micro_now: int
+                         ) -> tuple[dict[str, int], int]:
+    """The data position ``state`` (epoch, micro-batches per rank consumed in it) of a run whose global micro-batch
+    held ``samples_per_micro_before`` samples, for one whose holds ``samples_per_micro_now``.
+
+    Every global micro-batch is the next contiguous block of the epoch's shuffled order, whatever the number of ranks
+    (``DistributedSampler`` deals it out rank by rank), so an optimizer update of the same global batch reads the
+    same samples at any world size: the position carries over as samples consumed in the epoch. Returns the new
+    state and how many samples of the epoch are read a second time because that count is not a whole number of the
+    new global micro-batches (0 at an update boundary whenever both micro-batches divide the global batch)."""
+    consumed = int(state["index"]) * samples_per_micro_before
+    index = consumed // samples_per_micro_now
+    return {"epoch": int(state["epoch"]), "index": index}, consumed - index * samples_per_micro_now

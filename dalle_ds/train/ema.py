@@ -8,7 +8,8 @@ Under ZeRO-3 each rank averages only its own partition of every parameter (``par
 """
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -83,6 +84,32 @@ class EMA:
         self.decay, self.updates = float(state["decay"]), int(state["updates"])
         for i, n in enumerate(self.names):
             self.shadow[i].copy_(state["shadow"][n])
+
+    def load_resharded(self, old: Sequence[dict]) -> None:
+        """Under ZeRO-3, on another number of ranks than the run that saved it: this rank's partitions, cut from the
+        per-rank states ``old`` (in rank order) of that run. DeepSpeed partitions a parameter as its flattened
+        elements padded to a multiple of the world size, rank r holding the r-th equal share; each old state holds one
+        such share of the old world, this rank's shadow has the size of its share of the new one. The states may be
+        loaded with ``mmap=True``: only the slices this rank needs are read."""
+        if not self.sharded:
+            raise ValueError("EMA.load_resharded is for ZeRO-3 partitions; an unsharded EMA loads its whole state")
+        self.decay, self.updates = float(old[0]["decay"]), int(old[0]["updates"])
+        me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        for i, (n, shape) in enumerate(zip(self.names, self.full_shapes)):
+            shards = [s["shadow"][n].reshape(-1) for s in old]
+            numel = math.prod(shape)
+            if sum(t.numel() for t in shards) < numel:
+                raise ValueError(f"EMA states of {len(old)} rank(s) hold fewer than the {numel} elements of {n}")
+            mine = self.shadow[i].view(-1)
+            mine.zero_()  # the padding past the last element stays zero
+            lo, hi = me * mine.numel(), min((me + 1) * mine.numel(), numel)
+            old_part = shards[0].numel()
+            pos = lo
+            while pos < hi:  # copy from each old share that overlaps [lo, hi)
+                k, off = divmod(pos, old_part)
+                take = min(hi - pos, old_part - off)
+                mine[pos - lo: pos - lo + take].copy_(shards[k][off: off + take])
+                pos += take
 
     def model_state_dict(self, dst: int | None = None) -> dict[str, torch.Tensor]:
         """The averaged weights under the module's parameter names (fp32, on CPU). Collective under ZeRO-3.

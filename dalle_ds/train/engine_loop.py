@@ -16,7 +16,9 @@ weights), ``setup(loop)`` (after that, before resume), ``after_backward(loop, mi
 ``engine.backward``), ``after_update(loop, stats)`` (after every ``train_step``, with its statistics),
 ``stats() -> dict`` (called at each logged step, merged into its statistics; it covers the steps since the previous
 call), ``before_save(loop)`` (on every rank, before a checkpoint is written), ``state_dict()`` /
-``load_state_dict(state)`` (this rank's state, saved in the checkpoint's per-rank file). Each has a unique ``name``.
+``load_state_dict(state)`` (this rank's state, saved in the checkpoint's per-rank file), ``load_resharded_state(
+state)`` (resuming on another number of ranks: old rank 0's state; without it, ``load_state_dict`` takes that),
+``after_universal_load(engine)`` (right after DeepSpeed loaded a universal checkpoint). Each has a unique ``name``.
 
 A DeepSpeed config whose scheduler is ``PlateauHalving`` (the paper's halving on plateaus, :mod:`dalle_ds.train.
 plateau`) adds the extension that runs it.
@@ -38,6 +40,7 @@ from tqdm.auto import tqdm
 from dalle_ds.precision.native import bf16_is_native
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.data_loading import StepBatches
+from dalle_ds.train.ds_config import zero_stage
 from dalle_ds.train.distributed import (all_reduce_mean, barrier, check_same_on_every_rank, device, is_rank0,
                                          rank, world_size)
 from dalle_ds.train.ema import EMA
@@ -75,7 +78,14 @@ class EngineLoop:
         self.seed = seed
         # Every rank reads the earlier run's configs (so a refusal ends all ranks alike, none left waiting in a
         # collective), then rank 0 replaces them.
-        changed = ckpt.check_resume(self.run_dir, self.job_name, asdict(cfg), ds_config, world_size()) if resume else []
+        changed = ckpt.check_resume(self.run_dir, self.job_name, asdict(cfg), ds_config) if resume else []
+        # The checkpoint to resume and how it was trained, read before this run's configs replace the earlier ones.
+        # On another number of ranks, ZeRO's sharded optimizer state loads from DeepSpeed's universal form of it and
+        # this loop's own per-rank state is regrouped (_load_resharded).
+        self._resume_tag = ckpt.resume_tag(self.ckpt_dir) if resume else None
+        self._saved_layout = (ckpt.saved_layout(self.run_dir, self.job_name, self._resume_tag)
+                              if self._resume_tag is not None else None)
+        reshard = self._saved_layout is not None and self._saved_layout["world_size"] != world_size()
         # Each rank opens the data itself; the sampler splits it by index, so a rank that read fewer samples (an
         # image it could not decode this time, other files under the same path) would train on overlapping ones.
         check_same_on_every_rank("the training set's size", len(train_ds),
@@ -96,6 +106,10 @@ class EngineLoop:
         for ext in self.extensions:
             if hasattr(ext, "client_lr_scheduler"):
                 engine_config, client_scheduler = ext.client_lr_scheduler(engine_config)
+        universal = reshard and zero_stage(ds_config) >= 1
+        if universal:  # DeepSpeed reads <tag>/universal, made by ckpt.universal_tag, instead of the rank shards
+            engine_config = {**engine_config, "checkpoint": {**engine_config.get("checkpoint", {}),
+                                                             "load_universal": True}}
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model_parameters,
                                                      optimizer=client_optimizer, lr_scheduler=client_scheduler,
                                                      config=engine_config)
@@ -118,19 +132,73 @@ class EngineLoop:
                                    seed, num_workers, collate_fn, self.device,
                                    tag_epoch=self.tag_samples_with_epoch)
         self.resumed_from = None
-        if resume:
-            loaded = ckpt.load_checkpoint(self.engine, self.ckpt_dir)
-            if loaded is not None:
-                state, own = loaded
+        if self._resume_tag is not None:
+            if reshard and is_rank0():
+                log.warning("resuming %s on %d rank(s); checkpoint %s was written by %d: %s", self.run_dir,
+                            world_size(), self._resume_tag, self._saved_layout["world_size"],
+                            "loading its universal form (ZeRO's optimizer state re-partitioned)" if universal
+                            else "ZeRO-0 keeps no sharded state")
+            state, own = ckpt.load_checkpoint(self.engine, self.ckpt_dir, self._resume_tag, universal=universal,
+                                              own_state=not reshard)
+            for ext in self.extensions if universal else ():
+                if hasattr(ext, "after_universal_load"):
+                    ext.after_universal_load(self.engine)
+            if reshard:
+                self._load_resharded(state)
+            else:
                 if (self.ema.sharded or self._stateful_extensions()) and own is None:
                     raise RuntimeError(f"checkpoint in {self.ckpt_dir} lacks this rank's own state (rank{rank()}.pt): "
-                                       "was it written with a different number of ranks, ZeRO stage or extensions?")
+                                       "was it written with a different ZeRO stage or extensions?")
                 self.ema.load_state_dict(own["ema"] if self.ema.sharded else state["ema"])
                 for ext in self._stateful_extensions():
                     ext.load_state_dict(own["extensions"][ext.name])
                 self.batches.load_state_dict(state["data"])
-                self.load_extra_state(state.get("extra", {}))
-                self.resumed_from = self.engine.global_steps
+            self.load_extra_state(state.get("extra", {}))
+            self.resumed_from = self.engine.global_steps
+
+    def _layout(self) -> dict[str, int]:
+        """How this run trains, saved with each checkpoint (ckpt.saved_layout reads it back)."""
+        return {"world_size": world_size(), "micro_batch": self.engine.train_micro_batch_size_per_gpu(),
+                "train_batch_size": self.engine.train_batch_size(), "zero_stage": self.engine.zero_optimization_stage()}
+
+    def _load_resharded(self, state: dict[str, Any]) -> None:
+        """The rest of a resume on another number of ranks, after DeepSpeed loaded the weights and optimizer state.
+
+        * Data: the position carries over as samples consumed in the epoch (ckpt.resume_data_position): with the same
+          global batch, each update reads the samples it would have read on the old ranks.
+        * EMA: unsharded, it is in the client state; under ZeRO-3 each rank cuts its new partitions from every old
+          rank's file (memory-mapped: only the slices it needs are read).
+        * Extensions' per-rank state: that of old rank 0 (what they keep is the same on every rank: per-resblock
+          scales, the plateau schedule), through ``load_resharded_state`` where an extension has one (PowerSGD, whose
+          error buffers belong to the old ranks' shards)."""
+        before, now = self._saved_layout, self._layout()
+        tag_dir = self.ckpt_dir / self._resume_tag
+        position, repeated = ckpt.resume_data_position(state["data"], before["micro_batch"] * before["world_size"],
+                                                       now["micro_batch"] * now["world_size"])
+        self.batches.load_state_dict(position)
+        if before.get("train_batch_size", now["train_batch_size"]) != now["train_batch_size"] and is_rank0():
+            log.warning("the global batch changes from %d to %d samples per update (train_batch_size); the learning "
+                        "rate schedule goes on by update count", before["train_batch_size"], now["train_batch_size"])
+        if repeated and is_rank0():
+            log.warning("the data position (%d samples into epoch %d) is not a whole number of this run's global "
+                        "micro-batches (%d samples): %d samples are read again", position["index"] * now["micro_batch"]
+                        * now["world_size"] + repeated, position["epoch"], now["micro_batch"] * now["world_size"],
+                        repeated)
+        files = [tag_dir / f"rank{r}.pt" for r in range(before["world_size"])]
+        needs_files = self.ema.sharded or bool(self._stateful_extensions())
+        missing = [f.name for f in files if not f.is_file()] if needs_files else []
+        if missing:
+            raise RuntimeError(f"checkpoint {tag_dir} lacks the per-rank state of rank(s) {', '.join(missing)} of the "
+                               f"{before['world_size']} that wrote it: resume it on that many ranks")
+        if self.ema.sharded:
+            self.ema.load_resharded([torch.load(f, map_location="cpu", weights_only=False, mmap=True)["ema"]
+                                     for f in files])
+        else:
+            self.ema.load_state_dict(state["ema"])
+        if self._stateful_extensions():
+            first = torch.load(files[0], map_location="cpu", weights_only=False)["extensions"]
+            for ext in self._stateful_extensions():
+                getattr(ext, "load_resharded_state", ext.load_state_dict)(first[ext.name])
 
     # -- hooks for subclasses -----------------------------------------------------------------------------------
     def train_step(self, batches) -> dict[str, float]:
@@ -238,7 +306,7 @@ class EngineLoop:
         if self._stateful_extensions():
             own["extensions"] = {e.name: e.state_dict() for e in self._stateful_extensions()}
         ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.engine.global_steps, state,
-                             keep=self.cfg.keep_checkpoints, rank_state=own or None)
+                             keep=self.cfg.keep_checkpoints, rank_state=own or None, layout=self._layout())
 
     def log(self, prefix: str, values: dict[str, float], step: int) -> None:
         self.engine.monitor.write_events([(f"{prefix}/{k}", float(v), step) for k, v in values.items()
