@@ -677,6 +677,11 @@ class DalleTrainConfig:
     adam_moments: str = "fp32"
     """fp32, or 16bit: the resblock matmul weights' Adam mean in 1-6-9 and variance in 0-6-10 clipped at 5, as the
     paper (App. B.2; dalle_ds.precision.adam_moments); the other parameters keep fp32 moments."""
+    init_from: str = ""
+    """An exported prior (a run's ``dalle.pt``) whose weights this run starts from: fine-tuning. The architecture
+    must be the same (the keys a resume may change may differ), and so must the caption tokenizer: the prior's own
+    (saved beside it) unless ``data.tokenizer`` names one with the same vocabulary. The optimizer, learning-rate
+    schedule and EMA start afresh. A run folder that holds a checkpoint resumes from it instead."""
 
     def validate(self, where: str = "dalle_run") -> "DalleTrainConfig":
         self.model.validate(f"{where}.model")

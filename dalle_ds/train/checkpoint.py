@@ -40,13 +40,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def load_artifact(path: str | Path, kind: str, what: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load an exported artifact (``{"kind": kind, "config": ..., "state_dict": ...}``), with clear errors."""
+def load_artifact(path: str | Path, kind: str, what: str, map_location: str | torch.device = "cpu",
+                  mmap: bool = False) -> dict[str, Any]:
+    """Load an exported artifact (``{"kind": kind, "config": ..., "state_dict": ...}``), with clear errors.
+    ``mmap``: map the file instead of reading it (tensors are read when touched)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} file not found: {p}")
     try:
-        blob = torch.load(p, map_location=map_location, weights_only=False)
+        blob = torch.load(p, map_location=map_location, weights_only=False, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # truncated, not a torch file, ...
         raise ValueError(f"{p} is not a readable {what} file (torch.load: {str(e).splitlines()[0][:120]})") from e
     if not isinstance(blob, dict) or blob.get("kind") != kind:
@@ -90,6 +92,17 @@ RESUMABLE_MODEL_KEYS = frozenset({"attn_backend", "dropout", "activation_checkpo
                                   "vision_position_init"})
 
 
+def architecture_differences(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """The model-config keys (``model.<key>``) whose change means other weights, as "key old -> new; ..." (at most
+    six), or "" when the weights of ``before`` fit ``now`` (:data:`RESUMABLE_MODEL_KEYS` may differ)."""
+    from dalle_ds.utils.dicts import flatten
+
+    b, n = (flatten({"model": json.loads(json.dumps(c))}) for c in (before, now))  # tuples -> lists, as saved
+    keys = sorted(k for k in b.keys() | n.keys() if b.get(k) != n.get(k) and k.split(".", 1)[1]
+                  not in RESUMABLE_MODEL_KEYS)
+    return "; ".join(f"{k} {b.get(k)!r} -> {n.get(k)!r}" for k in keys[:6])
+
+
 def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_config: dict[str, Any]) -> list[str]:
     """Before resuming from ``run_dir``: refuse what cannot resume, list what changed.
 
@@ -112,11 +125,10 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
                           f"{job} run: use another --out")
     before, now = flatten(json.loads(old_run.read_text())), flatten(json.loads(json.dumps(run_config)))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    model = [k for k in changed if k.startswith("model.") and k.split(".", 1)[1] not in RESUMABLE_MODEL_KEYS]
+    model = architecture_differences(json.loads(old_run.read_text()).get("model", {}), run_config.get("model", {}))
     if model:
-        raise ConfigError(f"cannot resume from {run_dir}: the model differs from the checkpoint's ("
-                          + "; ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in model[:6])
-                          + "); use another --out, or --no-resume to start over")
+        raise ConfigError(f"cannot resume from {run_dir}: the model differs from the checkpoint's ({model}); use "
+                          "another --out, or --no-resume to start over")
     moments = before.get("adam_moments", "fp32"), now.get("adam_moments", "fp32")  # runs before the key: fp32
     if moments[0] != moments[1]:  # 16-bit codes and fp32 moments are not each other's state
         raise ConfigError(f"cannot resume from {run_dir}: its optimizer state holds {moments[0]} Adam moments, this "

@@ -85,6 +85,24 @@ def build_prior(model_cfg: DalleConfig, ds_config: dict) -> DALLE:
     return model
 
 
+def load_prior_weights(model: DALLE, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy an exported prior's weights into a freshly built one (:func:`build_prior`): under ZeRO-3 each parameter is
+    gathered in turn and rank 0's copy kept, as its initialization is; elsewhere a strict ``load_state_dict``."""
+    missing = sorted(set(n for n, _ in model.named_parameters()) ^ set(state_dict))
+    if missing:
+        raise ConfigError(f"the exported prior's weights do not match the model's parameters: {missing[:5]}")
+    if not any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        model.load_state_dict(state_dict, strict=True)
+        return
+    import deepspeed
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if is_rank0():
+                    p.copy_(state_dict[name])
+
+
 def export_dalle(path: Path, model_cfg: DalleConfig, state_dict: dict, step: int, extra: dict) -> None:
     ckpt.atomic_torch_save({"kind": "dalle_ds.dalle", "config": asdict(model_cfg), "state_dict": state_dict,
                             "step": step, **extra}, path)
@@ -127,16 +145,36 @@ class DalleTrainer(EngineLoop):
             split = img.resolved_eval_split
             val_ds = build_dataset(img.name, split, **img.dataset_kwargs(split, self.dvae.cfg.image_size))
             grid, vocab = self.dvae.cfg.grid_size, self.dvae.cfg.vocab_size
-        self.tokenizer = ensure_run_tokenizer(d.tokenizer, train_ds, run_dir / "tokenizer", d.tokenizer_vocab_size,
-                                              cfg.model.text_len - 1)
+        init = self._init_weights_source(cfg, run_dir, resume)
+        tokenizer_source = d.tokenizer or (init["tokenizer_dir"] if init else None)
+        self.tokenizer = ensure_run_tokenizer(tokenizer_source, train_ds, run_dir / "tokenizer",
+                                              d.tokenizer_vocab_size, cfg.model.text_len - 1)
         model_cfg = replace(cfg.model, text_vocab_size=self.tokenizer.vocab_size, image_vocab_size=vocab,
                             image_grid=grid, bos_id=self.tokenizer.bos_id).validate()
+        if init:
+            # the ids must mean the words they meant in the prior's training
+            theirs = CaptionTokenizer.load(init["tokenizer_dir"], max_length=cfg.model.text_len - 1)
+            if theirs.hf.get_vocab() != self.tokenizer.hf.get_vocab():
+                used = f"data.tokenizer={d.tokenizer}" if d.tokenizer else f"the run folder's {run_dir / 'tokenizer'}"
+                raise ConfigError(f"init_from={cfg.init_from}: {used} has another vocabulary than that prior's "
+                                  f"tokenizer ({init['tokenizer_dir']}); leave data.tokenizer unset (in a new --out) "
+                                  "to use the prior's")
+            differ = ckpt.architecture_differences(init["config"], asdict(model_cfg))
+            if differ:
+                raise ConfigError(f"init_from={cfg.init_from}: that prior's architecture differs from this run's "
+                                  f"({differ}); the text vocabulary comes from the tokenizer, the image vocabulary "
+                                  "and grid from the dVAE behind the data")
         cfg = replace(cfg, model=model_cfg)
         self.val_ds = val_ds
         self.collate = CaptionCollate(self.tokenizer, model_cfg)  # validation: plain BPE
         train_collate = CaptionCollate(self.tokenizer, model_cfg, bpe_dropout=d.bpe_dropout, seed=cfg.seed)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_prior(model_cfg, ds_config)
+        if init:
+            load_prior_weights(model, init["state_dict"])
+            if is_rank0():
+                log.info("weights from %s (step %s of its run); optimizer, schedule and EMA start afresh",
+                         cfg.init_from, init.get("step"))
         if cfg.compile:
             model.compile_resblocks()
         self.grad_scaler = model.grad_scaler
@@ -155,6 +193,23 @@ class DalleTrainer(EngineLoop):
                      n / 1e6, model_cfg.n_layers, ",".join(model.mask_schedule), model_cfg.text_len, grid, grid,
                      model_cfg.text_vocab_size, vocab, len(train_ds), world_size(), self.resumed_from)
             log.info("%s", self._memory_estimate_line(model_cfg, ds_config))
+
+    @staticmethod
+    def _init_weights_source(cfg: DalleTrainConfig, run_dir: Path, resume: bool) -> dict | None:
+        """The exported prior named by ``init_from`` (memory-mapped), with its tokenizer folder; None without one, or
+        when the run folder holds a checkpoint to resume (which wins)."""
+        if not cfg.init_from:
+            return None
+        if resume and ckpt.latest_tag(run_dir / "checkpoints") is not None:
+            if is_rank0():
+                log.info("init_from=%s is not used: %s holds a checkpoint to resume", cfg.init_from, run_dir)
+            return None
+        try:
+            blob = ckpt.load_artifact(cfg.init_from, "dalle_ds.dalle", "prior (init_from)", mmap=True)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"init_from: {e}") from e
+        blob["tokenizer_dir"] = str(Path(cfg.init_from).parent / blob.get("tokenizer", "tokenizer"))
+        return blob
 
     def _memory_estimate_line(self, model_cfg: DalleConfig, ds_config: dict) -> str:
         from dalle_ds.models.memory import estimate_for_run
