@@ -3,6 +3,7 @@ carries over in samples, ZeRO-3 EMA partitions are regrouped, and end to end a r
 1 (ZeRO-3), or stopped on 1 and resumed on 2 (ZeRO-2), trains on exactly like an uninterrupted 2-rank run."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -112,8 +113,8 @@ def _losses(run) -> dict[int, float]:
 @pytest.mark.distributed
 def test_prior_resumes_on_another_number_of_ranks(tmp_path):
     """The paper's precision recipe (16-bit Adam moments, fp16 resblocks with per-resblock scaling), a global batch
-    of 32: 2 ranks for 8 updates (the reference); ZeRO-3 on 2 ranks for 4 then 1 rank for 4 more; ZeRO-2 on 1 rank
-    for 4 then 2 ranks. Both resumed runs log the reference's losses and export its averaged weights, to float
+    of 32: 2 ranks for 8 updates, ZeRO-3 (the reference); its checkpoint of update 4 resumed on 1 rank; ZeRO-2 on 1
+    rank for 4 updates, then 2 ranks. Both resumed runs log the reference's losses and export its averaged weights, to float
     rounding: the same samples per update, the same optimizer state, the same EMA."""
     from launch_utils import deepspeed_launch
     from unit_shards import write_unit_splits
@@ -136,9 +137,14 @@ def test_prior_resumes_on_another_number_of_ranks(tmp_path):
     deepspeed_launch("launch/train_dalle.py", args(ref, 3), num_procs=2)
     want = _losses(ref)
     want_weights = torch.load(ref / "dalle.pt", weights_only=False)["state_dict"]
-    for stage, first, then in [(3, 2, 1), (2, 1, 2)]:
-        run = tmp_path / f"zero{stage}_{first}to{then}"
-        deepspeed_launch("launch/train_dalle.py", args(run, stage, "--stop_at", "4"), num_procs=first)
+    # ZeRO-3, 2 ranks -> 1: the reference's own checkpoint of update 4 (as if it had been stopped there)
+    zero3 = tmp_path / "zero3_2to1"
+    shutil.copytree(ref, zero3, ignore=shutil.ignore_patterns("step00000008", "dalle.pt", "monitor"))
+    (zero3 / "checkpoints" / "latest").write_text("step00000004")
+    # ZeRO-2, 1 rank -> 2
+    zero2 = tmp_path / "zero2_1to2"
+    deepspeed_launch("launch/train_dalle.py", args(zero2, 2, "--stop_at", "4"), num_procs=1)
+    for run, stage, first, then in [(zero3, 3, 2, 1), (zero2, 2, 1, 2)]:
         layout = json.loads((run / "checkpoints" / "step00000004" / "layout.json").read_text())
         assert layout["world_size"] == first
         proc = deepspeed_launch("launch/train_dalle.py", args(run, stage), num_procs=then)
@@ -146,7 +152,7 @@ def test_prior_resumes_on_another_number_of_ranks(tmp_path):
         assert f"resuming {run} on {then} rank(s); checkpoint step00000004 was written by {first}" in log
         assert (run / "checkpoints" / "step00000004" / "universal" / "zero").is_dir()
         got = _losses(run)
-        assert sorted(got) == list(range(1, 9))
+        assert sorted(got) == list(range(5 if run == zero3 else 1, 9))
         for step in range(5, 9):
             assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0), (stage, step, got, want)
         weights = torch.load(run / "dalle.pt", weights_only=False)["state_dict"]
