@@ -8,7 +8,8 @@ TORCH_PIP_ARGS ?=
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.dalle_ds-installed
 RUN_DIR     ?= runs/demo
-PYTEST_ARGS ?=
+# the 15 slowest tests are listed at the end: the suite must stay within CI's 20 minutes on 2 cores
+PYTEST_ARGS ?= --durations=15
 # DeepSpeed would fall back to CPU with a warning; say it explicitly where there is no NVIDIA driver.
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export HF_HUB_OFFLINE := 1
