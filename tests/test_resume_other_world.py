@@ -4,6 +4,8 @@ carries over in samples, ZeRO-3 EMA partitions are regrouped, and end to end a r
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,7 +118,7 @@ def test_prior_resumes_on_another_number_of_ranks(tmp_path):
     of 32: 2 ranks for 8 updates, ZeRO-3 (the reference); its checkpoint of update 4 resumed on 1 rank; ZeRO-2 on 1
     rank for 4 updates, then 2 ranks. Both resumed runs log the reference's losses and export its averaged weights, to float
     rounding: the same samples per update, the same optimizer state, the same EMA."""
-    from launch_utils import deepspeed_launch
+    from launch_utils import ROOT, deepspeed_launch, single_process_env
     from unit_shards import write_unit_splits
 
     shards = write_unit_splits(tmp_path / "shards", 256, 32)
@@ -144,6 +146,12 @@ def test_prior_resumes_on_another_number_of_ranks(tmp_path):
     # ZeRO-2, 1 rank -> 2
     zero2 = tmp_path / "zero2_1to2"
     deepspeed_launch("launch/train_dalle.py", args(zero2, 2, "--stop_at", "4"), num_procs=1)
+    # its universal copy made ahead of the resume, as one would for a large model (the trainer then reuses it)
+    listing = subprocess.run([sys.executable, "launch/checkpoints.py", "--run", str(zero2), "--universal"], cwd=ROOT,
+                             env=single_process_env(), capture_output=True, text=True, timeout=300)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    assert "| step00000004 | yes | 1 | 16 | 32 | 2 |" in listing.stdout, listing.stdout
+    assert (zero2 / "checkpoints" / "step00000004" / "universal" / "zero").is_dir()
     for run, stage, first, then in [(zero3, 3, 2, 1), (zero2, 2, 1, 2)]:
         layout = json.loads((run / "checkpoints" / "step00000004" / "layout.json").read_text())
         assert layout["world_size"] == first

@@ -234,8 +234,7 @@ def universal_tag(ckpt_dir: str | Path, tag: str) -> str:
     first time (DeepSpeed's ``ds_to_universal``, into a temporary folder renamed into place, so an interrupted
     conversion is redone and never half-read), the others wait; it lives inside the checkpoint's folder and goes
     when that is pruned. For a large model, convert before the job starts, when the conversion would outlast the
-    collectives' timeout (``DEEPSPEED_TIMEOUT``): ``python -m deepspeed.checkpoint.ds_to_universal --input_folder
-    <run>/checkpoints/<tag> --output_folder <run>/checkpoints/<tag>/universal --inject_missing_state``."""
+    collectives' timeout (``DEEPSPEED_TIMEOUT``): ``python launch/checkpoints.py --run <run> --universal``."""
     src = Path(ckpt_dir) / tag
     dst = src / UNIVERSAL_DIR
     failure: BaseException | None = None

@@ -1,0 +1,85 @@
+"""List a run folder's checkpoints, and make the universal copy of one ahead of a resume on another number of GPUs.
+
+Every trainer resumes on another number of ranks with its own command: rank 0 converts the checkpoint to
+DeepSpeed's universal form (``<tag>/universal``) while the other ranks wait (README, "Many nodes"). For a large model
+that conversion can outlast the collectives' timeout; run it here first, on one machine that sees the run folder:
+
+    python launch/checkpoints.py --run runs/dalle                 # tag, world size, micro/global batch, ZeRO, size
+    python launch/checkpoints.py --run runs/dalle --universal     # convert the latest (or --tag step00010000)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dalle_ds.config import ConfigError
+from dalle_ds.train import checkpoint as ckpt
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def describe(run: Path) -> list[dict]:
+    """One row per checkpoint of ``run`` (oldest first): tag, whether ``latest`` names it, its layout (world size,
+    micro-batch, global batch, ZeRO stage; None when unknown), bytes on disk and whether a universal copy exists."""
+    ckpt_dir = run / "checkpoints"
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    job = next((p.name[: -len("_run_config.json")] for p in sorted(run.glob("*_run_config.json"))), "train")
+    rows = []
+    for tag in ckpt.list_tags(ckpt_dir):
+        universal = ckpt_dir / tag / ckpt.UNIVERSAL_DIR
+        rows.append({"tag": tag, "latest": tag == latest, "layout": ckpt.saved_layout(run, job, tag),
+                     "bytes": _size(ckpt_dir / tag) - (_size(universal) if universal.is_dir() else 0),
+                     "universal_bytes": _size(universal) if universal.is_dir() else None})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = "| tag | latest | ranks | micro-batch | global batch | ZeRO | size | universal copy |\n|---|---|---:|---:|---:|---:|---:|---|"
+    lines = [head]
+    for r in rows:
+        lay = r["layout"] or {}
+        u = r["universal_bytes"]
+        lines.append(f"| {r['tag']} | {'yes' if r['latest'] else ''} | {lay.get('world_size', '?')} | "
+                     f"{lay.get('micro_batch', '?')} | {lay.get('train_batch_size', '?')} | "
+                     f"{lay.get('zero_stage', '?')} | {r['bytes'] / 2**20:.1f} MiB | "
+                     f"{'' if u is None else f'{u / 2**20:.1f} MiB'} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="a run folder (the --out of a trainer)")
+    p.add_argument("--universal", action="store_true",
+                   help="make DeepSpeed's universal copy of a checkpoint (<tag>/universal) if it has none")
+    p.add_argument("--tag", default=None, help="with --universal: this checkpoint (default: the one latest names)")
+    args = p.parse_args(argv)
+    if args.tag and not args.universal:
+        p.error("--tag goes with --universal")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run = Path(args.run)
+    if not (run / "checkpoints").is_dir():
+        print(f"error: {run} holds no checkpoints folder: not a run folder, or one that never saved", file=sys.stderr)
+        return 2
+    if args.universal:
+        try:
+            tag = args.tag or ckpt.latest_tag(run / "checkpoints")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if tag is None or not (run / "checkpoints" / tag).is_dir():
+            print(f"error: no checkpoint {tag or '(latest)'} in {run / 'checkpoints'}", file=sys.stderr)
+            return 2
+        print(f"universal copy of {tag}: {run / 'checkpoints' / ckpt.universal_tag(run / 'checkpoints', tag)}")
+    print(table(describe(run)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
