@@ -61,6 +61,11 @@ def test_what_may_and_may_not_change(tmp_path):
         check_resume(run, "dalle", RUN, {**DS, "zero_optimization": {"stage": 0}})
     # another number of ranks is no refusal (tests/test_resume_other_world.py)
     assert check_resume(run, "dalle", RUN, {**DS, "train_batch_size": 4}) == []
+    # the checkpoint's own layout wins over the run's DeepSpeed config, which every start rewrites
+    (run / "checkpoints" / "step00000010" / "layout.json").write_text(json.dumps(
+        {"world_size": 2, "micro_batch": 4, "train_batch_size": 8, "zero_stage": 3}))
+    with pytest.raises(ConfigError, match="ZeRO stage 3, this run uses 2"):
+        check_resume(run, "dalle", RUN, DS)
 
 
 def test_no_checkpoint_no_checks(tmp_path):

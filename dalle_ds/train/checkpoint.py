@@ -109,16 +109,17 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
     Raises :class:`ConfigError` when the folder holds another job's checkpoints, when the model config differs
     (the weights would not fit; :data:`RESUMABLE_MODEL_KEYS` may change) or the Adam moments' format does, or when
     the ZeRO stage differs from the run that wrote them. Returns the other changed keys (for a warning: a longer
-    ``steps`` or a new learning rate is a legitimate reason to resume). Reads the ``<job>_run_config.json`` and
-    ``<job>_ds_config.json`` the earlier run wrote; a folder without a committed checkpoint passes. A different
-    number of ranks is no refusal: see :func:`saved_layout` and :func:`universal_tag`."""
+    ``steps`` or a new learning rate is a legitimate reason to resume). Reads the ``<job>_run_config.json`` the
+    earlier run wrote and the checkpoint's layout (:func:`saved_layout`); a folder without a committed checkpoint
+    passes. A different number of ranks is no refusal (:func:`universal_tag`)."""
     from dalle_ds.train.ds_config import zero_stage
     from dalle_ds.utils.dicts import flatten
 
     run_dir = Path(run_dir)
-    if latest_tag(run_dir / "checkpoints") is None:
+    tag = latest_tag(run_dir / "checkpoints")
+    if tag is None:
         return []
-    old_run, old_ds = run_dir / f"{job}_run_config.json", run_dir / f"{job}_ds_config.json"
+    old_run = run_dir / f"{job}_run_config.json"
     if not old_run.is_file():
         others = sorted(p.name[: -len("_run_config.json")] for p in run_dir.glob("*_run_config.json"))
         raise ConfigError(f"{run_dir} holds checkpoints of another run ({', '.join(others) or 'unknown'}), not of a "
@@ -133,12 +134,11 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
     if moments[0] != moments[1]:  # 16-bit codes and fp32 moments are not each other's state
         raise ConfigError(f"cannot resume from {run_dir}: its optimizer state holds {moments[0]} Adam moments, this "
                           f"run asks for {moments[1]}")
-    if old_ds.is_file():
-        ds_before = json.loads(old_ds.read_text())
-        z_before, z_now = zero_stage(ds_before), zero_stage(ds_config)
-        if z_before != z_now:
-            raise ConfigError(f"cannot resume from {run_dir}: its checkpoints were written with ZeRO stage {z_before}, "
-                              f"this run uses {z_now}")
+    # the checkpoint's own record (the run's ds_config file is rewritten by every start, even one that then fails)
+    layout = saved_layout(run_dir, job, tag)
+    if layout is not None and layout["zero_stage"] != zero_stage(ds_config):
+        raise ConfigError(f"cannot resume from {run_dir}: its checkpoints were written with ZeRO stage "
+                          f"{layout['zero_stage']}, this run uses {zero_stage(ds_config)}")
     return changed
 
 
