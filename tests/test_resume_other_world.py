@@ -179,3 +179,39 @@ def test_a_failed_conversion_says_why_and_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="converting .*step00000004 to a universal checkpoint failed"):
         ckpt.universal_tag(tmp_path, "step00000004")
     assert sorted(p.name for p in (tmp_path / "step00000004").iterdir()) == ["rank0.pt"]
+
+
+def test_checkpoint_listing_and_its_errors(tmp_path, capsys):
+    """launch/checkpoints.py on a folder of two checkpoints (one with layout.json, one from before it, read from the
+    run's DeepSpeed config), and its refusals."""
+    import importlib.util
+
+    from launch_utils import ROOT
+
+    spec = importlib.util.spec_from_file_location("launch_checkpoints", ROOT / "launch" / "checkpoints.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    run = tmp_path / "run"
+    for tag in ("step00000010", "step00000020"):
+        (run / "checkpoints" / tag).mkdir(parents=True)
+        (run / "checkpoints" / tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 2**20)
+    (run / "checkpoints" / "latest").write_text("step00000020")
+    (run / "checkpoints" / "step00000020" / "layout.json").write_text(json.dumps(
+        {"world_size": 8, "micro_batch": 2, "train_batch_size": 1024, "zero_stage": 3}))
+    (run / "checkpoints" / "step00000020" / "universal").mkdir()
+    (run / "checkpoints" / "step00000020" / "universal" / "fp32.pt").write_bytes(b"y" * 2**19)
+    (run / "dalle_run_config.json").write_text("{}")
+    (run / "dalle_ds_config.json").write_text(json.dumps(
+        {"train_batch_size": 1024, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+         "zero_optimization": {"stage": 2}}))
+    assert tool.main(["--run", str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2:] == ["| step00000010 |  | 128 | 4 | 1024 | 2 | 1.0 MiB |  |",
+                       "| step00000020 | yes | 8 | 2 | 1024 | 3 | 1.0 MiB | 0.5 MiB |"]
+    assert tool.main(["--run", str(tmp_path / "nothing")]) == 2
+    assert "holds no checkpoints folder" in capsys.readouterr().err
+    (run / "checkpoints" / "latest").write_text("step00000030")
+    assert tool.main(["--run", str(run), "--universal"]) == 2
+    assert "names checkpoint 'step00000030', which does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--run", str(run), "--tag", "step00000010"])
