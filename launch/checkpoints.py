@@ -30,9 +30,9 @@ def describe(run: Path) -> list[dict]:
     rows = []
     for tag in ckpt.list_tags(ckpt_dir):
         universal = ckpt_dir / tag / ckpt.UNIVERSAL_DIR
+        universal_bytes = _size(universal) if universal.is_dir() else None
         rows.append({"tag": tag, "latest": tag == latest, "layout": ckpt.saved_layout(run, job, tag),
-                     "bytes": _size(ckpt_dir / tag) - (_size(universal) if universal.is_dir() else 0),
-                     "universal_bytes": _size(universal) if universal.is_dir() else None})
+                     "bytes": _size(ckpt_dir / tag) - (universal_bytes or 0), "universal_bytes": universal_bytes})
     return rows
 
 

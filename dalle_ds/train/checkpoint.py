@@ -124,9 +124,10 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
         others = sorted(p.name[: -len("_run_config.json")] for p in run_dir.glob("*_run_config.json"))
         raise ConfigError(f"{run_dir} holds checkpoints of another run ({', '.join(others) or 'unknown'}), not of a "
                           f"{job} run: use another --out")
-    before, now = flatten(json.loads(old_run.read_text())), flatten(json.loads(json.dumps(run_config)))
+    old_config = json.loads(old_run.read_text())
+    before, now = flatten(old_config), flatten(json.loads(json.dumps(run_config)))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    model = architecture_differences(json.loads(old_run.read_text()).get("model", {}), run_config.get("model", {}))
+    model = architecture_differences(old_config.get("model", {}), run_config.get("model", {}))
     if model:
         raise ConfigError(f"cannot resume from {run_dir}: the model differs from the checkpoint's ({model}); use "
                           "another --out, or --no-resume to start over")
@@ -177,18 +178,14 @@ def resume_tag(ckpt_dir: str | Path) -> str | None:
     return tag
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path, tag: str | None = None, universal: bool = False,
-                    own_state: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-    """Load checkpoint ``tag`` (default: the latest committed one) into ``engine``.
+def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, universal: bool = False,
+                    own_state: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load checkpoint ``tag`` (:func:`resume_tag`) into ``engine``.
 
     ``universal``: load DeepSpeed's universal copy of it (:func:`universal_tag`; the engine must have been built with
     ``checkpoint.load_universal``). Returns (client_state, this rank's rank_state, or None when there is none or
-    ``own_state`` is False), or None when there is no committed checkpoint.
+    ``own_state`` is False).
     """
-    if tag is None:
-        tag = resume_tag(ckpt_dir)
-    if tag is None:
-        return None
     load = universal_tag(ckpt_dir, tag) if universal else tag
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load)
     if path is None:

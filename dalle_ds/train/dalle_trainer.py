@@ -70,37 +70,36 @@ class CaptionCollate:
         return out
 
 
-def build_prior(model_cfg: DalleConfig, ds_config: dict) -> DALLE:
+def build_prior(model_cfg: DalleConfig, ds_config: dict, weights: dict[str, torch.Tensor] | None = None) -> DALLE:
     """The prior, built so that under ZeRO-3 no rank ever holds all of it: inside ``deepspeed.zero.Init`` every
     parameter is partitioned as soon as its module is constructed, then each is gathered in turn for its
-    initialization (rank 0's values are kept, so every rank agrees) and released. Other stages build it plainly."""
-    if zero_stage(ds_config) < 3:
-        return DALLE(model_cfg)
-    import deepspeed
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    initialization (rank 0's values are kept, so every rank agrees) and released. Other stages build it plainly.
+
+    ``weights``: an exported prior's state dict (``init_from``), taken instead of the initialization: a strict
+    ``load_state_dict``, or under ZeRO-3 rank 0's copy written into each gathered parameter."""
+    stage3 = zero_stage(ds_config) >= 3
+    if stage3:
+        import deepspeed
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = DALLE(model_cfg)
+    else:
         model = DALLE(model_cfg)
+    if weights is not None:
+        differ = sorted({n for n, _ in model.named_parameters()} ^ set(weights))
+        if differ:
+            raise ConfigError(f"the exported prior's weights do not match the model's parameters: {differ[:5]}")
+    if not stage3:
+        if weights is not None:
+            model.load_state_dict(weights, strict=True)
+        return model
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            model.init_parameter(name, p)
+            if weights is None:
+                model.init_parameter(name, p)
+            elif is_rank0():
+                with torch.no_grad():
+                    p.copy_(weights[name])
     return model
-
-
-def load_prior_weights(model: DALLE, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy an exported prior's weights into a freshly built one (:func:`build_prior`): under ZeRO-3 each parameter is
-    gathered in turn and rank 0's copy kept, as its initialization is; elsewhere a strict ``load_state_dict``."""
-    missing = sorted(set(n for n, _ in model.named_parameters()) ^ set(state_dict))
-    if missing:
-        raise ConfigError(f"the exported prior's weights do not match the model's parameters: {missing[:5]}")
-    if not any(hasattr(p, "ds_tensor") for p in model.parameters()):
-        model.load_state_dict(state_dict, strict=True)
-        return
-    import deepspeed
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if is_rank0():
-                    p.copy_(state_dict[name])
 
 
 def export_dalle(path: Path, model_cfg: DalleConfig, state_dict: dict, step: int, extra: dict) -> None:
@@ -169,9 +168,8 @@ class DalleTrainer(EngineLoop):
         self.collate = CaptionCollate(self.tokenizer, model_cfg)  # validation: plain BPE
         train_collate = CaptionCollate(self.tokenizer, model_cfg, bpe_dropout=d.bpe_dropout, seed=cfg.seed)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_prior(model_cfg, ds_config)
+        model = build_prior(model_cfg, ds_config, init["state_dict"] if init else None)
         if init:
-            load_prior_weights(model, init["state_dict"])
             if is_rank0():
                 log.info("weights from %s (step %s of its run); optimizer, schedule and EMA start afresh",
                          cfg.init_from, init.get("step"))
