@@ -11,6 +11,13 @@ shapes data, whose scenes are known, so the samples are scored with the shapes s
 the first sample without reranking, every candidate, and a caption-shuffled baseline, written to metrics.json).
 Under the deepspeed launcher the captions are split across ranks. ``--clip`` is a local CLIP folder (trained by
 launch/train_clip.py, or a pretrained one); without it candidates keep their sampling order.
+
+``--image_prompt FILE --prompt_rows R`` primes the prior with the top R rows of the image's codes (the paper's
+image-to-image translation, §3.3): every candidate keeps those rows and the rest is drawn given the caption. With
+``--shapes_split``, ``--image_prompt scene`` primes each caption with its own scene, so the scorer measures how
+well the prior completes a picture the way its caption says.
+
+    python launch/sample.py --prior ... --clip ... --shapes_split test_id --image_prompt scene --prompt_rows 4 --out ...
 """
 from __future__ import annotations
 
@@ -47,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dvae_precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="decode the codes under bf16 autocast (auto: where bf16 is native; 9.1 → 3.1 ms an image "
                         "on one AMX core)")
+    p.add_argument("--image_prompt", default=None, metavar="FILE|scene",
+                   help="an image whose top --prompt_rows rows of codes every candidate starts from (centre-cropped "
+                        "and resized to the dVAE's input); 'scene' with --shapes_split: each caption's own scene")
+    p.add_argument("--prompt_rows", type=int, default=None,
+                   help="with --image_prompt: how many rows of the code grid are given (default: half the grid)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_cache", action="store_true", help="recompute the full forward per code (slow reference)")
     p.add_argument("--cuda_graph", action="store_true",
@@ -78,6 +90,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --caption, --captions_file or --shapes_split")
     if args.shapes_split and (args.caption or args.captions_file):
         p.error("--shapes_split samples the split's own captions: drop --caption / --captions_file (or it)")
+    if args.prompt_rows is not None and not args.image_prompt:
+        p.error("--prompt_rows says how much of --image_prompt is given: add --image_prompt FILE (or scene)")
+    if args.prompt_rows is not None and args.prompt_rows < 1:
+        p.error(f"--prompt_rows must be ≥ 1, got {args.prompt_rows}")
+    if args.image_prompt == "scene":
+        if not args.shapes_split:
+            p.error("--image_prompt scene primes each caption with its own shapes scene: add --shapes_split")
+    elif args.image_prompt:
+        check_file(p, "--image_prompt", args.image_prompt, "an image file, or 'scene' with --shapes_split")
     if args.captions_file:
         check_file(p, "--captions_file", args.captions_file, "a text file with one caption a line")
     check_file(p, "--prior", args.prior, "the dalle.pt written by launch/train_dalle.py", expect="dalle.pt")
@@ -116,6 +137,29 @@ def gather_captions(args) -> tuple[list[str], list[dict] | None]:
     return captions, None  # parse_args saw --caption, --captions_file or --shapes_split
 
 
+def prompt_images(args, scenes: list[dict] | None, n_captions: int, image_size: int) -> torch.Tensor | None:
+    """uint8 [n_captions, 3, S, S]: the image each caption is primed with (None without --image_prompt)."""
+    if not args.image_prompt:
+        return None
+    if args.image_prompt == "scene":
+        from dalle_ds.data.shapes import render_scene_tensor
+
+        images = torch.stack([render_scene_tensor(s) for s in scenes])
+        if images.shape[-1] != image_size:
+            raise ValueError(f"--image_prompt scene: the shapes scenes are {images.shape[-1]} pixels, the dVAE takes "
+                             f"{image_size}")
+        return images
+    from PIL import UnidentifiedImageError
+
+    from dalle_ds.data.images import load_image, to_chw_uint8
+
+    try:
+        image = to_chw_uint8(load_image(args.image_prompt), image_size)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"--image_prompt {args.image_prompt}: not a readable image ({e})") from e
+    return image[None].expand(n_captions, -1, -1, -1)
+
+
 def score_samples(records: list[dict], images: dict[int, torch.Tensor], scenes: list[dict]) -> dict:
     """Shapes scorer on: the reranked top-1, the first sample (no reranking), all candidates, the best candidate by
     the scorer itself (the ceiling of any reranker on these candidates), and the top-1 against a different caption's
@@ -136,24 +180,46 @@ def score_samples(records: list[dict], images: dict[int, torch.Tensor], scenes: 
             "caption_shuffled_baseline": score_images(top1, shuffled, detections=det)}
 
 
-def sample_share(args, pipe, captions: list[str], sampling, out: Path) -> tuple[list[dict], dict]:
+def shade_unseen(image: torch.Tensor, rows: int, grid: int) -> torch.Tensor:
+    """The prompt as the prior sees it: the pixels below the top ``rows`` of ``grid`` code rows faded to grey."""
+    shown = image.clone()
+    cut = rows * image.shape[-2] // grid
+    shown[:, cut:] = (shown[:, cut:].float() * 0.25 + 96).round().to(torch.uint8)
+    return shown
+
+
+def sample_share(args, pipe, captions: list[str], sampling, out: Path,
+                 prompts: torch.Tensor | None = None) -> tuple[list[dict], dict]:
     """This rank's share of the captions (every world_size-th): candidates, a PNG grid per caption, and a record
-    each; returns (records, {caption index: candidate images, best first})."""
+    each; returns (records, {caption index: candidate images, best first}). ``prompts``: each caption's prompt
+    image; the grid then starts with it, the rows not given faded."""
     from dalle_ds.train.distributed import is_rank0, rank, world_size
     from dalle_ds.utils.images import make_grid, save_png
 
     mine = list(range(rank(), len(captions), world_size()))
     per_chunk = max(1, args.batch_size // args.num_candidates)
+    grid_side = pipe.prior.cfg.image_grid
     records, images = [], {}
     for start in tqdm(range(0, len(mine), per_chunk), desc="sampling", disable=not is_rank0(), dynamic_ncols=True):
         chunk = mine[start:start + per_chunk]
+        codes = None if prompts is None else pipe.encode_prompt(prompts[chunk], args.prompt_rows)
         results = pipe.generate([captions[i] for i in chunk], args.num_candidates, sampling, args.batch_size,
                                 seed=args.seed * 100_003 + chunk[0], use_cache=not args.no_cache,
-                                cuda_graph=args.cuda_graph)
+                                cuda_graph=args.cuda_graph, prompt_codes=codes)
         for i, res in zip(chunk, results):
             images[i] = res.images
-            grid = make_grid(list(res.images), ncol=min(8, args.num_candidates), scale=2)
+            ncol = min(8, args.num_candidates)
+            tiles = list(res.images)
             title = f"{res.caption}  (best {args.keep} first" + (", CLIP-reranked)" if res.scores else ")")
+            if prompts is not None:  # a first column: the prompt, then blanks, so the candidates keep their columns
+                blank = torch.full_like(prompts[i], 255)
+                first = [shade_unseen(prompts[i], args.prompt_rows, grid_side)]
+                rows_of = [tiles[r:r + ncol] for r in range(0, len(tiles), ncol)]
+                tiles = [t for r, row in enumerate(rows_of) for t in (first if r == 0 else [blank]) + row]
+                ncol += 1
+                title = f"{res.caption}  (left: the prompt, top {args.prompt_rows} of {grid_side} code rows; then " \
+                        f"best {args.keep} first" + (", CLIP-reranked)" if res.scores else ")")
+            grid = make_grid(tiles, ncol=ncol, scale=2)
             save_png(grid, out / "grids" / f"{i:04d}.png", title=title)
             records.append({"index": i, "caption": res.caption, "order": res.order, "kept": res.order[:args.keep],
                             "clip_scores": res.scores, "grid": f"grids/{i:04d}.png", "timings": res.timings})
@@ -175,7 +241,8 @@ def gather_shares(records: list[dict], images: dict, send_images: bool) -> tuple
 def write_results(args, out: Path, sampling, records: list[dict], images: dict, scenes: list[dict] | None) -> None:
     """samples.json; with known scenes, metrics.json (printed too); with --save_candidates, candidates.pt."""
     result = {"prior": args.prior, "clip": args.clip, "num_candidates": args.num_candidates, "keep": args.keep,
-              "sampling": vars(sampling), "captions": records}
+              "sampling": vars(sampling), "image_prompt": args.image_prompt, "prompt_rows": args.prompt_rows,
+              "captions": records}
     if scenes:
         for r in records:
             r["scene"] = scenes[r["index"]]
@@ -207,13 +274,20 @@ def main(argv=None) -> int:
         captions, scenes = gather_captions(args)
         pipe = TextToImage.load(args.prior, args.dvae, args.clip, device=device(),
                                 dvae_bf16={"auto": None, "bf16": True, "fp32": False}[args.dvae_precision])
+        prompts = prompt_images(args, scenes, len(captions), pipe.dvae.cfg.image_size)
+        grid_side = pipe.prior.cfg.image_grid
+        if prompts is not None and args.prompt_rows is None:
+            args.prompt_rows = grid_side // 2
+        if prompts is not None and args.prompt_rows >= grid_side:
+            raise ValueError(f"--prompt_rows {args.prompt_rows}: the image grid has {grid_side} rows, so at most "
+                             f"{grid_side - 1} can be given (the rest is sampled)")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with distributed_run():
         out = Path(args.out)
         (out / "grids").mkdir(parents=True, exist_ok=True)
-        records, images = sample_share(args, pipe, captions, sampling, out)
+        records, images = sample_share(args, pipe, captions, sampling, out, prompts)
         records, images = gather_shares(records, images, send_images=bool(scenes) or args.save_candidates)
         if is_rank0():
             write_results(args, out, sampling, records, images, scenes)

@@ -88,6 +88,43 @@ def test_cached_sampling_equals_full_forward(backend):
     torch.testing.assert_close(logits_c, full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prompt_len", [0, 1, 6, 15, 16])
+def test_sampling_from_an_image_prompt(prompt_len):
+    """The first P codes are given (the cached path runs them in the prefill under each layer's mask): they come
+    back unchanged, cached and full-forward sampling draw the same rest, and each drawn code's logits are those of
+    one forward pass over the finished sequence."""
+    torch.manual_seed(0)
+    model = DALLE(CFG).eval()
+    _, _, text, image = _batch()
+    prefix = image[:, :prompt_len]
+    out = {}
+    for cached in (True, False):
+        out[cached] = sample_image_tokens(model, text, generator=torch.Generator().manual_seed(5), use_cache=cached,
+                                          return_logits=True, image_prefix=prefix)
+    (tok, logits), (tok_f, logits_f) = out[True], out[False]
+    assert torch.equal(tok[:, :prompt_len], prefix) and torch.equal(tok, tok_f)
+    assert logits.shape == (3, 16 - prompt_len, 20)
+    torch.testing.assert_close(logits, logits_f, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        full = model(text, tok, return_logits=True).image_logits[:, prompt_len:]
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+    # the prompt conditions the rest: another prompt (same draws) changes the first drawn code's distribution
+    if 0 < prompt_len < 16:
+        other = sample_image_tokens(model, text, generator=torch.Generator().manual_seed(5), return_logits=True,
+                                    image_prefix=(prefix + 1) % 20)[1]
+        assert not torch.allclose(other[:, 0], logits[:, 0])
+
+
+def test_image_prompt_errors():
+    model = DALLE(CFG).eval()
+    _, _, text, image = _batch()
+    for bad, match in [(image[:2, :4], r"\[batch=3, P\]"), (image[:, :4].float(), "integer codes"),
+                       (torch.cat([image, image[:, :1]], 1), "only 16"), (image[:, :4] + 20, r"\[0, 20\)"),
+                       (image[:, :4] - 21, r"\[0, 20\)")]:
+        with pytest.raises(ValueError, match=match):
+            sample_image_tokens(model, text, image_prefix=bad)
+
+
 def test_cached_sampling_runs_the_resblocks_in_their_training_precision():
     """With bf16 resblocks the cached steps compute q, k, v (and the MLP) under the same autocast as training."""
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from dalle_ds.config import DalleConfig, DVAEConfig
 from dalle_ds.data.tokenizer import train_caption_tokenizer
@@ -87,6 +88,10 @@ def _sample_argv(art, tmp_path, *extra):
     (["--out", "{art}/afile"], "exists and is not a folder"),
     (["--out", "{art}/afile/sub"], "{art}/afile is a file, not a folder"),
     (["--cuda_graph", "--no_cache"], "--cuda_graph replays the cached decode step"),
+    (["--prompt_rows", "2"], "--prompt_rows says how much of --image_prompt is given"),
+    (["--image_prompt", "scene"], "--image_prompt scene primes each caption with its own shapes scene"),
+    (["--image_prompt", "{art}/none.png"], "--image_prompt {art}/none.png: file not found"),
+    (["--image_prompt", "{art}/blank.txt", "--prompt_rows", "0"], "--prompt_rows must be ≥ 1"),
     *([] if torch.cuda.is_available() else [(["--cuda_graph"], "--cuda_graph needs a CUDA GPU")]),
 ])
 def test_sample_parser_refuses(art, tmp_path, capsys, extra, message):
@@ -119,9 +124,12 @@ def test_sample_parser_takes_cuda_graph_where_there_is_a_gpu(art, tmp_path, monk
     (["--prior", "{art}/truncated.pt"], "{art}/truncated.pt"),  # the wording is checkpoint.py's
     (["--captions_file", "{art}/truncated.pt"], "truncated.pt: not UTF-8 text"),
     (["--captions_file", "{art}/blank.txt"], "blank.txt: no captions in it"),
+    (["--image_prompt", "{art}/blank.txt"], "--image_prompt {art}/blank.txt: not a readable image"),
+    (["--image_prompt", "{art}/red.png", "--prompt_rows", "4"], "--prompt_rows 4: the image grid has 4 rows"),
 ])
 def test_sample_main_refuses_wrong_inputs_before_any_work(art, tmp_path, capsys, extra, message):
     (art / "blank.txt").write_text("\n  \n")
+    Image.new("RGB", (20, 12), (255, 0, 0)).save(art / "red.png")
     extra = [a.format(art=art) for a in extra]
     assert sample.main(_sample_argv(art, tmp_path, *extra)) == 2
     err = capsys.readouterr().err

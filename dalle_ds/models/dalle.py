@@ -76,11 +76,17 @@ class Attention(nn.Module):
 
     # -- KV-cached inference ---------------------------------------------------------------------------------------
     def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        """Text positions 0..T−1: causal in every layer kind (the masks differ only image→image)."""
+        """Sequence positions 0..n−1 at once: the T text positions, causal in every layer kind (the masks differ
+        only image→image), then any image positions of a prompt under this layer's mask (every mask is causal, so
+        the first n rows and columns of the full mask are the whole story for these positions)."""
         q, k, v = self._heads(x)
         n = x.shape[1]
         cache["k"][:, :, :n], cache["v"][:, :, :n] = k, v
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if n <= self.spec.text_len:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            idx = torch.arange(n, device=x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.spec.visible(idx[:, None], idx[None, :]))
         return self.proj(out.transpose(1, 2).reshape(x.shape))
 
     def decode(self, x: torch.Tensor, cache: dict, position: int | torch.Tensor) -> torch.Tensor:
@@ -340,9 +346,13 @@ class DALLE(nn.Module):
                 for _ in self.layers]
 
     @torch.no_grad()
-    def prefill(self, text: torch.Tensor, cache: list[dict]) -> torch.Tensor:
-        """Run the T text positions; return the fp32 logits for the first image code [B, K]."""
+    def prefill(self, text: torch.Tensor, cache: list[dict], image_prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the T text positions and, if given, the first P image codes ``image_prefix`` [B, P] (a prompt: the
+        paper's image-to-image translation primes the prior with the top of an image, §3.3); return the fp32
+        logits for image code P [B, K]."""
         x = self.embed_text(text)
+        if image_prefix is not None and image_prefix.shape[1]:
+            x = torch.cat([x, self.embed_image(image_prefix)], dim=1)
         for layer, c in zip(self.layers, cache):
             x = layer.step(x, c, None)
         return self._logits(self.image_head, x[:, -1])

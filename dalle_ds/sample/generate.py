@@ -1,9 +1,9 @@
 """Autoregressive sampling of image codes with a key/value cache that respects the sparse masks (paper §2.6).
 
-The caption's T text positions are run once (prefill); then each of the W² image codes is drawn from the fp32
-logits (temperature, optional top-k / top-p) and fed back through one cached decode step per layer. ``use_cache=
-False`` recomputes the full forward pass for every code instead: the reference the cached path is tested against,
-and the baseline of ``benchmarks/bench_sample.py``.
+The caption's T text positions (and the codes of an image prompt, if any) are run once (prefill); then each
+remaining image code is drawn from the fp32 logits (temperature, optional top-k / top-p) and fed back through one
+cached decode step per layer. ``use_cache=False`` recomputes the full forward pass for every code instead: the
+reference the cached path is tested against, and the baseline of ``benchmarks/bench_sample.py``.
 """
 from __future__ import annotations
 
@@ -63,17 +63,36 @@ def _draw(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator 
     return draw(torch.softmax(filter_logits(logits, cfg), dim=-1), generator)
 
 
+def check_image_prefix(prefix: torch.Tensor, batch: int, image_len: int, vocab: int) -> torch.Tensor:
+    """``prefix`` as int64 codes [batch, P] with 0 ≤ P ≤ image_len, every code in [0, vocab); ValueError otherwise."""
+    if prefix.dim() != 2 or prefix.shape[0] != batch:
+        raise ValueError(f"image_prefix must be [batch={batch}, P] codes, got shape {tuple(prefix.shape)}")
+    if prefix.dtype.is_floating_point or prefix.dtype.is_complex or prefix.dtype == torch.bool:
+        raise ValueError(f"image_prefix must hold integer codes, got {prefix.dtype}")
+    if prefix.shape[1] > image_len:
+        raise ValueError(f"image_prefix has {prefix.shape[1]} codes; the image has only {image_len}")
+    if prefix.numel() and not (0 <= int(prefix.min()) and int(prefix.max()) < vocab):
+        raise ValueError(f"image_prefix codes must lie in [0, {vocab}), got {int(prefix.min())}..{int(prefix.max())}")
+    return prefix.long()
+
+
 @torch.no_grad()
 def sample_image_tokens(model: DALLE, text: torch.Tensor, cfg: SamplingConfig | None = None,
                         generator: torch.Generator | None = None, use_cache: bool = True,
-                        return_logits: bool = False, cuda_graph: bool = False):
+                        return_logits: bool = False, cuda_graph: bool = False,
+                        image_prefix: torch.Tensor | None = None):
     """Draw one W² code sequence per row of ``text`` ([B, T] from ``prepare_text``).
 
     ``cuda_graph=True`` (CUDA, with the cache) replays the decode step from a CUDA graph captured once per batch
     size (:mod:`dalle_ds.sample.cuda_graph`), without the per-kernel host time: with the Triton decode kernel the
     same kernels run, so the logits are the same bit for bit.
 
-    Returns codes [B, W²] (and, with ``return_logits``, the fp32 logits each code was drawn from [B, W², K]).
+    ``image_prefix`` [B, P]: the first P codes in raster order are given, not drawn (an image prompt, e.g. the top
+    P / W rows of an encoded image, as in the paper's image-to-image translation, §3.3); the cached path runs them
+    in the prefill with the text.
+
+    Returns codes [B, W²] (the prefix in place) and, with ``return_logits``, the fp32 logits each drawn code was
+    drawn from [B, W² − P, K].
     """
     cfg = (cfg or SamplingConfig()).validate()
     if cuda_graph and not use_cache:
@@ -83,9 +102,14 @@ def sample_image_tokens(model: DALLE, text: torch.Tensor, cfg: SamplingConfig | 
     model.eval()
     B, n = text.shape[0], model.cfg.image_len
     tokens = torch.zeros(B, n, dtype=torch.long, device=text.device)
+    first = 0
+    if image_prefix is not None:
+        image_prefix = check_image_prefix(image_prefix, B, n, model.cfg.image_vocab_size).to(text.device)
+        first = image_prefix.shape[1]
+        tokens[:, :first] = image_prefix
     all_logits = [] if return_logits else None
     step = None
-    if use_cache:
+    if use_cache and first < n:
         if cuda_graph:
             from dalle_ds.sample.cuda_graph import graphed_decode_step
 
@@ -93,8 +117,8 @@ def sample_image_tokens(model: DALLE, text: torch.Tensor, cfg: SamplingConfig | 
             cache = step.cache
         else:
             cache = model.new_cache(B)
-        logits = model.prefill(text, cache)
-    for i in range(n):
+        logits = model.prefill(text, cache, image_prefix)
+    for i in range(first, n):
         if not use_cache:
             logits = model(text, tokens, return_logits=True).image_logits[:, i]
         if return_logits:
@@ -103,5 +127,7 @@ def sample_image_tokens(model: DALLE, text: torch.Tensor, cfg: SamplingConfig | 
         if use_cache and i + 1 < n:
             logits = step(tokens[:, i], i) if step is not None else model.decode_step(tokens[:, i], i, cache)
     if return_logits:
-        return tokens, torch.stack(all_logits, dim=1)
+        K = model.cfg.image_vocab_size
+        stacked = torch.stack(all_logits, dim=1) if all_logits else torch.empty(B, 0, K, device=text.device)
+        return tokens, stacked
     return tokens

@@ -83,9 +83,24 @@ class TextToImage:
 
     @torch.no_grad()
     def sample_codes(self, captions: list[str], sampling: SamplingConfig, generator: torch.Generator | None = None,
-                     use_cache: bool = True, cuda_graph: bool = False) -> torch.Tensor:
+                     use_cache: bool = True, cuda_graph: bool = False,
+                     image_prefix: torch.Tensor | None = None) -> torch.Tensor:
         return sample_image_tokens(self.prior, self.text(captions), sampling, generator, use_cache=use_cache,
-                                   cuda_graph=cuda_graph)
+                                   cuda_graph=cuda_graph, image_prefix=image_prefix)
+
+    @torch.no_grad()
+    def encode_prompt(self, images: torch.Tensor, rows: int) -> torch.Tensor:
+        """The top ``rows`` rows of code of each image (uint8 [N, 3, S, S] at the dVAE's resolution): the codes
+        [N, rows · W] that prime the prior in :meth:`generate` (the paper's image-to-image translation, §3.3)."""
+        W, size = self.prior.cfg.image_grid, self.dvae.cfg.image_size
+        if not 0 <= rows <= W:
+            raise ValueError(f"prompt rows must be in 0..{W} (the image grid is {W}×{W}), got {rows}")
+        if images.dim() != 4 or tuple(images.shape[1:]) != (self.dvae.cfg.channels, size, size):
+            raise ValueError(f"prompt images must be [N, {self.dvae.cfg.channels}, {size}, {size}] (the dVAE's "
+                             f"input), got {tuple(images.shape)}")
+        with self.dvae_autocast:
+            codes = self.dvae.encode(images.to(self.device))
+        return codes.reshape(codes.shape[0], -1)[:, : rows * W]
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -94,17 +109,25 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, captions: list[str], num_candidates: int, sampling: SamplingConfig | None = None,
-                 batch_size: int = 64, seed: int = 0, use_cache: bool = True,
-                 cuda_graph: bool = False) -> list[CaptionResult]:
+                 batch_size: int = 64, seed: int = 0, use_cache: bool = True, cuda_graph: bool = False,
+                 prompt_codes: torch.Tensor | None = None) -> list[CaptionResult]:
         """``num_candidates`` images per caption, each caption's candidates ordered best first. ``cuda_graph``: see
-        :func:`sample_image_tokens` (one capture per batch size: a full batch and, if rows are left over, the last)."""
+        :func:`sample_image_tokens` (one capture per batch size: a full batch and, if rows are left over, the last).
+        ``prompt_codes`` [len(captions), P] (from :meth:`encode_prompt`): each caption's candidates start from its
+        row of given codes and only the rest is sampled."""
         sampling = (sampling or SamplingConfig()).validate()
         rows = [c for c in captions for _ in range(num_candidates)]
+        if prompt_codes is not None:
+            if prompt_codes.dim() != 2 or prompt_codes.shape[0] != len(captions):
+                raise ValueError(f"prompt_codes must be [{len(captions)} captions, P], got "
+                                 f"{tuple(prompt_codes.shape)}")
+            prompt_codes = prompt_codes.to(self.device).repeat_interleave(num_candidates, dim=0)
         images, t_sample, t_decode = [], 0.0, 0.0
         for b, start in enumerate(range(0, len(rows), batch_size)):
             gen = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + b)
             t0 = self._clock()
-            codes = self.sample_codes(rows[start:start + batch_size], sampling, gen, use_cache, cuda_graph)
+            prefix = None if prompt_codes is None else prompt_codes[start:start + batch_size]
+            codes = self.sample_codes(rows[start:start + batch_size], sampling, gen, use_cache, cuda_graph, prefix)
             t1 = self._clock()
             images.append(self.decode(codes).cpu())
             t_sample, t_decode = t_sample + t1 - t0, t_decode + self._clock() - t1

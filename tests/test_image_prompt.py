@@ -1,0 +1,90 @@
+"""Sampling from an image prompt (the paper's image-to-image translation, §3.3): the pipeline encodes the top rows
+of an image, every candidate keeps those codes, and launch/sample.py draws the prompt beside the candidates.
+The sampler's own parity (cached = full forward with a prefix) is in tests/test_dalle_model.py."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalle_ds.config import DalleConfig, DVAEConfig
+from dalle_ds.data.tokenizer import train_caption_tokenizer
+from dalle_ds.models.dalle import DALLE
+from dalle_ds.models.dvae import DiscreteVAE
+from dalle_ds.sample.pipeline import TextToImage
+from dalle_ds.train.dalle_trainer import export_dalle
+from dalle_ds.train.dvae_trainer import export_dvae
+from launch_utils import ROOT
+
+_spec = importlib.util.spec_from_file_location("launch_sample_prompt", ROOT / "launch" / "sample.py")
+sample = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sample)
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """A tiny exported prior (4 × 4 code grid, 16 × 16 images) with its tokenizer and dVAE, and a prompt image."""
+    d = tmp_path_factory.mktemp("prompt")
+    torch.manual_seed(0)
+    dvae_cfg = DVAEConfig(image_size=16, vocab_size=16, hidden=4, blocks_per_group=1, groups=3, decoder_init=8)
+    export_dvae(d / "dvae.pt", dvae_cfg, DiscreteVAE(dvae_cfg).state_dict(), step=0)
+    tok = train_caption_tokenizer(["a red circle", "a small blue square"] * 4, vocab_size=270, max_length=7)
+    (d / "prior").mkdir()
+    tok.save(d / "prior" / "tokenizer")
+    cfg = DalleConfig(text_vocab_size=tok.vocab_size, text_len=8, image_vocab_size=16, image_grid=4, d_model=16,
+                      n_layers=2, n_heads=1)
+    export_dalle(d / "prior" / "dalle.pt", cfg, DALLE(cfg).state_dict(), 0,
+                 {"tokenizer": "tokenizer", "dvae": str(d / "dvae.pt")})
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(d / "prompt.png")  # not square
+    return d
+
+
+def _images(n, seed):
+    return torch.randint(0, 256, (n, 3, 16, 16), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_candidates_keep_the_prompt_codes(art, monkeypatch):
+    pipe = TextToImage.load(art / "prior" / "dalle.pt")
+    images = _images(2, seed=int(torch.randint(0, 2**30, ())))
+    codes = pipe.encode_prompt(images, rows=3)
+    full = pipe.dvae.encode(images).reshape(2, -1)
+    assert codes.shape == (2, 12) and torch.equal(codes, full[:, :12])
+    assert pipe.encode_prompt(images, rows=0).shape == (2, 0)
+    decoded = []
+    real_decode = pipe.decode
+    monkeypatch.setattr(pipe, "decode", lambda c: decoded.append(c.clone()) or real_decode(c))
+    results = pipe.generate(["a red circle", "a small blue square"], num_candidates=3, batch_size=4,
+                            prompt_codes=codes)
+    sampled = torch.cat(decoded)  # sampling order: caption 0's three candidates, then caption 1's
+    assert sampled.shape == (6, 16)
+    assert torch.equal(sampled[:, :12], codes.repeat_interleave(3, dim=0))
+    assert [r.images.shape for r in results] == [(3, 3, 16, 16)] * 2
+    with pytest.raises(ValueError, match=r"prompt_codes must be \[2 captions, P\]"):
+        pipe.generate(["a red circle", "a small blue square"], 3, prompt_codes=codes[:1])
+    with pytest.raises(ValueError, match="prompt rows must be in 0..4"):
+        pipe.encode_prompt(images, rows=5)
+    with pytest.raises(ValueError, match=r"prompt images must be \[N, 3, 16, 16\]"):
+        pipe.encode_prompt(images[:, :, :8], rows=1)
+
+
+def test_shade_unseen_fades_only_the_rows_not_given():
+    image = torch.full((3, 16, 16), 200, dtype=torch.uint8)
+    shown = sample.shade_unseen(image, rows=1, grid=4)
+    assert torch.equal(shown[:, :4], image[:, :4]) and int(shown[:, 4:].max()) == int(shown[:, 4:].min()) == 146
+    assert int(image.max()) == 200  # the prompt itself is untouched
+
+
+def test_sample_cli_with_an_image_prompt(art, tmp_path):
+    out = tmp_path / "out"
+    rc = sample.main(["--prior", str(art / "prior" / "dalle.pt"), "--caption", "a red circle",
+                      "--caption", "a small blue square", "--num_candidates", "3", "--keep", "2",
+                      "--image_prompt", str(art / "prompt.png"), "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "samples.json").read_text())
+    assert result["prompt_rows"] == 2 and result["image_prompt"] == str(art / "prompt.png")  # default: half the grid
+    grid = np.asarray(Image.open(out / "grids" / "0000.png"))
+    # one column more than the candidates (the prompt), each tile 16 px at scale 2 with 2 px padding, and a title band
+    assert grid.shape[1] == 4 * (32 + 2) + 2 and grid.shape[0] == 14 + 32 + 4
