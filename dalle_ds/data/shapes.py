@@ -387,6 +387,28 @@ def contrast_attributes(scene: dict) -> list[str]:
             and (a != "relation" or scene.get("relation"))]
 
 
+def caption_phrase(scene: dict) -> str:
+    """The position or relation phrase of the scene's caption, in its own wording ("in the top left corner",
+    "to the right of"); ValueError when the caption does not follow the scene's objects."""
+    phrases = [object_phrase(o) for o in scene["objects"]]
+    caption = scene["caption"]
+    if not caption.startswith(phrases[0]) or (len(phrases) == 2 and not caption.endswith(phrases[1])):
+        raise ValueError(f"caption {caption!r} does not follow the scene's objects")
+    return caption[len(phrases[0]):len(caption) - (len(phrases[1]) if len(phrases) == 2 else 0)].strip()
+
+
+def edit_object(scene: dict, index: int, **changes: str) -> dict:
+    """``scene`` with object ``index``'s colour or shape changed (``color=``, ``shape=``) where it stands, and the
+    caption rewritten in the same wording: what a caption asks for when it edits one object of a picture. (Not the
+    size: that is the object's extent, which its layout was drawn for.)"""
+    unknown = set(changes) - {"color", "shape"}
+    if unknown:
+        raise ValueError(f"edit_object changes color or shape, not {sorted(unknown)}")
+    objects = [dict(o) for o in scene["objects"]]
+    objects[index].update(changes)
+    return dict(scene, objects=objects, caption=scene_caption(objects, caption_phrase(scene)))
+
+
 def contrast_caption(scene: dict, rng: np.random.Generator, attribute: str | None = None) -> tuple[str, str]:
     """A caption that ``scene`` makes false in exactly one attribute: ``(caption, attribute)``.
 
@@ -398,11 +420,7 @@ def contrast_caption(scene: dict, rng: np.random.Generator, attribute: str | Non
     (``ValueError`` if the scene cannot change it); by default one is drawn uniformly from those that apply.
     """
     objects = [dict(o) for o in scene["objects"]]
-    phrases = [object_phrase(o) for o in objects]
-    caption = scene["caption"]
-    if not caption.startswith(phrases[0]) or (len(objects) == 2 and not caption.endswith(phrases[1])):
-        raise ValueError(f"caption {caption!r} does not follow the scene's objects")
-    middle = caption[len(phrases[0]):len(caption) - (len(phrases[1]) if len(objects) == 2 else 0)].strip()
+    caption, middle = scene["caption"], caption_phrase(scene)
     applicable = contrast_attributes(scene)
     if attribute is None:
         attribute = applicable[rng.integers(len(applicable))]

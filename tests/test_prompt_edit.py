@@ -1,0 +1,83 @@
+"""benchmarks/prompt_edit.py: the scenes it picks split at the prompt rows, its edits change only the lower object
+(never into a held-out pair or a twin of the upper one, the caption rewritten in the same words), and its harness
+runs end to end on a tiny untrained prior (scores are not checked)."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dalle_ds.config import DalleConfig, DVAEConfig
+from dalle_ds.data.shapes import caption_phrase, edit_object, held_out_pairs, sample_scene
+from dalle_ds.data.tokenizer import train_caption_tokenizer
+from dalle_ds.models.dalle import DALLE
+from dalle_ds.models.dvae import DiscreteVAE
+from dalle_ds.train.dalle_trainer import export_dalle
+from dalle_ds.train.dvae_trainer import export_dvae
+from launch_utils import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import prompt_edit  # noqa: E402
+
+
+def test_edit_object_rewrites_the_caption_in_its_own_words():
+    scene = next(s for s in (sample_scene(0, "train", i) for i in range(200)) if s["relation"] == "below"
+                 and "under" in s["caption"])
+    new = edit_object(scene, 1, color="green", shape="cross")
+    assert new["objects"][0] == scene["objects"][0]
+    assert new["objects"][1]["color"] == "green" and new["objects"][1]["shape"] == "cross"
+    assert new["objects"][1]["center"] == scene["objects"][1]["center"]
+    assert caption_phrase(new) == caption_phrase(scene) == "under"
+    assert new["caption"].endswith(f"under a {scene['objects'][1]['size']} green cross")
+    assert scene["objects"][1] is not new["objects"][1]  # the original scene is untouched
+    with pytest.raises(ValueError, match="not \\['size'\\]"):
+        edit_object(scene, 0, size="small")
+
+
+def test_picked_scenes_split_at_the_prompt_rows_and_edits_touch_only_the_lower_object():
+    seed = int(np.random.default_rng().integers(1000))
+    scenes = prompt_edit.pick_scenes(40, "test_id", seed, rows=8, grid=16, image_size=64)
+    rng = np.random.default_rng(seed)
+    held = set(held_out_pairs())
+    assert {s["relation"] for s in scenes} == {"above", "below"}  # the upper object is the first or the second
+    for s in scenes:
+        up, low = sorted(s["objects"], key=lambda o: o["center"][1])  # image y grows downwards
+        assert [s["objects"][i] for i in prompt_edit.upper_lower(s)] == [up, low]
+        assert up["center"][1] + up["half_size"] <= 32 <= low["center"][1] - low["half_size"]
+        for attribute in ("color", "shape"):
+            e = prompt_edit.edited(s, attribute, rng)
+            u, l = prompt_edit.upper_lower(e)
+            assert e["objects"][u] == s["objects"][u]
+            changed = {a for a in ("color", "shape", "size", "center") if e["objects"][l][a] != s["objects"][l][a]}
+            assert changed == {attribute}
+            pair = (e["objects"][l]["color"], e["objects"][l]["shape"])
+            assert pair not in held and pair != (e["objects"][u]["color"], e["objects"][u]["shape"])
+            assert e["caption"] != s["caption"] and caption_phrase(e) == caption_phrase(s)
+    # scenes it must refuse: a horizontal relation, and an upper object that reaches past the cut
+    horizontal = next(s for s in (sample_scene(0, "train", i) for i in range(100)) if s["relation"] == "left of")
+    assert not prompt_edit.split_by_rows(horizontal, 8, 16)
+    assert not prompt_edit.split_by_rows(scenes[0], 1, 16)
+
+
+def test_prompt_edit_harness_runs(tmp_path):
+    torch.manual_seed(0)
+    dvae_cfg = DVAEConfig(image_size=64, vocab_size=16, hidden=4, blocks_per_group=1, groups=3, decoder_init=8)
+    export_dvae(tmp_path / "dvae.pt", dvae_cfg, DiscreteVAE(dvae_cfg).state_dict(), step=0)
+    tok = train_caption_tokenizer([sample_scene(0, "train", i)["caption"] for i in range(50)], vocab_size=300,
+                                  max_length=15)
+    (tmp_path / "prior").mkdir()
+    tok.save(tmp_path / "prior" / "tokenizer")
+    cfg = DalleConfig(text_vocab_size=tok.vocab_size, text_len=16, image_vocab_size=16, image_grid=16, d_model=16,
+                      n_layers=1, n_heads=1)
+    export_dalle(tmp_path / "prior" / "dalle.pt", cfg, DALLE(cfg).state_dict(), 0,
+                 {"tokenizer": "tokenizer", "dvae": str(tmp_path / "dvae.pt")})
+    out = tmp_path / "pe"
+    assert prompt_edit.main(["--prior", str(tmp_path / "prior" / "dalle.pt"), "--num_scenes", "2",
+                             "--num_candidates", "2", "--figure_rows", "2", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["prompt_rows"] == 8 and set(result["top1"]) == set(prompt_edit.CONDITIONS)
+    assert all(result["top1"][c]["n"] == 2 for c in prompt_edit.CONDITIONS)
+    assert set(result["chance"]) == {"own vs colour edit", "own vs shape edit"}
+    assert "| colour edit | 2 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").is_file()
