@@ -12,6 +12,7 @@ primed with those rows and samples the rest given a caption. Three captions per 
 Each caption's candidates are reranked by the CLIP (if given) and the top-1 is scored with the shapes scorer
 against the caption's scene (exact: both objects' colour, shape and size, and the relation). The ``own`` top-1 is
 also scored against the edited scenes: how often the edited attribute appears without being asked for (chance).
+``no prompt`` samples the whole image from the own caption alone, for reference (``--no-reference`` skips it).
 Edits never produce a held-out colour-shape pair, nor two equal objects.
 
     python benchmarks/prompt_edit.py --prior runs/demo/dalle/dalle.pt --clip runs/demo/clip/clip \\
@@ -36,6 +37,7 @@ from dalle_ds.data.shapes import (COLORS, SHAPES, edit_object, held_out_pairs, r
 from dalle_ds.eval.shapes_scorer import detect_objects, score_images  # noqa: E402
 
 CONDITIONS = ("own", "colour edit", "shape edit")
+REFERENCE = "own, no prompt"
 ATTRS = ("exact", "color", "shape", "size", "relation")
 
 
@@ -102,14 +104,15 @@ def run(args) -> tuple[dict, list]:
     codes = pipe.encode_prompt(prompts, rows)
     sampling = SamplingConfig(temperature=args.temperature)
     top1, seconds = {}, {}
-    for c, cond_scenes in by_condition.items():
+    conditions = [(c, c, codes) for c in CONDITIONS] + ([(REFERENCE, "own", None)] if args.reference else [])
+    for name, c, prompt in conditions:
         t0 = time.perf_counter()
-        results = pipe.generate([s["caption"] for s in cond_scenes], args.num_candidates, sampling,
-                                args.batch_size, seed=args.seed, prompt_codes=codes)
-        seconds[c] = time.perf_counter() - t0
-        top1[c] = [r.images[0] for r in results]
-        print(f"{c}: {seconds[c]:.1f} s", file=sys.stderr)
-    scores = {c: summary(score_images(top1[c], by_condition[c])) for c in CONDITIONS}
+        results = pipe.generate([s["caption"] for s in by_condition[c]], args.num_candidates, sampling,
+                                args.batch_size, seed=args.seed, prompt_codes=prompt)
+        seconds[name] = time.perf_counter() - t0
+        top1[name] = [r.images[0] for r in results]
+        print(f"{name}: {seconds[name]:.1f} s", file=sys.stderr)
+    scores = {name: summary(score_images(top1[name], by_condition[c])) for name, c, _ in conditions}
     own_det = [detect_objects(im) for im in top1["own"]]
     chance = {f"own vs {c}": summary(score_images(top1["own"], by_condition[c], detections=own_det))
               for c in CONDITIONS[1:]}
@@ -137,14 +140,17 @@ def markdown(r: dict) -> str:
              f"{r['num_candidates']} candidates per caption at temperature {r['temperature']}, {rerank}, scored "
              "against the caption's scene.", "",
              "| caption | n | exact | colour | shape | size | relation | sampling s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in CONDITIONS:
+    for c in r["top1"]:
         s = r["top1"][c]
         lines.append(f"| {c} | {s['n']} | " + " | ".join(f"{s[a]:.3f}" for a in ATTRS) +
                      f" | {r['sampling_seconds'][c]:.0f} |")
     for c, s in r["chance"].items():
         lines.append(f"| {c} (chance) | {s['n']} | " + " | ".join(f"{s[a]:.3f}" for a in ATTRS) + " | |")
     lines += ["", "Chance rows: the `own` top-1 scored against the edited scenes, i.e. how often the edited attribute "
-              "is drawn without the caption asking for it.", "", "Examples (own / colour edit / shape edit):", ""]
+              "is drawn without the caption asking for it."]
+    if REFERENCE in r["top1"]:
+        lines += ["", f"`{REFERENCE}`: the own captions sampled without the prompt (the whole image drawn)."]
+    lines += ["", "Examples (own / colour edit / shape edit):", ""]
     lines += [f"- {e['own']} / {e['colour edit']} / {e['shape edit']}" for e in r["examples"]]
     return "\n".join(lines) + "\n"
 
@@ -173,6 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--batch_size", type=int_at_least(1), default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the reference row: the own caption without the prompt (the whole image sampled)")
     p.add_argument("--figure_rows", type=int_at_least(1), default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="PREFIX: writes PREFIX.json, PREFIX.md and PREFIX.png")

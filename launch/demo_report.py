@@ -47,6 +47,12 @@ def collect(run: Path) -> dict:
                        "two_objects": _attrs(v.get("two_objects"))}
                 for name, v in m.items()}
             out[f"samples_{split}"]["grids"] = str(run / f"samples_{split}" / "grids")
+    edit = _load(run / "prompt_edit" / "prompt_edit.json")
+    if edit:
+        out["image_prompts"] = {"prompt_rows": edit["prompt_rows"], "grid": edit["grid"],
+                                "top1": {c: _attrs(v) for c, v in edit["top1"].items()},
+                                "chance": {c: _attrs(v) for c, v in edit["chance"].items()},
+                                "picture": str(run / "prompt_edit" / "prompt_edit.png")}
     times = run / "stage_seconds.txt"
     if times.is_file():
         out["stage_seconds"] = {" ".join(line.split()[:-1]): int(line.split()[-1])
@@ -79,12 +85,21 @@ def main(argv=None) -> int:
             if "best_of_n_by_scorer" in s:
                 print(f"  best candidate by the scorer (what a perfect reranker would pick): exact "
                       f"{s['best_of_n_by_scorer']['all']['exact']:.3f}")
+    edit = report.get("image_prompts")
+    if edit:
+        top, chance = edit["top1"], edit["chance"]
+        print(f"image prompts (top {edit['prompt_rows']} of {edit['grid']} code rows given, test_id): exact "
+              f"{top['own']['exact']:.3f} with the own caption; with the lower object's colour edited "
+              f"{top['colour edit']['exact']:.3f} (unasked {chance['own vs colour edit']['exact']:.3f}), its shape "
+              f"edited {top['shape edit']['exact']:.3f} (unasked {chance['own vs shape edit']['exact']:.3f})")
     print(f"metrics: {run / 'metrics.json'}")
     print("pictures:")
     print(f"  dVAE reconstructions (originals above, reconstructions below): {run / 'dvae' / 'reconstructions_final.png'}")
     for split in ("test_id", "test_ood"):
         if (run / f"samples_{split}" / "grids").is_dir():
             print(f"  samples, one grid per caption (reranked, best first): {run / f'samples_{split}' / 'grids'}/")
+    if edit:
+        print(f"  image prompts (prompt, own caption, colour edited, shape edited): {edit['picture']}")
     print(f"  TensorBoard: tensorboard --logdir {run}")
     return 0
 

@@ -17,7 +17,8 @@ image-to-image translation, §3.3): every candidate keeps those rows and the res
 ``--shapes_split``, ``--image_prompt scene`` primes each caption with its own scene, so the scorer measures how
 well the prior completes a picture the way its caption says.
 
-    python launch/sample.py --prior ... --clip ... --shapes_split test_id --image_prompt scene --prompt_rows 4 --out ...
+    python launch/sample.py --prior runs/demo/dalle/dalle.pt --clip runs/demo/clip/clip --shapes_split test_id \
+        --image_prompt scene --prompt_rows 8 --num_candidates 32 --out runs/completions
 """
 from __future__ import annotations
 

@@ -119,6 +119,10 @@ def make_inputs(args: list[str], scratch: Path) -> list[str]:
         if path.suffix in (".pt", ".json"):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("{}")  # an empty JSON object (a config file overriding nothing); any bytes for a .pt
+        elif path.suffix in (".png", ".jpg"):  # an image (a prompt)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from PIL import Image
+            Image.new("RGB", (8, 8)).save(path)
         elif "tokens" in path.parts:  # a token-shard folder, or the folder holding train/ and test_id/
             token_shards(path)
             token_shards(path / "train")

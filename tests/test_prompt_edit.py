@@ -76,7 +76,7 @@ def test_prompt_edit_harness_runs(tmp_path):
     assert prompt_edit.main(["--prior", str(tmp_path / "prior" / "dalle.pt"), "--num_scenes", "2",
                              "--num_candidates", "2", "--figure_rows", "2", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
-    assert result["prompt_rows"] == 8 and set(result["top1"]) == set(prompt_edit.CONDITIONS)
+    assert result["prompt_rows"] == 8 and set(result["top1"]) == {*prompt_edit.CONDITIONS, prompt_edit.REFERENCE}
     assert all(result["top1"][c]["n"] == 2 for c in prompt_edit.CONDITIONS)
     assert set(result["chance"]) == {"own vs colour edit", "own vs shape edit"}
     assert "| colour edit | 2 |" in out.with_suffix(".md").read_text()
