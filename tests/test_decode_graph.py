@@ -144,3 +144,31 @@ def test_gpu_graphed_sampling_equals_eager_sampling(dtype):
     assert list(cuda_graph._captures[model]) == [2]  # the old parameters' captures are gone
     cuda_graph.release(model)
     assert model not in cuda_graph._captures
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_sampling_from_an_image_prompt():
+    """An image prompt on the GPU: the prefill runs the prompt codes with the text (SDPA under each layer's mask),
+    the Triton decode then reads them from the cache; graphed and eager sampling agree bit for bit, the prompt comes
+    back unchanged, and the drawn codes' logits are one full forward pass's (Triton training kernels; fp32, whose
+    tl.dot may round through TF32, hence the tolerance: a wrong mask moves logits by far more on this model)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, attn_backend="triton", d_model=64, n_heads=2)
+    model = DALLE(cfg).to("cuda").eval()
+    text = _text(4, "cuda")
+    prefix = torch.randint(0, cfg.image_vocab_size, (4, 7), device="cuda")
+
+    def run(graph):
+        g = torch.Generator(device="cuda").manual_seed(5)
+        return sample_image_tokens(model, text, generator=g, return_logits=True, cuda_graph=graph,
+                                   image_prefix=prefix)
+
+    tok_e, logits_e = run(False)
+    tok_g, logits_g = run(True)
+    assert torch.equal(tok_g, tok_e) and torch.equal(logits_g, logits_e)
+    assert torch.equal(tok_e[:, :7], prefix) and logits_e.shape == (4, 9, cfg.image_vocab_size)
+    with torch.no_grad():
+        full = model(text, tok_e, return_logits=True).image_logits[:, 7:]
+    torch.testing.assert_close(logits_e, full, rtol=2e-3, atol=2e-3)
+    cuda_graph.release(model)
