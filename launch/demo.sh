@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo behind `make demo`: the whole text-to-image system on built-in shapes data, 2 ranks under the
 # deepspeed launcher (gloo on CPU): dVAE → image-token shards → prior → CLIP reranker → samples for test_id and
-# test_ood captions → shapes scorer → RUN_DIR/metrics.json.
+# test_ood captions → shapes scorer → image prompts (completions, text-controlled edits) → RUN_DIR/metrics.json.
 #   launch/demo.sh [RUN_DIR]        (default runs/demo; DEMO_NPROC=2 ranks; DEMO_CAPTIONS_ID=256 test_id and
 #                                    DEMO_CAPTIONS_OOD=128 test_ood captions (DEMO_CAPTIONS sets both);
 #                                    DEMO_CANDIDATES=32 samples per caption; DEMO_TEMPERATURE=0.8;
@@ -67,4 +67,9 @@ for split in test_id test_ood; do
       --num_captions "$n" --num_candidates "$CANDIDATES" --temperature "$TEMPERATURE" --keep 4 --batch_size 256 \
       --out "$RUN/samples_$split"
 done
+# image prompts (paper §3.3): the prior completes each scene's lower half from its upper half, as the own caption or
+# one with the lower object's colour or shape edited says (benchmarks/prompt_edit.py; one process, ~2 min)
+stage "image prompts: 64 test_id scenes, own and edited captions" "$RUN/prompt_edit/prompt_edit.json" \
+  python benchmarks/prompt_edit.py --prior "$RUN/dalle/dalle.pt" --clip "$RUN/clip/clip" --num_scenes 64 \
+    --num_candidates "$CANDIDATES" --temperature "$TEMPERATURE" --no-reference --out "$RUN/prompt_edit/prompt_edit"
 python launch/demo_report.py "$RUN" --total_seconds $(( $(date +%s) - start ))
