@@ -156,12 +156,9 @@ def markdown(r: dict) -> str:
 
 
 def save_figure(figure: list, path: Path, rows: int, grid: int) -> None:
-    from dalle_ds.utils.images import make_grid, save_png
+    from dalle_ds.utils.images import fade_below, make_grid, save_png
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-    from sample import shade_unseen
-
-    tiles = [t for row in figure for t in [shade_unseen(row[0], rows, grid), *row[1:]]]
+    tiles = [t for row in figure for t in [fade_below(row[0], rows, grid), *row[1:]]]
     save_png(make_grid(tiles, ncol=4, scale=2), path,
              title="prompt (top rows) | own caption | lower object's colour edited | its shape edited")
 

@@ -181,21 +181,13 @@ def score_samples(records: list[dict], images: dict[int, torch.Tensor], scenes: 
             "caption_shuffled_baseline": score_images(top1, shuffled, detections=det)}
 
 
-def shade_unseen(image: torch.Tensor, rows: int, grid: int) -> torch.Tensor:
-    """The prompt as the prior sees it: the pixels below the top ``rows`` of ``grid`` code rows faded to grey."""
-    shown = image.clone()
-    cut = rows * image.shape[-2] // grid
-    shown[:, cut:] = (shown[:, cut:].float() * 0.25 + 96).round().to(torch.uint8)
-    return shown
-
-
 def sample_share(args, pipe, captions: list[str], sampling, out: Path,
                  prompts: torch.Tensor | None = None) -> tuple[list[dict], dict]:
     """This rank's share of the captions (every world_size-th): candidates, a PNG grid per caption, and a record
     each; returns (records, {caption index: candidate images, best first}). ``prompts``: each caption's prompt
     image; the grid then starts with it, the rows not given faded."""
     from dalle_ds.train.distributed import is_rank0, rank, world_size
-    from dalle_ds.utils.images import make_grid, save_png
+    from dalle_ds.utils.images import fade_below, make_grid, save_png
 
     mine = list(range(rank(), len(captions), world_size()))
     per_chunk = max(1, args.batch_size // args.num_candidates)
@@ -214,7 +206,7 @@ def sample_share(args, pipe, captions: list[str], sampling, out: Path,
             title = f"{res.caption}  (best {args.keep} first" + (", CLIP-reranked)" if res.scores else ")")
             if prompts is not None:  # a first column: the prompt, then blanks, so the candidates keep their columns
                 blank = torch.full_like(prompts[i], 255)
-                first = [shade_unseen(prompts[i], args.prompt_rows, grid_side)]
+                first = [fade_below(prompts[i], args.prompt_rows, grid_side)]
                 rows_of = [tiles[r:r + ncol] for r in range(0, len(tiles), ncol)]
                 tiles = [t for r, row in enumerate(rows_of) for t in (first if r == 0 else [blank]) + row]
                 ncol += 1

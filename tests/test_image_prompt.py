@@ -16,6 +16,7 @@ from dalle_ds.models.dvae import DiscreteVAE
 from dalle_ds.sample.pipeline import TextToImage
 from dalle_ds.train.dalle_trainer import export_dalle
 from dalle_ds.train.dvae_trainer import export_dvae
+from dalle_ds.utils.images import fade_below
 from launch_utils import ROOT
 
 _spec = importlib.util.spec_from_file_location("launch_sample_prompt", ROOT / "launch" / "sample.py")
@@ -70,9 +71,9 @@ def test_candidates_keep_the_prompt_codes(art, monkeypatch):
         pipe.encode_prompt(images[:, :, :8], rows=1)
 
 
-def test_shade_unseen_fades_only_the_rows_not_given():
+def test_fade_below_fades_only_the_rows_not_given():
     image = torch.full((3, 16, 16), 200, dtype=torch.uint8)
-    shown = sample.shade_unseen(image, rows=1, grid=4)
+    shown = fade_below(image, rows=1, grid=4)
     assert torch.equal(shown[:, :4], image[:, :4]) and int(shown[:, 4:].max()) == int(shown[:, 4:].min()) == 146
     assert int(image.max()) == 200  # the prompt itself is untouched
 

@@ -61,6 +61,15 @@ def save_png(array: np.ndarray, path: str | Path, title: str | None = None) -> P
     return path
 
 
+def fade_below(image: torch.Tensor, rows: int, grid: int) -> torch.Tensor:
+    """An image prompt as the prior sees it: uint8 [C, H, W] with the pixels below the top ``rows`` of ``grid`` code
+    rows faded to grey (a new tensor)."""
+    shown = image.clone()
+    cut = rows * image.shape[-2] // grid
+    shown[:, cut:] = (shown[:, cut:].float() * 0.25 + 96).round().to(torch.uint8)
+    return shown
+
+
 def reconstruction_grid(originals: torch.Tensor, recons: torch.Tensor, ncol: int = 8, scale: int = 2) -> np.ndarray:
     """Pairs of rows: originals on top, their reconstructions below, ``ncol`` per row."""
     n = min(len(originals), len(recons))
