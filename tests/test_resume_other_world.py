@@ -107,8 +107,12 @@ def test_saved_layout(tmp_path):
 
 
 def _losses(run) -> dict[int, float]:
-    rows = (run / "monitor" / "dalle" / "dalle_loss.csv").read_text().split()
-    return {int(s): float(v) for s, v in (r.split(",") for r in rows if not r.startswith("step"))}
+    """The logged training losses by step; the CSV as an uninterrupted run writes it, also after a resume in the
+    same folder (one header, each step once, in order: dalle_ds/train/monitor_resume.py)."""
+    header, *rows = (run / "monitor" / "dalle" / "dalle_loss.csv").read_text().split()
+    steps = [int(r.split(",")[0]) for r in rows]
+    assert header == "step,loss" and steps == sorted(set(steps)), (header, steps)
+    return {int(s): float(v) for s, v in (r.split(",") for r in rows)}
 
 
 @pytest.mark.slow

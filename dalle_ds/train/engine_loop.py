@@ -44,6 +44,7 @@ from dalle_ds.train.ds_config import zero_stage
 from dalle_ds.train.distributed import (all_reduce_mean, barrier, check_same_on_every_rank, device, is_rank0,
                                          rank, world_size)
 from dalle_ds.train.ema import EMA
+from dalle_ds.train.monitor_resume import continue_logs
 from dalle_ds.train.plateau import PlateauExtension, plateau_params
 from dalle_ds.train.preemption import StopSignals
 
@@ -155,6 +156,11 @@ class EngineLoop:
                 self.batches.load_state_dict(state["data"])
             self.load_extra_state(state.get("extra", {}))
             self.resumed_from = self.engine.global_steps
+            if is_rank0():  # the logs read as an uninterrupted run's (steps logged past the checkpoint are replayed)
+                dropped = continue_logs(self.engine.monitor, self.resumed_from, self.engine.global_samples)
+                if dropped:
+                    log.info("monitor CSV logs: dropped %d rows of steps after %d (those updates run again)",
+                             dropped, self.resumed_from)
 
     def _layout(self) -> dict[str, int]:
         """How this run trains, saved with each checkpoint (ckpt.saved_layout reads it back)."""
