@@ -9,15 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle_ds.config import DalleConfig, DVAEConfig
-from dalle_ds.data.tokenizer import train_caption_tokenizer
-from dalle_ds.models.dalle import DALLE
-from dalle_ds.models.dvae import DiscreteVAE
 from dalle_ds.sample.pipeline import TextToImage
-from dalle_ds.train.dalle_trainer import export_dalle
-from dalle_ds.train.dvae_trainer import export_dvae
 from dalle_ds.utils.images import fade_below
 from launch_utils import ROOT
+from tiny_artifacts import export_tiny_text_to_image
 
 _spec = importlib.util.spec_from_file_location("launch_sample_prompt", ROOT / "launch" / "sample.py")
 sample = importlib.util.module_from_spec(_spec)
@@ -28,16 +23,7 @@ _spec.loader.exec_module(sample)
 def art(tmp_path_factory):
     """A tiny exported prior (4 × 4 code grid, 16 × 16 images) with its tokenizer and dVAE, and a prompt image."""
     d = tmp_path_factory.mktemp("prompt")
-    torch.manual_seed(0)
-    dvae_cfg = DVAEConfig(image_size=16, vocab_size=16, hidden=4, blocks_per_group=1, groups=3, decoder_init=8)
-    export_dvae(d / "dvae.pt", dvae_cfg, DiscreteVAE(dvae_cfg).state_dict(), step=0)
-    tok = train_caption_tokenizer(["a red circle", "a small blue square"] * 4, vocab_size=270, max_length=7)
-    (d / "prior").mkdir()
-    tok.save(d / "prior" / "tokenizer")
-    cfg = DalleConfig(text_vocab_size=tok.vocab_size, text_len=8, image_vocab_size=16, image_grid=4, d_model=16,
-                      n_layers=2, n_heads=1)
-    export_dalle(d / "prior" / "dalle.pt", cfg, DALLE(cfg).state_dict(), 0,
-                 {"tokenizer": "tokenizer", "dvae": str(d / "dvae.pt")})
+    export_tiny_text_to_image(d, ["a red circle", "a small blue square"] * 4, image_size=16, n_layers=2)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(d / "prompt.png")  # not square
     return d

@@ -6,16 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from dalle_ds.config import DalleConfig, DVAEConfig
 from dalle_ds.data.shapes import caption_phrase, edit_object, held_out_pairs, sample_scene
-from dalle_ds.data.tokenizer import train_caption_tokenizer
-from dalle_ds.models.dalle import DALLE
-from dalle_ds.models.dvae import DiscreteVAE
-from dalle_ds.train.dalle_trainer import export_dalle
-from dalle_ds.train.dvae_trainer import export_dvae
 from launch_utils import ROOT
+from tiny_artifacts import export_tiny_text_to_image
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import prompt_edit  # noqa: E402
@@ -61,19 +55,10 @@ def test_picked_scenes_split_at_the_prompt_rows_and_edits_touch_only_the_lower_o
 
 
 def test_prompt_edit_harness_runs(tmp_path):
-    torch.manual_seed(0)
-    dvae_cfg = DVAEConfig(image_size=64, vocab_size=16, hidden=4, blocks_per_group=1, groups=3, decoder_init=8)
-    export_dvae(tmp_path / "dvae.pt", dvae_cfg, DiscreteVAE(dvae_cfg).state_dict(), step=0)
-    tok = train_caption_tokenizer([sample_scene(0, "train", i)["caption"] for i in range(50)], vocab_size=300,
-                                  max_length=15)
-    (tmp_path / "prior").mkdir()
-    tok.save(tmp_path / "prior" / "tokenizer")
-    cfg = DalleConfig(text_vocab_size=tok.vocab_size, text_len=16, image_vocab_size=16, image_grid=16, d_model=16,
-                      n_layers=1, n_heads=1)
-    export_dalle(tmp_path / "prior" / "dalle.pt", cfg, DALLE(cfg).state_dict(), 0,
-                 {"tokenizer": "tokenizer", "dvae": str(tmp_path / "dvae.pt")})
+    prior = export_tiny_text_to_image(tmp_path, [sample_scene(0, "train", i)["caption"] for i in range(50)],
+                                      image_size=64, text_len=16, tokenizer_vocab=300)
     out = tmp_path / "pe"
-    assert prompt_edit.main(["--prior", str(tmp_path / "prior" / "dalle.pt"), "--num_scenes", "2",
+    assert prompt_edit.main(["--prior", str(prior), "--num_scenes", "2",
                              "--num_candidates", "2", "--figure_rows", "2", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["prompt_rows"] == 8 and set(result["top1"]) == {*prompt_edit.CONDITIONS, prompt_edit.REFERENCE}

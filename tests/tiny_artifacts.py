@@ -1,0 +1,32 @@
+"""Untrained, tiny exported models for tests of the sampling entry points (nothing here is trained)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dalle_ds.config import DalleConfig, DVAEConfig
+from dalle_ds.data.tokenizer import train_caption_tokenizer
+from dalle_ds.models.dalle import DALLE
+from dalle_ds.models.dvae import DiscreteVAE
+from dalle_ds.train.dalle_trainer import export_dalle
+from dalle_ds.train.dvae_trainer import export_dvae
+
+
+def export_tiny_text_to_image(folder: Path, captions: list[str], image_size: int, text_len: int = 8,
+                              tokenizer_vocab: int = 270, n_layers: int = 1) -> Path:
+    """``folder/dvae.pt`` (K = 16, three groups: a grid of image_size / 4) and ``folder/prior/dalle.pt`` with its
+    caption tokenizer (trained on ``captions``) and the dVAE recorded, as train_dalle.py exports them; returns the
+    prior's path."""
+    torch.manual_seed(0)
+    dvae_cfg = DVAEConfig(image_size=image_size, vocab_size=16, hidden=4, blocks_per_group=1, groups=3,
+                          decoder_init=8)
+    export_dvae(folder / "dvae.pt", dvae_cfg, DiscreteVAE(dvae_cfg).state_dict(), step=0)
+    tok = train_caption_tokenizer(captions, vocab_size=tokenizer_vocab, max_length=text_len - 1)
+    (folder / "prior").mkdir()
+    tok.save(folder / "prior" / "tokenizer")
+    cfg = DalleConfig(text_vocab_size=tok.vocab_size, text_len=text_len, image_vocab_size=16,
+                      image_grid=image_size // 4, d_model=16, n_layers=n_layers, n_heads=1)
+    export_dalle(folder / "prior" / "dalle.pt", cfg, DALLE(cfg).state_dict(), 0,
+                 {"tokenizer": "tokenizer", "dvae": str(folder / "dvae.pt")})
+    return folder / "prior" / "dalle.pt"
