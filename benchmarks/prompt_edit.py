@@ -96,6 +96,8 @@ def run(args) -> tuple[dict, list]:
     pipe = TextToImage.load(args.prior, args.dvae, args.clip, device=args.device)
     grid, size = pipe.prior.cfg.image_grid, pipe.dvae.cfg.image_size
     rows = args.prompt_rows or grid // 2
+    if rows >= grid:
+        raise SystemExit(f"--prompt_rows {rows}: the code grid has {grid} rows; give fewer (the rest is sampled)")
     scenes = pick_scenes(args.num_scenes, args.split, args.shapes_seed, rows, grid, size)
     rng = np.random.default_rng(args.seed)
     by_condition = {"own": scenes, "colour edit": [edited(s, "color", rng) for s in scenes],
