@@ -68,7 +68,7 @@ for split in test_id test_ood; do
       --out "$RUN/samples_$split"
 done
 # image prompts (paper §3.3): the prior completes each scene's lower half from its upper half, as the own caption or
-# one with the lower object's colour or shape edited says (benchmarks/prompt_edit.py; one process, ~2 min)
+# one with the lower object's colour or shape edited says (benchmarks/prompt_edit.py; one process, 83 s on a 2-core CPU)
 stage "image prompts: 64 test_id scenes, own and edited captions" "$RUN/prompt_edit/prompt_edit.json" \
   python benchmarks/prompt_edit.py --prior "$RUN/dalle/dalle.pt" --clip "$RUN/clip/clip" --num_scenes 64 \
     --num_candidates "$CANDIDATES" --temperature "$TEMPERATURE" --no-reference --out "$RUN/prompt_edit/prompt_edit"
