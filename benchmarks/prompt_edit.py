@@ -47,6 +47,12 @@ def upper_lower(scene: dict) -> tuple[int, int]:
     return (0, 1) if ys[0] < ys[1] else (1, 0)
 
 
+def lower_is_held_out(scene: dict) -> bool:
+    """Is the lower object a colour-shape pair held out of training (test_ood)?"""
+    low = scene["objects"][upper_lower(scene)[1]]
+    return (low["color"], low["shape"]) in held_out_pairs(scene.get("shape_set") or SHAPES)
+
+
 def split_by_rows(scene: dict, rows: int, grid: int) -> bool:
     """A two-object vertical scene whose upper object ends above the cut after ``rows`` code rows and whose lower
     object starts below it."""
@@ -118,6 +124,10 @@ def run(args) -> tuple[dict, list]:
     own_det = [detect_objects(im) for im in top1["own"]]
     chance = {f"own vs {c}": summary(score_images(top1["own"], by_condition[c], detections=own_det))
               for c in CONDITIONS[1:]}
+    # test_ood: the scenes whose lower object is a held-out colour-shape pair, which only the text asks for
+    unseen = [i for i, s in enumerate(scenes) if lower_is_held_out(s)]
+    lower_held_out = {name: summary(score_images([top1[name][i] for i in unseen], [scenes[i] for i in unseen]))
+                      for name in ("own", REFERENCE) if name in top1} if unseen else {}
     result = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
@@ -125,7 +135,7 @@ def run(args) -> tuple[dict, list]:
         "prior": args.prior, "clip": args.clip, "split": args.split, "shapes_seed": args.shapes_seed,
         "grid": grid, "prompt_rows": rows, "num_scenes": len(scenes), "num_candidates": args.num_candidates,
         "temperature": args.temperature, "seed": args.seed, "sampling_seconds": seconds,
-        "top1": scores, "chance": chance,
+        "top1": scores, "chance": chance, "lower_held_out": lower_held_out,
         "examples": [{c: by_condition[c][i]["caption"] for c in CONDITIONS} for i in range(min(8, len(scenes)))],
     }
     figure = [[prompts[i], top1["own"][i], top1["colour edit"][i], top1["shape edit"][i]]
@@ -148,6 +158,9 @@ def markdown(r: dict) -> str:
                      f" | {r['sampling_seconds'][c]:.0f} |")
     for c, s in r["chance"].items():
         lines.append(f"| {c} (chance) | {s['n']} | " + " | ".join(f"{s[a]:.3f}" for a in ATTRS) + " | |")
+    for c, s in r.get("lower_held_out", {}).items():
+        lines.append(f"| {c}, lower object a held-out pair | {s['n']} | " +
+                     " | ".join(f"{s[a]:.3f}" for a in ATTRS) + " | |")
     lines += ["", "Chance rows: the `own` top-1 scored against the edited scenes, i.e. how often the edited attribute "
               "is drawn without the caption asking for it."]
     if REFERENCE in r["top1"]:

@@ -35,6 +35,7 @@ def test_picked_scenes_split_at_the_prompt_rows_and_edits_touch_only_the_lower_o
     rng = np.random.default_rng(seed)
     held = set(held_out_pairs())
     assert {s["relation"] for s in scenes} == {"above", "below"}  # the upper object is the first or the second
+    assert not any(map(prompt_edit.lower_is_held_out, scenes))  # test_id holds no held-out pair
     for s in scenes:
         up, low = sorted(s["objects"], key=lambda o: o["center"][1])  # image y grows downwards
         assert [s["objects"][i] for i in prompt_edit.upper_lower(s)] == [up, low]
@@ -58,11 +59,14 @@ def test_prompt_edit_harness_runs(tmp_path):
     prior = export_tiny_text_to_image(tmp_path, [sample_scene(0, "train", i)["caption"] for i in range(50)],
                                       image_size=64, text_len=16, tokenizer_vocab=300)
     out = tmp_path / "pe"
-    assert prompt_edit.main(["--prior", str(prior), "--num_scenes", "2",
+    assert prompt_edit.main(["--prior", str(prior), "--num_scenes", "2", "--split", "test_ood",
                              "--num_candidates", "2", "--figure_rows", "2", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["prompt_rows"] == 8 and set(result["top1"]) == {*prompt_edit.CONDITIONS, prompt_edit.REFERENCE}
     assert all(result["top1"][c]["n"] == 2 for c in prompt_edit.CONDITIONS)
     assert set(result["chance"]) == {"own vs colour edit", "own vs shape edit"}
+    unseen = sum(map(prompt_edit.lower_is_held_out, prompt_edit.pick_scenes(2, "test_ood", 0, 8, 16, 64)))
+    assert unseen and all(v["n"] == unseen for v in result["lower_held_out"].values())
+    assert set(result["lower_held_out"]) == {"own", prompt_edit.REFERENCE}
     assert "| colour edit | 2 |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").is_file()
