@@ -1,6 +1,7 @@
-"""A resumed run's CSV logs read like an uninterrupted run's (dalle_ds/train/monitor_resume.py): DeepSpeed's CSV
-monitor heads each file once, and the rows logged past the checkpoint are dropped, by update for the trainers' own
-files and by sample count for DeepSpeed's Train_Samples_* files. DeepSpeed's own csvMonitor does the writing."""
+"""A resumed run's logs read like an uninterrupted run's (dalle_ds/train/monitor_resume.py): DeepSpeed's CSV
+monitor heads each file once, and the rows and TensorBoard events logged past the checkpoint are dropped, by update
+for the trainers' own logs and by sample count for DeepSpeed's Train/Samples ones. DeepSpeed's own csvMonitor and
+torch's SummaryWriter do the writing, TensorBoard's own reader the reading."""
 import types
 
 from dalle_ds.train.monitor_resume import continue_logs, trim_csv
@@ -52,3 +53,33 @@ def test_files_with_headers_written_twice_and_no_csv_monitor(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     assert trim_csv(tmp_path / "empty.csv", 3) == 0
     assert continue_logs(types.SimpleNamespace(csv_monitor=None), 4, 64) == 0  # csv_monitor off
+
+
+def test_resumed_tensorboard_logs_read_like_an_uninterrupted_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    def start():
+        return types.SimpleNamespace(csv_monitor=None, tb_monitor=types.SimpleNamespace(
+            enabled=True, summary_writer=SummaryWriter(log_dir=str(tmp_path))))
+
+    def log(monitor, steps, offset):
+        for s in steps:
+            monitor.tb_monitor.summary_writer.add_scalar("job/loss", float(s) + offset, s)
+            monitor.tb_monitor.summary_writer.add_scalar("Train/Samples/lr", 0.1 * s, s * BATCH)
+        monitor.tb_monitor.summary_writer.flush()
+
+    first = start()
+    log(first, range(1, 8), offset=0.0)  # logged 1..7; checkpoint 4; killed (the file is left as it is)
+    second = start()
+    assert continue_logs(second, 4, 4 * BATCH) == 2 * 3
+    log(second, range(5, 9), offset=100.0)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("job/loss")] == \
+        [(s, float(s) + (100.0 if s > 4 else 0.0)) for s in range(1, 9)]
+    assert [e.step for e in acc.Scalars("Train/Samples/lr")] == [s * BATCH for s in range(1, 9)]
+    third = start()  # a clean resume: nothing to drop, no file rewritten
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*tfevents*")}
+    assert continue_logs(third, 8, 8 * BATCH) == 0
+    assert {p: p.stat().st_mtime_ns for p in files} == files

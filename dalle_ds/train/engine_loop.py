@@ -159,7 +159,8 @@ class EngineLoop:
             if is_rank0():  # the logs read as an uninterrupted run's (steps logged past the checkpoint are replayed)
                 dropped = continue_logs(self.engine.monitor, self.resumed_from, self.engine.global_samples)
                 if dropped:
-                    log.info("monitor CSV logs: dropped %d rows of steps after %d (those updates run again)",
+                    log.info("monitor logs: dropped %d CSV rows and TensorBoard events after step %d (those updates "
+                             "run again)",
                              dropped, self.resumed_from)
 
     def _layout(self) -> dict[str, int]:
