@@ -40,7 +40,9 @@ def test_resumed_csv_logs_read_like_an_uninterrupted_run(tmp_path, monkeypatch):
         ["step", *(str(s * BATCH) for s in range(1, 9))]
     # a clean stop (no rows past the checkpoint), resumed again: only the header is kept from writing twice
     third = _start(tmp_path)
+    untouched = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.csv")}
     assert continue_logs(third, 8, 8 * BATCH) == 0
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched  # nothing to drop: no file rewritten
     _log(third, [9], offset=0.0, monkeypatch=monkeypatch)
     lines = (tmp_path / "job_lr.csv").read_text().splitlines()
     assert lines[0] == "step,lr" and [r.split(",")[0] for r in lines[1:]] == [str(s) for s in range(1, 10)]

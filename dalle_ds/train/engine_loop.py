@@ -159,9 +159,8 @@ class EngineLoop:
             if is_rank0():  # the logs read as an uninterrupted run's (steps logged past the checkpoint are replayed)
                 dropped = continue_logs(self.engine.monitor, self.resumed_from, self.engine.global_samples)
                 if dropped:
-                    log.info("monitor logs: dropped %d CSV rows and TensorBoard events after step %d (those updates "
-                             "run again)",
-                             dropped, self.resumed_from)
+                    log.info("monitor logs: dropped %d CSV rows and TensorBoard events after step %d (those "
+                             "updates run again)", dropped, self.resumed_from)
 
     def _layout(self) -> dict[str, int]:
         """How this run trains, saved with each checkpoint (ckpt.saved_layout reads it back)."""

@@ -21,7 +21,8 @@ from typing import Any
 
 def trim_csv(path: Path, step: int) -> int:
     """Keep ``path``'s first header line and its rows with a step ≤ ``step`` (later headers dropped); returns how
-    many rows were dropped. Rewritten through a temporary file, so a crash leaves the old or the new file."""
+    many rows were dropped. Rewritten through a temporary file (a crash leaves the old or the new file), and only
+    when a line goes."""
     lines = path.read_text().splitlines()
     if not lines:
         return 0
@@ -34,9 +35,10 @@ def trim_csv(path: Path, step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(kept) + "\n")
-    os.replace(tmp, path)
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join(kept) + "\n")
+        os.replace(tmp, path)
     return dropped
 
 
