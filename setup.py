@@ -25,6 +25,7 @@ install_requires = [
     "pillow>=10.0",
     "scipy>=1.10",
     "tensorboard>=2.14",
+    "torchmetrics>=1.4",
     "webdataset>=0.2.86",
     "ninja>=1.11",
 ]
@@ -61,7 +62,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dalle_ds", "dalle_ds.*"]),
     install_requires=install_requires,
-    extras_require={"test": ["pytest>=7.4"]},
+    extras_require={"test": ["pytest>=7.4"],
+                    # FID / IS with Inception-v3 (launch/evaluate.py --features inception); torch-fidelity imports
+                    # torchvision: install the torchvision built for your torch
+                    "fid": ["torch-fidelity>=0.3"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 PACKAGES = ("torch", "triton", "deepspeed", "datasets", "tokenizers", "transformers", "numpy", "scipy", "PIL",
-            "tqdm", "webdataset", "ninja")
+            "tqdm", "webdataset", "ninja", "torchmetrics", "torch_fidelity")  # torch_fidelity: FID / IS only
 
 
 def _version(name: str) -> str:

@@ -116,9 +116,9 @@ def make_inputs(args: list[str], scratch: Path) -> list[str]:
             out.append(a)
             continue
         path = scratch / value
-        if path.suffix in (".pt", ".json"):
+        if path.suffix in (".pt", ".pth", ".json"):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("{}")  # an empty JSON object (a config file overriding nothing); any bytes for a .pt
+            path.write_text("{}")  # an empty JSON object (a config file overriding nothing); any bytes for a .pt(h)
         elif path.suffix in (".png", ".jpg"):  # an image (a prompt)
             path.parent.mkdir(parents=True, exist_ok=True)
             from PIL import Image

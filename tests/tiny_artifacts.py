@@ -30,3 +30,18 @@ def export_tiny_text_to_image(folder: Path, captions: list[str], image_size: int
     export_dalle(folder / "prior" / "dalle.pt", cfg, DALLE(cfg).state_dict(), 0,
                  {"tokenizer": "tokenizer", "dvae": str(folder / "dvae.pt")})
     return folder / "prior" / "dalle.pt"
+
+
+def export_tiny_clip(folder: Path, tokenizer_dir: Path, image_size: int, seed: int = 1) -> Path:
+    """An untrained one-layer CLIP saved in ``folder`` as train_clip.py saves one, its text tower on the caption
+    tokenizer in ``tokenizer_dir``; returns ``folder``."""
+    from dalle_ds.config import ClipModelConfig
+    from dalle_ds.data.tokenizer import CaptionTokenizer
+    from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
+
+    cfg = ClipModelConfig(image_size=image_size, patch_size=max(4, image_size // 8), width=16, layers=1, heads=1, projection_dim=8,
+                          text_len=10)
+    tok = clip_tokenizer_from_caption_tokenizer(CaptionTokenizer.load(tokenizer_dir), cfg.text_len)
+    torch.manual_seed(seed)
+    ClipReranker(build_clip(cfg, tok), tok, image_processor_for(image_size)).save(folder)
+    return folder

@@ -108,6 +108,12 @@ class TextToImage:
             return self.dvae.decode_uint8(codes)
 
     @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images at the dVAE's resolution → codes → uint8 images (on the CPU): the most a sample can keep."""
+        with self.dvae_autocast:
+            return self.dvae.reconstruct(images.to(self.device)).cpu()
+
+    @torch.no_grad()
     def generate(self, captions: list[str], num_candidates: int, sampling: SamplingConfig | None = None,
                  batch_size: int = 64, seed: int = 0, use_cache: bool = True, cuda_graph: bool = False,
                  prompt_codes: torch.Tensor | None = None) -> list[CaptionResult]:

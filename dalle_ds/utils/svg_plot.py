@@ -35,9 +35,10 @@ def _frame(W, H, L, R, T, B, title: str, ylabel: str, xlabel: str, lo: float, hi
 
 def line_chart(steps: list[int], series: dict[str, list[float]], title: str, ylabel: str, *,
                ticks: list[int] = (), dashed: Callable[[str], bool] = lambda name: False,
-               hline: float | None = None) -> str:
+               hline: float | None = None, xlabel: str = "step", xticks: list[float] | None = None) -> str:
     """One polyline per series against ``steps`` (NaN values skipped), a legend on the right, red ticks on the step
-    axis at ``ticks``, and an optional grey horizontal reference line at ``hline``."""
+    axis at ``ticks``, and an optional grey horizontal reference line at ``hline``. The x axis is labelled ``xlabel``
+    at six even values, or at ``xticks``."""
     W, H, L, R, T, B = 900, 520, 70, 150, 40, 50
     vals = [v for vs in series.values() for v in vs if v == v] + ([hline] if hline is not None else [])
     lo, hi = min(vals), max(vals)
@@ -48,10 +49,9 @@ def line_chart(steps: list[int], series: dict[str, list[float]], title: str, yla
     def x(s: float) -> float:
         return L + (s - s0) / (s1 - s0) * (W - L - R)
 
-    out, y = _frame(W, H, L, R, T, B, title, ylabel, "step", lo, hi)
-    for i in range(6):
-        s = s0 + (s1 - s0) * i / 5
-        out.append(f'<text x="{x(s):.1f}" y="{H - B + 16}" text-anchor="middle">{s:.0f}</text>')
+    out, y = _frame(W, H, L, R, T, B, title, ylabel, xlabel, lo, hi)
+    for s in (xticks if xticks is not None else [s0 + (s1 - s0) * i / 5 for i in range(6)]):
+        out.append(f'<text x="{x(s):.1f}" y="{H - B + 16}" text-anchor="middle">{s:.{0 if s == int(s) else 1}f}</text>')
     if hline is not None:
         out.append(f'<line x1="{L}" y1="{y(hline):.1f}" x2="{W - R}" y2="{y(hline):.1f}" stroke="#888" '
                    'stroke-dasharray="2,3"/>')
