@@ -34,6 +34,7 @@ FAMILIES = {
     "sample": "sampling images per second with and without the KV cache (bench_sample.py)",
     "memory_check": "what DeepSpeed holds against the memory estimate (memory_check.py)",
     "dvae_step": "dVAE update time by precision and layout (bench_dvae_step.py)",
+    "fidelity": "samples against held-out images per blur radius: FID / IS, or FD-CLIP (launch/evaluate.py)",
 }
 SESSION = "GPU sessions: what ran on a lent GPU, and what it showed"
 NAME = re.compile(r"^(?P<family>[a-z0-9_.]+?)_(?P<device>cpu|h100|h200|a100|v100|triton[0-9.]+)_(?P<date>\d{8})")
