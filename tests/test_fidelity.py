@@ -88,6 +88,33 @@ def test_meter_fd_equals_a_float64_frechet_distance_per_set_and_radius():
         assert got["fd"]["near"][r] < got["fd"]["far"][r]
 
 
+def _feed_share(meter: FidelityMeter, rank: int, world: int) -> None:
+    """Batches 0..4 of real and sample images (sizes 7, 5, 9, 4, 6), every world-th one from ``rank``: uneven."""
+    for b, n in enumerate((7, 5, 9, 4, 6)):
+        if b % world == rank:
+            meter.update(_images(n, b), "real")
+            meter.update(_images(n, 100 + b) // 2, "s")
+
+
+def _rank_fd(rank: int, world: int) -> tuple[dict, dict]:
+    meter = FidelityMeter("clip", ["s"], [0, 1], clip=_StubClip())
+    _feed_share(meter, rank, world)
+    got = meter.compute()  # a collective: every rank
+    return got["fd"], meter.global_counts()
+
+
+def test_meter_gathers_its_statistics_over_ranks():
+    """Two gloo ranks, each fed its share of the batches (uneven), give the one-process meter's distances."""
+    from dalle_ds.dist.local_ranks import run_local_ranks
+
+    fd, counts = run_local_ranks(_rank_fd, 2, timeout=120)
+    alone = FidelityMeter("clip", ["s"], [0, 1], clip=_StubClip())
+    _feed_share(alone, 0, 1)
+    assert counts == alone.global_counts() == {"real": 31, "s": 31}
+    for r in (0, 1):
+        assert fd["s"][r] == pytest.approx(alone.compute()["fd"]["s"][r], rel=1e-6), r
+
+
 def test_meter_refuses_bad_sets_and_images():
     clip = _StubClip()
     for sets in ([], ["real"], ["a", "a"]):
