@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--batch_size", type=int, default=128, help="sequences sampled at once")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="replay each decode step from a captured CUDA graph (launch/sample.py --cuda_graph)")
     p.add_argument("--features", choices=("inception", "clip"), default="inception")
     p.add_argument("--feature_clip", default=None, help="--features clip: the CLIP whose embeddings are compared "
                    "(default --clip; another CLIP avoids favouring the samples --clip picked)")
@@ -83,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sampling = SamplingConfig(args.temperature, args.top_k, args.top_p).validate()
     except ValueError as e:
         p.error(f"--{e}")
+    if args.cuda_graph and not torch.cuda.is_available():
+        p.error("--cuda_graph needs a CUDA GPU (none is visible)")
     args.split = args.split or {"shapes": "test_id", "fashion_mnist": "test"}.get(args.data, "train")
     args.feature_clip = args.feature_clip or args.clip
     if args.features == "clip" and not args.feature_clip:
@@ -142,7 +146,7 @@ def evaluate_share(args, pipe, ds, meter) -> dict:
         real = torch.stack([it["image"] for it in items])
         t0 = time.perf_counter()
         results = pipe.generate([it["caption"] for it in items], args.num_candidates, args.sampling,
-                                args.batch_size, seed=args.seed * 100_003 + chunk[0])
+                                args.batch_size, seed=args.seed * 100_003 + chunk[0], cuda_graph=args.cuda_graph)
         sets = {"real": real, "dvae": pipe.reconstruct(real),
                 "first": torch.stack([r.images[r.order.index(0)] for r in results])}
         if pipe.reranker is not None:

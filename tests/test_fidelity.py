@@ -226,6 +226,8 @@ def test_evaluate_cli_on_shapes_with_clip_features(art, tmp_path, monkeypatch):
     (["--features", "clip"], "give --clip or --feature_clip"),
     (["--blur", "1,-2"], "radii ≥ 0"),
     (["--num_captions", "1"], "--num_captions must be ≥ 2"),
+    pytest.param(["--cuda_graph"], "needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
     (["--inception_weights", "nowhere.pth"], "file not found"),
     (["--features", "clip", "--clip", "CLIP", "--inception_weights", "x"], "goes with --features inception"),
 ])
