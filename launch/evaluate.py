@@ -15,7 +15,8 @@ the codes keep, a floor for any sample). Every set is blurred by each ``--blur``
 scored with ``dalle_ds.eval.fidelity`` (``--features inception``: FID and IS, needs ``pip install "dalle_ds[fid]"``;
 ``--features clip``: FD-CLIP, the Fréchet distance in a CLIP's image embeddings, not comparable with FID; it uses
 ``--feature_clip`` if given, else ``--clip``, which favours the reranked set). Under the deepspeed launcher the
-captions are split across ranks and the statistics gathered.
+captions are split across ranks and the statistics gathered. ``--rerank_pools 2,4,8`` adds the reranked top-1 of
+each caption's first K candidates ("reranked@K"): the distance against the size of the pool the reranker picks from.
 
 Writes ``metrics.json``, ``report.md`` (a table per metric), ``fd_vs_blur.svg`` and ``examples_r0.png`` /
 ``examples_r<largest radius>.png`` (a row per set: real, dVAE, reranked, first sample; the first captions).
@@ -50,6 +51,28 @@ def _radii(text: str) -> list[float]:
     return sorted(int(r) if r == int(r) else r for r in radii)
 
 
+def _pools(text: str) -> list[int]:
+    try:
+        pools = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated whole numbers, got {text!r}") from None
+    if not pools or pools[0] < 2:
+        raise argparse.ArgumentTypeError(f"want pool sizes ≥ 2, got {text!r}")
+    return pools
+
+
+def pool_top1(result, k: int) -> torch.Tensor:
+    """The reranker's best among the first ``k`` candidates drawn for one caption (``result.order``: the candidates'
+    draw indices, best first; ``result.images`` in that order)."""
+    return result.images[next(j for j, drawn in enumerate(result.order) if drawn < k)]
+
+
+def sample_sets(args) -> list[str]:
+    """The names of the sample sets scored besides the real images, in report order."""
+    pools = [f"reranked@{k}" for k in args.rerank_pools] if args.clip else []
+    return ["dvae", "first", *pools] + (["reranked"] if args.clip else [])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prior", required=True, help="dalle.pt written by launch/train_dalle.py")
@@ -67,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=128, help="sequences sampled at once")
     p.add_argument("--cuda_graph", action="store_true",
                    help="replay each decode step from a captured CUDA graph (launch/sample.py --cuda_graph)")
+    p.add_argument("--rerank_pools", type=_pools, default=[], metavar="K,K,...",
+                   help="also score the reranked top-1 of each caption's first K candidates (K < --num_candidates): "
+                        "how the distance falls with the pool the reranker picks from")
     p.add_argument("--features", choices=("inception", "clip"), default="inception")
     p.add_argument("--feature_clip", default=None, help="--features clip: the CLIP whose embeddings are compared "
                    "(default --clip; another CLIP avoids favouring the samples --clip picked)")
@@ -85,6 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sampling = SamplingConfig(args.temperature, args.top_k, args.top_p).validate()
     except ValueError as e:
         p.error(f"--{e}")
+    if args.rerank_pools and not args.clip:
+        p.error("--rerank_pools scores the reranker's picks: give --clip")
+    if args.rerank_pools and args.rerank_pools[-1] >= args.num_candidates:
+        p.error(f"--rerank_pools must stay below --num_candidates ({args.num_candidates}: the full pool is the "
+                f"'reranked' set), got {args.rerank_pools[-1]}")
     if args.cuda_graph and not torch.cuda.is_available():
         p.error("--cuda_graph needs a CUDA GPU (none is visible)")
     args.split = args.split or {"shapes": "test_id", "fashion_mnist": "test"}.get(args.data, "train")
@@ -149,14 +180,16 @@ def evaluate_share(args, pipe, ds, meter) -> dict:
                                 args.batch_size, seed=args.seed * 100_003 + chunk[0], cuda_graph=args.cuda_graph)
         sets = {"real": real, "dvae": pipe.reconstruct(real),
                 "first": torch.stack([r.images[r.order.index(0)] for r in results])}
+        for k in args.rerank_pools:
+            sets[f"reranked@{k}"] = torch.stack([pool_top1(r, k) for r in results])
         if pipe.reranker is not None:
             sets["reranked"] = torch.stack([r.images[0] for r in results])
         t1 = time.perf_counter()
         for name, images in sets.items():
             meter.update(images, name)
         t_sample, t_metric = t_sample + t1 - t0, t_metric + time.perf_counter() - t1
-        for name, images in sets.items():
-            examples[name] += list(images[:EXAMPLES - len(examples[name])])
+        for name in examples:
+            examples[name] += list(sets[name][:EXAMPLES - len(examples[name])]) if name in sets else []
     return {"examples": {k: v for k, v in examples.items() if v}, "sample_s": t_sample, "metric_s": t_metric}
 
 
@@ -179,7 +212,8 @@ def report(args, metrics: dict, counts: dict) -> str:
         for s, by_r in metrics["inception_score"].items():
             lines.append(f"| {s} | " + " | ".join(f"{by_r[r][0]:.3g} ± {by_r[r][1]:.2g}" for r in args.blur) + " |")
     lines += ["", "Sets: real = the captions' own images; dvae = those images through the dVAE (encode, decode); "
-              "reranked = the top-1 of the candidates; first = the first candidate drawn (no reranking)."]
+              "reranked = the top-1 of the candidates; reranked@K = the top-1 of the first K candidates drawn; "
+              "first = the first candidate drawn (no reranking)."]
     return "\n".join(lines) + "\n"
 
 
@@ -190,7 +224,8 @@ def write_outputs(args, out: Path, metrics: dict, counts: dict, share: dict) -> 
 
     result = {"prior": args.prior, "clip": args.clip, "features": args.features, "feature_clip": args.feature_clip,
               "data": args.data, "split": args.split, "num_captions": counts["real"],
-              "num_candidates": args.num_candidates, "sampling": vars(args.sampling), "blur": args.blur,
+              "num_candidates": args.num_candidates, "rerank_pools": args.rerank_pools,
+              "sampling": vars(args.sampling), "blur": args.blur,
               "counts": counts, "seconds_rank0": {k: round(share[k], 1) for k in ("sample_s", "metric_s")},
               "fd": {s: {str(r): v for r, v in by_r.items()} for s, by_r in metrics["fd"].items()},
               "inception_score": {s: {str(r): v for r, v in by_r.items()}
@@ -219,8 +254,7 @@ def main(argv=None) -> int:
     # Inputs fail here, before the process group starts, as one line (ConfigError is a ValueError).
     try:
         pipe, ds, feature_clip = load_inputs(args)
-        sets = ["dvae", "first"] + (["reranked"] if pipe.reranker is not None else [])
-        meter = FidelityMeter(args.features, sets, args.blur, clip=feature_clip,
+        meter = FidelityMeter(args.features, sample_sets(args), args.blur, clip=feature_clip,
                               inception_weights=args.inception_weights, device=device())
     except (FileNotFoundError, ValueError, FidelityUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -196,24 +196,29 @@ def art(tmp_path_factory):
     return d
 
 
-def _run(args):
+def _module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("evaluate_cli", "launch/evaluate.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.main(args)
+    return mod
+
+
+def _run(args):
+    return _module().main(args)
 
 
 def test_evaluate_cli_on_shapes_with_clip_features(art, tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     out = tmp_path / "eval"
     rc = _run(["--prior", str(art / "prior" / "dalle.pt"), "--clip", str(art / "clip"), "--num_captions", "6",
-               "--num_candidates", "3", "--batch_size", "6", "--features", "clip", "--blur", "0,1", "--out", str(out)])
+               "--num_candidates", "3", "--batch_size", "6", "--features", "clip", "--blur", "0,1",
+               "--rerank_pools", "2", "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["counts"] == {"real": 6, "dvae": 6, "first": 6, "reranked": 6} and m["blur"] == [0, 1]
-    for s in ("dvae", "first", "reranked"):
+    assert m["counts"] == {"real": 6, "dvae": 6, "first": 6, "reranked@2": 6, "reranked": 6} and m["blur"] == [0, 1]
+    for s in ("dvae", "first", "reranked@2", "reranked"):
         assert all(np.isfinite(v) and v >= -1e-6 for v in m["fd"][s].values()), m["fd"]
     assert set(m["fd"]["dvae"]) == {"0", "1"}
     report = (out / "report.md").read_text()
@@ -222,10 +227,21 @@ def test_evaluate_cli_on_shapes_with_clip_features(art, tmp_path, monkeypatch):
     assert (out / "examples_r0.png").is_file() and (out / "examples_r1.png").is_file()
 
 
+def test_pool_top1_is_the_reranker_best_among_the_first_k_drawn():
+    evaluate = _module()
+    images = torch.arange(4).view(4, 1, 1, 1).to(torch.uint8)  # image j = the j-th best
+    result = SimpleNamespace(order=[3, 0, 2, 1], images=images)  # the best was drawn 4th, the second best 1st
+    assert [int(evaluate.pool_top1(result, k)) for k in (1, 2, 3, 4)] == [1, 1, 1, 0]
+    assert int(evaluate.pool_top1(SimpleNamespace(order=[1, 2, 0], images=images[:3]), 2)) == 0
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--features", "clip"], "give --clip or --feature_clip"),
     (["--blur", "1,-2"], "radii ≥ 0"),
     (["--num_captions", "1"], "--num_captions must be ≥ 2"),
+    (["--clip", "CLIP", "--num_candidates", "4", "--rerank_pools", "2,4"], "must stay below --num_candidates"),
+    (["--rerank_pools", "2"], "give --clip"),
+    (["--rerank_pools", "1"], "pool sizes ≥ 2"),
     pytest.param(["--cuda_graph"], "needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
     (["--inception_weights", "nowhere.pth"], "file not found"),
