@@ -18,13 +18,15 @@ scored with ``dalle_ds.eval.fidelity`` (``--features inception``: FID and IS, ne
 captions are split across ranks and the statistics gathered. ``--rerank_pools 2,4,8`` adds the reranked top-1 of
 each caption's first K candidates ("reranked@K"): the distance against the size of the pool the reranker picks from.
 
-Writes ``metrics.json``, ``report.md`` (a table per metric), ``fd_vs_blur.svg`` and ``examples_r0.png`` /
-``examples_r<largest radius>.png`` (a row per set: real, dVAE, reranked, first sample; the first captions).
+Writes ``metrics.json``, ``report.md`` (a table per metric), ``fd_vs_blur.svg`` (with pools also ``fd_vs_pool.svg``),
+``examples_r0.png`` and ``examples_r<largest radius>.png`` (a row per set: real, dVAE, reranked, first sample; the
+first captions).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -238,6 +240,14 @@ def write_outputs(args, out: Path, metrics: dict, counts: dict, share: dict) -> 
         args.blur, {s: [by_r[r] for r in args.blur] for s, by_r in metrics["fd"].items()},
         f"{name} against blur radius ({counts['real']} captions)", name, xlabel="blur radius (pixels)",
         xticks=args.blur))
+    if args.rerank_pools:  # first = a pool of 1, reranked = all candidates; x on a log2 scale
+        pools = [1, *args.rerank_pools, args.num_candidates]
+        names = ["first", *(f"reranked@{k}" for k in args.rerank_pools), "reranked"]
+        x = [math.log2(k) for k in pools]
+        (out / "fd_vs_pool.svg").write_text(line_chart(
+            x, {f"r = {r}": [metrics["fd"][n][r] for n in names] for r in args.blur},
+            f"{name} against the reranker's pool ({counts['real']} captions)", name,
+            xlabel="log2 of the candidates the reranker picks from (0: the first sample)", xticks=x))
     rows = list(share["examples"])
     for r in sorted({0, args.blur[-1]}):
         tiles = [im for k in rows for im in gaussian_blur(torch.stack(share["examples"][k]), r)]

@@ -224,6 +224,7 @@ def test_evaluate_cli_on_shapes_with_clip_features(art, tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "| reranked |" in report and "not comparable with FID" in report
     assert (out / "fd_vs_blur.svg").read_text().startswith("<svg")
+    assert (out / "fd_vs_pool.svg").read_text().count("<polyline") == 2  # one line per radius
     assert (out / "examples_r0.png").is_file() and (out / "examples_r1.png").is_file()
 
 
