@@ -239,7 +239,7 @@ def write_outputs(args, out: Path, metrics: dict, counts: dict, share: dict) -> 
     (out / "fd_vs_blur.svg").write_text(line_chart(
         args.blur, {s: [by_r[r] for r in args.blur] for s, by_r in metrics["fd"].items()},
         f"{name} against blur radius ({counts['real']} captions)", name, xlabel="blur radius (pixels)",
-        xticks=args.blur))
+        xticks=args.blur, yfmt=".3g"))
     if args.rerank_pools:  # first = a pool of 1, reranked = all candidates; x on a log2 scale
         pools = [1, *args.rerank_pools, args.num_candidates]
         names = ["first", *(f"reranked@{k}" for k in args.rerank_pools), "reranked"]
@@ -247,7 +247,7 @@ def write_outputs(args, out: Path, metrics: dict, counts: dict, share: dict) -> 
         (out / "fd_vs_pool.svg").write_text(line_chart(
             x, {f"r = {r}": [metrics["fd"][n][r] for n in names] for r in args.blur},
             f"{name} against the reranker's pool ({counts['real']} captions)", name,
-            xlabel="log2 of the candidates the reranker picks from (0: the first sample)", xticks=x))
+            xlabel="log2 of the candidates the reranker picks from (0: the first sample)", xticks=x, yfmt=".3g"))
     rows = list(share["examples"])
     for r in sorted({0, args.blur[-1]}):
         tiles = [im for k in rows for im in gaussian_blur(torch.stack(share["examples"][k]), r)]

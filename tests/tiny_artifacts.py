@@ -37,10 +37,11 @@ def export_tiny_clip(folder: Path, tokenizer_dir: Path, image_size: int, seed: i
     tokenizer in ``tokenizer_dir``; returns ``folder``."""
     from dalle_ds.config import ClipModelConfig
     from dalle_ds.data.tokenizer import CaptionTokenizer
-    from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
+    from dalle_ds.sample.clip import (ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer,
+                                      image_processor_for)
 
-    cfg = ClipModelConfig(image_size=image_size, patch_size=max(4, image_size // 8), width=16, layers=1, heads=1, projection_dim=8,
-                          text_len=10)
+    cfg = ClipModelConfig(image_size=image_size, patch_size=max(4, image_size // 8), width=16, layers=1, heads=1,
+                          projection_dim=8, text_len=10)
     tok = clip_tokenizer_from_caption_tokenizer(CaptionTokenizer.load(tokenizer_dir), cfg.text_len)
     torch.manual_seed(seed)
     ClipReranker(build_clip(cfg, tok), tok, image_processor_for(image_size)).save(folder)

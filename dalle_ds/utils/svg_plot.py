@@ -35,10 +35,11 @@ def _frame(W, H, L, R, T, B, title: str, ylabel: str, xlabel: str, lo: float, hi
 
 def line_chart(steps: list[int], series: dict[str, list[float]], title: str, ylabel: str, *,
                ticks: list[int] = (), dashed: Callable[[str], bool] = lambda name: False,
-               hline: float | None = None, xlabel: str = "step", xticks: list[float] | None = None) -> str:
+               hline: float | None = None, xlabel: str = "step", xticks: list[float] | None = None,
+               yfmt: str = ".2f") -> str:
     """One polyline per series against ``steps`` (NaN values skipped), a legend on the right, red ticks on the step
     axis at ``ticks``, and an optional grey horizontal reference line at ``hline``. The x axis is labelled ``xlabel``
-    at six even values, or at ``xticks``."""
+    at six even values, or at ``xticks``; the y axis's labels are formatted by ``yfmt``."""
     W, H, L, R, T, B = 900, 520, 70, 150, 40, 50
     vals = [v for vs in series.values() for v in vs if v == v] + ([hline] if hline is not None else [])
     lo, hi = min(vals), max(vals)
@@ -49,7 +50,7 @@ def line_chart(steps: list[int], series: dict[str, list[float]], title: str, yla
     def x(s: float) -> float:
         return L + (s - s0) / (s1 - s0) * (W - L - R)
 
-    out, y = _frame(W, H, L, R, T, B, title, ylabel, xlabel, lo, hi)
+    out, y = _frame(W, H, L, R, T, B, title, ylabel, xlabel, lo, hi, yfmt)
     for s in (xticks if xticks is not None else [s0 + (s1 - s0) * i / 5 for i in range(6)]):
         out.append(f'<text x="{x(s):.1f}" y="{H - B + 16}" text-anchor="middle">{s:.{0 if s == int(s) else 1}f}</text>')
     if hline is not None:
