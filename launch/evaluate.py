@@ -181,7 +181,7 @@ def evaluate_share(args, pipe, ds, meter) -> dict:
         results = pipe.generate([it["caption"] for it in items], args.num_candidates, args.sampling,
                                 args.batch_size, seed=args.seed * 100_003 + chunk[0], cuda_graph=args.cuda_graph)
         sets = {"real": real, "dvae": pipe.reconstruct(real),
-                "first": torch.stack([r.images[r.order.index(0)] for r in results])}
+                "first": torch.stack([pool_top1(r, 1) for r in results])}  # the first drawn: a pool of one
         for k in args.rerank_pools:
             sets[f"reranked@{k}"] = torch.stack([pool_top1(r, k) for r in results])
         if pipe.reranker is not None:
