@@ -259,7 +259,7 @@ def write_outputs(args, out: Path, metrics: dict, counts: dict, share: dict) -> 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dalle_ds.eval.fidelity import FidelityMeter, FidelityUnavailable
-    from dalle_ds.train.distributed import device, distributed_run, is_rank0
+    from dalle_ds.train.distributed import device, distributed_run, is_rank0, world_size
 
     # Inputs fail here, before the process group starts, as one line (ConfigError is a ValueError).
     try:
@@ -270,6 +270,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with distributed_run():
+        if args.num_captions < world_size():  # every rank's metrics need samples of their own (same on every rank)
+            if is_rank0():
+                print(f"error: --num_captions {args.num_captions} is fewer than the {world_size()} ranks",
+                      file=sys.stderr)
+            return 2
         share = evaluate_share(args, pipe, ds, meter)
         metrics = meter.compute(seed=args.seed)  # every rank: the metrics gather their states
         counts = {k: int(v) for k, v in meter.global_counts().items()}
