@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dalle_ds.config import DATASET_NAMES
-from dalle_ds.train.cli import check_file, check_out_dir
+from dalle_ds.train.cli import check_clip_dir, check_file, check_out_dir
 
 #: Blur radii in pixels (PIL's Gaussian standard deviation); the paper plots FID and IS against a growing radius.
 DEFAULT_BLUR = "0,1,2,4,8"
@@ -134,10 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dvae:
         check_file(p, "--dvae", args.dvae, "the dvae.pt written by launch/train_dvae.py", expect="dvae.pt")
     for flag in ("--clip", "--feature_clip"):
-        folder = getattr(args, flag[2:])
-        if folder and not (Path(folder) / "config.json").is_file():
-            p.error(f"{flag} {folder}: not a CLIP folder (no config.json; want a folder written by "
-                    "launch/train_clip.py, or a local pretrained CLIP)")
+        if getattr(args, flag[2:]):
+            check_clip_dir(p, flag, getattr(args, flag[2:]))
     check_out_dir(p, "--out", args.out)
     return args
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dalle_ds.train.cli import check_file, check_out_dir
+from dalle_ds.train.cli import check_clip_dir, check_file, check_out_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,10 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_file(p, "--prior", args.prior, "the dalle.pt written by launch/train_dalle.py", expect="dalle.pt")
     if args.dvae:
         check_file(p, "--dvae", args.dvae, "the dvae.pt written by launch/train_dvae.py", expect="dvae.pt")
-    if args.clip and not (Path(args.clip) / "config.json").is_file():
-        hint = (f"; did you mean {Path(args.clip) / 'clip'}?" if (Path(args.clip) / "clip" / "config.json").is_file()
-                else " (want a folder written by launch/train_clip.py, or a local pretrained CLIP)")
-        p.error(f"--clip {args.clip}: not a CLIP folder (no config.json){hint}")
+    if args.clip:
+        check_clip_dir(p, "--clip", args.clip)
     check_out_dir(p, "--out", args.out)
     return args
 

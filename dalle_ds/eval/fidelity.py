@@ -118,7 +118,8 @@ class FidelityMeter:
         if features == "clip":
             if clip is None:
                 raise ValueError('features "clip" need a CLIP (a ClipReranker) for the embeddings')
-            fd_net, is_net = _LastCall(ClipImageFeatures(clip), int(clip.model.config.projection_dim)), None
+            embed = ClipImageFeatures(clip)
+            fd_net, is_net = _LastCall(embed, embed.num_features), None
         else:
             fd_net, is_net = (_LastCall(_inception(f, inception_weights), INCEPTION_WIDTHS[f])
                               for f in ("2048", "logits_unbiased"))

@@ -116,6 +116,16 @@ def check_file(p: argparse.ArgumentParser, flag: str, path: str, want: str, expe
         p.error(f"{flag} {path}: file not found (want {want})")
 
 
+def check_clip_dir(p: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """``p.error`` unless ``path`` is a CLIP folder (a ``config.json`` in it); a train_clip.py run folder, which holds
+    the CLIP in ``clip/``, is named in the message."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        hint = (f"; did you mean {folder / 'clip'}?" if (folder / "clip" / "config.json").is_file()
+                else " (want a folder written by launch/train_clip.py, or a local pretrained CLIP)")
+        p.error(f"{flag} {path}: not a CLIP folder (no config.json){hint}")
+
+
 def check_out_dir(p: argparse.ArgumentParser, flag: str, path: str) -> None:
     """``p.error`` when the output folder ``path`` cannot be a folder: it, or a path above it, is a file."""
     out = Path(path)
