@@ -337,6 +337,8 @@ NAMED_PRESETS.update({DVAEConfig: DVAE_PRESETS, DalleConfig: DALLE_PRESETS})
 # ----------------------------------------------------------------------------------------------------------------
 
 DATASET_NAMES = ("shapes", "fashion_mnist", "imagefolder", "webdataset")
+_PHOTO_DATASETS = ("imagefolder", "webdataset")  # the user's images, of any size and shape
+AUGMENTS = ("none", "paper")
 _KNOWN_SPLITS = {"shapes": ("train", "test_id", "test_ood"), "fashion_mnist": ("train", "test")}
 _DEFAULT_EVAL_SPLIT = {"shapes": "test_id", "fashion_mnist": "test", "imagefolder": "train", "webdataset": "train"}
 
@@ -362,6 +364,15 @@ class DataConfig:
     """DataLoader worker processes per rank (0 = load in the training process). The workers persist across epochs;
     on a GPU batches come in pinned memory and are copied without a host wait (dalle_ds/train/data_loading.py). With
     0 a GPU waits while each batch is decoded or rendered: set a few (2-8) there."""
+    augment: str = "none"
+    """imagefolder / webdataset training images: "none" (the centred square) or "paper", the paper's random crops for
+    the stage being trained (dVAE: Listing 1, a random square resized to 9/8-12/8 of the size, a random crop and a
+    horizontal flip; prior with images encoded on the fly: Listing 2, a near-centre square resized to 1-9/8, a
+    random crop, no flip). New crops every epoch, the same ones in a resumed run; evaluation images stay centred
+    (dalle_ds/data/augment.py)."""
+    max_aspect_ratio: float = 0.0
+    """imagefolder / webdataset: leave out images whose longer side exceeds this multiple of the shorter, in every
+    split. The paper keeps aspect ratios within [1/2, 2] (2.0; Appendix C). 0 keeps every image."""
 
     def validate(self, image_size: int, where: str = "data") -> "DataConfig":
         if self.name not in DATASET_NAMES:
@@ -396,14 +407,26 @@ class DataConfig:
                                             f"({', '.join(_KNOWN_SPLITS[self.name])})")
         if self.train_samples < 1 or self.eval_samples < 0 or self.num_workers < 0:
             _fail(where, "train_samples must be ≥ 1, eval_samples and num_workers ≥ 0")
+        if self.augment not in AUGMENTS:
+            _fail(f"{where}.augment", f"choose {' or '.join(AUGMENTS)}, got {self.augment!r}")
+        if self.max_aspect_ratio != 0 and not self.max_aspect_ratio >= 1:
+            _fail(f"{where}.max_aspect_ratio",
+                  f"must be ≥ 1 (the paper: 2) or 0 (no limit), got {self.max_aspect_ratio}")
+        for key, off in (("augment", "none"), ("max_aspect_ratio", 0)):
+            if getattr(self, key) != off and self.name not in _PHOTO_DATASETS:
+                _fail(f"{where}.{key}", f"applies to {' and '.join(_PHOTO_DATASETS)} images; {self.name} renders its "
+                                        "images at the model's size")
         return self
 
     @property
     def resolved_eval_split(self) -> str:
         return self.eval_split or _DEFAULT_EVAL_SPLIT[self.name]
 
-    def dataset_kwargs(self, split: str, image_size: int) -> dict[str, Any]:
-        """Keyword arguments for :func:`dalle_ds.data.registry.build_dataset` for one split."""
+    def dataset_kwargs(self, split: str, image_size: int, crop: str | None = None, seed: int = 0) -> dict[str, Any]:
+        """Keyword arguments for :func:`dalle_ds.data.registry.build_dataset` for one split.
+
+        ``crop`` ("dvae" or "prior"): the training split of that stage, which gets the paper's listing when
+        ``augment`` is "paper", seeded by the run's ``seed``. Evaluation splits leave it out."""
         kw: dict[str, Any] = {"image_size": image_size}
         if self.name == "shapes":
             kw.update(num_samples=self.train_samples if split == self.train_split else self.eval_samples,
@@ -413,6 +436,12 @@ class DataConfig:
                 kw["root"] = self.path
         else:  # the user's images: every rank of a training run builds them together (folder.ImageTextFolder)
             kw.update(path=self.path, across_ranks=True)
+            if self.max_aspect_ratio:
+                kw["max_aspect_ratio"] = self.max_aspect_ratio
+            if crop is not None and self.augment == "paper":
+                from dalle_ds.data.augment import PaperCrop
+
+                kw["crop"] = PaperCrop(crop, image_size, seed)
         return kw
 
 
@@ -479,8 +508,10 @@ class DVAETrainConfig:
 
 
 DVAE_RUN_PRESETS: dict[str, DVAETrainConfig] = {
-    # Needs your data: --set data.name=imagefolder --set data.path=DIR (or webdataset with a shard pattern).
-    "paper": DVAETrainConfig(data=DataConfig(name="imagefolder", num_workers=4)),
+    # Needs your data: --set data.path=DIR (or data.name=webdataset with a shard pattern). Listing 1's random crops
+    # and flips, and Appendix C's aspect-ratio filter ([1/2, 2]).
+    "paper": DVAETrainConfig(data=DataConfig(name="imagefolder", num_workers=4, augment="paper",
+                                             max_aspect_ratio=2.0)),
     # The CPU demo: shapes at 64×64 → 16×16 codes in 1,600 updates (~9.5 min on 2 cores with bf16 autocast and
     # channels_last), far too few for the paper's anneals. Small-budget choices, each measured in
     # docs/dvae_cpu_trials.md: a Gaussian likelihood, N(0, 1) code embeddings, a k-means init of the encoder head, τ
@@ -572,6 +603,9 @@ class DalleDataConfig:
                     _fail(f"{where}.{key}", str(e))
                 if meta.get("num_samples") == 0:
                     _fail(f"{where}.{key}", f"{path} holds 0 token rows (did tokenize_images.py read any image?)")
+            if self.images.augment != "none":
+                _fail(f"{where}.images.augment", "token shards hold one centred crop per image; for the paper's "
+                                                 "random crops train from the images (data.dvae + data.images)")
         elif self.dvae:
             if not Path(self.dvae).is_file():
                 _fail(f"{where}.dvae", f"file not found: {self.dvae}")
@@ -793,6 +827,9 @@ class ClipTrainConfig:
         if m.vision_position_init == "sincos2d" and m.width % 4:
             _fail(f"{where}.model", f"vision_position_init 'sincos2d' needs width divisible by 4, got {m.width}")
         self.data.validate(m.image_size, f"{where}.data")
+        if self.data.augment != "none":
+            _fail(f"{where}.data.augment", "the paper gives the random crops of the dVAE and the prior only; the CLIP "
+                                           "trains on centred squares")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             _fail(f"{where}.tokenizer", f"no such directory: {self.tokenizer}")
         if self.dvae and not Path(self.dvae).is_file():

@@ -32,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="train")
     p.add_argument("--num_samples", type=int, default=20000, help="shapes only: how many scenes")
     p.add_argument("--seed", type=int, default=0, help="shapes only: dataset seed")
+    p.add_argument("--max_aspect_ratio", type=float, default=0.0,
+                   help="imagefolder / webdataset: leave out images whose longer side exceeds this multiple of the "
+                        "shorter (the paper keeps [1/2, 2]: 2); 0 keeps all. Every image is stored as its centred "
+                        "square: the paper's random crops need images encoded on the fly (data.images.augment)")
     p.add_argument("--out", required=True)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=0)
@@ -63,7 +67,8 @@ def main(argv=None) -> int:
     try:
         dvae = load_dvae(args.dvae)
         data = DataConfig(name=args.data, path=args.path, train_split=args.split, train_samples=args.num_samples,
-                          seed=args.seed).validate(dvae.cfg.image_size, where="arguments")
+                          seed=args.seed, max_aspect_ratio=args.max_aspect_ratio).validate(dvae.cfg.image_size,
+                                                                                           where="arguments")
         ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, dvae.cfg.image_size))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ def test_presets_are_valid_and_paper_shape(tmp_path):
             (tmp_path / "sub" / "a.PNG").write_bytes(b"")  # found in a subfolder, by extension, any case
             cfg = apply_overrides(cfg, {"data.path": str(tmp_path)})
         cfg.validate()
+    assert (DVAE_RUN_PRESETS["paper"].data.augment, DVAE_RUN_PRESETS["paper"].data.max_aspect_ratio) == ("paper", 2.0)
     paper = DVAE_PRESETS["paper"]
     assert (paper.image_size, paper.grid_size, paper.vocab_size) == (256, 32, 8192)
     prior = DALLE_RUN_PRESETS["paper"]

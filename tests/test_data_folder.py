@@ -353,8 +353,8 @@ def _build_on_ranks(rank, world, root, cache, counts_dir):
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     decoded = []
     real = folder._ImageTextDataset._decode
-    folder._ImageTextDataset._decode = lambda self, row: decoded.append(1) or real(self, row)
-    ds = ImageTextFolder(root, cache_dir=cache, across_ranks=True)
+    folder._ImageTextDataset._decode = lambda self, row, *a: decoded.append(1) or real(self, row, *a)
+    ds = ImageTextFolder(root, cache_dir=cache, across_ranks=True, max_aspect_ratio=2.0)
     (counts_dir / f"{rank}.json").write_text(json.dumps({"decoded": len(decoded), "rows": ds._rows.tolist(),
                                                          "stats": ds.stats}))
     return ds._rows.tolist()
@@ -362,12 +362,12 @@ def _build_on_ranks(rank, world, root, cache, counts_dir):
 
 @pytest.mark.distributed
 def test_validation_split_across_ranks_keeps_the_same_rows(tmp_path):
-    """With across_ranks, 2 gloo ranks each decode half of the images, share what they found unreadable, and keep
-    the rows (and stats) a single process keeps."""
+    """With across_ranks, 2 gloo ranks each decode half of the images, share what they found unreadable or beyond the
+    aspect-ratio limit, and keep the rows (and stats) a single process keeps."""
     from dalle_ds.dist.local_ranks import run_local_ranks
 
     root = make_folder(tmp_path / "data")
-    single = ImageTextFolder(root, cache_dir=tmp_path / "cache1")
+    single = ImageTextFolder(root, cache_dir=tmp_path / "cache1", max_aspect_ratio=2.0)
     counts = tmp_path / "counts"
     counts.mkdir()
     run_local_ranks(_build_on_ranks, 2, root, tmp_path / "cache2", counts, timeout=300)
@@ -377,3 +377,4 @@ def test_validation_split_across_ranks_keeps_the_same_rows(tmp_path):
     for r in per_rank:
         assert r["rows"] == single._rows.tolist() and r["stats"] == single.stats
     assert single.stats["unreadable"] == len(BAD)
+    assert single.stats["aspect_ratio"] == 1  # g4.jpg, 10 x 50

@@ -52,6 +52,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .augment import PaperCrop, aspect_ratio_ok
 from .images import load_image, to_chw_uint8
 
 __all__ = ["ImageTextFolder", "WebDatasetShards", "CAPTION_COLUMNS", "WDS_CAPTION_KEYS"]
@@ -155,6 +156,10 @@ def _load_hf(builder: str, cache_dir: Optional[str], what: str, **kwargs: Any):
         ) from err
 
 
+class _OutOfAspect(ValueError):
+    """An image whose aspect ratio is beyond the dataset's ``max_aspect_ratio``."""
+
+
 class _ImageTextDataset(Dataset):
     """Shared machinery: undecoded image columns, caption extraction, the index of readable rows, and stats."""
 
@@ -167,11 +172,17 @@ class _ImageTextDataset(Dataset):
         validate: bool,
         description: str,
         across_ranks: bool = False,
+        crop: Optional[PaperCrop] = None,
+        max_aspect_ratio: float = 0.0,
     ) -> None:
         from datasets import Image as HFImage
 
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        if crop is not None and crop.size != image_size:
+            raise ValueError(f"crop makes {crop.size} px squares but image_size is {image_size}")
+        if max_aspect_ratio and max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be ≥ 1 (or 0: no limit), got {max_aspect_ratio}")
         for col in image_columns:
             if isinstance(hf_ds.features[col], HFImage):
                 hf_ds = hf_ds.cast_column(col, HFImage(decode=False))
@@ -186,10 +197,13 @@ class _ImageTextDataset(Dataset):
         self.description = description
         self.validated = bool(validate)
         self.across_ranks = bool(across_ranks)
+        self.crop = crop
+        self.max_aspect_ratio = float(max_aspect_ratio or 0.0)
         self._bad_rows: set[int] = set()  # rows that failed in __getitem__ (this process)
         total = len(hf_ds)
         self.stats: dict[str, Any] = {
-            "total": total, "kept": total, "unreadable": 0, "empty_caption": 0, "unreadable_examples": [],
+            "total": total, "kept": total, "unreadable": 0, "aspect_ratio": 0, "empty_caption": 0,
+            "unreadable_examples": [],
         }
         if validate:
             self._rows = self._validate()
@@ -218,8 +232,18 @@ class _ImageTextDataset(Dataset):
                 return value
         raise ValueError(f"the sample has no image (looked in {self.image_columns})")
 
-    def _decode(self, row: dict[str, Any]) -> torch.Tensor:
-        return to_chw_uint8(load_image(self._image_source(row)), self.image_size)
+    @property
+    def takes_sample_key(self) -> bool:
+        """True with a ``crop``: ``dataset[(epoch, index)]`` then draws that sample's crop for that epoch."""
+        return self.crop is not None
+
+    def _decode(self, row: dict[str, Any], key: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        img = load_image(self._image_source(row))
+        if not aspect_ratio_ok(*img.size, self.max_aspect_ratio):
+            raise _OutOfAspect(f"{img.size[0]}x{img.size[1]} is beyond the aspect-ratio limit {self.max_aspect_ratio}")
+        if key is not None and self.crop is not None:
+            img = self.crop(img, key)
+        return to_chw_uint8(img, self.image_size)
 
     def _record_unreadable(self, name: str) -> None:
         self.stats["unreadable"] += 1
@@ -241,6 +265,7 @@ class _ImageTextDataset(Dataset):
         if world > 1:
             mine = mine.select(range(rank, total, world))
         bad: list[tuple[int, str, str]] = []  # (row, name, reason)
+        excluded: list[int] = []  # rows beyond max_aspect_ratio
         index = rank
         bar = tqdm(total=len(mine), desc=f"checking images ({self.description})", unit="img", disable=None)
         for batch in mine.iter(batch_size=256):
@@ -249,6 +274,8 @@ class _ImageTextDataset(Dataset):
                 row = {c: batch[c][j] for c in columns}
                 try:
                     self._decode(row)
+                except _OutOfAspect:
+                    excluded.append(index)
                 except Exception as err:  # noqa: BLE001 - any decoding failure means "unreadable", never a crash
                     bad.append((index, self._row_name(row), f"{type(err).__name__}: {err}"))
                 index += world
@@ -258,8 +285,9 @@ class _ImageTextDataset(Dataset):
             import torch.distributed as dist
 
             gathered: list = [None] * world
-            dist.all_gather_object(gathered, bad)
-            bad = sorted(b for part in gathered for b in part)
+            dist.all_gather_object(gathered, (bad, excluded))
+            bad = sorted(b for part, _ in gathered for b in part)
+            excluded = sorted(i for _, part in gathered for i in part)
         for _, name, _ in bad:
             self._record_unreadable(name)
         if bad:
@@ -267,8 +295,12 @@ class _ImageTextDataset(Dataset):
                 "%s: skipped %d of %d images as unreadable, e.g. %s",
                 self.description, len(bad), total, "; ".join(f"{name} ({why})" for _, name, why in bad[:N_EXAMPLES]),
             )
+        self.stats["aspect_ratio"] = len(excluded)
+        if excluded:
+            logger.info("%s: left out %d of %d images whose longer side exceeds %g times the shorter",
+                        self.description, len(excluded), total, self.max_aspect_ratio)
         keep = np.ones(total, dtype=bool)
-        keep[[i for i, _, _ in bad]] = False
+        keep[[i for i, _, _ in bad] + excluded] = False
         return np.flatnonzero(keep).astype(np.int64)
 
     # ----- captions -------------------------------------------------------------------------------------------
@@ -296,7 +328,13 @@ class _ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: Union[int, tuple[int, int]]) -> dict[str, Any]:
+        """Sample ``index``; ``dataset[(epoch, index)]`` gives it with that epoch's random crop when the dataset has a
+        ``crop`` (the deterministic centre square otherwise)."""
+        key = None
+        if isinstance(index, tuple):
+            key = (int(index[0]), int(index[1]))
+            index = key[1]
         n = len(self._rows)
         if index < 0:
             index += n
@@ -310,7 +348,11 @@ class _ImageTextDataset(Dataset):
                 continue
             row = self._ds[row_index]
             try:
-                image = self._decode(row)
+                image = self._decode(row, None if key is None else (key[0], row_index))
+            except _OutOfAspect:  # only without the up-front pass (validate=False): skipped quietly, counted
+                self._bad_rows.add(row_index)
+                self.stats["aspect_ratio"] += 1
+                continue
             except Exception as err:  # noqa: BLE001
                 name = self._row_name(row)
                 self._bad_rows.add(row_index)
@@ -347,10 +389,16 @@ class ImageTextFolder(_ImageTextDataset):
         across_ranks: under torch.distributed (more than one rank), build the dataset as a collective: rank 0
             prepares the ``datasets`` cache before the others read it, and the validation pass is split between the
             ranks and its result shared, so every rank keeps the same rows. Every rank must then build it.
+        crop: a :class:`~dalle_ds.data.augment.PaperCrop` (the paper's random crops for one stage). Then
+            ``dataset[(epoch, index)]`` draws that sample's crop for that epoch; ``dataset[index]`` stays the
+            centre square.
+        max_aspect_ratio: leave out images whose longer side is more than this times the shorter (the paper: 2;
+            0 keeps all). Counted in ``stats["aspect_ratio"]``.
 
     Samples: ``{"image": uint8 [3, S, S], "caption": str, <other metadata columns>}``. :attr:`stats` has ``total``,
-    ``kept``, ``unreadable``, ``empty_caption``, ``unreadable_examples`` (first few relative paths) and
-    ``not_in_metadata`` (image files in the folder that ``datasets`` ignored because no metadata row names them).
+    ``kept``, ``unreadable``, ``aspect_ratio``, ``empty_caption``, ``unreadable_examples`` (first few relative
+    paths) and ``not_in_metadata`` (image files in the folder that ``datasets`` ignored because no metadata row names
+    them).
     """
 
     def __init__(
@@ -364,6 +412,8 @@ class ImageTextFolder(_ImageTextDataset):
         validate: bool = True,
         require_caption: bool = True,
         across_ranks: bool = False,
+        crop: Optional[PaperCrop] = None,
+        max_aspect_ratio: float = 0.0,
     ) -> None:
         self.path = Path(path).resolve()
         if not self.path.is_dir():
@@ -380,7 +430,7 @@ class ImageTextFolder(_ImageTextDataset):
         what = f"image folder {self.path}"
         caption = _pick_caption_column(hf, caption_column, CAPTION_COLUMNS, what, require_caption)
         super().__init__(hf, ["image"], caption, image_size, validate, f"ImageTextFolder({self.path}, split={split})",
-                         across_ranks)
+                         across_ranks, crop, max_aspect_ratio)
         self.stats["not_in_metadata"] = self._count_not_in_metadata(dd)
 
     def _row_name(self, row: dict[str, Any]) -> str:
@@ -476,7 +526,7 @@ class WebDatasetShards(_ImageTextDataset):
             order png, jpg, jpeg, webp, ... and each sample uses the first it has.
         caption_key: the caption column (``txt`` ...) or ``"json.<field>"`` for a field of the ``.json`` member; by
             default the first of ``txt``, ``text``, ``caption``, ``captions`` as a column, then as a ``json`` field.
-        cache_dir, validate, require_caption, across_ranks: as for :class:`ImageTextFolder`.
+        cache_dir, validate, require_caption, across_ranks, crop, max_aspect_ratio: as for :class:`ImageTextFolder`.
 
     Samples: ``{"image": uint8 [3, S, S], "caption": str, "__key__": str, "__url__": str, <other members>}`` (for
     example ``"json"`` as a dict). :attr:`stats` names unreadable samples ``<shard file>:<key>``.
@@ -493,6 +543,8 @@ class WebDatasetShards(_ImageTextDataset):
         validate: bool = True,
         require_caption: bool = True,
         across_ranks: bool = False,
+        crop: Optional[PaperCrop] = None,
+        max_aspect_ratio: float = 0.0,
     ) -> None:
         from datasets import Image as HFImage
 
@@ -513,7 +565,7 @@ class WebDatasetShards(_ImageTextDataset):
                 raise ValueError(f"{what}: no image members found (columns: {hf.column_names}); pass image_key=")
         caption = _pick_caption_column(hf, caption_key, WDS_CAPTION_KEYS, what, require_caption, json_fallback=True)
         super().__init__(hf, image_columns, caption, image_size, validate, f"WebDatasetShards({what})",
-                         across_ranks)
+                         across_ranks, crop, max_aspect_ratio)
 
     def _add_late_members(self, hf: Any, cache: Optional[str], what: str) -> Any:
         """Reload with extra columns for image/caption members that ``datasets`` did not see.

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["load_image", "to_chw_uint8", "collate_samples"]
+__all__ = ["load_image", "to_rgb", "to_chw_uint8", "collate_samples"]
 
 ImageLike = Union[Image.Image, np.ndarray]
 
@@ -68,7 +68,7 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode → RGB: grayscale repeated over 3 channels, alpha composited on white, 16-bit scaled down."""
     if img.mode == "RGB":
         return img
@@ -109,7 +109,7 @@ def to_chw_uint8(img: ImageLike, image_size: int) -> torch.Tensor:
         img = _array_to_pil(img)
     elif not isinstance(img, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image or numpy.ndarray, got {type(img).__name__}")
-    img = _to_rgb(img)
+    img = to_rgb(img)
     w, h = img.size
     if w < 1 or h < 1:
         raise ValueError(f"empty image of size {w}x{h}")

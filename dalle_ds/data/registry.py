@@ -52,7 +52,7 @@ def _webdataset(split: str, image_size: int, path: Any, **kw: Any) -> Dataset:
     return WebDatasetShards(path, image_size=image_size, **kw)
 
 
-_LOADER_KWARGS = ("cache_dir", "validate", "require_caption", "across_ranks")
+_LOADER_KWARGS = ("cache_dir", "validate", "require_caption", "across_ranks", "crop", "max_aspect_ratio")
 DATASETS: dict[str, _Entry] = {
     "shapes": _Entry(_shapes, ("num_samples", "seed", "extra_shapes"), (), "train, test_id, test_ood"),
     "fashion_mnist": _Entry(_fashion_mnist, ("root", "caption_templates"), (), "train, test"),

@@ -139,8 +139,8 @@ class DalleTrainer(EngineLoop):
             self.dvae = load_dvae(d.dvae)
             img = d.images
             img.validate(self.dvae.cfg.image_size, "data.images")
-            train_ds = build_dataset(img.name, img.train_split, **img.dataset_kwargs(img.train_split,
-                                                                                      self.dvae.cfg.image_size))
+            train_ds = build_dataset(img.name, img.train_split, **img.dataset_kwargs(
+                img.train_split, self.dvae.cfg.image_size, crop="prior", seed=cfg.seed))
             split = img.resolved_eval_split
             val_ds = build_dataset(img.name, split, **img.dataset_kwargs(split, self.dvae.cfg.image_size))
             grid, vocab = self.dvae.cfg.grid_size, self.dvae.cfg.vocab_size

@@ -2,13 +2,16 @@
 uninterrupted one would have seen."""
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dalle_ds.config import ConfigError
+from dalle_ds.utils.seeds import sample_seed, seed63
+
+__all__ = ["ResumableSampler", "EpochTagged", "StepBatches", "sample_seed", "step_generator", "loader_kwargs",
+           "to_device"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -41,7 +44,10 @@ class ResumableSampler(DistributedSampler):
 
 
 class EpochTagged(Dataset):
-    """``dataset[(epoch, index)]`` → ``dataset[index]`` (a dict) plus ``"sample_key": (epoch, index)``."""
+    """``dataset[(epoch, index)]`` → ``dataset[index]`` (a dict) plus ``"sample_key": (epoch, index)``.
+
+    A dataset whose ``takes_sample_key`` is true gets the whole key instead of the index: its own per-sample
+    randomness (the paper's random crops, :mod:`dalle_ds.data.augment`) is then seeded by it too."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -51,21 +57,10 @@ class EpochTagged(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
-        item = self.dataset[index]
+        item = self.dataset[(epoch, index)] if getattr(self.dataset, "takes_sample_key", False) else self.dataset[index]
         if not isinstance(item, dict):
             raise TypeError(f"EpochTagged needs samples that are dicts, got {type(item).__name__}")
         return {**item, "sample_key": (int(epoch), int(index))}
-
-
-def _seed63(text: str) -> int:
-    """A non-negative 63-bit seed hashed from ``text`` (the same on every platform and Python version)."""
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def sample_seed(seed: int, purpose: str, key: tuple[int, int]) -> int:
-    """A seed for one sample's randomness: a pure function of (run seed, purpose, (epoch, index))."""
-    return _seed63(f"{seed}/{purpose}/{key[0]}/{key[1]}")
 
 
 def loader_kwargs(device: torch.device | str, num_workers: int) -> dict[str, Any]:
@@ -100,7 +95,10 @@ class StepBatches:
             raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one global micro-batch "
                              f"({micro_batch} × {num_replicas} ranks)")
         self.dataset = dataset
-        # With tag_epoch each sample carries its "sample_key" (epoch, index): see ResumableSampler.
+        # With tag_epoch each sample carries its "sample_key" (epoch, index): see ResumableSampler. A dataset that
+        # draws its own per-sample randomness from that key (takes_sample_key: the paper's random crops) is always
+        # served tagged, or it would fall back to its deterministic samples.
+        tag_epoch = tag_epoch or getattr(dataset, "takes_sample_key", False)
         served = EpochTagged(dataset) if tag_epoch else dataset
         self.sampler = ResumableSampler(served, num_replicas, rank, seed, tag_epoch=tag_epoch)
         self.micro_batch = micro_batch
@@ -131,5 +129,5 @@ def step_generator(seed: int, step: int, rank: int, micro: int = 0,
                    device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded by (seed, step, rank, micro-step): random noise that does not depend on history."""
     g = torch.Generator(device=device)
-    g.manual_seed(_seed63(f"{seed}/{step}/{rank}/{micro}"))
+    g.manual_seed(seed63(f"{seed}/{step}/{rank}/{micro}"))
     return g

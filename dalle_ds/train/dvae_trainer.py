@@ -39,7 +39,8 @@ def build_datasets(cfg: DVAETrainConfig):
     """The train and eval splits; the dVAE needs no captions, so a folder or WebDataset without them loads too."""
     d, size = cfg.data, cfg.model.image_size
     extra = {"require_caption": False} if d.name in ("imagefolder", "webdataset") else {}
-    train = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, size), **extra)
+    train = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, size, crop="dvae", seed=cfg.seed),
+                          **extra)
     evals = build_dataset(d.name, d.resolved_eval_split, **d.dataset_kwargs(d.resolved_eval_split, size), **extra)
     return train, evals
 

@@ -1,0 +1,169 @@
+"""The paper's training-time image augmentation: random square crops (Ramesh et al. 2021, Listings 1 and 2).
+
+The paper gives its TensorFlow preprocessing code for both stages. In words, for an image of ``w x h`` pixels,
+``s = min(w, h)`` and a target size ``S`` (256 in the paper):
+
+* **dVAE (Listing 1):** a ``s x s`` square at a uniformly random offset; an integer side ``t`` drawn uniformly from
+  ``[min(s, round(9/8 S)), min(s, round(12/8 S))]``; the square resized to ``t x t`` (TF's ``AREA`` method); a
+  uniformly random ``S x S`` crop of that; a horizontal flip with probability 1/2.
+* **prior (Listing 2):** a ``s x s`` square whose offset along the longer side is drawn from ``[a, max(a + 1, b))``
+  with ``a = 3 (l - s) // 8``, ``b = 5 (l - s) // 8`` (``l`` that side's length): the middle quarter of the slack,
+  so the crop stays near the centre and keeps what the caption names; ``t`` from ``[S, min(s, round(9/8 S))]``;
+  resize, random ``S x S`` crop as above; **no flip** ("the image may contain text").
+
+Choices of ours, where the listings leave room:
+
+* Resizing is TF's ``AREA`` method done here (:func:`area_resize`): each output pixel is the mean of the input over
+  the square it covers, partly covered pixels weighted by the fraction covered, in float64, then rounded. Pillow has
+  no such filter: its ``BOX`` weighs whole pixels and rounds to 8 bits between its horizontal and vertical passes
+  (up to 1 level off the block mean at a 2x reduction). The listing's TF1 call sets ``align_corners=True``, which
+  for ``AREA`` stretches the footprint to (s - 1)/(t - 1) input pixels instead of s/t (less than one input pixel
+  over the whole image); we use s/t, as TF2 and torch's ``area`` mode do.
+* Images smaller than ``S`` (``s < S``): the listings would fail there (a crop larger than the image). The square is
+  chosen as above, then scaled up to ``S`` with the antialiased bicubic filter that
+  :func:`dalle_ds.data.images.to_chw_uint8` uses, and the dVAE's flip still applies.
+* Integer draws follow the listings' bounds (``tf.random.uniform`` with an exclusive upper bound, TF's
+  ``random_crop`` with offsets ``0 ... t - S``), from a numpy generator seeded per sample by (run seed, listing,
+  epoch, index): each epoch sees new crops and a resumed run the same ones.
+
+Evaluation, tokenized shards (``launch/tokenize_images.py``) and anything read without a sample key keep the
+deterministic centre square of :func:`~dalle_ds.data.images.to_chw_uint8`.
+
+Appendix C's filter sits beside it: :func:`aspect_ratio_ok` (the paper keeps images whose aspect ratio lies in
+[1/2, 2], so that the square crops keep what the caption names).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from dalle_ds.utils.seeds import sample_seed
+
+from .images import to_rgb
+
+__all__ = ["LISTINGS", "CropPlan", "dvae_plan", "prior_plan", "apply_plan", "area_resize", "PaperCrop",
+           "aspect_ratio_ok"]
+
+LISTINGS = ("dvae", "prior")
+_UPSCALE = Image.Resampling.BICUBIC  # as in images.to_chw_uint8
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """One draw of a listing for one image: the ``side``-square at (``left``, ``top``), resized to ``t`` x ``t``,
+    the ``size``-square at (``x``, ``y``) of that, mirrored when ``flip``. ``t < size`` (only for images smaller
+    than ``size``) means: scale the square up to ``size`` instead (``x = y = 0``)."""
+
+    left: int
+    top: int
+    side: int
+    t: int
+    x: int
+    y: int
+    flip: bool
+
+
+def _offsets(t: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """TF's ``random_crop`` of a ``size``-square from a ``t``-square: offsets uniform in 0 ... t - size."""
+    if t <= size:
+        return 0, 0
+    x, y = rng.integers(0, t - size + 1, size=2)
+    return int(x), int(y)
+
+
+def dvae_plan(width: int, height: int, size: int, rng: np.random.Generator) -> CropPlan:
+    """Listing 1 (dVAE training): random square, resize to 9/8-12/8 of ``size``, random crop, random flip."""
+    s = min(width, height)
+    left, top = int(rng.integers(0, width - s + 1)), int(rng.integers(0, height - s + 1))
+    t = int(rng.integers(min(s, round(9 / 8 * size)), min(s, round(12 / 8 * size)) + 1))
+    x, y = _offsets(t, size, rng)
+    return CropPlan(left, top, s, t, x, y, bool(rng.random() < 0.5))
+
+
+def _near_centre(length: int, s: int, rng: np.random.Generator) -> int:
+    low = 3 * (length - s) // 8
+    return int(rng.integers(low, max(low + 1, 5 * (length - s) // 8)))
+
+
+def prior_plan(width: int, height: int, size: int, rng: np.random.Generator) -> CropPlan:
+    """Listing 2 (transformer training): near-centre square, resize to 1-9/8 of ``size``, random crop, no flip."""
+    s = min(width, height)
+    top, left = _near_centre(height, s, rng), _near_centre(width, s, rng)
+    t_max = min(s, round(9 / 8 * size))
+    t = int(rng.integers(size, t_max + 1)) if t_max >= size else s
+    x, y = _offsets(t, size, rng)
+    return CropPlan(left, top, s, t, x, y, False)
+
+
+def _area_axis(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Area-average ``a`` (float64) along ``axis`` to ``n_out`` samples: output i is the mean of the piecewise-
+    constant input over [i, i + 1) * n_in / n_out, from differences of its running integral."""
+    n_in = a.shape[axis]
+    a = np.moveaxis(a, axis, 0)
+    integral = np.concatenate([np.zeros((1,) + a.shape[1:]), np.cumsum(a, axis=0)])  # at 0, 1, ..., n_in
+
+    def at(x: np.ndarray) -> np.ndarray:  # the integral at real positions x in [0, n_in]
+        i = np.minimum(np.floor(x).astype(np.int64), n_in - 1)
+        frac = (x - i).reshape((-1,) + (1,) * (a.ndim - 1))
+        return integral[i] + frac * a[i]
+
+    edges = np.arange(n_out + 1, dtype=np.float64) * (n_in / n_out)
+    return np.moveaxis((at(edges[1:]) - at(edges[:-1])) * (n_out / n_in), 0, axis)
+
+
+def area_resize(arr: np.ndarray, size: int) -> np.ndarray:
+    """TF's ``ResizeMethod.AREA`` of an H x W (x C) uint8 image to ``size`` x ``size``: fractional-coverage means in
+    float64, rounded to nearest (``rint``) and clipped, as the listings cast back to uint8."""
+    out = _area_axis(_area_axis(arr.astype(np.float64), size, 0), size, 1)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def apply_plan(img: Image.Image, plan: CropPlan, size: int) -> Image.Image:
+    """The RGB ``size``-square that ``plan`` describes (``img`` in any Pillow mode)."""
+    img = to_rgb(img)
+    if plan.t < size:  # an image smaller than the target: scale its square up instead of failing
+        box = (plan.left, plan.top, plan.left + plan.side, plan.top + plan.side)
+        out = np.asarray(img.resize((size, size), _UPSCALE, box=box))
+    else:
+        square = np.asarray(img)[plan.top:plan.top + plan.side, plan.left:plan.left + plan.side]
+        if plan.t != plan.side:
+            square = area_resize(square, plan.t)
+        out = square[plan.y:plan.y + size, plan.x:plan.x + size]
+    return Image.fromarray(np.ascontiguousarray(out[:, ::-1] if plan.flip else out))
+
+
+_PLANS = {"dvae": dvae_plan, "prior": prior_plan}
+
+
+@dataclass(frozen=True)
+class PaperCrop:
+    """One stage's listing at one target size, seeded per sample: ``crop(img, key)`` → an RGB ``size``-square.
+
+    ``key`` is the sample's (epoch, index) (:class:`dalle_ds.train.data_loading.EpochTagged`); the draws are a pure
+    function of (``seed``, ``listing``, key)."""
+
+    listing: str
+    size: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.listing not in LISTINGS:
+            raise ValueError(f"listing must be one of {', '.join(LISTINGS)}, got {self.listing!r}")
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"size must be a positive int, got {self.size!r}")
+
+    def plan(self, width: int, height: int, key: tuple[int, int]) -> CropPlan:
+        rng = np.random.default_rng(sample_seed(self.seed, f"crop/{self.listing}", key))
+        return _PLANS[self.listing](width, height, self.size, rng)
+
+    def __call__(self, img: Image.Image, key: tuple[int, int]) -> Image.Image:
+        return apply_plan(img, self.plan(*img.size, key), self.size)
+
+
+def aspect_ratio_ok(width: int, height: int, max_ratio: float) -> bool:
+    """Appendix C's filter: the longer side at most ``max_ratio`` times the shorter (``max_ratio`` ≤ 0: no limit)."""
+    if max_ratio <= 0:
+        return True
+    return max(width, height) <= max_ratio * min(width, height)
