@@ -699,6 +699,13 @@ class DalleTrainConfig:
     steps: int = 430_000
     """Optimizer updates (paper: 430k at batch 1024). Fills a scheduler's "auto" total_num_steps."""
     ema_decay: float = 0.999
+    """Decay of the weight average per averaging (dalle_ds/train/ema.py)."""
+    ema_every: int = 1
+    """Average after every ``ema_every``-th update (paper App. B.2: 25, with decay 0.99)."""
+    ema_on_host: bool = False
+    """Keep the fp32 weight average in host memory, folded in by a worker thread from asynchronous copies (paper
+    App. B.2): 4 bytes per parameter off each GPU (per parameter of its partition under ZeRO-3), the same in host
+    memory plus a pinned staging copy in the parameters' dtype."""
     log_every: int = 10
     eval_every: int = 1000
     save_every: int = 1000
@@ -727,6 +734,8 @@ class DalleTrainConfig:
             _fail(f"{where}.steps", "must be ≥ 1")
         if not (0 <= self.ema_decay < 1):
             _fail(f"{where}.ema_decay", "must be in [0, 1)")
+        if self.ema_every < 1:
+            _fail(f"{where}.ema_every", f"must be ≥ 1, got {self.ema_every}")
         for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 _fail(f"{where}.{name}", "must be ≥ 0")
@@ -736,9 +745,11 @@ class DalleTrainConfig:
 DALLE_RUN_PRESETS: dict[str, DalleTrainConfig] = {
     # The paper recomputes the resblocks' activations in the backward pass (§2.4) and drops 10% of the captions' BPE
     # merges (§2.2, footnote 5); `--set model=<size>` picks a size preset as it is (checkpointing off),
-    # `model.activation_checkpointing=true` turns it back on.
+    # `model.activation_checkpointing=true` turns it back on. Its weight average is the paper's too (App. B.2):
+    # every 25 updates, decay 0.99, kept on the host.
     "paper": DalleTrainConfig(model=dataclasses.replace(DALLE_PRESETS["12B"], activation_checkpointing=True),
-                              data=DalleDataConfig(bpe_dropout=0.1)),
+                              data=DalleDataConfig(bpe_dropout=0.1), ema_decay=0.99, ema_every=25,
+                              ema_on_host=True),
     # CPU demo: 1,500 updates (~12 min on 2 cores) with bf16 resblock branches, which step 1.15× faster than fp32 on
     # this CPU (587 s for 1,200 against 557 s for 1,000). docs/dvae_cpu_trials.md: the prior is the stage that holds
     # exact match back; all-candidate exact on 256 test_id captions x 16 was 0.083 at 1,000 fp32 updates, 0.117 at

@@ -145,3 +145,105 @@ def test_model_state_dict_for_rank0_only():
     from dalle_ds.dist.local_ranks import run_local_ranks
 
     assert run_local_ranks(_gather_to_rank0, 2)
+
+
+def _mixed_module():
+    params = _mixed_params()
+    module = torch.nn.Module()
+    for i, p in enumerate(params):
+        module.register_parameter(f"p{i}", p)
+    return module, params
+
+
+def _perturb(params, g):
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def test_every_k_steps_averages_only_at_multiples_of_k():
+    """``step(global_step)`` with every=3 over steps 1..10 is the plain average of the weights at steps 3, 6, 9."""
+    module, params = _mixed_module()
+    ema = EMA(module, decay=0.9, every=3)
+    want = [p.detach().float().clone() for p in params]
+    g = torch.Generator().manual_seed(5)
+    done = []
+    for step in range(1, 11):
+        _perturb(params, g)
+        if ema.step(step, module.parameters()):
+            done.append(step)
+            _reference_update(want, params, 0.9, first=len(done) == 1)
+    assert done == [3, 6, 9] and ema.updates == 3
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, want))
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="every"):
+            EMA(module, decay=0.9, every=bad)
+
+
+def test_host_average_equals_the_device_average_and_resumes():
+    """``host=True`` folds copies of the weights (taken at the step) into a CPU shadow in a worker thread: the shadow,
+    the state and the exported weights equal the synchronous average's bit for bit, also when the weights change
+    right after the step, before the fold has run; and a state saved mid-run resumes to the same values."""
+    module, params = _mixed_module()
+    sync = EMA(module, decay=0.9, every=2)
+    host = EMA(module, decay=0.9, every=2, host=True)
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in host.shadow)
+    g = torch.Generator().manual_seed(6)
+
+    def run(emas, steps):
+        for step in steps:
+            _perturb(params, g)
+            for e in emas:
+                e.step(step, module.parameters())
+            _perturb(params, g)  # the next step's work starts before the fold has read anything
+
+    run([sync, host], range(1, 5))
+    saved = host.state_dict()
+    saved = {**saved, "shadow": {k: v.clone() for k, v in saved["shadow"].items()}}
+    resumed = EMA(module, decay=0.9, every=2, host=True)
+    resumed.load_state_dict(saved)
+    run([sync, host, resumed], range(5, 9))
+    sync_state = sync.state_dict()
+    for other in (host, resumed):
+        state = other.state_dict()
+        assert state["updates"] == sync_state["updates"] == 4
+        for name in sync_state["shadow"]:
+            assert torch.equal(state["shadow"][name], sync_state["shadow"][name]), name
+    for name, w in sync.model_state_dict().items():
+        assert torch.equal(host.model_state_dict()[name], w), name
+
+
+def test_host_fold_errors_surface_at_the_next_read():
+    """A fold that fails in the worker thread raises where the shadow is next read, not never."""
+    module = torch.nn.Linear(3, 3)
+    ema = EMA(module, decay=0.5, host=True)
+
+    def broken(done, first):
+        raise RuntimeError("fold failed")
+
+    ema._fold = broken
+    ema.step(1, module.parameters())
+    with pytest.raises(RuntimeError, match="fold failed"):
+        ema.state_dict()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_average_on_gpu_equals_the_device_average():
+    """On a GPU the copies go to pinned buffers without a host wait and the worker waits on an event: the weights
+    changed on the stream right after the step must not reach the shadow."""
+    module = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)]).cuda().to(torch.bfloat16)
+    sync = EMA(module, decay=0.9)
+    host = EMA(module, decay=0.9, host=True)
+    assert all(b.is_pinned() for b in host._staging)
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        sync.step(step, module.parameters())
+        host.step(step, module.parameters())
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(3.0)  # queued after the copies on the same stream
+    for a, b in zip(sync.state_dict()["shadow"].values(), host.state_dict()["shadow"].values()):
+        torch.testing.assert_close(b, a.cpu(), rtol=0, atol=0)

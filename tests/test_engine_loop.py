@@ -20,7 +20,7 @@ class _Engine:
     def __init__(self, accumulation, norms, clip):
         self.module = torch.nn.Linear(3, 2)
         self.accumulation, self.norms, self.clip = accumulation, list(norms), clip
-        self.backwards = 0
+        self.backwards = self.micro_steps = self.global_steps = 0
 
     def gradient_accumulation_steps(self):
         return self.accumulation
@@ -28,8 +28,9 @@ class _Engine:
     def backward(self, loss):
         self.backwards += 1
 
-    def step(self):
-        pass
+    def step(self):  # an optimizer update at the last micro-step of an accumulation, as DeepSpeed counts them
+        self.micro_steps += 1
+        self.global_steps += self.micro_steps % self.accumulation == 0
 
     def get_global_grad_norm(self):
         return self.norms.pop(0)

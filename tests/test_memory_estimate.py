@@ -9,7 +9,7 @@ import torch
 from dalle_ds.config import DALLE_PRESETS, DalleConfig
 from dalle_ds.models.__main__ import main as models_main
 from dalle_ds.models.dalle import DALLE, count_parameters
-from dalle_ds.models.memory import (activation_bytes, estimate_per_gpu, parameter_breakdown,
+from dalle_ds.models.memory import (activation_bytes, estimate_per_gpu, format_estimate, parameter_breakdown,
                                     saved_activation_bytes)
 from dalle_ds.train.ds_config import load_ds_config, prepare_ds_config
 
@@ -50,8 +50,29 @@ def test_state_bytes_follow_the_zero_stages():
     assert (f["parameters"], f["gradients"], f["optimizer"], f["host_optimizer"]) == (psi, psi, 0, 4 * psi)
     for est in e.values():
         assert est["total"] == pytest.approx(est["parameters"] + est["gradients"] + est["optimizer"]
-                                             + est["deepspeed_buffers"] + est["activations"])
+                                             + est["deepspeed_buffers"] + est["ema"] + est["activations"])
         assert est["activations_checkpointed"] < est["activations"]
+
+
+def test_the_weight_average_is_counted_where_it_lives():
+    """The trainers' fp32 EMA: 4 bytes per parameter the rank holds (all of them under ZeRO 0-2, 1/N under ZeRO-3),
+    on the GPU by default; with ema="host" none on the GPU and 4 + the parameters' dtype per parameter on the host."""
+    psi = count_parameters(TINY)
+    for zero, held in ((0, psi), (2, psi), (3, psi / 8)):
+        dev = estimate_per_gpu(TINY, zero=zero, gpus=8, precision="bf16")
+        host = estimate_per_gpu(TINY, zero=zero, gpus=8, precision="bf16", ema="host")
+        none = estimate_per_gpu(TINY, zero=zero, gpus=8, precision="bf16", ema="none")
+        assert (dev["ema"], dev["host_ema"]) == (4 * held, 0)
+        assert (host["ema"], host["host_ema"]) == (0, (4 + 2) * held)
+        assert none["ema"] == none["host_ema"] == 0
+        assert dev["total"] - host["total"] == pytest.approx(4 * held) and host["total"] == none["total"]
+    fp32 = estimate_per_gpu(TINY, zero=1, gpus=2, precision="fp16-resblock", ema="host")
+    assert fp32["host_ema"] == 8 * psi  # fp32 parameters: a 4-byte staging copy
+    text = format_estimate("tiny", estimate_per_gpu(TINY, zero=2, gpus=8, ema="host"), zero=2, gpus=8,
+                           precision="bf16", micro_batch=1, offload=False)
+    assert "EMA, in host memory per GPU" in text and "EMA of the weights" not in text
+    with pytest.raises(ValueError, match="ema"):
+        estimate_per_gpu(TINY, zero=2, gpus=8, ema="gpu")
 
 
 @pytest.mark.parametrize("gpus", [1, 8, 64])

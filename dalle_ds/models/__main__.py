@@ -15,7 +15,7 @@ import sys
 
 from dalle_ds.config import ADAM_MOMENTS, DALLE_PRESETS
 from dalle_ds.models.dalle import count_parameters
-from dalle_ds.models.memory import PRECISIONS, estimate_per_gpu, format_estimate
+from dalle_ds.models.memory import EMA_PLACES, PRECISIONS, estimate_per_gpu, format_estimate
 
 
 def main(argv=None) -> int:
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
                    help="hierarchical PowerSGD's total rank per machine (paper: 896 for 12B); adds its error buffers "
                         "and Q to the estimate (with --memory; 0: no PowerSGD)")
     p.add_argument("--gpus-per-machine", type=int, default=8, help="GPUs per machine, for --powersgd-rank")
+    p.add_argument("--ema", default="device", choices=EMA_PLACES,
+                   help="where the trainer's fp32 weight average lives: device (default), host (ema_on_host, the "
+                        "paper's App. B.2) or none (with --memory)")
     p.add_argument("--deepspeed_config", default=None,
                    help="a DeepSpeed JSON whose ZeRO bucket sizes to use (with --memory; default: DeepSpeed's)")
     args = p.parse_args(argv)
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
             est = estimate_per_gpu(DALLE_PRESETS[name], zero=args.zero, gpus=args.gpus, precision=args.precision,
                                    micro_batch=args.micro_batch, offload=args.offload, attention=args.attention,
                                    adam_moments=args.adam_moments, ds_config=ds_config,
-                                   powersgd_rank=args.powersgd_rank, gpus_per_machine=args.gpus_per_machine)
+                                   powersgd_rank=args.powersgd_rank, gpus_per_machine=args.gpus_per_machine,
+                                   ema=args.ema)
             print()
             print(format_estimate(name, est, zero=args.zero, gpus=args.gpus, precision=args.precision,
                                   micro_batch=args.micro_batch, offload=args.offload, adam_moments=args.adam_moments))

@@ -55,6 +55,9 @@ def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) ->
 # Per-GPU estimate
 # ------------------------------------------------------------------------------------------------------------------
 
+EMA_PLACES = ("device", "host", "none")
+"""Where the trainers' fp32 weight average lives (dalle_ds/train/ema.py): beside the model (the default), in host
+memory (``ema_on_host``, the paper's App. B.2), or nowhere (a run without one)."""
 PRECISIONS = ("bf16", "fp16-resblock", "fp32")
 """bf16: DeepSpeed bf16 mode (16-bit params/grads/activations, fp32 master weights and Adam moments in the
 optimizer). fp16-resblock: fp32 parameters, gradients and Adam moments in DeepSpeed's fp32 mode, the resblock
@@ -139,7 +142,8 @@ def persistent_parameters(model: nn.Module, threshold: int) -> int:
 def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str = "bf16", micro_batch: int = 1,
                      offload: bool = False, attention: str = "flash", adam_moments: str = "fp32",
                      ds_config: dict | None = None, powersgd_rank: int = 0, gpus_per_machine: int = 8,
-                     powersgd_error_dtype: str = "fp169", powersgd_compress: str | None = None) -> dict[str, float]:
+                     powersgd_error_dtype: str = "fp169", powersgd_compress: str | None = None,
+                     ema: str = "device") -> dict[str, float]:
     """Bytes per GPU for the model state under a ZeRO stage, with Ψ parameters and N data-parallel GPUs.
 
     The ZeRO paper's accounting (Rajbhandari et al. 2020, §3: 16-bit params and grads, 12Ψ of fp32 master weights
@@ -166,6 +170,10 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
     (``dalle_ds.dist.powersgd.state_bytes_per_gpu``, the shapes ``register`` allocates). It is not divided by N:
     the paper's buffers are sharded inside a machine and replicated across machines.
 
+    ``ema``: the trainers' fp32 weight average (``dalle_ds/train/ema.py``), 4 bytes per parameter the rank holds: the
+    whole model under ZeRO 0-2, its 1/N partition under ZeRO-3. ``"device"``: on the GPU (``ema``); ``"host"``: in
+    host memory with a pinned staging copy in the parameters' dtype (``host_ema``); ``"none"``: not counted.
+
     ``offload``: the optimizer state lives in CPU memory (``host_optimizer``). ``adam_moments="16bit"``: the resblock
     matmul weights' two moments take 2 bytes each instead of 4 (paper App. B.2, dalle_ds.precision.adam_moments).
     Not counted: ZeRO-1/2's transient reduction buckets during the backward (none were held at the step or after
@@ -181,6 +189,8 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
         raise ValueError(f"adam_moments must be {' or '.join(ADAM_MOMENTS)}, got {adam_moments!r}")
     if offload and adam_moments == "16bit":
         raise ValueError("16-bit Adam moments run on the GPU (optimizer offload uses DeepSpeed's fp32 CPU Adam)")
+    if ema not in EMA_PLACES:
+        raise ValueError(f"ema must be one of {', '.join(EMA_PLACES)}, got {ema!r}")
     if powersgd_rank and (gpus_per_machine < 1 or gpus % gpus_per_machine):
         raise ValueError(f"gpus_per_machine={gpus_per_machine} must divide gpus={gpus}")
     counts = parameter_breakdown(cfg)
@@ -214,9 +224,12 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
         buffers += 4.0 * largest_layer_parameters(meta)
         threshold = int(zero_cfg.get("stage3_param_persistence_threshold", DS_DEFAULT_PERSISTENCE_THRESHOLD))
         buffers += p_bytes * persistent_parameters(meta, threshold) * (1.0 - 1.0 / gpus)  # whole, not 1/N
+    held = psi / gpus if zero >= 3 else float(psi)  # the parameters (or partitions) this rank holds
+    ema_bytes = {"device": (4.0 * held, 0.0), "host": (0.0, (4.0 + p_bytes) * held), "none": (0.0, 0.0)}[ema]
     out = {"parameters": params, "gradients": grads, "optimizer": 0.0 if offload else optim,
-           "host_optimizer": optim if offload else 0.0, "deepspeed_buffers": buffers, "powersgd": powersgd}
-    states = params + grads + out["optimizer"] + buffers + powersgd
+           "host_optimizer": optim if offload else 0.0, "deepspeed_buffers": buffers, "powersgd": powersgd,
+           "ema": ema_bytes[0], "host_ema": ema_bytes[1]}
+    states = params + grads + out["optimizer"] + buffers + powersgd + out["ema"]
     for ckpt in (False, True):
         acts = activation_bytes(cfg, micro_batch, precision, ckpt, attention)["total"]
         key = "activations_checkpointed" if ckpt else "activations"
@@ -239,8 +252,12 @@ def format_estimate(name: str, est: dict[str, float], *, zero: int, gpus: int, p
         lines.append(f"  {'DeepSpeed buffers (ZeRO-3)':<34} {est['deepspeed_buffers'] / gib:10.2f} GiB")
     if est.get("powersgd"):
         lines.append(f"  {'PowerSGD error buffers and Q':<34} {est['powersgd'] / gib:10.2f} GiB")
+    if est.get("ema"):
+        lines.append(f"  {'EMA of the weights (fp32)':<34} {est['ema'] / gib:10.2f} GiB")
     if offload:
         lines.append(f"  {'  (in host memory, per GPU)':<34} {est['host_optimizer'] / gib:10.2f} GiB")
+    if est.get("host_ema"):
+        lines.append(f"  {'EMA, in host memory per GPU':<34} {est['host_ema'] / gib:10.2f} GiB")
     lines += [f"  {'activations, no checkpointing':<34} {est['activations'] / gib:10.2f} GiB",
               f"  {'activations, checkpointed':<34} {est['activations_checkpointed'] / gib:10.2f} GiB",
               f"  {'total per GPU, no checkpointing':<34} {est['total'] / gib:10.2f} GiB",
@@ -252,7 +269,7 @@ def format_estimate(name: str, est: dict[str, float], *, zero: int, gpus: int, p
 
 def estimate_for_run(cfg: DalleConfig, ds_config: dict, world_size: int, *, adam_moments: str = "fp32",
                      micro_batch: int | None = None, powersgd_rank: int = 0, gpus_per_machine: int = 1,
-                     powersgd_compress: str | None = None) -> tuple[dict[str, float], str]:
+                     powersgd_compress: str | None = None, ema: str = "device") -> tuple[dict[str, float], str]:
     """:func:`estimate_per_gpu` for a prior run as the trainer sets it up: the ZeRO stage, precision (DeepSpeed's bf16
     mode, or fp16 resblocks with per-resblock scaling on fp32 parameters, else fp32), micro-batch and optimizer
     offload read from the filled-in DeepSpeed config (``micro_batch``: the engine's, when given); activations with or
@@ -272,13 +289,14 @@ def estimate_for_run(cfg: DalleConfig, ds_config: dict, world_size: int, *, adam
     est = estimate_per_gpu(cfg, zero=zero, gpus=world_size, precision=precision, micro_batch=micro, offload=offload,
                            attention=attention, adam_moments=adam_moments, ds_config=ds_config,
                            powersgd_rank=powersgd_rank, gpus_per_machine=gpus_per_machine,
-                           powersgd_compress=powersgd_compress)
+                           powersgd_compress=powersgd_compress, ema=ema)
     ckpt = cfg.activation_checkpointing
     gib = 2.0 ** 30
     states = est["total"] - est["activations"]
     acts = est["activations_checkpointed" if ckpt else "activations"]
     line = (f"estimated memory per GPU: {states / gib:.2f} GiB of model states (ZeRO-{zero}, {precision}, "
-            f"{world_size} GPU(s){', PowerSGD buffers' if powersgd_rank else ''}{', optimizer offloaded' if offload else ''})"
+            f"{world_size} GPU(s){', PowerSGD buffers' if powersgd_rank else ''}"
+            f"{', optimizer offloaded' if offload else ''}{', EMA on the host' if ema == 'host' else ''})"
             f" + {acts / gib:.2f} GiB of activations (micro-batch {micro}, "
             f"{'checkpointed' if ckpt else 'no checkpointing'}) = {(states + acts) / gib:.2f} GiB; not counted: "
             "transient buckets, fragmentation, the CUDA context (python -m dalle_ds.models --memory)")

@@ -180,7 +180,7 @@ class DalleTrainer(EngineLoop):
             self._setup_resblock_scaling(model, ds_config)
         super().__init__(cfg, model, ds_config, run_dir, train_ds, train_collate, seed=cfg.seed,
                          num_workers=d.num_workers, ema_decay=cfg.ema_decay, resume=resume,
-                         extensions=build_extensions(cfg))
+                         extensions=build_extensions(cfg), ema_every=cfg.ema_every, ema_on_host=cfg.ema_on_host)
         self._ds_skipped = self.engine.skipped_steps  # restored on resume
         if self.dvae is not None:
             self.dvae = self.dvae.to(self.device)
@@ -215,7 +215,8 @@ class DalleTrainer(EngineLoop):
         psgd_args = {} if psgd is None else dict(powersgd_rank=psgd.cfg.rank, powersgd_compress=psgd.cfg.compress,
                                                  gpus_per_machine=psgd.reducer.topo.local_size)
         return estimate_for_run(model_cfg, ds_config, world_size(), adam_moments=self.cfg.adam_moments,
-                                micro_batch=self.engine.train_micro_batch_size_per_gpu(), **psgd_args)[1]
+                                micro_batch=self.engine.train_micro_batch_size_per_gpu(),
+                                ema="host" if self.cfg.ema_on_host else "device", **psgd_args)[1]
 
     def _setup_resblock_scaling(self, model: DALLE, ds_config: dict) -> None:
         """Per-resblock gradient scaling (paper §2.4, App. D) under DeepSpeed: the model keeps fp32 parameters and

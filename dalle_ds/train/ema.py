@@ -5,10 +5,20 @@ for the dVAE), kept in fp32 whatever the training precision.
 average of bf16 weights would lose every update smaller than bf16's resolution, so this keeps an fp32 shadow.
 Under ZeRO-3 each rank averages only its own partition of every parameter (``param.ds_tensor``), so the EMA costs
 1/world of the model per rank; :meth:`EMA.model_state_dict` gathers the partitions (a collective there).
+
+The paper's prior (App. B.2) averages "by asynchronously copying the model parameters from the GPU to the CPU once
+every 25 updates, using a decay coefficient of 0.99": ``every`` and ``host`` do that. With ``host`` the shadow lives
+in host memory, which frees 4 bytes per parameter of GPU memory (per parameter of the rank's partition under
+ZeRO-3; of the whole model under ZeRO 0-2). At each ``every``-th update the parameters are copied into pinned host
+buffers without a host wait (in their own dtype: 2 bytes per bf16 parameter cross the link), and a worker thread
+waits for the copy and folds it into the shadow, while the training loop goes on queueing GPU work. The fold is
+finished before the next one starts and before the shadow is read (state, weights, export), so the average holds
+the same values as a synchronous update's, only computed later.
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Sequence
 
 import torch
@@ -29,16 +39,74 @@ UPDATE_CHUNK_BYTES = 64 << 20
 
 
 class EMA:
-    def __init__(self, module: nn.Module, decay: float):
+    """``decay``: per update; ``every``: average at every ``every``-th optimizer step (:meth:`step`); ``host``: keep
+    the shadow in host memory and fold the parameters into it asynchronously (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, decay: float, every: int = 1, host: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"EMA every must be an int ≥ 1, got {every!r}")
+        self.decay, self.every, self.host = decay, every, bool(host)
         named = list(module.named_parameters())
         self.names = [n for n, _ in named]
         self.sharded = any(hasattr(p, "ds_tensor") for _, p in named)
         self.full_shapes = [tuple(getattr(p, "ds_shape", p.shape)) for _, p in named]
-        self.shadow = [_local(p).detach().float().clone() for _, p in named]
+        locals_ = [_local(p).detach() for _, p in named]
+        self.shadow = [t.float().to("cpu" if host else t.device, copy=True) for t in locals_]
         self.updates = 0
+        self._staging: list[torch.Tensor] = []
+        self._pending: Future | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        if host:
+            pin = any(t.is_cuda for t in locals_)  # pinned buffers make the device-to-host copies asynchronous
+            self._staging = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in locals_]
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema-fold")
+
+    def step(self, global_step: int, params: Iterable[torch.Tensor]) -> bool:
+        """Average after optimizer step ``global_step`` if it is a multiple of ``every``; returns whether it did."""
+        if global_step % self.every:
+            return False
+        if self.host:
+            self._update_host(params)
+        else:
+            self.update(params)
+        return True
+
+    def wait(self) -> None:
+        """Finish a pending host fold (a no-op on the device path); reading the shadow does this first."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    @torch.no_grad()
+    def _update_host(self, params: Iterable[torch.Tensor]) -> None:
+        self.wait()  # the worker reads the staging buffers until its fold is done
+        copied_on = set()
+        for buf, p in zip(self._staging, params, strict=True):
+            src = _local(p).detach()
+            buf.copy_(src, non_blocking=src.is_cuda)
+            if src.is_cuda:
+                copied_on.add(src.device)
+        done = []
+        for dev in copied_on:  # the copies are queued on each device's current stream; the worker waits for them
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(dev))
+            done.append(event)
+        first = self.updates == 0
+        self.updates += 1
+        self._pending = self._worker.submit(self._fold, done, first)
+
+    @torch.no_grad()
+    def _fold(self, done: list, first: bool) -> None:
+        for event in done:
+            event.synchronize()
+        weight = 1.0 - self.decay
+        for shadow, buf in zip(self.shadow, self._staging):
+            if first:
+                shadow.copy_(buf)
+            else:
+                shadow.lerp_(buf.float(), weight)
 
     @torch.no_grad()
     def update(self, params: Iterable[torch.Tensor]) -> None:
@@ -73,11 +141,14 @@ class EMA:
         self.updates += 1
 
     def state_dict(self) -> dict:
-        """This rank's state (under ZeRO-3: its partitions; each rank checkpoints its own)."""
+        """This rank's state (under ZeRO-3: its partitions; each rank checkpoints its own). With ``host`` its
+        tensors are the shadow itself (no second host copy of it): save them before the next :meth:`step`."""
+        self.wait()
         return {"decay": self.decay, "updates": self.updates, "sharded": self.sharded,
                 "shadow": {n: t.cpu() for n, t in zip(self.names, self.shadow)}}
 
     def load_state_dict(self, state: dict) -> None:
+        self.wait()
         missing = set(self.names) - set(state["shadow"])
         if missing:
             raise KeyError(f"EMA state lacks parameters: {sorted(missing)[:5]}")
@@ -93,6 +164,7 @@ class EMA:
         loaded with ``mmap=True``: only the slices this rank needs are read."""
         if not self.sharded:
             raise ValueError("EMA.load_resharded is for ZeRO-3 partitions; an unsharded EMA loads its whole state")
+        self.wait()
         self.decay, self.updates = float(old[0]["decay"]), int(old[0]["updates"])
         me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         for i, (n, shape) in enumerate(zip(self.names, self.full_shapes)):
@@ -116,6 +188,7 @@ class EMA:
 
         ``dst``: the only rank that uses them; the others get ``{}`` and skip the host copy (under ZeRO-3 they
         still take part in every gather, which needs all ranks). None: every rank gets them."""
+        self.wait()
         keep = dst is None or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == dst
         if not self.sharded:
             return {n: t.detach().cpu().clone() for n, t in zip(self.names, self.shadow)} if keep else {}
@@ -133,6 +206,7 @@ class EMA:
     def copy_to(self, module: nn.Module) -> None:
         """Load the averaged weights into an ordinary (unsharded) module of the same architecture (collective under
         ZeRO-3). Unsharded, each weight is copied from the average where it is, with no trip through the host."""
+        self.wait()
         if self.sharded:
             weights = self.model_state_dict()
             for n, p in module.named_parameters():

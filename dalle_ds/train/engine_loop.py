@@ -63,7 +63,7 @@ class EngineLoop:
 
     def __init__(self, cfg: Any, model: torch.nn.Module, ds_config: dict, run_dir: str | Path, train_ds: Dataset,
                  collate_fn: Callable, *, seed: int, num_workers: int, ema_decay: float, resume: bool = True,
-                 extensions: list | tuple = ()):
+                 extensions: list | tuple = (), ema_every: int = 1, ema_on_host: bool = False):
         import deepspeed
 
         self.extensions = list(extensions)
@@ -122,7 +122,7 @@ class EngineLoop:
         for ext in self.extensions:
             if hasattr(ext, "after_initialize"):
                 ext.after_initialize(self.engine)
-        self.ema = EMA(self.engine.module, ema_decay)
+        self.ema = EMA(self.engine.module, ema_decay, every=ema_every, host=ema_on_host)
         # Since the last log, on the device: [sum of the finite global gradient norms, their count, how many of
         # them gradient_clipping scaled down] (float64; None until the first update that reports a norm).
         self._grad_norms: torch.Tensor | None = None
@@ -248,7 +248,7 @@ class EngineLoop:
             del out
         # ZeRO 1-3 compute the global gradient norm; a ZeRO-0 torch optimizer does not (None)
         self._record_grad_norm(self.engine.get_global_grad_norm())
-        self.ema.update(self.engine.module.parameters())
+        self.ema.step(self.engine.global_steps, self.engine.module.parameters())
         return {k: v / steps for k, v in sums.items()}
 
     def _record_grad_norm(self, norm: float | torch.Tensor | None) -> None:
