@@ -15,7 +15,9 @@
 #                tests/test_decode_graph.py (CUDA-graph sampling = eager sampling, bit for bit)
 #   tests_fp169  the gpu-marked tests of tests/test_fp169_ops.py (the CUDA op bit for bit against the reference;
 #                the CPU ones run in CI), tests/test_adam_moments.py (16-bit Adam moments on CUDA tensors) and
-#                tests/test_powersgd_gpu.py (the PowerSGD reducer on CUDA tensors, NCCL world of one)
+#                tests/test_powersgd_gpu.py (the PowerSGD reducer on CUDA tensors, NCCL world of one), and the
+#                gpu-marked tests of tests/test_ema.py (the host weight average from asynchronous copies = the device
+#                one) and tests/test_tf32_heads.py
 #   fp169_argcheck  each invalid-argument call of test_argument_errors in its own process, with the CUDA build and
 #                with the CPU build (CUDA_VISIBLE_DEVICES=""): which one crashes (segfault seen 2026-12-04, H200)
 #   bench_fp169  benchmarks/bench_fp169.py --save
@@ -126,7 +128,8 @@ for stage in $STAGES; do
         tests/test_attention_triton.py tests/test_decode_graph.py -k "not interpreter and not sm90" ;;
     tests_fp169)
       build_fp169
-      run tests_fp169 30 150 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 120 -rfEs -m gpu tests/test_fp169_ops.py tests/test_adam_moments.py tests/test_powersgd_gpu.py ;;
+      run tests_fp169 30 150 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 120 -rfEs -m gpu \
+        tests/test_fp169_ops.py tests/test_adam_moments.py tests/test_powersgd_gpu.py tests/test_ema.py tests/test_tf32_heads.py ;;
     fp169_argcheck)
       build_fp169
       run fp169_argcheck 20 120 bash -c '
