@@ -17,11 +17,7 @@ from dalle_ds.train.data_loading import StepBatches
 DRAWS = 3000
 
 
-@pytest.fixture(autouse=True)
-def _offline_tmp_hf_home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("hf_tmp_home")  # tests/conftest.py
 
 
 def _plans(fn, w, h, size, seed):
@@ -167,12 +163,13 @@ def test_folder_crops_by_sample_key_and_filters_aspect_ratios(tmp_path):
         ImageTextFolder(root, image_size=32, cache_dir=tmp_path / "c", crop=PaperCrop("dvae", 64))
 
 
-def test_step_batches_serve_crops_by_epoch_and_resume_them(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_step_batches_serve_crops_by_epoch_and_resume_them(tmp_path, num_workers):
     """A dataset that takes sample keys is always served tagged: each epoch brings new crops, and a sampler set to
-    the same (epoch, position) brings the same ones (what a resumed run sees)."""
+    the same (epoch, position) brings the same ones (what a resumed run sees), in DataLoader workers too."""
     root = _folder(tmp_path / "data", [(60 + 7 * i, 50) for i in range(4)])
     ds = ImageTextFolder(root, image_size=32, cache_dir=tmp_path / "c", crop=PaperCrop("dvae", 32, seed=0))
-    batches = StepBatches(ds, micro_batch=2, num_replicas=1, rank=0, seed=0, num_workers=0,
+    batches = StepBatches(ds, micro_batch=2, num_replicas=1, rank=0, seed=0, num_workers=num_workers,
                           collate_fn=collate_samples)
     it = iter(batches)
     epoch0 = [next(it) for _ in range(2)]

@@ -17,12 +17,7 @@ from dalle_ds.data.registry import DATASETS, build_dataset, dataset_captions
 S = 16
 
 
-@pytest.fixture(autouse=True)
-def _offline_tmp_hf_home(tmp_path_factory, monkeypatch):
-    """Keep every Hugging Face cache in a tmp dir (tests also pass cache_dir explicitly)."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("hf_tmp_home")  # tests/conftest.py
 
 
 def _noise(seed, size=(30, 20), mode="RGB"):
