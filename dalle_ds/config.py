@@ -604,8 +604,9 @@ class DalleDataConfig:
                 if meta.get("num_samples") == 0:
                     _fail(f"{where}.{key}", f"{path} holds 0 token rows (did tokenize_images.py read any image?)")
             if self.images.augment != "none":
-                _fail(f"{where}.images.augment", "token shards hold one centred crop per image; for the paper's "
-                                                 "random crops train from the images (data.dvae + data.images)")
+                _fail(f"{where}.images.augment", "token shards hold the crops tokenize_images.py stored (the "
+                                                 "centred square, or K random ones with --crops K); data.images."
+                                                 "augment is for images encoded on the fly (data.dvae + data.images)")
         elif self.dvae:
             if not Path(self.dvae).is_file():
                 _fail(f"{where}.dvae", f"file not found: {self.dvae}")

@@ -7,6 +7,11 @@
 
 Each rank encodes every world_size-th sample and writes its own parts; rank 0 writes meta.json last. Captions (and
 the shapes scene, when there is one) are stored next to the codes.
+
+Each image is stored as its centred square, or with ``--crops K`` as K of the paper's random crops for the prior
+(Listing 2, dalle_ds/data/augment.py, seeded by ``--seed``): the prior's training then reads crop ``e mod K`` of
+every image in epoch ``e``, the paper's augmentation at the price of K encodings per image, and with K crops to
+go round instead of a new one every epoch.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dalle_ds.config import DATASET_NAMES, DataConfig
@@ -31,7 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--path", default=None, help="imagefolder dir / webdataset shards / fashion-mnist dir")
     p.add_argument("--split", default="train")
     p.add_argument("--num_samples", type=int, default=20000, help="shapes only: how many scenes")
-    p.add_argument("--seed", type=int, default=0, help="shapes only: dataset seed")
+    p.add_argument("--seed", type=int, default=0, help="shapes: the dataset seed; with --crops: the crops' seed")
+    p.add_argument("--crops", type=int, default=0,
+                   help="imagefolder / webdataset: store K random crops per image (the prior's Listing 2) instead "
+                        "of the centred square; training reads crop e mod K in epoch e")
     p.add_argument("--max_aspect_ratio", type=float, default=0.0,
                    help="imagefolder / webdataset: leave out images whose longer side exceeds this multiple of the "
                         "shorter (the paper keeps [1/2, 2]: 2); 0 keeps all. Every image is stored as its centred "
@@ -46,9 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "thousand come out different from fp32")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for flag, low in (("batch_size", 1), ("num_workers", 0), ("rows_per_shard", 1), ("num_samples", 1)):
+    for flag, low in (("batch_size", 1), ("num_workers", 0), ("rows_per_shard", 1), ("num_samples", 1), ("crops", 0)):
         if getattr(args, flag) < low:
             p.error(f"--{flag} must be ≥ {low}, got {getattr(args, flag)}")
+    if args.crops and args.data not in ("imagefolder", "webdataset"):
+        p.error(f"--crops applies to imagefolder and webdataset images; {args.data} renders its images at the "
+                "dVAE's size")
     check_file(p, "--dvae", args.dvae, "the dvae.pt written by launch/train_dvae.py", expect="dvae.pt")
     check_out_dir(p, "--out", args.out)
     return args
@@ -67,9 +78,10 @@ def main(argv=None) -> int:
     try:
         dvae = load_dvae(args.dvae)
         data = DataConfig(name=args.data, path=args.path, train_split=args.split, train_samples=args.num_samples,
-                          seed=args.seed, max_aspect_ratio=args.max_aspect_ratio).validate(dvae.cfg.image_size,
-                                                                                           where="arguments")
-        ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, dvae.cfg.image_size))
+                          seed=args.seed, max_aspect_ratio=args.max_aspect_ratio,
+                          augment="paper" if args.crops else "none").validate(dvae.cfg.image_size, where="arguments")
+        ds = build_dataset(data.name, args.split, **data.dataset_kwargs(
+            args.split, dvae.cfg.image_size, crop="prior" if args.crops else None, seed=args.seed))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -107,6 +119,19 @@ def all_parts(mine: list[str]) -> list[str]:
     return [name for names in gathered for name in names]
 
 
+class Keyed(Dataset):
+    """``ds[keys[j]]`` for j = 0 .. len(keys) - 1: an index list, or (crop, index) keys."""
+
+    def __init__(self, ds, keys: list):
+        self.ds, self.keys = ds, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, j: int):
+        return self.ds[self.keys[j]]
+
+
 def tokenize_share(args, ds, dvae) -> list[str]:
     """Encode this rank's share of the dataset ``ds`` (every world_size-th image) into its own token shards; returns
     their names."""
@@ -118,7 +143,9 @@ def tokenize_share(args, ds, dvae) -> list[str]:
     dev = device()
     dvae = dvae.to(dev)
     autocast = dvae.bf16_inference(args.bf16)
-    mine = Subset(ds, range(rank(), len(ds), world_size()))
+    indices = range(rank(), len(ds), world_size())
+    # (crop c, image i) keys draw crop c of image i (the dataset's PaperCrop, as training's (epoch, index) would)
+    mine = Keyed(ds, [(c, i) for c in range(args.crops) for i in indices] if args.crops else list(indices))
     loader = DataLoader(mine, batch_size=args.batch_size, collate_fn=collate_samples,
                         **loader_kwargs(dev, args.num_workers))
     writer = ShardWriter(args.out, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
@@ -128,7 +155,9 @@ def tokenize_share(args, ds, dvae) -> list[str]:
             tokens = dvae.encode(to_device(batch["image"], dev))
         records = []
         for j, caption in enumerate(batch["caption"]):
-            rec = {"index": mine.indices[position + j], "caption": caption}
+            key = mine.keys[position + j]
+            rec = {"index": key[1], "crop": key[0], "caption": caption} if args.crops else {"index": key,
+                                                                                             "caption": caption}
             if "scene" in batch:
                 rec["scene"] = batch["scene"][j]
             records.append(rec)
@@ -151,14 +180,15 @@ def write_index(args, data: DataConfig, dvae_cfg, parts: list[str]) -> bool:
     try:
         write_meta(args.out, parts, dvae_cfg.grid_size, dvae_cfg.vocab_size,
                    {"dvae": os.path.abspath(args.dvae), "dataset": data.name, "split": args.split,
-                    "path": args.path, "seed": args.seed, "bf16": args.bf16})
+                    "path": args.path, "seed": args.seed, "bf16": args.bf16, "crops": args.crops})
     except FileNotFoundError as e:
         print(f"error: rank 0 cannot read a shard another rank wrote ({e}); --out {args.out} must be on a "
               f"filesystem every node sees; no meta.json written", file=sys.stderr)
         return False
     meta = json.loads((Path(args.out) / "meta.json").read_text())
+    crops = f", {args.crops} random crops of each image" if args.crops else ""
     print(f"wrote {meta['num_samples']} token rows ({meta['grid_size']}×{meta['grid_size']} codes, "
-          f"K={meta['vocab_size']}) in {len(parts)} parts to {args.out}")
+          f"K={meta['vocab_size']}{crops}) in {len(parts)} parts to {args.out}")
     return True
 
 

@@ -203,7 +203,8 @@ def test_config_routes_and_refusals(tmp_path):
 
 
 def test_stage_configs_refuse_what_they_would_ignore(tmp_path):
-    """Token shards hold centred crops, and the paper gives no crops for the CLIP: both refuse augment="paper"."""
+    """Token shards hold the crops they were written with, and the paper gives no crops for the CLIP: both refuse
+    augment="paper"."""
     from dalle_ds.config import DalleDataConfig
 
     from tests.unit_shards import write_unit_shards
@@ -211,7 +212,7 @@ def test_stage_configs_refuse_what_they_would_ignore(tmp_path):
     write_unit_shards(tmp_path / "tok", 8, 0)
     d = DalleDataConfig(train_tokens=str(tmp_path / "tok"))
     d.images.augment = "paper"
-    with pytest.raises(ConfigError, match="token shards hold one centred crop"):
+    with pytest.raises(ConfigError, match="token shards hold the crops tokenize_images.py stored"):
         d.validate()
     from dalle_ds.config import CLIP_RUN_PRESETS, apply_overrides
 

@@ -112,8 +112,62 @@ def test_write_index_refuses_a_shard_rank0_cannot_read(tmp_path, capsys):
     w.add(torch.zeros(2, 16, 16, dtype=torch.long), [{"index": 0, "caption": "a"}, {"index": 1, "caption": "b"}])
     w.flush()
     args = argparse.Namespace(out=str(out), dvae=str(tmp_path / "dvae.pt"), split="test_ood", path=None, seed=0,
-                              bf16=False, data="shapes")
+                              bf16=False, data="shapes", crops=0)
     data = argparse.Namespace(name="shapes")
     assert tok.write_index(args, data, cfg, w.parts + ["part-1-00000"]) is False
     assert "every node sees" in capsys.readouterr().err and not (out / "meta.json").exists()
     assert tok.write_index(args, data, cfg, w.parts) is True and read_meta(out)["num_samples"] == 2
+
+
+def test_tokenize_crops_store_random_crops_read_one_per_epoch(tmp_path, hf_tmp_home):
+    """``--crops 3``: three of the prior's random crops per image, each encoded; the shard dataset has one sample per
+    image and reads crop ``epoch mod 3`` of it; the crops are the ones the image dataset draws for those keys."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    import tokenize_images
+
+    from dalle_ds.data.augment import PaperCrop
+    from dalle_ds.data.folder import ImageTextFolder
+    from dalle_ds.train.data_loading import StepBatches
+
+    torch.manual_seed(0)
+    cfg = _tiny_dvae(tmp_path / "dvae.pt")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, (w, h) in enumerate([(96, 72), (80, 100), (120, 90)]):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
+    out = tmp_path / "tok"
+    args = ["--dvae", str(tmp_path / "dvae.pt"), "--data", "imagefolder", "--path", str(folder), "--crops", "3",
+            "--seed", "5", "--batch_size", "4", "--out", str(out)]
+    assert tokenize_images.main(args) == 0
+    ds = TokenShardDataset(out)
+    assert read_meta(out)["crops"] == 3 and read_meta(out)["num_samples"] == 9
+    assert len(ds) == 3 and ds.takes_sample_key and ds.captions() == ["picture 0", "picture 1", "picture 2"]
+    from dalle_ds.train.dvae_trainer import load_dvae
+
+    dvae = load_dvae(tmp_path / "dvae.pt")
+    images = ImageTextFolder(folder, image_size=cfg.image_size, cache_dir=tmp_path / "c",
+                             crop=PaperCrop("prior", cfg.image_size, seed=5))
+    for epoch in (0, 1, 2, 4):
+        for i in range(3):
+            item = ds[(epoch, i)]
+            assert item["crop"] == epoch % 3 and item["caption"] == f"picture {item['index']}"
+            want = dvae.encode(images[(epoch % 3, item["index"])]["image"][None])[0].flatten()
+            assert torch.equal(item["image_tokens"], want)
+    assert torch.equal(ds[1]["image_tokens"], ds[(0, 1)]["image_tokens"])
+    batch = next(iter(StepBatches(ds, micro_batch=3, num_replicas=1, rank=0, seed=0, num_workers=0,
+                                  collate_fn=lambda s: s)))
+    assert all(s["sample_key"][0] == 0 and s["crop"] == 0 for s in batch)
+
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "crops": 4}))
+    with pytest.raises(ValueError, match="crop 3 of image 0"):
+        TokenShardDataset(out)
+    with pytest.raises(SystemExit):
+        tokenize_images.parse_args(["--dvae", str(tmp_path / "dvae.pt"), "--data", "shapes", "--crops", "2",
+                                    "--out", str(tmp_path / "x")])

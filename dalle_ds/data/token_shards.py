@@ -8,6 +8,10 @@ Layout of a shard folder::
 
 ``R`` is the writing rank: each rank encodes its own slice of the dataset and writes its own parts; rank 0 writes
 ``meta.json`` last (atomically), so a folder with a ``meta.json`` is complete.
+
+With ``"crops": K`` in ``meta.json`` (``tokenize_images.py --crops K``) every image has K rows, one per random crop,
+each with a ``"crop"`` number beside its ``"index"``: the dataset then has one sample per image, and
+``dataset[(epoch, i)]`` reads crop ``epoch mod K`` of image i (``dataset[i]``: crop 0).
 """
 from __future__ import annotations
 
@@ -83,7 +87,8 @@ def read_meta(shard_dir: str | Path) -> dict[str, Any]:
 
 
 class TokenShardDataset(Dataset):
-    """Map-style view over a shard folder: ``{"image_tokens": int64 [grid²], "caption": str, **extras}``."""
+    """Map-style view over a shard folder: ``{"image_tokens": int64 [grid²], "caption": str, **extras}``; one sample
+    per image (per row, without crops)."""
 
     def __init__(self, shard_dir: str | Path):
         self.dir = Path(shard_dir)
@@ -97,17 +102,41 @@ class TokenShardDataset(Dataset):
         self._offsets = np.cumsum([0] + [len(t) for t in self._tokens])
         if self._offsets[-1] != len(self._rows):
             raise ValueError(f"{self.dir}: {self._offsets[-1]} token rows but {len(self._rows)} caption rows")
+        self.crops = int(self.meta.get("crops") or 0)
+        self._row_of = self._crop_table() if self.crops else None  # [crops, images] → row
+
+    def _crop_table(self) -> np.ndarray:
+        """Row of (crop c, image i) for the images in ``"index"`` order; every image must have every crop."""
+        row_of = {(int(r["crop"]), int(r["index"])): n for n, r in enumerate(self._rows)}
+        images = sorted({index for _, index in row_of})
+        missing = [(c, i) for c in range(self.crops) for i in images if (c, i) not in row_of]
+        if missing or len(row_of) != len(self._rows):
+            raise ValueError(f"{self.dir}: meta.json says {self.crops} crops per image, but rows are missing or "
+                             f"repeated (e.g. crop {missing[0][0]} of image {missing[0][1]})" if missing else
+                             f"{self.dir}: repeated (crop, index) rows")
+        return np.array([[row_of[(c, i)] for i in images] for c in range(self.crops)], dtype=np.int64)
+
+    @property
+    def takes_sample_key(self) -> bool:
+        """With crops: ``dataset[(epoch, i)]`` reads that epoch's crop (see the module docstring)."""
+        return self.crops > 0
 
     def __len__(self) -> int:
-        return int(self._offsets[-1])
+        return int(self._row_of.shape[1]) if self.crops else int(self._offsets[-1])
 
     def captions(self, limit: int | None = None) -> list[str]:
-        return [r["caption"] for r in self._rows[:limit]]
+        rows = self._row_of[0][:limit] if self.crops else range(len(self._rows))[:limit]
+        return [self._rows[int(r)]["caption"] for r in rows]
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict[str, Any]:
+        epoch = 0
+        if isinstance(i, tuple):
+            epoch, i = int(i[0]), int(i[1])
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
+        if self.crops:
+            i = int(self._row_of[epoch % self.crops, i])
         part = int(np.searchsorted(self._offsets, i, side="right") - 1)
         tokens = torch.from_numpy(np.asarray(self._tokens[part][i - self._offsets[part]], dtype=np.int64))
         return {"image_tokens": tokens, **self._rows[i]}
