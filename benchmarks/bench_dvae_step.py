@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import comma_list, emit, time_fn  # noqa: E402  (benchmarks/timing.py)
+from timing import comma_list, emit, md_table, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 from dalle_ds.config import DVAE_RUN_PRESETS  # noqa: E402
 from dalle_ds.models.dvae import DiscreteVAE  # noqa: E402
@@ -83,10 +83,9 @@ def main(argv=None) -> dict:
              f"Device: {result['device']}, torch {torch.__version__}, CPU capability {result['cpu_capability']}, "
              f"oneDNN native bf16: {bf16_native}. Command: `{result['command']}`.", "",
              f"Model: dVAE preset '{args.preset}' ({cfg.image_size}² images, K {cfg.vocab_size}, hidden {cfg.hidden}); "
-             f"batch {args.batch}; {args.threads} thread(s); median of {args.repeats} updates.", "",
-             "| precision, layout | ms per update | vs fp32 NCHW |", "|---|---|---|"]
-    for m, t in rows.items():
-        lines.append(f"| {m} | {t * 1e3:.0f} | {f'{base / t:.2f}×' if base else '-'} |")
+             f"batch {args.batch}; {args.threads} thread(s); median of {args.repeats} updates.", ""]
+    lines += md_table(["precision, layout", "ms per update", "vs fp32 NCHW"],
+                      [[m, f"{t * 1e3:.0f}", f"{base / t:.2f}×" if base else "-"] for m, t in rows.items()])
     return emit(result, "\n".join(lines) + "\n", args.out)
 
 

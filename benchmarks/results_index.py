@@ -34,6 +34,7 @@ FAMILIES = {
     "sample": "sampling images per second with and without the KV cache (bench_sample.py)",
     "memory_check": "what DeepSpeed holds against the memory estimate (memory_check.py)",
     "dvae_step": "dVAE update time by precision and layout (bench_dvae_step.py)",
+    "data": "image pipeline of one data worker: decode and centre or paper crops (bench_data.py)",
     "fidelity": "samples against held-out images per blur radius: FID / IS, or FD-CLIP (launch/evaluate.py)",
 }
 SESSION = "GPU sessions: what ran on a lent GPU, and what it showed"

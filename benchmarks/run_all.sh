@@ -25,3 +25,5 @@ python benchmarks/attn_sass.py --out "benchmarks/results/attn_sass_triton$(pytho
 python benchmarks/bench_underflow.py --out "benchmarks/results/underflow_cpu_${DATE}"
 # PowerSGD reduction bytes/time, orthogonalization, side by side with torch's powerSGD_hook (gloo, 4 local ranks)
 python benchmarks/bench_powersgd.py --out "benchmarks/results/powersgd_cpu_${DATE}"
+# one data worker's decode + crop (centre, the paper's Listing 1 and 2) of 500x375 JPEGs to 256 px: a host-side cost
+python benchmarks/bench_data.py --out "benchmarks/results/data_cpu_${DATE}"

@@ -102,6 +102,14 @@ def emit(result: dict, md: str, out: "str | None", show: bool = True) -> dict:
     return result
 
 
+def md_table(header: list[str], rows: list[list], align: str = "") -> list[str]:
+    """A markdown table's lines: ``header`` cells, then one line per row (cells formatted with ``str``);
+    ``align``: one character per column, "l" or "r" (default: all left)."""
+    marks = ["---:" if a == "r" else "---" for a in (align or "l" * len(header))]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|",
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
 def int_at_least(low: int):
     """An argparse ``type``: an integer ≥ ``low``; anything else is a usage error naming the flag (exit 2)."""
     def parse(text: str) -> int:
