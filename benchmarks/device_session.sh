@@ -129,7 +129,8 @@ for stage in $STAGES; do
     tests_fp169)
       build_fp169
       run tests_fp169 30 150 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 120 -rfEs -m gpu \
-        tests/test_fp169_ops.py tests/test_adam_moments.py tests/test_powersgd_gpu.py tests/test_ema.py tests/test_tf32_heads.py ;;
+        tests/test_fp169_ops.py tests/test_adam_moments.py tests/test_powersgd_gpu.py tests/test_ema.py \
+        tests/test_tf32_heads.py ;;
     fp169_argcheck)
       build_fp169
       run fp169_argcheck 20 120 bash -c '

@@ -101,7 +101,7 @@ def _area_reference(arr, size):
     return np.stack([cover @ arr[..., c].astype(np.float64) @ cover.T for c in range(arr.shape[-1])], axis=-1)
 
 
-@pytest.mark.parametrize("n,size", [(128, 64), (97, 40), (300, 256), (50, 49)])
+@pytest.mark.parametrize("n,size", [(128, 64), (97, 40), (300, 256), (50, 49), (64, 64), (30, 45)])
 def test_area_resize_is_tf_area(n, size):
     """The area resize equals the fractional-coverage mean (rounded), for whole and fractional factors; at 2x it is
     the rounded 2 x 2 block mean (Pillow's BOX is not: it rounds between its two passes)."""

@@ -98,25 +98,40 @@ def prior_plan(width: int, height: int, size: int, rng: np.random.Generator) -> 
 
 
 def _area_axis(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-    """Area-average ``a`` (float64) along ``axis`` to ``n_out`` samples: output i is the mean of the piecewise-
-    constant input over [i, i + 1) * n_in / n_out, from differences of its running integral."""
+    """Area-average ``a`` along ``axis`` to ``n_out`` samples (float32, as TF computes it): output k is the mean of
+    the piecewise-constant input over [e_k, e_k+1), e_k = k * n_in / n_out.
+
+    Shrinking (``n_out`` ≤ ``n_in``, every window at least one input sample wide): the sum of the whole samples from
+    floor(e_k) to floor(e_k+1) (``np.add.reduceat``), less the uncovered part of the first, plus the covered part of
+    the last: one pass over the input. Growing: differences of the running integral at the edges."""
     n_in = a.shape[axis]
-    a = np.moveaxis(a, axis, 0)
-    integral = np.concatenate([np.zeros((1,) + a.shape[1:]), np.cumsum(a, axis=0)])  # at 0, 1, ..., n_in
-
-    def at(x: np.ndarray) -> np.ndarray:  # the integral at real positions x in [0, n_in]
-        i = np.minimum(np.floor(x).astype(np.int64), n_in - 1)
-        frac = (x - i).reshape((-1,) + (1,) * (a.ndim - 1))
-        return integral[i] + frac * a[i]
-
     edges = np.arange(n_out + 1, dtype=np.float64) * (n_in / n_out)
-    return np.moveaxis((at(edges[1:]) - at(edges[:-1])) * (n_out / n_in), 0, axis)
+    first = np.minimum(np.floor(edges).astype(np.int64), n_in - 1)  # the sample each edge falls in
+    shape = [1] * a.ndim
+    shape[axis] = n_out + 1
+    frac = (edges - first).astype(np.float32).reshape(shape)  # how far into it (1 at the end of the last one)
+    lead, trail = np.take(frac, range(n_out), axis=axis), np.take(frac, range(1, n_out + 1), axis=axis)
+    if n_out <= n_in:
+        out = np.add.reduceat(a, first[:-1], axis=axis, dtype=np.float32)
+        out -= lead * np.take(a, first[:-1], axis=axis)
+        out += trail * np.take(a, first[1:], axis=axis)
+        # the last window's reduceat sum already holds the last sample whole; its trailing edge added it again
+        last = [slice(None)] * a.ndim
+        last[axis] = n_out - 1
+        out[tuple(last)] -= np.take(a, n_in - 1, axis=axis)
+    else:
+        integral = np.cumsum(a, axis=axis, dtype=np.float64)
+        integral = np.concatenate([np.zeros_like(np.take(integral, [0], axis=axis)), integral], axis=axis)
+        at = np.take(integral, first, axis=axis) + frac * np.take(a, first, axis=axis)
+        out = (np.take(at, range(1, n_out + 1), axis=axis) - np.take(at, range(n_out), axis=axis)).astype(np.float32)
+    out *= np.float32(n_out / n_in)
+    return out
 
 
 def area_resize(arr: np.ndarray, size: int) -> np.ndarray:
     """TF's ``ResizeMethod.AREA`` of an H x W (x C) uint8 image to ``size`` x ``size``: fractional-coverage means in
-    float64, rounded to nearest (``rint``) and clipped, as the listings cast back to uint8."""
-    out = _area_axis(_area_axis(arr.astype(np.float64), size, 0), size, 1)
+    float32 (as TF's kernel), rounded to nearest (``rint``) and clipped, as the listings cast back to uint8."""
+    out = _area_axis(_area_axis(arr, size, 0), size, 1)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
