@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from dalle_ds.config import ConfigError, DataConfig
-from dalle_ds.data.augment import (CropPlan, PaperCrop, apply_plan, area_resize, aspect_ratio_ok, dvae_plan,
-                                   prior_plan)
+from dalle_ds.data.augment import (CropPlan, PaperCrop, apply_plan, area_resize, aspect_ratio_ok, describe_crops,
+                                   dvae_plan, prior_plan)
 from dalle_ds.data.folder import ImageTextFolder
 from dalle_ds.data.images import collate_samples
 from dalle_ds.train.data_loading import StepBatches
@@ -232,3 +232,5 @@ def test_dvae_and_prior_trainers_crop_only_their_training_split(tmp_path):
                                                       "seed": 5}).validate()
     train, evals = build_datasets(cfg)
     assert train.crop == PaperCrop("dvae", 16, 5) and evals.crop is None
+    assert describe_crops(train).startswith("random crops of the paper's Listing 1")
+    assert describe_crops(evals) == "centred squares"

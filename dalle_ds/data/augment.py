@@ -14,11 +14,12 @@ The paper gives its TensorFlow preprocessing code for both stages. In words, for
 Choices of ours, where the listings leave room:
 
 * Resizing is TF's ``AREA`` method done here (:func:`area_resize`): each output pixel is the mean of the input over
-  the square it covers, partly covered pixels weighted by the fraction covered, in float64, then rounded. Pillow has
-  no such filter: its ``BOX`` weighs whole pixels and rounds to 8 bits between its horizontal and vertical passes
-  (up to 1 level off the block mean at a 2x reduction). The listing's TF1 call sets ``align_corners=True``, which
-  for ``AREA`` stretches the footprint to (s - 1)/(t - 1) input pixels instead of s/t (less than one input pixel
-  over the whole image); we use s/t, as TF2 and torch's ``area`` mode do.
+  the square it covers, partly covered pixels weighted by the fraction covered, in float32 as TF's kernel, then
+  rounded (tested against a float64 definition). Pillow has no such filter: its ``BOX`` weighs whole pixels and
+  rounds to 8 bits between its horizontal and vertical passes (up to 1 level off the block mean at a 2x reduction).
+  The listing's TF1 call sets ``align_corners=True``, which for ``AREA`` stretches the footprint to (s - 1)/(t - 1)
+  input pixels instead of s/t (less than one input pixel over the whole image); we use s/t, as TF2's
+  ``tf.image.resize`` does.
 * Images smaller than ``S`` (``s < S``): the listings would fail there (a crop larger than the image). The square is
   chosen as above, then scaled up to ``S`` with the antialiased bicubic filter that
   :func:`dalle_ds.data.images.to_chw_uint8` uses, and the dVAE's flip still applies.
@@ -26,8 +27,9 @@ Choices of ours, where the listings leave room:
   ``random_crop`` with offsets ``0 ... t - S``), from a numpy generator seeded per sample by (run seed, listing,
   epoch, index): each epoch sees new crops and a resumed run the same ones.
 
-Evaluation, tokenized shards (``launch/tokenize_images.py``) and anything read without a sample key keep the
-deterministic centre square of :func:`~dalle_ds.data.images.to_chw_uint8`.
+Evaluation and anything read without a sample key keep the deterministic centre square of
+:func:`~dalle_ds.data.images.to_chw_uint8`; token shards hold the centre square, or with ``tokenize_images.py
+--crops K`` K crops of Listing 2 per image.
 
 Appendix C's filter sits beside it: :func:`aspect_ratio_ok` (the paper keeps images whose aspect ratio lies in
 [1/2, 2], so that the square crops keep what the caption names).
@@ -44,7 +46,7 @@ from dalle_ds.utils.seeds import sample_seed
 from .images import to_rgb
 
 __all__ = ["LISTINGS", "CropPlan", "dvae_plan", "prior_plan", "apply_plan", "area_resize", "PaperCrop",
-           "aspect_ratio_ok"]
+           "aspect_ratio_ok", "describe_crops"]
 
 LISTINGS = ("dvae", "prior")
 _UPSCALE = Image.Resampling.BICUBIC  # as in images.to_chw_uint8
@@ -182,3 +184,16 @@ def aspect_ratio_ok(width: int, height: int, max_ratio: float) -> bool:
     if max_ratio <= 0:
         return True
     return max(width, height) <= max_ratio * min(width, height)
+
+
+def describe_crops(dataset) -> str:
+    """What a training dataset's images are, for the trainers' start-up log: the paper's random crops, crops stored
+    in token shards, or the centred square."""
+    crop = getattr(dataset, "crop", None)
+    if isinstance(crop, PaperCrop):
+        listing = LISTINGS.index(crop.listing) + 1
+        return f"random crops of the paper's Listing {listing} ({crop.listing}), new each epoch"
+    stored = getattr(dataset, "crops", 0)
+    if stored:
+        return f"{stored} stored random crops per image (Listing 2), crop e mod {stored} in epoch e"
+    return "centred squares"

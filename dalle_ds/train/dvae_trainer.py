@@ -19,6 +19,7 @@ import torch
 
 from dalle_ds.config import DVAEConfig, DVAETrainConfig
 from dalle_ds.data.images import collate_samples
+from dalle_ds.data.augment import describe_crops
 from dalle_ds.data.registry import build_dataset
 from dalle_ds.eval.dvae_eval import evaluate_reconstructions
 from dalle_ds.models.dvae import DiscreteVAE, kmeans_init_head
@@ -85,10 +86,10 @@ class DVAETrainer(EngineLoop):
                          num_workers=cfg.data.num_workers, ema_decay=cfg.ema_decay, resume=resume,
                          extensions=[ChannelsLast()] if cfg.channels_last else [])
         if is_rank0():
-            log.info("dVAE: %.2fM parameters, %d×%d → %d×%d codes (K=%d); world size %d; resumed from step %s",
-                     parameter_count(model) / 1e6, cfg.model.image_size, cfg.model.image_size,
-                     cfg.model.grid_size, cfg.model.grid_size, cfg.model.vocab_size, world_size(),
-                     self.resumed_from)
+            log.info("dVAE: %.2fM parameters, %d×%d → %d×%d codes (K=%d); %d training images (%s); world size %d; "
+                     "resumed from step %s", parameter_count(model) / 1e6, cfg.model.image_size, cfg.model.image_size,
+                     cfg.model.grid_size, cfg.model.grid_size, cfg.model.vocab_size, len(self.train_ds),
+                     describe_crops(self.train_ds), world_size(), self.resumed_from)
 
     def schedules(self, step: int) -> tuple[float, float]:
         c = self.cfg
