@@ -8,6 +8,7 @@ import operator
 import weakref
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from dalle_ds.train.ema import EMA
@@ -118,3 +119,33 @@ def test_to_floats_reads_tensors_and_keeps_numbers():
     stats = {"loss": torch.tensor(1.5, dtype=torch.float64), "logit_scale": torch.tensor([14.25]), "lr": 1e-3,
              "skip": 0.0, "name": "x"}
     assert EngineLoop.to_floats(stats) == {"loss": 1.5, "logit_scale": 14.25, "lr": 1e-3, "skip": 0.0, "name": "x"}
+
+
+def test_pace_counts_updates_samples_and_the_wait_for_batches(monkeypatch):
+    """perf/*: seconds per update, global samples per second and the share of the time spent waiting in next()
+    for a batch, over the interval since the last restart (a fake clock: each batch takes 0.25 s to arrive, each
+    update 0.75 s of work)."""
+    from dalle_ds.train import engine_loop
+
+    clock = [100.0]
+    monkeypatch.setattr(engine_loop.time, "perf_counter", lambda: clock[0])
+
+    def slow_batches():
+        while True:
+            clock[0] += 0.25
+            yield {}
+
+    batches = engine_loop.WaitTimed(slow_batches())
+    pace = engine_loop.Pace(10, batches)
+    for _ in range(4):  # updates 11..14
+        next(batches)
+        clock[0] += 0.75
+    got = pace.stats(14, global_batch=32)
+    assert got == pytest.approx({"perf/step_seconds": 1.0, "perf/samples_per_second": 32.0,
+                                 "perf/data_wait_fraction": 0.25})
+    clock[0] += 60.0  # a save or an evaluation
+    pace.restart(14)
+    next(batches)
+    clock[0] += 0.75
+    assert pace.stats(15, global_batch=32)["perf/step_seconds"] == pytest.approx(1.0)
+    assert pace.stats(15, 32)["perf/data_wait_fraction"] == pytest.approx(0.25) and pace.stats(14, 32) == {}

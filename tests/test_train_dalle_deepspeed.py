@@ -56,6 +56,9 @@ def test_zero2_prior_learns_resumes_and_samples(shards, tmp_path):
         torch.testing.assert_close(averaged[1][name], w, rtol=1e-5, atol=1e-6, msg=name)
     # It learns: over 100 updates the image loss (16 codes, ln 16 = 2.77 nats at chance) falls by more than half
     # (a 40-update run measured 2.75 -> 1.94), on the training batches and on the held-out pairs.
+    for h in a.values():  # the loop's pace, logged with every step here (log_every=1)
+        assert h["perf/samples_per_second"] > 0 and h["perf/step_seconds"] > 0, h
+        assert 0 <= h["perf/data_wait_fraction"] < 1, h
     first, last = a[1]["image_loss"], sum(a[s]["image_loss"] for s in range(96, 101)) / 5
     assert last < 0.5 * first, (first, last)
     metrics = json.loads((full / "dalle_metrics.json").read_text())["eval"]

@@ -51,6 +51,46 @@ from dalle_ds.train.preemption import StopSignals
 log = logging.getLogger("dalle_ds.train")
 
 
+class WaitTimed:
+    """An iterator that adds up the seconds its ``next`` spends waiting for the wrapped one (the DataLoader)."""
+
+    def __init__(self, it):
+        self.it, self.waited = it, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.waited += time.perf_counter() - start
+
+
+class Pace:
+    """Training pace since the last logged step: ``perf/step_seconds`` (host wall time per update),
+    ``perf/samples_per_second`` (global batch × updates / seconds) and ``perf/data_wait_fraction`` (the share of
+    that time the loop waited for batches: above a few percent, the data workers hold the GPUs back; add
+    ``data.num_workers``). Saves and evaluations are left out (``restart`` after them). On a GPU the host runs
+    ahead of the device between the steps whose statistics it reads, so over an interval ending at such a read the
+    host time is the device's."""
+
+    def __init__(self, step: int, batches: WaitTimed):
+        self.batches = batches
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.step, self.start, self.waited = step, time.perf_counter(), self.batches.waited
+
+    def stats(self, step: int, global_batch: int) -> dict[str, float]:
+        seconds, updates = time.perf_counter() - self.start, step - self.step
+        if updates <= 0 or seconds <= 0:
+            return {}
+        return {"perf/step_seconds": seconds / updates, "perf/samples_per_second": updates * global_batch / seconds,
+                "perf/data_wait_fraction": (self.batches.waited - self.waited) / seconds}
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """The model's parameter count, ZeRO-3 partitioned or not (the trainers log it): a partitioned parameter's
     ``numel()`` is 0 outside a gather, and its full size is ``ds_numel``."""
@@ -328,10 +368,11 @@ class EngineLoop:
     def _train(self, stop_at: int | None, stop: StopSignals) -> dict[str, Any]:
         c, eng = self.cfg, self.engine
         end = c.steps if stop_at is None else min(stop_at, c.steps)
-        batches = iter(self.batches)
+        batches = WaitTimed(iter(self.batches))
         bar = tqdm(total=c.steps, initial=eng.global_steps, desc=self.job_name, disable=not is_rank0(),
                    dynamic_ncols=True, mininterval=1.0)
         t0, history, stopped_by = time.time(), [], 0
+        pace = Pace(eng.global_steps, batches)
         while eng.global_steps < end:
             stats = self.train_step(batches)
             step = eng.global_steps
@@ -344,6 +385,7 @@ class EngineLoop:
                 stats.update(self.grad_norm_stats())
                 if self.device.type == "cuda":  # next to the start-up estimate; the mean over ranks of their peaks
                     stats["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                stats.update(pace.stats(step, eng.train_batch_size()))
                 for ext in self.extensions:  # only when logging: they summarize the steps since their last call
                     if hasattr(ext, "stats"):
                         stats.update(ext.stats())
@@ -351,13 +393,16 @@ class EngineLoop:
                 history.append({"step": step, **stats})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k in self.postfix_keys})
                 self.log(self.job_name, stats, step)
+                pace.restart(step)
             stopped_by = stop.agreed()  # a collective: every rank, after every step
             if stopped_by and step < c.steps:
                 break
             if c.save_every and step % c.save_every == 0 and step < c.steps:
                 self.save()
+                pace.restart(step)  # the pace covers training steps only
             if c.eval_every and step % c.eval_every == 0 and step < c.steps:
                 self.evaluate(f"step{step:06d}")
+                pace.restart(step)
         bar.close()
         summary = {"steps": eng.global_steps, "train_seconds": time.time() - t0, "world_size": world_size(),
                    "resumed_from": self.resumed_from, "eval": None, "history": history}
