@@ -72,4 +72,6 @@ done
 stage "image prompts: 64 test_id scenes, own and edited captions" "$RUN/prompt_edit/prompt_edit.json" \
   python benchmarks/prompt_edit.py --prior "$RUN/dalle/dalle.pt" --clip "$RUN/clip/clip" --num_scenes 64 \
     --num_candidates "$CANDIDATES" --temperature "$TEMPERATURE" --no-reference --out "$RUN/prompt_edit/prompt_edit"
+# the stages' loss curves from their CSV monitor files (RUN/<stage>/curves_*.svg), then the report
+python launch/plot_metrics.py "$RUN/dvae" "$RUN/dalle" "$RUN/clip" > /dev/null || log "could not draw the training curves"
 python launch/demo_report.py "$RUN" --total_seconds $(( $(date +%s) - start ))

@@ -100,6 +100,9 @@ def main(argv=None) -> int:
             print(f"  samples, one grid per caption (reranked, best first): {run / f'samples_{split}' / 'grids'}/")
     if edit:
         print(f"  image prompts (prompt, own caption, colour edited, shape edited): {edit['picture']}")
+    curves = sorted(run.glob("*/curves_*.svg"))
+    if curves:
+        print(f"  training curves (launch/plot_metrics.py): {', '.join(str(c) for c in curves)}")
     print(f"  TensorBoard: tensorboard --logdir {run}")
     return 0
 

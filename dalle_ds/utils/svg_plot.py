@@ -1,5 +1,6 @@
 """Line and grouped-bar charts as plain SVG text (no plotting library): used by launch/plot_scales.py,
-benchmarks/powersgd_seeds.py, benchmarks/precision_compare.py and benchmarks/bench_attention.py."""
+launch/plot_metrics.py, launch/evaluate.py, benchmarks/powersgd_seeds.py, benchmarks/precision_compare.py and
+benchmarks/bench_attention.py."""
 from __future__ import annotations
 
 from typing import Callable

@@ -1,0 +1,103 @@
+"""Draw a training run's curves from its DeepSpeed CSV monitor files: training losses, held-out losses, the pace.
+
+    python launch/plot_metrics.py runs/demo/dalle [runs/demo/dvae ...] [--out DIR]
+
+A trainer's ``csv_monitor`` (on in every shipped DeepSpeed config) writes ``RUN/monitor/<job>/<job>_<metric>.csv``,
+one ``step,value`` row per logged step, continued across resumes (``dalle_ds/train/monitor_resume.py``). For each
+job this writes up to three SVG charts beside the run (or in ``--out``): ``curves_<job>_train.svg`` (the training
+losses), ``curves_<job>_heldout.svg`` (the losses of the evaluations) and ``curves_<job>_pace.svg`` (samples per
+second and the share of time spent waiting for data). TensorBoard reads the same run (``tensorboard --logdir RUN``);
+these are for a look without a server, and for reports.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+from dalle_ds.utils.svg_plot import line_chart
+
+# (chart, title, y label, which metric names it shows)
+CHARTS = (
+    ("train", "training loss", "loss",  # and the dVAE's two terms
+     lambda name: (name.endswith("loss") or name in ("nll", "kl")) and not name.startswith("eval_")),
+    ("heldout", "held-out loss", "loss", lambda name: name.startswith("eval_") and name.endswith("loss")),
+    ("pace", "pace", "samples/s, or share of time", lambda name: name in ("perf_samples_per_second",
+                                                                          "perf_data_wait_fraction")),
+)
+
+
+def read_series(path: Path) -> dict[int, float]:
+    """``{step: value}`` from one CSV monitor file (a header row, then ``step,value`` rows; a resumed run may add
+    a second header and rewrite steps: the last value of a step wins)."""
+    out: dict[int, float] = {}
+    with open(path, newline="") as f:
+        for row in csv.reader(f):
+            if len(row) != 2:
+                continue
+            try:
+                out[int(float(row[0]))] = float(row[1])
+            except ValueError:
+                continue  # a header
+    return out
+
+
+def job_series(monitor: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """``{job: {metric: {step: value}}}`` for every ``<job>/<job>_<metric>.csv`` under ``monitor``."""
+    jobs: dict[str, dict[str, dict[int, float]]] = {}
+    for folder in sorted(p for p in monitor.iterdir() if p.is_dir()):
+        prefix = folder.name + "_"
+        for f in sorted(folder.glob(prefix + "*.csv")):
+            series = read_series(f)
+            if series:
+                jobs.setdefault(folder.name, {})[f.stem[len(prefix):]] = series
+    return jobs
+
+
+def charts(run: Path) -> dict[str, str]:
+    """``{file name: SVG}`` for a run folder's monitor files; empty when there are none."""
+    monitor = run / "monitor"
+    if not monitor.is_dir():
+        return {}
+    out = {}
+    for job, metrics in job_series(monitor).items():
+        for key, title, ylabel, pick in CHARTS:
+            chosen = {name: s for name, s in metrics.items() if pick(name)}
+            if not chosen:
+                continue
+            steps = sorted({step for s in chosen.values() for step in s})
+            series = {name: [s.get(step, math.nan) for step in steps] for name, s in sorted(chosen.items())}
+            out[f"curves_{job}_{key}.svg"] = line_chart(steps, series, f"{job}: {title} ({run.name})", ylabel,
+                                                        yfmt=".3g")
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run folders (each with the monitor/ folder its trainer wrote)")
+    p.add_argument("--out", default=None, help="where to write the SVGs (default: each run folder)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv)
+    written = []
+    for run in map(Path, args.runs):
+        drawn = charts(run)
+        if not drawn:
+            print(f"error: {run} has no CSV monitor files (monitor/<job>/<job>_*.csv: a run folder of train_dvae.py, "
+                  "train_dalle.py or train_clip.py with csv_monitor on in its DeepSpeed config)", file=sys.stderr)
+            raise SystemExit(2)
+        dest = Path(args.out) if args.out else run
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, svg in drawn.items():
+            (dest / name).write_text(svg)
+            written.append(dest / name)
+            print(f"wrote {dest / name}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""launch/plot_metrics.py: charts from the CSV monitor files a run wrote, resumed runs included."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+
+import plot_metrics  # noqa: E402
+
+
+def _csv(path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + "\n" + "".join(f"{s},{v}\n" for s, v in rows))
+
+
+def test_charts_from_monitor_files(tmp_path):
+    run = tmp_path / "dalle_run"
+    mon = run / "monitor" / "dalle"
+    _csv(mon / "dalle_loss.csv", "step,loss", [(10, 4.0), (20, 3.0), (30, 2.5)])
+    # a resumed run appends a second header and may rewrite a step: the last value wins
+    (mon / "dalle_loss.csv").write_text((mon / "dalle_loss.csv").read_text() + "step,loss\n30,2.0\n40,1.5\n")
+    _csv(mon / "dalle_image_loss.csv", "step,image_loss", [(10, 3.5), (20, 2.6), (30, 1.9), (40, 1.4)])
+    _csv(mon / "dalle_eval_val_loss.csv", "step,val_loss", [(20, 3.1), (40, 1.8)])
+    _csv(mon / "dalle_perf_samples_per_second.csv", "step,x", [(10, 100.0), (40, 120.0)])
+    _csv(mon / "dalle_lr.csv", "step,lr", [(10, 1e-3)])
+    assert plot_metrics.read_series(mon / "dalle_loss.csv") == {10: 4.0, 20: 3.0, 30: 2.0, 40: 1.5}
+    written = plot_metrics.main([str(run)])
+    assert sorted(p.name for p in written) == ["curves_dalle_heldout.svg", "curves_dalle_pace.svg",
+                                               "curves_dalle_train.svg"]
+    train = (run / "curves_dalle_train.svg").read_text()
+    assert "image_loss" in train and ">lr<" not in train and "val_loss" not in train
+    # one polyline per series, with a point per step it has (the union of steps is the x axis)
+    points = [len(m.split()) for m in re.findall(r'points="([^"]*)"', train)]
+    assert sorted(points) == [4, 4]
+    with pytest.raises(SystemExit):
+        plot_metrics.main([str(tmp_path / "nowhere")])
