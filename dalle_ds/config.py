@@ -415,7 +415,7 @@ class DataConfig:
         for key, off in (("augment", "none"), ("max_aspect_ratio", 0)):
             if getattr(self, key) != off and self.name not in _PHOTO_DATASETS:
                 _fail(f"{where}.{key}", f"applies to {' and '.join(_PHOTO_DATASETS)} images; {self.name} renders its "
-                                        "images at the model's size")
+                                        f"images at the model's size (set {where}.{key}={off})")
         return self
 
     @property

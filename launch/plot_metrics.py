@@ -4,9 +4,9 @@
 
 A trainer's ``csv_monitor`` (on in every shipped DeepSpeed config) writes ``RUN/monitor/<job>/<job>_<metric>.csv``,
 one ``step,value`` row per logged step, continued across resumes (``dalle_ds/train/monitor_resume.py``). For each
-job this writes up to three SVG charts beside the run (or in ``--out``): ``curves_<job>_train.svg`` (the training
-losses), ``curves_<job>_heldout.svg`` (the losses of the evaluations) and ``curves_<job>_pace.svg`` (samples per
-second and the share of time spent waiting for data). TensorBoard reads the same run (``tensorboard --logdir RUN``);
+job this writes up to four SVG charts beside the run (or in ``--out``): ``curves_<job>_train.svg`` (the training
+losses), ``curves_<job>_heldout.svg`` (the losses of the evaluations), ``curves_<job>_pace.svg`` (samples per
+second) and ``curves_<job>_data_wait.svg`` (the share of the time the loop waited for batches). TensorBoard reads the same run (``tensorboard --logdir RUN``);
 these are for a look without a server, and for reports.
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ CHARTS = (
     ("train", "training loss", "loss",  # and the dVAE's two terms
      lambda name: (name.endswith("loss") or name in ("nll", "kl")) and not name.startswith("eval_")),
     ("heldout", "held-out loss", "loss", lambda name: name.startswith("eval_") and name.endswith("loss")),
-    ("pace", "pace", "samples/s, or share of time", lambda name: name in ("perf_samples_per_second",
-                                                                          "perf_data_wait_fraction")),
+    ("pace", "samples per second", "samples/s", lambda name: name == "perf_samples_per_second"),
+    ("data_wait", "share of the time spent waiting for data", "fraction",
+     lambda name: name == "perf_data_wait_fraction"),
 )
 
 

@@ -25,11 +25,13 @@ def test_charts_from_monitor_files(tmp_path):
     _csv(mon / "dalle_image_loss.csv", "step,image_loss", [(10, 3.5), (20, 2.6), (30, 1.9), (40, 1.4)])
     _csv(mon / "dalle_eval_val_loss.csv", "step,val_loss", [(20, 3.1), (40, 1.8)])
     _csv(mon / "dalle_perf_samples_per_second.csv", "step,x", [(10, 100.0), (40, 120.0)])
+    _csv(mon / "dalle_perf_data_wait_fraction.csv", "step,x", [(10, 0.02), (40, 0.01)])
     _csv(mon / "dalle_lr.csv", "step,lr", [(10, 1e-3)])
     assert plot_metrics.read_series(mon / "dalle_loss.csv") == {10: 4.0, 20: 3.0, 30: 2.0, 40: 1.5}
     written = plot_metrics.main([str(run)])
-    assert sorted(p.name for p in written) == ["curves_dalle_heldout.svg", "curves_dalle_pace.svg",
-                                               "curves_dalle_train.svg"]
+    assert sorted(p.name for p in written) == ["curves_dalle_data_wait.svg", "curves_dalle_heldout.svg",
+                                               "curves_dalle_pace.svg", "curves_dalle_train.svg"]
+    assert "perf_data_wait_fraction" not in (run / "curves_dalle_pace.svg").read_text()
     train = (run / "curves_dalle_train.svg").read_text()
     assert "image_loss" in train and ">lr<" not in train and "val_loss" not in train
     # one polyline per series, with a point per step it has (the union of steps is the x axis)
