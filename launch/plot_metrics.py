@@ -6,8 +6,8 @@ A trainer's ``csv_monitor`` (on in every shipped DeepSpeed config) writes ``RUN/
 one ``step,value`` row per logged step, continued across resumes (``dalle_ds/train/monitor_resume.py``). For each
 job this writes up to four SVG charts beside the run (or in ``--out``): ``curves_<job>_train.svg`` (the training
 losses), ``curves_<job>_heldout.svg`` (the losses of the evaluations), ``curves_<job>_pace.svg`` (samples per
-second) and ``curves_<job>_data_wait.svg`` (the share of the time the loop waited for batches). TensorBoard reads the same run (``tensorboard --logdir RUN``);
-these are for a look without a server, and for reports.
+second) and ``curves_<job>_data_wait.svg`` (the share of the time the loop waited for batches). TensorBoard reads
+the same run (``tensorboard --logdir RUN``); these are for a look without a server, and for reports.
 """
 from __future__ import annotations
 

@@ -42,8 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "of the centred square; training reads crop e mod K in epoch e")
     p.add_argument("--max_aspect_ratio", type=float, default=0.0,
                    help="imagefolder / webdataset: leave out images whose longer side exceeds this multiple of the "
-                        "shorter (the paper keeps [1/2, 2]: 2); 0 keeps all. Every image is stored as its centred "
-                        "square: the paper's random crops need images encoded on the fly (data.images.augment)")
+                        "shorter (the paper keeps [1/2, 2]: 2); 0 keeps all")
     p.add_argument("--out", required=True)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=0)
@@ -54,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "thousand come out different from fp32")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for flag, low in (("batch_size", 1), ("num_workers", 0), ("rows_per_shard", 1), ("num_samples", 1), ("crops", 0)):
+    for flag, low in (("batch_size", 1), ("num_workers", 0), ("rows_per_shard", 1), ("num_samples", 1),
+                      ("crops", 0)):
         if getattr(args, flag) < low:
             p.error(f"--{flag} must be ≥ {low}, got {getattr(args, flag)}")
     if args.crops and args.data not in ("imagefolder", "webdataset"):
