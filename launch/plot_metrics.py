@@ -12,11 +12,11 @@ the same run (``tensorboard --logdir RUN``); these are for a look without a serv
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from pathlib import Path
 
+from dalle_ds.train.monitor_resume import read_csv_series
 from dalle_ds.utils.svg_plot import line_chart
 
 # (chart, title, y label, which metric names it shows)
@@ -30,28 +30,13 @@ CHARTS = (
 )
 
 
-def read_series(path: Path) -> dict[int, float]:
-    """``{step: value}`` from one CSV monitor file (a header row, then ``step,value`` rows; a resumed run may add
-    a second header and rewrite steps: the last value of a step wins)."""
-    out: dict[int, float] = {}
-    with open(path, newline="") as f:
-        for row in csv.reader(f):
-            if len(row) != 2:
-                continue
-            try:
-                out[int(float(row[0]))] = float(row[1])
-            except ValueError:
-                continue  # a header
-    return out
-
-
 def job_series(monitor: Path) -> dict[str, dict[str, dict[int, float]]]:
     """``{job: {metric: {step: value}}}`` for every ``<job>/<job>_<metric>.csv`` under ``monitor``."""
     jobs: dict[str, dict[str, dict[int, float]]] = {}
     for folder in sorted(p for p in monitor.iterdir() if p.is_dir()):
         prefix = folder.name + "_"
         for f in sorted(folder.glob(prefix + "*.csv")):
-            series = read_series(f)
+            series = read_csv_series(f)
             if series:
                 jobs.setdefault(folder.name, {})[f.stem[len(prefix):]] = series
     return jobs

@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from dalle_ds.train.monitor_resume import read_csv_series
 from dalle_ds.utils.svg_plot import line_chart
 
 PREFIX = "grad_scale_log2/"
@@ -37,10 +38,8 @@ def load_scales(run: Path) -> tuple[list[int], dict[str, list[float]], list[int]
         for f in sorted(mon.glob(f"dalle_{PREFIX.rstrip('/')}*.csv")) + sorted(mon.glob("dalle_grad_scale_skip.csv")):
             key = f.stem[len("dalle_"):]
             key = key.replace("grad_scale_log2_", PREFIX, 1) if key.startswith("grad_scale_log2_") else key
-            with f.open() as fh:
-                for line in csv.reader(fh):
-                    if line and line[0].isdigit():
-                        rows.setdefault(int(line[0]), {})[key] = float(line[1])
+            for step, value in read_csv_series(f).items():
+                rows.setdefault(step, {})[key] = value
     steps = sorted(s for s, r in rows.items() if any(k.startswith(PREFIX) for k in r))
     if not steps:
         raise SystemExit(f"{run}: no per-resblock scales found (was the run trained with "

@@ -10,6 +10,8 @@ sys.path.insert(0, str(ROOT / "launch"))
 
 import plot_metrics  # noqa: E402
 
+from dalle_ds.train.monitor_resume import read_csv_series  # noqa: E402
+
 
 def _csv(path, header, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +29,7 @@ def test_charts_from_monitor_files(tmp_path):
     _csv(mon / "dalle_perf_samples_per_second.csv", "step,x", [(10, 100.0), (40, 120.0)])
     _csv(mon / "dalle_perf_data_wait_fraction.csv", "step,x", [(10, 0.02), (40, 0.01)])
     _csv(mon / "dalle_lr.csv", "step,lr", [(10, 1e-3)])
-    assert plot_metrics.read_series(mon / "dalle_loss.csv") == {10: 4.0, 20: 3.0, 30: 2.0, 40: 1.5}
+    assert read_csv_series(mon / "dalle_loss.csv") == {10: 4.0, 20: 3.0, 30: 2.0, 40: 1.5}
     written = plot_metrics.main([str(run)])
     assert sorted(p.name for p in written) == ["curves_dalle_data_wait.svg", "curves_dalle_heldout.svg",
                                                "curves_dalle_pace.svg", "curves_dalle_train.svg"]

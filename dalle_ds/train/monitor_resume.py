@@ -19,6 +19,17 @@ from pathlib import Path
 from typing import Any
 
 
+def read_csv_series(path: Path) -> dict[int, float]:
+    """``{step: value}`` from one CSV monitor file: its ``step,value`` rows (headers, a resumed run's included,
+    skipped; a step written twice keeps its last value). What :func:`trim_csv` keeps is what this reads."""
+    out: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        first, _, value = line.partition(",")
+        if first.isdigit() and value:
+            out[int(first)] = float(value)
+    return out
+
+
 def trim_csv(path: Path, step: int) -> int:
     """Keep ``path``'s first header line and its rows with a step ≤ ``step`` (later headers dropped); returns how
     many rows were dropped. Rewritten through a temporary file (a crash leaves the old or the new file), and only
