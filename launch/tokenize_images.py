@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from dalle_ds.config import DATASET_NAMES, DataConfig
@@ -119,19 +119,6 @@ def all_parts(mine: list[str]) -> list[str]:
     return [name for names in gathered for name in names]
 
 
-class Keyed(Dataset):
-    """``ds[keys[j]]`` for j = 0 .. len(keys) - 1: an index list, or (crop, index) keys."""
-
-    def __init__(self, ds, keys: list):
-        self.ds, self.keys = ds, keys
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, j: int):
-        return self.ds[self.keys[j]]
-
-
 def tokenize_share(args, ds, dvae) -> list[str]:
     """Encode this rank's share of the dataset ``ds`` (every world_size-th image) into its own token shards; returns
     their names."""
@@ -145,7 +132,7 @@ def tokenize_share(args, ds, dvae) -> list[str]:
     autocast = dvae.bf16_inference(args.bf16)
     indices = range(rank(), len(ds), world_size())
     # (crop c, image i) keys draw crop c of image i (the dataset's PaperCrop, as training's (epoch, index) would)
-    mine = Keyed(ds, [(c, i) for c in range(args.crops) for i in indices] if args.crops else list(indices))
+    mine = Subset(ds, [(c, i) for c in range(args.crops) for i in indices] if args.crops else list(indices))
     loader = DataLoader(mine, batch_size=args.batch_size, collate_fn=collate_samples,
                         **loader_kwargs(dev, args.num_workers))
     writer = ShardWriter(args.out, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
@@ -155,7 +142,7 @@ def tokenize_share(args, ds, dvae) -> list[str]:
             tokens = dvae.encode(to_device(batch["image"], dev))
         records = []
         for j, caption in enumerate(batch["caption"]):
-            key = mine.keys[position + j]
+            key = mine.indices[position + j]
             rec = {"index": key[1], "crop": key[0], "caption": caption} if args.crops else {"index": key,
                                                                                              "caption": caption}
             if "scene" in batch:
