@@ -1,7 +1,5 @@
 """The paper's random crops (Listings 1 and 2, dalle_ds/data/augment.py), the aspect-ratio filter, and their way
 through the datasets, the sampler and the configs."""
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +11,7 @@ from dalle_ds.data.augment import (CropPlan, PaperCrop, apply_plan, area_resize,
 from dalle_ds.data.folder import ImageTextFolder
 from dalle_ds.data.images import collate_samples
 from dalle_ds.train.data_loading import StepBatches
+from tiny_artifacts import write_image_folder
 
 DRAWS = 3000
 
@@ -133,20 +132,10 @@ def test_aspect_ratio_filter():
     assert aspect_ratio_ok(1000, 10, 0)
 
 
-def _folder(root, sizes):
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    with open(root / "metadata.jsonl", "w") as f:
-        for i, (w, h) in enumerate(sizes):
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}) + "\n")
-    return root
-
-
 def test_folder_crops_by_sample_key_and_filters_aspect_ratios(tmp_path):
     """``ds[i]`` stays the centre square; ``ds[(epoch, i)]`` is that epoch's crop of the kept image i; a 3:1 image is
     left out with max_aspect_ratio 2 (counted), in the up-front pass and, without it, on first read."""
-    root = _folder(tmp_path / "data", [(80, 60), (90, 30), (64, 64), (70, 100)])
+    root = write_image_folder(tmp_path / "data", [(80, 60), (90, 30), (64, 64), (70, 100)])
     plain = ImageTextFolder(root, image_size=32, cache_dir=tmp_path / "c")
     crop = PaperCrop("prior", 32, seed=1)
     ds = ImageTextFolder(root, image_size=32, cache_dir=tmp_path / "c", crop=crop, max_aspect_ratio=2.0)
@@ -167,7 +156,7 @@ def test_folder_crops_by_sample_key_and_filters_aspect_ratios(tmp_path):
 def test_step_batches_serve_crops_by_epoch_and_resume_them(tmp_path, num_workers):
     """A dataset that takes sample keys is always served tagged: each epoch brings new crops, and a sampler set to
     the same (epoch, position) brings the same ones (what a resumed run sees), in DataLoader workers too."""
-    root = _folder(tmp_path / "data", [(60 + 7 * i, 50) for i in range(4)])
+    root = write_image_folder(tmp_path / "data", [(60 + 7 * i, 50) for i in range(4)])
     ds = ImageTextFolder(root, image_size=32, cache_dir=tmp_path / "c", crop=PaperCrop("dvae", 32, seed=0))
     batches = StepBatches(ds, micro_batch=2, num_replicas=1, rank=0, seed=0, num_workers=num_workers,
                           collate_fn=collate_samples)
@@ -186,7 +175,7 @@ def test_step_batches_serve_crops_by_epoch_and_resume_them(tmp_path, num_workers
 
 
 def test_config_routes_and_refusals(tmp_path):
-    root = _folder(tmp_path / "data", [(40, 30)])
+    root = write_image_folder(tmp_path / "data", [(40, 30)])
     cfg = DataConfig(name="imagefolder", path=str(root), augment="paper", max_aspect_ratio=2.0).validate(32)
     train = cfg.dataset_kwargs("train", 32, crop="dvae", seed=7)
     assert train["crop"] == PaperCrop("dvae", 32, 7) and train["max_aspect_ratio"] == 2.0
@@ -216,7 +205,7 @@ def test_stage_configs_refuse_what_they_would_ignore(tmp_path):
         d.validate()
     from dalle_ds.config import CLIP_RUN_PRESETS, apply_overrides
 
-    root = _folder(tmp_path / "data", [(40, 30)])
+    root = write_image_folder(tmp_path / "data", [(40, 30)])
     with pytest.raises(ConfigError, match="CLIP trains on centred squares"):
         apply_overrides(CLIP_RUN_PRESETS["test"], {"data.name": "imagefolder", "data.path": str(root),
                                                    "data.augment": "paper"}).validate()
@@ -226,7 +215,7 @@ def test_dvae_and_prior_trainers_crop_only_their_training_split(tmp_path):
     from dalle_ds.config import DVAE_RUN_PRESETS, apply_overrides
     from dalle_ds.train.dvae_trainer import build_datasets
 
-    root = _folder(tmp_path / "data", [(40, 30), (30, 40)])
+    root = write_image_folder(tmp_path / "data", [(40, 30), (30, 40)])
     cfg = apply_overrides(DVAE_RUN_PRESETS["test"], {"data.name": "imagefolder", "data.path": str(root),
                                                       "data.augment": "paper", "model.image_size": 16,
                                                       "seed": 5}).validate()

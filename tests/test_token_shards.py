@@ -122,11 +122,9 @@ def test_write_index_refuses_a_shard_rank0_cannot_read(tmp_path, capsys):
 def test_tokenize_crops_store_random_crops_read_one_per_epoch(tmp_path, hf_tmp_home):
     """``--crops 3``: three of the prior's random crops per image, each encoded; the shard dataset has one sample per
     image and reads crop ``epoch mod 3`` of it; the crops are the ones the image dataset draws for those keys."""
-    import numpy as np
-    from PIL import Image
-
     sys.path.insert(0, str(ROOT / "launch"))
     import tokenize_images
+    from tiny_artifacts import write_image_folder
 
     from dalle_ds.data.augment import PaperCrop
     from dalle_ds.data.folder import ImageTextFolder
@@ -134,13 +132,7 @@ def test_tokenize_crops_store_random_crops_read_one_per_epoch(tmp_path, hf_tmp_h
 
     torch.manual_seed(0)
     cfg = _tiny_dvae(tmp_path / "dvae.pt")
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i, (w, h) in enumerate([(96, 72), (80, 100), (120, 90)]):
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
+    folder = write_image_folder(tmp_path / "images", [(96, 72), (80, 100), (120, 90)], caption="picture {}")
     out = tmp_path / "tok"
     args = ["--dvae", str(tmp_path / "dvae.pt"), "--data", "imagefolder", "--path", str(folder), "--crops", "3",
             "--seed", "5", "--batch_size", "4", "--out", str(out)]

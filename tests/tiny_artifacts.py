@@ -46,3 +46,20 @@ def export_tiny_clip(folder: Path, tokenizer_dir: Path, image_size: int, seed: i
     torch.manual_seed(seed)
     ClipReranker(build_clip(cfg, tok), tok, image_processor_for(image_size)).save(folder)
     return folder
+
+
+def write_image_folder(root: Path, sizes: list[tuple[int, int]], caption: str = "image {}") -> Path:
+    """An image folder of noise PNGs, one per (width, height) in ``sizes``, with ``metadata.jsonl`` captions
+    ``caption.format(i)``; returns ``root``."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": caption.format(i)}) + "\n")
+    return root
