@@ -23,6 +23,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+# openai/DALL-E's own dVAE classes: the reference for importing its released weights (tests/test_openai_dvae.py);
+# --no-deps: it declares torchvision, which would pull another torch (its imports come with the [test] extra)
+	$(PY) -m pip install -q --no-deps "DALL-E==0.1"
 	touch $(STAMP)
 
 setup: $(STAMP)

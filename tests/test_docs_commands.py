@@ -112,13 +112,13 @@ def make_inputs(args: list[str], scratch: Path) -> list[str]:
             key, value = "", a
         if value.startswith(("/data/", "/shared/")):
             value = str(scratch / value.lstrip("/"))
-        elif not (value.startswith("runs/") or (value.endswith((".pt", ".json")) and not value.startswith("/"))):
+        elif not (value.startswith("runs/") or (value.endswith((".pt", ".json", ".pkl")) and not value.startswith("/"))):
             out.append(a)
             continue
         path = scratch / value
-        if path.suffix in (".pt", ".pth", ".json"):
+        if path.suffix in (".pt", ".pth", ".json", ".pkl"):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("{}")  # an empty JSON object (a config file overriding nothing); any bytes for a .pt(h)
+            path.write_text("{}")  # an empty JSON object (a config file overriding nothing); any bytes for a .pt(h) or .pkl
         elif path.suffix in (".png", ".jpg"):  # an image (a prompt)
             path.parent.mkdir(parents=True, exist_ok=True)
             from PIL import Image
