@@ -31,7 +31,7 @@ $(STAMP): setup.py
 setup: $(STAMP)
 
 demo: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash launch/demo.sh "$(RUN_DIR)"
+	DS_ACCELERATOR=cpu PATH="$(abspath $(VENV))/bin:$$PATH" bash launch/demo.sh "$(RUN_DIR)"
 
 test: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)

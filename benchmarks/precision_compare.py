@@ -8,7 +8,7 @@ Each run is ``deepspeed --num_gpus N launch/train_dalle.py --preset demo`` on th
 TOKENS_DIR/test_id for validation) with the same seed, data order, model, batch and optimizer; only the resblock
 precision differs:
 
-* ``fp16``: ``model.resblock_dtype=float16`` + ``model.resblock_grad_scaling=true`` (the paper's scheme, SPEC.md);
+* ``fp16``: ``model.resblock_dtype=float16`` + ``model.resblock_grad_scaling=true`` (the paper's scheme, §2.4 and App. D);
 * ``bf16``: ``model.resblock_dtype=bfloat16``;
 * ``fp32``: ``model.resblock_dtype=float32`` (the reference the gaps are measured against).
 

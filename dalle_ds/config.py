@@ -670,7 +670,7 @@ class PowerSGDConfig:
         if self.start_step < 0:
             _fail(f"{where}.start_step", "must be ≥ 0")
         if self.local_size < 0:
-            _fail(f"{where}.local_size", "must be ≥ 0 (0 = from the launcher)")
+            _fail(f"{where}.local_size", "must be ≥ 0 (0 = from the ranks' hostnames)")
         try:
             re.compile(self.compress)
         except re.error as e:

@@ -6,7 +6,7 @@ mirrored crop); to its right, the crops themselves at the target size, in the sa
 training run draws them: sample key (epoch, 0) for epochs 0 .. n - 1.
 
     python launch/plot_augment.py /data/photo.jpg --size 256 --out crops.png
-    python launch/plot_augment.py --example --size 64 --out docs/augment_crops.png   # a drawn 3:2 test image
+    python launch/plot_augment.py --example --size 128 --out docs/augment_crops.png   # a drawn 3:2 test image
 """
 from __future__ import annotations
 

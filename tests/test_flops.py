@@ -80,7 +80,7 @@ def test_matmul_flops_match_flop_counter_on_real_step():
 
 
 def _brute_visible(kind: str, T: int, W: int, K: int, q: int, k: int) -> bool:
-    """SPEC.md's rules, written independently of dalle_ds.ops.attention.masks."""
+    """The paper's mask rules (docs/attention.md), written independently of dalle_ds.ops.attention.masks."""
     if k > q:
         return False
     if k < T:  # text keys: causal for text queries, all of them for image queries

@@ -123,6 +123,20 @@ def test_reference_decode_values(fmt):
 
 
 @pytest.mark.parametrize("fmt", [FP169, FP0610], ids=lambda f: f.name)
+def test_reference_nan_codes_decode_to_one_pattern(fmt):
+    """docs/fp169.md: every NaN code (either sign, any payload) decodes to +qNaN, for fp32 0x7FC00000, and rounded
+    to fp16 / bf16 0x7E00 / 0x7FC0, the patterns the C++ op writes (torch's vectorized bf16 cast would give 0xFFFF)."""
+    for dtype, ibits, want in ((torch.float32, torch.int32, 0x7FC00000), (torch.float16, torch.int16, 0x7E00),
+                               (torch.bfloat16, torch.int16, 0x7FC0)):
+        for scale in (1.0, 3.0):
+            d = ref.decode(ALL_CODES, scale=scale, dtype=dtype, fmt=fmt)
+            nan = torch.isnan(d)
+            assert int(nan.sum()) == ((1 << fmt.man_bits) - 1) * (2 if fmt.signed else 1)
+            patterns = set(d[nan].view(ibits).tolist())
+            assert patterns == {want}, (dtype, [hex(p & 0xFFFFFFFF) for p in patterns])
+
+
+@pytest.mark.parametrize("fmt", [FP169, FP0610], ids=lambda f: f.name)
 def test_reference_decode_encode_identity_all_codes(fmt):
     d = ref.decode(ALL_CODES, fmt=fmt)
     keep = ~torch.isnan(d)

@@ -101,13 +101,16 @@ def decode(
     mag = torch.where(e == f.exp_reserved, torch.where(m == 0, float("inf"), float("nan")), mag)
     if f.signed:
         negative = (c & f.sign_bit) != 0
-        val = torch.where(negative, -mag, mag)
+        val = torch.where(negative & ~torch.isnan(mag), -mag, mag)  # every NaN code decodes to +qNaN, 0x7FC00000
     else:
         val = mag
     out = val.to(torch.float32)  # exact: every code is an fp32 value
     if scale != 1.0:
         out = out / _scale32(scale, out.device)
-    return out.to(dtype)
+    out = out.to(dtype)
+    # one NaN pattern per dtype, as the C++ op writes: torch's own fp32 -> bf16 cast gives 0x7FC0 or, vectorized on
+    # an AVX-512 CPU, 0xFFFF; a 0-d tensor is converted by the scalar path (c10's 0x7FC0 / 0x7E00 / 0x7FC00000)
+    return torch.where(torch.isnan(out), torch.full((), float("nan"), dtype=dtype, device=out.device), out)
 
 
 def error_add_(err: torch.Tensor, grad: torch.Tensor, scale: float = 1.0, saturate: bool = False,
