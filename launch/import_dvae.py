@@ -50,26 +50,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def preview(model, args, out: Path) -> dict:
-    """Encode and decode ``--preview_images`` images (centred squares at the model's size): the metrics of
-    dalle_ds.eval.dvae_eval and a picture, originals above their reconstructions."""
+def preview_dataset(args, image_size: int):
+    """The ``--preview_data`` images as centred squares at the model's size (None without the flag)."""
+    if not args.preview_data:
+        return None
     from dalle_ds.config import DataConfig
     from dalle_ds.data.registry import build_dataset
+
+    data = DataConfig(name=args.preview_data, path=args.preview_path, train_split=args.preview_split,
+                      train_samples=args.preview_images).validate(image_size, where="--preview_data")
+    extra = {"require_caption": False} if data.name in ("imagefolder", "webdataset") else {}
+    ds = build_dataset(data.name, args.preview_split, **data.dataset_kwargs(args.preview_split, image_size), **extra)
+    if len(ds) == 0:
+        raise ValueError(f"--preview_data {args.preview_data}: no readable images")
+    return ds
+
+
+def preview(model, ds, n: int, out: Path) -> dict:
+    """Encode and decode ``n`` images of ``ds``: the metrics of dalle_ds.eval.dvae_eval and a picture, originals
+    above their reconstructions."""
     from dalle_ds.eval.dvae_eval import evaluate_reconstructions
     from dalle_ds.utils.images import reconstruction_grid, save_png
 
-    size = model.cfg.image_size
-    data = DataConfig(name=args.preview_data, path=args.preview_path, train_split=args.preview_split,
-                      train_samples=args.preview_images).validate(size, where="arguments")
-    extra = {"require_caption": False} if data.name in ("imagefolder", "webdataset") else {}
-    ds = build_dataset(data.name, args.preview_split, **data.dataset_kwargs(args.preview_split, size), **extra)
-    if len(ds) == 0:
-        raise ValueError(f"--preview_data {args.preview_data}: no readable images")
-    metrics, ex = evaluate_reconstructions(model, ds, args.preview_images, batch_size=8)
-    scale = max(1, 128 // size)
-    save_png(reconstruction_grid(ex["originals"], ex["recons"], ncol=8, scale=scale), out / "reconstructions.png",
-             title=f"imported dVAE: originals (above) and through {model.cfg.grid_size}x{model.cfg.grid_size} codes "
-                   f"(below), PSNR {metrics['recon_psnr_db']:.1f} dB")
+    metrics, ex = evaluate_reconstructions(model, ds, n, batch_size=8)
+    c = model.cfg
+    save_png(reconstruction_grid(ex["originals"], ex["recons"], ncol=8, scale=max(1, 128 // c.image_size)),
+             out / "reconstructions.png",
+             title=f"imported dVAE: originals (above) and through {c.grid_size}x{c.grid_size} codes (below), "
+                   f"PSNR {metrics['recon_psnr_db']:.1f} dB")
     return metrics
 
 
@@ -80,8 +88,9 @@ def main(argv=None) -> int:
     from dalle_ds.train.engine_loop import parameter_count
 
     out = Path(args.out)
-    try:
+    try:  # everything that can fail on the inputs fails here, before anything is written
         model = import_release(args.encoder, args.decoder, args.image_size)
+        ds = preview_dataset(args, model.cfg.image_size)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -94,13 +103,8 @@ def main(argv=None) -> int:
           f"{c.image_size}x{c.image_size} images -> {c.grid_size}x{c.grid_size} codes of K = {c.vocab_size} "
           f"({c.groups} groups x {c.blocks_per_group} blocks, hidden {c.hidden}, decoder input {c.decoder_init})")
     report = {**source, "config": asdict(c)}
-    if args.preview_data:
-        try:
-            report["preview"] = preview(model, args, out)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: preview: {e}", file=sys.stderr)
-            return 2
-        m = report["preview"]
+    if ds is not None:
+        m = report["preview"] = preview(model, ds, args.preview_images, out)
         print(f"preview: {m['num_images']} images, MSE {m['recon_mse']:.5f}, PSNR {m['recon_psnr_db']:.2f} dB, "
               f"{m['codes_used']} codes used (perplexity {m['codebook_perplexity']:.1f}); "
               f"picture: {out / 'reconstructions.png'}")

@@ -167,4 +167,9 @@ def test_import_dvae_cli_argument_errors(tmp_path, capsys):
     # the swapped pair fails as one line with exit code 2, before anything is written
     rc = import_dvae.main(["--encoder", str(enc_file), "--decoder", str(enc_file), "--out", str(tmp_path / "o")])
     assert rc == 2 and "not its Decoder" in capsys.readouterr().err
+    # so does a preview folder that is not there, before dvae.pt is written
+    dec_file = save(release_pair(1, seed=4)[1], tmp_path / "decoder.pkl")
+    rc = import_dvae.main(["--encoder", str(enc_file), "--decoder", str(dec_file), "--out", str(tmp_path / "o"),
+                           "--preview_data", "imagefolder", "--preview_path", str(tmp_path / "no_images")])
+    assert rc == 2 and "no such directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
