@@ -128,13 +128,39 @@ def test_near_miss_keys_missing_optimizer_bad_params_and_clipping(tmp_path, capl
     for bad, needle in [
         ({"zero_optimisation": {"stage": 2}}, "unknown key 'zero_optimisation' \\(did you mean 'zero_optimization'"),
         ({"gradient_cliping": 1.0}, "did you mean 'gradient_clipping'"),
-        ({"gradient_clipping": -1}, "gradient_clipping must be a number ≥ 0"),
+        ({"gradient_clipping": -1}, "gradient_clipping must be a finite number ≥ 0"),
+        ({"gradient_clipping": float("nan")}, "gradient_clipping must be a finite number ≥ 0"),
         ({"optimizer": {"type": "AdamW", "params": {"lr": "fast"}}}, "optimizer.params.lr must be a number"),
         ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, "x"]}}}, "optimizer.params.betas"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": float("inf")}}}, "optimizer.params.lr must be finite"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": -1e-3}}}, "optimizer.params.lr must be ≥ 0"),
+        ({"optimizer": {"type": "NoSuchOpt", "params": {"lr": 1e-3}}}, "optimizer.type 'NoSuchOpt' is not one"),
         ({"optimizer": None}, "needs an \"optimizer\" section"),
+        ({"scheduler": {"type": "NoSuchLR"}}, "scheduler.type 'NoSuchLR' is not a scheduler DeepSpeed knows"),
+        ({"scheduler": "WarmupLR"}, "'scheduler' must be a JSON object"),
+        ({"scheduler": {"type": "WarmupLR", "params": 5}}, "'scheduler.params' must be a JSON object"),
+        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "abc"}}},
+         "scheduler.params.warmup_num_steps must be an int ≥ 0"),
+        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": -3}}},
+         "scheduler.params.warmup_num_steps must be an int ≥ 0"),
+        ({"fp16": True}, "'fp16' must be a JSON object"),
+        ({"bf16": "yes"}, "'bf16' must be a JSON object"),
+        ({"zero_optimization": 2}, "'zero_optimization' must be a JSON object"),
+        ({"zero_optimization": "null"}, "'zero_optimization' must be a JSON object .*got null"),
+        ({"optimizer": {"type": "AdamW", "params": [1]}}, "'optimizer.params' must be a JSON object"),
     ]:
+        bad = {k: (None if v == "null" else v) for k, v in bad.items()}
+        if "zero_optimization" in bad and bad["zero_optimization"] is None:
+            with pytest.raises(ConfigError, match=needle):
+                prep({**raw, **bad})
+            continue
         with pytest.raises(ConfigError, match=needle):
             prep({k: v for k, v in {**raw, **bad}.items() if v is not None})
+    for good in ({"type": "WarmupCosineLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto"}},
+                 {"type": "StepLR", "params": {"step_size": 2}}, {"type": "PlateauHalving"}):
+        prep({**raw, "scheduler": good})  # DeepSpeed's, torch's and this project's own
+    prep({**raw, "optimizer": {"type": "adam", "params": {"lr": 1e-3}}})  # DeepSpeed's names in any case
+    prep({**raw, "optimizer": {"type": "SGD", "params": {"lr": 1e-3}}})   # a torch.optim class
     with caplog.at_level("WARNING", logger="dalle_ds.train"):
         prep({**raw, "my_own_section": {}})  # unlike any known key: a warning, not an error
     assert "my_own_section" in caplog.text

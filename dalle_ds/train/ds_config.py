@@ -14,8 +14,11 @@ DeepSpeed owns the schema (https://www.deepspeed.ai/docs/config-json/); this mod
   ``gradient_cliping``) is refused: DeepSpeed ignores unknown keys, so the run would silently go without ZeRO or
   clipping (a key unlike any known one only warns: DeepSpeed has sections this list may lack);
 * the trainers need an ``optimizer`` section (DeepSpeed builds the optimizer from it; without one it fails only at
-  the first update), its ``params`` must be numbers, booleans or lists of numbers (a string ``lr`` fails deep
-  inside torch), and ``gradient_clipping`` must be ≥ 0 (0 turns clipping off).
+  the first update) of a type DeepSpeed builds, its ``params`` must be finite numbers, booleans or lists of numbers
+  (a string ``lr`` fails deep inside torch), ``lr`` ≥ 0, a ``scheduler`` must be one DeepSpeed (or this project)
+  knows, with int step counts, and ``gradient_clipping`` must be finite and ≥ 0 (0 turns clipping off);
+* sections DeepSpeed reads as objects (``fp16``, ``zero_optimization``, ``scheduler.params``, ...) must be objects:
+  ``"fp16": true`` would fail inside DeepSpeed with an AttributeError.
 
 ``--ds_set KEY=VALUE`` (:func:`apply_ds_overrides`) changes one value of the file from the command line, e.g.
 ``--ds_set optimizer.params.lr=1e-3``; the key must exist in the file (a typo would otherwise be ignored by DeepSpeed),
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +58,59 @@ def known_top_level_keys() -> set[str]:
             and v.islower()} | set(_MORE_TOP_LEVEL_KEYS)
 
 
+#: Sections DeepSpeed reads as JSON objects (a ``"fp16": true`` or ``"scheduler": "WarmupLR"`` fails inside it with an
+#: AttributeError), and the objects inside them.
+_OBJECT_SECTIONS = ("fp16", "bf16", "zero_optimization", "optimizer", "scheduler", "tensorboard", "csv_monitor",
+                    "wandb", "comet", "activation_checkpointing", "flops_profiler", "comms_logger", "torch_autocast",
+                    "data_types", "optimizer.params", "scheduler.params", "zero_optimization.offload_optimizer",
+                    "zero_optimization.offload_param")
+
+
+_ABSENT = object()
+
+
+def _section(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_section_types(cfg: dict[str, Any], where: str = "deepspeed config") -> None:
+    """Every section DeepSpeed reads as an object is one, where present (null included: DeepSpeed calls .get on it)."""
+    for dotted in _OBJECT_SECTIONS:
+        value = _section(cfg, dotted)
+        if value is not _ABSENT and not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{dotted}' must be a JSON object ({{...}}), got {json.dumps(value)}")
+
+
+def _known_optimizer(name: str) -> bool:
+    """What DeepSpeed 0.19 accepts as ``optimizer.type``: its own (any case) or a class of ``torch.optim``."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    return name.lower() in DEEPSPEED_OPTIMIZERS or isinstance(getattr(torch.optim, name, None), type)
+
+
+def _known_scheduler(name: str) -> bool:
+    """What DeepSpeed accepts as ``scheduler.type`` (its lr_schedules or torch's), or this project's own."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    return name == SCHEDULER_TYPE or isinstance(getattr(lr_schedules, name, None), type) or \
+        isinstance(getattr(torch.optim.lr_scheduler, name, None), type)
+
+
 def check_keys_and_values(cfg: dict[str, Any], where: str = "deepspeed config") -> None:
-    """Refuse near-miss top-level keys, a missing optimizer, non-numeric optimizer params and negative clipping."""
+    """Refuse near-miss top-level keys, sections that are not objects, a missing or unknown optimizer, an unknown
+    scheduler, non-numeric or nonfinite optimizer params, a negative learning rate and bad clipping."""
+    check_section_types(cfg, where)
     known = known_top_level_keys()
     for key in cfg:
         if key in known:
@@ -68,14 +123,31 @@ def check_keys_and_values(cfg: dict[str, Any], where: str = "deepspeed config") 
     if not isinstance(opt, dict) or not opt.get("type"):
         raise ConfigError(f"{where}: needs an \"optimizer\" section with a \"type\" (e.g. {{\"type\": \"AdamW\", "
                           "\"params\": {\"lr\": 1e-3}}): the trainers let DeepSpeed build the optimizer")
+    if not isinstance(opt["type"], str) or not _known_optimizer(opt["type"]):
+        from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+        raise ConfigError(f"{where}: optimizer.type {opt['type']!r} is not one DeepSpeed builds (its own: "
+                          f"{', '.join(DEEPSPEED_OPTIMIZERS)}; or a torch.optim class name)")
     for name, value in (opt.get("params") or {}).items():
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (int, float)) or v == "auto" for v in items):  # bool is an int; "auto": below
             raise ConfigError(f"{where}: optimizer.params.{name} must be a number (or a list of numbers), got "
                               f"{value!r}")
+        if not all(v == "auto" or math.isfinite(v) for v in items):
+            raise ConfigError(f"{where}: optimizer.params.{name} must be finite, got {value!r}")
+    lr = (opt.get("params") or {}).get("lr")
+    if _is_number(lr) and lr < 0:
+        raise ConfigError(f"{where}: optimizer.params.lr must be ≥ 0, got {lr!r}")
+    sched = cfg.get("scheduler")
+    if isinstance(sched, dict) and not (isinstance(sched.get("type"), str) and _known_scheduler(sched["type"])):
+        from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+        raise ConfigError(f"{where}: scheduler.type {sched.get('type')!r} is not a scheduler DeepSpeed knows (its own: "
+                          f"{', '.join(VALID_LR_SCHEDULES)}; a torch.optim.lr_scheduler class; or this project's "
+                          f"{SCHEDULER_TYPE})")
     clip = cfg.get("gradient_clipping", 0)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
-        raise ConfigError(f"{where}: gradient_clipping must be a number ≥ 0 (0 = off), got {clip!r}")
+    if not _is_number(clip) or not math.isfinite(clip) or clip < 0:
+        raise ConfigError(f"{where}: gradient_clipping must be a finite number ≥ 0 (0 = off), got {clip!r}")
 
 
 def zero_stage(cfg: dict[str, Any]) -> int:
@@ -186,6 +258,11 @@ def prepare_ds_config(cfg: dict[str, Any], *, steps: int, run_dir: str | Path, j
         for key in ("total_num_steps", "warmup_num_steps"):
             if params.get(key) == "auto":
                 params[key] = steps if key == "total_num_steps" else auto_warmup_steps(steps)
+        for key in ("total_num_steps", "warmup_num_steps"):
+            if key in params and not (isinstance(params[key], int) and not isinstance(params[key], bool)
+                                      and params[key] >= 0):
+                raise ConfigError(f"{where}: scheduler.params.{key} must be an int ≥ 0 (or \"auto\"), got "
+                                  f"{params[key]!r}")
         warm = params.get("warmup_num_steps")
         if isinstance(warm, int) and warm > steps:
             raise ConfigError(f"{where}: scheduler.params.warmup_num_steps {warm} exceeds the run's {steps} steps")
