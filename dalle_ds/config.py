@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +74,12 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
                 if not f.is_integer():
                     raise ValueError
                 return int(f)
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             _fail(where, f"expected {tp.__name__}, got {value!r}")
+        if not math.isfinite(f):  # no setting here means anything at NaN or ±inf; a NaN would train to loss=nan
+            _fail(where, f"expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if not isinstance(value, str):
             _fail(where, f"expected a string, got {value!r}")
@@ -106,6 +110,8 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], where: str = "config") 
         if head not in types:
             _unknown_key(where, head, list(types))
         if rest:
+            if not dataclasses.is_dataclass(types[head]):
+                _fail(f"{where}.{head}", f"is a value, not a section: '{head}.{rest}' names nothing")
             nested.setdefault(head, {})[rest] = value
         elif dataclasses.is_dataclass(types[head]) and isinstance(value, dict):
             nested.setdefault(head, {}).update(value)
@@ -288,6 +294,10 @@ class DalleConfig:
                 raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(self, name)}")
         if self.text_len < 2:
             raise ConfigError(f"{where}.text_len: needs ≥ 2 positions (<bos> and one caption token)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.init_std > 0.0:
+            raise ConfigError(f"{where}.init_std: must be > 0 (the std of the initial weights), got {self.init_std}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"{where}: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.attn_backend not in ("auto", "triton", "flex", "sdpa", "dense"):
@@ -490,6 +500,9 @@ class DVAETrainConfig:
         self.data.validate(self.model.image_size, f"{where}.data")
         if self.steps < 1:
             _fail(f"{where}.steps", "must be ≥ 1")
+        if self.model.channels != 3:  # dalle_ds.data.images converts every image to RGB (grey and RGBA included)
+            _fail(f"{where}.model.channels", f"the data loaders deliver RGB images (3 channels), got "
+                                              f"{self.model.channels}")
         if not (0 < self.tau_end <= self.tau_start):
             _fail(where, f"need 0 < tau_end ≤ tau_start, got {self.tau_end}, {self.tau_start}")
         if self.kl_weight < 0:

@@ -1,9 +1,10 @@
+import dataclasses
 import json
 
 import pytest
 
-from dalle_ds.config import (DALLE_RUN_PRESETS, DVAE_PRESETS, DVAE_RUN_PRESETS, ConfigError, DVAEConfig, DVAETrainConfig,
-                             apply_overrides, build_run_config, parse_set_args)
+from dalle_ds.config import (DALLE_PRESETS, DALLE_RUN_PRESETS, DVAE_PRESETS, DVAE_RUN_PRESETS, ConfigError,
+                             DVAEConfig, DVAETrainConfig, apply_overrides, build_run_config, parse_set_args)
 
 
 def test_presets_are_valid_and_paper_shape(tmp_path):
@@ -55,6 +56,10 @@ def test_a_model_preset_by_name_then_its_fields():
     ({"data.nmae": "x"}, "did you mean 'name'"),
     ({"steps": "ten"}, "expected int"),
     ({"steps": 2.5}, "expected int"),
+    ({"steps.x": 1}, r"config.steps: is a value, not a section: 'steps.x' names nothing"),
+    ({"model.image_size.foo": 1}, r"config.model.image_size: is a value, not a section"),
+    ({"kl_weight": "nan"}, r"config.kl_weight: expected a finite number, got 'nan'"),
+    ({"model.code_embedding_std": "inf"}, "expected a finite number"),
 ])
 def test_bad_keys_and_values_name_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -66,6 +71,7 @@ def test_bad_keys_and_values_name_the_key(overrides, needle):
     ({"head_init_images": 0}, "head_init_images"),
     ({"model.likelihood": "bernoulli"}, "model.likelihood"),
     ({"model.code_embedding_std": -1.0}, "code_embedding_std"),
+    ({"model.channels": 1}, r"model.channels: the data loaders deliver RGB images \(3 channels\), got 1"),
 ])
 def test_dvae_init_and_likelihood_options_are_validated(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -96,6 +102,11 @@ def test_validation_catches_shape_path_and_dataset_errors(tmp_path):
         build_run_config(DVAETrainConfig, DVAE_RUN_PRESETS, "demo", sets=["model.image_size=256"])
     with pytest.raises(ConfigError, match="tau_end"):
         build_run_config(DVAETrainConfig, DVAE_RUN_PRESETS, "demo", sets=["tau_end=2"])
+    # the prior's dropout and init std: refused here, where torch failed at model build
+    with pytest.raises(ConfigError, match=r"model.dropout: must be in \[0, 1\), got 2.0"):
+        dataclasses.replace(DALLE_PRESETS["tiny"], dropout=2.0).validate()
+    with pytest.raises(ConfigError, match=r"model.init_std: must be > 0"):
+        dataclasses.replace(DALLE_PRESETS["tiny"], init_std=-1.0).validate()
 
 
 def test_json_file_then_set_precedence(tmp_path):

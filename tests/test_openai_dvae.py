@@ -103,6 +103,11 @@ def test_mismatched_or_wrong_files_are_refused_with_the_reason(tmp_path):
     _, deeper_dec = release_pair(2, seed=3)
     with pytest.raises(ValueError, match="encoder has 4 groups × 1 blocks but the decoder"):
         import_release(enc_file, save(deeper_dec, tmp_path / "deeper.pkl"))
+    bad = enc.state_dict()
+    bad["blocks.group_2.block_1.res_path.conv_2.w"] = bad["blocks.group_2.block_1.res_path.conv_2.w"][:, :, :1, :1]
+    with pytest.raises(ValueError, match=r"not the release's layout: the tensor for encoder.net.\d+.res_path.3.weight "
+                                         r"has shape \(32, 32, 1, 1\)"):
+        import_release(save(bad, tmp_path / "bad_enc.pkl"), dec_file)
     (tmp_path / "junk.pkl").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="not a torch file of the released dVAE encoder"):
         read_release_state(tmp_path / "junk.pkl", "encoder")

@@ -210,6 +210,12 @@ def import_release(encoder: str | Path, decoder: str | Path, image_size: int = 2
     dec = read_release_state(decoder, "decoder")
     cfg = release_config(enc, dec, image_size)
     model = DiscreteVAE(cfg)
-    model.load_state_dict(convert_release(enc, dec, cfg), strict=True)
+    state = convert_release(enc, dec, cfg)
+    for name, want in model.state_dict().items():  # the shapes read off the tensors must fit every tensor
+        if state[name].shape != want.shape:
+            raise ValueError(f"not the release's layout: the tensor for {name} has shape {tuple(state[name].shape)}, "
+                             f"a {cfg.groups} x {cfg.blocks_per_group}-block dVAE with hidden {cfg.hidden} wants "
+                             f"{tuple(want.shape)}")
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
