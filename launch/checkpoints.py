@@ -21,12 +21,17 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def job_of(run: Path) -> str:
+    """The job name of a run folder (its ``<job>_run_config.json``)."""
+    return next((p.name[: -len("_run_config.json")] for p in sorted(run.glob("*_run_config.json"))), "train")
+
+
 def describe(run: Path) -> list[dict]:
     """One row per checkpoint of ``run`` (oldest first): tag, whether ``latest`` names it, its layout (world size,
     micro-batch, global batch, ZeRO stage; None when unknown), bytes on disk and whether a universal copy exists."""
     ckpt_dir = run / "checkpoints"
     latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
-    job = next((p.name[: -len("_run_config.json")] for p in sorted(run.glob("*_run_config.json"))), "train")
+    job = job_of(run)
     rows = []
     for tag in ckpt.list_tags(ckpt_dir):
         universal = ckpt_dir / tag / ckpt.UNIVERSAL_DIR
@@ -67,17 +72,20 @@ def main(argv=None) -> int:
     if not (run / "checkpoints").is_dir():
         print(f"error: {run} holds no checkpoints folder: not a run folder, or one that never saved", file=sys.stderr)
         return 2
-    if args.universal:
-        try:
+    try:
+        if args.universal:
             tag = args.tag or ckpt.latest_tag(run / "checkpoints")
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if tag is None or not (run / "checkpoints" / tag).is_dir():
-            print(f"error: no checkpoint {tag or '(latest)'} in {run / 'checkpoints'}", file=sys.stderr)
-            return 2
-        print(f"universal copy of {tag}: {run / 'checkpoints' / ckpt.universal_tag(run / 'checkpoints', tag)}")
-    print(table(describe(run)))
+            if tag is None or not (run / "checkpoints" / tag).is_dir():
+                raise ConfigError(f"no checkpoint {tag or '(latest)'} in {run / 'checkpoints'}")
+            layout = ckpt.saved_layout(run, job_of(run), tag)
+            if layout is not None and layout["zero_stage"] == 0:
+                raise ConfigError(f"{tag} is a ZeRO-0 checkpoint: it has no sharded optimizer state, and loads on "
+                                  "any number of ranks as it is (no universal copy needed)")
+            print(f"universal copy of {tag}: {run / 'checkpoints' / ckpt.universal_tag(run / 'checkpoints', tag)}")
+        print(table(describe(run)))
+    except ConfigError as e:  # CheckpointError included: a layout.json that does not read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

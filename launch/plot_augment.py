@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from dalle_ds.data.augment import LISTINGS, CropPlan, PaperCrop, apply_plan
 from dalle_ds.data.images import load_image, to_rgb
+from dalle_ds.train.cli import check_out_file
 
 GAP = 8
 LABEL_PX = 18
@@ -109,12 +111,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--size and --n must be ≥ 1")
     if args.image is not None and not Path(args.image).is_file():
         p.error(f"no such file: {args.image}")
+    check_out_file(p, "--out", args.out, (".png", ".jpg", ".jpeg", ".webp"))
     return args
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    img = example_image() if args.example else load_image(args.image)
+    try:
+        img = example_image() if args.example else load_image(args.image)
+    except OSError as e:  # PIL's UnidentifiedImageError is one: not an image, or a damaged one
+        print(f"error: {args.image}: not an image Pillow can read ({e})", file=sys.stderr)
+        raise SystemExit(2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     draw(img, args.size, args.n, args.seed).save(out)

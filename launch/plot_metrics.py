@@ -16,6 +16,7 @@ import math
 import sys
 from pathlib import Path
 
+from dalle_ds.train.cli import check_out_dir
 from dalle_ds.train.monitor_resume import read_csv_series
 from dalle_ds.utils.svg_plot import line_chart
 
@@ -64,14 +65,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders (each with the monitor/ folder its trainer wrote)")
     p.add_argument("--out", default=None, help="where to write the SVGs (default: each run folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is not None:
+        check_out_dir(p, "--out", args.out)
+    return args
 
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     written = []
     for run in map(Path, args.runs):
-        drawn = charts(run)
+        try:
+            drawn = charts(run)
+        except ValueError as e:  # a CSV row that does not read (read_csv_series names the file and line)
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
         if not drawn:
             print(f"error: {run} has no CSV monitor files (monitor/<job>/<job>_*.csv: a run folder of train_dvae.py, "
                   "train_dalle.py or train_clip.py with csv_monitor on in its DeepSpeed config)", file=sys.stderr)

@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from dalle_ds.train.cli import check_out_file
 from dalle_ds.train.monitor_resume import read_csv_series
 from dalle_ds.utils.svg_plot import line_chart
 
@@ -63,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run = Path(args.run)
     if not run.is_dir():
         p.error(f"no such run folder: {run}")
+    if args.out is not None:
+        check_out_file(p, "--out", args.out)  # a prefix: OUT.svg and OUT.csv go beside it
     return args
 
 

@@ -114,6 +114,11 @@ def test_train_cli_reports_a_bad_ds_set_before_starting(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "config error: --ds_set optimizer.params.lrr: the config has no" in proc.stderr
     assert not (tmp_path / "run").exists()
+    (tmp_path / "a_file").write_text("x")  # --out under a file: the parser says so (it was a NotADirectoryError)
+    proc = subprocess.run([sys.executable, "launch/train_dvae.py", "--deepspeed_config", "ds_configs/cpu_dvae.json",
+                           "--out", str(tmp_path / "a_file" / "run")], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "--out" in proc.stderr and "is a file, not a folder" in proc.stderr, proc.stderr
 
 
 def test_near_miss_keys_missing_optimizer_bad_params_and_clipping(tmp_path, caplog):

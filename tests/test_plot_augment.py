@@ -39,3 +39,9 @@ def test_cli(tmp_path, capsys):
         plot_augment.main(["--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit):
         plot_augment.main([str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit):  # no image extension: refused before drawing (Pillow would fail at the save)
+        plot_augment.main(["--example", "--out", str(tmp_path / "crops")])
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit):
+        plot_augment.main([str(tmp_path / "notes.txt"), "--out", str(tmp_path / "x.png")])
+    assert "not an image Pillow can read" in capsys.readouterr().err

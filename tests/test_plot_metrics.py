@@ -41,3 +41,11 @@ def test_charts_from_monitor_files(tmp_path):
     assert sorted(points) == [4, 4]
     with pytest.raises(SystemExit):
         plot_metrics.main([str(tmp_path / "nowhere")])
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit):  # --out under a file: refused by the parser, before anything is drawn
+        plot_metrics.main([str(run), "--out", str(tmp_path / "a_file" / "svgs")])
+    (mon / "dalle_lr.csv").write_text("step,lr\n10,1e-3\n20,2,3\n")  # a damaged row: the file and line named
+    with pytest.raises(ValueError, match=r"dalle_lr.csv, line 3: want step,value, got '20,2,3'"):
+        read_csv_series(mon / "dalle_lr.csv")
+    with pytest.raises(SystemExit):
+        plot_metrics.main([str(run)])

@@ -104,6 +104,30 @@ def test_saved_layout(tmp_path):
     layout = {"world_size": 2, "micro_batch": 16, "train_batch_size": 32, "zero_stage": 2}
     (tmp_path / "checkpoints" / "step00000004" / "layout.json").write_text(json.dumps(layout))
     assert ckpt.saved_layout(tmp_path, "dalle", "step00000004") == layout
+    for damaged in ("{", "[1, 2]", '{"world_size": "two"}'):  # one clear error, not json's or int()'s traceback
+        (tmp_path / "checkpoints" / "step00000004" / "layout.json").write_text(damaged)
+        with pytest.raises(ckpt.CheckpointError, match=r"step00000004/layout.json could not be read .*--no-resume"):
+            ckpt.saved_layout(tmp_path, "dalle", "step00000004")
+
+
+def test_an_unreadable_checkpoint_is_one_clear_error(tmp_path):
+    """What DeepSpeed's load or torch.load raise on a damaged file becomes a CheckpointError naming the checkpoint."""
+    class Engine:
+        def load_checkpoint(self, load_dir, tag):
+            raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint .*step00000004 could not be read \(RuntimeError: "
+                                                   r"PytorchStreamReader failed.*earlier tag"):
+        ckpt.load_checkpoint(Engine(), tmp_path, "step00000004")
+
+    class Loads(Engine):
+        def load_checkpoint(self, load_dir, tag):
+            return load_dir, {}
+
+    (tmp_path / "step00000004").mkdir()
+    (tmp_path / "step00000004" / "rank0.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ckpt.CheckpointError, match=r"rank0.pt could not be read"):
+        ckpt.load_checkpoint(Loads(), tmp_path, "step00000004")
 
 
 def _losses(run) -> dict[int, float]:
@@ -217,5 +241,13 @@ def test_checkpoint_listing_and_its_errors(tmp_path, capsys):
     (run / "checkpoints" / "latest").write_text("step00000030")
     assert tool.main(["--run", str(run), "--universal"]) == 2
     assert "names checkpoint 'step00000030', which does not exist" in capsys.readouterr().err
+    (run / "checkpoints" / "latest").write_text("step00000010")
+    (run / "checkpoints" / "step00000010" / "layout.json").write_text(json.dumps(
+        {"world_size": 2, "micro_batch": 2, "train_batch_size": 4, "zero_stage": 0}))
+    assert tool.main(["--run", str(run), "--universal"]) == 2
+    assert "step00000010 is a ZeRO-0 checkpoint: it has no sharded optimizer state" in capsys.readouterr().err
+    (run / "checkpoints" / "step00000010" / "layout.json").write_text("{")
+    assert tool.main(["--run", str(run)]) == 2
+    assert "step00000010/layout.json could not be read" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tool.parse_args(["--run", str(run), "--tag", "step00000010"])

@@ -25,6 +25,20 @@ from dalle_ds.utils.files import atomic_write_bytes
 
 _TAG = re.compile(r"^step(\d+)$")
 
+# What reading a damaged checkpoint file raises (torch.load / DeepSpeed / json): turned into one clear error.
+_READ_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError, KeyError)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read; the trainers report it as one line, like a config error."""
+
+
+def _unreadable(where: Path, e: BaseException) -> CheckpointError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return CheckpointError(f"checkpoint {where} could not be read ({type(e).__name__}: {first}). Checkpoints are "
+                           "committed only once every file is written, so a damaged one was changed afterwards "
+                           "(disk, copy): point checkpoints/latest at an earlier tag, or start over with --no-resume")
+
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
@@ -187,11 +201,17 @@ def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, universal: bool = Fa
     ``own_state`` is False).
     """
     load = universal_tag(ckpt_dir, tag) if universal else tag
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load)
+    try:
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load)
+    except _READ_ERRORS as e:
+        raise _unreadable(Path(ckpt_dir) / load, e) from e
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / load}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / load}")
     own = Path(ckpt_dir) / tag / f"rank{dist_rank()}.pt"
-    rank_state = torch.load(own, map_location="cpu", weights_only=False) if own_state and own.is_file() else None
+    try:
+        rank_state = torch.load(own, map_location="cpu", weights_only=False) if own_state and own.is_file() else None
+    except _READ_ERRORS as e:
+        raise _unreadable(own, e) from e
     return client_state or {}, rank_state
 
 
@@ -213,7 +233,10 @@ def saved_layout(run_dir: str | Path, job: str, tag: str) -> dict[str, int] | No
 
     f = Path(run_dir) / "checkpoints" / tag / LAYOUT_FILE
     if f.is_file():
-        return {k: int(v) for k, v in json.loads(f.read_text()).items()}
+        try:
+            return {k: int(v) for k, v in json.loads(f.read_text()).items()}
+        except (ValueError, TypeError, AttributeError) as e:  # not JSON, not an object, not integers
+            raise _unreadable(f, e) from e
     old_ds = Path(run_dir) / f"{job}_ds_config.json"
     if not old_ds.is_file():
         return None

@@ -62,6 +62,7 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
         parser.error("--deepspeed_config is required (see ds_configs/)")
     if args.stop_at is not None and args.stop_at < 1:
         parser.error(f"--stop_at must be ≥ 1, got {args.stop_at}")
+    check_out_dir(parser, "--out", args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = build_run_config(cfg_class, presets, args.preset, args.config, args.set)
@@ -126,8 +127,23 @@ def check_clip_dir(p: argparse.ArgumentParser, flag: str, path: str) -> None:
         p.error(f"{flag} {path}: not a CLIP folder (no config.json){hint}")
 
 
+def check_out_file(p: argparse.ArgumentParser, flag: str, path: str, suffixes: tuple[str, ...] = ()) -> None:
+    """``p.error`` when the output file ``path`` cannot be written as one: it is a folder, a path above it is a
+    file, or (with ``suffixes``) its extension is not one of them."""
+    if not path.strip():
+        p.error(f"{flag} is empty: name a file")
+    out = Path(path)
+    if out.is_dir():
+        p.error(f"{flag} {path}: is a folder; name a file")
+    if suffixes and out.suffix.lower() not in suffixes:
+        p.error(f"{flag} {path}: want a file ending in {' or '.join(suffixes)}")
+    check_out_dir(p, flag, str(out.parent))
+
+
 def check_out_dir(p: argparse.ArgumentParser, flag: str, path: str) -> None:
     """``p.error`` when the output folder ``path`` cannot be a folder: it, or a path above it, is a file."""
+    if not path.strip():
+        p.error(f"{flag} is empty: name a folder")
     out = Path(path)
     if out.exists() and not out.is_dir():
         p.error(f"{flag} {path}: exists and is not a folder")

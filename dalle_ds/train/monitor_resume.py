@@ -23,10 +23,13 @@ def read_csv_series(path: Path) -> dict[int, float]:
     """``{step: value}`` from one CSV monitor file: its ``step,value`` rows (headers, a resumed run's included,
     skipped; a step written twice keeps its last value). What :func:`trim_csv` keeps is what this reads."""
     out: dict[int, float] = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         first, _, value = line.partition(",")
         if first.isdigit() and value:
-            out[int(first)] = float(value)
+            try:
+                out[int(first)] = float(value)
+            except ValueError:
+                raise ValueError(f"{path}, line {number}: want step,value, got {line!r}") from None
     return out
 
 
