@@ -610,9 +610,7 @@ class DalleDataConfig:
                 except FileNotFoundError:
                     _fail(f"{where}.{key}", f"{path} is not a token-shard folder (no meta.json); "
                                             "write one with launch/tokenize_images.py")
-                except json.JSONDecodeError as e:
-                    _fail(f"{where}.{key}", f"{path}/meta.json is not valid JSON ({e})")
-                except ValueError as e:  # a format this version does not read
+                except ValueError as e:  # not JSON, not an index, or a format this version does not read
                     _fail(f"{where}.{key}", str(e))
                 if meta.get("num_samples") == 0:
                     _fail(f"{where}.{key}", f"{path} holds 0 token rows (did tokenize_images.py read any image?)")

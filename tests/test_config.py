@@ -163,11 +163,20 @@ def test_webdataset_path_must_match_a_shard(tmp_path):
 def test_prior_data_checks_token_rows_and_tokenizer_size(tmp_path):
     from dalle_ds.config import DalleDataConfig
 
-    (tmp_path / "meta.json").write_text(json.dumps({"format": 1, "num_samples": 0}))
+    (tmp_path / "meta.json").write_text(json.dumps({"format": 1, "num_samples": 0, "grid_size": 8, "vocab_size": 16,
+                                                   "shards": []}))
     with pytest.raises(ConfigError, match="holds 0 token rows"):
         DalleDataConfig(train_tokens=str(tmp_path)).validate()
-    (tmp_path / "meta.json").write_text(json.dumps({"format": 1, "num_samples": 5}))
+    (tmp_path / "meta.json").write_text(json.dumps({"format": 1, "num_samples": 5, "grid_size": 8, "vocab_size": 16,
+                                                   "shards": ["part-0-00000"]}))
     DalleDataConfig(train_tokens=str(tmp_path)).validate()
+    for damaged, needle in (("{", "meta.json: not JSON"), ("[1, 2]", "meta.json: holds a list"),
+                            ('{"format": 1}', "meta.json: lacks grid_size, vocab_size, shards")):
+        (tmp_path / "meta.json").write_text(damaged)
+        with pytest.raises(ConfigError, match=needle):
+            DalleDataConfig(train_tokens=str(tmp_path)).validate()
+    (tmp_path / "meta.json").write_text(json.dumps({"format": 1, "num_samples": 5, "grid_size": 8, "vocab_size": 16,
+                                                   "shards": ["part-0-00000"]}))
     for bad in (0, 259, 16385):
         with pytest.raises(ConfigError, match="tokenizer_vocab_size: must be in 260..16384"):
             DalleDataConfig(train_tokens=str(tmp_path), tokenizer_vocab_size=bad).validate()

@@ -35,6 +35,14 @@ def test_writer_reader_round_trip(tmp_path):
         assert item["scene"] == rec["scene"] and item["image_tokens"].dtype == torch.int64
     with pytest.raises(ValueError, match="tokens per image"):
         w0.add(torch.zeros(1, 5, dtype=torch.long), [{}])
+    # damaged folders: one error naming the folder and the file, not numpy's or open()'s
+    first = sorted(tmp_path.glob("*.tokens.npy"))[0]
+    first.write_bytes(first.read_bytes()[:-40])  # truncated
+    with pytest.raises(ValueError, match=f"{tmp_path}: a shard does not read .*re-run launch/tokenize_images.py"):
+        TokenShardDataset(tmp_path)
+    first.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{first.name}, listed in meta.json, is missing"):
+        TokenShardDataset(tmp_path)
 
 
 def test_tokenize_images_cli_matches_the_encoder(tmp_path):

@@ -80,9 +80,17 @@ def read_meta(shard_dir: str | Path) -> dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(f"{shard_dir} has no meta.json: not a token-shard folder, or an incomplete one "
                                 f"(run launch/tokenize_images.py)")
-    meta = json.loads(f.read_text())
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not JSON ({e}); re-run launch/tokenize_images.py") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{f}: holds a {type(meta).__name__}, not the token-shard index (a JSON object)")
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{f}: unsupported token-shard format {meta.get('format')!r}")
+    missing = [k for k in ("grid_size", "vocab_size", "shards") if k not in meta]
+    if missing:
+        raise ValueError(f"{f}: lacks {', '.join(missing)}; re-run launch/tokenize_images.py")
     return meta
 
 
@@ -94,11 +102,17 @@ class TokenShardDataset(Dataset):
         self.dir = Path(shard_dir)
         self.meta = read_meta(self.dir)
         self.grid_size, self.vocab_size = self.meta["grid_size"], self.meta["vocab_size"]
-        self._tokens = [np.load(self.dir / f"{p}.tokens.npy", mmap_mode="r") for p in self.meta["shards"]]
         self._rows: list[dict[str, Any]] = []
-        for p in self.meta["shards"]:
-            with open(self.dir / f"{p}.jsonl") as fh:
-                self._rows.extend(json.loads(line) for line in fh)
+        try:
+            self._tokens = [np.load(self.dir / f"{p}.tokens.npy", mmap_mode="r") for p in self.meta["shards"]]
+            for p in self.meta["shards"]:
+                with open(self.dir / f"{p}.jsonl") as fh:
+                    self._rows.extend(json.loads(line) for line in fh)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{self.dir}: {Path(e.filename).name}, listed in meta.json, is missing; re-run "
+                                    "launch/tokenize_images.py") from None
+        except (ValueError, OSError) as e:  # a truncated .npy (mmap longer than the file), a damaged .jsonl line
+            raise ValueError(f"{self.dir}: a shard does not read ({e}); re-run launch/tokenize_images.py") from None
         self._offsets = np.cumsum([0] + [len(t) for t in self._tokens])
         if self._offsets[-1] != len(self._rows):
             raise ValueError(f"{self.dir}: {self._offsets[-1]} token rows but {len(self._rows)} caption rows")

@@ -36,7 +36,10 @@ class DvaeRoundTrip:
     def __init__(self, path: str | Path):
         from dalle_ds.train.dvae_trainer import load_dvae
 
-        self.dvae = load_dvae(path)
+        try:
+            self.dvae = load_dvae(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"dvae: {e}") from e
         self.autocast = self.dvae.bf16_inference(True)  # channels_last once, not per batch
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -128,8 +128,11 @@ class DalleTrainer(EngineLoop):
         d = cfg.data
         self.dvae = None
         if d.train_tokens:
-            train_ds = TokenShardDataset(d.train_tokens)
-            val_ds = TokenShardDataset(d.val_tokens) if d.val_tokens else None
+            try:  # a damaged shard folder: one line naming it (every rank reads the same folder and fails alike)
+                train_ds = TokenShardDataset(d.train_tokens)
+                val_ds = TokenShardDataset(d.val_tokens) if d.val_tokens else None
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"data.train_tokens / val_tokens: {e}") from e
             grid, vocab = train_ds.grid_size, train_ds.vocab_size
             if val_ds is not None and (val_ds.grid_size, val_ds.vocab_size) != (grid, vocab):
                 raise ConfigError(f"train and val shards disagree: {grid}/{vocab} vs {val_ds.grid_size}/"
@@ -137,7 +140,10 @@ class DalleTrainer(EngineLoop):
         else:
             from dalle_ds.train.dvae_trainer import load_dvae
 
-            self.dvae = load_dvae(d.dvae)
+            try:
+                self.dvae = load_dvae(d.dvae)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"data.dvae: {e}") from e
             img = d.images
             img.validate(self.dvae.cfg.image_size, "data.images")
             train_ds = build_dataset(img.name, img.train_split, **img.dataset_kwargs(

@@ -1,0 +1,35 @@
+"""The trainers refuse inputs that only show as wrong once the run starts (a file of the wrong kind where a dVAE is
+wanted, a folder without a tokenizer, damaged token shards) with one ``config error:`` line and exit code 2, before
+anything is written to the run folder. Each case is one plain process (no launcher), as a user would see it."""
+import subprocess
+import sys
+
+import pytest
+
+from launch_utils import ROOT, single_process_env
+from trainer_configs import token_shards
+
+
+def _run(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"launch/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=single_process_env())
+
+
+@pytest.mark.slow
+def test_prior_trainer_refuses_a_wrong_dvae_and_a_folder_without_a_tokenizer(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    proc = _run("train_dalle.py", ["--deepspeed_config", "ds_configs/cpu_dalle.json", "--out", str(tmp_path / "r1"),
+                                   "--set", f"data.dvae={notes}", "--set", "data.images.name=shapes"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "config error: data.dvae:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+    token_shards(tmp_path / "tokens")
+    (tmp_path / "not_a_tokenizer").mkdir()
+    (tmp_path / "not_a_tokenizer" / "dvae.pt").write_text("x")
+    proc = _run("train_dalle.py", ["--deepspeed_config", "ds_configs/cpu_dalle.json", "--out", str(tmp_path / "r2"),
+                                   "--set", f"data.train_tokens={tmp_path / 'tokens'}",
+                                   "--set", f"data.tokenizer={tmp_path / 'not_a_tokenizer'}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"config error: tokenizer {tmp_path / 'not_a_tokenizer'}: no tokenizer.json there" in proc.stderr
+    assert not (tmp_path / "r2" / "tokenizer").exists()  # nothing copied
