@@ -383,6 +383,11 @@ class DataConfig:
     max_aspect_ratio: float = 0.0
     """imagefolder / webdataset: leave out images whose longer side exceeds this multiple of the shorter, in every
     split. The paper keeps aspect ratios within [1/2, 2] (2.0; Appendix C). 0 keeps every image."""
+    image_key: str | None = None
+    """webdataset: the member holding the image (e.g. "webp"); default: the first of png, jpg, jpeg, webp, ... found."""
+    caption_key: str | None = None
+    """imagefolder: the caption column of metadata.jsonl / .csv; webdataset: the caption member (e.g. "json.text").
+    Default: the first of the usual names found (text, caption, txt, ...)."""
 
     def validate(self, image_size: int, where: str = "data") -> "DataConfig":
         if self.name not in DATASET_NAMES:
@@ -422,7 +427,9 @@ class DataConfig:
         if self.max_aspect_ratio != 0 and not self.max_aspect_ratio >= 1:
             _fail(f"{where}.max_aspect_ratio",
                   f"must be ≥ 1 (the paper: 2) or 0 (no limit), got {self.max_aspect_ratio}")
-        for key, off in (("augment", "none"), ("max_aspect_ratio", 0)):
+        if self.image_key is not None and self.name != "webdataset":
+            _fail(f"{where}.image_key", f"names a WebDataset member; {self.name} has none")
+        for key, off in (("augment", "none"), ("max_aspect_ratio", 0), ("caption_key", None)):
             if getattr(self, key) != off and self.name not in _PHOTO_DATASETS:
                 _fail(f"{where}.{key}", f"applies to {' and '.join(_PHOTO_DATASETS)} images; {self.name} renders its "
                                         f"images at the model's size (set {where}.{key}={off})")
@@ -446,6 +453,10 @@ class DataConfig:
                 kw["root"] = self.path
         else:  # the user's images: every rank of a training run builds them together (folder.ImageTextFolder)
             kw.update(path=self.path, across_ranks=True)
+            if self.caption_key is not None:
+                kw["caption_column" if self.name == "imagefolder" else "caption_key"] = self.caption_key
+            if self.image_key is not None:
+                kw["image_key"] = self.image_key
             if self.max_aspect_ratio:
                 kw["max_aspect_ratio"] = self.max_aspect_ratio
             if crop is not None and self.augment == "paper":

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from dalle_ds.train.cli import check_out_file
+from dalle_ds.train.cli import check_out_dir
 from dalle_ds.train.monitor_resume import read_csv_series
 from dalle_ds.utils.svg_plot import line_chart
 
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not run.is_dir():
         p.error(f"no such run folder: {run}")
     if args.out is not None:
-        check_out_file(p, "--out", args.out)  # a prefix: OUT.svg and OUT.csv go beside it
+        check_out_dir(p, "--out", str(Path(args.out).parent))  # a prefix: OUT.svg and OUT.csv go in its folder
     return args
 
 

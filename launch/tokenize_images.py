@@ -43,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_aspect_ratio", type=float, default=0.0,
                    help="imagefolder / webdataset: leave out images whose longer side exceeds this multiple of the "
                         "shorter (the paper keeps [1/2, 2]: 2); 0 keeps all")
+    p.add_argument("--image_key", default=None,
+                   help="webdataset: the member holding the image (default: the first of png, jpg, webp, ... found)")
+    p.add_argument("--caption_key", default=None,
+                   help="imagefolder: the caption column of metadata.jsonl / .csv; webdataset: the caption member "
+                        "(default: the first of text, caption, txt, ... found)")
     p.add_argument("--out", required=True)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=0)
@@ -78,7 +83,8 @@ def main(argv=None) -> int:
     try:
         dvae = load_dvae(args.dvae)
         data = DataConfig(name=args.data, path=args.path, train_split=args.split, train_samples=args.num_samples,
-                          seed=args.seed, max_aspect_ratio=args.max_aspect_ratio,
+                          seed=args.seed, max_aspect_ratio=args.max_aspect_ratio, image_key=args.image_key,
+                          caption_key=args.caption_key,
                           augment="paper" if args.crops else "none").validate(dvae.cfg.image_size, where="arguments")
         ds = build_dataset(data.name, args.split, **data.dataset_kwargs(
             args.split, dvae.cfg.image_size, crop="prior" if args.crops else None, seed=args.seed))

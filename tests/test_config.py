@@ -180,3 +180,20 @@ def test_prior_data_checks_token_rows_and_tokenizer_size(tmp_path):
     for bad in (0, 259, 16385):
         with pytest.raises(ConfigError, match="tokenizer_vocab_size: must be in 260..16384"):
             DalleDataConfig(train_tokens=str(tmp_path), tokenizer_vocab_size=bad).validate()
+
+
+def test_data_image_and_caption_keys_reach_the_loaders(tmp_path):
+    from dalle_ds.config import DataConfig
+
+    (tmp_path / "a.png").write_bytes(b"")  # validate only looks for an image file name
+    folder = DataConfig(name="imagefolder", path=str(tmp_path), caption_key="alt").validate(64)
+    assert folder.dataset_kwargs("train", 64)["caption_column"] == "alt"
+    (tmp_path / "s-0.tar").write_bytes(b"")
+    shards = DataConfig(name="webdataset", path=str(tmp_path / "s-0.tar"), image_key="webp",
+                        caption_key="json.text").validate(64)
+    kw = shards.dataset_kwargs("train", 64)
+    assert (kw["image_key"], kw["caption_key"]) == ("webp", "json.text")
+    with pytest.raises(ConfigError, match="data.image_key: names a WebDataset member; imagefolder has none"):
+        DataConfig(name="imagefolder", path=str(tmp_path), image_key="webp").validate(64)
+    with pytest.raises(ConfigError, match="data.caption_key: applies to imagefolder and webdataset"):
+        DataConfig(name="shapes", caption_key="text").validate(64)

@@ -57,7 +57,8 @@ def is_available(root: str | os.PathLike = DEFAULT_ROOT) -> tuple[bool, str]:
         return True, f"Fashion-MNIST found in {root}"
     return False, (
         f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}); install the Debian package with "
-        f"`sudo apt-get install {APT_PACKAGE}` or pass root= pointing at the directory holding the .gz IDX files"
+        f"`sudo apt-get install {APT_PACKAGE}` or point root= (data.path in a run config, --path on the command "
+        f"line) at the directory holding the .gz IDX files"
     )
 
 

@@ -562,7 +562,8 @@ class WebDatasetShards(_ImageTextDataset):
             found = [c for c in hf.column_names if isinstance(hf.features[c], HFImage)]
             image_columns = [c for c in WDS_IMAGE_KEYS if c in found] + [c for c in found if c not in WDS_IMAGE_KEYS]
             if not image_columns:
-                raise ValueError(f"{what}: no image members found (columns: {hf.column_names}); pass image_key=")
+                raise ValueError(f"{what}: no image members found (columns: {hf.column_names}); name the image "
+                                 "member: image_key= (data.image_key in a run config)")
         caption = _pick_caption_column(hf, caption_key, WDS_CAPTION_KEYS, what, require_caption, json_fallback=True)
         super().__init__(hf, image_columns, caption, image_size, validate, f"WebDatasetShards({what})",
                          across_ranks, crop, max_aspect_ratio)
@@ -637,7 +638,8 @@ def _pick_caption_column(
                 return f"json.{col}"
     if require:
         raise ValueError(
-            f"{what}: no caption column among {list(candidates)} (columns: {columns}); pass the caption column "
-            "explicitly, or require_caption=False to load the images with empty captions"
+            f"{what}: no caption column among {list(candidates)} (columns: {columns}); name it (caption_column= / "
+            "caption_key=; data.caption_key in a run config), or require_caption=False to load the images with "
+            "empty captions (the dVAE's trainer does)"
         )
     return None

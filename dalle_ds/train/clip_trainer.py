@@ -110,9 +110,12 @@ class ClipTrainer(EngineLoop):
         check_rank0_evaluation_supported(ds_config, "CLIP", "the reranker is small")
         run_dir = Path(run_dir)
         d, m = cfg.data, cfg.model
-        train_ds = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, m.image_size))
         split = d.resolved_eval_split
-        self.eval_ds = build_dataset(d.name, split, **d.dataset_kwargs(split, m.image_size))
+        try:  # shards or folders that do not load: one config error line
+            train_ds = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, m.image_size))
+            self.eval_ds = build_dataset(d.name, split, **d.dataset_kwargs(split, m.image_size))
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data: {e}") from e
         self.uses_scenes = cfg.hard_negatives > 0 or cfg.mirror_negatives or cfg.binding_negatives
         if self.uses_scenes and "scene" not in train_ds[0]:
             raise ConfigError(f"clip_run: hard_negatives / mirror_negatives / binding_negatives need scenes to build "

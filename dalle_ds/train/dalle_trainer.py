@@ -146,10 +146,13 @@ class DalleTrainer(EngineLoop):
                 raise ConfigError(f"data.dvae: {e}") from e
             img = d.images
             img.validate(self.dvae.cfg.image_size, "data.images")
-            train_ds = build_dataset(img.name, img.train_split, **img.dataset_kwargs(
-                img.train_split, self.dvae.cfg.image_size, crop="prior", seed=cfg.seed))
             split = img.resolved_eval_split
-            val_ds = build_dataset(img.name, split, **img.dataset_kwargs(split, self.dvae.cfg.image_size))
+            try:
+                train_ds = build_dataset(img.name, img.train_split, **img.dataset_kwargs(
+                    img.train_split, self.dvae.cfg.image_size, crop="prior", seed=cfg.seed))
+                val_ds = build_dataset(img.name, split, **img.dataset_kwargs(split, self.dvae.cfg.image_size))
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"data.images: {e}") from e
             grid, vocab = self.dvae.cfg.grid_size, self.dvae.cfg.vocab_size
         init = self._init_weights_source(cfg, run_dir, resume)
         tokenizer_source = d.tokenizer or (init["tokenizer_dir"] if init else None)
