@@ -72,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.keep < 1 or args.num_candidates < args.keep:
-        p.error("need 1 ≤ --keep ≤ --num_candidates")
+        p.error(f"need 1 ≤ --keep ≤ --num_candidates, got --keep {args.keep} (default 4) and --num_candidates "
+                f"{args.num_candidates}")
     if args.batch_size < 1:
         p.error(f"--batch_size must be ≥ 1, got {args.batch_size}")
     from dalle_ds.sample.generate import SamplingConfig

@@ -126,6 +126,8 @@ def test_sample_parser_takes_cuda_graph_where_there_is_a_gpu(art, tmp_path, monk
     (["--captions_file", "{art}/blank.txt"], "blank.txt: no captions in it"),
     (["--image_prompt", "{art}/blank.txt"], "--image_prompt {art}/blank.txt: not a readable image"),
     (["--image_prompt", "{art}/red.png", "--prompt_rows", "4"], "--prompt_rows 4: the image grid has 4 rows"),
+    # a CLIP folder transformers cannot load (here: a config.json and no weights)
+    (["--clip", "{art}/clip_run/clip"], "CLIP folder {art}/clip_run/clip: transformers could not load it"),
 ])
 def test_sample_main_refuses_wrong_inputs_before_any_work(art, tmp_path, capsys, extra, message):
     (art / "blank.txt").write_text("\n  \n")

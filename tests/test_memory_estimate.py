@@ -144,6 +144,15 @@ def test_cli_prints_the_estimate(capsys):
     assert f"{est['optimizer'] / 2 ** 30:10.2f} GiB" in out and "checkpointed" in out
 
 
+def test_cli_refuses_a_deepspeed_config_it_cannot_read(tmp_path, capsys):
+    (tmp_path / "z.json").write_text('{"zero_optimization": 2}')
+    for path, needle in ((tmp_path / "missing.json", "file not found"),
+                         (tmp_path / "z.json", "'zero_optimization' must be a JSON object")):
+        with pytest.raises(SystemExit):
+            models_main(["--preset", "tiny", "--memory", "--deepspeed_config", str(path)])
+        assert needle in capsys.readouterr().err
+
+
 CONFIGS = sorted(ROOT.joinpath("ds_configs").glob("zero*.json"))
 
 

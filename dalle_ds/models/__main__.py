@@ -55,9 +55,14 @@ def main(argv=None) -> int:
         p.error("--adam-moments 16bit runs on the GPU; --offload uses DeepSpeed's fp32 CPU Adam")
     ds_config = None
     if args.deepspeed_config:
-        from dalle_ds.train.ds_config import load_ds_config
+        from dalle_ds.config import ConfigError
+        from dalle_ds.train.ds_config import check_section_types, load_ds_config
 
-        ds_config = load_ds_config(args.deepspeed_config)
+        try:
+            ds_config = load_ds_config(args.deepspeed_config)
+            check_section_types(ds_config, args.deepspeed_config)
+        except ConfigError as e:
+            p.error(str(e))
     names = [args.preset] if args.preset else list(DALLE_PRESETS)
     print(f"{'preset':<8} {'params':>16} {'layers':>6} {'d_model':>7} {'heads':>5} {'text+image tokens':>18}")
     for name in names:

@@ -111,9 +111,13 @@ class ClipReranker:
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"{p} is not a CLIP folder (no config.json); train one with "
                                     "launch/train_clip.py or point to a local pretrained CLIP")
-        model = CLIPModel.from_pretrained(p, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-        processor = CLIPImageProcessor.from_pretrained(p, local_files_only=True)
+        try:
+            model = CLIPModel.from_pretrained(p, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+            processor = CLIPImageProcessor.from_pretrained(p, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:  # transformers: a damaged config.json, no weights, no tokenizer
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+            raise ValueError(f"CLIP folder {p}: transformers could not load it ({first})") from e
         return cls(model, tokenizer, processor, device)
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
