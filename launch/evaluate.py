@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dalle_ds.config import DATASET_NAMES
-from dalle_ds.train.cli import check_clip_dir, check_file, check_out_dir
+from dalle_ds.train.cli import check_clip_dir, check_file, check_out_dir, validate_data_flags
 
 #: Blur radii in pixels (PIL's Gaussian standard deviation); the paper plots FID and IS against a growing radius.
 DEFAULT_BLUR = "0,1,2,4,8"
@@ -151,7 +151,9 @@ def load_inputs(args):
     pipe = TextToImage.load(args.prior, args.dvae, args.clip, device=device())
     size = pipe.dvae.cfg.image_size
     data = DataConfig(name=args.data, path=args.path, train_split=args.split, train_samples=args.num_captions,
-                      seed=args.seed).validate(size, where="arguments")
+                      seed=args.seed)
+    validate_data_flags(data, size, {"name": "--data", "path": "--path", "train_split": "--split",
+                                     "train_samples": "--num_captions", "seed": "--seed"})
     ds = build_dataset(data.name, args.split, **data.dataset_kwargs(args.split, size))
     if len(ds) < args.num_captions:
         raise ValueError(f"--num_captions {args.num_captions}: {args.data} split {args.split!r} has only {len(ds)} "

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dalle_ds.config import DATASET_NAMES
-from dalle_ds.train.cli import check_file, check_out_dir
+from dalle_ds.train.cli import check_file, check_out_dir, validate_data_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +58,9 @@ def preview_dataset(args, image_size: int):
     from dalle_ds.data.registry import build_dataset
 
     data = DataConfig(name=args.preview_data, path=args.preview_path, train_split=args.preview_split,
-                      train_samples=args.preview_images).validate(image_size, where="--preview_data")
+                      train_samples=args.preview_images)
+    validate_data_flags(data, image_size, {"name": "--preview_data", "path": "--preview_path",
+                                           "train_split": "--preview_split", "train_samples": "--preview_images"})
     extra = {"require_caption": False} if data.name in ("imagefolder", "webdataset") else {}
     ds = build_dataset(data.name, args.preview_split, **data.dataset_kwargs(args.preview_split, image_size), **extra)
     if len(ds) == 0:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from dalle_ds.config import DATASET_NAMES, DataConfig
-from dalle_ds.train.cli import check_file, check_out_dir
+from dalle_ds.train.cli import check_file, check_out_dir, validate_data_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,7 +85,11 @@ def main(argv=None) -> int:
         data = DataConfig(name=args.data, path=args.path, train_split=args.split, train_samples=args.num_samples,
                           seed=args.seed, max_aspect_ratio=args.max_aspect_ratio, image_key=args.image_key,
                           caption_key=args.caption_key,
-                          augment="paper" if args.crops else "none").validate(dvae.cfg.image_size, where="arguments")
+                          augment="paper" if args.crops else "none")
+        validate_data_flags(data, dvae.cfg.image_size, {
+            "name": "--data", "path": "--path", "train_split": "--split", "train_samples": "--num_samples",
+            "max_aspect_ratio": "--max_aspect_ratio", "augment": "--crops", "image_key": "--image_key",
+            "caption_key": "--caption_key", "seed": "--seed"})
         ds = build_dataset(data.name, args.split, **data.dataset_kwargs(
             args.split, dvae.cfg.image_size, crop="prior" if args.crops else None, seed=args.seed))
     except (FileNotFoundError, ValueError) as e:

@@ -163,6 +163,19 @@ def test_tokenize_main_refuses_a_wrong_dvae(art, tmp_path, capsys, dvae, message
     assert rc == 2 and err.startswith("error: ") and message in err and not (tmp_path / "tok").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "fashion_mnist", "--split", "nope"], "--split: 'nope' is not a split of fashion_mnist"),
+    (["--data", "imagefolder", "--path", "{art}/no_such_folder"], "--path: no such directory: {art}/no_such_folder"),
+    (["--data", "fashion_mnist", "--image_key", "webp"], "--image_key: names a WebDataset member; fashion_mnist"),
+    (["--data", "shapes"], "arguments: the shapes dataset renders 64 or 128 px images, but the model expects 16"),
+])
+def test_tokenize_data_errors_name_the_flags(art, tmp_path, capsys, extra, message):
+    rc = tokenize.main(["--dvae", str(art / "dvae.pt"), "--out", str(tmp_path / "tok")] + [a.format(art=art) for a in
+                                                                                           extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message.format(art=art) in err and "data." not in err, err
+
+
 def test_tokenize_refuses_a_folder_of_unreadable_images(art, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -127,6 +127,23 @@ def check_clip_dir(p: argparse.ArgumentParser, flag: str, path: str) -> None:
         p.error(f"{flag} {path}: not a CLIP folder (no config.json){hint}")
 
 
+def validate_data_flags(data, image_size: int, flags: dict[str, str]):
+    """``data.validate(image_size)`` (a :class:`dalle_ds.config.DataConfig` built from command-line flags), with the
+    config field names in its errors replaced by the flags that set them (``flags``: field → flag, e.g.
+    ``{"train_split": "--split"}``), so the message names what the user typed."""
+    from dalle_ds.config import ConfigError
+
+    try:
+        return data.validate(image_size, where="data")
+    except ConfigError as e:
+        msg = str(e)
+        for field, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+            msg = msg.replace(f"data.{field}", flag)
+        if msg.startswith("data: "):  # a check of several flags together
+            msg = "arguments: " + msg[len("data: "):]
+        raise ConfigError(msg) from None
+
+
 def check_out_file(p: argparse.ArgumentParser, flag: str, path: str, suffixes: tuple[str, ...] = ()) -> None:
     """``p.error`` when the output file ``path`` cannot be written as one: it is a folder, a path above it is a
     file, or (with ``suffixes``) its extension is not one of them."""
