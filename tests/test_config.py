@@ -170,7 +170,7 @@ def test_prior_data_checks_token_rows_and_tokenizer_size(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"format": 1, "num_samples": 5, "grid_size": 8, "vocab_size": 16,
                                                    "shards": ["part-0-00000"]}))
     DalleDataConfig(train_tokens=str(tmp_path)).validate()
-    for damaged, needle in (("{", "meta.json: not JSON"), ("[1, 2]", "meta.json: holds a list"),
+    for damaged, needle in (("{", "meta.json: not valid JSON"), ("[1, 2]", "meta.json: the top level must be a JSON"),
                             ('{"format": 1}', "meta.json: lacks grid_size, vocab_size, shards")):
         (tmp_path / "meta.json").write_text(damaged)
         with pytest.raises(ConfigError, match=needle):

@@ -80,12 +80,9 @@ def read_meta(shard_dir: str | Path) -> dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(f"{shard_dir} has no meta.json: not a token-shard folder, or an incomplete one "
                                 f"(run launch/tokenize_images.py)")
-    try:
-        meta = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not JSON ({e}); re-run launch/tokenize_images.py") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{f}: holds a {type(meta).__name__}, not the token-shard index (a JSON object)")
+    from dalle_ds.config import load_json_config
+
+    meta = load_json_config(f, flag="token-shard index")  # a ConfigError (a ValueError) when not a JSON object
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{f}: unsupported token-shard format {meta.get('format')!r}")
     missing = [k for k in ("grid_size", "vocab_size", "shards") if k not in meta]
