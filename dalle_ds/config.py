@@ -388,6 +388,11 @@ class DataConfig:
     caption_key: str | None = None
     """imagefolder: the caption column of metadata.jsonl / .csv; webdataset: the caption member (e.g. "json.text").
     Default: the first of the usual names found (text, caption, txt, ...)."""
+    check_images: bool = True
+    """imagefolder / webdataset: decode every image once before training, so unreadable ones are left out and counted
+    up front (a progress bar shows the pass). false skips that pass, for datasets too large to decode twice: an
+    unreadable image met in training is logged, counted and replaced by the next readable sample
+    (dalle_ds/data/folder.py)."""
 
     def validate(self, image_size: int, where: str = "data") -> "DataConfig":
         if self.name not in DATASET_NAMES:
@@ -429,7 +434,7 @@ class DataConfig:
                   f"must be ≥ 1 (the paper: 2) or 0 (no limit), got {self.max_aspect_ratio}")
         if self.image_key is not None and self.name != "webdataset":
             _fail(f"{where}.image_key", f"names a WebDataset member; {self.name} has none")
-        for key, off in (("augment", "none"), ("max_aspect_ratio", 0), ("caption_key", None)):
+        for key, off in (("augment", "none"), ("max_aspect_ratio", 0), ("caption_key", None), ("check_images", True)):
             if getattr(self, key) != off and self.name not in _PHOTO_DATASETS:
                 _fail(f"{where}.{key}", f"applies to {' and '.join(_PHOTO_DATASETS)} images; {self.name} renders its "
                                         f"images at the model's size (set {where}.{key}={off})")
@@ -452,7 +457,7 @@ class DataConfig:
             if self.path:
                 kw["root"] = self.path
         else:  # the user's images: every rank of a training run builds them together (folder.ImageTextFolder)
-            kw.update(path=self.path, across_ranks=True)
+            kw.update(path=self.path, across_ranks=True, validate=self.check_images)
             if self.caption_key is not None:
                 kw["caption_column" if self.name == "imagefolder" else "caption_key"] = self.caption_key
             if self.image_key is not None:

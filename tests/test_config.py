@@ -192,7 +192,11 @@ def test_data_image_and_caption_keys_reach_the_loaders(tmp_path):
     shards = DataConfig(name="webdataset", path=str(tmp_path / "s-0.tar"), image_key="webp",
                         caption_key="json.text").validate(64)
     kw = shards.dataset_kwargs("train", 64)
-    assert (kw["image_key"], kw["caption_key"]) == ("webp", "json.text")
+    assert (kw["image_key"], kw["caption_key"], kw["validate"]) == ("webp", "json.text", True)
+    unchecked = DataConfig(name="webdataset", path=str(tmp_path / "s-0.tar"), check_images=False).validate(64)
+    assert unchecked.dataset_kwargs("train", 64)["validate"] is False
+    with pytest.raises(ConfigError, match="data.check_images: applies to imagefolder and webdataset"):
+        DataConfig(name="shapes", check_images=False).validate(64)
     with pytest.raises(ConfigError, match="data.image_key: names a WebDataset member; imagefolder has none"):
         DataConfig(name="imagefolder", path=str(tmp_path), image_key="webp").validate(64)
     with pytest.raises(ConfigError, match="data.caption_key: applies to imagefolder and webdataset"):
