@@ -21,7 +21,7 @@ import torch
 from dalle_ds.config import ConfigError
 from dalle_ds.train.distributed import barrier, check_same_on_every_rank, is_rank0
 from dalle_ds.train.distributed import rank as dist_rank
-from dalle_ds.utils.files import atomic_write_bytes
+from dalle_ds.utils.files import atomic_path, atomic_write_bytes
 
 _TAG = re.compile(r"^step(\d+)$")
 
@@ -42,16 +42,8 @@ def _unreadable(where: Path, e: BaseException) -> CheckpointError:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_artifact(path: str | Path, kind: str, what: str, map_location: str | torch.device = "cpu",
