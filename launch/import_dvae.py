@@ -76,7 +76,8 @@ def preview(model, ds, n: int, out: Path) -> dict:
 
     metrics, ex = evaluate_reconstructions(model, ds, n, batch_size=8)
     c = model.cfg
-    save_png(reconstruction_grid(ex["originals"], ex["recons"], ncol=8, scale=max(1, 128 // c.image_size)),
+    ncol = min(8, len(ex["originals"]))  # no blank columns for a short preview
+    save_png(reconstruction_grid(ex["originals"], ex["recons"], ncol=ncol, scale=max(1, 128 // c.image_size)),
              out / "reconstructions.png",
              title=f"imported dVAE: originals (above) and through {c.grid_size}x{c.grid_size} codes (below), "
                    f"PSNR {metrics['recon_psnr_db']:.1f} dB")
