@@ -199,7 +199,13 @@ def test_filtering():
     p = torch.softmax(logits, -1)[0]  # ≈ [0.64, 0.24, 0.09, 0.03]
     kept = ~torch.isinf(filter_logits(logits, SamplingConfig(top_p=float(p[0] + p[1]) - 1e-3)))
     assert kept.tolist() == [[True, True, False, False]]
-    torch.testing.assert_close(filter_logits(logits, SamplingConfig(temperature=2.0)), logits / 2)
+    # the temperature divides the logits less their row maximum (the same softmax)
+    torch.testing.assert_close(filter_logits(logits, SamplingConfig(temperature=2.0)), (logits - 3.0) / 2)
+    torch.testing.assert_close(torch.softmax(filter_logits(logits, SamplingConfig(temperature=2.0)), -1),
+                               torch.softmax(logits / 2, -1))
+    # a tiny temperature is the argmax, not an overflow: the raw quotients were ±inf and the softmax NaN
+    tiny = torch.softmax(filter_logits(torch.tensor([[0.5, 2.0, -1.0, 1.9]]), SamplingConfig(temperature=1e-40)), -1)
+    assert tiny.tolist() == [[0.0, 1.0, 0.0, 0.0]]
     with pytest.raises(ValueError):
         SamplingConfig(top_p=0).validate()
 
@@ -222,3 +228,31 @@ def test_bad_config():
 
     with pytest.raises(ConfigError, match="divisible"):
         DALLE(DalleConfig(d_model=30, n_heads=4, n_layers=1, text_len=4, image_grid=2))
+
+
+def test_bad_inputs_are_named_errors_not_deep_ones():
+    """Shapes, dtypes and batch sizes are checked where they enter (no host sync: ids are not range-checked)."""
+    cfg = DALLE_PRESETS["tiny"]
+    model = DALLE(cfg).eval()
+    text = torch.randint(0, cfg.text_vocab_size, (2, cfg.text_len))
+    image = torch.randint(0, cfg.image_vocab_size, (2, cfg.image_len))
+    with pytest.raises(TypeError, match="image_tokens must hold int64 ids, got torch.int32"):
+        model(text, image.int())
+    with pytest.raises(ValueError, match="image_tokens has batch 1, but text has 2"):
+        model(text, image[:1])
+    with pytest.raises(ValueError, match=r"text must be \[B ≥ 1, 24\], got shape \(0, 24\)"):
+        model(text[:0], image[:0])
+    with pytest.raises(ValueError, match=r"text must be \[B ≥ 1, 24\], got shape \(24,\)"):
+        model(text[0], image)
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match=r"text must be \[B ≥ 1, 24\], got shape \(2, 10\)"):  # was a silent read
+        model.prefill(text[:, :10], cache)                                                    # of unwritten cache
+    with pytest.raises(ValueError, match="cache is for batch 2, text has 1"):
+        model.prefill(text[:1], cache)
+    model.prefill(text, cache)
+    with pytest.raises(ValueError, match=r"image_pos must be in \[0, 256\), got 256"):
+        model.decode_step(image[:, 0], cfg.image_len, cache)
+    with pytest.raises(TypeError, match="image_pos must be an int"):
+        model.decode_step(image[:, 0], 5.7, cache)
+    with pytest.raises(ValueError, match=r"tokens must be \[B\] codes"):
+        model.decode_step(image[:, :1], 0, cache)

@@ -309,13 +309,25 @@ class DALLE(nn.Module):
     def _logits(self, head: FP32Head, h: torch.Tensor) -> torch.Tensor:
         return head(self.final_norm(h))  # fp32 logits (paper: text and image logits in fp32)
 
+    def _check_ids(self, name: str, ids: torch.Tensor, length: int | None, batch: int | None = None) -> None:
+        """``ids`` must be int64 [B, length] (``length`` None: any), B ≥ 1 (and = ``batch`` when given). Shapes and
+        dtypes only: a range check would cost a host sync per step (out-of-range ids end in embedding's IndexError)."""
+        if not torch.is_tensor(ids):
+            raise TypeError(f"{name} must be a tensor of int64 ids, got {type(ids).__name__}")
+        if ids.dtype != torch.long:
+            raise TypeError(f"{name} must hold int64 ids, got {ids.dtype}")
+        if ids.dim() != 2 or (length is not None and ids.shape[1] != length) or ids.shape[0] < 1:
+            want = f"[B ≥ 1, {length}]" if length is not None else "[B ≥ 1, n]"
+            raise ValueError(f"{name} must be {want}, got shape {tuple(ids.shape)}")
+        if batch is not None and ids.shape[0] != batch:
+            raise ValueError(f"{name} has batch {ids.shape[0]}, but text has {batch}")
+
     # -- training ------------------------------------------------------------------------------------------------
     def forward(self, text: torch.Tensor, image_tokens: torch.Tensor, return_logits: bool = False) -> DalleOutput:
         """``text``: [B, T] from :func:`prepare_text`; ``image_tokens``: [B, W²] raster-order codes."""
         cfg = self.cfg
-        if text.shape[1] != cfg.text_len or image_tokens.shape[1] != cfg.image_len:
-            raise ValueError(f"expected text [B, {cfg.text_len}] and image [B, {cfg.image_len}], got "
-                             f"{tuple(text.shape)} and {tuple(image_tokens.shape)}")
+        self._check_ids("text", text, cfg.text_len)
+        self._check_ids("image_tokens", image_tokens, cfg.image_len, batch=text.shape[0])
         x = torch.cat([self.embed_text(text), self.embed_image(image_tokens)], dim=1)
         x = self.drop(x)
         for layer in self.layers:
@@ -350,6 +362,15 @@ class DALLE(nn.Module):
         """Run the T text positions and, if given, the first P image codes ``image_prefix`` [B, P] (a prompt: the
         paper's image-to-image translation primes the prior with the top of an image, §3.3); return the fp32
         logits for image code P [B, K]."""
+        self._check_ids("text", text, self.cfg.text_len)  # a shorter text would leave cache entries unwritten
+        if image_prefix is not None:
+            self._check_ids("image_prefix", image_prefix, None, batch=text.shape[0])
+            if image_prefix.shape[1] >= self.cfg.image_len:
+                raise ValueError(f"image_prefix has {image_prefix.shape[1]} codes; at most {self.cfg.image_len - 1} "
+                                 "leave a code to predict")
+        if cache[0]["k"].shape[0] != text.shape[0]:
+            raise ValueError(f"cache is for batch {cache[0]['k'].shape[0]}, text has {text.shape[0]} "
+                             "(new_cache(batch))")
         x = self.embed_text(text)
         if image_prefix is not None and image_prefix.shape[1]:
             x = torch.cat([x, self.embed_image(image_prefix)], dim=1)
@@ -361,7 +382,15 @@ class DALLE(nn.Module):
     def decode_step(self, tokens: torch.Tensor, image_pos: int | torch.Tensor, cache: list[dict]) -> torch.Tensor:
         """Feed image code ``tokens`` [B] at raster position ``image_pos``; return logits for the next code [B, K].
         ``image_pos`` may be a one-element integer tensor on the device: the step then makes no host sync and
-        depends on the position only through that tensor (:mod:`dalle_ds.sample.cuda_graph` captures it once)."""
+        depends on the position only through that tensor (:mod:`dalle_ds.sample.cuda_graph` captures it once); an
+        int is checked against the grid, a tensor is not (that would sync)."""
+        if not torch.is_tensor(image_pos):
+            if isinstance(image_pos, bool) or not isinstance(image_pos, int):
+                raise TypeError(f"image_pos must be an int or a one-element integer tensor, got {image_pos!r}")
+            if not 0 <= image_pos < self.cfg.image_len:
+                raise ValueError(f"image_pos must be in [0, {self.cfg.image_len}), got {image_pos}")
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be [B] codes (one per sequence), got shape {tuple(tokens.shape)}")
         x = self.embed_image(tokens[:, None], start=image_pos.reshape(()) if torch.is_tensor(image_pos) else image_pos)
         position = self.cfg.text_len + image_pos
         for layer, c in zip(self.layers, cache):

@@ -34,8 +34,12 @@ class SamplingConfig:
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering; filtered entries become −inf."""
-    logits = logits.float() / cfg.temperature
+    """Temperature, then top-k, then top-p (nucleus) filtering; filtered entries become −inf. Each row's maximum is
+    subtracted before the division by the temperature (the softmax is unchanged): at a tiny temperature the raw
+    quotients overflow to ±inf, and inf − inf made the softmax NaN, which drew the last code every time."""
+    logits = logits.float()
+    top = logits.amax(-1, keepdim=True)
+    logits = (logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top))) / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
