@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_ds.config import DVAEConfig
+from dalle_ds.config import DVAE_PRESETS, DVAEConfig
 from dalle_ds.models.dvae import (GAUSSIAN_SIGMA, DiscreteVAE, gaussian_nll, kmeans_init_head, logit_laplace_nll,
                                   map_pixels, unmap_pixels)
 
@@ -190,3 +190,34 @@ def test_kmeans_head_init_spreads_codes_and_is_deterministic():
     slack = (chosen - d2.min(1).values) * s_k.mean() / 2  # in logit units; identical centroids tie exactly
     slack = slack.detach()
     assert float(slack.max()) < 1e-3, float(slack.max())
+
+
+def test_bad_images_and_codes_are_named_errors():
+    """What encode/decode/forward used to take silently: an unbatched image (argmax over the wrong axis), 0..255
+    floats (encoded as another, saturated image), another size, float codes (truncated), a zero temperature."""
+    model = DiscreteVAE(DVAE_PRESETS["tiny"]).eval()
+    img = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert model.encode(img).shape == (2, 16, 16)
+    assert torch.equal(model.encode(img.float() / 255), model.encode(img))
+    for bad, error, needle in [
+        (img[0], ValueError, r"images must be \[B ≥ 1, 3, 64, 64\] .*got shape \(3, 64, 64\)"),
+        (img[:, :, :48, :48], ValueError, r"got shape \(2, 3, 48, 48\)"),
+        (img.float(), ValueError, r"float images must lie in \[0, 1\] \(or pass uint8 0..255\), got 0..255"),
+        (img.long(), TypeError, "images must be uint8 .* or float in \\[0, 1\\], got torch.int64"),
+        (torch.full((1, 3, 64, 64), float("nan")), ValueError, "float images must lie in"),
+    ]:
+        with pytest.raises(error, match=needle):
+            model.encode(bad)
+    codes = model.encode(img)
+    assert model.decode(codes.flatten(1)).shape == (2, 3, 64, 64)
+    for bad, error, needle in [
+        (codes.float(), TypeError, "tokens must be integer codes, got torch.float32"),
+        (codes[:, :4], ValueError, r"tokens must be \[B ≥ 1, 16, 16\] or \[B ≥ 1, 256\] codes, got shape "
+                                   r"\(2, 4, 16\)"),
+        (codes.flatten(1)[:, :100], ValueError, r"got shape \(2, 100\)"),
+        (codes + 512, ValueError, r"codes must lie in \[0, 512\)"),
+    ]:
+        with pytest.raises(error, match=needle):
+            model.decode(bad)
+    with pytest.raises(ValueError, match="tau .* must be > 0, got 0.0"):
+        model(img, tau=0.0, kl_weight=1.0)

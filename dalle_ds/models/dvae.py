@@ -191,6 +191,41 @@ class DiscreteVAE(nn.Module):
         self.decoder = Decoder(cfg)
 
     # -- inference ---------------------------------------------------------------------------------------------
+    def check_images(self, images: torch.Tensor, check_range: bool = True) -> None:
+        """``images`` must be [B ≥ 1, C, S, S] at the model's channels and size, uint8 or float; float ones in
+        [0, 1] when ``check_range`` (a host sync: done for inference, not in the training step). A 0..255 float
+        image would otherwise be encoded as a different, saturated image, without an error."""
+        c = self.cfg
+        if not torch.is_tensor(images):
+            raise TypeError(f"images must be a tensor, got {type(images).__name__}")
+        want = (c.channels, c.image_size, c.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != want or images.shape[0] < 1:
+            raise ValueError(f"images must be [B ≥ 1, {c.channels}, {c.image_size}, {c.image_size}] (this dVAE's "
+                             f"channels and size), got shape {tuple(images.shape)}")
+        if images.dtype != torch.uint8 and not images.dtype.is_floating_point:
+            raise TypeError(f"images must be uint8 (0..255) or float in [0, 1], got {images.dtype}")
+        if check_range and images.dtype.is_floating_point:
+            lo, hi = float(images.min()), float(images.max())
+            if not (0.0 <= lo and hi <= 1.0):  # NaN fails too
+                raise ValueError(f"float images must lie in [0, 1] (or pass uint8 0..255), got {lo:g}..{hi:g}")
+
+    def check_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Integer codes [B, h, w] (or flat [B, h·w]) on this dVAE's grid, as [B, h, w]; the range is checked too."""
+        c = self.cfg
+        if not torch.is_tensor(tokens) or tokens.dtype.is_floating_point or tokens.dtype.is_complex \
+                or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be integer codes, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
+        g = c.grid_size
+        if tokens.dim() == 2 and tokens.shape[1] == g * g:
+            tokens = tokens.view(tokens.shape[0], g, g)
+        if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (g, g) or tokens.shape[0] < 1:
+            raise ValueError(f"tokens must be [B ≥ 1, {g}, {g}] or [B ≥ 1, {g * g}] codes, got shape "
+                             f"{tuple(tokens.shape)}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= c.vocab_size:
+            raise ValueError(f"codes must lie in [0, {c.vocab_size}), got {lo}..{hi}")
+        return tokens
+
     @staticmethod
     def preprocess(images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] in 0..255 (or float in [0, 1]) → float in [ε, 1 − ε], the network's input domain."""
@@ -205,6 +240,7 @@ class DiscreteVAE(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images → integer codes [B, h, w] (argmax of the encoder logits; no Gumbel noise, as in the paper)."""
+        self.check_images(images)
         return self.encoder(self._to_weights(self.preprocess(images))).argmax(dim=1)
 
     def decode_stats(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -213,10 +249,7 @@ class DiscreteVAE(nn.Module):
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Integer codes [B, h, w] (or flat [B, h·w]) → images in [0, 1], float [B, C, H, W]."""
-        if tokens.dim() == 2:
-            side = self.cfg.grid_size
-            tokens = tokens.view(tokens.shape[0], side, side)
-        stats = self.decoder.forward_tokens(tokens.long())
+        stats = self.decoder.forward_tokens(self.check_codes(tokens).long())
         return unmap_pixels(torch.sigmoid(stats[:, : self.cfg.channels].float()))
 
     @torch.no_grad()
@@ -249,6 +282,9 @@ class DiscreteVAE(nn.Module):
     # -- training ----------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, tau: float, kl_weight: float,
                 generator: torch.Generator | None = None) -> DVAEOutput:
+        self.check_images(images, check_range=False)  # shapes only: no host sync in the training step
+        if not tau > 0:
+            raise ValueError(f"tau (the Gumbel-softmax temperature) must be > 0, got {tau}")
         x01 = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         logits = self.encoder(self._to_weights(map_pixels(x01)))
         # Gumbel noise from Exp(1): −log E ~ Gumbel(0, 1). An explicit generator keeps resume exact.
