@@ -53,6 +53,15 @@ def test_candidates_keep_the_prompt_codes(art, monkeypatch):
         pipe.generate(["a red circle", "a small blue square"], 3, prompt_codes=codes[:1])
     with pytest.raises(ValueError, match="prompt rows must be in 0..4"):
         pipe.encode_prompt(images, rows=5)
+    # generate's own arguments (a str was sampled as one caption per character)
+    with pytest.raises(TypeError, match="captions must be a list of str"):
+        pipe.generate("a red circle", 1)
+    for kwargs, needle in (({"num_candidates": 0}, "num_candidates must be an int ≥ 1, got 0"),
+                           ({"num_candidates": 1, "batch_size": 0}, "batch_size must be an int ≥ 1, got 0")):
+        with pytest.raises(ValueError, match=needle):
+            pipe.generate(["a red circle"], **kwargs)
+    with pytest.raises(TypeError, match="sampling must be a SamplingConfig, got dict"):
+        pipe.generate(["a red circle"], 1, sampling={"temperature": 1.0})
     with pytest.raises(ValueError, match=r"prompt images must be \[N, 3, 16, 16\]"):
         pipe.encode_prompt(images[:, :, :8], rows=1)
 

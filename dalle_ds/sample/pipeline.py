@@ -121,6 +121,16 @@ class TextToImage:
         :func:`sample_image_tokens` (one capture per batch size: a full batch and, if rows are left over, the last).
         ``prompt_codes`` [len(captions), P] (from :meth:`encode_prompt`): each caption's candidates start from its
         row of given codes and only the rest is sampled."""
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise TypeError("captions must be a list of str (one caption is [caption]: a str was taken as a list of "
+                            "its characters)")
+        if not captions:
+            raise ValueError("captions is empty")
+        for name, value in (("num_candidates", num_candidates), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
+        if not isinstance(sampling, (SamplingConfig, type(None))):
+            raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
         sampling = (sampling or SamplingConfig()).validate()
         rows = [c for c in captions for _ in range(num_candidates)]
         if prompt_codes is not None:
