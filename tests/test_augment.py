@@ -223,3 +223,28 @@ def test_dvae_and_prior_trainers_crop_only_their_training_split(tmp_path):
     assert train.crop == PaperCrop("dvae", 16, 5) and evals.crop is None
     assert describe_crops(train).startswith("random crops of the paper's Listing 1")
     assert describe_crops(evals) == "centred squares"
+
+
+def test_bad_geometry_and_inputs_are_named_errors():
+    """A 0-pixel image became a black square, float pixels came back as 0s and 1s, size 0 or True passed."""
+    rng = np.random.default_rng(0)
+    for args, needle in (((0, 40, 32), "width must be a positive int, got 0"),
+                         ((40, 0, 32), "height must be a positive int"),
+                         ((40, 40, 0), "size must be a positive int, got 0"),
+                         ((40, 40, True), "size must be a positive int, got True")):
+        for make in (dvae_plan, prior_plan):
+            with pytest.raises(ValueError, match=needle):
+                make(*args, rng)
+    with pytest.raises(ValueError, match="width must be a positive int, got 0"):
+        PaperCrop("prior", 32)(Image.new("RGB", (0, 40)), (0, 0))
+    with pytest.raises(ValueError, match="size must be a positive int, got True"):
+        PaperCrop("prior", True)
+    with pytest.raises(TypeError, match=r"key must be the sample's \(epoch, index\), got 5"):
+        PaperCrop("prior", 32)(Image.new("RGB", (40, 40)), 5)
+    with pytest.raises(TypeError, match="area_resize takes uint8 pixels"):
+        area_resize(np.random.rand(20, 20, 3), 10)
+    with pytest.raises(ValueError, match="size must be a positive int, got 0"):
+        area_resize(np.zeros((20, 20, 3), np.uint8), 0)
+    big_plan = prior_plan(500, 400, 32, rng)
+    with pytest.raises(ValueError, match="does not fit a 40 x 40 image: it was drawn for another image"):
+        apply_plan(Image.new("RGB", (40, 40)), big_plan, 32)

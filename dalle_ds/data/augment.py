@@ -75,8 +75,16 @@ def _offsets(t: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
     return int(x), int(y)
 
 
+def _check_geometry(width: int, height: int, size: int) -> None:
+    """An image of at least 1 x 1 pixel and a positive int target side (a 0-pixel image became a black square)."""
+    for name, value in (("width", width), ("height", height), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def dvae_plan(width: int, height: int, size: int, rng: np.random.Generator) -> CropPlan:
     """Listing 1 (dVAE training): random square, resize to 9/8-12/8 of ``size``, random crop, random flip."""
+    _check_geometry(width, height, size)
     s = min(width, height)
     left, top = int(rng.integers(0, width - s + 1)), int(rng.integers(0, height - s + 1))
     t = int(rng.integers(min(s, round(9 / 8 * size)), min(s, round(12 / 8 * size)) + 1))
@@ -91,6 +99,7 @@ def _near_centre(length: int, s: int, rng: np.random.Generator) -> int:
 
 def prior_plan(width: int, height: int, size: int, rng: np.random.Generator) -> CropPlan:
     """Listing 2 (transformer training): near-centre square, resize to 1-9/8 of ``size``, random crop, no flip."""
+    _check_geometry(width, height, size)
     s = min(width, height)
     top, left = _near_centre(height, s, rng), _near_centre(width, s, rng)
     t_max = min(s, round(9 / 8 * size))
@@ -133,12 +142,21 @@ def _area_axis(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
 def area_resize(arr: np.ndarray, size: int) -> np.ndarray:
     """TF's ``ResizeMethod.AREA`` of an H x W (x C) uint8 image to ``size`` x ``size``: fractional-coverage means in
     float32 (as TF's kernel), rounded to nearest (``rint``) and clipped, as the listings cast back to uint8."""
+    if arr.dtype != np.uint8:  # float pixels in [0, 1] came back as 0s and 1s
+        raise TypeError(f"area_resize takes uint8 pixels (0..255), got {arr.dtype}")
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"area_resize takes an H x W (x C) image, got shape {arr.shape}")
+    _check_geometry(arr.shape[1], arr.shape[0], size)
     out = _area_axis(_area_axis(arr, size, 0), size, 1)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def apply_plan(img: Image.Image, plan: CropPlan, size: int) -> Image.Image:
-    """The RGB ``size``-square that ``plan`` describes (``img`` in any Pillow mode)."""
+    """The RGB ``size``-square that ``plan`` describes (``img`` in any Pillow mode; ``plan`` drawn for its size)."""
+    _check_geometry(*img.size, size)
+    if plan.left + plan.side > img.width or plan.top + plan.side > img.height:
+        raise ValueError(f"the plan's square ({plan.left}, {plan.top}, side {plan.side}) does not fit a "
+                         f"{img.width} x {img.height} image: it was drawn for another image")
     img = to_rgb(img)
     if plan.t < size:  # an image smaller than the target: scale its square up instead of failing
         box = (plan.left, plan.top, plan.left + plan.side, plan.top + plan.side)
@@ -168,10 +186,12 @@ class PaperCrop:
     def __post_init__(self) -> None:
         if self.listing not in LISTINGS:
             raise ValueError(f"listing must be one of {', '.join(LISTINGS)}, got {self.listing!r}")
-        if not isinstance(self.size, int) or self.size < 1:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"size must be a positive int, got {self.size!r}")
 
     def plan(self, width: int, height: int, key: tuple[int, int]) -> CropPlan:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise TypeError(f"key must be the sample's (epoch, index), got {key!r}")
         rng = np.random.default_rng(sample_seed(self.seed, f"crop/{self.listing}", key))
         return _PLANS[self.listing](width, height, self.size, rng)
 
