@@ -125,6 +125,10 @@ def test_fused_op_arguments_are_checked():
         fp169.adamw16_step_(torch.zeros(4, 2).t(), g, m, v, sc)
     with pytest.raises(ValueError, match="contiguous"):
         fp169.adamw16_step_(p, g, torch.zeros(16, dtype=torch.int16)[::2], v, sc)
+    with pytest.raises(ValueError, match="m_codes and v_codes are the same buffer"):  # ran without complaint
+        fp169.adamw16_step_(p, g, m, m, sc)
+    with pytest.raises(TypeError, match="scalars must be a list of 9 numbers"):  # a dict's keys were the values
+        fp169.adamw16_step_(p, g, m, v, {k: 0.0 for k in fp169.ADAMW16_SCALARS})
     # the C++ front end checks too (called directly)
     with pytest.raises(RuntimeError, match="elements"):
         torch.ops.dalle_ds_fp169.adamw16_step_(p, g, m, v[:4], sc)

@@ -190,3 +190,16 @@ def test_decode_validation():
             attention_decode(q[:, :, :1], k, v, spec, torch.tensor(3, device="cuda"))
     out = reference_decode(q[:, :, 4:5], k[:, :, :5], v[:, :, :5], spec, 4)
     assert out.shape == (2, 3, 1, 32)
+
+
+def test_inputs_that_used_to_fail_deep_are_named_errors():
+    spec = MaskSpec("row", text_len=3, grid=2)
+    q = torch.randn(1, 1, spec.seq_len, 4)
+    with pytest.raises(TypeError, match="q must be a tensor, got list"):
+        attention([1.0], q, q, spec)
+    empty = torch.randn(1, 1, spec.seq_len, 0)
+    with pytest.raises(ValueError, match="head dim must be ≥ 1"):  # was a ZeroDivisionError in the scale
+        attention(empty, empty, empty, spec, backend="dense")
+    for bad in (5.7, True):  # 5.7 was truncated to 5, True taken as position 1
+        with pytest.raises(TypeError, match="position must be an int or a one-element integer tensor"):
+            attention_decode(q[:, :, :1], q, q, spec, bad, backend="dense")

@@ -155,3 +155,12 @@ def test_spec_validation():
         MaskSpec("conv", 0, 4, conv_wrap="torus")
     assert MaskSpec("conv", 256, 32).name == "conv_T256_W32_k11_raster"
     assert MaskSpec("row", 256, 32).seq_len == 1280
+
+
+@pytest.mark.parametrize("field, value", [("grid", 2.5), ("text_len", 1.5), ("conv_kernel", 3.0), ("grid", "3"),
+                                          ("grid", True)])
+def test_mask_spec_sizes_must_be_ints(field, value):
+    """A float or string size failed only inside a kernel (Triton's pointer arithmetic, flex's tracing)."""
+    kwargs = {"kind": "conv", "text_len": 2, "grid": 3, field: value}
+    with pytest.raises(TypeError, match=f"{field} must be an int"):
+        MaskSpec(**kwargs)

@@ -128,6 +128,9 @@ def backend_status() -> list[dict]:
 def _check_inputs(q, k, v, spec: MaskSpec) -> None:
     if not isinstance(spec, MaskSpec):
         raise TypeError(f"mask_spec must be a MaskSpec, got {type(spec).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if q.dim() != 4:
         raise ValueError(f"q must be (B, H, N, D), got shape {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
@@ -138,6 +141,8 @@ def _check_inputs(q, k, v, spec: MaskSpec) -> None:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if q.shape[3] < 1:
+        raise ValueError(f"head dim must be ≥ 1, got shape {tuple(q.shape)}")
 
 
 def _no_backend_error(what: str, tried: dict[str, list[str]]) -> NotImplementedError:
@@ -244,7 +249,8 @@ def attention_decode(
         if position.device != q_new.device:
             raise ValueError(f"position is on {position.device} but q_new on {q_new.device}")
     else:
-        position = int(position)
+        if isinstance(position, bool) or not isinstance(position, int):  # 5.7 was truncated to 5, True taken as 1
+            raise TypeError(f"position must be an int or a one-element integer tensor, got {position!r}")
         if not 0 <= position < mask_spec.seq_len or position >= k_cache.shape[2]:
             raise ValueError(f"position {position} outside [0, min(N={mask_spec.seq_len}, L={k_cache.shape[2]}))")
     if scale is None:

@@ -93,6 +93,10 @@ class MaskSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"mask kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("text_len", "grid", "conv_kernel"):  # 2.5 or "3" failed only inside a kernel
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
         if self.text_len < 0:
             raise ValueError(f"text_len must be >= 0, got {self.text_len}")
         if self.grid < 1:

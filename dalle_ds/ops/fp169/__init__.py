@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 
 import torch
 
@@ -240,6 +241,13 @@ def adamw16_step_(p: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, v_
     """
     _check_codes(m_codes, "m_codes")
     _check_codes(v_codes, "v_codes")
+    if m_codes.data_ptr() == v_codes.data_ptr() and m_codes.numel():
+        raise ValueError("m_codes and v_codes are the same buffer: the mean and the variance need their own")
+    if isinstance(scalars, (dict, str)) or not all(
+            (isinstance(x, numbers.Real) and not isinstance(x, bool)) or (torch.is_tensor(x) and x.numel() == 1)
+            for x in scalars):
+        raise TypeError(f"scalars must be a list of {len(ADAMW16_SCALARS)} numbers {list(ADAMW16_SCALARS)}, got "
+                        f"{scalars!r}")
     if len(scalars) != len(ADAMW16_SCALARS):
         raise ValueError(f"scalars must be {list(ADAMW16_SCALARS)}, got {len(scalars)} values")
     if p.dtype not in _VALUE_DTYPES or not p.is_contiguous():
