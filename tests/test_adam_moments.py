@@ -127,6 +127,14 @@ def test_fused_op_arguments_are_checked():
         fp169.adamw16_step_(p, g, torch.zeros(16, dtype=torch.int16)[::2], v, sc)
     with pytest.raises(ValueError, match="m_codes and v_codes are the same buffer"):  # ran without complaint
         fp169.adamw16_step_(p, g, m, m, sc)
+    with pytest.raises(TypeError, match="grad must be a floating-point tensor, got torch.int64"):
+        fp169.adamw16_step_(p, g.long(), m, v, sc, backend="reference")  # the reference took it
+    # an nn.Parameter is stepped in place by both backends (the reference raised autograd's leaf error)
+    params = [torch.nn.Parameter(torch.ones(8)) for _ in range(2)]
+    for param, backend in zip(params, ("reference", "auto")):
+        fp169.adamw16_step_(param, torch.full((8,), 0.5), torch.zeros(8, dtype=torch.int16),
+                            torch.zeros(8, dtype=torch.int16), sc, backend=backend)
+    assert torch.equal(params[0].detach(), params[1].detach()) and not torch.equal(params[0].detach(), torch.ones(8))
     with pytest.raises(TypeError, match="scalars must be a list of 9 numbers"):  # a dict's keys were the values
         fp169.adamw16_step_(p, g, m, v, {k: 0.0 for k in fp169.ADAMW16_SCALARS})
     # the C++ front end checks too (called directly)

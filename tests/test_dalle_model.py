@@ -208,6 +208,10 @@ def test_filtering():
     assert tiny.tolist() == [[0.0, 1.0, 0.0, 0.0]]
     with pytest.raises(ValueError):
         SamplingConfig(top_p=0).validate()
+    for bad, needle in (({"temperature": "1"}, "temperature must be a number, got '1'"),
+                        ({"top_k": 2.5}, "top_k must be an int, got 2.5"), ({"top_k": None}, "top_k must be an int")):
+        with pytest.raises(TypeError, match=needle):
+            SamplingConfig(**bad).validate()
 
 
 def test_preset_parameter_counts_on_meta_device():

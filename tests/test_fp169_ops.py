@@ -204,6 +204,10 @@ def test_argument_errors(cpu_op):
         fp169.encode(x, scale=0.0, backend=cpu_op)
     with pytest.raises(ValueError, match="scale"):
         fp169.encode(x, scale=1e39, backend=cpu_op)  # infinite in fp32
+    with pytest.raises(TypeError, match="scale must be a number, got 'x'"):
+        fp169.encode(x, scale="x", backend=cpu_op)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got float32"):  # a numpy array
+        fp169.encode(x.numpy(), backend=cpu_op)
     with pytest.raises(TypeError):
         fp169.decode(torch.zeros(3, dtype=torch.int32), backend=cpu_op)
     with pytest.raises(TypeError):

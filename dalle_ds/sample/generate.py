@@ -24,6 +24,10 @@ class SamplingConfig:
     """Keep the smallest set of codes whose probability reaches p (1 = off)."""
 
     def validate(self) -> "SamplingConfig":
+        for name, kinds in (("temperature", (int, float)), ("top_k", (int,)), ("top_p", (int, float))):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise TypeError(f"{name} must be {'an int' if kinds == (int,) else 'a number'}, got {value!r}")
         if not self.temperature > 0:  # NaN too
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:

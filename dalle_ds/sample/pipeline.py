@@ -93,6 +93,8 @@ class TextToImage:
         """The top ``rows`` rows of code of each image (uint8 [N, 3, S, S] at the dVAE's resolution): the codes
         [N, rows · W] that prime the prior in :meth:`generate` (the paper's image-to-image translation, §3.3)."""
         W, size = self.prior.cfg.image_grid, self.dvae.cfg.image_size
+        if isinstance(rows, bool) or not isinstance(rows, int):
+            raise TypeError(f"rows must be an int, got {rows!r}")
         if not 0 <= rows <= W:
             raise ValueError(f"prompt rows must be in 0..{W} (the image grid is {W}×{W}), got {rows}")
         if images.dim() != 4 or tuple(images.shape[1:]) != (self.dvae.cfg.channels, size, size):

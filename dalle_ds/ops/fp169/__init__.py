@@ -87,6 +87,9 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
 
 
 def _check_scale(scale: float, what: str = "scale") -> float:
+    if isinstance(scale, bool) or not (isinstance(scale, numbers.Real) or (torch.is_tensor(scale)
+                                                                            and scale.numel() == 1)):
+        raise TypeError(f"{what} must be a number, got {scale!r}")
     scale = float(scale)
     s32 = float(torch.tensor(scale, dtype=torch.float32))
     if s32 == 0.0 or not math.isfinite(s32):
@@ -95,6 +98,8 @@ def _check_scale(scale: float, what: str = "scale") -> float:
 
 
 def _values(x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(x):
+        raise TypeError(f"expected a torch tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
     x = x.detach()  # the ops have no autograd formula; codes are storage, not differentiable values
@@ -104,6 +109,8 @@ def _values(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_codes(codes: torch.Tensor, name: str = "codes") -> None:
+    if not torch.is_tensor(codes):
+        raise TypeError(f"{name} must be a torch.int16 tensor of codes, got {type(codes).__name__}")
     if codes.dtype != torch.int16:
         raise TypeError(f"{name} must hold 16-bit codes as torch.int16, got {codes.dtype}")
 
@@ -125,6 +132,8 @@ def encode(x: torch.Tensor, saturate: bool = False, scale: float = 1.0, *, fmt: 
     """
     f = get_format(fmt)
     scale = _check_scale(scale)
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     b = resolve_backend(x.device, backend)
     if out is not None:
         _check_out(out, x.shape, torch.int16, x.device)
@@ -250,6 +259,8 @@ def adamw16_step_(p: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, v_
                         f"{scalars!r}")
     if len(scalars) != len(ADAMW16_SCALARS):
         raise ValueError(f"scalars must be {list(ADAMW16_SCALARS)}, got {len(scalars)} values")
+    if not torch.is_tensor(grad) or not grad.is_floating_point():  # the reference took int64 gradients, the op not
+        raise TypeError(f"grad must be a floating-point tensor, got {getattr(grad, 'dtype', type(grad).__name__)}")
     if p.dtype not in _VALUE_DTYPES or not p.is_contiguous():
         raise ValueError(f"p must be a contiguous float32/float16/bfloat16 tensor, got {p.dtype} "
                          f"(contiguous={p.is_contiguous()})")
@@ -264,7 +275,7 @@ def adamw16_step_(p: torch.Tensor, grad: torch.Tensor, m_codes: torch.Tensor, v_
         torch.ops.dalle_ds_fp169.adamw16_step_(p, _values(grad), m_codes, v_codes, values)
         return
     b1, c1, b2, c2, clip, decay, inv_root_c2, eps, step_size = values
-    flat_p, flat_g = p.view(-1), grad.detach().reshape(-1)
+    flat_p, flat_g = p.detach().view(-1), grad.detach().reshape(-1)  # a Parameter is updated in place, as by the op
     flat_m, flat_v = m_codes.view(-1), v_codes.view(-1)
     for start in range(0, flat_p.numel(), chunk):
         end = min(start + chunk, flat_p.numel())
