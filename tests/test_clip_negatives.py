@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_ds.config import DVAEConfig
+from dalle_ds.config import ConfigError, DVAEConfig
 from dalle_ds.data.shapes import ShapesDataset, contrast_attributes, sample_scene
 from dalle_ds.eval.shapes_scorer import parse_caption
 from dalle_ds.models.dvae import DiscreteVAE
@@ -120,13 +120,16 @@ def test_dvae_round_trip_is_encode_then_decode(tmp_path):
     model = DiscreteVAE(cfg).eval()
     export_dvae(tmp_path / "dvae.pt", cfg, model.state_dict(), step=0)
     images = torch.stack([ShapesDataset("train", 3)[i]["image"] for i in range(3)])
-    out = DvaeRoundTrip(tmp_path / "dvae.pt")(images)
+    out = DvaeRoundTrip(tmp_path / "dvae.pt", 64)(images)
     assert out.dtype == torch.uint8 and out.shape == images.shape
     reference = model.reconstruct(images)  # fp32, NCHW
     # bf16 autocast may flip a near-tied argmax code; most pixels must agree to within bf16 rounding.
     close = ((out.int() - reference.int()).abs() <= 8).float().mean()
     assert close > 0.95, float(close)
     assert not torch.equal(out, images)
+    # a CLIP at another size than the dVAE's: refused at start (the dVAE now checks its input size when encoding)
+    with pytest.raises(ConfigError, match="encodes 64 px images, the CLIP sees 128 px"):
+        DvaeRoundTrip(tmp_path / "dvae.pt", 128)
 
 
 def test_clip_config_rejects_bad_negative_settings():

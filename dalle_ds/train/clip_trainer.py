@@ -33,13 +33,16 @@ class DvaeRoundTrip:
     """uint8 images → the same images encoded to dVAE codes and decoded again (bf16 autocast on CPU, where the
     dVAE's convolutions run 1.9× faster in bf16 channels_last: benchmarks/results/dvae_step_cpu_20261204)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, image_size: int):
         from dalle_ds.train.dvae_trainer import load_dvae
 
         try:
             self.dvae = load_dvae(path)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"dvae: {e}") from e
+        if self.dvae.cfg.image_size != image_size:  # the round trip is what the prior's samples look like: same size
+            raise ConfigError(f"dvae: {path} encodes {self.dvae.cfg.image_size} px images, the CLIP sees "
+                              f"{image_size} px (model.image_size); train the reranker at the dVAE's size")
         self.autocast = self.dvae.bf16_inference(True)  # channels_last once, not per batch
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -131,7 +134,8 @@ class ClipTrainer(EngineLoop):
         model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
         self.tokenizer = tokenizer
         self.reranker = ClipReranker(model, tokenizer, image_processor_for(m.image_size))
-        self.collate = ClipCollate(self.reranker, self.uses_scenes, DvaeRoundTrip(cfg.dvae) if cfg.dvae else None)
+        round_trip = DvaeRoundTrip(cfg.dvae, m.image_size) if cfg.dvae else None
+        self.collate = ClipCollate(self.reranker, self.uses_scenes, round_trip)
         super().__init__(cfg, model, ds_config, run_dir, train_ds, self.collate, seed=cfg.seed,
                          num_workers=d.num_workers, ema_decay=cfg.ema_decay, resume=resume)
         if is_rank0():
