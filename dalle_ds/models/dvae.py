@@ -249,13 +249,21 @@ class DiscreteVAE(nn.Module):
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Integer codes [B, h, w] (or flat [B, h·w]) → images in [0, 1], float [B, C, H, W]."""
-        stats = self.decoder.forward_tokens(self.check_codes(tokens).long())
+        return self._decode(self.check_codes(tokens))
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` of codes [B, h, w] known to be valid (checked, or this dVAE's own argmax)."""
+        stats = self.decoder.forward_tokens(codes.long())
         return unmap_pixels(torch.sigmoid(stats[:, : self.cfg.channels].float()))
+
+    @staticmethod
+    def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels * 255).round().to(torch.uint8)
 
     @torch.no_grad()
     def decode_uint8(self, tokens: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` quantized to uint8 [B, C, H, W] (the images samples are saved, scored and reranked as)."""
-        return (self.decode(tokens) * 255).round().to(torch.uint8)
+        return self._to_uint8(self.decode(tokens))
 
     def bf16_inference(self, enabled: bool | None = None) -> contextlib.AbstractContextManager:
         """A context for :meth:`encode` / :meth:`decode` under bf16 autocast, the way the CPU demo's dVAE trains;
@@ -277,7 +285,7 @@ class DiscreteVAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Images → codes → images, uint8 [B, C, H, W]: what the prior's samples look like at best."""
-        return self.decode_uint8(self.encode(images))
+        return self._to_uint8(self._decode(self.encode(images)))  # its own codes: no second check (a host sync)
 
     # -- training ----------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, tau: float, kl_weight: float,
