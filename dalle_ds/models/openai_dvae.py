@@ -57,14 +57,16 @@ class _ReleaseModule(nn.Module):
     """Stand-in for a ``dall_e`` class while unpickling: holds the submodules and tensors, runs nothing."""
 
 
-def _allowlist() -> list:
-    stand_ins = [(type(name.rsplit(".", 1)[1], (_ReleaseModule,), {}), name) for name in _RELEASE_CLASSES]
-    return stand_ins + list(_TORCH_CLASSES)
+#: The classes a release file may name, by the names its pickles use: the stand-ins and the torch modules.
+_ALLOWED: dict[str, type] = {
+    **{name: type(name.rsplit(".", 1)[1], (_ReleaseModule,), {}) for name in _RELEASE_CLASSES},
+    **{f"{cls.__module__}.{cls.__name__}": cls for cls in _TORCH_CLASSES},
+}
 
 
 class _LegacyUnpickler(pickle.Unpickler):
-    """For files in torch's pre-1.6 (non-zip) format, where ``weights_only`` refuses pickled modules: only the
-    allowlist of :func:`_allowlist` plus what tensors and module state are rebuilt from may be named."""
+    """For files in torch's pre-1.6 (non-zip) format, where ``weights_only`` refuses pickled modules: only
+    :data:`_ALLOWED` plus what tensors and module state are rebuilt from may be named."""
 
     _extra = {"collections.OrderedDict": collections.OrderedDict, "builtins.set": set, "__builtin__.set": set,
               "torch.device": torch.device, "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
@@ -74,13 +76,10 @@ class _LegacyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         full = f"{module}.{name}"
-        for entry in _allowlist():
-            cls, cls_name = entry if isinstance(entry, tuple) else (entry, f"{entry.__module__}.{entry.__name__}")
-            if cls_name == full:
-                return cls
-        if full in self._extra:
-            return self._extra[full]
-        raise pickle.UnpicklingError(f"refusing to load {full}: not part of the released dVAE")
+        found = _ALLOWED.get(full) or self._extra.get(full)
+        if found is None:
+            raise pickle.UnpicklingError(f"refusing to load {full}: not part of the released dVAE")
+        return found
 
 
 #: A ``pickle_module`` for ``torch.load`` that unpickles with :class:`_LegacyUnpickler`.
@@ -91,7 +90,7 @@ _legacy_pickle.load = lambda f, **kw: _LegacyUnpickler(f, **kw).load()
 
 def _load(p: Path) -> Any:
     if zipfile.is_zipfile(p):  # torch >= 1.6's format
-        with torch.serialization.safe_globals(_allowlist()):
+        with torch.serialization.safe_globals([(cls, name) for name, cls in _ALLOWED.items()]):
             return torch.load(p, map_location="cpu", weights_only=True)
     with warnings.catch_warnings():  # torch compares pickled class sources with the classes it got: stand-ins here
         warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
@@ -204,8 +203,8 @@ def convert_release(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor],
 
 
 def import_release(encoder: str | Path, decoder: str | Path, image_size: int = 256) -> DiscreteVAE:
-    """The released encoder and decoder files as a :class:`DiscreteVAE` in eval mode (shapes checked by
-    ``load_state_dict(strict=True)``)."""
+    """The released encoder and decoder files as a :class:`DiscreteVAE` in eval mode (every tensor's shape checked
+    against the model first, so a mismatch names the tensor)."""
     enc = read_release_state(encoder, "encoder")
     dec = read_release_state(decoder, "decoder")
     cfg = release_config(enc, dec, image_size)
