@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from dalle_ds.config import DVAEConfig
 from dalle_ds.models.dvae import DiscreteVAE
+from dalle_ds.utils.errors import first_line
 
 __all__ = ["RELEASE_URLS", "read_release_state", "release_config", "convert_release", "import_release"]
 
@@ -106,8 +107,7 @@ def read_release_state(path: str | Path, part: str) -> dict[str, torch.Tensor]:
     try:
         obj: Any = _load(p)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{p}: not a torch file of the released dVAE {part} (torch.load: {first}); "
+        raise ValueError(f"{p}: not a torch file of the released dVAE {part} (torch.load: {first_line(e, 160)}); "
                          f"want {RELEASE_URLS[part]} or a state dict saved from it") from e
     if isinstance(obj, nn.Module):
         kind = type(obj).__name__

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dalle_ds.config import ClipModelConfig
+from dalle_ds.utils.errors import first_line
 
 END_OF_TEXT = "<|endoftext|>"
 MARKER = "dalle_ds_clip.json"
@@ -116,8 +117,7 @@ class ClipReranker:
             tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
             processor = CLIPImageProcessor.from_pretrained(p, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:  # transformers: a damaged config.json, no weights, no tokenizer
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
-            raise ValueError(f"CLIP folder {p}: transformers could not load it ({first})") from e
+            raise ValueError(f"CLIP folder {p}: transformers could not load it ({first_line(e, 240)})") from e
         return cls(model, tokenizer, processor, device)
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:

@@ -21,6 +21,7 @@ import torch
 from dalle_ds.config import ConfigError
 from dalle_ds.train.distributed import barrier, check_same_on_every_rank, is_rank0
 from dalle_ds.train.distributed import rank as dist_rank
+from dalle_ds.utils.errors import first_line
 from dalle_ds.utils.files import atomic_path, atomic_write_bytes
 
 _TAG = re.compile(r"^step(\d+)$")
@@ -34,10 +35,10 @@ class CheckpointError(ConfigError):
 
 
 def _unreadable(where: Path, e: BaseException) -> CheckpointError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    return CheckpointError(f"checkpoint {where} could not be read ({type(e).__name__}: {first}). Checkpoints are "
-                           "committed only once every file is written, so a damaged one was changed afterwards "
-                           "(disk, copy): point checkpoints/latest at an earlier tag, or start over with --no-resume")
+    return CheckpointError(f"checkpoint {where} could not be read ({type(e).__name__}: {first_line(e)}). "
+                           "Checkpoints are committed only once every file is written, so a damaged one was changed "
+                           "afterwards (disk, copy): point checkpoints/latest at an earlier tag, or start over with "
+                           "--no-resume")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -56,7 +57,7 @@ def load_artifact(path: str | Path, kind: str, what: str, map_location: str | to
     try:
         blob = torch.load(p, map_location=map_location, weights_only=False, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # truncated, not a torch file, ...
-        raise ValueError(f"{p} is not a readable {what} file (torch.load: {str(e).splitlines()[0][:120]})") from e
+        raise ValueError(f"{p} is not a readable {what} file (torch.load: {first_line(e, 120)})") from e
     if not isinstance(blob, dict) or blob.get("kind") != kind:
         raise ValueError(f"{p} is not a {what} exported by dalle_ds (found kind "
                          f"{blob.get('kind') if isinstance(blob, dict) else type(blob).__name__!r}, want {kind!r})")
