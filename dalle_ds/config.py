@@ -6,6 +6,7 @@ overrides; ``validate()`` runs on the result and any problem is reported as one 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -13,11 +14,21 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 class ConfigError(ValueError):
     """A bad key, value, path or combination in a run configuration."""
+
+
+@contextlib.contextmanager
+def as_config_error(where: str) -> Iterator[None]:
+    """Inside the block, a FileNotFoundError or ValueError (an input that is missing or does not read) becomes a
+    :class:`ConfigError` prefixed with ``where``, which the trainers report as one line instead of a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def _fail(where: str, msg: str) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dalle_ds.config import ClipTrainConfig, ConfigError
+from dalle_ds.config import ClipTrainConfig, ConfigError, as_config_error
 from dalle_ds.data.registry import build_dataset
 from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, binding_captions, contrast_attributes, contrast_caption,
                                   render_scene_tensor, spatial_contrast_scene)
@@ -36,10 +36,8 @@ class DvaeRoundTrip:
     def __init__(self, path: str | Path, image_size: int):
         from dalle_ds.train.dvae_trainer import load_dvae
 
-        try:
+        with as_config_error("dvae"):
             self.dvae = load_dvae(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"dvae: {e}") from e
         if self.dvae.cfg.image_size != image_size:  # the round trip is what the prior's samples look like: same size
             raise ConfigError(f"dvae: {path} encodes {self.dvae.cfg.image_size} px images, the CLIP sees "
                               f"{image_size} px (model.image_size); train the reranker at the dVAE's size")
@@ -114,11 +112,9 @@ class ClipTrainer(EngineLoop):
         run_dir = Path(run_dir)
         d, m = cfg.data, cfg.model
         split = d.resolved_eval_split
-        try:  # shards or folders that do not load: one config error line
+        with as_config_error("data"):  # shards or folders that do not load
             train_ds = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, m.image_size))
             self.eval_ds = build_dataset(d.name, split, **d.dataset_kwargs(split, m.image_size))
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data: {e}") from e
         self.uses_scenes = cfg.hard_negatives > 0 or cfg.mirror_negatives or cfg.binding_negatives
         if self.uses_scenes and "scene" not in train_ds[0]:
             raise ConfigError(f"clip_run: hard_negatives / mirror_negatives / binding_negatives need scenes to build "

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from dalle_ds.config import ConfigError, DalleConfig, DalleTrainConfig
+from dalle_ds.config import ConfigError, DalleConfig, DalleTrainConfig, as_config_error
 from dalle_ds.data.augment import describe_crops
 from dalle_ds.data.registry import build_dataset
 from dalle_ds.data.token_shards import TokenShardDataset
@@ -128,11 +128,9 @@ class DalleTrainer(EngineLoop):
         d = cfg.data
         self.dvae = None
         if d.train_tokens:
-            try:  # a damaged shard folder: one line naming it (every rank reads the same folder and fails alike)
+            with as_config_error("data.train_tokens / val_tokens"):  # every rank reads the same folder: fails alike
                 train_ds = TokenShardDataset(d.train_tokens)
                 val_ds = TokenShardDataset(d.val_tokens) if d.val_tokens else None
-            except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(f"data.train_tokens / val_tokens: {e}") from e
             grid, vocab = train_ds.grid_size, train_ds.vocab_size
             if val_ds is not None and (val_ds.grid_size, val_ds.vocab_size) != (grid, vocab):
                 raise ConfigError(f"train and val shards disagree: {grid}/{vocab} vs {val_ds.grid_size}/"
@@ -140,19 +138,15 @@ class DalleTrainer(EngineLoop):
         else:
             from dalle_ds.train.dvae_trainer import load_dvae
 
-            try:
+            with as_config_error("data.dvae"):
                 self.dvae = load_dvae(d.dvae)
-            except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(f"data.dvae: {e}") from e
             img = d.images
             img.validate(self.dvae.cfg.image_size, "data.images")
             split = img.resolved_eval_split
-            try:
+            with as_config_error("data.images"):
                 train_ds = build_dataset(img.name, img.train_split, **img.dataset_kwargs(
                     img.train_split, self.dvae.cfg.image_size, crop="prior", seed=cfg.seed))
                 val_ds = build_dataset(img.name, split, **img.dataset_kwargs(split, self.dvae.cfg.image_size))
-            except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(f"data.images: {e}") from e
             grid, vocab = self.dvae.cfg.grid_size, self.dvae.cfg.vocab_size
         init = self._init_weights_source(cfg, run_dir, resume)
         tokenizer_source = d.tokenizer or (init["tokenizer_dir"] if init else None)

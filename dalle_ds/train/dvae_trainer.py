@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dalle_ds.config import ConfigError, DVAEConfig, DVAETrainConfig
+from dalle_ds.config import DVAEConfig, DVAETrainConfig, as_config_error
 from dalle_ds.data.images import collate_samples
 from dalle_ds.data.augment import describe_crops
 from dalle_ds.data.registry import build_dataset
@@ -74,10 +74,8 @@ class DVAETrainer(EngineLoop):
         check_rank0_evaluation_supported(ds_config, "dVAE", "the dVAE is small enough")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = DiscreteVAE(cfg.model)
-        try:  # shards or folders that do not load: one config error line (every rank reads the same data)
+        with as_config_error("data"):  # shards or folders that do not load (every rank reads the same data)
             self.train_ds, self.eval_ds = build_datasets(cfg)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data: {e}") from e
         if cfg.head_init == "kmeans":  # same images and generator on every rank → identical weights
             n = min(cfg.head_init_images, len(self.train_ds))
             images = collate_samples([self.train_ds[i] for i in range(n)])["image"]
