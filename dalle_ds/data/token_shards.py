@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dalle_ds.config import load_json_config
 from dalle_ds.utils.files import atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -80,8 +81,6 @@ def read_meta(shard_dir: str | Path) -> dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(f"{shard_dir} has no meta.json: not a token-shard folder, or an incomplete one "
                                 f"(run launch/tokenize_images.py)")
-    from dalle_ds.config import load_json_config
-
     meta = load_json_config(f, flag="token-shard index")  # a ConfigError (a ValueError) when not a JSON object
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{f}: unsupported token-shard format {meta.get('format')!r}")
