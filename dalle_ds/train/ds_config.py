@@ -258,7 +258,6 @@ def prepare_ds_config(cfg: dict[str, Any], *, steps: int, run_dir: str | Path, j
         for key in ("total_num_steps", "warmup_num_steps"):
             if params.get(key) == "auto":
                 params[key] = steps if key == "total_num_steps" else auto_warmup_steps(steps)
-        for key in ("total_num_steps", "warmup_num_steps"):
             if key in params and not (isinstance(params[key], int) and not isinstance(params[key], bool)
                                       and params[key] >= 0):
                 raise ConfigError(f"{where}: scheduler.params.{key} must be an int ≥ 0 (or \"auto\"), got "
