@@ -221,4 +221,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from dalle_ds.utils.exit import exit_process
+
     main()
+    exit_process(0)

@@ -515,5 +515,7 @@ def _report(rows: list[dict], errors: list[dict], args, argv: list[str], dev: to
 
 
 if __name__ == "__main__":
+    from dalle_ds.utils.exit import exit_process
+
     report = main()
-    sys.exit(1 if report and report["errors"] else 0)  # rank 0 says whether a case failed
+    exit_process(1 if report and report["errors"] else 0)  # rank 0 says whether a case failed

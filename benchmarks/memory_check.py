@@ -172,4 +172,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dalle_ds.utils.exit import exit_process
+
+    exit_process(main())

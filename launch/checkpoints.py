@@ -90,4 +90,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dalle_ds.utils.exit import exit_process
+
+    exit_process(main())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 ATTRS = ("exact", "color", "shape", "size", "position", "relation", "count")
@@ -108,4 +107,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dalle_ds.utils.exit import exit_process
+
+    exit_process(main())

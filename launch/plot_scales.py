@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 from dalle_ds.train.cli import check_out_dir
@@ -87,4 +86,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dalle_ds.utils.exit import exit_process
+
+    exit_process(main())

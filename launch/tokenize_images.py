@@ -190,4 +190,6 @@ def write_index(args, data: DataConfig, dvae_cfg, parts: list[str]) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dalle_ds.utils.exit import exit_process
+
+    exit_process(main())

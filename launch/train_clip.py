@@ -8,7 +8,6 @@ Writes ``<out>/clip/``, a standard Hugging Face CLIP folder (model, tokenizer, i
 ``launch/sample.py --clip`` loads exactly like a local pretrained CLIP.
 """
 import os
-import sys
 
 from dalle_ds.config import CLIP_RUN_PRESETS, ClipTrainConfig
 from dalle_ds.train.cli import run_training
@@ -21,7 +20,9 @@ def make_trainer(cfg, ds_cfg, out, resume):
 
 
 if __name__ == "__main__":
-    sys.exit(run_training(
+    from dalle_ds.utils.exit import exit_process
+
+    exit_process(run_training(
         None, description=__doc__.split("\n\n")[0], cfg_class=ClipTrainConfig, presets=CLIP_RUN_PRESETS,
         default_preset="demo", job_name="clip", make_trainer=make_trainer,
         artifacts=lambda out: f"CLIP written to {os.path.join(out, 'clip')}"))

@@ -12,7 +12,6 @@ image vocabulary and grid are sized from the tokenizer and the data. Re-running 
 Outputs: ``dalle.pt`` (EMA weights + config), ``dalle_metrics.json``, ``tokenizer/``, ``checkpoints/``, ``monitor/``.
 """
 import os
-import sys
 
 from dalle_ds.config import DALLE_RUN_PRESETS, DalleTrainConfig
 from dalle_ds.train.cli import run_training
@@ -25,7 +24,9 @@ def make_trainer(cfg, ds_cfg, out, resume):
 
 
 if __name__ == "__main__":
-    sys.exit(run_training(
+    from dalle_ds.utils.exit import exit_process
+
+    exit_process(run_training(
         None, description=__doc__.split("\n\n")[0], cfg_class=DalleTrainConfig, presets=DALLE_RUN_PRESETS,
         default_preset="demo", job_name="dalle", make_trainer=make_trainer,
         artifacts=lambda out: f"prior written to {os.path.join(out, 'dalle.pt')}"))

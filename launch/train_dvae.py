@@ -11,7 +11,6 @@ ZeRO, precision and monitors. Re-running with the same ``--out`` resumes from th
 ``reconstructions_*.png``, ``checkpoints/``, ``monitor/`` (TensorBoard and CSV).
 """
 import os
-import sys
 
 from dalle_ds.config import DVAE_RUN_PRESETS, DVAETrainConfig
 from dalle_ds.train.cli import run_training
@@ -24,7 +23,9 @@ def make_trainer(cfg, ds_cfg, out, resume):
 
 
 if __name__ == "__main__":
-    sys.exit(run_training(
+    from dalle_ds.utils.exit import exit_process
+
+    exit_process(run_training(
         None, description=__doc__.split("\n\n")[0], cfg_class=DVAETrainConfig, presets=DVAE_RUN_PRESETS,
         default_preset="demo", job_name="dvae", make_trainer=make_trainer,
         artifacts=lambda out: f"dVAE written to {os.path.join(out, 'dvae.pt')}; reconstructions in "
