@@ -62,9 +62,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dalle_ds", "dalle_ds.*"]),
     install_requires=install_requires,
+    # pytest-xdist: the Makefile runs the suite on 2 workers (--dist worksteal needs >= 3.2).
     # attrs and requests: what the DALL-E package (the reference of tests/test_openai_dvae.py) imports; the Makefile
     # installs that package itself with --no-deps, since it declares torchvision, which would pull another torch
-    extras_require={"test": ["pytest>=7.4", "attrs>=21.0", "requests>=2.25"],
+    extras_require={"test": ["pytest>=7.4", "pytest-xdist>=3.2", "attrs>=21.0", "requests>=2.25"],
                     # FID / IS with Inception-v3 (launch/evaluate.py --features inception); torch-fidelity imports
                     # torchvision: install the torchvision built for your torch
                     "fid": ["torch-fidelity>=0.3"]},
