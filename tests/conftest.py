@@ -21,3 +21,10 @@ def hf_tmp_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` or ``distributed`` (20-90 s each: several processes under the deepspeed launcher) run
+    first, the rest keep their order behind them. Under ``make test``'s 2 xdist workers (--dist worksteal) the long
+    tests then start early and the short ones fill the end, instead of one worker finishing a long test alone."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") or item.get_closest_marker("distributed") else 1)
