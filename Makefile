@@ -9,8 +9,9 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.dalle_ds-installed
 RUN_DIR     ?= runs/demo
 # pytest workers (pytest-xdist). Most of the suite's time is process start-up (torch and DeepSpeed imports, one
-# thread each), the launcher's once-a-second polls and exits, not arithmetic: on the 2-core CPU machine 2 workers took
-# the suite from 954 s to 675 s (2026-12-07). 0 runs it in one process (what --pdb and -x want).
+# thread each), the launcher's once-a-second polls and exits, not arithmetic. On the 2-core CPU machine (2026-12-07):
+# one process 954 s; 2 workers 675-808 s over five runs (worksteal 703-770 s, load 675 and 808 s). 0 runs it in one
+# process (what --pdb and -x want).
 TEST_WORKERS ?= 2
 # the 15 slowest tests are listed at the end: the suite must stay within CI's 20 minutes on 2 cores
 PYTEST_ARGS ?= $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal) --durations=15
