@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 ATTRS = ("exact", "color", "shape", "size", "position", "relation", "count")
@@ -107,6 +108,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from dalle_ds.utils.exit import exit_process
-
-    exit_process(main())
+    sys.exit(main())
