@@ -67,7 +67,7 @@ def _flex_reasons(q, k, v, spec, needs_grad, auto):
     elif q.device.type != "cuda":
         reasons.append(f"device type {q.device.type!r} unsupported")
     if not _is_float(q) or (q.dtype == torch.float64 and q.is_cuda):
-        reasons.append(f"dtype={q.dtype} (supported: float16, bfloat16, float32)")
+        reasons.append(f"dtype={q.dtype} (supported: float16, bfloat16, float32; float64 on CPU)")
     d = q.shape[-1]
     if d < 16 or d & (d - 1):
         reasons.append(f"head dim {d} (supported: powers of two >= 16)")
