@@ -68,12 +68,12 @@ def test_a_missing_or_foreign_file_is_a_config_error_and_a_checkpoint_wins(tmp_p
         if path.name == "junk.pt":
             path.write_bytes(b"junk")
         with pytest.raises(ConfigError, match=needle):
-            DalleTrainer._init_weights_source(dataclasses.replace(cfg, init_from=str(path)), tmp_path, resume=True)
-    assert DalleTrainer._init_weights_source(cfg, tmp_path, resume=True) is None
+            DalleTrainer._init_weights_source(dataclasses.replace(cfg, init_from=str(path)), tmp_path, resuming=False)
+    assert DalleTrainer._init_weights_source(cfg, tmp_path, resuming=False) is None
     # a run folder holding a checkpoint resumes from it: init_from is not read (the file need not exist any more)
     (tmp_path / "checkpoints" / "step00000002").mkdir(parents=True)
     (tmp_path / "checkpoints" / "latest").write_text("step00000002")
     gone = dataclasses.replace(cfg, init_from=str(tmp_path / "none.pt"))
-    assert DalleTrainer._init_weights_source(gone, tmp_path, resume=True) is None
+    assert DalleTrainer._init_weights_source(gone, tmp_path, resuming=True) is None
     with pytest.raises(ConfigError, match="file not found"):
-        DalleTrainer._init_weights_source(gone, tmp_path, resume=False)
+        DalleTrainer._init_weights_source(gone, tmp_path, resuming=False)

@@ -20,7 +20,9 @@ def _history(run_dir, name="dvae_metrics.json"):
 def test_two_rank_run_and_exact_resume(tmp_path):
     full, parted = tmp_path / "full", tmp_path / "parted"
     deepspeed_launch("launch/train_dvae.py", ARGS + ["--out", str(full)])
-    deepspeed_launch("launch/train_dvae.py", ARGS + ["--out", str(parted), "--stop_at", "4"])
+    stopped = deepspeed_launch("launch/train_dvae.py", ARGS + ["--out", str(parted), "--stop_at", "4"])
+    assert "stopped at step 4 of 8 (--stop_at)" in stopped.stdout + stopped.stderr  # once, from rank 0
+    assert (stopped.stdout + stopped.stderr).count("(--stop_at)") == 1
     assert (parted / "checkpoints" / "latest").read_text().strip() == "step00000004"
     assert not (parted / "dvae.pt").exists()
     deepspeed_launch("launch/train_dvae.py", ARGS + ["--out", str(parted)])

@@ -110,6 +110,20 @@ def architecture_differences(before: dict[str, Any], now: dict[str, Any]) -> str
     return "; ".join(f"{k} {b.get(k)!r} -> {n.get(k)!r}" for k in keys[:6])
 
 
+def has_checkpoint_of(run_dir: str | Path, job: str) -> bool:
+    """Whether ``run_dir`` holds a committed checkpoint of a ``job`` run (one to resume). Raises
+    :class:`ConfigError` when its checkpoints belong to another job (a prior's folder given to the CLIP trainer):
+    the trainers call this first, before they write anything into the folder."""
+    run_dir = Path(run_dir)
+    if latest_tag(run_dir / "checkpoints") is None:
+        return False
+    if not (run_dir / f"{job}_run_config.json").is_file():
+        others = sorted(p.name[: -len("_run_config.json")] for p in run_dir.glob("*_run_config.json"))
+        raise ConfigError(f"{run_dir} holds checkpoints of another run ({', '.join(others) or 'unknown'}), not of a "
+                          f"{job} run: use another --out")
+    return True
+
+
 def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_config: dict[str, Any]) -> list[str]:
     """Before resuming from ``run_dir``: refuse what cannot resume, list what changed.
 
@@ -123,15 +137,10 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
     from dalle_ds.utils.dicts import flatten
 
     run_dir = Path(run_dir)
-    tag = latest_tag(run_dir / "checkpoints")
-    if tag is None:
+    if not has_checkpoint_of(run_dir, job):
         return []
-    old_run = run_dir / f"{job}_run_config.json"
-    if not old_run.is_file():
-        others = sorted(p.name[: -len("_run_config.json")] for p in run_dir.glob("*_run_config.json"))
-        raise ConfigError(f"{run_dir} holds checkpoints of another run ({', '.join(others) or 'unknown'}), not of a "
-                          f"{job} run: use another --out")
-    old_config = json.loads(old_run.read_text())
+    tag = latest_tag(run_dir / "checkpoints")
+    old_config = json.loads((run_dir / f"{job}_run_config.json").read_text())
     before, now = flatten(old_config), flatten(json.loads(json.dumps(run_config)))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     model = architecture_differences(old_config.get("model", {}), run_config.get("model", {}))

@@ -97,6 +97,9 @@ def _train(cfg, ds_raw: dict, args, job_name: str, make_trainer, artifacts) -> i
             print(f"stopped by {summary['stopped_by']} after step {summary['steps']}: checkpoint saved in "
                   f"{os.path.join(args.out, 'checkpoints')}; rerun the same command to resume", file=sys.stderr)
         return 128 + signal.Signals[summary["stopped_by"]].value
+    if is_rank0() and summary["steps"] < cfg.steps:  # --stop_at: the checkpoint is the artifact, as after a signal
+        print(f"stopped at step {summary['steps']} of {cfg.steps} (--stop_at): checkpoint saved in "
+              f"{os.path.join(args.out, 'checkpoints')}; rerun without --stop_at to finish the run", file=sys.stderr)
     if is_rank0():
         ev = summary["eval"] or {}
         shown = {k: round(v, 4) for k, v in ev.items() if isinstance(v, float) and "/" not in k}

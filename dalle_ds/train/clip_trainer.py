@@ -20,6 +20,7 @@ from dalle_ds.data.registry import build_dataset
 from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, binding_captions, contrast_attributes, contrast_caption,
                                   render_scene_tensor, spatial_contrast_scene)
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
+from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.data_loading import to_device
 from dalle_ds.train.distributed import barrier, gather_rows_with_grad, is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_rank0_evaluation_supported
@@ -110,6 +111,8 @@ class ClipTrainer(EngineLoop):
     def __init__(self, cfg: ClipTrainConfig, ds_config: dict, run_dir: str | Path, resume: bool = True):
         check_rank0_evaluation_supported(ds_config, "CLIP", "the reranker is small")
         run_dir = Path(run_dir)
+        # another job's checkpoints are refused here, before the tokenizer is written into the folder
+        resuming = resume and ckpt.has_checkpoint_of(run_dir, self.job_name)
         d, m = cfg.data, cfg.model
         split = d.resolved_eval_split
         with as_config_error("data"):  # shards or folders that do not load
@@ -121,7 +124,7 @@ class ClipTrainer(EngineLoop):
                               f"negatives from, and dataset {d.name!r} has none (only the shapes data does); set "
                               "hard_negatives=0, mirror_negatives=false and binding_negatives=false")
         caption_tok = ensure_run_tokenizer(cfg.tokenizer, train_ds, run_dir / "caption_tokenizer", 16384,
-                                           m.text_len - 2)
+                                           m.text_len - 2, resuming)
         tokenizer = clip_tokenizer_from_caption_tokenizer(caption_tok, m.text_len)
         torch.manual_seed(cfg.seed)
         model = build_clip(m, tokenizer)
@@ -185,8 +188,9 @@ class ClipTrainer(EngineLoop):
             if "scene" in samples[0]:
                 metrics.update(self.contrast_accuracy(reranker, img, txt, [s["scene"] for s in samples]))
             self.log("clip_eval", metrics, self.engine.global_steps)
-            log.info("CLIP eval: image→caption top-1 %.3f among %d captions; true caption over a contrast caption "
-                     "%s", right / n, n, {k: round(v, 3) for k, v in metrics.items() if k.startswith("contrast")})
+            contrast = {k: round(v, 3) for k, v in metrics.items() if k.startswith("contrast")}
+            log.info("CLIP eval: image→caption top-1 %.3f among %d captions%s", right / n, n,
+                     f"; true caption over a contrast caption {contrast}" if contrast else "")
         barrier()
         return metrics
 

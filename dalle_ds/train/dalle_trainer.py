@@ -125,6 +125,8 @@ class DalleTrainer(EngineLoop):
         if cfg.compile:
             check_compile_supported(ds_config)  # before any data, tokenizer or model is built
         run_dir = Path(run_dir)
+        # another job's checkpoints are refused here, before the tokenizer is written into the folder
+        resuming = resume and ckpt.has_checkpoint_of(run_dir, self.job_name)
         d = cfg.data
         self.dvae = None
         if d.train_tokens:
@@ -148,10 +150,10 @@ class DalleTrainer(EngineLoop):
                     img.train_split, self.dvae.cfg.image_size, crop="prior", seed=cfg.seed))
                 val_ds = build_dataset(img.name, split, **img.dataset_kwargs(split, self.dvae.cfg.image_size))
             grid, vocab = self.dvae.cfg.grid_size, self.dvae.cfg.vocab_size
-        init = self._init_weights_source(cfg, run_dir, resume)
+        init = self._init_weights_source(cfg, run_dir, resuming)
         tokenizer_source = d.tokenizer or (init["tokenizer_dir"] if init else None)
         self.tokenizer = ensure_run_tokenizer(tokenizer_source, train_ds, run_dir / "tokenizer",
-                                              d.tokenizer_vocab_size, cfg.model.text_len - 1)
+                                              d.tokenizer_vocab_size, cfg.model.text_len - 1, resuming)
         model_cfg = replace(cfg.model, text_vocab_size=self.tokenizer.vocab_size, image_vocab_size=vocab,
                             image_grid=grid, bos_id=self.tokenizer.bos_id).validate()
         if init:
@@ -198,12 +200,12 @@ class DalleTrainer(EngineLoop):
             log.info("%s", self._memory_estimate_line(model_cfg, ds_config))
 
     @staticmethod
-    def _init_weights_source(cfg: DalleTrainConfig, run_dir: Path, resume: bool) -> dict | None:
+    def _init_weights_source(cfg: DalleTrainConfig, run_dir: Path, resuming: bool) -> dict | None:
         """The exported prior named by ``init_from`` (memory-mapped), with its tokenizer folder; None without one, or
         when the run folder holds a checkpoint to resume (which wins)."""
         if not cfg.init_from:
             return None
-        if resume and ckpt.latest_tag(run_dir / "checkpoints") is not None:
+        if resuming:
             if is_rank0():
                 log.info("init_from=%s is not used: %s holds a checkpoint to resume", cfg.init_from, run_dir)
             return None

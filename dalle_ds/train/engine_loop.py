@@ -201,6 +201,10 @@ class EngineLoop:
                 if dropped:
                     log.info("monitor logs: dropped %d CSV rows and TensorBoard events after step %d (those "
                              "updates run again)", dropped, self.resumed_from)
+                if self.resumed_from >= cfg.steps:  # e.g. steps lowered by mistake: say it before "finishing"
+                    log.warning("the checkpoint in %s is at step %d, not before steps=%d: nothing is left to train; "
+                                "this run only evaluates and exports the checkpoint's weights (raise steps to "
+                                "train on)", self.ckpt_dir, self.resumed_from, cfg.steps)
 
     def _layout(self) -> dict[str, int]:
         """How this run trains, saved with each checkpoint (ckpt.saved_layout reads it back)."""
