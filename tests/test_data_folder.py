@@ -129,6 +129,21 @@ def test_unvalidated_bad_images_are_replaced_and_counted(tmp_path, caplog, num_w
         assert "trunc.png" in caplog.text and "replaced by the next sample" in caplog.text
 
 
+def test_only_rank_0_reports_before_the_process_group_starts(tmp_path, caplog, monkeypatch):
+    """launch/tokenize_images.py builds its data on every rank before torch.distributed starts: the launcher's RANK
+    then picks the one process that warns, and every rank keeps the same stats."""
+    root = make_folder(tmp_path / "data")
+    monkeypatch.setenv("RANK", "1")
+    with caplog.at_level(logging.INFO, logger="dalle_ds.data.folder"):
+        ds = ImageTextFolder(root, image_size=S, cache_dir=tmp_path / "cache", across_ranks=True)
+    assert caplog.text == ""
+    assert (ds.stats["unreadable"], ds.stats["not_in_metadata"]) == (N_UNREADABLE, 1)
+    monkeypatch.setenv("RANK", "0")
+    with caplog.at_level(logging.INFO, logger="dalle_ds.data.folder"):
+        ImageTextFolder(root, image_size=S, cache_dir=tmp_path / "cache", across_ranks=True)
+    assert "skipped 3 of 8 images" in caplog.text and "orphan.png" in caplog.text
+
+
 def test_image_broken_after_validation_does_not_crash(tmp_path, caplog):
     root = make_folder(tmp_path / "data")
     ds = ImageTextFolder(root, image_size=S, cache_dir=tmp_path / "cache")
@@ -168,8 +183,11 @@ def test_folder_without_captions(tmp_path):
     root.mkdir()
     for i in range(3):
         _noise(i).save(root / f"{i}.png")
-    with pytest.raises(ValueError, match="no caption column"):
+    with pytest.raises(ValueError, match="no caption column") as err:
         ImageTextFolder(root, image_size=S, cache_dir=tmp_path / "cache")
+    for remedy in ("add a metadata.jsonl", '{"file_name": "0001.png", "text":', "--caption_key NAME",
+                   "--set data.caption_key=NAME"):
+        assert remedy in str(err.value)
     ds = ImageTextFolder(root, image_size=S, cache_dir=tmp_path / "cache", require_caption=False)
     assert len(ds) == 3 and ds.captions() == ["", "", ""] and ds.stats["empty_caption"] == 3
 
@@ -346,19 +364,23 @@ def _build_on_ranks(rank, world, root, cache, counts_dir):
     from dalle_ds.data import folder
 
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    decoded = []
+    decoded, logged = [], []
     real = folder._ImageTextDataset._decode
     folder._ImageTextDataset._decode = lambda self, row, *a: decoded.append(1) or real(self, row, *a)
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    folder.logger.addHandler(handler)
+    folder.logger.setLevel(logging.INFO)
     ds = ImageTextFolder(root, cache_dir=cache, across_ranks=True, max_aspect_ratio=2.0)
     (counts_dir / f"{rank}.json").write_text(json.dumps({"decoded": len(decoded), "rows": ds._rows.tolist(),
-                                                         "stats": ds.stats}))
+                                                         "stats": ds.stats, "logged": logged}))
     return ds._rows.tolist()
 
 
 @pytest.mark.distributed
 def test_validation_split_across_ranks_keeps_the_same_rows(tmp_path):
     """With across_ranks, 2 gloo ranks each decode half of the images, share what they found unreadable or beyond the
-    aspect-ratio limit, and keep the rows (and stats) a single process keeps."""
+    aspect-ratio limit, and keep the rows (and stats) a single process keeps; rank 0 alone reports them."""
     from dalle_ds.dist.local_ranks import run_local_ranks
 
     root = make_folder(tmp_path / "data")
@@ -371,5 +393,9 @@ def test_validation_split_across_ranks_keeps_the_same_rows(tmp_path):
     assert [r["decoded"] for r in per_rank] == [(total + 1) // 2, total // 2]
     for r in per_rank:
         assert r["rows"] == single._rows.tolist() and r["stats"] == single.stats
+    assert per_rank[1]["logged"] == []  # one warning per job, not one per rank
+    logged = " | ".join(per_rank[0]["logged"])
+    assert len(per_rank[0]["logged"]) == 3 and "skipped 3 of 8 images as unreadable" in logged
+    assert "left out 1 of 8 images" in logged and "1 image files have no metadata row" in logged
     assert single.stats["unreadable"] == len(BAD)
     assert single.stats["aspect_ratio"] == 1  # g4.jpg, 10 x 50

@@ -1,10 +1,15 @@
 """The training data order (dalle_ds/train/data_loading.py): the loader settings chosen for the device, and one
 loader reused across epochs (workers persisting) yields exactly the batches of a fresh loader per epoch."""
+import logging
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dalle_ds.train.data_loading import ResumableSampler, StepBatches, loader_kwargs, to_device
+from dalle_ds.config import ConfigError, DataConfig
+from dalle_ds.train.data_loading import (
+    ResumableSampler, StepBatches, loader_kwargs, to_device, too_few_samples, warn_if_evaluating_on_training_data,
+)
 
 
 class _Numbers(Dataset):
@@ -66,3 +71,26 @@ def test_one_loader_gives_the_per_epoch_order_and_resumes(num_workers):
     it = iter(resumed)
     rest = [next(it)["x"].tolist() for _ in range(per_epoch - 2 + per_epoch)]
     assert rest == want[per_epoch + 2: 3 * per_epoch]
+
+
+def test_too_small_a_dataset_names_the_micro_batch_that_fits():
+    with pytest.raises(ConfigError, match="fewer than one global micro-batch") as err:
+        StepBatches(_Numbers(), 16, 2, 0, 7, 0, _collate)
+    assert "--ds_set train_micro_batch_size_per_gpu=N for an N ≤ 11 (23 samples // 2 ranks" in str(err.value)
+    assert "run on at most 1 ranks" in str(err.value)
+    assert "run on" not in too_few_samples(40, 64, 2)  # no rank count holds 64
+
+
+def test_evaluating_on_the_training_images_is_warned(caplog, tmp_path):
+    folder = DataConfig(name="imagefolder", path=str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="dalle_ds.train"):
+        warn_if_evaluating_on_training_data(folder, "data.images")
+        warn_if_evaluating_on_training_data(DataConfig(name="imagefolder", path=str(tmp_path), eval_split="test"))
+        warn_if_evaluating_on_training_data(DataConfig(name="imagefolder", path=str(tmp_path), eval_split="train"))
+        warn_if_evaluating_on_training_data(DataConfig())  # shapes: test_id
+    assert len(caplog.records) == 1
+    assert "evaluating on the training split 'train'" in caplog.text and "data.images.eval_split=test" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dalle_ds.train"):
+        warn_if_evaluating_on_training_data(DataConfig(name="webdataset", path="s.tar", eval_split="test"))
+    assert "data.path names one set of WebDataset shards" in caplog.text

@@ -90,13 +90,24 @@ def test_truncation_is_counted_and_warned(tok, caplog):
     assert lengths.tolist()[0] == lengths.tolist()[2] == 16
     assert torch.equal(ids[0], full[0, :16])  # truncation keeps the first max_length tokens
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "truncated 2 of 3 captions" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "truncated 1 of 2 captions (2 of 3 rows)" in warnings[0].getMessage()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dalle_ds.data.tokenizer"):
         tok.encode(["a red circle"])
         tok.encode([long])
     assert tok.truncated_count == 3 and "3 truncated so far" in caplog.text
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1  # no warning without truncation
+
+
+def test_truncation_warning_counts_a_repeated_caption_once(caplog):
+    """Sampling encodes one caption once per candidate image: the warning counts captions, and names the rows."""
+    tok = train_caption_tokenizer(CAPTIONS, vocab_size=400, max_length=16)
+    long = " ".join(["a small red circle above a blue square"] * 5)
+    with caplog.at_level(logging.WARNING, logger="dalle_ds.data.tokenizer"):
+        tok.encode([long] * 4)
+    assert tok.truncated_count == 4
+    assert "truncated 1 of 1 captions (4 of 4 rows) to max_length=16" in caplog.text
+    assert "4 truncated so far" in caplog.text
 
 
 def test_save_load_and_transformers_reload(tok, tmp_path):

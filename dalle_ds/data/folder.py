@@ -127,6 +127,20 @@ def _ranks(across_ranks: bool) -> tuple[int, int]:
     return 0, 1
 
 
+def _reports(across_ranks: bool) -> bool:
+    """Whether this process logs what the whole dataset holds (unreadable images, files without a metadata row).
+    The ranks that build a dataset ``across_ranks`` all find the same (and keep the same :attr:`stats`), so rank 0
+    alone reports it, once per job. Before torch.distributed starts (``launch/tokenize_images.py`` builds its data
+    first) the launcher's ``RANK`` tells which process is rank 0."""
+    import torch.distributed as dist
+
+    if not across_ranks:
+        return True
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextlib.contextmanager
 def _rank0_first(across_ranks: bool):
     """Rank 0 runs the block first (``datasets`` prepares its Arrow cache there), the other ranks after it has
@@ -290,13 +304,14 @@ class _ImageTextDataset(Dataset):
             excluded = sorted(i for _, part in gathered for i in part)
         for _, name, _ in bad:
             self._record_unreadable(name)
-        if bad:
+        reports = _reports(self.across_ranks)
+        if bad and reports:
             logger.warning(
                 "%s: skipped %d of %d images as unreadable, e.g. %s",
                 self.description, len(bad), total, "; ".join(f"{name} ({why})" for _, name, why in bad[:N_EXAMPLES]),
             )
         self.stats["aspect_ratio"] = len(excluded)
-        if excluded:
+        if excluded and reports:
             logger.info("%s: left out %d of %d images whose longer side exceeds %g times the shorter",
                         self.description, len(excluded), total, self.max_aspect_ratio)
         keep = np.ones(total, dtype=bool)
@@ -428,7 +443,11 @@ class ImageTextFolder(_ImageTextDataset):
         if "image" not in hf.column_names:
             raise ValueError(f"image folder {self.path}: no 'image' column (columns: {hf.column_names})")
         what = f"image folder {self.path}"
-        caption = _pick_caption_column(hf, caption_column, CAPTION_COLUMNS, what, require_caption)
+        caption = _pick_caption_column(
+            hf, caption_column, CAPTION_COLUMNS, what, require_caption,
+            'add a metadata.jsonl (or metadata.csv) next to the images with a file_name and a text column, one row '
+            'per image such as {"file_name": "0001.png", "text": "a red cube on a table"}',
+        )
         super().__init__(hf, ["image"], caption, image_size, validate, f"ImageTextFolder({self.path}, split={split})",
                          across_ranks, crop, max_aspect_ratio)
         self.stats["not_in_metadata"] = self._count_not_in_metadata(dd)
@@ -453,9 +472,10 @@ class ImageTextFolder(_ImageTextDataset):
             listed.update(os.path.realpath(v["path"]) for v in column if v and v.get("path"))
         missing = [os.path.relpath(full, self.path) for full in map(os.path.realpath, iter_image_files(self.path))
                    if full not in listed]
-        if missing:
+        if missing and _reports(self.across_ranks):
             logger.warning(
-                "image folder %s: %d image files have no metadata row and are not used, e.g. %s",
+                "image folder %s: %d image files have no metadata row and are not used (add a row with their "
+                "file_name to the metadata file to use them), e.g. %s",
                 self.path, len(missing), ", ".join(sorted(missing)[:N_EXAMPLES]),
             )
         return len(missing)
@@ -564,7 +584,8 @@ class WebDatasetShards(_ImageTextDataset):
             if not image_columns:
                 raise ValueError(f"{what}: no image members found (columns: {hf.column_names}); name the image "
                                  "member: image_key= (data.image_key in a run config)")
-        caption = _pick_caption_column(hf, caption_key, WDS_CAPTION_KEYS, what, require_caption, json_fallback=True)
+        caption = _pick_caption_column(hf, caption_key, WDS_CAPTION_KEYS, what, require_caption,
+                                       "give each sample a <key>.txt member holding its caption", json_fallback=True)
         super().__init__(hf, image_columns, caption, image_size, validate, f"WebDatasetShards({what})",
                          across_ranks, crop, max_aspect_ratio)
 
@@ -613,9 +634,11 @@ def _pick_caption_column(
     candidates: Sequence[str],
     what: str,
     require: bool,
+    add_captions: str,
     json_fallback: bool = False,
 ) -> Optional[str]:
-    """The caption column: ``requested`` if given (``col`` or ``col.field``), else the first candidate present."""
+    """The caption column: ``requested`` if given (``col`` or ``col.field``), else the first candidate present.
+    ``add_captions`` is the error's first remedy, in the layout's terms."""
     columns = hf.column_names
 
     def struct_fields(col: str) -> list[str]:
@@ -638,8 +661,9 @@ def _pick_caption_column(
                 return f"json.{col}"
     if require:
         raise ValueError(
-            f"{what}: no caption column among {list(candidates)} (columns: {columns}); name it (caption_column= / "
-            "caption_key=; data.caption_key in a run config), or require_caption=False to load the images with "
-            "empty captions (the dVAE's trainer does)"
+            f"{what}: no caption column among {list(candidates)} (columns: {columns}); {add_captions}, or name the "
+            "caption column: --caption_key NAME (launch/tokenize_images.py), --set data.caption_key=NAME "
+            "(train_clip.py; data.images.caption_key for train_dalle.py), caption_column= / caption_key= in Python, "
+            "where require_caption=False loads the images with empty captions instead (the dVAE's trainer does)"
         )
     return None

@@ -17,9 +17,10 @@ The DALL-E paper lowercases captions and encodes them with BPE into at most 256 
 * **vocab_size is an upper bound**: the trainer stops when no pair occurs ``min_frequency`` times, so small caption
   sets give smaller vocabularies. Size embeddings from :attr:`CaptionTokenizer.vocab_size` (the trained size).
 * **Truncation**: captions longer than ``max_length`` tokens keep their first ``max_length`` tokens; each ``encode``
-  call that truncates (the 1st, 2nd, 4th, 8th... such call) logs one warning with the count, and :attr:`CaptionTokenizer.truncated_count` keeps the
-  running total (per process: DataLoader workers each count their own). Tokens are bytes or byte sequences, so a
-  cut can fall inside a multi-byte character; decoding then shows U+FFFD for the partial character.
+  call that truncates (the 1st, 2nd, 4th, 8th... such call) logs one warning with the count of distinct captions cut,
+  and :attr:`CaptionTokenizer.truncated_count` keeps the running total of rows cut (a caption encoded once per
+  sampled image counts each time; per process: DataLoader workers each count their own). Tokens are bytes or byte
+  sequences, so a cut can fall inside a multi-byte character; decoding then shows U+FFFD for the partial character.
 
 Saved with ``save(dir)`` as a ``transformers`` tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``,
 with ``model_max_length = max_length``) plus ``dalle_ds_tokenizer.json`` (our settings), so
@@ -214,10 +215,12 @@ class CaptionTokenizer:
         ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         lengths = torch.zeros(len(texts), dtype=torch.long)
         truncated, longest = 0, 0
+        truncated_texts: set[str] = set()
         for row, toks in enumerate(token_lists):
             longest = max(longest, len(toks))
             if len(toks) > self.max_length:
                 truncated += 1
+                truncated_texts.add(texts[row])
                 toks = toks[: self.max_length]
             if toks:
                 ids[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
@@ -227,10 +230,14 @@ class CaptionTokenizer:
             self._truncating_calls += 1
         # Warn on the 1st, 2nd, 4th, 8th... call that truncates, so a training loop is not flooded.
         if truncated and self._truncating_calls & (self._truncating_calls - 1) == 0:
+            # Counted as distinct captions: sampling encodes one caption once per candidate image, and "truncated 4
+            # of 4 captions" for one prompt would mislead. The rows are named too where captions repeat.
+            distinct = len(set(texts))
+            rows = f" ({truncated} of {len(texts)} rows)" if distinct != len(texts) else ""
             logger.warning(
-                "caption tokenizer: truncated %d of %d captions to max_length=%d tokens (longest had %d); "
-                "%d truncated so far",
-                truncated, len(texts), self.max_length, longest, self.truncated_count,
+                "caption tokenizer: truncated %d of %d captions%s to max_length=%d tokens (longest had %d); "
+                "%d truncated so far (rows, repeats included)",
+                len(truncated_texts), distinct, rows, self.max_length, longest, self.truncated_count,
             )
         return ids, lengths
 

@@ -21,7 +21,7 @@ from dalle_ds.data.shapes import (CONTRAST_ATTRIBUTES, binding_captions, contras
                                   render_scene_tensor, spatial_contrast_scene)
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for
 from dalle_ds.train import checkpoint as ckpt
-from dalle_ds.train.data_loading import to_device
+from dalle_ds.train.data_loading import to_device, warn_if_evaluating_on_training_data
 from dalle_ds.train.distributed import barrier, gather_rows_with_grad, is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_rank0_evaluation_supported
 from dalle_ds.train.engine_loop import EngineLoop, parameter_count
@@ -118,6 +118,8 @@ class ClipTrainer(EngineLoop):
         with as_config_error("data"):  # shards or folders that do not load
             train_ds = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, m.image_size))
             self.eval_ds = build_dataset(d.name, split, **d.dataset_kwargs(split, m.image_size))
+        if d.eval_samples > 0:
+            warn_if_evaluating_on_training_data(d)
         self.uses_scenes = cfg.hard_negatives > 0 or cfg.mirror_negatives or cfg.binding_negatives
         if self.uses_scenes and "scene" not in train_ds[0]:
             raise ConfigError(f"clip_run: hard_negatives / mirror_negatives / binding_negatives need scenes to build "

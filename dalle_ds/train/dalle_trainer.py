@@ -32,7 +32,7 @@ from dalle_ds.data.tokenizer import CaptionTokenizer
 from dalle_ds.models.dalle import DALLE, prepare_text
 from dalle_ds.precision.resblock_scaling import install_unscale_hooks
 from dalle_ds.train import checkpoint as ckpt
-from dalle_ds.train.data_loading import loader_kwargs, sample_seed, to_device
+from dalle_ds.train.data_loading import loader_kwargs, sample_seed, to_device, warn_if_evaluating_on_training_data
 from dalle_ds.train.distributed import is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_compile_supported, zero_stage
 from dalle_ds.train.engine_loop import EngineLoop, parameter_count
@@ -149,6 +149,8 @@ class DalleTrainer(EngineLoop):
                 train_ds = build_dataset(img.name, img.train_split, **img.dataset_kwargs(
                     img.train_split, self.dvae.cfg.image_size, crop="prior", seed=cfg.seed))
                 val_ds = build_dataset(img.name, split, **img.dataset_kwargs(split, self.dvae.cfg.image_size))
+            if d.val_batches > 0:
+                warn_if_evaluating_on_training_data(img, "data.images")
             grid, vocab = self.dvae.cfg.grid_size, self.dvae.cfg.vocab_size
         init = self._init_weights_source(cfg, run_dir, resuming)
         tokenizer_source = d.tokenizer or (init["tokenizer_dir"] if init else None)

@@ -2,16 +2,20 @@
 uninterrupted one would have seen."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dalle_ds.config import ConfigError
+from dalle_ds.config import ConfigError, DataConfig
+from dalle_ds.train.distributed import is_rank0
 from dalle_ds.utils.seeds import sample_seed, seed63
 
 __all__ = ["ResumableSampler", "EpochTagged", "StepBatches", "sample_seed", "step_generator", "loader_kwargs",
-           "to_device"]
+           "to_device", "warn_if_evaluating_on_training_data"]
+
+log = logging.getLogger("dalle_ds.train")
 
 
 class ResumableSampler(DistributedSampler):
@@ -82,6 +86,22 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
+def too_few_samples(samples: int, micro_batch: int, ranks: int) -> str:
+    """The error for a dataset smaller than one global micro-batch, with the settings that would fit it."""
+    msg = f"the dataset has {samples} samples, fewer than one global micro-batch ({micro_batch} × {ranks} ranks)"
+    fixes = []
+    if samples >= ranks:
+        fit = samples // ranks
+        # DeepSpeed derives gradient accumulation from train_batch_size when a config sets it too (ds_config.py),
+        # so that needs dividing by the new global micro-batch
+        fixes.append(f"lower the micro-batch with --ds_set train_micro_batch_size_per_gpu=N for an N ≤ {fit} "
+                     f"({samples} samples // {ranks} ranks; if the DeepSpeed config also sets train_batch_size, "
+                     f"N × {ranks} must divide it)")
+    if ranks > 1 and samples >= micro_batch:
+        fixes.append(f"run on at most {samples // micro_batch} ranks")
+    return f"{msg}: {', or '.join(fixes) if fixes else 'use a larger dataset'}"
+
+
 class StepBatches:
     """Yields micro-batches forever, tracking (epoch, micro-batch index within the epoch) for checkpoints.
 
@@ -92,8 +112,7 @@ class StepBatches:
     def __init__(self, dataset: Dataset, micro_batch: int, num_replicas: int, rank: int, seed: int,
                  num_workers: int, collate_fn, device: torch.device | str = "cpu", tag_epoch: bool = False):
         if len(dataset) < micro_batch * num_replicas:
-            raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one global micro-batch "
-                             f"({micro_batch} × {num_replicas} ranks)")
+            raise ConfigError(too_few_samples(len(dataset), micro_batch, num_replicas))
         self.dataset = dataset
         # With tag_epoch each sample carries its "sample_key" (epoch, index): see ResumableSampler. A dataset that
         # draws its own per-sample randomness from that key (takes_sample_key: the paper's random crops) is always
@@ -131,3 +150,20 @@ def step_generator(seed: int, step: int, rank: int, micro: int = 0,
     g = torch.Generator(device=device)
     g.manual_seed(seed63(f"{seed}/{step}/{rank}/{micro}"))
     return g
+
+
+def warn_if_evaluating_on_training_data(data: DataConfig, where: str = "data") -> None:
+    """Warn once per job (rank 0) when evaluation reads the training images by default: an image folder without
+    ``eval_split`` resolves to its ``train`` split (config.py), and WebDataset shards are one set read for every
+    split. The eval metrics then measure fit, not generalization, and nothing else in the log says so. An
+    ``eval_split`` the user set to the training split is their choice and passes silently."""
+    if not is_rank0():
+        return
+    if data.name == "webdataset":
+        log.warning("evaluating on the training images: %s.path names one set of WebDataset shards, read for "
+                    "evaluation too, so the eval metrics measure fit, not generalization", where)
+    elif data.name == "imagefolder" and data.eval_split is None and data.resolved_eval_split == data.train_split:
+        log.warning("evaluating on the training split %r (%s.eval_split is not set and an image folder has no "
+                    "held-out default), so the eval metrics measure fit, not generalization: give the folder train/ "
+                    "and test/ (or val/) subfolders, each with its metadata file, and set %s.eval_split=test (or "
+                    "validation)", data.train_split, where, where)

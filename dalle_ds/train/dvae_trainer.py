@@ -25,7 +25,7 @@ from dalle_ds.eval.dvae_eval import evaluate_reconstructions
 from dalle_ds.models.dvae import DiscreteVAE, kmeans_init_head
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.channels_last import ChannelsLast
-from dalle_ds.train.data_loading import step_generator, to_device
+from dalle_ds.train.data_loading import step_generator, to_device, warn_if_evaluating_on_training_data
 from dalle_ds.train.distributed import barrier, is_rank0, rank, world_size
 from dalle_ds.train.ds_config import check_rank0_evaluation_supported
 from dalle_ds.train.engine_loop import EngineLoop, parameter_count
@@ -43,6 +43,8 @@ def build_datasets(cfg: DVAETrainConfig):
     train = build_dataset(d.name, d.train_split, **d.dataset_kwargs(d.train_split, size, crop="dvae", seed=cfg.seed),
                           **extra)
     evals = build_dataset(d.name, d.resolved_eval_split, **d.dataset_kwargs(d.resolved_eval_split, size), **extra)
+    if d.eval_samples > 0:
+        warn_if_evaluating_on_training_data(d)
     return train, evals
 
 
