@@ -70,7 +70,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = Path(args.run)
     if not (run / "checkpoints").is_dir():
-        print(f"error: {run} holds no checkpoints folder: not a run folder, or one that never saved", file=sys.stderr)
+        # the checkpoints folder itself given (its name, a `latest` file or step folders): name the run folder above it
+        looks_like = run.resolve().name == "checkpoints" or (run / "latest").is_file() or bool(ckpt.list_tags(run))
+        parent = run.parent if run.name not in ("", "..") else run.resolve().parent  # Path(".").name is ""
+        hint = f"; did you mean --run {parent}?" if run.is_dir() and looks_like else ""
+        print(f"error: {run} holds no checkpoints folder: not a run folder, or one that never saved{hint}",
+              file=sys.stderr)
         return 2
     try:
         if args.universal:

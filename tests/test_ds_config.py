@@ -209,3 +209,25 @@ def test_paper_schedules():
         assert _lr_at(prior, 2500) == pytest.approx(4.5e-4 / 2), name
         assert _lr_at(prior, 5000) == pytest.approx(4.5e-4, rel=1e-6), name
         assert _lr_at(prior, 430_000) == pytest.approx(4.5e-4 / 32), name
+
+
+def test_a_missing_config_names_the_closest_file_of_its_folder(tmp_path):
+    (tmp_path / "cpu_dvae.json").write_text("{}")
+    (tmp_path / "zero3_bf16.json").write_text("{}")
+    with pytest.raises(ConfigError, match=f"file not found: .*cpu_dave.json; did you mean "
+                                          f"{tmp_path / 'cpu_dvae.json'}\\?$"):
+        load_ds_config(tmp_path / "cpu_dave.json")
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(tmp_path / "nothing_alike.json")
+    assert "file not found" in str(e.value) and "did you mean" not in str(e.value)
+
+
+def test_precision_mode():
+    from dalle_ds.train.ds_config import precision_mode
+
+    assert precision_mode({"bf16": {"enabled": True}, "fp16": {"enabled": False}}) == "bf16"
+    assert precision_mode({"bfloat16": {"enabled": True}}) == "bf16"  # DeepSpeed's older name
+    assert precision_mode({"fp16": {"enabled": True}}) == "fp16"
+    assert precision_mode({"bf16": {"enabled": False}}) == precision_mode({}) == "fp32"
+    with pytest.raises(ConfigError, match="both true"):
+        precision_mode({"bf16": {"enabled": True}, "fp16": {"enabled": True}})

@@ -209,3 +209,18 @@ def test_sample_notes_empty_captions(tmp_path, capsys):
     captions, scenes = sample.gather_captions(args)
     assert captions == ["", "a red circle"] and scenes is None
     assert "note: 1 empty caption(s)" in capsys.readouterr().err
+
+
+def test_checkpoints_given_the_checkpoints_folder_names_the_run_folder(tmp_path, capsys):
+    """launch/checkpoints.py --run <run>/checkpoints (or a folder holding `latest` / step folders) hints at the run
+    folder above it; a folder that looks like neither gets no hint."""
+    tool = _load("launch_checkpoints", "launch/checkpoints.py")
+    (tmp_path / "dvae" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "renamed" / "step00000010").mkdir(parents=True)
+    (tmp_path / "plain").mkdir()
+    for run, hint in ((tmp_path / "dvae" / "checkpoints", tmp_path / "dvae"), (tmp_path / "renamed", tmp_path),
+                      (tmp_path / "plain", None)):
+        assert tool.main(["--run", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"{run} holds no checkpoints folder" in err
+        assert (f"did you mean --run {hint}?" in err) if hint else "did you mean" not in err

@@ -146,11 +146,46 @@ def test_cli_prints_the_estimate(capsys):
 
 def test_cli_refuses_a_deepspeed_config_it_cannot_read(tmp_path, capsys):
     (tmp_path / "z.json").write_text('{"zero_optimization": 2}')
+    (tmp_path / "cpu_dvae.json").write_text("{}")
     for path, needle in ((tmp_path / "missing.json", "file not found"),
+                         (tmp_path / "cpu_dave.json", f"did you mean {tmp_path / 'cpu_dvae.json'}?"),
                          (tmp_path / "z.json", "'zero_optimization' must be a JSON object")):
         with pytest.raises(SystemExit):
             models_main(["--preset", "tiny", "--memory", "--deepspeed_config", str(path)])
         assert needle in capsys.readouterr().err
+
+
+def test_cli_takes_stage_precision_micro_batch_and_offload_from_the_deepspeed_config(tmp_path, capsys):
+    """--deepspeed_config sets what the flags left unset; a flag given wins, with a warning naming both values."""
+    zero3 = str(ROOT / "ds_configs" / "zero3_bf16_offload.json")
+    assert models_main(["--preset", "tiny", "--memory", "--gpus", "8", "--deepspeed_config", zero3]) == 0
+    out, err = capsys.readouterr()
+    assert "ZeRO-3 over 8 GPU(s), bf16, micro-batch 2, optimizer offloaded to CPU" in out and err == ""
+    fp32 = str(ROOT / "ds_configs" / "zero3_fp16_resblock.json")
+    assert models_main(["--preset", "tiny", "--memory", "--zero", "1", "--deepspeed_config", fp32]) == 0
+    out, err = capsys.readouterr()
+    assert "ZeRO-1 over 1 GPU(s), fp32, micro-batch 2" in out
+    assert "warning: --zero 1 differs from" in err and "zero_optimization.stage 3" in err
+    assert "--precision fp16-resblock" in err  # the note: the file leaves DeepSpeed in fp32 mode
+    assert models_main(["--preset", "tiny", "--memory", "--precision", "fp16-resblock", "--micro-batch", "4",
+                        "--deepspeed_config", fp32]) == 0
+    out, err = capsys.readouterr()
+    assert "ZeRO-3 over 1 GPU(s), fp16-resblock, micro-batch 4" in out
+    assert err.strip() == f"warning: --micro-batch 4 differs from {fp32}'s micro-batch 2; estimating --micro-batch 4"
+    bf16 = str(ROOT / "ds_configs" / "zero1_bf16.json")
+    assert models_main(["--preset", "tiny", "--memory", "--precision", "fp32", "--deepspeed_config", bf16]) == 0
+    out, err = capsys.readouterr()
+    assert "ZeRO-1 over 1 GPU(s), fp32" in out and "--precision fp32 differs from" in err and "bf16 mode" in err
+    (tmp_path / "batch.json").write_text('{"train_batch_size": 32, "gradient_accumulation_steps": 2}')
+    assert models_main(["--preset", "tiny", "--memory", "--gpus", "4", "--deepspeed_config",
+                        str(tmp_path / "batch.json")]) == 0
+    assert "ZeRO-0 over 4 GPU(s), fp32, micro-batch 4" in capsys.readouterr().out  # 32 / (2 × 4)
+    (tmp_path / "fp16.json").write_text('{"fp16": {"enabled": true}}')
+    with pytest.raises(SystemExit):
+        models_main(["--preset", "tiny", "--memory", "--deepspeed_config", str(tmp_path / "fp16.json")])
+    assert "pass --precision bf16" in capsys.readouterr().err
+    assert models_main(["--preset", "tiny", "--memory"]) == 0  # no file: ZeRO-3, bf16, micro-batch 1
+    assert "ZeRO-3 over 1 GPU(s), bf16, micro-batch 1" in capsys.readouterr().out
 
 
 CONFIGS = sorted(ROOT.joinpath("ds_configs").glob("zero*.json"))

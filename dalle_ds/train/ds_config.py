@@ -155,6 +155,16 @@ def zero_stage(cfg: dict[str, Any]) -> int:
     return int((cfg.get("zero_optimization") or {}).get("stage", 0))
 
 
+def precision_mode(cfg: dict[str, Any], where: str = "deepspeed config") -> str:
+    """DeepSpeed's precision mode in the config: "bf16" (``bf16.enabled``, or the older ``bfloat16`` section), "fp16"
+    (``fp16.enabled``) or "fp32" (neither; the model may still compute in 16 bits, e.g. fp16 resblocks)."""
+    bf16 = cfg.get("bf16") if cfg.get("bf16") is not None else cfg.get("bfloat16")
+    bf16, fp16 = ((section or {}).get("enabled") is True for section in (bf16, cfg.get("fp16")))
+    if bf16 and fp16:
+        raise ConfigError(f"{where}: bf16.enabled and fp16.enabled are both true; DeepSpeed allows one of them")
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+
+
 def check_rank0_evaluation_supported(cfg: dict[str, Any], trainer: str, why_small: str) -> None:
     """Trainers that evaluate on rank 0 alone (dVAE, CLIP) refuse ZeRO-3: gathering the ZeRO-3 EMA shards there
     would need every rank. ``why_small`` ends the message (why a stage ≤ 2 suits that model)."""
@@ -172,6 +182,12 @@ def check_compile_supported(cfg: dict[str, Any]) -> None:
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
+    """The JSON object at ``path``; a path that does not exist names the closest .json file of its folder, if any."""
+    p = Path(path)
+    if not p.is_file() and p.parent.is_dir():
+        close = difflib.get_close_matches(p.name, [f.name for f in p.parent.glob("*.json")], n=1, cutoff=0.6)
+        if close:
+            raise ConfigError(f"--deepspeed_config: file not found: {p}; did you mean {p.parent / close[0]}?")
     return load_json_config(path, flag="--deepspeed_config")
 
 
