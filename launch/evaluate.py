@@ -130,6 +130,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--inception_weights goes with --features inception")
     if args.inception_weights:
         check_file(p, "--inception_weights", args.inception_weights, "torch-fidelity's Inception-v3 weights (.pth)")
+    if args.features == "inception":  # before the data is read and the models load (a missing package: said first)
+        from dalle_ds.eval.fidelity import inception_unavailable
+
+        missing = inception_unavailable()
+        if missing:
+            p.error(f"--features inception: {missing}")
     check_file(p, "--prior", args.prior, "the dalle.pt written by launch/train_dalle.py", expect="dalle.pt")
     if args.dvae:
         check_file(p, "--dvae", args.dvae, "the dvae.pt written by launch/train_dvae.py", expect="dvae.pt")

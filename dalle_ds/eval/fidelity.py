@@ -82,12 +82,21 @@ class ClipImageFeatures(torch.nn.Module):
         return self.reranker.image_embeddings(images).float()
 
 
-def _inception(feature: str, weights: str | None) -> torch.nn.Module:
+def inception_unavailable() -> str | None:
+    """Why features "inception" cannot run here (torch-fidelity missing), or None: cheap, so a command line can be
+    refused before any model or data is loaded."""
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
     if not _TORCH_FIDELITY_AVAILABLE:
-        raise FidelityUnavailable('features "inception" need torch-fidelity: pip install "dalle_ds[fid]" (and the '
-                                  'torchvision built for your torch); or use features "clip"')
+        return ('features "inception" need torch-fidelity: pip install "dalle_ds[fid]" (and the torchvision built for '
+                'your torch); or use features "clip"')
+    return None
+
+
+def _inception(feature: str, weights: str | None) -> torch.nn.Module:
+    missing = inception_unavailable()
+    if missing:
+        raise FidelityUnavailable(missing)
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
 
