@@ -656,6 +656,9 @@ class DalleDataConfig:
             _fail(f"{where}.dvae", f"no such file: {self.dvae}")
         if self.val_batches < 0 or self.num_workers < 0:
             _fail(where, "val_batches and num_workers must be ≥ 0")
+        if self.images.num_workers != DataConfig.num_workers:  # the nested DataConfig's own key is not read here
+            _fail(f"{where}.images.num_workers", f"is not read by the prior's trainer: its loader workers are "
+                                                 f"{where}.num_workers (set that instead)")
         if not 260 <= self.tokenizer_vocab_size <= 16384:  # 256 byte symbols + 4 specials .. the paper's bound
             _fail(f"{where}.tokenizer_vocab_size", f"must be in 260..16384, got {self.tokenizer_vocab_size}")
         return self

@@ -201,3 +201,15 @@ def test_data_image_and_caption_keys_reach_the_loaders(tmp_path):
         DataConfig(name="imagefolder", path=str(tmp_path), image_key="webp").validate(64)
     with pytest.raises(ConfigError, match="data.caption_key: applies to imagefolder and webdataset"):
         DataConfig(name="shapes", caption_key="text").validate(64)
+
+
+def test_prior_data_refuses_the_image_configs_own_worker_count(tmp_path):
+    """data.images is a whole DataConfig, but the prior's loader reads data.num_workers: the nested key would be
+    silently ignored."""
+    from dalle_ds.config import DALLE_RUN_PRESETS
+
+    (tmp_path / "dvae.pt").write_bytes(b"")
+    on_the_fly = {"data.train_tokens": None, "data.dvae": str(tmp_path / "dvae.pt")}
+    with pytest.raises(ConfigError, match=r"data.images.num_workers: is not read .* data.num_workers"):
+        apply_overrides(DALLE_RUN_PRESETS["demo"], {**on_the_fly, "data.images.num_workers": 8}).data.validate()
+    apply_overrides(DALLE_RUN_PRESETS["demo"], {**on_the_fly, "data.num_workers": 8}).data.validate()
