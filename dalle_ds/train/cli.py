@@ -67,8 +67,9 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
     try:
         cfg = build_run_config(cfg_class, presets, args.preset, args.config, args.set)
         ds_raw = apply_ds_overrides(load_ds_config(args.deepspeed_config), args.ds_set)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except ConfigError as e:  # before the process group: every rank finds it, rank 0 (the launcher's RANK) says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config error: {e}", file=sys.stderr)
         return 2
     with distributed_run():
         return _train(cfg, ds_raw, args, job_name, make_trainer, artifacts)
