@@ -130,12 +130,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--inception_weights goes with --features inception")
     if args.inception_weights:
         check_file(p, "--inception_weights", args.inception_weights, "torch-fidelity's Inception-v3 weights (.pth)")
-    if args.features == "inception":  # before the data is read and the models load (a missing package: said first)
-        from dalle_ds.eval.fidelity import inception_unavailable
-
-        missing = inception_unavailable()
-        if missing:
-            p.error(f"--features inception: {missing}")
     check_file(p, "--prior", args.prior, "the dalle.pt written by launch/train_dalle.py", expect="dalle.pt")
     if args.dvae:
         check_file(p, "--dvae", args.dvae, "the dvae.pt written by launch/train_dvae.py", expect="dvae.pt")
@@ -264,9 +258,15 @@ def write_outputs(args, out: Path, metrics: dict, counts: dict, share: dict) -> 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dalle_ds.eval.fidelity import FidelityMeter, FidelityUnavailable
+    from dalle_ds.eval.fidelity import FidelityMeter, FidelityUnavailable, inception_unavailable
     from dalle_ds.train.distributed import device, distributed_run, is_rank0, world_size
 
+    # A missing package first, before the models load and the data is read (not in parse_args: the command line
+    # itself is fine, and the docs' commands are checked to parse on machines without it)
+    missing = inception_unavailable() if args.features == "inception" else None
+    if missing:
+        print(f"error: --features inception: {missing}", file=sys.stderr)
+        return 2
     # Inputs fail here, before the process group starts, as one line (ConfigError is a ValueError).
     try:
         pipe, ds, feature_clip = load_inputs(args)
