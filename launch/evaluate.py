@@ -36,7 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dalle_ds.config import DATASET_NAMES
-from dalle_ds.train.cli import check_clip_dir, check_file, check_out_dir, validate_data_flags
+from dalle_ds.train.cli import (LaunchedArgumentParser, check_clip_dir, check_file, check_out_dir,
+                               validate_data_flags)
 
 #: Blur radii in pixels (PIL's Gaussian standard deviation); the paper plots FID and IS against a growing radius.
 DEFAULT_BLUR = "0,1,2,4,8"
@@ -76,7 +77,7 @@ def sample_sets(args) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = LaunchedArgumentParser(description=__doc__.split("\n\n")[0])  # rank 0 alone reports a bad command line
     p.add_argument("--prior", required=True, help="dalle.pt written by launch/train_dalle.py")
     p.add_argument("--dvae", default=None, help="dvae.pt (default: the one the prior was trained with)")
     p.add_argument("--clip", default=None, help="CLIP folder that reranks the candidates (no reranking without)")

@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from dalle_ds.config import DATASET_NAMES, DataConfig
-from dalle_ds.train.cli import check_file, check_out_dir, validate_data_flags
+from dalle_ds.train.cli import LaunchedArgumentParser, check_file, check_out_dir, validate_data_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = LaunchedArgumentParser(description=__doc__.split("\n\n")[0])  # rank 0 alone reports a bad command line
     p.add_argument("--dvae", required=True, help="dvae.pt written by launch/train_dvae.py")
     p.add_argument("--data", default="shapes", choices=DATASET_NAMES)
     p.add_argument("--path", default=None, help="imagefolder dir / webdataset shards / fashion-mnist dir")

@@ -36,14 +36,18 @@ def test_prior_trainer_refuses_a_wrong_dvae_and_a_folder_without_a_tokenizer(tmp
 
 
 @pytest.mark.distributed
-def test_a_config_error_before_the_process_group_is_said_once_under_the_launcher(tmp_path):
+@pytest.mark.parametrize("args, said", [
+    (["--set", "stpes=5", "--out", "RUN"], "config error:"),  # found by the config code
+    (["--set", "steps=5"], "error: the following arguments are required: --out"),  # by argparse
+])
+def test_a_command_line_error_is_said_once_under_the_launcher(tmp_path, args, said):
     """Every rank parses the command line and fails alike; rank 0 alone prints the error (it came once per rank)."""
     from launch_utils import _launch_command, _launcher_env, free_port
 
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
     cmd = _launch_command("launch/train_dvae.py", ["--deepspeed_config", "ds_configs/cpu_dvae.json", "--preset",
-                                                   "test", "--set", "stpes=5", "--out", str(tmp_path / "run")], 2,
-                          free_port())
+                                                   "test", *args], 2, free_port())
     proc = subprocess.run(cmd, cwd=ROOT, env=_launcher_env(), capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "did you mean 'steps'" in out, out[-3000:]
-    assert out.count("config error:") == 1, out[-3000:]
+    assert proc.returncode != 0 and said in out, out[-3000:]
+    assert out.count(said) == 1, out[-3000:]

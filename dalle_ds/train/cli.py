@@ -23,10 +23,20 @@ def _signals(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class LaunchedArgumentParser(argparse.ArgumentParser):
+    """Under the ``deepspeed`` launcher every rank parses the same command line and fails alike: rank 0 (the
+    launcher's ``RANK``) prints the usage and the error, the other ranks exit with the same code without a word."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") != "0":
+            self.exit(2)
+        super().error(message)
+
+
 def build_parser(description: str, presets: dict[str, Any], default_preset: str) -> argparse.ArgumentParser:
     import deepspeed
 
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
+    p = LaunchedArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default=default_preset,
                    help=f"run preset: {', '.join(presets)} (default: {default_preset})")
     p.add_argument("--config", default=None, help="JSON file overriding the preset (nested or dotted keys)")
