@@ -52,6 +52,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from dalle_ds.utils.ranks import is_job_rank0
+
 from .augment import PaperCrop, aspect_ratio_ok
 from .images import load_image, to_chw_uint8
 
@@ -130,15 +132,9 @@ def _ranks(across_ranks: bool) -> tuple[int, int]:
 def _reports(across_ranks: bool) -> bool:
     """Whether this process logs what the whole dataset holds (unreadable images, files without a metadata row).
     The ranks that build a dataset ``across_ranks`` all find the same (and keep the same :attr:`stats`), so rank 0
-    alone reports it, once per job. Before torch.distributed starts (``launch/tokenize_images.py`` builds its data
-    first) the launcher's ``RANK`` tells which process is rank 0."""
-    import torch.distributed as dist
-
-    if not across_ranks:
-        return True
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
+    alone reports it, once per job, also before torch.distributed starts (``launch/tokenize_images.py`` builds its
+    data first)."""
+    return not across_ranks or is_job_rank0()
 
 
 @contextlib.contextmanager

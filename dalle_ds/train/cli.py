@@ -28,7 +28,9 @@ class LaunchedArgumentParser(argparse.ArgumentParser):
     launcher's ``RANK``) prints the usage and the error, the other ranks exit with the same code without a word."""
 
     def error(self, message: str):
-        if os.environ.get("RANK", "0") != "0":
+        from dalle_ds.utils.ranks import is_job_rank0
+
+        if not is_job_rank0():
             self.exit(2)
         super().error(message)
 
@@ -64,6 +66,7 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
     """Parse → validate the run config and the DeepSpeed JSON (before any process group exists) → init → train."""
     from dalle_ds.config import ConfigError, build_run_config
     from dalle_ds.train.distributed import distributed_run
+    from dalle_ds.utils.ranks import is_job_rank0
     from dalle_ds.train.ds_config import apply_ds_overrides, load_ds_config
 
     parser = build_parser(description, presets, default_preset)
@@ -78,7 +81,7 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
         cfg = build_run_config(cfg_class, presets, args.preset, args.config, args.set)
         ds_raw = apply_ds_overrides(load_ds_config(args.deepspeed_config), args.ds_set)
     except ConfigError as e:  # before the process group: every rank finds it, rank 0 (the launcher's RANK) says it
-        if os.environ.get("RANK", "0") == "0":
+        if is_job_rank0():
             print(f"config error: {e}", file=sys.stderr)
         return 2
     with distributed_run():
