@@ -26,7 +26,7 @@ def settings_from_ds_config(args: argparse.Namespace, ds_config: dict, where: st
     micro-batch 4" is a fair what-if, and the warning names both values, so an estimate is never for other settings
     than the file's without saying so."""
     from dalle_ds.config import ConfigError
-    from dalle_ds.train.ds_config import precision_mode, resolve_batch_sizes, zero_stage
+    from dalle_ds.train.ds_config import optimizer_offload, precision_mode, resolve_batch_sizes, zero_stage
 
     lines = []
 
@@ -71,8 +71,7 @@ def settings_from_ds_config(args: argparse.Namespace, ds_config: dict, where: st
         raise ConfigError(f"{where}: train_micro_batch_size_per_gpu must be a positive integer, got {micro!r}")
     take("micro_batch", "--micro-batch", micro, f"micro-batch {micro}")
 
-    device = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
-    offload = device not in ("none", None)
+    offload = optimizer_offload(ds_config)
     if args.offload is None:
         args.offload = offload and args.zero >= 1
     elif not offload:

@@ -275,15 +275,16 @@ def estimate_for_run(cfg: DalleConfig, ds_config: dict, world_size: int, *, adam
     offload read from the filled-in DeepSpeed config (``micro_batch``: the engine's, when given); activations with or
     without checkpointing as the model says.
     Returns the estimate and a one-line summary (the trainer logs it at start-up)."""
-    zo = ds_config.get("zero_optimization") or {}
-    zero = int(zo.get("stage", 0))
+    from dalle_ds.train.ds_config import optimizer_offload, zero_stage
+
+    zero = zero_stage(ds_config)
     if (ds_config.get("bf16") or {}).get("enabled"):
         precision = "bf16"
     elif cfg.resblock_grad_scaling:
         precision = "fp16-resblock"
     else:
         precision = "fp32"
-    offload = zero >= 1 and ((zo.get("offload_optimizer") or {}).get("device", "none") not in ("none", None))
+    offload = zero >= 1 and optimizer_offload(ds_config)
     micro = int(micro_batch or ds_config.get("train_micro_batch_size_per_gpu", 1))
     attention = "dense" if cfg.attn_backend == "dense" else "flash"
     est = estimate_per_gpu(cfg, zero=zero, gpus=world_size, precision=precision, micro_batch=micro, offload=offload,

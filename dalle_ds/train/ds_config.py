@@ -155,6 +155,13 @@ def zero_stage(cfg: dict[str, Any]) -> int:
     return int((cfg.get("zero_optimization") or {}).get("stage", 0))
 
 
+def optimizer_offload(cfg: dict[str, Any]) -> bool:
+    """Whether the config puts the optimizer state in host memory (``zero_optimization.offload_optimizer.device``
+    other than "none"; DeepSpeed honours it at ZeRO stages 1-3)."""
+    device = (((cfg.get("zero_optimization") or {}).get("offload_optimizer")) or {}).get("device", "none")
+    return device not in ("none", None)
+
+
 def precision_mode(cfg: dict[str, Any], where: str = "deepspeed config") -> str:
     """DeepSpeed's precision mode in the config: "bf16" (``bf16.enabled``, or the older ``bfloat16`` section), "fp16"
     (``fp16.enabled``) or "fp32" (neither; the model may still compute in 16 bits, e.g. fp16 resblocks)."""
