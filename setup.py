@@ -9,9 +9,29 @@ This builds ``dalle_ds.ops.fp169._C_cpu`` and, where torch has CUDA and ``nvcc``
 sources and flags as the JIT builder (``OpBuilder.setuptools_extension``); the loader uses them before any JIT build.
 """
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildPyWithSources(build_py):
+    """Copies the top-level ``csrc/`` into the built package as ``dalle_ds/csrc``, where
+    ``dalle_ds.ops.builder.csrc_root`` looks in an installed package: without it a wheel (``pip install .``) has no
+    sources, and every op the ahead-of-time build did not make (all of them by default) reports "sources not found".
+    An editable install reads the checkout's ``csrc/`` and copies nothing."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "dalle_ds", "csrc")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(os.path.join(HERE, "csrc"), target,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so"))
 
 install_requires = [
     "torch>=2.11,<2.14",
@@ -30,15 +50,14 @@ install_requires = [
     "ninja>=1.11",
 ]
 
-ext_modules, cmdclass = [], {}
+ext_modules, cmdclass = [], {"build_py": BuildPyWithSources}
 if os.environ.get("DALLE_DS_BUILD_OPS", "0") == "1":
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, here)  # the builders' definitions, from this source tree
+    sys.path.insert(0, HERE)  # the builders' definitions, from this source tree
     from torch.utils.cpp_extension import BuildExtension
 
     from dalle_ds.ops.fp169._ext import CPU_BUILDER, CUDA_BUILDER
 
-    ext_modules.append(CPU_BUILDER.setuptools_extension(here))
+    ext_modules.append(CPU_BUILDER.setuptools_extension(HERE))
     why_not = CUDA_BUILDER.incompatibility(need_device=False)  # a build machine may have no GPU
     if why_not is None:
         import torch
@@ -48,7 +67,7 @@ if os.environ.get("DALLE_DS_BUILD_OPS", "0") == "1":
             # _get_cuda_arch_flags). Ampere and Hopper machine code, plus PTX for newer GPUs.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
             print("dalle_ds: no GPU visible and no TORCH_CUDA_ARCH_LIST: building the CUDA op for 8.0;9.0+PTX")
-        ext_modules.append(CUDA_BUILDER.setuptools_extension(here))
+        ext_modules.append(CUDA_BUILDER.setuptools_extension(HERE))
     else:
         print(f"dalle_ds: not building {CUDA_BUILDER.name} ahead of time: {why_not}")
     cmdclass["build_ext"] = BuildExtension

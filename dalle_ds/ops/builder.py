@@ -55,8 +55,8 @@ class OpUnavailable(RuntimeError):
 
 def csrc_root() -> Path:
     """The ``csrc/`` directory: ``$DALLE_DS_CSRC``, else ``dalle_ds/csrc`` when an installed package ships the
-    sources there (DeepSpeed's layout: a symlink in the repository, copied into wheels), else the checkout's
-    top-level ``csrc/``."""
+    sources there (setup.py's build_py copies ``csrc/`` into wheels and ``pip install .``), else the checkout's
+    top-level ``csrc/`` (editable installs)."""
     env = os.environ.get("DALLE_DS_CSRC")
     if env:
         return Path(env)
