@@ -17,6 +17,7 @@ import torch
 
 from dalle_ds.config import ConfigError
 from dalle_ds.precision.adam_moments import AdamW16
+from dalle_ds.train.ds_config import optimizer_offload
 
 __all__ = ["Adam16Extension"]
 
@@ -39,8 +40,7 @@ class Adam16Extension:
         if params.get("adam_w_mode") is False or params.get("amsgrad"):
             raise ConfigError(f"{where}: the 16-bit moments are for AdamW (decoupled weight decay, no AMSGrad); "
                               "remove adam_w_mode=false / amsgrad from optimizer.params")
-        zo = ds_config.get("zero_optimization", {})
-        if str((zo.get("offload_optimizer") or {}).get("device", "none")).lower() not in ("none", ""):
+        if optimizer_offload(ds_config):
             raise ConfigError(f"{where}: optimizer offload runs DeepSpeed's CPU Adam, which keeps fp32 moments; "
                               "drop zero_optimization.offload_optimizer or keep adam_moments=fp32")
         if not hasattr(model, "resblock_matmul_weight_names"):
