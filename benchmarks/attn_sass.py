@@ -37,7 +37,7 @@ from dalle_ds.ops.attention import MaskSpec  # noqa: E402
 from dalle_ds.ops.attention import triton_backend as tb  # noqa: E402
 from dalle_ds.ops.attention.layouts import block_layout  # noqa: E402
 from dalle_ds.ops.attention.triton_backend import Config  # noqa: E402
-from timing import comma_list, emit  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import comma_list, emit, out_prefix  # noqa: E402  (benchmarks/timing.py)
 
 KERNELS = ("fwd", "dkdv", "dq", "dkdv_dq")
 MASKS = ("causal", "row", "column", "conv")
@@ -272,7 +272,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", type=comma_list(KERNELS), default=list(KERNELS), help=f"comma list of {KERNELS}")
     p.add_argument("--masks", type=comma_list(MASKS), default=list(MASKS), help=f"comma list of {MASKS}")
     p.add_argument("--tiles", type=_tiles, default=Config(64, 64, 4, 3), help="BLOCK_MxBLOCK_NxWARPSxSTAGES")
-    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--out", type=out_prefix, default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
     if tb.interpreted():
         p.error("unset TRITON_INTERPRET: the interpreter cannot compile for sm_90")

@@ -58,7 +58,8 @@ from dalle_ds.ops.attention import triton_backend  # noqa: E402
 from dalle_ds.ops.attention.flex import flex_sparse_attention  # noqa: E402
 from dalle_ds.utils.svg_plot import bar_chart  # noqa: E402
 from op_breakdown import op_breakdown  # noqa: E402  (benchmarks/op_breakdown.py, beside this script)
-from timing import comma_list, host_info, host_line, matmul_flops_per_s, positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import (comma_list, host_info, host_line, matmul_flops_per_s, out_prefix,  # noqa: E402
+                    positive_int)  # (benchmarks/timing.py)
 
 MASKS = ("row", "column", "conv")
 PROVIDERS = ("triton", "flex", "sdpa_causal", "sdpa_mask")
@@ -517,7 +518,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ``--plot``, ``plot_report`` (the loaded JSON) and nothing else resolved."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny fp32 shapes on CPU (tests the harness)")
-    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--out", type=out_prefix, default=None, help="write OUT.json and OUT.md")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--batch", type=positive_int, default=None, help="batch for the 1280-token case (default 8)")
     p.add_argument("--heads", type=positive_int, default=None, help="default 16")

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import emit, host_info, host_line, int_at_least, md_table  # noqa: E402  (benchmarks/timing.py)
+from timing import emit, host_info, host_line, int_at_least, md_table, out_prefix  # noqa: E402  (benchmarks/timing.py)
 
 from dalle_ds.data.augment import PaperCrop  # noqa: E402
 from dalle_ds.data.folder import ImageTextFolder  # noqa: E402
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--size", type=int_at_least(1), default=256, help="the model's image size (paper: 256)")
     ap.add_argument("--n", type=int_at_least(1), default=64, help="images per pass")
     ap.add_argument("--repeats", type=int_at_least(1), default=3, help="passes per mode (the median is kept)")
-    ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    ap.add_argument("--out", type=out_prefix, default=None, help="write OUT.json and OUT.md")
     return ap.parse_args(argv)
 
 

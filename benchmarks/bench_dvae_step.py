@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import comma_list, emit, md_table, time_fn  # noqa: E402  (benchmarks/timing.py)
+from timing import comma_list, emit, md_table, out_prefix, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 from dalle_ds.config import DVAE_RUN_PRESETS  # noqa: E402
 from dalle_ds.models.dvae import DiscreteVAE  # noqa: E402
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the demo: 1 per rank, 2 ranks)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--modes", type=comma_list(MODES), default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
-    ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    ap.add_argument("--out", type=out_prefix, default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.threads < 1:
         ap.error("--batch, --repeats and --threads must be ≥ 1")

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from dalle_ds.ops import fp169  # noqa: E402
 from dalle_ds.ops.fp169 import _ext  # noqa: E402
 from dalle_ds.precision.adam_moments import AdamW16  # noqa: E402
-from timing import device_tag, host_info, host_line, positive_int, time_fn, torch_device  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import (device_tag, host_info, host_line, out_prefix, positive_int, time_fn,  # noqa: E402
+                    torch_device)  # (benchmarks/timing.py)
 
 
 
@@ -200,7 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n", type=positive_int, default=None, help="elements for the ops (default: 2^28 GPU, 2^22 CPU)")
     ap.add_argument("--repeats", type=positive_int, default=None)
     ap.add_argument("--underflow-n", type=positive_int, default=None)
-    ap.add_argument("--out", type=Path, default=None, help="write JSON here")
+    ap.add_argument("--out", type=out_prefix, default=None, help="write OUT.json and OUT.md")
     ap.add_argument("--save", action="store_true", help="write benchmarks/results/fp169_<device>_<date>.{json,md}")
     return ap.parse_args(argv)
 
@@ -231,7 +232,7 @@ def main(argv=None) -> None:
               "sizes": {"n_op": n_op, "n_ref": n_ref, "repeats": repeats, "underflow_n": under_n}}
     paths = []
     if args.out:
-        paths.append((args.out, None))
+        paths.append((Path(args.out + ".json"), Path(args.out + ".md")))
     if args.save:
         tag = device_tag(env["device_name"]) if gpu else "cpu"
         stem = Path(__file__).resolve().parent / "results" / f"fp169_{tag}_{_dt.date.today():%Y%m%d}"
@@ -239,9 +240,8 @@ def main(argv=None) -> None:
     for json_path, md_path in paths:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1) + "\n")
-        if md_path is not None:
-            md_path.write_text(text)
-        print(f"wrote {json_path}" + (f" and {md_path}" if md_path else ""))
+        md_path.write_text(text)
+        print(f"wrote {json_path} and {md_path}")
     print()
     print(text)
 

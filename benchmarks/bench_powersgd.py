@@ -45,7 +45,7 @@ from dalle_ds.dist.orthogonalize import ORTHOGONALIZERS  # noqa: E402
 from dalle_ds.dist.powersgd import HierarchicalPowerSGD, PowerSGDSettings, fp32_ring_bytes  # noqa: E402
 from dalle_ds.dist.topology import Topology  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
-from timing import comma_list, emit, int_at_least, positive_int, time_fn  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import comma_list, emit, int_at_least, out_prefix, positive_int, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 WORLD, LOCAL = 4, 2
 
@@ -239,7 +239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"PowerSGD rank per machine, a multiple of {LOCAL} (default: 16; --quick: 4)")
     ap.add_argument("--steps", type=int_at_least(3), default=None, help="ddp training steps (default: 60; --quick: 4)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", help="write OUT.json and OUT.md")
+    ap.add_argument("--out", type=out_prefix, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
     args.preset = args.preset or ("test" if args.quick else "tiny")
     if args.preset not in DALLE_PRESETS:

@@ -47,8 +47,8 @@ from dalle_ds.sample import cuda_graph  # noqa: E402
 from dalle_ds.sample.clip import ClipReranker, build_clip, clip_tokenizer_from_caption_tokenizer, image_processor_for  # noqa: E402
 from dalle_ds.sample.generate import SamplingConfig, sample_image_tokens  # noqa: E402
 from dalle_ds.models.flops import sampling_floor_seconds, sampling_steps  # noqa: E402
-from timing import (comma_list, copy_bytes_per_s, emit, matmul_flops_per_s, positive_int, time_fn,  # noqa: E402
-                    torch_device)  # (benchmarks/timing.py, beside this script)
+from timing import (comma_list, copy_bytes_per_s, emit, matmul_flops_per_s, out_prefix, positive_int,  # noqa: E402
+                    time_fn, torch_device)  # (benchmarks/timing.py)
 
 CAPTIONS = ["a large red circle above a small blue square", "a small green triangle in the top left",
             "a white cross to the left of a yellow square", "a large purple star in the center"]
@@ -168,7 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-uncached-above", type=int, default=32,
                    help="skip the (slow) uncached reference for larger batches")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--out", type=out_prefix, default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
     args.preset = args.preset or ("test" if args.quick else "tiny")
     if args.preset not in DALLE_PRESETS:

@@ -89,8 +89,8 @@ from dalle_ds.train.distributed import (  # noqa: E402
     device as ds_device, distributed_run, rank, world_size)
 from dalle_ds.train.ds_config import check_compile_supported  # noqa: E402
 from op_breakdown import markdown as op_markdown, op_breakdown, union_us  # noqa: E402
-from timing import (comma_list, copy_bytes_per_s, emit, host_info, host_line, matmul_flops_per_s,  # noqa: E402
-                    int_at_least, nonnegative_int, positive_int)  # (benchmarks/timing.py)
+from timing import (comma_list, copy_bytes_per_s, emit, host_info, host_line, int_at_least,  # noqa: E402
+                    matmul_flops_per_s, nonnegative_int, out_prefix, positive_int)  # (benchmarks/timing.py)
 
 PHASES = ("forward", "backward", "optimizer")
 COMM_PREFIXES = ("c10d::", "gloo:", "nccl:", "record_param_comms")
@@ -428,7 +428,7 @@ def parse_args(argv):
                    help="torch.optim.AdamW instead of DeepSpeed's FusedAdam (auto: on CPU only)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per rank")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps (FILE[.case][.rankN].json)")
-    p.add_argument("--out", default=None, help="write OUT.md and OUT.json (rank 0)")
+    p.add_argument("--out", type=out_prefix, default=None, help="write OUT.md and OUT.json (rank 0)")
     p.add_argument("--note", default=None, help="a line saying what the run is (goes into OUT.md and OUT.json)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)

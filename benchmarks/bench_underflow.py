@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from dalle_ds.config import DalleConfig  # noqa: E402
 from dalle_ds.models.dalle import DALLE  # noqa: E402
-from timing import emit, positive_int  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import emit, out_prefix, positive_int  # noqa: E402  (benchmarks/timing.py)
 
 MIN_LOG2, MAX_LOG2 = 7, 24
 
@@ -129,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--quick", action="store_true", help="3 layers, width 32, 10 training steps, 1 batch of 4 "
                    "(for the sizes not given)")
-    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--out", type=out_prefix, default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
     for name, value in (QUICK_SIZES if args.quick else FULL_SIZES).items():
         if getattr(args, name) is None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import emit, host_info, host_line, int_at_least  # noqa: E402
+from timing import emit, host_info, host_line, int_at_least, out_prefix  # noqa: E402  (benchmarks/timing.py)
 
 from dalle_ds.data.shapes import (COLORS, SHAPES, edit_object, held_out_pairs, render_scene_tensor,  # noqa: E402
                                   sample_scene)
@@ -195,7 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the reference row: the own caption without the prompt (the whole image sampled)")
     p.add_argument("--figure_rows", type=int_at_least(1), default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="PREFIX: writes PREFIX.json, PREFIX.md and PREFIX.png")
+    p.add_argument("--out", type=out_prefix, default=None, help="PREFIX: writes PREFIX.json, PREFIX.md and PREFIX.png")
     return p.parse_args(argv)
 
 

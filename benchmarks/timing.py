@@ -128,6 +128,28 @@ positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 
 
+def out_prefix(text: str) -> str:
+    """An argparse ``type`` for ``--out PREFIX`` (a report goes to PREFIX.json and PREFIX.md): PREFIX's folder is
+    created now and must take a file, so that a run cannot measure for minutes and then fail to write its report;
+    anything else is a usage error naming the flag (exit 2)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    if not text or text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"expected a file prefix (PREFIX.json and PREFIX.md are written), got "
+                                         f"{text!r}")
+    folder = Path(text).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_probe_")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write a report in {str(folder)!r}: {e.strerror or e}") from None
+    return text
+
+
 def comma_list(choices=None, item=str, what: str | None = None):
     """An argparse ``type``: a comma-separated list (blank entries dropped, at least one left), each entry converted
     by ``item`` (a callable or another argparse type) and, given ``choices``, one of them; anything else is a usage

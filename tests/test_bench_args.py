@@ -60,6 +60,12 @@ BAD = [
 ]
 
 
+OUT_SCRIPTS = ["attn_sass", "bench_attention", "bench_data", "bench_dvae_step", "bench_fp169", "bench_powersgd",
+               "bench_sample", "bench_train", "bench_underflow", "prompt_edit"]
+BAD += [(m, ["--out", "/proc/no_such_dir/report"], "--out") for m in OUT_SCRIPTS]  # a folder that cannot be made
+BAD += [(m, ["--out", "runs/"], "--out") for m in ("bench_train", "bench_fp169")]  # a folder, not a prefix
+
+
 @pytest.mark.parametrize("module,argv,flag", BAD, ids=[f"{m}:{' '.join(a)}" for m, a, _ in BAD])
 def test_bad_value_is_a_usage_error(module, argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -185,3 +191,14 @@ def test_device_tag_names_the_gpu_model():
                                     "NVIDIA H100 PCIe", "Tesla V100-SXM2-16GB")] == ["h100", "h200", "a100", "h100",
                                                                                     "v100"]
     assert device_tag("Some Accelerator") == "someaccelera"
+
+
+@pytest.mark.parametrize("module", OUT_SCRIPTS)
+def test_out_prefix_folder_is_made_before_any_work(module, tmp_path):
+    """--out PREFIX: the folder is created (and written to) when the command line is read, so a report cannot fail
+    to be written after the measuring; nothing but the folder is left behind."""
+    prefix = tmp_path / "new" / "deeper" / "report"
+    required = {"prompt_edit": ["--prior", "dalle.pt", "--clip", "clip"]}.get(module, [])
+    args = importlib.import_module(module).parse_args([*required, "--out", str(prefix)])
+    assert args.out == str(prefix)
+    assert prefix.parent.is_dir() and not list(prefix.parent.iterdir())
