@@ -201,6 +201,39 @@ def test_prior_resumes_on_another_number_of_ranks(tmp_path):
             torch.testing.assert_close(w, v.float(), rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow
+def test_another_micro_batch_on_the_same_ranks_resumes_at_the_same_samples(tmp_path):
+    """One rank, a global batch of 32: stopped after update 1 with micro-batches of 16 (2 per update), resumed with
+    micro-batches of 8 (4 per update). The position (saved in micro-batches) carries over in samples, so updates 2
+    and 3 read the samples of an uninterrupted run and log its losses; loaded as saved it skipped ahead (index 2 of
+    16-sample micro-batches read as 2 of 8)."""
+    from launch_utils import ROOT, single_process_env
+    from unit_shards import write_unit_splits
+
+    shards = write_unit_splits(tmp_path / "shards", 256, 32)
+
+    def train(run, micro, accumulation, *extra):
+        cmd = [sys.executable, "launch/train_dalle.py", "--deepspeed_config", "ds_configs/cpu_dalle.json",
+               "--ds_set", f"train_micro_batch_size_per_gpu={micro}", "--ds_set",
+               f"gradient_accumulation_steps={accumulation}", "--preset", "test",
+               "--set", f"data.train_tokens={shards / 'train'}", "--set", f"data.val_tokens={shards / 'val'}",
+               "--set", "steps=3", "--set", "save_every=0", "--set", "eval_every=0", "--set", "log_every=1",
+               "--set", "data.val_batches=1", "--out", str(run), *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, env=single_process_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(full, 16, 2)
+    train(part, 16, 2, "--stop_at", "1")
+    log = train(part, 8, 4)
+    assert "data position: 32 samples into epoch 0, from global micro-batches of 16 samples to 8" in log
+    want, got = _losses(full), _losses(part)
+    assert sorted(got) == [1, 2, 3]
+    for step in (2, 3):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), (step, got, want)
+
+
 def test_a_failed_conversion_says_why_and_leaves_nothing(tmp_path):
     (tmp_path / "step00000004").mkdir()
     (tmp_path / "step00000004" / "rank0.pt").write_bytes(b"not a DeepSpeed checkpoint")

@@ -193,7 +193,7 @@ class EngineLoop:
                 self.ema.load_state_dict(own["ema"] if self.ema.sharded else state["ema"])
                 for ext in self._stateful_extensions():
                     ext.load_state_dict(own["extensions"][ext.name])
-                self.batches.load_state_dict(state["data"])
+                self._load_data_position(state["data"])
             self.load_extra_state(state.get("extra", {}))
             self.resumed_from = self.engine.global_steps
             if is_rank0():  # the logs read as an uninterrupted run's (steps logged past the checkpoint are replayed)
@@ -221,19 +221,9 @@ class EngineLoop:
         * Extensions' per-rank state: that of old rank 0 (what they keep is the same on every rank: per-resblock
           scales, the plateau schedule), through ``load_resharded_state`` where an extension has one (PowerSGD, whose
           error buffers belong to the old ranks' shards)."""
-        before, now = self._saved_layout, self._layout()
+        before = self._saved_layout
         tag_dir = self.ckpt_dir / self._resume_tag
-        position, repeated = ckpt.resume_data_position(state["data"], before["micro_batch"] * before["world_size"],
-                                                       now["micro_batch"] * now["world_size"])
-        self.batches.load_state_dict(position)
-        if before.get("train_batch_size", now["train_batch_size"]) != now["train_batch_size"] and is_rank0():
-            log.warning("the global batch changes from %d to %d samples per update (train_batch_size); the learning "
-                        "rate schedule goes on by update count", before["train_batch_size"], now["train_batch_size"])
-        if repeated and is_rank0():
-            log.warning("the data position (%d samples into epoch %d) is not a whole number of this run's global "
-                        "micro-batches (%d samples): %d samples are read again", position["index"] * now["micro_batch"]
-                        * now["world_size"] + repeated, position["epoch"], now["micro_batch"] * now["world_size"],
-                        repeated)
+        self._load_data_position(state["data"])
         files = [tag_dir / f"rank{r}.pt" for r in range(before["world_size"])]
         needs_files = self.ema.sharded or bool(self._stateful_extensions())
         missing = [f.name for f in files if not f.is_file()] if needs_files else []
@@ -249,6 +239,32 @@ class EngineLoop:
             first = torch.load(files[0], map_location="cpu", weights_only=False)["extensions"]
             for ext in self._stateful_extensions():
                 getattr(ext, "load_resharded_state", ext.load_state_dict)(first[ext.name])
+
+    def _load_data_position(self, data_state: dict[str, int]) -> None:
+        """Restore the data loader's position. It is saved in global micro-batches; when this run's global
+        micro-batch (micro-batch x ranks) differs from the checkpoint's -- another number of ranks, or another
+        micro-batch on the same ranks (gradient accumulation making up the same global batch) -- it carries over as
+        samples consumed in the epoch (ckpt.resume_data_position), so each update reads the samples it would have
+        read under the old layout."""
+        before, now = self._saved_layout, self._layout()
+        if before is None or "micro_batch" not in before:  # no record of the old layout: as saved
+            self.batches.load_state_dict(data_state)
+            return
+        old_micro, new_micro = (x["micro_batch"] * x["world_size"] for x in (before, now))
+        position, repeated = ckpt.resume_data_position(data_state, old_micro, new_micro)
+        self.batches.load_state_dict(position)
+        if not is_rank0():
+            return
+        if old_micro != new_micro:
+            log.info("data position: %d samples into epoch %d, from global micro-batches of %d samples to %d",
+                     int(data_state["index"]) * old_micro, position["epoch"], old_micro, new_micro)
+        if before.get("train_batch_size", now["train_batch_size"]) != now["train_batch_size"]:
+            log.warning("the global batch changes from %d to %d samples per update (train_batch_size); the learning "
+                        "rate schedule goes on by update count", before["train_batch_size"], now["train_batch_size"])
+        if repeated:
+            log.warning("the data position (%d samples into epoch %d) is not a whole number of this run's global "
+                        "micro-batches (%d samples): %d samples are read again", position["index"] * new_micro
+                        + repeated, position["epoch"], new_micro, repeated)
 
     # -- hooks for subclasses -----------------------------------------------------------------------------------
     def train_step(self, batches) -> dict[str, float]:
