@@ -103,3 +103,43 @@ def test_prior_run_refuses_to_resume_with_another_model(tmp_path):
     assert second.returncode == 2, out[-3000:]
     assert "config error: cannot resume" in out and "model.d_model 32 -> 64" in out and "Traceback" not in out
     assert json.loads((tmp_path / "run" / "dalle_run_config.json").read_text())["model"]["d_model"] == 32
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_file_only_one_rank_reads_damaged_ends_every_rank(tmp_path):
+    """2 ranks, ZeRO-3, stopped after update 2; then, in a copy of the run each, one file that rank 1 alone reads is
+    cut short: this project's per-rank state (read after DeepSpeed's load: all ranks raise the error together, rank 0
+    prints it once) or DeepSpeed's optimizer shard (read inside its load: rank 1 says it and leaves, the launcher
+    stops rank 0). Either way the job ends with exit 2 and the file named; it used to wait forever in the final
+    barrier."""
+    import shutil
+
+    from launch_utils import _launch_command, _launcher_env, deepspeed_launch, free_port
+    from unit_shards import write_unit_splits
+
+    shards = write_unit_splits(tmp_path / "shards", 64, 8)
+
+    def args(run):
+        return ["--deepspeed_config", "ds_configs/cpu_dalle.json", "--ds_set", "zero_optimization.stage=3",
+                "--preset", "test", "--set", f"data.train_tokens={shards / 'train'}",
+                "--set", f"data.val_tokens={shards / 'val'}", "--set", "steps=4", "--set", "save_every=0",
+                "--set", "eval_every=0", "--set", "data.val_batches=1", "--out", str(run)]
+
+    first = tmp_path / "first"
+    deepspeed_launch("launch/train_dalle.py", [*args(first), "--stop_at", "2"], num_procs=2)
+    for damaged in ("rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        run = tmp_path / damaged
+        shutil.copytree(first, run)
+        f = run / "checkpoints" / "step00000002" / damaged
+        f.write_bytes(f.read_bytes()[:100])
+        proc = subprocess.run(_launch_command("launch/train_dalle.py", args(run), 2, free_port()), cwd=ROOT,
+                              env=_launcher_env(), capture_output=True, text=True, timeout=300)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 2, log[-3000:]
+        named = [line for line in log.splitlines() if "could not be read" in line and str(f.parent) in line]
+        assert named, log[-3000:]
+        if damaged == "rank1.pt":
+            assert len(named) == 1 and named[0].startswith("config error: ") and damaged in named[0], named
+        else:
+            assert any(line.startswith("config error on rank 1: ") for line in named), named

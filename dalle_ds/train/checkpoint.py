@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dalle_ds.config import ConfigError
-from dalle_ds.train.distributed import barrier, check_same_on_every_rank, is_rank0
+from dalle_ds.train.distributed import barrier, check_same_on_every_rank, failures_on_any_rank, is_rank0
 from dalle_ds.train.distributed import rank as dist_rank
 from dalle_ds.utils.errors import first_line
 from dalle_ds.utils.files import atomic_path, atomic_write_bytes
@@ -31,14 +31,25 @@ _READ_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueEr
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint that cannot be read; the trainers report it as one line, like a config error."""
+    """A checkpoint that cannot be read; the trainers report it as one line, like a config error.
+
+    ``rank_local``: raised on the ranks that hit it only (inside DeepSpeed's load, where each rank reads its own
+    shards and the others may already wait in a collective); the trainers then print it on that rank and exit
+    without the final barrier, and the launcher stops the other ranks (``cli._train``)."""
+
+    def __init__(self, message: str, rank_local: bool = False):
+        super().__init__(message)
+        self.rank_local = rank_local
 
 
-def _unreadable(where: Path, e: BaseException) -> CheckpointError:
-    return CheckpointError(f"checkpoint {where} could not be read ({type(e).__name__}: {first_line(e)}). "
-                           "Checkpoints are committed only once every file is written, so a damaged one was changed "
-                           "afterwards (disk, copy): point checkpoints/latest at an earlier tag, or start over with "
-                           "--no-resume")
+def _unreadable_message(where: Path, e: BaseException) -> str:
+    return (f"checkpoint {where} could not be read ({type(e).__name__}: {first_line(e)}). Checkpoints are committed "
+            "only once every file is written, so a damaged one was changed afterwards (disk, copy): point "
+            "checkpoints/latest at an earlier tag, or start over with --no-resume")
+
+
+def _unreadable(where: Path, e: BaseException, rank_local: bool = False) -> CheckpointError:
+    return CheckpointError(_unreadable_message(where, e), rank_local=rank_local)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -205,15 +216,21 @@ def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, universal: bool = Fa
     load = universal_tag(ckpt_dir, tag) if universal else tag
     try:
         path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load)
-    except _READ_ERRORS as e:
-        raise _unreadable(Path(ckpt_dir) / load, e) from e
+    except _READ_ERRORS as e:  # each rank reads its own shards: this rank alone may fail here
+        raise _unreadable(Path(ckpt_dir) / load, e, rank_local=True) from e
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / load}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / load}", rank_local=True)
     own = Path(ckpt_dir) / tag / f"rank{dist_rank()}.pt"
+    rank_state, error = None, None
     try:
         rank_state = torch.load(own, map_location="cpu", weights_only=False) if own_state and own.is_file() else None
     except _READ_ERRORS as e:
-        raise _unreadable(own, e) from e
+        error = _unreadable_message(own, e)
+    # Only this rank reads its file: every rank learns whether any failed, and all raise the same error together.
+    failed = failures_on_any_rank(error)
+    if failed:
+        others = f" (the same kind of failure on {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise CheckpointError(failed[0][1] + others)
     return client_state or {}, rank_state
 
 

@@ -91,7 +91,7 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
 def _train(cfg, ds_raw: dict, args, job_name: str, make_trainer, artifacts) -> int:
     """The part of :func:`run_training` that runs inside the process group."""
     from dalle_ds.config import ConfigError
-    from dalle_ds.train.distributed import is_rank0, world_size
+    from dalle_ds.train.distributed import is_rank0, rank, world_size
     from dalle_ds.train.ds_config import prepare_ds_config
     from deepspeed.accelerator import get_accelerator
 
@@ -100,6 +100,11 @@ def _train(cfg, ds_raw: dict, args, job_name: str, make_trainer, artifacts) -> i
                                    world_size=world_size(), accelerator=get_accelerator().device_name())
         trainer = make_trainer(cfg, ds_cfg, args.out, args.resume)  # checks what needs the data or the engine
     except ConfigError as e:
+        if getattr(e, "rank_local", False) and world_size() > 1:
+            # Found by this rank alone (checkpoint.CheckpointError): the others may wait in a collective, so say it
+            # here and leave by an exception, past distributed_run's final barrier; the launcher stops the rest.
+            print(f"config error on rank {rank()}: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         if is_rank0():
             print(f"config error: {e}", file=sys.stderr)
         return 2

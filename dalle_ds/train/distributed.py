@@ -189,6 +189,18 @@ def check_same_on_every_rank(what: str, value: Any, hint: str = "") -> None:
         raise RuntimeError(f"the ranks disagree on {what}: {seen}{'; ' + hint if hint else ''}")
 
 
+def failures_on_any_rank(error: str | None) -> list[tuple[int, str]]:
+    """(rank, message) for every rank whose ``error`` is not None: a collective (every rank calls it, each with its
+    own error or None), so that a failure only some ranks see -- a damaged file that only one rank reads -- ends every
+    rank alike instead of leaving the others waiting in the next collective. On one rank, or without a process
+    group, the local error alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [] if error is None else [(rank(), error)]
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return [(r, e) for r, e in enumerate(errors) if e is not None]
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface (for a local rendezvous)."""
     import socket
