@@ -42,3 +42,23 @@ def test_exit_process_refuses_a_message():
 
     with pytest.raises(TypeError, match="code must be an int"):
         exit_process("failed")
+
+
+def test_exit_process_stops_an_idle_thread_pool():
+    """A ThreadPoolExecutor nobody shut down (the host EMA's fold worker, held by an object in a reference cycle):
+    a normal exit tells its idle worker to stop before joining it; exit_process must too, or it joins forever."""
+    program = textwrap.dedent("""
+        import gc, sys
+        from concurrent.futures import ThreadPoolExecutor
+        from dalle_ds.utils.exit import exit_process
+        gc.disable()
+        class Owner:
+            def __init__(self):
+                self.pool = ThreadPoolExecutor(max_workers=1)
+                self.me = self  # a cycle: not freed before the exit
+        Owner().pool.submit(print, "work done").result()
+        exit_process(3)
+    """)
+    proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=single_process_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 3 and "work done" in proc.stdout, proc.stderr

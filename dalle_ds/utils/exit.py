@@ -27,10 +27,17 @@ def exit_process(code: int | bool | None = 0) -> NoReturn:
         code = 0
     if not isinstance(code, int):
         raise TypeError(f"exit_process: code must be an int, bool or None, got {type(code).__name__}")
-    main = threading.main_thread()
-    for t in threading.enumerate():  # Py_FinalizeEx waits for these first (threading._shutdown)
-        if t is not main and not t.daemon:
-            t.join()
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        # What Py_FinalizeEx runs first: the threading-atexit hooks (concurrent.futures tells idle pool workers to
+        # stop there; joined without them, a live ThreadPoolExecutor's worker waits for work forever), then a join
+        # of every non-daemon thread.
+        shutdown()
+    else:  # an interpreter without the private hook: join them (pools must then be shut down by their owners)
+        main = threading.main_thread()
+        for t in threading.enumerate():
+            if t is not main and not t.daemon:
+                t.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
