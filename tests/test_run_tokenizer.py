@@ -69,8 +69,9 @@ def test_a_resumed_run_keeps_its_tokenizer_and_refuses_another(tmp_path):
     assert same_tokenizer(dest, same) and not same_tokenizer(dest, other)
 
 
+@pytest.mark.parametrize("resume", [True, False], ids=["resume", "no-resume"])
 @pytest.mark.parametrize("trainer", ["dalle", "clip"])
-def test_a_trainer_refuses_another_jobs_folder_before_writing_into_it(tmp_path, trainer):
+def test_a_trainer_refuses_another_jobs_folder_before_writing_into_it(tmp_path, trainer, resume):
     from dalle_ds.config import CLIP_RUN_PRESETS, DALLE_RUN_PRESETS
 
     other = "clip" if trainer == "dalle" else "dalle"
@@ -83,9 +84,63 @@ def test_a_trainer_refuses_another_jobs_folder_before_writing_into_it(tmp_path, 
         if trainer == "dalle":
             from dalle_ds.train.dalle_trainer import DalleTrainer
 
-            DalleTrainer(DALLE_RUN_PRESETS["test"], ds, tmp_path)
+            DalleTrainer(DALLE_RUN_PRESETS["test"], ds, tmp_path, resume=resume)
         else:
             from dalle_ds.train.clip_trainer import ClipTrainer
 
-            ClipTrainer(CLIP_RUN_PRESETS[next(iter(CLIP_RUN_PRESETS))], ds, tmp_path)
+            ClipTrainer(CLIP_RUN_PRESETS[next(iter(CLIP_RUN_PRESETS))], ds, tmp_path, resume=resume)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no tokenizer folder left behind
+
+
+def test_set_aside_moves_an_earlier_runs_state_together(tmp_path):
+    """--no-resume in a folder holding a checkpoint: its checkpoints, logs, configs and tokenizer move into one
+    replaced_<time> folder; exported artifacts stay; a second call finds nothing to move."""
+    from dalle_ds.train.checkpoint import has_checkpoint_of, set_aside_for_new_run
+
+    assert set_aside_for_new_run(tmp_path, "dalle") is None  # an empty folder: nothing to do
+    (tmp_path / "checkpoints" / "step00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step00000002")
+    for name in ("dalle_run_config.json", "dalle_ds_config.json", "dalle.pt"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "monitor" / "dalle").mkdir(parents=True)
+    (tmp_path / "tokenizer").mkdir()
+    aside = set_aside_for_new_run(tmp_path, "dalle", also=("tokenizer",))
+    assert aside.parent == tmp_path and aside.name.startswith("replaced_")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "dalle_ds_config.json", "dalle_run_config.json",
+                                                       "monitor", "tokenizer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dalle.pt", aside.name]
+    assert (aside / "checkpoints" / "latest").read_text() == "step00000002"
+    assert not has_checkpoint_of(tmp_path, "dalle") and set_aside_for_new_run(tmp_path, "dalle") is None
+
+
+@pytest.mark.slow
+def test_no_resume_starts_over_beside_the_earlier_run(tmp_path):
+    """A prior stopped after update 1, then started again in the same folder with --no-resume: the earlier run's
+    checkpoints, logs and tokenizer are set aside before anything is written, the new run trains from step 0 (its
+    first loss is the earlier run's: same seed and data), and its CSV log holds only its own history. Before, the
+    earlier checkpoints stayed beside the new tokenizer, and a later plain start resumed them with it."""
+    import subprocess
+    import sys
+
+    from launch_utils import ROOT, single_process_env
+    from unit_shards import write_unit_splits
+
+    shards = write_unit_splits(tmp_path / "shards", 64, 8)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "launch/train_dalle.py", "--deepspeed_config", "ds_configs/cpu_dalle.json",
+           "--preset", "test", "--set", f"data.train_tokens={shards / 'train'}", "--set", "steps=2",
+           "--set", "save_every=0", "--set", "eval_every=0", "--set", "log_every=1", "--set", "data.val_batches=0",
+           "--out", str(run), "--stop_at", "1"]
+    outs = [subprocess.run(c, cwd=ROOT, env=single_process_env(), capture_output=True, text=True, timeout=600)
+            for c in (cmd, [*cmd, "--no-resume"])]
+    for proc in outs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    aside = [p for p in run.iterdir() if p.name.startswith("replaced_")]
+    assert len(aside) == 1 and "--no-resume: " in outs[1].stderr, outs[1].stderr[-3000:]
+    assert {"checkpoints", "monitor", "tokenizer", "dalle_run_config.json"} <= {p.name for p in aside[0].iterdir()}
+
+    def csv(folder):
+        return (folder / "monitor" / "dalle" / "dalle_loss.csv").read_text().split()
+
+    assert csv(run) == csv(aside[0]) and csv(run)[0] == "step,loss" and len(csv(run)) == 2
+    assert (run / "checkpoints" / "latest").read_text() == "step00000001"

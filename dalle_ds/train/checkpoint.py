@@ -8,6 +8,7 @@ checkpoint, so we save with ``save_latest=False`` and, once every rank has finis
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -23,6 +24,8 @@ from dalle_ds.train.distributed import barrier, check_same_on_every_rank, failur
 from dalle_ds.train.distributed import rank as dist_rank
 from dalle_ds.utils.errors import first_line
 from dalle_ds.utils.files import atomic_path, atomic_write_bytes
+
+log = logging.getLogger("dalle_ds.train")
 
 _TAG = re.compile(r"^step(\d+)$")
 
@@ -133,6 +136,39 @@ def has_checkpoint_of(run_dir: str | Path, job: str) -> bool:
         raise ConfigError(f"{run_dir} holds checkpoints of another run ({', '.join(others) or 'unknown'}), not of a "
                           f"{job} run: use another --out")
     return True
+
+
+#: What a run leaves in its folder besides the exported artifacts, as a later start reads it back: moved aside
+#: together by :func:`set_aside_for_new_run` (the caption tokenizer folder of the prior and CLIP jobs too).
+RUN_STATE = ("checkpoints", "monitor", "{job}_run_config.json", "{job}_ds_config.json", "{job}_partial_metrics.json")
+
+
+def set_aside_for_new_run(run_dir: str | Path, job: str, also: tuple[str, ...] = ()) -> Path | None:
+    """Collective. For a ``job`` run that does not resume (``--no-resume``) in a folder holding a committed
+    checkpoint of that job: rank 0 moves the earlier run's state (:data:`RUN_STATE`, and ``also``, e.g. its caption
+    tokenizer) into ``<run_dir>/replaced_<UTC time>/`` before this run writes anything, and says so. Returns that
+    folder (None when there was nothing to move; a folder of another job's checkpoints is refused, as on resume).
+
+    Left in place, the two runs would mix: until this run's first save, a later start resumes the earlier run's
+    ``latest`` with this run's tokenizer; DeepSpeed rewrites a tag of the same step in place, among the earlier
+    run's files; the pruning keeps the highest steps, the earlier run's; the CSV logs gain a second history."""
+    import time
+
+    run_dir = Path(run_dir)
+    if not has_checkpoint_of(run_dir, job):  # every rank reads it before rank 0 moves anything
+        return None
+    barrier()
+    aside = run_dir / f"replaced_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    if is_rank0():
+        names = [n.format(job=job) for n in (*RUN_STATE, *also)]
+        moved = [n for n in names if (run_dir / n).exists()]
+        aside.mkdir()
+        for name in moved:
+            os.replace(run_dir / name, aside / name)
+        log.warning("--no-resume: %s held a checkpoint of an earlier %s run; its %s moved to %s (delete it once "
+                    "it is not needed)", run_dir, job, ", ".join(moved), aside)
+    barrier()
+    return aside
 
 
 def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_config: dict[str, Any]) -> list[str]:

@@ -48,7 +48,9 @@ def build_parser(description: str, presets: dict[str, Any], default_preset: str)
                    help="override one value of the DeepSpeed config, e.g. --ds_set optimizer.params.lr=1e-3\n"
                         "(the key must exist in the file; +KEY=VALUE adds one; repeatable)")
     p.add_argument("--out", required=True, help="run folder (created; resumed from if it holds checkpoints)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start over: an earlier run's checkpoints, logs and tokenizer in --out are moved into "
+                        "<out>/replaced_<UTC time>/ first")
     p.add_argument("--stop_at", type=int, default=None,
                    help="checkpoint and exit after this many steps, as a preempted job would (rerun to resume)")
     p.add_argument("--stop_signals", default=",".join(DEFAULT_STOP_SIGNALS), type=_signals,

@@ -111,8 +111,12 @@ class ClipTrainer(EngineLoop):
     def __init__(self, cfg: ClipTrainConfig, ds_config: dict, run_dir: str | Path, resume: bool = True):
         check_rank0_evaluation_supported(ds_config, "CLIP", "the reranker is small")
         run_dir = Path(run_dir)
-        # another job's checkpoints are refused here, before the tokenizer is written into the folder
+        # another job's checkpoints are refused here, before the tokenizer is written into the folder; without
+        # resuming, an earlier run's checkpoints, logs and tokenizer are moved aside first
         resuming = resume and ckpt.has_checkpoint_of(run_dir, self.job_name)
+        if not resume:  # (a tokenizer naming this folder's own stays in place)
+            own = bool(cfg.tokenizer) and Path(cfg.tokenizer).resolve() == (run_dir / "caption_tokenizer").resolve()
+            ckpt.set_aside_for_new_run(run_dir, self.job_name, also=() if own else ("caption_tokenizer",))
         d, m = cfg.data, cfg.model
         split = d.resolved_eval_split
         with as_config_error("data"):  # shards or folders that do not load

@@ -125,8 +125,14 @@ class DalleTrainer(EngineLoop):
         if cfg.compile:
             check_compile_supported(ds_config)  # before any data, tokenizer or model is built
         run_dir = Path(run_dir)
-        # another job's checkpoints are refused here, before the tokenizer is written into the folder
+        # another job's checkpoints are refused here, before the tokenizer is written into the folder; without
+        # resuming, an earlier run's checkpoints, logs and tokenizer are moved aside first
         resuming = resume and ckpt.has_checkpoint_of(run_dir, self.job_name)
+        if not resume:  # (a tokenizer or init_from naming this folder's own keeps its tokenizer in place)
+            named = [Path(t) for t in (cfg.data.tokenizer,) if t] + ([Path(cfg.init_from).parent / "tokenizer"]
+                                                                    if cfg.init_from else [])
+            own = any(t.resolve() == (run_dir / "tokenizer").resolve() for t in named)
+            ckpt.set_aside_for_new_run(run_dir, self.job_name, also=() if own else ("tokenizer",))
         d = cfg.data
         self.dvae = None
         if d.train_tokens:

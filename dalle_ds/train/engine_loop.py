@@ -106,6 +106,8 @@ class EngineLoop:
                  extensions: list | tuple = (), ema_every: int = 1, ema_on_host: bool = False):
         import deepspeed
 
+        if not resume:  # an earlier run's checkpoints and logs would mix with this one's (the dVAE; the prior and
+            ckpt.set_aside_for_new_run(run_dir, self.job_name)  # CLIP do it first, before their tokenizer)
         self.extensions = list(extensions)
         plateau = plateau_params(ds_config)
         if plateau is not None:

@@ -30,9 +30,12 @@ def ensure_run_tokenizer(source: str | None, train_ds: Dataset, dest: str | Path
 
     * ``resuming`` (the folder holds a checkpoint of this run): ``dest`` as it is, the one the checkpoint's
       embeddings were trained with. A ``source`` that is another tokenizer is refused, and so is a missing ``dest``.
-    * otherwise rank 0 writes ``dest`` anew, replacing what an earlier run left there (``--no-resume``, or a run that
-      stopped before its first checkpoint): a copy of ``source`` or, without one, a BPE trained on ``train_ds``'s
-      captions. Written beside ``dest`` and renamed into place, so a crash leaves the old folder or the new one.
+    * otherwise rank 0 writes ``dest`` anew, replacing what an earlier run left there (a run that stopped before its
+      first checkpoint; ``--no-resume`` has moved an earlier run's tokenizer aside with its checkpoints,
+      ``checkpoint.set_aside_for_new_run``): a copy of ``source`` or, without one, a BPE trained on ``train_ds``'s
+      captions. Written beside ``dest``, then the old folder is renamed away and the new one into place: a crash
+      leaves the old folder, the new one or, between the two renames, none, which the next start writes again (no
+      checkpoint needs it yet).
     """
     dest = Path(dest)
     have = (dest / TOKENIZER_FILE).is_file()
@@ -62,10 +65,14 @@ def ensure_run_tokenizer(source: str | None, train_ds: Dataset, dest: str | Path
                 tok = train_caption_tokenizer(captions, vocab_size=vocab_size, max_length=max_length)
                 tok.save(tmp)
                 what = f"trained a BPE on {len(captions)} captions: {tok.vocab_size} tokens"
-            if have:  # --no-resume, or a run that stopped before its first checkpoint
+            if have:  # a run that stopped before its first checkpoint, or data.tokenizer naming this very folder
                 what += "; it replaces the one an earlier run left there (this run does not resume it)"
-            shutil.rmtree(dest, ignore_errors=True)
+            old = dest.with_name(dest.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            if dest.exists():
+                dest.rename(old)
             tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
             log.info("caption tokenizer: %s, saved to %s", what, dest)
     barrier()
     return CaptionTokenizer.load(dest, max_length=max_length)
