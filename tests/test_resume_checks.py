@@ -143,3 +143,35 @@ def test_a_file_only_one_rank_reads_damaged_ends_every_rank(tmp_path):
             assert len(named) == 1 and named[0].startswith("config error: ") and damaged in named[0], named
         else:
             assert any(line.startswith("config error on rank 1: ") for line in named), named
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_written_once_per_step(tmp_path):
+    """--stop_at on a save_every multiple, then a rerun whose steps= is the checkpoint's step: the step's checkpoint
+    is written once. The final save used to write it again, in place, while `latest` named it (a crash then would
+    have damaged the checkpoint to resume)."""
+    from unit_shards import write_unit_splits
+
+    shards = write_unit_splits(tmp_path / "shards", 64, 8)
+    driver = (
+        "import atexit, runpy, sys\n"
+        "from dalle_ds.train import checkpoint as ck\n"
+        "calls, save = [], ck.save_checkpoint\n"
+        "def counting(engine, ckpt_dir, step, *a, **k):\n"
+        "    calls.append(step)\n"
+        "    return save(engine, ckpt_dir, step, *a, **k)\n"
+        "ck.save_checkpoint = counting\n"
+        "atexit.register(lambda: print('saved at steps', calls))\n"
+        "sys.argv = ['launch/train_dalle.py', *sys.argv[1:]]\n"
+        "runpy.run_path('launch/train_dalle.py', run_name='__main__')\n")
+    common = ["--deepspeed_config", "ds_configs/cpu_dalle.json", "--preset", "test",
+              "--set", f"data.train_tokens={shards / 'train'}", "--set", "save_every=2", "--set", "eval_every=0",
+              "--set", "data.val_batches=0", "--out", str(tmp_path / "run")]
+    from launch_utils import single_process_env
+
+    for extra, want in ((["--set", "steps=4", "--stop_at", "2"], "saved at steps [2]"),
+                        (["--set", "steps=2"], "saved at steps []")):
+        proc = subprocess.run([sys.executable, "-c", driver, *common, *extra], cwd=ROOT, env=single_process_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert want in proc.stdout, (proc.stdout[-2000:], proc.stderr[-2000:])

@@ -175,6 +175,7 @@ class EngineLoop:
                                    seed, num_workers, collate_fn, self.device,
                                    tag_epoch=self.tag_samples_with_epoch)
         self.resumed_from = None
+        self._saved_step: int | None = None  # the step of the last committed checkpoint this process knows of
         if self._resume_tag is not None:
             if reshard and is_rank0():
                 log.warning("resuming %s on %d rank(s); checkpoint %s was written by %d: %s", self.run_dir,
@@ -197,7 +198,7 @@ class EngineLoop:
                     ext.load_state_dict(own["extensions"][ext.name])
                 self._load_data_position(state["data"])
             self.load_extra_state(state.get("extra", {}))
-            self.resumed_from = self.engine.global_steps
+            self.resumed_from = self._saved_step = self.engine.global_steps
             if is_rank0():  # the logs read as an uninterrupted run's (steps logged past the checkpoint are replayed)
                 dropped = continue_logs(self.engine.monitor, self.resumed_from, self.engine.global_samples)
                 if dropped:
@@ -375,6 +376,7 @@ class EngineLoop:
             own["extensions"] = {e.name: e.state_dict() for e in self._stateful_extensions()}
         ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.engine.global_steps, state,
                              keep=self.cfg.keep_checkpoints, rank_state=own or None, layout=self._layout())
+        self._saved_step = self.engine.global_steps
 
     def log(self, prefix: str, values: dict[str, float], step: int) -> None:
         self.engine.monitor.write_events([(f"{prefix}/{k}", float(v), step) for k, v in values.items()
@@ -428,7 +430,10 @@ class EngineLoop:
         bar.close()
         summary = {"steps": eng.global_steps, "train_seconds": time.time() - t0, "world_size": world_size(),
                    "resumed_from": self.resumed_from, "eval": None, "history": history}
-        self.save()
+        # Unless this step's checkpoint exists (saved in the loop, or the one resumed at or past the end): saving it
+        # again would rewrite, in place, the files of the tag that `latest` names.
+        if self._saved_step != eng.global_steps:
+            self.save()
         if eng.global_steps < c.steps:  # stopped early: the checkpoint is the artifact
             if stopped_by:
                 summary["stopped_by"] = signal.Signals(stopped_by).name
