@@ -38,8 +38,10 @@ FAMILIES = {
     "fidelity": "samples against held-out images per blur radius: FID / IS, or FD-CLIP (launch/evaluate.py)",
 }
 SESSION = "GPU sessions: what ran on a lent GPU, and what it showed"
-NAME = re.compile(r"^(?P<family>[a-z0-9_.]+?)_(?P<device>cpu|h100|h200|a100|v100|triton[0-9.]+)_(?P<date>\d{8})")
-SESSION_NAME = re.compile(r"^(?P<device>h100|h200|a100)_(?P<date>\d{8})_session")
+# <device>: "cpu", a GPU tag as timing.device_tag writes it ("h100", "b200", "l40s", "a10g": letters and digits), or
+# "triton<version>" (machine code compiled on a CPU); the family is the shortest prefix followed by _<device>_<date>
+NAME = re.compile(r"^(?P<family>[a-z0-9_.]+?)_(?P<device>[a-z][a-z0-9]{0,11}|triton[0-9.]+)_(?P<date>\d{8})")
+SESSION_NAME = re.compile(r"^(?P<device>[a-z][a-z0-9]{0,11})_(?P<date>\d{8})_session")
 
 
 def _title(md: Path) -> str:
