@@ -19,7 +19,8 @@ then times ``--steps`` steps (median step time), then profiles ``--profile-steps
   (Kaplan et al. 2020 §2.1 / PaLM App. B; attention on the sparse masks' kept (query, key) pairs only;
   activation-checkpointing recomputation not counted as useful: it is reported separately as ``hardware_flops``).
 * **MFU** = model FLOP/s per device / the matmul rate measured in the same process: a square ``--matmul-size``
-  torch.matmul in the run's dtype (8192 on GPU: the anchor shape; 1024 on CPU), median of repeated calls. This is an
+  torch.matmul in the run's dtype (8192 on GPU: the anchor shape; 1024 on CPU, 256 with ``--quick``), median of
+  repeated calls, measured once per run and dtype (every case of a run shares it). This is an
   *achieved* peak, not the datasheet one (H100 SXM bf16: ≈ 798 measured vs 989 spec, research/kernel_anchors.md).
   On a CPU without native bf16 the bf16 matmul is emulated and much slower than fp32, so a CPU bf16 MFU says little.
 * **peak memory**: ``torch.cuda.max_memory_allocated`` over the timed steps on GPU; on CPU the process's peak RSS
@@ -61,7 +62,6 @@ import datetime
 import gc
 import itertools
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -200,6 +200,18 @@ def trace_path(base: str, case: str, multi_case: bool) -> str:
     return str(p.with_name(stem + ".json"))
 
 
+_RATES: dict = {}
+
+
+def _rate(key: tuple, measure) -> float:
+    """A ceiling (matmul FLOP/s per dtype, copy bytes/s) measured once per run, on its first use: every case of a run
+    is then divided by the same number. Measured per case, a small CPU matmul's rate moved 1.6x between two cases
+    of one run (0.061 vs 0.096 TFLOP/s), and their MFUs with it."""
+    if key not in _RATES:
+        _RATES[key] = measure()
+    return _RATES[key]
+
+
 def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool, logits: str, psgd_rank: int, args,
              dev: torch.device, multi_case: bool) -> dict:
     import types
@@ -236,13 +248,16 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
     step = make_step(engine, cfg, args.micro_batch, args.grad_accum, dev,
                      after_backward=psgd.after_backward if psgd is not None and zero == 0 else None)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    mm_rate = matmul_flops_per_s(dev, dtype, args.matmul_size, args.matmul_reps)  # the MFU denominator
-    if dtype == torch.float32 and logits == "fp32":  # the heads' fp32 matmuls are the one just measured
-        head_rate = mm_rate
-    else:
+    mm_rate = _rate(("matmul", dtype), lambda: matmul_flops_per_s(dev, dtype, args.matmul_size, args.matmul_reps))
+    head_kind = torch.float32 if logits == "fp32" else "tf32"  # the heads' fp32 matmuls, IEEE or on tensor cores
+
+    def head_matmul():
         with tf32_cuda_matmuls() if logits == "tf32" else contextlib.nullcontext():
-            head_rate = matmul_flops_per_s(dev, torch.float32, args.matmul_size, args.matmul_reps)
-    copy_bw = copy_bytes_per_s(dev, 2**30 if dev.type == "cuda" else 2**24 if args.quick else 2**27, args.matmul_reps)
+            return matmul_flops_per_s(dev, torch.float32, args.matmul_size, args.matmul_reps)
+
+    head_rate = _rate(("matmul", head_kind), head_matmul)
+    copy_bw = _rate(("copy",), lambda: copy_bytes_per_s(dev, 2**30 if dev.type == "cuda" else 2**24 if args.quick
+                                                        else 2**27, args.matmul_reps))
 
     for _ in range(args.warmup):
         step()
@@ -361,17 +376,20 @@ def markdown(result: dict) -> str:
              *([f"**Note:** {result['note']}", ""] if result.get("note") else []),
              "Model FLOPs = 6·Σ(matmul weights × positions) + 12·d·Σ_layers(kept mask pairs) per sequence "
              "(dalle_ds/models/flops.py; recomputation not counted); MFU against the "
-             "matmul rate measured in the same run. Random weights and tokens.", "",
-             "| case | params | batch×S | step ms | tokens/s | model TFLOP/s/dev | matmul TFLOP/s | MFU | "
+             "matmul rate measured in the same run; HFU counts the checkpointed forward's recomputation too. "
+             "Random weights and tokens.", "",
+             "| case | params | batch×S | step ms | tokens/s | model TFLOP/s/dev | matmul TFLOP/s | MFU | HFU | "
              f"peak mem GiB ({'allocated' if result['device'] == 'cuda' else 'RSS'}) | fwd ms | bwd ms | opt ms | "
              "comm ms | other ms |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
     for r in result["rows"]:
         ph = r["phases"]
         lines.append(
             f"| {r['case']} | {r['params'] / 1e6:.3g}M | {r['train_batch_size']}×{r['seq_len']} | "
             f"{1e3 * r['step_s']:.4g} | {r['tokens_per_s']:.4g} | {r['model_tflops_per_s_per_device']:.3g} | "
-            f"{r['matmul_tflops_per_s']:.3g} | {100 * r['mfu']:.1f}% | {r['peak_memory_bytes'] / 2**30:.3g} | "
+            f"{r['matmul_tflops_per_s']:.3g} | {100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | "
+            f"{r['peak_memory_bytes'] / 2**30:.3g} | "
             f"{ph['forward_ms']:.3g} | {ph['backward_ms']:.3g} | {ph['optimizer_ms']:.3g} | "
             f"{ph['communication_ms']:.3g} | {ph['other_ms']:.3g} |")
     psgd = [r for r in result["rows"] if r.get("powersgd")]
@@ -422,7 +440,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=positive_int, default=None, help="timed steps")
     p.add_argument("--profile-steps", type=positive_int, default=None)
     p.add_argument("--matmul-size", type=positive_int, default=None,
-                   help="n of the n×n×n matmul (GPU 8192, CPU 1024)")
+                   help="n of the n×n×n matmul (GPU 8192, CPU 1024; --quick 256)")
     p.add_argument("--matmul-reps", type=positive_int, default=None)
     p.add_argument("--torch-adam", default="auto", choices=["auto", "on", "off"],
                    help="torch.optim.AdamW instead of DeepSpeed's FusedAdam (auto: on CPU only)")
@@ -498,7 +516,7 @@ def _report(rows: list[dict], errors: list[dict], args, argv: list[str], dev: to
             host_start: dict) -> dict:
     import deepspeed
 
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else host_start["host_cpu"]
     mem_kind = rows[0]["peak_memory_kind"] if rows else "n/a"
     launcher = "deepspeed" if "LOCAL_RANK" in os.environ and world_size() > 1 else "python"
     return {"bench": "train", "device": dev.type, "device_name": name, "world_size": world_size(),

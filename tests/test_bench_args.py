@@ -24,6 +24,7 @@ BAD = [
     ("bench_sample", ["--device", "gpu"], "--device"),
     ("bench_sample", ["--reps", "0"], "--reps"),
     ("bench_sample", ["--preset", "nope"], "--preset"),
+    ("bench_sample", ["--batch-sizes", "auto"], "--batch-sizes"),  # CPU: no OutOfMemoryError to stop the doubling
     ("bench_fp169", ["--device", "cuda"], "--device"),
     ("bench_fp169", ["--n", "0"], "--n"),
     ("bench_fp169", ["--repeats", "-1"], "--repeats"),
@@ -119,7 +120,7 @@ def test_sample_valid():
     a = bench_sample.parse_args(["--quick", "--batch-sizes", "2,3", "--device", "cpu", "--reps", "1"])
     assert (a.preset, a.batch_sizes, a.reps) == ("test", [2, 3], 1)
     assert bench_sample.parse_args(["--quick", "--preset", "tiny"]).preset == "tiny"
-    assert bench_sample.parse_args(["--batch-sizes", "auto"]).batch_sizes == bench_sample.auto_batches()
+    assert bench_sample.auto_batches(8) == [1, 2, 4, 8]  # --batch-sizes auto: CUDA only (refused above on a CPU)
 
 
 def test_fp169_valid():
