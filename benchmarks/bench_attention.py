@@ -366,8 +366,9 @@ def run_case(name: str, T: int, W: int, B: int, H: int, D: int, dtype, device: s
 # ------------------------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------------------------
-def fmt(x, spec=".3f"):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def fmt(x, spec=".3f", unit=""):
+    """``x`` formatted, with ``unit`` after it; "n/a" (no unit) when there is no number."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec) + unit
 
 
 def _results(report: dict):
@@ -402,8 +403,8 @@ def markdown(report: dict) -> str:
         sp = entry["triton_speedup"].get(prov, {}).get("fwd_bwd") if prov != "triton" else None
         lines.append(
             f"| {label} | {kind} | {prov} | {fmt(res.get('fwd_ms'))} | {fmt(res.get('bwd_ms'))} | "
-            f"{fmt(res.get('fwd_bwd_ms'))} | {fmt(res.get('tflops', {}).get('fwd_bwd'), '.1f')} | "
-            f"{fmt(res.get('pct_floor', {}).get('fwd_bwd'), '.1f')} | {fmt(sp, '.2f')} | {check_cell(res)} |"
+            f"{fmt(res.get('fwd_bwd_ms'))} | {fmt(res.get('tflops', {}).get('fwd_bwd'), '.3g')} | "
+            f"{fmt(res.get('pct_floor', {}).get('fwd_bwd'), '.3g')} | {fmt(sp, '.2f')} | {check_cell(res)} |"
         )
     lines += graph_table(report) + profile_tables(report)
     paths = report.get("triton_backward_paths")
@@ -425,9 +426,9 @@ def markdown(report: dict) -> str:
                 continue
             pct = tri.get(f"{timing}pct_floor", {}).get("fwd_bwd")
             lines.append(
-                f"- {case['name']}, {label}: vs flex {fmt(sp.get('flex', {}).get(f'{timing}fwd_bwd'), '.2f')}x, "
-                f"vs sdpa_causal {fmt(sp.get('sdpa_causal', {}).get(f'{timing}fwd_bwd'), '.2f')}x, "
-                f"floor {fmt(pct, '.1f')}%"
+                f"- {case['name']}, {label}: vs flex {fmt(sp.get('flex', {}).get(f'{timing}fwd_bwd'), '.2f', 'x')}, "
+                f"vs sdpa_causal {fmt(sp.get('sdpa_causal', {}).get(f'{timing}fwd_bwd'), '.2f', 'x')}, "
+                f"floor {fmt(pct, '.1f', '%')}"
             )
     return "\n".join(lines)
 
@@ -550,6 +551,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     args.device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     if args.quick:
+        if args.dtype not in (None, "float32"):
+            print(f"bench_attention: --quick runs float32 (the CPU's interpreter and reference); --dtype "
+                  f"{args.dtype} is not used", file=sys.stderr)
         args.dtype = torch.float32
         cases = [("tiny", 3, 4, 1, 2, 16), ("tiny_w8", 5, 8, 1, 1, 16)]
         cases = [(n, T, W, args.batch or B, args.heads or H, args.head_dim or D) for n, T, W, B, H, D in cases]
@@ -600,7 +604,8 @@ def main(argv=None) -> dict:
     report = {
         **env,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "command": " ".join((["TRITON_INTERPRET=1"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+                            + [os.path.basename(sys.executable)] + sys.argv),
         "matmul_tflops": rate,
         "matmul_dtype": str(dtype if device == "cuda" else torch.float32).replace("torch.", ""),
         "flop_convention": "fwd = 4*D*kept*B*H; bwd = 2.5*fwd; fwd_bwd = 3.5*fwd (kept = visible query-key pairs)",
