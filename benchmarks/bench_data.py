@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
              f"{host_line(start, end)}", "",
              f"{args.n} noise JPEGs of {w}×{h} (quality 90) read through `ImageTextFolder` with sample keys, decoded "
              f"and cropped to {args.size}²; median of {args.repeats} passes.", ""]
-    lines += md_table(["crop", "ms per image", "images/s per worker", "vs centre"],
+    lines += md_table(["crop", "ms per image", "images/s per worker", "time vs centre"],
                       [[name, f"{t * 1e3:.2f}", f"{1 / t:.0f}", f"{t / base:.2f}×"] for name, t in per_image.items()],
                       align="lrrr")
     return emit(result, "\n".join(lines) + "\n", args.out)

@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
              f"oneDNN native bf16: {bf16_native}. Command: `{result['command']}`.", "",
              f"Model: dVAE preset '{args.preset}' ({cfg.image_size}² images, K {cfg.vocab_size}, hidden {cfg.hidden}); "
              f"batch {args.batch}; {args.threads} thread(s); median of {args.repeats} updates.", ""]
-    lines += md_table(["precision, layout", "ms per update", "vs fp32 NCHW"],
+    lines += md_table(["precision, layout", "ms per update", "speed-up vs fp32 NCHW"],
                       [[m, f"{t * 1e3:.0f}", f"{base / t:.2f}×" if base else "-"] for m, t in rows.items()])
     return emit(result, "\n".join(lines) + "\n", args.out)
 

@@ -189,6 +189,10 @@ def render(env: dict, tput: list[dict], under: list[dict]) -> str:
         [[r["data"]] + [s for f in fmts for s in (f"{100 * r[f'{f} flushed']:.2f}%", f"{r[f'{f} mean rel err']:.2e}")]
          for r in under],
     )
+    above = [r["op"] for r in tput if r["% copy"] > 100]
+    if above and env["device"] == "cpu":  # the copy's 2n bytes stream through DRAM; a row above it ran from cache
+        head += ("\n\nAbove 100% of the copy (" + ", ".join(above) + "): on a CPU at this size the copy is no ceiling "
+                 "(caches hold part of the data).")
     return (f"{head}\n\nThroughput (bytes counted once per input read and output written; "
             f"% of a same-size fp32 copy):\n\n{t}\n\nUnderflow (device independent):\n\n{u}\n")
 

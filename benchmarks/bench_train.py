@@ -410,7 +410,9 @@ def markdown(result: dict) -> str:
         lines.append("One rank: nothing is exchanged; the collectives DeepSpeed still calls (e.g. the gradient-norm "
                      "all-reduce) run over a group of one and are what the comm column shows.")
     lines += ["", *floor_markdown(result["rows"])]
-    lines += ["## Time sinks (rank 0, profiled steps)", ""]
+    lines += ["## Time sinks (rank 0, profiled steps)", "",
+              "Operators by self time (time in an op minus the ops it called): the communication here is the "
+              "collectives' own time, while the phase table's comm column is the wall-clock union of their spans.", ""]
     for r in result["rows"]:
         lines += op_markdown(r["case"], r["time_sinks"])
     if result.get("errors"):
