@@ -3,6 +3,7 @@ flag values in argument parsing, wrong / missing / unreadable / mismatched check
 starts (no traceback), and a tokenization that would write 0 rows without leaving a meta.json behind."""
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -53,6 +54,8 @@ def art(tmp_path_factory):
                  {"tokenizer": "tokenizer", "dvae": str(d / "dvae.pt")})
     (d / "lone").mkdir()  # a prior copied without its tokenizer folder
     (d / "lone" / "dalle.pt").write_bytes((d / "prior" / "dalle.pt").read_bytes())
+    shutil.copytree(d / "prior", d / "damaged_tok")  # ... and with its tokenizer's metadata damaged (not JSON)
+    next((d / "damaged_tok" / "tokenizer").glob("dalle_ds_*.json")).write_text("{ not json")
     blob = (d / "dvae.pt").read_bytes()
     (d / "truncated.pt").write_bytes(blob[:1000])  # no zip central directory
     (d / "clip_run" / "clip").mkdir(parents=True)
@@ -121,6 +124,7 @@ def test_sample_parser_takes_cuda_graph_where_there_is_a_gpu(art, tmp_path, monk
     (["--dvae", "{art}/prior/dalle.pt"], "{art}/prior/dalle.pt is not a dVAE exported by dalle_ds"),
     (["--dvae", "{art}/dvae_k32.pt"], "does not match the prior"),
     (["--prior", "{art}/lone/dalle.pt"], "no tokenizer.json in {art}/lone/tokenizer"),
+    (["--prior", "{art}/damaged_tok/dalle.pt"], "the prior {art}/damaged_tok/dalle.pt's caption tokenizer"),
     (["--prior", "{art}/truncated.pt"], "{art}/truncated.pt"),  # the wording is checkpoint.py's
     (["--captions_file", "{art}/truncated.pt"], "truncated.pt: not UTF-8 text"),
     (["--captions_file", "{art}/blank.txt"], "blank.txt: no captions in it"),

@@ -59,7 +59,9 @@ class TextToImage:
         try:
             tokenizer = CaptionTokenizer.load(tok_dir, max_length=prior.cfg.text_len - 1)
         except (FileNotFoundError, ValueError) as e:
-            raise type(e)(f"the prior {prior_path}'s caption tokenizer (saved beside it by train_dalle.py): {e}") from e
+            # a fixed class: ValueError's subclasses (json.JSONDecodeError, UnicodeDecodeError) take other arguments
+            kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+            raise kind(f"the prior {prior_path}'s caption tokenizer (saved beside it by train_dalle.py): {e}") from e
         dvae_path = dvae_path or meta.get("dvae")
         if not dvae_path:
             raise ValueError("the prior does not record its dVAE; pass --dvae")
