@@ -15,7 +15,7 @@ import sys
 
 from dalle_ds.config import ADAM_MOMENTS, DALLE_PRESETS
 from dalle_ds.models.dalle import count_parameters
-from dalle_ds.models.memory import EMA_PLACES, PRECISIONS, estimate_per_gpu, format_estimate
+from dalle_ds.models.memory import EMA_PLACES, PRECISIONS, billions, estimate_per_gpu, format_estimate
 
 
 def settings_from_ds_config(args: argparse.Namespace, ds_config: dict, where: str) -> list[str]:
@@ -81,7 +81,7 @@ def settings_from_ds_config(args: argparse.Namespace, ds_config: dict, where: st
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dalle_ds.models", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None, help=f"one of {', '.join(DALLE_PRESETS)} (default: all)")
     p.add_argument("--memory", action="store_true", help="print a per-GPU memory estimate")
     # --zero, --precision, --micro-batch and --offload default to None: unless given, they come from --deepspeed_config
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.preset is not None and args.preset not in DALLE_PRESETS:
         p.error(f"unknown preset {args.preset!r}; choose from {', '.join(DALLE_PRESETS)}")
-    if args.memory and args.gpus < 1:
+    if args.gpus < 1:
         p.error("--gpus must be ≥ 1")
     ds_config = None
     if args.deepspeed_config:
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         cfg = DALLE_PRESETS[name]
         n = count_parameters(cfg)
         print(f"{name:<8} {n:>16,} {cfg.n_layers:>6} {cfg.d_model:>7} {cfg.n_heads:>5} "
-              f"{f'{cfg.text_len} + {cfg.image_len}':>18}   ({n / 1e9:.2f} B)")
+              f"{f'{cfg.text_len} + {cfg.image_len}':>18}   ({billions(n)})")
     if args.memory:
         for name in names:
             est = estimate_per_gpu(DALLE_PRESETS[name], zero=args.zero, gpus=args.gpus, precision=args.precision,

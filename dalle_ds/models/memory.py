@@ -17,6 +17,11 @@ from torch.autograd.graph import saved_tensors_hooks
 from dalle_ds.config import ADAM_MOMENTS, DalleConfig
 
 
+def billions(n: int, digits: int = 2) -> str:
+    """A parameter count for people: "12.03 B", or "73.92 M" below a tenth of a billion (tiny presets read 0.00 B)."""
+    return f"{n / 1e9:.{digits}f} B" if n >= 1e8 else f"{n / 1e6:.{digits}f} M"
+
+
 def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
     """Run ``run()`` (a forward pass returning the loss) and return (bytes autograd keeps for the backward, loss).
 
@@ -242,7 +247,7 @@ def estimate_per_gpu(cfg: DalleConfig, *, zero: int, gpus: int, precision: str =
 def format_estimate(name: str, est: dict[str, float], *, zero: int, gpus: int, precision: str, micro_batch: int,
                     offload: bool, adam_moments: str = "fp32") -> str:
     gib = 2.0 ** 30
-    lines = [f"{name}: {est['num_parameters'] / 1e9:.3f} B parameters; ZeRO-{zero} over {gpus} GPU(s), {precision}, "
+    lines = [f"{name}: {billions(est['num_parameters'], 3)} parameters; ZeRO-{zero} over {gpus} GPU(s), {precision}, "
              f"micro-batch {micro_batch}{', optimizer offloaded to CPU' if offload else ''}"
              f"{', 16-bit Adam moments' if adam_moments == '16bit' else ''}",
              f"  {'parameters':<34} {est['parameters'] / gib:10.2f} GiB",
