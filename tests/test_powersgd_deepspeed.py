@@ -39,14 +39,14 @@ def _ds_config(stage: int, gas: int = 1) -> dict:
             "zero_allow_untested_optimizer": True}
 
 
-def _engine(stage: int, powersgd_rank: int | None, gas: int = 1):
+def _engine(stage: int, powersgd_rank: int | None, gas: int = 1, start_step: int = 0):
     import deepspeed
     from dalle_ds.config import PowerSGDConfig
     from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
     model, cfg = _Net(), _ds_config(stage, gas)
     ext = None
     if powersgd_rank is not None:
-        ext = PowerSGDExtension(PowerSGDConfig(enabled=True, rank=powersgd_rank, local_size=2,
+        ext = PowerSGDExtension(PowerSGDConfig(enabled=True, rank=powersgd_rank, local_size=2, start_step=start_step,
                                                compress=r"^(fc|out)\.weight$"))
         ext.before_initialize(model, cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
@@ -109,7 +109,21 @@ def _stages(rank, world, stage, gas=1):
 def _all_stages(rank, world):
     for stage in (0, 1, 2, 3):  # one set of processes for the four stages (start-up dominates on 2 cores)
         _stages(rank, world, stage, gas=2 if stage >= 2 else 1)
+        _warm_up_skips_a_nonfinite_step(rank, stage)
     _foreign_optimizer_refused()
+
+
+def _warm_up_skips_a_nonfinite_step(rank, stage):
+    """During the uncompressed warm-up (powersgd.start_step) a nonfinite gradient skips the update too. Under
+    ZeRO-0 no DeepSpeed check sees it: the reducer's flag must reach the extension's optimizer wrapper (it did not,
+    and the parameters became NaN)."""
+    engine, ext = _engine(stage, powersgd_rank=2, start_step=5)
+    _train(engine, ext, rank, 1)
+    before = _params(engine)
+    _train(engine, ext, rank, 1, poison_step=0)
+    after = _params(engine)
+    assert all(torch.equal(before[n], after[n]) for n in before), f"ZeRO-{stage}: a warm-up step with Inf applied"
+    assert engine.skipped_steps == 1
 
 
 def _foreign_optimizer_refused():

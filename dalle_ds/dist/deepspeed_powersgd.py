@@ -220,7 +220,7 @@ class PowerSGDExtension:
     def _account(self, rep: ReduceReport) -> None:
         for k in _SUMMED:
             setattr(self._acc, k, getattr(self._acc, k) + getattr(rep, k))
-        if rep.counts is None:  # an uncompressed warm-up step: DeepSpeed's own checks see any nonfinite value
+        if rep.counts is None:  # a ZeRO-3 warm-up step: DeepSpeed's own check sees any nonfinite partition
             return
         c = rep.counts
         self._counts = c[1:] if self._counts is None else self._counts + c[1:]

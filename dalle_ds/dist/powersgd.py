@@ -204,8 +204,8 @@ class ReduceReport:
     recentered_elements: int = 0
     """Error-buffer elements averaged over machines (``recenter_every``); their bytes are in ``bytes_inter``."""
     counts: torch.Tensor | None = None
-    """On the device, without a host read: [skip (0/1), nonfinite_grads, zeroed_buffers] (float64); None when the
-    call compressed nothing (uncompressed warm-up)."""
+    """On the device, without a host read: [skip (0/1), nonfinite_grads, zeroed_buffers] (float64); None for a ZeRO-3
+    warm-up call (uncompressed partitions: DeepSpeed's own check sees them)."""
     pending: torch.Tensor | None = None
     """Until :meth:`resolve`: the call's device results [per matrix: shard nonfinite, P overflow, Q' overflow;
     uncompressed nonfinite; sum ||Q'||^2; ||uncompressed||^2; zeroed buffers] (float64)."""
@@ -309,9 +309,18 @@ class HierarchicalPowerSGD:
         total = sum(g.numel() for _, g in grads)
         rep.bytes_baseline = fp32_ring_bytes(total, W)
         if step < self.s.start_step:
-            if partitions:
+            if partitions:  # ZeRO-3: the optimizer's global-norm check sees a nonfinite partition itself
                 return rep, self._plain_reduce_scatter([g for _, g in grads], rep)[0]
-            self._plain_all_reduce([g for _, g in grads], rep)
+            # The flag must reach the caller as on a compressed step: under ZeRO-0 no DeepSpeed check would see it
+            # (the extension's optimizer wrapper skips on rep.counts), and the warm-up reports skips too.
+            plain = [g for _, g in grads]
+            nonfinite = self._plain_all_reduce(plain, rep)
+            zero = torch.zeros((), dtype=torch.float64, device=self.device)
+            sq = sum((g.double().pow(2).sum() for g in plain), zero)
+            rep.counts = torch.stack([nonfinite, nonfinite, zero])
+            rep.pending = torch.stack([nonfinite, zero, sq, zero])  # no matrices: [unc nonfinite, 0, ||unc||^2, 0]
+            if resolve:
+                rep.resolve()
             return rep, []
         comp = [(self.shards[k], g) for k, g in grads if k in self.shards]
         unc = [g for k, g in grads if k not in self.shards]
