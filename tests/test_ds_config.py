@@ -231,3 +231,18 @@ def test_precision_mode():
     assert precision_mode({"bf16": {"enabled": False}}) == precision_mode({}) == "fp32"
     with pytest.raises(ConfigError, match="both true"):
         precision_mode({"bf16": {"enabled": True}, "fp16": {"enabled": True}})
+
+
+def test_nonfinite_check_off():
+    from dalle_ds.train.ds_config import nonfinite_check_off
+
+    def cfg(stage, **extra):
+        return {"zero_optimization": {"stage": stage, **extra.pop("zero", {})}, **extra}
+
+    assert nonfinite_check_off(cfg(2)) is None and nonfinite_check_off(cfg(1, bf16={"enabled": True})) is None
+    assert nonfinite_check_off(cfg(2, zero={"compute_grad_norm": False})) == "zero_optimization.compute_grad_norm=false"
+    assert nonfinite_check_off(cfg(1, bf16={"enabled": True, "check_grad_overflow": False})) == \
+        "bf16.check_grad_overflow=false"
+    assert nonfinite_check_off(cfg(2, bf16={"enabled": True}, zero={"compute_grad_norm": False})) is None
+    assert nonfinite_check_off(cfg(3, zero={"compute_grad_norm": False})) is None  # ZeRO-3 always checks
+    assert nonfinite_check_off(cfg(0, zero={"compute_grad_norm": False})) is None  # ZeRO-0: the callers' matter

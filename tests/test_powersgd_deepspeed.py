@@ -203,6 +203,22 @@ def test_zero_without_contiguous_gradients_is_refused(stage):
     _accepts(ext, _zero(0, contiguous_gradients=False))
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_without_the_nonfinite_check_is_refused(stage):
+    """PowerSGD skips an update by leaving an Inf for DeepSpeed's check; ZeRO-1/2 runs that check only with
+    compute_grad_norm (fp32 mode) or bf16.check_grad_overflow (bf16 mode) on: with either off, an Inf step was
+    applied (parameters NaN, found by review). ZeRO-3 always checks."""
+    from dalle_ds.config import ConfigError, PowerSGDConfig
+    from dalle_ds.dist.deepspeed_powersgd import PowerSGDExtension
+    ext = PowerSGDExtension(PowerSGDConfig(enabled=True))
+    with pytest.raises(ConfigError, match=r"zero_optimization\.compute_grad_norm=false turns off"):
+        ext.before_initialize(_Net(), _zero(stage, compute_grad_norm=False))
+    with pytest.raises(ConfigError, match=r"bf16\.check_grad_overflow=false turns off"):
+        ext.before_initialize(_Net(), dict(_zero(stage), bf16={"enabled": True, "check_grad_overflow": False}))
+    _accepts(ext, dict(_zero(stage, compute_grad_norm=False), bf16={"enabled": True}))  # bf16 checks on its own
+    _accepts(ext, _zero(stage, compute_grad_norm=True))
+
+
 def _reducer_calls(rank, world, contiguous: bool) -> int:
     """Elements PowerSGD reduced in one ZeRO-1 step with the config check bypassed (the key flipped after
     before_initialize): the DeepSpeed fact behind the refusal."""

@@ -63,3 +63,22 @@ def test_zero3_fp16_resblock_scaling_learns_logs_and_resumes(tmp_path):
     # the Figure-12-style plot of the scales from the run folder
     subprocess.run([sys.executable, "launch/plot_scales.py", "--run", str(run)], cwd=ROOT, check=True)
     assert (run / "grad_scales.svg").read_text().count("<polyline") == n_blocks
+
+
+def test_configs_that_would_apply_an_overflowing_update_are_refused():
+    """Per-resblock scaling leaves a nonfinite gradient for DeepSpeed's check to skip the update: DeepSpeed's fp16
+    mode, ZeRO-0, and ZeRO-1/2 with that check turned off (compute_grad_norm in fp32 mode, check_grad_overflow in
+    bf16 mode) are refused before anything is built."""
+    import types
+
+    from dalle_ds.config import ConfigError
+    from dalle_ds.train.dalle_trainer import DalleTrainer
+
+    cases = [({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}, "fp16.enabled must be false"),
+             ({"zero_optimization": {"stage": 0}}, "needs zero_optimization.stage ≥ 1"),
+             ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "compute_grad_norm=false turns off"),
+             ({"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 1}},
+              "check_grad_overflow=false turns off")]
+    for ds_config, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            DalleTrainer._setup_resblock_scaling(types.SimpleNamespace(), None, ds_config)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from dalle_ds.config import ConfigError
-from dalle_ds.train.ds_config import zero_stage
+from dalle_ds.train.ds_config import nonfinite_check_off, zero_stage
 
 from .powersgd import HierarchicalPowerSGD, PowerSGDSettings, ReduceReport, zero3_chunk
 from .topology import Topology
@@ -83,6 +83,11 @@ class PowerSGDExtension:
         _check_precision(ds_config)
         if self.stage in (1, 2):
             _check_zero_reduction_path(ds_config)
+            off = nonfinite_check_off(ds_config)
+            if off:
+                raise ConfigError(f"powersgd: {off} turns off DeepSpeed's check for nonfinite gradients in ZeRO-"
+                                  f"{self.stage}, and PowerSGD skips an update by leaving an Inf for that check; "
+                                  "remove the key")
             zo = ds_config.setdefault("zero_optimization", {})
             zo["reduce_scatter"] = False  # route every bucket through gradient_reduction_w_predivide
             import deepspeed.runtime.engine as module

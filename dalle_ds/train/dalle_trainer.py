@@ -34,7 +34,7 @@ from dalle_ds.precision.resblock_scaling import install_unscale_hooks
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.data_loading import loader_kwargs, sample_seed, to_device, warn_if_evaluating_on_training_data
 from dalle_ds.train.distributed import is_rank0, rank, world_size
-from dalle_ds.train.ds_config import check_compile_supported, zero_stage
+from dalle_ds.train.ds_config import check_compile_supported, nonfinite_check_off, zero_stage
 from dalle_ds.train.engine_loop import EngineLoop, parameter_count
 from dalle_ds.train.extensions import build_extensions
 from dalle_ds.train.run_tokenizer import ensure_run_tokenizer
@@ -247,6 +247,10 @@ class DalleTrainer(EngineLoop):
         if zero_stage(ds_config) < 1:
             raise ConfigError(f"{where}: model.resblock_grad_scaling needs zero_optimization.stage ≥ 1 (stage 0 "
                               "does not skip an update whose gradients are not finite)")
+        off = nonfinite_check_off(ds_config)
+        if off:
+            raise ConfigError(f"{where}: {off} turns off DeepSpeed's check for nonfinite gradients, which "
+                              "model.resblock_grad_scaling relies on to skip an overflowing update; remove the key")
         self.grad_scaler.reset(replicas=world_size())  # M: init M·2^13, clamp [M·2^7, M·2^24]
         install_unscale_hooks(model.resblocks, self.grad_scaler)
 

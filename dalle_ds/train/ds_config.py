@@ -162,6 +162,23 @@ def optimizer_offload(cfg: dict[str, Any]) -> bool:
     return device not in ("none", None)
 
 
+def nonfinite_check_off(cfg: dict[str, Any]) -> str | None:
+    """The key that keeps DeepSpeed from noticing a nonfinite gradient in this config, or None when it notices.
+
+    PowerSGD and per-resblock gradient scaling skip an update by leaving an Inf in the gradients for the optimizer's
+    own check. In DeepSpeed 0.19.8 ZeRO-3 always computes the global norm and skips on a nonfinite one; the ZeRO-1/2
+    optimizer (``runtime/zero/stage_1_and_2.py``, ``step``) checks only with ``check_grad_overflow`` -- bf16 mode's
+    ``bf16.check_grad_overflow`` (default true; off in fp32 mode) -- or, outside bf16 mode, through the norm that
+    ``zero_optimization.compute_grad_norm`` (default true) computes. ZeRO-0 is the callers' own matter."""
+    if zero_stage(cfg) not in (1, 2):
+        return None
+    if precision_mode(cfg) == "bf16":
+        bf16 = cfg.get("bf16") if cfg.get("bf16") is not None else cfg.get("bfloat16")
+        return "bf16.check_grad_overflow=false" if (bf16 or {}).get("check_grad_overflow") is False else None
+    zo = cfg.get("zero_optimization") or {}
+    return "zero_optimization.compute_grad_norm=false" if zo.get("compute_grad_norm") is False else None
+
+
 def precision_mode(cfg: dict[str, Any], where: str = "deepspeed config") -> str:
     """DeepSpeed's precision mode in the config: "bf16" (``bf16.enabled``, or the older ``bfloat16`` section), "fp16"
     (``fp16.enabled``) or "fp32" (neither; the model may still compute in 16 bits, e.g. fp16 resblocks)."""
