@@ -124,7 +124,12 @@ class StepBatches:
         self.batches_per_epoch = len(self.sampler) // micro_batch
         self.loader_args = dict(batch_size=micro_batch, collate_fn=collate_fn, drop_last=True,
                                 **loader_kwargs(device, num_workers))
-        self.loader = DataLoader(served, sampler=self.sampler, **self.loader_args)
+        # The loader's own generator: making an iterator draws its workers' base seed from it, which would otherwise
+        # come from torch's global one, which the training loop re-seeds per update (an iterator made on resume, in
+        # the middle of an epoch, would shift that update's dropout masks against the uninterrupted run's).
+        self.seed, self.rank = seed, rank
+        self.generator = torch.Generator()
+        self.loader = DataLoader(served, sampler=self.sampler, generator=self.generator, **self.loader_args)
         self.epoch = 0
         self.index = 0  # micro-batches consumed in the current epoch
 
@@ -139,6 +144,7 @@ class StepBatches:
             if self.index >= self.batches_per_epoch:
                 self.epoch, self.index = self.epoch + 1, 0
             self.sampler.set_position(self.epoch, self.index * self.micro_batch)
+            self.generator.manual_seed(seed63(f"{self.seed}/loader/{self.epoch}/{self.rank}"))
             for batch in self.loader:
                 self.index += 1
                 yield batch

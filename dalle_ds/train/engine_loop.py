@@ -47,6 +47,7 @@ from dalle_ds.train.ema import EMA
 from dalle_ds.train.monitor_resume import continue_logs
 from dalle_ds.train.plateau import PlateauExtension, plateau_params
 from dalle_ds.train.preemption import StopSignals
+from dalle_ds.utils.seeds import seed63
 
 log = logging.getLogger("dalle_ds.train")
 
@@ -398,6 +399,9 @@ class EngineLoop:
         t0, history, stopped_by = time.time(), [], 0
         pace = Pace(eng.global_steps, batches)
         while eng.global_steps < end:
+            # torch's global generator (dropout, a data loader's worker seeds) is seeded per (run seed, update,
+            # rank): a resumed run draws what the uninterrupted one drew, and the ranks draw different masks
+            torch.manual_seed(seed63(f"{self.seed}/update/{eng.global_steps}/{rank()}"))
             stats = self.train_step(batches)
             step = eng.global_steps
             for ext in self.extensions:
