@@ -151,10 +151,11 @@ def test_plateau_halving_schedule_halves_and_resumes_mid_interval(shards, tmp_pa
     deepspeed_launch("launch/train_dalle.py", args(parted))
     a, b = _history(full), _history(parted)
     peak = cfg["optimizer"]["params"]["lr"]
-    # The logged lr is the next update's (set after the update). Warm-up over 4 updates; judged intervals end at 4
-    # (the first best), 6, 8 and 10 (each a plateau at threshold 50%, halving the rate from the next update on).
-    assert [a[s]["lr"] for s in (1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 16)] == pytest.approx(
-        [peak / 2, 3 * peak / 4, peak, peak, peak, peak / 2, peak / 2, peak / 4, peak / 4, peak / 8, peak / 8])
+    # The logged lr is the rate the update ran with. Warm-up over 4 updates; judged intervals end at 4 (the first
+    # best), 6, 8 and 10 (each a plateau at threshold 50%, halving the rate from the next update on).
+    assert [a[s]["lr"] for s in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16)] == pytest.approx(
+        [peak / 4, peak / 2, 3 * peak / 4, peak, peak, peak, peak / 2, peak / 2, peak / 4, peak / 4, peak / 8,
+         peak / 8, peak / 8])
     assert a[16]["lr_halvings"] == 3
     assert sorted(b) == list(range(8, 17))
     for step in b:

@@ -175,7 +175,7 @@ class ClipTrainer(EngineLoop):
 
         stats = self.micro_steps(batches, forward, ("loss",))
         # a tensor, read only if this step is logged (EngineLoop.to_floats): no host sync per update
-        return {**stats, "lr": float(eng.get_lr()[0]), "logit_scale": eng.module.logit_scale.detach().exp().squeeze()}
+        return {**stats, "logit_scale": eng.module.logit_scale.detach().exp().squeeze()}
 
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict[str, Any] | None:

@@ -110,7 +110,7 @@ class DVAETrainer(EngineLoop):
             return eng(to_device(batch["image"], self.device), tau=tau, kl_weight=beta, generator=gen)
 
         stats = self.micro_steps(batches, micro, ("loss", "nll", "kl"))
-        stats.update(tau=tau, kl_weight=beta, lr=float(eng.get_lr()[0]))
+        stats.update(tau=tau, kl_weight=beta)
         return stats
 
     def ema_model(self) -> DiscreteVAE:

@@ -292,12 +292,14 @@ class EngineLoop:
 
     def micro_steps(self, batches, fn: Callable[[dict, int], Any], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Run ``fn(batch, micro) -> output with .loss`` for each micro-batch of one optimizer update; returns the
-        mean over the micro-batches of each scalar output attribute in ``keys``.
+        mean over the micro-batches of each scalar output attribute in ``keys``, and ``lr``: the learning rate this
+        update ran with (read before ``engine.step()`` steps the scheduler to the next update's rate).
 
         The means are 0-dim float64 tensors where the outputs are (summed in micro-batch order, then divided: the
         numbers a running Python float sum would give), read by the host only at a logged step. Only those scalars are
         kept: each micro-batch's output (logits, reconstructions...) is released before the next forward."""
         sums: dict[str, torch.Tensor] = {}
+        lr = float(self.engine.get_lr()[0])
         steps = self.engine.gradient_accumulation_steps()
         for micro in range(steps):
             out = fn(next(batches), micro)
@@ -313,7 +315,7 @@ class EngineLoop:
         # ZeRO 1-3 compute the global gradient norm; a ZeRO-0 torch optimizer does not (None)
         self._record_grad_norm(self.engine.get_global_grad_norm())
         self.ema.step(self.engine.global_steps, self.engine.module.parameters())
-        return {k: v / steps for k, v in sums.items()}
+        return {**{k: v / steps for k, v in sums.items()}, "lr": lr}
 
     def _record_grad_norm(self, norm: float | torch.Tensor | None) -> None:
         """Add one update's global gradient norm (a tensor or a float; ``None``: not computed) to the running
