@@ -247,3 +247,13 @@ def test_host_average_on_gpu_equals_the_device_average():
                 p.mul_(3.0)  # queued after the copies on the same stream
     for a, b in zip(sync.state_dict()["shadow"].values(), host.state_dict()["shadow"].values()):
         torch.testing.assert_close(b, a.cpu(), rtol=0, atol=0)
+
+
+def test_a_loaded_state_keeps_this_runs_decay():
+    """A resume with another ema_decay (warned about as a changed config) averages with the new decay: the
+    checkpoint brings the average and the update count, not the old decay."""
+    old = EMA(torch.nn.Linear(2, 2), decay=0.9)
+    old.updates = 7
+    new = EMA(torch.nn.Linear(2, 2), decay=0.5)
+    new.load_state_dict(old.state_dict())
+    assert new.decay == 0.5 and new.updates == 7

@@ -152,7 +152,8 @@ class EMA:
         missing = set(self.names) - set(state["shadow"])
         if missing:
             raise KeyError(f"EMA state lacks parameters: {sorted(missing)[:5]}")
-        self.decay, self.updates = float(state["decay"]), int(state["updates"])
+        # the decay stays this run's (config ema_decay; a resume that changes it is warned about and then applies it)
+        self.updates = int(state["updates"])
         for i, n in enumerate(self.names):
             self.shadow[i].copy_(state["shadow"][n])
 
@@ -165,7 +166,7 @@ class EMA:
         if not self.sharded:
             raise ValueError("EMA.load_resharded is for ZeRO-3 partitions; an unsharded EMA loads its whole state")
         self.wait()
-        self.decay, self.updates = float(old[0]["decay"]), int(old[0]["updates"])
+        self.updates = int(old[0]["updates"])  # the decay stays this run's, as in load_state_dict
         me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         for i, (n, shape) in enumerate(zip(self.names, self.full_shapes)):
             shards = [s["shadow"][n].reshape(-1) for s in old]
