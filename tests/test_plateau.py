@@ -96,3 +96,21 @@ def test_config_section_is_checked_and_filled(tmp_path):
         bad = {**base, "scheduler": {"type": "PlateauHalving", "params": params}}
         with pytest.raises(ConfigError, match=match):
             prepare_ds_config(bad, steps=1000, run_dir=tmp_path, job_name="dalle", world_size=1, accelerator="cpu")
+
+
+
+def test_a_resume_with_another_base_rate_applies_it(caplog):
+    """optimizer.params.lr changed on resume: the halvings so far apply to the new base rate (DeepSpeed's own
+    schedulers also take the new rate), with a warning; the checkpoint's base rate used to win silently."""
+    _, first = _sched(patience=1)
+    _run(first, [3.0] * 10)  # flat after the warm-up: halved
+    assert first.halvings >= 1
+    state = first.state_dict()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)  # the new run's config: 10x the rate
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.2})
+    resumed = PlateauHalving(opt, **{**DEFAULTS, "warmup_num_steps": 4, "interval": 2, "patience": 1,
+                                     "threshold": 0.01})
+    with caplog.at_level("WARNING", logger="dalle_ds.train"):
+        resumed.load_state_dict(state)
+    assert resumed.get_lr() == pytest.approx([1.0 * 0.5 ** first.halvings, 0.2 * 0.5 ** first.halvings])
+    assert "the base learning rate changes from 0.1 (checkpoint) to 1.0" in caplog.text

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from dalle_ds.config import ConfigError
-from dalle_ds.train.distributed import all_reduce_mean
+from dalle_ds.train.distributed import all_reduce_mean, is_rank0
 
 log = logging.getLogger("dalle_ds.train")
 
@@ -121,15 +121,22 @@ class PlateauHalving:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates, self.halvings = int(state["updates"]), int(state["halvings"])
         self.best, self.bad, self.carried = float(state["best"]), int(state["bad"]), float(state["carried"])
-        self.base_lrs = [float(x) for x in state["base_lrs"]]
+        # The base rates stay this run's (optimizer.params.lr of its DeepSpeed config), as DeepSpeed's own schedulers
+        # keep theirs: a resume that changes the rate applies it, with the halvings so far, and says so.
+        saved = [float(x) for x in state["base_lrs"]]
+        if saved != [float(x) for x in self.base_lrs] and is_rank0():
+            log.warning("%s: the base learning rate changes from %s (checkpoint) to %s (this run's optimizer.params.lr)"
+                        "; %d halving(s) so far apply to it", SCHEDULER_TYPE, saved[0], self.base_lrs[0],
+                        self.halvings)
         self._local = None
         self._apply()
 
     # -- fed by the trainer -------------------------------------------------------------------------------------
     def observe(self, loss: torch.Tensor | float, global_step: int) -> dict[str, float] | None:
         """Add this rank's loss of the update that made ``global_step``; when that step ends an interval, judge the
-        interval (a collective: every rank calls this at every step) and return ``{"interval_loss", "lr_halvings",
-        "halved"}``, the same on every rank; otherwise None (no host sync)."""
+        interval (a collective: every rank calls this at every step) and return ``{"interval_loss", "halved"}``, the
+        same on every rank (the halvings so far are logged with every log step's stats); otherwise None (no host
+        sync)."""
         t = torch.as_tensor(loss, dtype=torch.float64).detach().reshape(())
         self._local = t if self._local is None else self._local + t.to(self._local.device)
         if global_step % self.interval:
@@ -158,7 +165,7 @@ class PlateauHalving:
                 if self.bad >= self.patience and self.halvings < self.max_halvings:
                     self.halvings, self.bad, halved = self.halvings + 1, 0, True
                     self._apply()
-        return {"interval_loss": mean, "lr_halvings": float(self.halvings), "halved": float(halved)}
+        return {"interval_loss": mean, "halved": float(halved)}
 
 
 class PlateauExtension:
