@@ -183,7 +183,7 @@ def _lr_at(ds_config: dict, step: int) -> float:
     return opt.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("steps, warmup", [(430_000, 5000), (100_000, 5000), (1500, 75), (10, 2)])
+@pytest.mark.parametrize("steps, warmup", [(430_000, 5000), (100_000, 5000), (1500, 75), (10, 2), (2, 2), (1, 1)])
 def test_auto_warmup_is_the_papers_5000_updates_or_a_twentieth(steps, warmup):
     raw = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
            "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}}}

@@ -278,8 +278,12 @@ PAPER_WARMUP_STEPS = 5000
 
 
 def auto_warmup_steps(steps: int) -> int:
-    """``warmup_num_steps: "auto"``: the paper's 5,000 updates, or 1/20 of a shorter run (at least 2)."""
-    return min(PAPER_WARMUP_STEPS, max(2, steps // 20))
+    """``warmup_num_steps: "auto"``: the paper's 5,000 updates, or 1/20 of a shorter run (at least 2, at most the
+    run: a 1-update run gets 1, which DeepSpeed's WarmupCosineLR raises to its own minimum of 2 internally).
+
+    DeepSpeed 0.19.8's WarmupCosineLR runs the first two updates at rate 0 (it starts at iteration -1, read as ratio
+    0, and its linear warm-up starts at ``warmup_min_ratio`` 0), so the peak comes at update W + 2."""
+    return min(PAPER_WARMUP_STEPS, steps, max(2, steps // 20))
 
 
 def prepare_ds_config(cfg: dict[str, Any], *, steps: int, run_dir: str | Path, job_name: str, world_size: int,
