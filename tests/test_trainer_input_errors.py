@@ -34,6 +34,15 @@ def test_prior_trainer_refuses_a_wrong_dvae_and_a_folder_without_a_tokenizer(tmp
     assert f"config error: tokenizer {tmp_path / 'not_a_tokenizer'}: no tokenizer.json there" in proc.stderr
     assert not (tmp_path / "r2" / "tokenizer").exists()  # nothing copied
 
+    # token shards record the dVAE that encoded them; data.dvae naming another would be exported with the prior
+    from dalle_ds.data.token_shards import read_meta, write_meta
+    meta = read_meta(tmp_path / "tokens")
+    write_meta(tmp_path / "tokens", meta["shards"], 32, 8192, {"dvae": str(tmp_path / "encoder.pt")})
+    proc = _run("train_dalle.py", ["--deepspeed_config", "ds_configs/cpu_dalle.json", "--out", str(tmp_path / "r3"),
+                                   "--set", f"data.train_tokens={tmp_path / 'tokens'}", "--set", f"data.dvae={notes}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"config error: data.dvae: {notes} is not the dVAE that encoded data.train_tokens" in proc.stderr
+
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("args, said", [

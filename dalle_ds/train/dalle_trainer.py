@@ -143,6 +143,12 @@ class DalleTrainer(EngineLoop):
             if val_ds is not None and (val_ds.grid_size, val_ds.vocab_size) != (grid, vocab):
                 raise ConfigError(f"train and val shards disagree: {grid}/{vocab} vs {val_ds.grid_size}/"
                                  f"{val_ds.vocab_size} (grid/vocabulary): were they made by the same dVAE?")
+            encoded_by = train_ds.meta.get("dvae")
+            if d.dvae and encoded_by and Path(d.dvae).resolve() != Path(encoded_by).resolve():
+                # the exported prior names one dVAE, and sampling decodes with it: it must be the shards' own
+                raise ConfigError(f"data.dvae: {d.dvae} is not the dVAE that encoded data.train_tokens ({encoded_by}, "
+                                  "in its meta.json); with token shards leave data.dvae unset (the shards' dVAE is "
+                                  "recorded in the exported prior)")
         else:
             from dalle_ds.train.dvae_trainer import load_dvae
 
@@ -271,7 +277,6 @@ class DalleTrainer(EngineLoop):
         eng = self.engine
         stats = self.micro_steps(batches, lambda b, i: eng(to_device(b["text"], self.device), self.image_tokens(b)),
                                  ("loss", "text_loss", "image_loss"))
-        stats["lr"] = float(eng.get_lr()[0])
         if self.grad_scaler is not None:
             skip = self.grad_scaler.update()  # flags all-reduced: every rank moves its scales identically
             ds_skipped = eng.skipped_steps - self._ds_skipped
@@ -335,7 +340,7 @@ class DalleTrainer(EngineLoop):
         return metrics
 
     def finish(self, summary: dict[str, Any], ema_weights: dict[str, torch.Tensor]) -> None:
-        meta = {"tokenizer": "tokenizer", "dvae": self.cfg.data.dvae or self._shard_dvae(), "metrics": summary["eval"]}
+        meta = {"tokenizer": "tokenizer", "dvae": self._shard_dvae() or self.cfg.data.dvae, "metrics": summary["eval"]}
         export_dalle(self.run_dir / "dalle.pt", self.cfg.model, ema_weights, summary["steps"], meta)
 
     def _shard_dvae(self) -> str | None:
