@@ -66,6 +66,12 @@ def test_what_may_and_may_not_change(tmp_path):
         {"world_size": 2, "micro_batch": 4, "train_batch_size": 8, "zero_stage": 3}))
     with pytest.raises(ConfigError, match="ZeRO stage 3, this run uses 2"):
         check_resume(run, "dalle", RUN, DS)
+    # DeepSpeed keeps its optimizer state per precision mode: another one was reported as a damaged checkpoint
+    (run / "checkpoints" / "step00000010" / "layout.json").write_text(json.dumps(
+        {"world_size": 2, "micro_batch": 4, "train_batch_size": 8, "zero_stage": 2, "precision": "fp32"}))
+    assert check_resume(run, "dalle", RUN, DS) == []
+    with pytest.raises(ConfigError, match="written in DeepSpeed's fp32 mode, this run asks for bf16"):
+        check_resume(run, "dalle", RUN, {**DS, "bf16": {"enabled": True}})
 
 
 def test_no_checkpoint_no_checks(tmp_path):

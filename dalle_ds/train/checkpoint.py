@@ -180,7 +180,7 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
     ``steps`` or a new learning rate is a legitimate reason to resume). Reads the ``<job>_run_config.json`` the
     earlier run wrote and the checkpoint's layout (:func:`saved_layout`); a folder without a committed checkpoint
     passes. A different number of ranks is no refusal (:func:`universal_tag`)."""
-    from dalle_ds.train.ds_config import zero_stage
+    from dalle_ds.train.ds_config import precision_mode, zero_stage
     from dalle_ds.utils.dicts import flatten
 
     run_dir = Path(run_dir)
@@ -203,6 +203,11 @@ def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_c
     if layout is not None and layout["zero_stage"] != zero_stage(ds_config):
         raise ConfigError(f"cannot resume from {run_dir}: its checkpoints were written with ZeRO stage "
                           f"{layout['zero_stage']}, this run uses {zero_stage(ds_config)}")
+    mode = precision_mode(ds_config)
+    if layout is not None and layout.get("precision", mode) != mode:  # DeepSpeed names and lays out its state by it
+        raise ConfigError(f"cannot resume from {run_dir}: its checkpoints were written in DeepSpeed's "
+                          f"{layout['precision']} mode, this run asks for {mode} (the optimizer state is kept per "
+                          "mode); keep the precision, or start a new run from the exported weights (init_from)")
     return changed
 
 
@@ -277,9 +282,10 @@ LAYOUT_FILE = "layout.json"
 UNIVERSAL_DIR = "universal"
 
 
-def saved_layout(run_dir: str | Path, job: str, tag: str) -> dict[str, int] | None:
+def saved_layout(run_dir: str | Path, job: str, tag: str) -> dict[str, Any] | None:
     """How checkpoint ``tag`` of ``run_dir`` was trained: ``{"world_size", "micro_batch", "train_batch_size",
-    "zero_stage"}``.
+    "zero_stage"}`` (integers) and, for checkpoints written since 2026-12-07, ``"precision"`` (DeepSpeed's mode:
+    "bf16", "fp16" or "fp32", ``ds_config.precision_mode``).
 
     Read from ``<tag>/layout.json``; checkpoints written before that file existed fall back to the run's
     ``<job>_ds_config.json`` (batch sizes and ZeRO stage; call this before the new run overwrites it). None when
@@ -289,7 +295,7 @@ def saved_layout(run_dir: str | Path, job: str, tag: str) -> dict[str, int] | No
     f = Path(run_dir) / "checkpoints" / tag / LAYOUT_FILE
     if f.is_file():
         try:
-            return {k: int(v) for k, v in json.loads(f.read_text()).items()}
+            return {k: v if k == "precision" else int(v) for k, v in json.loads(f.read_text()).items()}
         except (ValueError, TypeError, AttributeError) as e:  # not JSON, not an object, not integers
             raise _unreadable(f, e) from e
     old_ds = Path(run_dir) / f"{job}_ds_config.json"

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from dalle_ds.precision.native import bf16_is_native
 from dalle_ds.train import checkpoint as ckpt
 from dalle_ds.train.data_loading import StepBatches
-from dalle_ds.train.ds_config import zero_stage
+from dalle_ds.train.ds_config import precision_mode, zero_stage
 from dalle_ds.train.distributed import (all_reduce_mean, barrier, check_same_on_every_rank, device, is_rank0,
                                          rank, world_size)
 from dalle_ds.train.ema import EMA
@@ -117,6 +117,7 @@ class EngineLoop:
             if hasattr(ext, "before_initialize"):
                 ext.before_initialize(model, ds_config)
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self._precision = precision_mode(ds_config)  # recorded in each checkpoint's layout (a resume must match it)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = device()
         self.seed = seed
@@ -210,10 +211,11 @@ class EngineLoop:
                                 "this run only evaluates and exports the checkpoint's weights (raise steps to "
                                 "train on)", self.ckpt_dir, self.resumed_from, cfg.steps)
 
-    def _layout(self) -> dict[str, int]:
+    def _layout(self) -> dict[str, Any]:
         """How this run trains, saved with each checkpoint (ckpt.saved_layout reads it back)."""
         return {"world_size": world_size(), "micro_batch": self.engine.train_micro_batch_size_per_gpu(),
-                "train_batch_size": self.engine.train_batch_size(), "zero_stage": self.engine.zero_optimization_stage()}
+                "train_batch_size": self.engine.train_batch_size(), "zero_stage": self.engine.zero_optimization_stage(),
+                "precision": self._precision}
 
     def _load_resharded(self, state: dict[str, Any]) -> None:
         """The rest of a resume on another number of ranks, after DeepSpeed loaded the weights and optimizer state.
