@@ -212,3 +212,20 @@ def test_a_prior_with_dropout_resumes_exactly(tmp_path):
 
     full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(part) == [5, 6, 7, 8] and all(part[s] == full[s] for s in part), (full, part)
+
+
+def test_later_tags_than_the_resumed_one_are_set_aside(tmp_path):
+    """latest pointed back at step 4 (as the damaged-checkpoint message advises) with steps 8 and 12 still there:
+    they move aside before the resumed run saves into their folders (a stale universal/ copy among them would be
+    trusted later)."""
+    from dalle_ds.train.checkpoint import list_tags, set_aside_later_tags
+
+    for step in (4, 8, 12):
+        (tmp_path / "checkpoints" / f"step{step:08d}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step00000008" / "universal").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step00000004")
+    assert set_aside_later_tags(tmp_path, "step00000012") is None
+    aside = set_aside_later_tags(tmp_path, "step00000004")
+    assert list_tags(tmp_path / "checkpoints") == ["step00000004"]
+    assert sorted(p.name for p in aside.iterdir()) == ["step00000008", "step00000012"]
+    assert (aside / "step00000008" / "universal").is_dir()

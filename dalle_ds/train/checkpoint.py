@@ -171,6 +171,31 @@ def set_aside_for_new_run(run_dir: str | Path, job: str, also: tuple[str, ...] =
     return aside
 
 
+def set_aside_later_tags(run_dir: str | Path, tag: str) -> Path | None:
+    """Collective. Resuming from ``tag`` while the folder holds tags of later steps (``latest`` pointed back at an
+    earlier checkpoint, or a save a crash left half-written): rank 0 moves those into
+    ``<run_dir>/replaced_<UTC time>/checkpoints/`` and says so. Left in place, the resumed run would save into their
+    folders among their old files (a stale ``universal/`` copy would then be trusted on a later resume on another
+    number of ranks), and the pruning, which keeps the highest steps, would delete this run's newer checkpoints
+    first. Returns that folder, or None when there was nothing later."""
+    import time
+
+    run_dir = Path(run_dir)
+    later = [t for t in list_tags(run_dir / "checkpoints") if int(t[4:]) > int(tag[4:])]
+    barrier()  # every rank has listed the folder before rank 0 moves anything
+    if not later:
+        return None
+    aside = run_dir / f"replaced_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}" / "checkpoints"
+    if is_rank0():
+        aside.mkdir(parents=True, exist_ok=True)
+        for t in later:
+            os.replace(run_dir / "checkpoints" / t, aside / t)
+        log.warning("resuming from %s: the later checkpoint(s) %s were not committed by `latest`; moved to %s",
+                    tag, ", ".join(later), aside)
+    barrier()
+    return aside
+
+
 def check_resume(run_dir: str | Path, job: str, run_config: dict[str, Any], ds_config: dict[str, Any]) -> list[str]:
     """Before resuming from ``run_dir``: refuse what cannot resume, list what changed.
 

@@ -128,6 +128,8 @@ class EngineLoop:
         # On another number of ranks, ZeRO's sharded optimizer state loads from DeepSpeed's universal form of it and
         # this loop's own per-rank state is regrouped (_load_resharded).
         self._resume_tag = ckpt.resume_tag(self.ckpt_dir) if resume else None
+        if self._resume_tag is not None:
+            ckpt.set_aside_later_tags(self.run_dir, self._resume_tag)
         self._saved_layout = (ckpt.saved_layout(self.run_dir, self.job_name, self._resume_tag)
                               if self._resume_tag is not None else None)
         reshard = self._saved_layout is not None and self._saved_layout["world_size"] != world_size()
