@@ -115,8 +115,6 @@ def test_one_host_read_per_reduce_call():
         assert infs == [step == 1] * 2, (step, infs)  # the skipping Inf, written on the device, on every rank
     assert got.pop(("hook", "skipped"))[1] == 1
     for (name, step), (reads, skip) in got.items():
-        if name == "start_step":  # uncompressed warm-up: one fp32 all-reduce, nothing read back
-            assert reads == 0 and not skip, (name, step, reads)
-        else:
-            assert reads == 1, (name, step, reads)
-            assert skip == (step == 1), (name, step)  # the Inf on rank 1 reached rank 0 through that one read
+        # the uncompressed warm-up (start_step) too: its flag reaches the caller, ZeRO-0's skip depends on it
+        assert reads == 1, (name, step, reads)
+        assert skip == (step == 1), (name, step)  # the Inf on rank 1 reached rank 0 through that one read
