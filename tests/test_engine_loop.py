@@ -36,6 +36,9 @@ class _Engine:
     def get_global_grad_norm(self):
         return self.norms.pop(0)
 
+    def get_lr(self):  # the scheduler steps inside step(): the rate an update ran with is the one before it
+        return [0.25 / (1 + self.global_steps)]
+
     def gradient_clipping(self):
         return self.clip
 
@@ -63,6 +66,7 @@ def test_update_means_are_the_former_float_means_and_stay_tensors():
         outs = _outputs(accumulation, step)
         feed = iter(outs)
         stats = loop.micro_steps(iter(range(accumulation)), lambda b, i: next(feed), keys)
+        assert stats.pop("lr") == 0.25 / (1 + step)  # read before the update's engine.step() calls
         assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values())
         # the former trainers' running float sum in micro-batch order (not sum(): Python 3.12's compensates)
         former = {k: functools.reduce(operator.add, (float(getattr(o, k).detach()) for o in outs)) / len(outs)
