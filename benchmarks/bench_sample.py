@@ -98,7 +98,7 @@ def run_case(prior, dvae, reranker, text, batch: int, device, reps: int, uncache
                 sample_image_tokens(prior, t, sampling, gen.manual_seed(0), cuda_graph=True), codes)
             cuda_graph.release(prior)  # its KV cache: the next batch size (or the OOM search) starts clean
         if uncached:
-            # as many runs as the cached case: the speed-up is the headline, and one run of it swung 3.7x on a busy CPU
+            # as many runs as the cached case: the speed-up is the headline (one run of it swung 3.7x on a busy CPU)
             full = time_fn(lambda: sample_image_tokens(prior, t, sampling, gen.manual_seed(0), use_cache=False),
                            device, reps, warmup=1)
             row["uncached_s"] = full
@@ -176,7 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.preset not in DALLE_PRESETS:
         p.error(f"--preset must be one of {', '.join(DALLE_PRESETS)}")
     spec = args.batch_sizes or ([1, 4] if args.quick else [1, 8, 32])
-    if spec == "auto" and not str(args.device).startswith("cuda"):  # a CPU allocation failure is no OutOfMemoryError: nothing stops it
+    # off CUDA an allocation failure is no OutOfMemoryError: nothing would stop the doubling
+    if spec == "auto" and not str(args.device).startswith("cuda"):
         p.error("--batch-sizes auto (double until out of memory) is for --device cuda; give a list on the CPU")
     args.batch_sizes = auto_batches() if spec == "auto" else spec
     return args

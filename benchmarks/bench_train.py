@@ -205,8 +205,8 @@ _RATES: dict = {}
 
 def _rate(key: tuple, measure) -> float:
     """A ceiling (matmul FLOP/s per dtype, copy bytes/s) measured once per process and ``key`` (the kind, device
-    and size), on its first use: every case of a run is then divided by the same number. Measured per case, a small CPU matmul's rate moved 1.6x between two cases
-    of one run (0.061 vs 0.096 TFLOP/s), and their MFUs with it."""
+    and size), on its first use: every case of a run is then divided by the same number. Measured per case, a small
+    CPU matmul's rate moved 1.6x between two cases of one run (0.061 vs 0.096 TFLOP/s), and their MFUs with it."""
     if key not in _RATES:
         _RATES[key] = measure()
     return _RATES[key]
@@ -248,7 +248,8 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
     step = make_step(engine, cfg, args.micro_batch, args.grad_accum, dev,
                      after_backward=psgd.after_backward if psgd is not None and zero == 0 else None)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    mm_rate = _rate(("matmul", dtype, dev, args.matmul_size), lambda: matmul_flops_per_s(dev, dtype, args.matmul_size, args.matmul_reps))
+    mm_rate = _rate(("matmul", dtype, dev, args.matmul_size),
+                    lambda: matmul_flops_per_s(dev, dtype, args.matmul_size, args.matmul_reps))
     head_kind = torch.float32 if logits == "fp32" else "tf32"  # the heads' fp32 matmuls, IEEE or on tensor cores
 
     def head_matmul():
@@ -256,8 +257,8 @@ def run_case(preset: str, zero: int, precision: str, ckpt: bool, compiled: bool,
             return matmul_flops_per_s(dev, torch.float32, args.matmul_size, args.matmul_reps)
 
     head_rate = _rate(("matmul", head_kind, dev, args.matmul_size), head_matmul)
-    copy_bw = _rate(("copy", dev, args.quick), lambda: copy_bytes_per_s(dev, 2**30 if dev.type == "cuda" else 2**24 if args.quick
-                                                        else 2**27, args.matmul_reps))
+    copy_size = 2**30 if dev.type == "cuda" else 2**24 if args.quick else 2**27
+    copy_bw = _rate(("copy", dev, copy_size), lambda: copy_bytes_per_s(dev, copy_size, args.matmul_reps))
 
     for _ in range(args.warmup):
         step()

@@ -143,24 +143,33 @@ def has_checkpoint_of(run_dir: str | Path, job: str) -> bool:
 RUN_STATE = ("checkpoints", "monitor", "{job}_run_config.json", "{job}_ds_config.json", "{job}_partial_metrics.json")
 
 
-def set_aside_for_new_run(run_dir: str | Path, job: str, also: tuple[str, ...] = ()) -> Path | None:
+def _aside_folder(run_dir: Path) -> Path:
+    """Where an earlier run's files go when a start sets them aside: ``<run_dir>/replaced_<UTC time>``."""
+    import time
+
+    return run_dir / f"replaced_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def set_aside_for_new_run(run_dir: str | Path, job: str, also: tuple[str, ...] = (),
+                          keep: tuple[str | Path | None, ...] = ()) -> Path | None:
     """Collective. For a ``job`` run that does not resume (``--no-resume``) in a folder holding a committed
     checkpoint of that job: rank 0 moves the earlier run's state (:data:`RUN_STATE`, and ``also``, e.g. its caption
-    tokenizer) into ``<run_dir>/replaced_<UTC time>/`` before this run writes anything, and says so. Returns that
-    folder (None when there was nothing to move; a folder of another job's checkpoints is refused, as on resume).
+    tokenizer folder) into ``<run_dir>/replaced_<UTC time>/`` before this run writes anything, and says so. An
+    ``also`` entry that one of the ``keep`` paths names (this run's configured tokenizer is the folder's own) stays.
+    Returns that folder (None when there was nothing to move; a folder of another job's checkpoints is refused, as
+    on resume).
 
     Left in place, the two runs would mix: until this run's first save, a later start resumes the earlier run's
     ``latest`` with this run's tokenizer; DeepSpeed rewrites a tag of the same step in place, among the earlier
     run's files; the pruning keeps the highest steps, the earlier run's; the CSV logs gain a second history."""
-    import time
-
     run_dir = Path(run_dir)
     if not has_checkpoint_of(run_dir, job):  # every rank reads it before rank 0 moves anything
         return None
     barrier()
-    aside = run_dir / f"replaced_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    aside = _aside_folder(run_dir)
     if is_rank0():
-        names = [n.format(job=job) for n in (*RUN_STATE, *also)]
+        kept = {Path(k).resolve() for k in keep if k}
+        names = [n.format(job=job) for n in RUN_STATE] + [n for n in also if (run_dir / n).resolve() not in kept]
         moved = [n for n in names if (run_dir / n).exists()]
         aside.mkdir()
         for name in moved:
@@ -178,14 +187,12 @@ def set_aside_later_tags(run_dir: str | Path, tag: str) -> Path | None:
     folders among their old files (a stale ``universal/`` copy would then be trusted on a later resume on another
     number of ranks), and the pruning, which keeps the highest steps, would delete this run's newer checkpoints
     first. Returns that folder, or None when there was nothing later."""
-    import time
-
     run_dir = Path(run_dir)
     later = [t for t in list_tags(run_dir / "checkpoints") if int(t[4:]) > int(tag[4:])]
     barrier()  # every rank has listed the folder before rank 0 moves anything
     if not later:
         return None
-    aside = run_dir / f"replaced_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}" / "checkpoints"
+    aside = _aside_folder(run_dir) / "checkpoints"
     if is_rank0():
         aside.mkdir(parents=True, exist_ok=True)
         for t in later:

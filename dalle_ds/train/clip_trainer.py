@@ -115,8 +115,7 @@ class ClipTrainer(EngineLoop):
         # resuming, an earlier run's checkpoints, logs and tokenizer are moved aside first
         resuming = resume and ckpt.has_checkpoint_of(run_dir, self.job_name)
         if not resume:  # (a tokenizer naming this folder's own stays in place)
-            own = bool(cfg.tokenizer) and Path(cfg.tokenizer).resolve() == (run_dir / "caption_tokenizer").resolve()
-            ckpt.set_aside_for_new_run(run_dir, self.job_name, also=() if own else ("caption_tokenizer",))
+            ckpt.set_aside_for_new_run(run_dir, self.job_name, also=("caption_tokenizer",), keep=(cfg.tokenizer,))
         d, m = cfg.data, cfg.model
         split = d.resolved_eval_split
         with as_config_error("data"):  # shards or folders that do not load

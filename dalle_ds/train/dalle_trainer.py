@@ -129,10 +129,8 @@ class DalleTrainer(EngineLoop):
         # resuming, an earlier run's checkpoints, logs and tokenizer are moved aside first
         resuming = resume and ckpt.has_checkpoint_of(run_dir, self.job_name)
         if not resume:  # (a tokenizer or init_from naming this folder's own keeps its tokenizer in place)
-            named = [Path(t) for t in (cfg.data.tokenizer,) if t] + ([Path(cfg.init_from).parent / "tokenizer"]
-                                                                    if cfg.init_from else [])
-            own = any(t.resolve() == (run_dir / "tokenizer").resolve() for t in named)
-            ckpt.set_aside_for_new_run(run_dir, self.job_name, also=() if own else ("tokenizer",))
+            ckpt.set_aside_for_new_run(run_dir, self.job_name, also=("tokenizer",), keep=(
+                cfg.data.tokenizer, Path(cfg.init_from).parent / "tokenizer" if cfg.init_from else None))
         d = cfg.data
         self.dvae = None
         if d.train_tokens:

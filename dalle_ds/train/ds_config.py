@@ -173,17 +173,20 @@ def nonfinite_check_off(cfg: dict[str, Any]) -> str | None:
     if zero_stage(cfg) not in (1, 2):
         return None
     if precision_mode(cfg) == "bf16":
-        bf16 = cfg.get("bf16") if cfg.get("bf16") is not None else cfg.get("bfloat16")
-        return "bf16.check_grad_overflow=false" if (bf16 or {}).get("check_grad_overflow") is False else None
+        return "bf16.check_grad_overflow=false" if _bf16_section(cfg).get("check_grad_overflow") is False else None
     zo = cfg.get("zero_optimization") or {}
     return "zero_optimization.compute_grad_norm=false" if zo.get("compute_grad_norm") is False else None
+
+
+def _bf16_section(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``bf16`` section, or DeepSpeed's older name for it, ``bfloat16`` ({} when neither is there)."""
+    return (cfg.get("bf16") if cfg.get("bf16") is not None else cfg.get("bfloat16")) or {}
 
 
 def precision_mode(cfg: dict[str, Any], where: str = "deepspeed config") -> str:
     """DeepSpeed's precision mode in the config: "bf16" (``bf16.enabled``, or the older ``bfloat16`` section), "fp16"
     (``fp16.enabled``) or "fp32" (neither; the model may still compute in 16 bits, e.g. fp16 resblocks)."""
-    bf16 = cfg.get("bf16") if cfg.get("bf16") is not None else cfg.get("bfloat16")
-    bf16, fp16 = ((section or {}).get("enabled") is True for section in (bf16, cfg.get("fp16")))
+    bf16, fp16 = (section.get("enabled") is True for section in (_bf16_section(cfg), cfg.get("fp16") or {}))
     if bf16 and fp16:
         raise ConfigError(f"{where}: bf16.enabled and fp16.enabled are both true; DeepSpeed allows one of them")
     return "bf16" if bf16 else "fp16" if fp16 else "fp32"
