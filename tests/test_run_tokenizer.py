@@ -111,6 +111,14 @@ def test_set_aside_moves_an_earlier_runs_state_together(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dalle.pt", aside.name]
     assert (aside / "checkpoints" / "latest").read_text() == "step00000002"
     assert not has_checkpoint_of(tmp_path, "dalle") and set_aside_for_new_run(tmp_path, "dalle") is None
+    # a tokenizer this run is configured to copy from the folder itself stays (keep)
+    (tmp_path / "checkpoints" / "step00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step00000002")
+    (tmp_path / "dalle_run_config.json").write_text("{}")
+    (tmp_path / "tokenizer").mkdir()
+    second = set_aside_for_new_run(tmp_path, "dalle", also=("tokenizer",), keep=(None, str(tmp_path / "tokenizer")))
+    assert (tmp_path / "tokenizer").is_dir() and not (second / "tokenizer").exists()
+    assert sorted(p.name for p in second.iterdir()) == ["checkpoints", "dalle_run_config.json"]
 
 
 @pytest.mark.slow

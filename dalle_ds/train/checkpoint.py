@@ -144,10 +144,16 @@ RUN_STATE = ("checkpoints", "monitor", "{job}_run_config.json", "{job}_ds_config
 
 
 def _aside_folder(run_dir: Path) -> Path:
-    """Where an earlier run's files go when a start sets them aside: ``<run_dir>/replaced_<UTC time>``."""
+    """Where an earlier run's files go when a start sets them aside: ``<run_dir>/replaced_<UTC time>``, with
+    ``-2``, ``-3``... when that name is taken (two starts within a second). Read by rank 0, which moves the files."""
     import time
 
-    return run_dir / f"replaced_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    base = run_dir / f"replaced_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    aside, n = base, 1
+    while aside.exists():
+        n += 1
+        aside = base.with_name(f"{base.name}-{n}")
+    return aside
 
 
 def set_aside_for_new_run(run_dir: str | Path, job: str, also: tuple[str, ...] = (),
