@@ -60,3 +60,23 @@ def test_a_command_line_error_is_said_once_under_the_launcher(tmp_path, args, sa
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and said in out, out[-3000:]
     assert out.count(said) == 1, out[-3000:]
+
+
+@pytest.mark.parametrize("rank, waits", [("0", False), ("1", True)])
+def test_a_quiet_rank_waits_for_rank_0_to_say_a_command_line_error(monkeypatch, capsys, rank, waits):
+    """The launcher kills every rank once one exits non-zero: a quiet rank that left at once took rank 0 down before
+    it printed (CI once saw exit 2 with no message). The quiet rank waits; rank 0 speaks and leaves at once."""
+    import time
+
+    from dalle_ds.train.cli import LaunchedArgumentParser
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", rank)
+    p = LaunchedArgumentParser(prog="x")
+    p.add_argument("--out", required=True)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args([])
+    assert e.value.code == 2
+    assert bool(slept) == waits and all(s >= 10 for s in slept)
+    assert ("required: --out" in capsys.readouterr().err) == (not waits)

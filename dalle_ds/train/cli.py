@@ -28,9 +28,10 @@ class LaunchedArgumentParser(argparse.ArgumentParser):
     launcher's ``RANK``) prints the usage and the error, the other ranks exit with the same code without a word."""
 
     def error(self, message: str):
-        from dalle_ds.utils.ranks import is_job_rank0
+        from dalle_ds.utils.ranks import is_job_rank0, let_rank0_speak_first
 
         if not is_job_rank0():
+            let_rank0_speak_first()
             self.exit(2)
         super().error(message)
 
@@ -68,7 +69,7 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
     """Parse → validate the run config and the DeepSpeed JSON (before any process group exists) → init → train."""
     from dalle_ds.config import ConfigError, build_run_config
     from dalle_ds.train.distributed import distributed_run
-    from dalle_ds.utils.ranks import is_job_rank0
+    from dalle_ds.utils.ranks import is_job_rank0, let_rank0_speak_first
     from dalle_ds.train.ds_config import apply_ds_overrides, load_ds_config
 
     parser = build_parser(description, presets, default_preset)
@@ -85,6 +86,8 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
     except ConfigError as e:  # before the process group: every rank finds it, rank 0 (the launcher's RANK) says it
         if is_job_rank0():
             print(f"config error: {e}", file=sys.stderr)
+        else:
+            let_rank0_speak_first()
         return 2
     with distributed_run():
         return _train(cfg, ds_raw, args, job_name, make_trainer, artifacts)

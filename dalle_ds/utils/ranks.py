@@ -13,3 +13,14 @@ def is_job_rank0() -> bool:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return os.environ.get("RANK", "0") == "0"
+
+
+def let_rank0_speak_first(seconds: float = 30.0) -> None:
+    """On a rank other than 0, before any process group, wait up to ``seconds`` before exiting on an error every rank
+    finds alike. The ``deepspeed`` launcher (and torchrun) kill all ranks as soon as one exits non-zero: a quiet rank
+    that left first could take rank 0 down before it printed the reason (seen in CI: the job ended with exit 2 and no
+    message). Rank 0 returns at once; the launcher stops this rank when rank 0 exits."""
+    import time
+
+    if not is_job_rank0():
+        time.sleep(seconds)
