@@ -302,3 +302,6 @@ def test_estimate_for_run_reads_the_run_settings():
     assert "ZeRO-2, fp16-resblock" in line16 and "no checkpointing" in line16
     assert est16 == estimate_per_gpu(fp16, zero=2, gpus=4, precision="fp16-resblock", micro_batch=2,
                                      ds_config=load_ds_config(ROOT / "ds_configs" / "zero2_fp16_resblock.json"))
+    # the older "bfloat16" section is DeepSpeed's bf16 mode too (it was estimated as fp32)
+    legacy = {k: v for k, v in ds.items() if k != "bf16"} | {"bfloat16": {"enabled": True}}
+    assert "ZeRO-3, bf16" in estimate_for_run(cfg, legacy, 16, micro_batch=2)[1]

@@ -280,10 +280,10 @@ def estimate_for_run(cfg: DalleConfig, ds_config: dict, world_size: int, *, adam
     offload read from the filled-in DeepSpeed config (``micro_batch``: the engine's, when given); activations with or
     without checkpointing as the model says.
     Returns the estimate and a one-line summary (the trainer logs it at start-up)."""
-    from dalle_ds.train.ds_config import optimizer_offload, zero_stage
+    from dalle_ds.train.ds_config import optimizer_offload, precision_mode, zero_stage
 
     zero = zero_stage(ds_config)
-    if (ds_config.get("bf16") or {}).get("enabled"):
+    if precision_mode(ds_config) == "bf16":  # also the older "bfloat16" section
         precision = "bf16"
     elif cfg.resblock_grad_scaling:
         precision = "fp16-resblock"
