@@ -20,8 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from dalle_ds.train.distributed import free_port
+from torch.distributed.constants import default_pg_timeout
 
 __all__ = ["run_local_ranks"]
 
@@ -35,7 +34,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results,
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if backend == "nccl":  # one GPU per rank (NCCL refuses two ranks on one device)
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # the rendezvous store is the parent's (run_local_ranks): every rank, rank 0 included, is a client of it
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=default_pg_timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     try:
         out = fn(rank, world, *args)
         results.put((rank, True, out if rank == 0 else None))
@@ -52,7 +53,12 @@ def run_local_ranks(fn: Callable, world: int, *args, timeout: float | None = Non
     ``backend="nccl"``: rank r on CUDA device r (GPU tests)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    # The rendezvous store lives here, on a port the kernel picks as it binds it. A port found free here and bound by
+    # rank 0 only once it had started (seconds of imports on a loaded machine) could be taken meanwhile, by a gloo
+    # listener of another test's ranks say: rank 0 then failed with EADDRINUSE. MASTER_PORT (exported for DeepSpeed)
+    # names this store, so a rank that ends the group must not start another through env:// on it.
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=default_pg_timeout, wait_for_workers=False)
+    port = store.port
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results, backend)) for r in range(world)]
     deadline = None if timeout is None else time.monotonic() + timeout
     for p in procs:
@@ -82,6 +88,7 @@ def run_local_ranks(fn: Callable, world: int, *args, timeout: float | None = Non
                 p.terminate()
     for p in procs:
         p.join()
+    del store  # every rank has left: the server stops
     if failure is not None:
         raise RuntimeError(failure)
     return value
