@@ -28,6 +28,29 @@ def test_returns_rank0_result_and_reports_a_failing_rank():
         run_local_ranks(_rank1_fails, 2)
 
 
+def _rank1_fails_and_says_so_late(rank, world):
+    """Rank 1 raises while rank 0 waits in an all-reduce, but rank 1's report reaches the parent late: its queue's
+    feeder thread (which pickles and writes what ``put`` hands it) is slowed here, as a starved thread is on a
+    loaded machine. Rank 1 ends its group meanwhile, rank 0's all-reduce fails ("Connection closed by peer") about
+    10 ms later, and rank 0's report of that arrives first."""
+    if rank == 1:
+        import multiprocessing.queues
+        import time
+
+        dumps = multiprocessing.queues._ForkingPickler.dumps
+        multiprocessing.queues._ForkingPickler.dumps = staticmethod(
+            lambda obj, protocol=None: (time.sleep(1.0), dumps(obj, protocol))[1])
+        raise ValueError("boom on rank 1")
+    dist.all_reduce(torch.zeros(1))
+
+
+def test_the_rank_that_failed_first_is_reported():
+    """Not a rank that failed because of it: its peer left the collective it waited in (the harness named whichever
+    report came first, which on a loaded machine could be rank 0's "Connection closed by peer")."""
+    with pytest.raises(RuntimeError, match="rank 1 raised:(.|\n)*boom on rank 1"):
+        run_local_ranks(_rank1_fails_and_says_so_late, 2, timeout=120)
+
+
 def _shut_down_twice(rank, world):
     shutdown_distributed()
     after_first = dist.is_initialized()

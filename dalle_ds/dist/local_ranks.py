@@ -4,9 +4,9 @@
 (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``/``PORT``: DeepSpeed's engine insists
 on ``LOCAL_RANK``), pins one thread per process, initializes a gloo process group, calls ``fn(rank, world, *args)``
 and returns rank 0's return value. If a rank raises, the others are terminated (they may be blocked in a collective
-the failed rank will never join) and a RuntimeError carries the failed rank's traceback. With ``timeout=`` seconds,
-ranks still running then are terminated too and a RuntimeError names them (a test of code that could leave ranks
-waiting on each other fails instead of hanging).
+the failed rank will never join) and a RuntimeError carries the traceback of the rank that raised first. With
+``timeout=`` seconds, ranks still running then are terminated too and a RuntimeError names them (a test of code that
+could leave ranks waiting on each other fails instead of hanging).
 """
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ from torch.distributed.constants import default_pg_timeout
 
 __all__ = ["run_local_ranks"]
 
+#: after a rank's failure, how long to wait for the other ranks' reports still on their way
+_REPORT_GRACE_S = 5.0
+
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results, backend: str = "gloo") -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -39,9 +42,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results,
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     try:
         out = fn(rank, world, *args)
-        results.put((rank, True, out if rank == 0 else None))
+        results.put((rank, True, out if rank == 0 else None, time.monotonic()))
     except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, False, traceback.format_exc(), time.monotonic()))  # when: see run_local_ranks
     finally:
         if dist.is_initialized():  # fn may have ended the group itself (shutdown_distributed)
             dist.destroy_process_group()
@@ -64,9 +67,10 @@ def run_local_ranks(fn: Callable, world: int, *args, timeout: float | None = Non
     for p in procs:
         p.start()
     done, failure, value, finished = 0, None, None, set()
-    while done < world and failure is None:
+    raised: list[tuple[float, int, str]] = []  # (when, rank, traceback) of the ranks that raised
+    while done < world and failure is None and not raised:
         try:
-            rank, ok, payload = results.get(timeout=1.0)
+            rank, ok, payload, when = results.get(timeout=1.0)
         except queue.Empty:
             crashed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
             if crashed:  # died without reporting (e.g. killed by a signal)
@@ -79,9 +83,29 @@ def run_local_ranks(fn: Callable, world: int, *args, timeout: float | None = Non
         done += 1
         finished.add(rank)
         if not ok:
-            failure = f"rank {rank} raised:\n{payload}"
+            raised.append((when, rank, payload))
         elif rank == 0:
             value = payload
+    if raised:
+        # A rank that raised ends its group, and the ranks waiting in a collective with it fail about 10 ms later
+        # ("Connection closed by peer"): their reports may reach this queue first (a report is written by the
+        # rank's feeder thread, late when that thread is starved, as on a loaded 2-core machine). Collect the
+        # reports still on their way, for a few seconds at most, and name the rank that raised first (the ranks'
+        # time.monotonic() is the machine's one clock).
+        grace = time.monotonic() + _REPORT_GRACE_S
+        while done < world and time.monotonic() < grace:
+            try:
+                rank, ok, payload, when = results.get(timeout=0.1)
+            except queue.Empty:
+                if all(r in finished or procs[r].exitcode is not None for r in range(world)) and results.empty():
+                    break
+                continue
+            done += 1
+            finished.add(rank)
+            if not ok:
+                raised.append((when, rank, payload))
+        _, rank, payload = min(raised)
+        failure = f"rank {rank} raised:\n{payload}"
     if failure is not None:
         for p in procs:
             if p.is_alive():
