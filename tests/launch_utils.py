@@ -3,15 +3,66 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from dalle_ds.train.distributed import SHM_ALLREDUCE_PREFIX, free_port  # noqa: F401  (free_port re-exported)
+from dalle_ds.train import distributed
+from dalle_ds.train.distributed import SHM_ALLREDUCE_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: the lowest port the launcher tests take theirs from (up to the kernel's ephemeral range)
+LOWEST_PORT = 10000
+_ports = random.Random()  # seeded from os.urandom: two pytest sessions on one machine pick apart
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands out to sockets bound to port 0 and to outgoing connections (ip_local_port_range)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def worker_port_block(worker: str | None = None, workers: int | None = None) -> range:
+    """The ports of xdist worker ``worker`` of ``workers`` (default: ``PYTEST_XDIST_WORKER``, e.g. ``gw1``, and
+    ``PYTEST_XDIST_WORKER_COUNT``; without xdist one worker): its share of those between LOWEST_PORT and the
+    ephemeral range; empty when there is no room below the range."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0") if worker is None else worker
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) if workers is None else workers
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    size = (ephemeral_port_range()[0] - LOWEST_PORT) // max(workers, 1)
+    if size < 100:
+        return range(0)
+    start = LOWEST_PORT + (index % max(workers, 1)) * size
+    return range(start, start + size)
+
+
+def free_port() -> int:
+    """A port for a launcher's rendezvous (``--master_port``): free now, and not one the kernel gives to anyone else.
+
+    ``dalle_ds.train.distributed.free_port`` asks the kernel for a free port and lets it go, and the launcher's rank 0
+    binds it only once the launcher and the ranks have started: 8-9 s later on the 2-core machine at load 6, longer
+    when busier. Meanwhile the kernel could give the same port to any socket bound to port 0 -- a gloo listener of
+    the other xdist worker's ranks, its rendezvous -- and rank 0 then failed with EADDRINUSE (or its ranks joined
+    another job's rendezvous). The kernel hands out ports of the ephemeral range only: this takes, at random, one of
+    this worker's block below it that can be bound now (the kernel's pick where there is no room below the range)."""
+    block = worker_port_block()
+    for _ in range(100 if block else 0):
+        port = _ports.choice(block)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # no SO_REUSEADDR: a port still in TIME_WAIT from an earlier run is skipped too
+            except OSError:
+                continue
+        return port
+    return distributed.free_port()
 
 
 def single_process_env(**extra: str) -> dict[str, str]:
