@@ -116,3 +116,24 @@ def test_ranks_that_disagree_all_raise_the_same_error():
     msg = run_local_ranks(_disagree, 3, [100, 99, 100], timeout=120)
     assert msg == ("the ranks disagree on the training set's size: 100 on rank(s) 0, 2; 99 on rank(s) 1; "
                    "read the same data")
+
+
+def test_a_world_of_one_does_not_outlive_its_test(tmp_path):
+    """init_distributed writes RANK, WORLD_SIZE, MASTER_PORT... into os.environ for a plain process and leaves them
+    there; run in the pytest process (as here, or sample.main in tests/test_image_prompt.py) they reached every later
+    test of that xdist worker and its subprocesses (a MASTER_PORT found free minutes earlier). conftest's
+    launcher_variables_stay_in_their_test gives each test the variables it found."""
+    import subprocess
+    import sys
+
+    from launch_utils import ROOT
+
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import os\n\ndef test_nothing_left():\n    left = {k: os.environ[k] for k in "
+                     f"{RANK_VARIABLES!r} if k in os.environ}}\n    assert not left, left\n")
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES and not k.startswith("PYTEST_")}
+    leaves = f"{ROOT / 'tests' / 'test_distributed_env.py'}::test_init_distributed_alone_fills_a_world_of_one"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "--rootdir", str(ROOT), "-c", str(ROOT / "pytest.ini"), leaves, str(probe)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
