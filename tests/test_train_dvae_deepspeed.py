@@ -19,13 +19,17 @@ def _history(run_dir, name="dvae_metrics.json"):
 
 def test_two_rank_run_and_exact_resume(tmp_path):
     full, parted = tmp_path / "full", tmp_path / "parted"
-    deepspeed_launch("launch/train_dvae.py", ARGS + ["--out", str(full)])
+    fresh = deepspeed_launch("launch/train_dvae.py", ARGS + ["--out", str(full)])
+    # the start-up line says how the run started (it read "resumed from step None" for a new run)
+    assert "world size 2; a new run" in fresh.stdout + fresh.stderr
+    assert "resumed from step None" not in fresh.stdout + fresh.stderr
     stopped = deepspeed_launch("launch/train_dvae.py", ARGS + ["--out", str(parted), "--stop_at", "4"])
     assert "stopped at step 4 of 8 (--stop_at)" in stopped.stdout + stopped.stderr  # once, from rank 0
     assert (stopped.stdout + stopped.stderr).count("(--stop_at)") == 1
     assert (parted / "checkpoints" / "latest").read_text().strip() == "step00000004"
     assert not (parted / "dvae.pt").exists()
-    deepspeed_launch("launch/train_dvae.py", ARGS + ["--out", str(parted)])
+    resumed = deepspeed_launch("launch/train_dvae.py", ARGS + ["--out", str(parted)])
+    assert "world size 2; resumed from step 4" in resumed.stdout + resumed.stderr
 
     a, b = _history(full), _history(parted)
     assert json.loads((parted / "dvae_metrics.json").read_text())["resumed_from"] == 4

@@ -205,10 +205,10 @@ class DalleTrainer(EngineLoop):
         if is_rank0():
             n = parameter_count(model)
             log.info("prior: %.2fM parameters, %d layers (%s), T=%d text + %d×%d image tokens, text vocab %d, "
-                     "image vocab %d; %d training pairs (images: %s); world size %d; resumed from step %s",
+                     "image vocab %d; %d training pairs (images: %s); world size %d; %s",
                      n / 1e6, model_cfg.n_layers, ",".join(model.mask_schedule), model_cfg.text_len, grid, grid,
                      model_cfg.text_vocab_size, vocab, len(train_ds), describe_crops(train_ds), world_size(),
-                     self.resumed_from)
+                     self.start_note)
             log.info("%s", self._memory_estimate_line(model_cfg, ds_config))
 
     @staticmethod

@@ -90,9 +90,9 @@ class DVAETrainer(EngineLoop):
                          extensions=[ChannelsLast()] if cfg.channels_last else [])
         if is_rank0():
             log.info("dVAE: %.2fM parameters, %d×%d → %d×%d codes (K=%d); %d training images (%s); world size %d; "
-                     "resumed from step %s", parameter_count(model) / 1e6, cfg.model.image_size, cfg.model.image_size,
+                     "%s", parameter_count(model) / 1e6, cfg.model.image_size, cfg.model.image_size,
                      cfg.model.grid_size, cfg.model.grid_size, cfg.model.vocab_size, len(self.train_ds),
-                     describe_crops(self.train_ds), world_size(), self.resumed_from)
+                     describe_crops(self.train_ds), world_size(), self.start_note)
 
     def schedules(self, step: int) -> tuple[float, float]:
         c = self.cfg

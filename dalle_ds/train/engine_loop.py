@@ -213,6 +213,11 @@ class EngineLoop:
                                 "this run only evaluates and exports the checkpoint's weights (raise steps to "
                                 "train on)", self.ckpt_dir, self.resumed_from, cfg.steps)
 
+    @property
+    def start_note(self) -> str:
+        """How this run started, for the trainers' start-up line: "resumed from step N" or "a new run"."""
+        return "a new run" if self.resumed_from is None else f"resumed from step {self.resumed_from}"
+
     def _layout(self) -> dict[str, Any]:
         """How this run trains, saved with each checkpoint (ckpt.saved_layout reads it back)."""
         return {"world_size": world_size(), "micro_batch": self.engine.train_micro_batch_size_per_gpu(),
