@@ -1,8 +1,8 @@
 """Pool several PowerSGD-vs-stock comparisons (result files of benchmarks/powersgd_shapes.sh) into one gap with an
 error bar: a single pair of runs is not enough when runs that differ only in a seed land several percent apart.
 
-    python benchmarks/powersgd_seeds.py benchmarks/results/powersgd_shapes_cpu_20261205_r30_warm_750steps_s*.json \
-        --tag cpu_20261205_r30_warm_750steps
+    python benchmarks/powersgd_seeds.py benchmarks/results/powersgd_shapes_cpu_20261205_r30_warm_750steps_s*[0-9].json \
+        --tag cpu_20261205_r30_warm_750steps     # [0-9]: the seven runs, not the _fp32err ablation
 
 The files must describe the same experiment (model, steps, PowerSGD rank, Q mode, error-buffer dtype); they may
 differ in the run seed (initialization and data order, shared by the pair) and the Q seed. Reported:
