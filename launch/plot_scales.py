@@ -73,15 +73,20 @@ def main(argv=None) -> int:
     run = Path(args.run)
     steps, series, skipped = load_scales(run)
     out = Path(args.out) if args.out else run / "grad_scales"
+    if out.suffix.lower() in (".svg", ".csv"):  # one of the two files named: the prefix is its stem
+        out = out.with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
+    # OUT is a prefix, not a file name: Path.with_suffix would cut "scales_lr1.5e-3" to "scales_lr1" (two runs'
+    # figures then overwrite each other)
+    svg_file, csv_file = out.parent / f"{out.name}.svg", out.parent / f"{out.name}.csv"
     title = f"per-resblock gradient scales, {len(series)} blocks, {len(skipped)} skipped of {len(steps)} logged"
-    out.with_suffix(".svg").write_text(svg(steps, series, skipped, title))
-    with out.with_suffix(".csv").open("w", newline="") as fh:
+    svg_file.write_text(svg(steps, series, skipped, title))
+    with csv_file.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["step", *series])
         for i, s in enumerate(steps):
             w.writerow([s, *(f"{series[k][i]:.6f}" for k in series)])
-    print(f"{title}: wrote {out.with_suffix('.svg')} and {out.with_suffix('.csv')}")
+    print(f"{title}: wrote {svg_file} and {csv_file}")
     return 0
 
 

@@ -41,3 +41,12 @@ def test_csv_monitor_fallback_and_a_run_without_scales(tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match="resblock_grad_scaling"):
         plot_scales.load_scales(empty)
+
+
+@pytest.mark.parametrize("out, stem", [("scales_lr1.5e-3", "scales_lr1.5e-3"), ("fig.svg", "fig")])
+def test_out_is_a_prefix_even_with_a_dot_in_it(tmp_path, out, stem):
+    """OUT.svg and OUT.csv: a dot in OUT (a learning rate in the name) is kept, not taken for a suffix and cut
+    (scales_lr1.5e-3 and scales_lr1.7e-3 both became scales_lr1.svg); naming one of the two files gives its stem."""
+    (tmp_path / "dalle_metrics.json").write_text(json.dumps({"history": _rows(range(1, 4))}))
+    assert plot_scales.main(["--run", str(tmp_path), "--out", str(tmp_path / out)]) == 0
+    assert (tmp_path / f"{stem}.svg").is_file() and (tmp_path / f"{stem}.csv").is_file()
