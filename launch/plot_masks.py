@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from dalle_ds.ops.attention.layouts import FULL, PARTIAL, block_status
 from dalle_ds.ops.attention.masks import MaskSpec
+from dalle_ds.train.cli import check_out_file
 
 # (visible pair, masked pair) colour per tile status; SKIP tiles stay white (they hold no visible pair)
 TILE_RGB = {FULL: ((40, 130, 40), (40, 130, 40)), PARTIAL: ((205, 95, 0), (250, 215, 160))}
@@ -79,13 +80,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.block < 1 or args.size < 16:
         ap.error("--block must be >= 1 and --size >= 16")
+    # PIL picks the format from the suffix; without one it raised "unknown file extension" after the drawing
+    check_out_file(ap, "--out", str(args.out), (".png", ".jpg", ".jpeg", ".webp"))
+    args.specs = mask_specs(ap, args)
     return args
+
+
+def mask_specs(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[MaskSpec]:
+    """One MaskSpec per ``--kinds`` entry; MaskSpec's own checks (a kind it does not know, a grid below 1, an even
+    conv kernel) become a usage error naming the flag, not a traceback."""
+    flags = {"mask kind": "--kinds", "text_len": "--text-len", "grid": "--grid", "conv_kernel": "--conv-kernel"}
+    try:
+        return [MaskSpec(kind.strip(), args.text_len, args.grid, conv_kernel=args.conv_kernel)
+                for kind in args.kinds.split(",")]
+    except ValueError as e:
+        msg = str(e)
+        for field, flag in flags.items():
+            msg = msg.replace(field, flag, 1) if msg.startswith(field) else msg
+        ap.error(msg)
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    specs = [MaskSpec(kind, args.text_len, args.grid, conv_kernel=args.conv_kernel) for kind in args.kinds.split(",")]
-    sheet = draw(specs, args.block, args.block, args.size)
+    sheet = draw(args.specs, args.block, args.block, args.size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out)
     print(f"wrote {args.out} ({sheet.width}x{sheet.height})")

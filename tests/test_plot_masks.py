@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -40,3 +41,20 @@ def test_cli_writes_the_sheet(tmp_path):
     img = Image.open(out)
     assert img.size == (3 * 40 + 4 * 16, 40 + plot_masks.CAPTION_PX + 32)
     assert torch.tensor(np.asarray(img)).float().std() > 0  # not blank
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--kinds", "row,rows"], "--kinds must be one of"),
+    (["--grid", "0"], "--grid must be >= 1"),
+    (["--text-len", "-1"], "--text-len must be >= 0"),
+    (["--conv-kernel", "4"], "--conv-kernel must be a positive odd number"),
+    (["--out", "{tmp}/masks"], "want a file ending in .png"),
+])
+def test_cli_refuses_bad_flags_with_a_usage_error(tmp_path, capsys, extra, message):
+    """A mask the flags cannot describe, or an --out PIL cannot pick a format for, is a usage error naming the
+    flag (exit 2), not MaskSpec's or PIL's traceback after the drawing."""
+    argv = ["--text-len", "2", "--grid", "4", "--block", "4", "--size", "16", "--out", str(tmp_path / "m.png")]
+    with pytest.raises(SystemExit) as e:
+        plot_masks.main(argv + [a.format(tmp=tmp_path) for a in extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
