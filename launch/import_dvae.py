@@ -50,6 +50,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+#: what import.json and dvae.pt record as the weights' origin (an earlier import may be replaced, nothing else)
+SOURCE = "openai/DALL-E release"
+
+
+def check_out_replaceable(out: Path) -> None:
+    """ValueError when ``out`` already holds a dvae.pt that is not an earlier import of the release: a dVAE trained
+    there by train_dvae.py (the README's stage-1 folder is runs/dvae for both) would be replaced without a word,
+    and token shards and priors made with it would then be decoded by another model."""
+    from dalle_ds.train.checkpoint import load_artifact
+
+    existing = out / "dvae.pt"
+    if not existing.exists():
+        return
+    try:  # mapped, not read: only the metadata is looked at
+        source = (load_artifact(existing, "dalle_ds.dvae", "dVAE", mmap=True).get("metrics") or {}).get("source")
+    except (FileNotFoundError, ValueError):
+        source = None
+    if source != SOURCE:
+        raise ValueError(f"--out {out}: holds a dvae.pt that is not an import of OpenAI's release (a dVAE trained "
+                         f"there?); importing would replace it: choose another --out, or remove {existing} first")
+
+
 def preview_dataset(args, image_size: int):
     """The ``--preview_data`` images as centred squares at the model's size (None without the flag)."""
     if not args.preview_data:
@@ -92,13 +114,14 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     try:  # everything that can fail on the inputs fails here, before anything is written
+        check_out_replaceable(out)
         model = import_release(args.encoder, args.decoder, args.image_size)
         ds = preview_dataset(args, model.cfg.image_size)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = model.cfg
-    source = {"source": "openai/DALL-E release", "encoder": str(Path(args.encoder).resolve()),
+    source = {"source": SOURCE, "encoder": str(Path(args.encoder).resolve()),
               "decoder": str(Path(args.decoder).resolve())}
     export_dvae(out / "dvae.pt", c, model.state_dict(), 0, source)
     load_dvae(out / "dvae.pt")  # what stage 2 will do: fail here, not there

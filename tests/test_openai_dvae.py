@@ -178,3 +178,27 @@ def test_import_dvae_cli_argument_errors(tmp_path, capsys):
                            "--preview_data", "imagefolder", "--preview_path", str(tmp_path / "no_images")])
     assert rc == 2 and "no such directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_import_dvae_cli_does_not_replace_a_trained_dvae(tmp_path, capsys):
+    """The README imports into runs/dvae, train_dvae.py's folder: a dvae.pt trained there (token shards and priors
+    name it) is refused, unchanged, before anything is written; an earlier import is replaced."""
+    from dalle_ds.models.dvae import DiscreteVAE
+    from dalle_ds.train.dvae_trainer import export_dvae
+
+    enc, dec = release_pair(1, seed=5)
+    files = [str(save(enc, tmp_path / "encoder.pkl")), str(save(dec, tmp_path / "decoder.pkl"))]
+    trained = tmp_path / "runs" / "dvae"
+    from dalle_ds.config import DVAEConfig
+
+    cfg = DVAEConfig(image_size=16, vocab_size=16, hidden=4, blocks_per_group=1, groups=3, decoder_init=8)
+    export_dvae(trained / "dvae.pt", cfg, DiscreteVAE(cfg).state_dict(), step=100, metrics={"eval": {"loss": 1.0}})
+    before = (trained / "dvae.pt").read_bytes()
+    argv = ["--encoder", files[0], "--decoder", files[1], "--image_size", "32"]
+    assert import_dvae.main([*argv, "--out", str(trained)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {trained}: holds a dvae.pt that is not an import" in err and len(err.strip().splitlines()) == 1
+    assert (trained / "dvae.pt").read_bytes() == before and not (trained / "import.json").exists()
+    imported = tmp_path / "runs" / "openai_dvae"
+    assert import_dvae.main([*argv, "--out", str(imported)]) == 0
+    assert import_dvae.main([*argv, "--out", str(imported)]) == 0  # an earlier import: replaced
