@@ -84,3 +84,17 @@ def test_sample_cli_with_an_image_prompt(art, tmp_path):
     grid = np.asarray(Image.open(out / "grids" / "0000.png"))
     # one column more than the candidates (the prompt), each tile 16 px at scale 2 with 2 px padding, and a title band
     assert grid.shape[1] == 4 * (32 + 2) + 2 and grid.shape[0] == 14 + 32 + 4
+
+
+def test_scene_prompts_are_drawn_at_the_dvae_size(tmp_path):
+    """The shapes data renders at 64 and 128 px (the same scenes at both): with a 128-px dVAE, ``--image_prompt
+    scene`` draws each caption's scene at 128 px (it was drawn at 64 and refused as the wrong size)."""
+    d = tmp_path / "art128"
+    d.mkdir()
+    export_tiny_text_to_image(d, ["a red circle", "a small blue square"] * 4, image_size=128)
+    out = tmp_path / "out"
+    rc = sample.main(["--prior", str(d / "prior" / "dalle.pt"), "--shapes_split", "test_id", "--num_captions", "1",
+                      "--image_prompt", "scene", "--prompt_rows", "31", "--num_candidates", "1", "--keep", "1",
+                      "--out", str(out)])
+    assert rc == 0
+    assert json.loads((out / "samples.json").read_text())["prompt_rows"] == 31
