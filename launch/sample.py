@@ -253,10 +253,27 @@ def write_results(args, out: Path, sampling, records: list[dict], images: dict, 
     print(f"{len(records)} captions × {args.num_candidates} candidates; grids in {out / 'grids'}")
 
 
+#: every file sample.py writes into --out (samples.json first: the index of the rest)
+OUTPUTS = ("samples.json", "metrics.json", "candidates.pt", "grids/[0-9]*.png")
+
+
+def replace_earlier_run(out: Path) -> None:
+    """Remove what an earlier sample.py run left in ``out``, and say so: a re-run with fewer captions, or without
+    --shapes_split / --save_candidates, left the other run's grids, metrics.json and candidates.pt beside the new
+    samples.json, where they read as this run's (demo_report.py reads metrics.json)."""
+    from dalle_ds.utils.files import remove_earlier_outputs
+
+    removed = remove_earlier_outputs(out, OUTPUTS)
+    if removed:
+        grids = sum(f.parent.name == "grids" for f in removed)
+        names = [f.name for f in removed if f.parent.name != "grids"] + ([f"{grids} grids"] if grids else [])
+        print(f"note: --out {out} held an earlier run's samples ({', '.join(names)}): replaced", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dalle_ds.sample.pipeline import TextToImage
-    from dalle_ds.train.distributed import device, distributed_run, is_rank0
+    from dalle_ds.train.distributed import barrier, device, distributed_run, is_rank0
 
     sampling = args.sampling
     # Inputs the user named (captions file, prior, its tokenizer and dVAE, CLIP folder) fail here, before the process
@@ -278,6 +295,9 @@ def main(argv=None) -> int:
         return 2
     with distributed_run():
         out = Path(args.out)
+        if is_rank0():
+            replace_earlier_run(out)
+        barrier()  # before any rank writes its grids
         (out / "grids").mkdir(parents=True, exist_ok=True)
         records, images = sample_share(args, pipe, captions, sampling, out, prompts)
         records, images = gather_shares(records, images, send_images=bool(scenes) or args.save_candidates)

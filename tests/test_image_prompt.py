@@ -98,3 +98,18 @@ def test_scene_prompts_are_drawn_at_the_dvae_size(tmp_path):
                       "--out", str(out)])
     assert rc == 0
     assert json.loads((out / "samples.json").read_text())["prompt_rows"] == 31
+
+
+def test_a_rerun_into_the_same_out_replaces_the_earlier_samples(art, tmp_path, capsys):
+    """A second run into the same --out with fewer captions and no --shapes_split / --save_candidates left the first
+    run's metrics.json, candidates.pt and grids beside its samples.json, as if they were its own."""
+    out = tmp_path / "out"
+    common = ["--prior", str(art / "prior" / "dalle.pt"), "--num_candidates", "2", "--keep", "1", "--out", str(out)]
+    assert sample.main([*common, "--shapes_split", "test_id", "--num_captions", "3", "--save_candidates"]) == 0
+    assert (out / "metrics.json").is_file() and len(list((out / "grids").iterdir())) == 3
+    capsys.readouterr()
+    assert sample.main([*common, "--caption", "a red circle"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grids", "samples.json"]
+    assert [p.name for p in (out / "grids").iterdir()] == ["0000.png"]
+    assert "held an earlier run's samples (candidates.pt, metrics.json, samples.json, 3 grids): replaced" in \
+        capsys.readouterr().err

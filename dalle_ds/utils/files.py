@@ -46,3 +46,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def remove_earlier_outputs(folder: str | Path, patterns: tuple[str, ...]) -> list[Path]:
+    """Delete the files in ``folder`` matching ``patterns`` (globs relative to it) and return them: an entry point
+    that writes a fixed set of outputs calls this (on one rank) before a re-run into the same folder, so that what
+    an earlier run wrote and this one does not (more captions' grids, a metrics file of other options) is not left
+    beside the new results as if it were theirs."""
+    folder = Path(folder)
+    removed = sorted({f for pattern in patterns for f in folder.glob(pattern) if f.is_file()})
+    for f in removed:
+        f.unlink()
+    return removed
