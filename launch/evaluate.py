@@ -220,10 +220,22 @@ def report(args, metrics: dict, counts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: every file evaluate.py writes into --out (which of the charts and example pictures depends on the flags)
+OUTPUTS = ("metrics.json", "report.md", "fd_vs_blur.svg", "fd_vs_pool.svg", "examples_r*.png")
+
+
 def write_outputs(args, out: Path, metrics: dict, counts: dict, share: dict) -> None:
     from dalle_ds.eval.fidelity import gaussian_blur
+    from dalle_ds.utils.files import remove_earlier_outputs
     from dalle_ds.utils.images import make_grid, save_png
     from dalle_ds.utils.svg_plot import line_chart
+
+    # an earlier run with --rerank_pools or another largest --blur radius left fd_vs_pool.svg or examples_r<r>.png
+    # that this run does not write: beside the new metrics.json they read as its own
+    removed = remove_earlier_outputs(out, OUTPUTS)
+    if removed:
+        print(f"note: --out {out} held an earlier evaluation ({', '.join(f.name for f in removed)}): replaced",
+              file=sys.stderr)
 
     result = {"prior": args.prior, "clip": args.clip, "features": args.features, "feature_clip": args.feature_clip,
               "data": args.data, "split": args.split, "num_captions": counts["real"],

@@ -278,3 +278,19 @@ def test_evaluate_cli_says_when_the_data_is_too_small(art, tmp_path, capsys, mon
     rc = _run(["--prior", str(art / "prior" / "dalle.pt"), "--data", "imagefolder", "--path", str(folder),
                "--num_captions", "5", "--features", "clip", "--clip", str(art / "clip"), "--out", str(tmp_path / "o")])
     assert rc == 2 and "has only 3 samples" in capsys.readouterr().err
+
+
+def test_evaluate_cli_rerun_replaces_the_earlier_outputs(art, tmp_path, monkeypatch, capsys):
+    """A second evaluation into the same --out without --rerank_pools and with another largest radius left the
+    first one's fd_vs_pool.svg and examples_r4.png beside its metrics.json."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    out = tmp_path / "eval"
+    common = ["--prior", str(art / "prior" / "dalle.pt"), "--clip", str(art / "clip"), "--num_captions", "2",
+              "--num_candidates", "3", "--features", "clip", "--out", str(out)]
+    assert _run([*common, "--blur", "0,4", "--rerank_pools", "2"]) == 0
+    assert (out / "fd_vs_pool.svg").is_file() and (out / "examples_r4.png").is_file()
+    capsys.readouterr()
+    assert _run([*common, "--blur", "0,1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["examples_r0.png", "examples_r1.png", "fd_vs_blur.svg",
+                                                      "metrics.json", "report.md"]
+    assert "held an earlier evaluation" in capsys.readouterr().err
