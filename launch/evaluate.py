@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dalle_ds.config import DATASET_NAMES
-from dalle_ds.train.cli import (LaunchedArgumentParser, check_clip_dir, check_file, check_out_dir,
+from dalle_ds.train.cli import (LaunchedArgumentParser, check_clip_dir, check_file, check_out_dir, input_error,
                                validate_data_flags)
 
 #: Blur radii in pixels (PIL's Gaussian standard deviation); the paper plots FID and IS against a growing radius.
@@ -278,16 +278,14 @@ def main(argv=None) -> int:
     # itself is fine, and the docs' commands are checked to parse on machines without it)
     missing = inception_unavailable() if args.features == "inception" else None
     if missing:
-        print(f"error: --features inception: {missing}", file=sys.stderr)
-        return 2
+        return input_error(f"--features inception: {missing}")
     # Inputs fail here, before the process group starts, as one line (ConfigError is a ValueError).
     try:
         pipe, ds, feature_clip = load_inputs(args)
         meter = FidelityMeter(args.features, sample_sets(args), args.blur, clip=feature_clip,
                               inception_weights=args.inception_weights, device=device())
     except (FileNotFoundError, ValueError, FidelityUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return input_error(str(e))
     with distributed_run():
         if args.num_captions < world_size():  # every rank's metrics need samples of their own (same on every rank)
             if is_rank0():

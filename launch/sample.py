@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dalle_ds.train.cli import check_clip_dir, check_file, check_out_dir
+from dalle_ds.train.cli import LaunchedArgumentParser, check_clip_dir, check_file, check_out_dir, input_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = LaunchedArgumentParser(description=__doc__.split("\n\n")[0])  # rank 0 alone reports a bad command line
     p.add_argument("--prior", required=True, help="dalle.pt written by launch/train_dalle.py")
     p.add_argument("--dvae", default=None, help="dvae.pt (default: the one the prior was trained with)")
     p.add_argument("--clip", default=None, help="local CLIP folder for reranking")
@@ -113,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def gather_captions(args) -> tuple[list[str], list[dict] | None]:
+    from dalle_ds.utils.ranks import is_job_rank0
+
     if args.shapes_split:
         from dalle_ds.data.shapes import ShapesDataset
 
@@ -131,7 +133,7 @@ def gather_captions(args) -> tuple[list[str], list[dict] | None]:
             raise ValueError(f"--captions_file {args.captions_file}: no captions in it (one a line)")
         captions += from_file
     blank = sum(not c.strip() for c in captions)
-    if blank:
+    if blank and is_job_rank0():  # every rank reads the same captions
         print(f"note: {blank} empty caption(s): their images are sampled with no text (unconditional)",
               file=sys.stderr)
     return captions, None  # parse_args saw --caption, --captions_file or --shapes_split
@@ -291,8 +293,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--prompt_rows {args.prompt_rows}: the image grid has {grid_side} rows, so at most "
                              f"{grid_side - 1} can be given (the rest is sampled)")
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return input_error(str(e))
     with distributed_run():
         out = Path(args.out)
         if is_rank0():

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from dalle_ds.config import DATASET_NAMES, DataConfig
-from dalle_ds.train.cli import LaunchedArgumentParser, check_file, check_out_dir, validate_data_flags
+from dalle_ds.train.cli import LaunchedArgumentParser, check_file, check_out_dir, input_error, validate_data_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,12 +93,10 @@ def main(argv=None) -> int:
         ds = build_dataset(data.name, args.split, **data.dataset_kwargs(
             args.split, dvae.cfg.image_size, crop="prior" if args.crops else None, seed=args.seed))
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return input_error(str(e))
     if len(ds) == 0:
-        print(f"error: {describe_data(args)} has no readable samples; nothing to tokenize (wrote nothing to "
-              f"{args.out})", file=sys.stderr)
-        return 2
+        return input_error(f"{describe_data(args)} has no readable samples; nothing to tokenize (wrote nothing to "
+                           f"{args.out})")
     with distributed_run():
         if is_rank0():  # a re-run replaces the folder's contents; meta.json goes first so it is never stale
             out = Path(args.out)

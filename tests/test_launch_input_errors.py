@@ -228,3 +228,56 @@ def test_checkpoints_given_the_checkpoints_folder_names_the_run_folder(tmp_path,
         err = capsys.readouterr().err
         assert f"{run} holds no checkpoints folder" in err
         assert (f"did you mean --run {hint}?" in err) if hint else "did you mean" not in err
+
+
+evaluate = _load("launch_evaluate", "launch/evaluate.py")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+@pytest.mark.parametrize("tool", ["sample", "evaluate", "tokenize"])
+def test_an_input_error_is_said_by_rank_0_while_the_others_wait(art, tmp_path, monkeypatch, capsys, rank, tool):
+    """Under the launcher every rank loads the same inputs and fails alike: it was said once per rank. Rank 0 says
+    it at once; another rank waits for the launcher to stop it once rank 0 has exited, and only if it is still
+    running then (its own finding: a file this node alone cannot read) says it, with its rank."""
+    import time
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", rank)
+    wrong, right = str(art / "dvae.pt"), str(art / "prior" / "dalle.pt")  # each the other's kind
+    argv = {"sample": _sample_argv(art, tmp_path, "--prior", wrong),
+            "evaluate": ["--prior", wrong, "--features", "clip", "--clip", str(art / "clip_run" / "clip"),
+                         "--out", str(tmp_path / "out")],
+            "tokenize": ["--dvae", right, "--out", str(tmp_path / "out")]}[tool]
+    assert {"sample": sample, "evaluate": evaluate, "tokenize": tokenize}[tool].main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not a" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: " if rank == "0" else "error on rank 1: ")
+    assert bool(slept) == (rank != "0") and all(s >= 10 for s in slept)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_sample_command_line_error_is_said_by_rank_0_alone(art, tmp_path, monkeypatch, capsys, rank):
+    """sample.py parsed with plain argparse: every rank printed the usage and the error."""
+    import time
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as e:
+        sample.parse_args(_sample_argv(art, tmp_path, "--keep", "0"))
+    assert e.value.code == 2 and bool(slept) == (rank != "0")
+    assert ("need 1 ≤ --keep ≤ --num_candidates" in capsys.readouterr().err) == (rank == "0")
+
+
+@pytest.mark.distributed
+def test_a_sample_input_error_is_said_once_under_the_launcher(art, tmp_path):
+    """Two ranks of launch/sample.py given a dVAE as the prior: one message (it came once per rank)."""
+    from launch_utils import _launch_command, _launcher_env, free_port
+
+    argv = _sample_argv(art, tmp_path, "--prior", str(art / "dvae.pt"))
+    proc = subprocess.run(_launch_command("launch/sample.py", argv, 2, free_port()), cwd=ROOT, env=_launcher_env(),
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    said = f"error: {art / 'dvae.pt'} is not a prior exported by dalle_ds"
+    assert proc.returncode == 2 and out.count(said) == 1 and "error on rank" not in out, out[-3000:]

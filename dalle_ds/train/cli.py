@@ -134,6 +134,23 @@ def _train(cfg, ds_raw: dict, args, job_name: str, make_trainer, artifacts) -> i
     return 0
 
 
+def input_error(message: str) -> int:
+    """Say an error in the inputs found before the process group exists, once per job, and return exit code 2.
+
+    Under the ``deepspeed`` launcher every rank loads the same inputs and fails alike: rank 0 says it; another rank
+    waits for it (:func:`dalle_ds.utils.ranks.let_rank0_speak_first`: the launcher stops this rank once rank 0 has
+    exited), and only if it is still running then (rank 0 did not fail: a file this node alone cannot read) says
+    its own, with its rank."""
+    from dalle_ds.utils.ranks import is_job_rank0, let_rank0_speak_first
+
+    if is_job_rank0():
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    let_rank0_speak_first()
+    print(f"error on rank {os.environ.get('RANK')}: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
 def check_file(p: argparse.ArgumentParser, flag: str, path: str, want: str, expect: str | None = None) -> None:
     """``p.error`` unless ``path`` is an existing file; a folder holding ``expect`` is named in the message."""
     f = Path(path)
