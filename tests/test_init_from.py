@@ -77,3 +77,37 @@ def test_a_missing_or_foreign_file_is_a_config_error_and_a_checkpoint_wins(tmp_p
     assert DalleTrainer._init_weights_source(gone, tmp_path, resuming=True) is None
     with pytest.raises(ConfigError, match="file not found"):
         DalleTrainer._init_weights_source(gone, tmp_path, resuming=False)
+
+
+def test_a_prior_trained_on_the_fly_records_its_dvae_absolute(tmp_path, monkeypatch):
+    """``--set data.dvae=dvae.pt`` (relative to where training ran) was exported as it was typed, so sampling from
+    any other folder failed with 'dVAE file not found: dvae.pt'. The export names the file absolute."""
+    from types import SimpleNamespace
+
+    from dalle_ds.config import DalleTrainConfig
+    from dalle_ds.models.dalle import DALLE
+    from dalle_ds.sample.pipeline import TextToImage
+    from dalle_ds.train.dalle_trainer import DalleTrainer, load_dalle
+    from tiny_artifacts import export_tiny_text_to_image
+
+    prior, _ = load_dalle(export_tiny_text_to_image(tmp_path, ["a red circle", "a blue square"] * 4, image_size=16))
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "prior" / "tokenizer", run / "tokenizer")
+    monkeypatch.chdir(tmp_path)  # where training ran, data.dvae given relative to it
+    trainer = object.__new__(DalleTrainer)  # finish() alone: the export at the end of a run
+    trainer.cfg = dataclasses.replace(DalleTrainConfig(model=prior.cfg), data=dataclasses.replace(
+        DalleTrainConfig().data, train_tokens=None, dvae="dvae.pt"))
+    trainer.run_dir, trainer.batches = run, SimpleNamespace(dataset=object())  # images encoded on the fly
+    trainer.finish({"eval": {}, "steps": 1}, DALLE(prior.cfg).state_dict())
+    monkeypatch.chdir(tmp_path / "prior")  # sampling elsewhere
+    _, meta = load_dalle(run / "dalle.pt")
+    assert meta["dvae"] == str(tmp_path / "dvae.pt")
+    assert TextToImage.load(run / "dalle.pt").dvae.cfg.image_size == 16
+    # a prior exported before, with the path as typed: the error says what the path is and what to pass
+    from dalle_ds.train.dalle_trainer import export_dalle
+
+    export_dalle(run / "old.pt", prior.cfg, DALLE(prior.cfg).state_dict(), 1, {"tokenizer": "tokenizer",
+                                                                               "dvae": "dvae.pt"})
+    with pytest.raises(FileNotFoundError, match="records its dVAE as 'dvae.pt', a path relative to the folder it "
+                                                "was trained in; pass --dvae"):
+        TextToImage.load(run / "old.pt")

@@ -62,9 +62,14 @@ class TextToImage:
             # a fixed class: ValueError's subclasses (json.JSONDecodeError, UnicodeDecodeError) take other arguments
             kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
             raise kind(f"the prior {prior_path}'s caption tokenizer (saved beside it by train_dalle.py): {e}") from e
-        dvae_path = dvae_path or meta.get("dvae")
         if not dvae_path:
-            raise ValueError("the prior does not record its dVAE; pass --dvae")
+            dvae_path = meta.get("dvae")
+            if not dvae_path:
+                raise ValueError("the prior does not record its dVAE; pass --dvae")
+            if not Path(dvae_path).is_absolute() and not Path(dvae_path).is_file():
+                # priors exported before 2026-12-07 kept data.dvae as typed, relative to where training ran
+                raise FileNotFoundError(f"the prior {prior_path} records its dVAE as {dvae_path!r}, a path relative to "
+                                        "the folder it was trained in; pass --dvae")
         dvae = load_dvae(dvae_path)
         reranker = ClipReranker.from_pretrained(clip_path, device) if clip_path else None
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -338,8 +339,14 @@ class DalleTrainer(EngineLoop):
         return metrics
 
     def finish(self, summary: dict[str, Any], ema_weights: dict[str, torch.Tensor]) -> None:
-        meta = {"tokenizer": "tokenizer", "dvae": self._shard_dvae() or self.cfg.data.dvae, "metrics": summary["eval"]}
+        meta = {"tokenizer": "tokenizer", "dvae": self._shard_dvae() or self._given_dvae(), "metrics": summary["eval"]}
         export_dalle(self.run_dir / "dalle.pt", self.cfg.model, ema_weights, summary["steps"], meta)
+
+    def _given_dvae(self) -> str | None:
+        """``data.dvae`` as an absolute path: sampling and evaluation run from other folders, where a path relative
+        to this run's working directory (``--set data.dvae=runs/dvae/dvae.pt``) named no file (the token shards'
+        meta.json records theirs absolute too)."""
+        return os.path.abspath(self.cfg.data.dvae) if self.cfg.data.dvae else None
 
     def _shard_dvae(self) -> str | None:
         return getattr(self.batches.dataset, "meta", {}).get("dvae")
