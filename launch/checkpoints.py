@@ -86,7 +86,12 @@ def main(argv=None) -> int:
             if layout is not None and layout["zero_stage"] == 0:
                 raise ConfigError(f"{tag} is a ZeRO-0 checkpoint: it has no sharded optimizer state, and loads on "
                                   "any number of ranks as it is (no universal copy needed)")
-            print(f"universal copy of {tag}: {run / 'checkpoints' / ckpt.universal_tag(run / 'checkpoints', tag)}")
+            try:
+                made = ckpt.universal_tag(run / "checkpoints", tag)
+            except RuntimeError as e:  # ds_to_universal failed (a damaged shard): its output's tail is the reason
+                raise ConfigError(f"{e}\n(checkpoint {tag} cannot be converted; resume from another tag, or from "
+                                  "the same number of GPUs it was written on)") from None
+            print(f"universal copy of {tag}: {run / 'checkpoints' / made}")
         print(table(describe(run)))
     except ConfigError as e:  # CheckpointError included: a layout.json that does not read
         print(f"error: {e}", file=sys.stderr)

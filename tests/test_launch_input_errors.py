@@ -281,3 +281,24 @@ def test_a_sample_input_error_is_said_once_under_the_launcher(art, tmp_path):
     out = proc.stdout + proc.stderr
     said = f"error: {art / 'dvae.pt'} is not a prior exported by dalle_ds"
     assert proc.returncode == 2 and out.count(said) == 1 and "error on rank" not in out, out[-3000:]
+
+
+def test_checkpoints_says_why_a_universal_copy_failed_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """A checkpoint DeepSpeed's ds_to_universal cannot convert (a damaged shard) ended launch/checkpoints.py
+    --universal in a traceback; it is an error line with the converter's reason, exit code 2."""
+    from dalle_ds.train import checkpoint as ckpt
+
+    tool = _load("launch_checkpoints_universal", "launch/checkpoints.py")
+    tag = tmp_path / "run" / "checkpoints" / "step00000002"
+    tag.mkdir(parents=True)
+    (tag.parent / "latest").write_text("step00000002")
+
+    def fails(src, dst):
+        raise RuntimeError(f"converting {src} to a universal checkpoint failed:\nRuntimeError: PytorchStreamReader "
+                           "failed reading zip archive")
+
+    monkeypatch.setattr(ckpt, "_convert_to_universal", fails)
+    assert tool.main(["--run", str(tmp_path / "run"), "--universal"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: converting {tag} to a universal checkpoint failed") and "zip archive" in err
+    assert "cannot be converted" in err
