@@ -49,8 +49,9 @@ def _radii(text: str) -> list[float]:
         radii = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"want comma-separated numbers, got {text!r}") from None
-    if not radii or any(r < 0 for r in radii) or len(set(radii)) != len(radii):
-        raise argparse.ArgumentTypeError(f"want distinct radii ≥ 0, got {text!r}")
+    # not finite: int(inf) raised OverflowError, which argparse does not turn into a usage error
+    if not radii or any(not 0 <= r < math.inf for r in radii) or len(set(radii)) != len(radii):
+        raise argparse.ArgumentTypeError(f"want distinct finite radii ≥ 0, got {text!r}")
     return sorted(int(r) if r == int(r) else r for r in radii)
 
 

@@ -239,6 +239,8 @@ def test_pool_top1_is_the_reranker_best_among_the_first_k_drawn():
 @pytest.mark.parametrize("extra, message", [
     (["--features", "clip"], "give --clip or --feature_clip"),
     (["--blur", "1,-2"], "radii ≥ 0"),
+    (["--blur", "0,inf"], "want distinct finite radii ≥ 0"),  # was an OverflowError traceback
+    (["--blur", "nan"], "want distinct finite radii ≥ 0"),
     (["--num_captions", "1"], "--num_captions must be ≥ 2"),
     (["--clip", "CLIP", "--num_candidates", "4", "--rerank_pools", "2,4"], "must stay below --num_candidates"),
     (["--rerank_pools", "2"], "give --clip"),
