@@ -70,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = Path(args.run)
+    if not run.is_dir():  # metrics.json is written into it: a traceback (FileNotFoundError) said nothing useful
+        print(f"error: {run} is not a folder: give the run folder of launch/demo.sh (e.g. runs/demo)",
+              file=sys.stderr)
+        return 2
     report = collect(run)
     if args.total_seconds is not None:
         report["total_seconds"] = args.total_seconds

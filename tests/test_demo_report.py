@@ -1,0 +1,16 @@
+"""launch/demo_report.py: a run folder that is not there is one error line, not a traceback."""
+import importlib.util
+
+from launch_utils import ROOT
+
+_spec = importlib.util.spec_from_file_location("demo_report", ROOT / "launch" / "demo_report.py")
+demo_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo_report)
+
+
+def test_a_missing_run_folder_is_an_error_line(tmp_path, capsys):
+    assert demo_report.main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'nope'} is not a folder") and not (tmp_path / "nope").exists()
+    (tmp_path / "run").mkdir()  # an empty run (stopped before any stage) still reports
+    assert demo_report.main([str(tmp_path / "run")]) == 0 and (tmp_path / "run" / "metrics.json").is_file()
