@@ -233,7 +233,13 @@ def gather_shares(records: list[dict], images: dict, send_images: bool) -> tuple
 
 
 def write_results(args, out: Path, sampling, records: list[dict], images: dict, scenes: list[dict] | None) -> None:
-    """samples.json; with known scenes, metrics.json (printed too); with --save_candidates, candidates.pt."""
+    """samples.json; with --save_candidates, candidates.pt; with known scenes, metrics.json (printed too), last.
+
+    Each file is written atomically, and metrics.json after the others: launch/demo.sh takes it as the sign that the
+    stage finished, so a run that failed or was stopped while writing the others must not have left it (it was
+    written first, not atomically)."""
+    from dalle_ds.utils.files import atomic_path, atomic_write_bytes
+
     result = {"prior": args.prior, "clip": args.clip, "num_candidates": args.num_candidates, "keep": args.keep,
               "sampling": vars(sampling), "image_prompt": args.image_prompt, "prompt_rows": args.prompt_rows,
               "captions": records}
@@ -241,17 +247,19 @@ def write_results(args, out: Path, sampling, records: list[dict], images: dict, 
         for r in records:
             r["scene"] = scenes[r["index"]]
         result["metrics"] = score_samples(records, images, scenes)
-        (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2) + "\n")
-        m = result["metrics"]
-        print(json.dumps({k: {a: round(m[k][a], 3) for a in ("exact", "color", "shape", "size", "count")}
-                          for k in m}, indent=1))
-    (out / "samples.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(out / "samples.json", (json.dumps(result, indent=2) + "\n").encode())
     if args.save_candidates:
         sampled = []
         for r in records:  # back to sampling order: the pipeline returns candidates best first
             sampled.append(images[r["index"]][torch.tensor(r["order"]).argsort()])
-        torch.save({"captions": [r["caption"] for r in records], "scenes": [r.get("scene") for r in records],
-                    "images": torch.stack(sampled)}, out / "candidates.pt")
+        with atomic_path(out / "candidates.pt") as tmp:
+            torch.save({"captions": [r["caption"] for r in records], "scenes": [r.get("scene") for r in records],
+                        "images": torch.stack(sampled)}, tmp)
+    if scenes:
+        m = result["metrics"]
+        atomic_write_bytes(out / "metrics.json", (json.dumps(m, indent=2) + "\n").encode())
+        print(json.dumps({k: {a: round(m[k][a], 3) for a in ("exact", "color", "shape", "size", "count")}
+                          for k in m}, indent=1))
     print(f"{len(records)} captions × {args.num_candidates} candidates; grids in {out / 'grids'}")
 
 

@@ -113,3 +113,18 @@ def test_a_rerun_into_the_same_out_replaces_the_earlier_samples(art, tmp_path, c
     assert [p.name for p in (out / "grids").iterdir()] == ["0000.png"]
     assert "held an earlier run's samples (candidates.pt, metrics.json, samples.json, 3 grids): replaced" in \
         capsys.readouterr().err
+
+
+def test_metrics_json_is_written_last(art, tmp_path, monkeypatch):
+    """launch/demo.sh skips the sampling stage when its metrics.json exists: a run that failed while writing
+    candidates.pt (written after it) left metrics.json behind, and the demo took the stage as done."""
+    out = tmp_path / "out"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sample.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        sample.main(["--prior", str(art / "prior" / "dalle.pt"), "--shapes_split", "test_id", "--num_captions", "2",
+                     "--num_candidates", "2", "--keep", "1", "--save_candidates", "--out", str(out)])
+    assert not (out / "metrics.json").exists() and not list(out.glob("*.pt")) and not list(out.glob(".*"))
