@@ -6,7 +6,8 @@ A trainer's ``csv_monitor`` (on in every shipped DeepSpeed config) writes ``RUN/
 one ``step,value`` row per logged step, continued across resumes (``dalle_ds/train/monitor_resume.py``). For each
 job this writes up to four SVG charts beside the run (or in ``--out``): ``curves_<job>_train.svg`` (the training
 losses), ``curves_<job>_heldout.svg`` (the losses of the evaluations), ``curves_<job>_pace.svg`` (samples per
-second) and ``curves_<job>_data_wait.svg`` (the share of the time the loop waited for batches). TensorBoard reads
+second) and ``curves_<job>_data_wait.svg`` (the share of the time the loop waited for batches); in ``--out``, runs
+of the same job get ``curves_<run folder>_<job>_*.svg``. TensorBoard reads
 the same run (``tensorboard --logdir RUN``); these are for a look without a server, and for reports.
 """
 from __future__ import annotations
@@ -71,25 +72,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def destinations(runs: list[Path], drawn: list[dict[str, str]], out: str | None) -> list[dict[str, Path]]:
+    """Where each run's charts go: beside the run, or in ``out``. Two runs of one job (two priors compared) draw
+    the same file names; in one ``out`` the second run's charts replaced the first's without a word, so there each
+    name then also carries its run folder's name (``curves_<run>_<job>_train.svg``). None when even that repeats."""
+    if out is None:
+        return [{name: run / name for name in charts} for run, charts in zip(runs, drawn)]
+    names = [name for charts in drawn for name in charts]
+    shared = {name for name in names if names.count(name) > 1}
+    plan = [{name: Path(out) / (name.replace("curves_", f"curves_{run.resolve().name}_", 1) if name in shared else name)
+             for name in charts} for run, charts in zip(runs, drawn)]
+    paths = [p for files in plan for p in files.values()]
+    return plan if len(set(paths)) == len(paths) else None
+
+
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
-    written = []
-    for run in map(Path, args.runs):
+    runs, drawn = list(map(Path, args.runs)), []
+    for run in runs:
         try:
-            drawn = charts(run)
+            drawn.append(charts(run))
         except ValueError as e:  # a CSV row that does not read (read_csv_series names the file and line)
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2)
-        if not drawn:
+        if not drawn[-1]:
             print(f"error: {run} has no CSV monitor files (monitor/<job>/<job>_*.csv: a run folder of train_dvae.py, "
                   "train_dalle.py or train_clip.py with csv_monitor on in its DeepSpeed config)", file=sys.stderr)
             raise SystemExit(2)
-        dest = Path(args.out) if args.out else run
-        dest.mkdir(parents=True, exist_ok=True)
-        for name, svg in drawn.items():
-            (dest / name).write_text(svg)
-            written.append(dest / name)
-            print(f"wrote {dest / name}")
+    plan = destinations(runs, drawn, args.out)
+    if plan is None:
+        print(f"error: --out {args.out}: runs with the same folder name and job would write the same charts; give "
+              "each its own --out, or leave --out out (each run's charts go beside it)", file=sys.stderr)
+        raise SystemExit(2)
+    written = []
+    for charts_of_run, files in zip(drawn, plan):
+        for name, svg in charts_of_run.items():
+            files[name].parent.mkdir(parents=True, exist_ok=True)
+            files[name].write_text(svg)
+            written.append(files[name])
+            print(f"wrote {files[name]}")
     return written
 
 

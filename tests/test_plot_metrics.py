@@ -49,3 +49,17 @@ def test_charts_from_monitor_files(tmp_path):
         read_csv_series(mon / "dalle_lr.csv")
     with pytest.raises(SystemExit):
         plot_metrics.main([str(run)])
+
+
+def test_two_runs_of_one_job_in_one_out_keep_both(tmp_path, capsys):
+    """Two priors compared into one --out: the second run's curves_dalle_*.svg replaced the first's without a word;
+    the names then carry the run folder's name. Runs whose folder names repeat too are refused."""
+    for name, loss in (("lr1e-3", 2.0), ("lr3e-3", 3.0)):
+        _csv(tmp_path / name / "monitor" / "dalle" / "dalle_loss.csv", "step,loss", [(10, loss), (20, loss / 2)])
+    written = plot_metrics.main([str(tmp_path / "lr1e-3"), str(tmp_path / "lr3e-3"), "--out", str(tmp_path / "f")])
+    assert sorted(p.name for p in written) == ["curves_lr1e-3_dalle_train.svg", "curves_lr3e-3_dalle_train.svg"]
+    assert len({p.read_text() for p in written}) == 2
+    _csv(tmp_path / "x" / "lr1e-3" / "monitor" / "dalle" / "dalle_loss.csv", "step,loss", [(10, 1.0)])
+    with pytest.raises(SystemExit):
+        plot_metrics.main([str(tmp_path / "lr1e-3"), str(tmp_path / "x" / "lr1e-3"), "--out", str(tmp_path / "g")])
+    assert "would write the same charts" in capsys.readouterr().err and not (tmp_path / "g").exists()
