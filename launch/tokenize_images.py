@@ -98,15 +98,31 @@ def main(argv=None) -> int:
         return input_error(f"{describe_data(args)} has no readable samples; nothing to tokenize (wrote nothing to "
                            f"{args.out})")
     with distributed_run():
-        if is_rank0():  # a re-run replaces the folder's contents; meta.json goes first so it is never stale
-            out = Path(args.out)
-            for old in [out / "meta.json", *out.glob("part-*")]:
-                old.unlink(missing_ok=True)
+        if is_rank0():
+            replace_earlier_shards(Path(args.out))
         barrier()
         parts = all_parts(tokenize_share(args, ds, dvae))
         if is_rank0() and not write_index(args, data, dvae.cfg, parts):
             return 2
     return 0
+
+
+def replace_earlier_shards(out: Path) -> None:
+    """A re-run replaces the folder's shards (meta.json first, so it is never stale), and says what they were: a
+    held-out split tokenized into the training folder by mistake replaced the training tokens without a word."""
+    meta, parts = out / "meta.json", sorted(out.glob("part-*"))
+    if meta.is_file():
+        try:
+            old = json.loads(meta.read_text())
+            what = (f"{old.get('num_samples', '?')} rows of {old.get('dataset', '?')} split {old.get('split', '?')!r}"
+                    if isinstance(old, dict) else "a meta.json")
+        except (ValueError, OSError):
+            what = "a meta.json that does not read"
+        print(f"note: --out {out} held token shards ({what}): replaced", file=sys.stderr)
+    elif parts:
+        print(f"note: --out {out} held {len(parts)} part files of an unfinished tokenization: removed", file=sys.stderr)
+    for old in [meta, *parts]:
+        old.unlink(missing_ok=True)
 
 
 def describe_data(args) -> str:

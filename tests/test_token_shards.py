@@ -171,3 +171,21 @@ def test_tokenize_crops_store_random_crops_read_one_per_epoch(tmp_path, hf_tmp_h
     with pytest.raises(SystemExit):
         tokenize_images.parse_args(["--dvae", str(tmp_path / "dvae.pt"), "--data", "shapes", "--crops", "2",
                                     "--out", str(tmp_path / "x")])
+
+
+def test_a_rerun_says_which_shards_it_replaces(tmp_path, capsys):
+    """tokenize_images.py into a folder holding shards replaces them: a held-out split tokenized into the training
+    folder by mistake replaced the training tokens without a word. It says what it replaced."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenize_rerun", ROOT / "launch" / "tokenize_images.py")
+    tokenize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tokenize)
+    _tiny_dvae(tmp_path / "dvae.pt")
+    argv = ["--dvae", str(tmp_path / "dvae.pt"), "--out", str(tmp_path / "tok")]
+    assert tokenize.main([*argv, "--num_samples", "4"]) == 0
+    assert "replaced" not in capsys.readouterr().err
+    assert tokenize.main([*argv, "--split", "test_id", "--num_samples", "2"]) == 0
+    assert f"note: --out {tmp_path / 'tok'} held token shards (4 rows of shapes split 'train'): replaced" in \
+        capsys.readouterr().err
+    assert len(TokenShardDataset(tmp_path / "tok")) == 2
