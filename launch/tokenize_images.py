@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--rows_per_shard", type=int, default=8192)
+    p.add_argument("--rows_per_shard", type=int, default=8192,
+                   help="rows per part file (each rank's last part holds the rest)")
     p.add_argument("--bf16", action="store_true",
                    help="encode under bf16 autocast with channels_last weights, as the demo's dVAE trains "
                         "(ds_configs/cpu_dvae.json); ~2.9x faster on a CPU with AMX or AVX-512 BF16, a few codes in a "

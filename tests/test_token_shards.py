@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +44,22 @@ def test_writer_reader_round_trip(tmp_path):
     first.unlink()
     with pytest.raises(FileNotFoundError, match=f"{first.name}, listed in meta.json, is missing"):
         TokenShardDataset(tmp_path)
+
+
+def test_writer_cuts_a_batch_into_shards_of_rows_per_shard(tmp_path):
+    """A batch larger than rows_per_shard was flushed whole (tokenize_images.py --rows_per_shard 2 --batch_size 64
+    wrote 64-row parts); the parts now hold rows_per_shard rows each, the rest in order behind them."""
+    w = ShardWriter(tmp_path, rank=0, grid_size=2, vocab_size=16, rows_per_shard=3)
+    tokens = torch.arange(8 * 4).remainder(16).view(8, 4)
+    w.add(tokens[:5], [{"index": i, "caption": str(i)} for i in range(5)])
+    w.add(tokens[5:], [{"index": i, "caption": str(i)} for i in range(5, 8)])
+    w.flush()
+    sizes = [len(np.load(tmp_path / f"{p}.tokens.npy")) for p in w.parts]
+    assert sizes == [3, 3, 2] and w.count == 8
+    write_meta(tmp_path, w.parts, 2, 16, {})
+    ds = TokenShardDataset(tmp_path)
+    assert [ds[i]["index"] for i in range(8)] == list(range(8))
+    assert all(torch.equal(ds[i]["image_tokens"], tokens[i]) for i in range(8))
 
 
 def test_tokenize_images_cli_matches_the_encoder(tmp_path):

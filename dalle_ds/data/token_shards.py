@@ -53,19 +53,24 @@ class ShardWriter:
             raise ValueError("one record per image is required")
         self.tokens.append(tok)
         self.rows.extend(records)
-        if len(self.rows) >= self.rows_per_shard:
-            self.flush()
+        # whole shards of rows_per_shard rows: flushing the whole pending batch made a shard up to a batch longer
+        # (tokenize_images.py --rows_per_shard 2 --batch_size 64 wrote 64-row shards)
+        while len(self.rows) >= self.rows_per_shard:
+            self.flush(self.rows_per_shard)
 
-    def flush(self) -> None:
+    def flush(self, rows: int | None = None) -> None:
+        """Write the first ``rows`` pending rows (all of them by default) as the next part."""
         if not self.rows:
             return
+        tokens = np.concatenate(self.tokens)
+        n = len(self.rows) if rows is None else min(rows, len(self.rows))
         name = f"part-{self.rank}-{len(self.parts):05d}"
-        np.save(self.out_dir / f"{name}.tokens.npy", np.concatenate(self.tokens))
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
+        np.save(self.out_dir / f"{name}.tokens.npy", tokens[:n])
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows[:n])
         (self.out_dir / f"{name}.jsonl").write_text(lines)
         self.parts.append(name)
-        self.count += len(self.rows)
-        self.tokens, self.rows = [], []
+        self.count += n
+        self.tokens, self.rows = ([tokens[n:]] if n < len(tokens) else []), self.rows[n:]
 
 
 def write_meta(out_dir: str | Path, parts: list[str], grid_size: int, vocab_size: int, extra: dict[str, Any]) -> None:
