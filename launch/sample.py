@@ -263,7 +263,7 @@ def write_results(args, out: Path, sampling, records: list[dict], images: dict, 
     print(f"{len(records)} captions × {args.num_candidates} candidates; grids in {out / 'grids'}")
 
 
-#: every file sample.py writes into --out (samples.json first: the index of the rest)
+#: every file sample.py writes into --out (removed by a re-run before it writes its own)
 OUTPUTS = ("samples.json", "metrics.json", "candidates.pt", "grids/[0-9]*.png")
 
 
