@@ -128,3 +128,6 @@ def test_metrics_json_is_written_last(art, tmp_path, monkeypatch):
         sample.main(["--prior", str(art / "prior" / "dalle.pt"), "--shapes_split", "test_id", "--num_captions", "2",
                      "--num_candidates", "2", "--keep", "1", "--save_candidates", "--out", str(out)])
     assert not (out / "metrics.json").exists() and not list(out.glob("*.pt")) and not list(out.glob(".*"))
+    from dalle_ds.train.distributed import shutdown_distributed
+
+    shutdown_distributed()  # distributed_run leaves the group up when its block raises: not for the next test

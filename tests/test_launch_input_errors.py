@@ -244,6 +244,8 @@ def test_an_input_error_is_said_by_rank_0_while_the_others_wait(art, tmp_path, m
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
     monkeypatch.setenv("RANK", rank)
+    # before any process group, whatever an earlier test in this worker left
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     wrong, right = str(art / "dvae.pt"), str(art / "prior" / "dalle.pt")  # each the other's kind
     argv = {"sample": _sample_argv(art, tmp_path, "--prior", wrong),
             "evaluate": ["--prior", wrong, "--features", "clip", "--clip", str(art / "clip_run" / "clip"),
@@ -264,6 +266,7 @@ def test_a_sample_command_line_error_is_said_by_rank_0_alone(art, tmp_path, monk
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
     monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # before any process group
     with pytest.raises(SystemExit) as e:
         sample.parse_args(_sample_argv(art, tmp_path, "--keep", "0"))
     assert e.value.code == 2 and bool(slept) == (rank != "0")
