@@ -5,8 +5,10 @@
         --data shapes --split train --num_samples 20000 --out runs/demo/tokens/train
     python launch/tokenize_images.py --dvae dvae.pt --data imagefolder --path DIR --out tokens/train
 
-Each rank encodes every world_size-th sample and writes its own parts; rank 0 writes meta.json last. Captions (and
-the shapes scene, when there is one) are stored next to the codes.
+Each rank encodes every world_size-th sample and writes its own parts into ``<out>/incomplete/``; once every rank has
+finished, rank 0 writes meta.json there and moves the new set into ``--out``, replacing an earlier run's (meta.json
+last), so a run that fails part-way leaves the earlier complete set as it was. Captions (and the shapes scene, when
+there is one) are stored next to the codes.
 
 Each image is stored as its centred square, or with ``--crops K`` as K of the paper's random crops for the prior
 (Listing 2, dalle_ds/data/augment.py, seeded by ``--seed``): the prior's training then reads crop ``e mod K`` of
@@ -19,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -98,14 +101,45 @@ def main(argv=None) -> int:
     if len(ds) == 0:
         return input_error(f"{describe_data(args)} has no readable samples; nothing to tokenize (wrote nothing to "
                            f"{args.out})")
+    out = Path(args.out)
+    staging = out / STAGING
     with distributed_run():
         if is_rank0():
-            replace_earlier_shards(Path(args.out))
+            start_staging(staging)
         barrier()
-        parts = all_parts(tokenize_share(args, ds, dvae))
-        if is_rank0() and not write_index(args, data, dvae.cfg, parts):
-            return 2
+        parts = all_parts(tokenize_share(args, ds, dvae, staging))
+        if is_rank0():
+            if not write_index(args, data, dvae.cfg, parts, staging):
+                print(f"note: the shards already in --out {out} (if any) are kept; the new ones stay in {staging}",
+                      file=sys.stderr)
+                return 2
+            replace_earlier_shards(out)
+            move_into_place(staging, out, parts)
+            report(args, out)
     return 0
+
+
+#: where a run writes its shards until every rank has finished and the index reads them (then they move into --out)
+STAGING = "incomplete"
+
+
+def start_staging(staging: Path) -> None:
+    """An empty staging folder (rank 0, before any rank writes): what an interrupted run left there is removed."""
+    if staging.exists():
+        print(f"note: removing {staging}, the shards of an unfinished earlier run", file=sys.stderr)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+
+
+def move_into_place(staging: Path, out: Path, parts: list[str]) -> None:
+    """The new shards replace the old ones only once all are written and indexed: a run that fails or is stopped
+    part-way keeps the folder's complete set (it was removed first, then rewritten). meta.json moves last, so a stop
+    during the moves leaves a folder without one, which the later stages refuse."""
+    for name in parts:
+        for suffix in (".tokens.npy", ".jsonl"):
+            os.replace(staging / f"{name}{suffix}", out / f"{name}{suffix}")
+    os.replace(staging / "meta.json", out / "meta.json")
+    staging.rmdir()
 
 
 def replace_earlier_shards(out: Path) -> None:
@@ -144,9 +178,9 @@ def all_parts(mine: list[str]) -> list[str]:
     return [name for names in gathered for name in names]
 
 
-def tokenize_share(args, ds, dvae) -> list[str]:
-    """Encode this rank's share of the dataset ``ds`` (every world_size-th image) into its own token shards; returns
-    their names."""
+def tokenize_share(args, ds, dvae, folder: Path) -> list[str]:
+    """Encode this rank's share of the dataset ``ds`` (every world_size-th image) into its own token shards in
+    ``folder``; returns their names."""
     from dalle_ds.data.images import collate_samples
     from dalle_ds.data.token_shards import ShardWriter
     from dalle_ds.train.data_loading import loader_kwargs, to_device
@@ -160,7 +194,7 @@ def tokenize_share(args, ds, dvae) -> list[str]:
     mine = Subset(ds, [(c, i) for c in range(args.crops) for i in indices] if args.crops else list(indices))
     loader = DataLoader(mine, batch_size=args.batch_size, collate_fn=collate_samples,
                         **loader_kwargs(dev, args.num_workers))
-    writer = ShardWriter(args.out, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
+    writer = ShardWriter(folder, rank(), dvae.cfg.grid_size, dvae.cfg.vocab_size, args.rows_per_shard)
     position = 0
     for batch in tqdm(loader, desc=f"tokenize {args.split}", disable=not is_rank0(), dynamic_ncols=True):
         with autocast:
@@ -179,10 +213,10 @@ def tokenize_share(args, ds, dvae) -> list[str]:
     return writer.parts
 
 
-def write_index(args, data: DataConfig, dvae_cfg, parts: list[str]) -> bool:
-    """meta.json over every rank's shards ``parts`` (rank 0, after all have flushed); False, with no meta.json
-    written (a folder without one is refused by the later stages), when no rank wrote a row or rank 0 cannot read
-    a shard another rank wrote (``--out`` not on a filesystem every node sees)."""
+def write_index(args, data: DataConfig, dvae_cfg, parts: list[str], folder: str | Path | None = None) -> bool:
+    """meta.json over every rank's shards ``parts`` in ``folder`` (default ``--out``; rank 0, after all have flushed);
+    False, with no meta.json written (a folder without one is refused by the later stages), when no rank wrote a row
+    or rank 0 cannot read a shard another rank wrote (``--out`` not on a filesystem every node sees)."""
     from dalle_ds.data.token_shards import write_meta
 
     if not parts:
@@ -190,18 +224,21 @@ def write_index(args, data: DataConfig, dvae_cfg, parts: list[str]) -> bool:
               file=sys.stderr)
         return False
     try:
-        write_meta(args.out, parts, dvae_cfg.grid_size, dvae_cfg.vocab_size,
+        write_meta(args.out if folder is None else folder, parts, dvae_cfg.grid_size, dvae_cfg.vocab_size,
                    {"dvae": os.path.abspath(args.dvae), "dataset": data.name, "split": args.split,
                     "path": args.path, "seed": args.seed, "bf16": args.bf16, "crops": args.crops})
     except FileNotFoundError as e:
         print(f"error: rank 0 cannot read a shard another rank wrote ({e}); --out {args.out} must be on a "
               f"filesystem every node sees; no meta.json written", file=sys.stderr)
         return False
-    meta = json.loads((Path(args.out) / "meta.json").read_text())
+    return True
+
+
+def report(args, out: Path) -> None:
+    meta = json.loads((out / "meta.json").read_text())
     crops = f", {args.crops} random crops of each image" if args.crops else ""
     print(f"wrote {meta['num_samples']} token rows ({meta['grid_size']}×{meta['grid_size']} codes, "
-          f"K={meta['vocab_size']}{crops}) in {len(parts)} parts to {args.out}")
-    return True
+          f"K={meta['vocab_size']}{crops}) in {len(meta['shards'])} parts to {out}")
 
 
 if __name__ == "__main__":

@@ -206,3 +206,35 @@ def test_a_rerun_says_which_shards_it_replaces(tmp_path, capsys):
     assert f"note: --out {tmp_path / 'tok'} held token shards (4 rows of shapes split 'train'): replaced" in \
         capsys.readouterr().err
     assert len(TokenShardDataset(tmp_path / "tok")) == 2
+
+
+def test_a_rerun_that_fails_part_way_keeps_the_earlier_shards(tmp_path, capsys, monkeypatch):
+    """A re-run writes into <out>/incomplete/ and replaces the folder's set only once its own is complete: it removed
+    the earlier shards first, so a re-run that failed or was stopped part-way lost a complete token set."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenize_fail", ROOT / "launch" / "tokenize_images.py")
+    tokenize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tokenize)
+    _tiny_dvae(tmp_path / "dvae.pt")
+    out = tmp_path / "tok"
+    argv = ["--dvae", str(tmp_path / "dvae.pt"), "--out", str(out), "--rows_per_shard", "2"]
+    assert tokenize.main([*argv, "--num_samples", "4"]) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert not (out / tokenize.STAGING).exists() and "meta.json" in before
+
+    def stopped(*a, **k):  # the encoder fails after the first batch's part is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenize, "all_parts", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize.main([*argv, "--split", "test_id", "--num_samples", "2"])
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+    assert len(TokenShardDataset(out)) == 4 and list((out / tokenize.STAGING).glob("part-*"))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert tokenize.main([*argv, "--split", "test_id", "--num_samples", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "the shards of an unfinished earlier run" in err and "4 rows of shapes split 'train'): replaced" in err
+    assert len(TokenShardDataset(out)) == 2 and not (out / tokenize.STAGING).exists()
+    assert sorted(f.name for f in out.iterdir()) == ["meta.json", "part-0-00000.jsonl", "part-0-00000.tokens.npy"]
