@@ -69,7 +69,6 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
     """Parse → validate the run config and the DeepSpeed JSON (before any process group exists) → init → train."""
     from dalle_ds.config import ConfigError, build_run_config
     from dalle_ds.train.distributed import distributed_run
-    from dalle_ds.utils.ranks import is_job_rank0, let_rank0_speak_first
     from dalle_ds.train.ds_config import apply_ds_overrides, load_ds_config
 
     parser = build_parser(description, presets, default_preset)
@@ -84,11 +83,7 @@ def run_training(argv: list[str] | None, *, description: str, cfg_class: type, p
         cfg = build_run_config(cfg_class, presets, args.preset, args.config, args.set)
         ds_raw = apply_ds_overrides(load_ds_config(args.deepspeed_config), args.ds_set)
     except ConfigError as e:  # before the process group: every rank finds it, rank 0 (the launcher's RANK) says it
-        if is_job_rank0():
-            print(f"config error: {e}", file=sys.stderr)
-        else:
-            let_rank0_speak_first()
-        return 2
+        return input_error(str(e), "config error")
     with distributed_run():
         return _train(cfg, ds_raw, args, job_name, make_trainer, artifacts)
 
@@ -134,8 +129,9 @@ def _train(cfg, ds_raw: dict, args, job_name: str, make_trainer, artifacts) -> i
     return 0
 
 
-def input_error(message: str) -> int:
-    """Say an error in the inputs found before the process group exists, once per job, and return exit code 2.
+def input_error(message: str, kind: str = "error") -> int:
+    """Say an error in the inputs (or the run config: ``kind`` "config error") found before the process group
+    exists, once per job, and return exit code 2.
 
     Under the ``deepspeed`` launcher every rank loads the same inputs and fails alike: rank 0 says it; another rank
     waits for it (:func:`dalle_ds.utils.ranks.let_rank0_speak_first`: the launcher stops this rank once rank 0 has
@@ -144,10 +140,10 @@ def input_error(message: str) -> int:
     from dalle_ds.utils.ranks import is_job_rank0, let_rank0_speak_first
 
     if is_job_rank0():
-        print(f"error: {message}", file=sys.stderr)
+        print(f"{kind}: {message}", file=sys.stderr)
         return 2
     let_rank0_speak_first()
-    print(f"error on rank {os.environ.get('RANK')}: {message}", file=sys.stderr, flush=True)
+    print(f"{kind} on rank {os.environ.get('RANK')}: {message}", file=sys.stderr, flush=True)
     return 2
 
 
