@@ -144,13 +144,13 @@ def prompt_images(args, scenes: list[dict] | None, n_captions: int, image_size: 
     if not args.image_prompt:
         return None
     if args.image_prompt == "scene":
-        from dalle_ds.data.shapes import IMAGE_SIZES, render_scene
+        from dalle_ds.data.shapes import IMAGE_SIZES, render_scene_tensor
 
         # a scene is the same at every size the data renders (only its coordinates scale): draw it at the dVAE's
         if image_size not in IMAGE_SIZES:
             raise ValueError(f"--image_prompt scene: the shapes scenes render at {' or '.join(map(str, IMAGE_SIZES))} "
                              f"pixels, the dVAE takes {image_size}")
-        return torch.stack([torch.from_numpy(render_scene(s, image_size)).permute(2, 0, 1) for s in scenes])
+        return torch.stack([render_scene_tensor(s, image_size) for s in scenes])
     from PIL import UnidentifiedImageError
 
     from dalle_ds.data.images import load_image, to_chw_uint8

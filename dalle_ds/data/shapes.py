@@ -552,9 +552,9 @@ def render_scene(scene: dict, image_size: int | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def render_scene_tensor(scene: dict) -> torch.Tensor:
+def render_scene_tensor(scene: dict, image_size: int | None = None) -> torch.Tensor:
     """:func:`render_scene` as a torch uint8 ``[3, H, W]`` image, the layout the models and ``ShapesDataset`` use."""
-    return torch.from_numpy(render_scene(scene)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(render_scene(scene, image_size)).permute(2, 0, 1).contiguous()
 
 
 class ShapesDataset(Dataset):
