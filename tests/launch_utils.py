@@ -65,6 +65,17 @@ def free_port() -> int:
     return distributed.free_port()
 
 
+def load_script(path: str, name: str):
+    """The module of a script that is not in a package (``launch/*.py``, ``benchmarks/*.py``), loaded from the
+    repository under ``name`` so that a test can call its functions and ``main``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def single_process_env(**extra: str) -> dict[str, str]:
     """The environment for an entry point run as one plain process (no launcher): the repository on PYTHONPATH,
     one OpenMP thread, ``extra``, and no rank variables inherited from a launcher around pytest."""

@@ -1,11 +1,7 @@
 """launch/demo_report.py: a run folder that is not there is one error line, not a traceback."""
-import importlib.util
+from launch_utils import load_script
 
-from launch_utils import ROOT
-
-_spec = importlib.util.spec_from_file_location("demo_report", ROOT / "launch" / "demo_report.py")
-demo_report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo_report)
+demo_report = load_script("launch/demo_report.py", "demo_report")
 
 
 def test_a_missing_run_folder_is_an_error_line(tmp_path, capsys):

@@ -197,12 +197,9 @@ def art(tmp_path_factory):
 
 
 def _module():
-    import importlib.util
+    from launch_utils import load_script
 
-    spec = importlib.util.spec_from_file_location("evaluate_cli", "launch/evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("launch/evaluate.py", "evaluate_cli")
 
 
 def _run(args):

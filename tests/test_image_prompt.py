@@ -1,7 +1,6 @@
 """Sampling from an image prompt (the paper's image-to-image translation, §3.3): the pipeline encodes the top rows
 of an image, every candidate keeps those codes, and launch/sample.py draws the prompt beside the candidates.
 The sampler's own parity (cached = full forward with a prefix) is in tests/test_dalle_model.py."""
-import importlib.util
 import json
 
 import numpy as np
@@ -11,12 +10,10 @@ from PIL import Image
 
 from dalle_ds.sample.pipeline import TextToImage
 from dalle_ds.utils.images import fade_below
-from launch_utils import ROOT
+from launch_utils import load_script
 from tiny_artifacts import export_tiny_text_to_image
 
-_spec = importlib.util.spec_from_file_location("launch_sample_prompt", ROOT / "launch" / "sample.py")
-sample = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sample)
+sample = load_script("launch/sample.py", "launch_sample_prompt")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """launch/sample.py and launch/tokenize_images.py refuse bad input with a one- or two-line error and exit code 2:
 flag values in argument parsing, wrong / missing / unreadable / mismatched checkpoints before the process group
 starts (no traceback), and a tokenization that would write 0 rows without leaving a meta.json behind."""
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -17,18 +16,11 @@ from dalle_ds.models.dalle import DALLE
 from dalle_ds.models.dvae import DiscreteVAE
 from dalle_ds.train.dalle_trainer import export_dalle
 from dalle_ds.train.dvae_trainer import export_dvae
-from launch_utils import ROOT
+from launch_utils import ROOT, load_script
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample = _load("launch_sample", "launch/sample.py")
-tokenize = _load("launch_tokenize_images", "launch/tokenize_images.py")
+sample = load_script("launch/sample.py", "launch_sample")
+tokenize = load_script("launch/tokenize_images.py", "launch_tokenize_images")
 
 
 def _dvae(path, vocab):
@@ -218,7 +210,7 @@ def test_sample_notes_empty_captions(tmp_path, capsys):
 def test_checkpoints_given_the_checkpoints_folder_names_the_run_folder(tmp_path, capsys):
     """launch/checkpoints.py --run <run>/checkpoints (or a folder holding `latest` / step folders) hints at the run
     folder above it; a folder that looks like neither gets no hint."""
-    tool = _load("launch_checkpoints", "launch/checkpoints.py")
+    tool = load_script("launch/checkpoints.py", "launch_checkpoints")
     (tmp_path / "dvae" / "checkpoints").mkdir(parents=True)
     (tmp_path / "renamed" / "step00000010").mkdir(parents=True)
     (tmp_path / "plain").mkdir()
@@ -230,7 +222,7 @@ def test_checkpoints_given_the_checkpoints_folder_names_the_run_folder(tmp_path,
         assert (f"did you mean --run {hint}?" in err) if hint else "did you mean" not in err
 
 
-evaluate = _load("launch_evaluate", "launch/evaluate.py")
+evaluate = load_script("launch/evaluate.py", "launch_evaluate")
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
@@ -291,7 +283,7 @@ def test_checkpoints_says_why_a_universal_copy_failed_without_a_traceback(tmp_pa
     --universal in a traceback; it is an error line with the converter's reason, exit code 2."""
     from dalle_ds.train import checkpoint as ckpt
 
-    tool = _load("launch_checkpoints_universal", "launch/checkpoints.py")
+    tool = load_script("launch/checkpoints.py", "launch_checkpoints_universal")
     tag = tmp_path / "run" / "checkpoints" / "step00000002"
     tag.mkdir(parents=True)
     (tag.parent / "latest").write_text("step00000002")

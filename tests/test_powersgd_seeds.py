@@ -1,15 +1,12 @@
 """benchmarks/powersgd_seeds.py pools PowerSGD-vs-stock result files into a mean gap with a t interval, and refuses
 files that do not describe the same experiment."""
-import importlib.util
 import math
 
 import pytest
 
-from launch_utils import ROOT
+from launch_utils import ROOT, load_script
 
-spec = importlib.util.spec_from_file_location("powersgd_seeds", ROOT / "benchmarks" / "powersgd_seeds.py")
-seeds = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(seeds)
+seeds = load_script("benchmarks/powersgd_seeds.py", "powersgd_seeds")
 
 
 def _result(run_seed, q_seed, stock, psgd, **psgd_cfg):
@@ -60,9 +57,7 @@ def test_gap_curves_follow_the_windows():
 
 def test_report_refuses_pairs_that_differ_in_more_than_powersgd(tmp_path):
     import json
-    spec_r = importlib.util.spec_from_file_location("powersgd_report", ROOT / "benchmarks" / "powersgd_report.py")
-    report = importlib.util.module_from_spec(spec_r)
-    spec_r.loader.exec_module(report)
+    report = load_script("benchmarks/powersgd_report.py", "powersgd_report")
 
     def run(name, batch, rank, out):
         d = tmp_path / name
@@ -81,9 +76,7 @@ def test_report_refuses_pairs_that_differ_in_more_than_powersgd(tmp_path):
 
 def test_report_counts_the_uncompressed_start_and_weights_bytes_by_window(tmp_path):
     import json
-    spec_r = importlib.util.spec_from_file_location("powersgd_report", ROOT / "benchmarks" / "powersgd_report.py")
-    report = importlib.util.module_from_spec(spec_r)
-    spec_r.loader.exec_module(report)
+    report = load_script("benchmarks/powersgd_report.py", "powersgd_report")
     hist = [{"step": 10, "loss": 1.0, "powersgd/bytes_sent": 100.0, "powersgd/compression_rate": 0.8},
             {"step": 30, "loss": 1.0, "powersgd/bytes_sent": 40.0, "powersgd/compression_rate": 0.8}]
     ev = {"val_loss": 1.0, "val_image_loss": 1.0, "val_text_loss": 1.0, "val_ema_loss": 1.0}

@@ -245,13 +245,9 @@ def test_a_failed_conversion_says_why_and_leaves_nothing(tmp_path):
 def test_checkpoint_listing_and_its_errors(tmp_path, capsys):
     """launch/checkpoints.py on a folder of two checkpoints (one with layout.json, one from before it, read from the
     run's DeepSpeed config), and its refusals."""
-    import importlib.util
+    from launch_utils import load_script
 
-    from launch_utils import ROOT
-
-    spec = importlib.util.spec_from_file_location("launch_checkpoints", ROOT / "launch" / "checkpoints.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("launch/checkpoints.py", "launch_checkpoints")
     run = tmp_path / "run"
     for tag in ("step00000010", "step00000020"):
         (run / "checkpoints" / tag).mkdir(parents=True)

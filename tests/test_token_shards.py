@@ -10,7 +10,7 @@ from dalle_ds.config import DVAEConfig
 from dalle_ds.data.token_shards import ShardWriter, TokenShardDataset, read_meta, write_meta
 from dalle_ds.models.dvae import DiscreteVAE
 from dalle_ds.train.dvae_trainer import export_dvae
-from launch_utils import ROOT
+from launch_utils import ROOT, load_script
 
 
 def test_writer_reader_round_trip(tmp_path):
@@ -126,11 +126,7 @@ def test_tokenize_images_two_ranks_index_every_rank_shard(tmp_path):
 def test_write_index_refuses_a_shard_rank0_cannot_read(tmp_path, capsys):
     """A shard another rank reports but rank 0 cannot open (--out not shared between nodes): no meta.json."""
     import argparse
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tokenize_images", ROOT / "launch/tokenize_images.py")
-    tok = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tok)
+    tok = load_script("launch/tokenize_images.py", "tokenize_images")
     cfg = _tiny_dvae(tmp_path / "dvae.pt")
     out = tmp_path / "tok"
     w = ShardWriter(out, 0, 16, cfg.vocab_size, rows_per_shard=4)
@@ -193,11 +189,7 @@ def test_tokenize_crops_store_random_crops_read_one_per_epoch(tmp_path, hf_tmp_h
 def test_a_rerun_says_which_shards_it_replaces(tmp_path, capsys):
     """tokenize_images.py into a folder holding shards replaces them: a held-out split tokenized into the training
     folder by mistake replaced the training tokens without a word. It says what it replaced."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tokenize_rerun", ROOT / "launch" / "tokenize_images.py")
-    tokenize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tokenize)
+    tokenize = load_script("launch/tokenize_images.py", "tokenize_rerun")
     _tiny_dvae(tmp_path / "dvae.pt")
     argv = ["--dvae", str(tmp_path / "dvae.pt"), "--out", str(tmp_path / "tok")]
     assert tokenize.main([*argv, "--num_samples", "4"]) == 0
@@ -211,11 +203,7 @@ def test_a_rerun_says_which_shards_it_replaces(tmp_path, capsys):
 def test_a_rerun_that_fails_part_way_keeps_the_earlier_shards(tmp_path, capsys, monkeypatch):
     """A re-run writes into <out>/incomplete/ and replaces the folder's set only once its own is complete: it removed
     the earlier shards first, so a re-run that failed or was stopped part-way lost a complete token set."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tokenize_fail", ROOT / "launch" / "tokenize_images.py")
-    tokenize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tokenize)
+    tokenize = load_script("launch/tokenize_images.py", "tokenize_fail")
     _tiny_dvae(tmp_path / "dvae.pt")
     out = tmp_path / "tok"
     argv = ["--dvae", str(tmp_path / "dvae.pt"), "--out", str(out), "--rows_per_shard", "2"]
